@@ -1,0 +1,42 @@
+"""``airloop`` command: build the isolated runtimes, run the reference loop on the embedded default."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="airloop")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    runtimes = commands.add_parser("runtimes", help="isolated Python environments for steps")
+    runtimes_cmd = runtimes.add_subparsers(dest="action", required=True)
+    build = runtimes_cmd.add_parser("build", help="create or refresh runtimes with uv")
+    build.add_argument("names", nargs="*", help="runtimes to build (default: all)")
+    build.add_argument("--force", action="store_true", help="recreate the virtualenv")
+    runtimes_cmd.add_parser("list", help="show runtimes and where they live")
+
+    loop = commands.add_parser("loop", help="run the reference loop on the embedded default")
+    loop.add_argument("--dags", default="dags", help="folder of the reference DAGs")
+    loop.add_argument("--rows", type=int, default=4000, help="rows per generated training set")
+    loop.add_argument("--report", default=None, help="where to write the JSON report")
+
+    args = parser.parse_args(argv)
+    if args.command == "runtimes":
+        from airloop import runtimes as rt
+
+        if args.action == "list":
+            for name in rt.available():
+                print(f"{name}\t{rt.location(name)}")
+            return 0
+        for name in args.names or rt.available():
+            print(f"building runtime {name!r} at {rt.build(name, force=args.force)}")
+        return 0
+    from airloop.embedded.runner import run_loop
+
+    return run_loop(dags=args.dags, rows=args.rows, report=args.report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""Entry point Airflow reads (``apache_airflow_provider``); provider.yaml is the source of truth."""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+from importlib.metadata import version
+
+
+@cache
+def get_provider_info() -> dict:
+    import yaml  # Airflow depends on PyYAML
+
+    info = yaml.safe_load(resources.files("airloop").joinpath("provider.yaml").read_text())
+    info["versions"] = [version("airflow-provider-airloop")]
+    return info
