@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     loop.add_argument("--dags", default="dags", help="folder of the reference DAGs")
     loop.add_argument("--rows", type=int, default=4000, help="rows per generated training set")
     loop.add_argument("--report", default=None, help="where to write the JSON report")
+    loop.add_argument("--keep-running", action="store_true",
+                      help="leave Airflow and the model servers running to browse the UI afterwards")
 
     args = parser.parse_args(argv)
     if args.command == "runtimes":
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from airloop.embedded.runner import run_loop
 
-    return run_loop(dags=args.dags, rows=args.rows, report=args.report)
+    return run_loop(dags=args.dags, rows=args.rows, report=args.report, keep_running=args.keep_running)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,40 @@
+# Everything a fresh machine needs, from Python 3.11+ alone: uv, the main environment (.venv, from
+# uv.lock) and the isolated serving/drift runtime (.airloop/runtimes/serving).
+SHELL := /bin/bash
+UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
+export MLFLOW_DISABLE_TELEMETRY := true
+# OpenVINO's telemetry forks from a background thread at import and has hung numpy: keep it off.
+export CI ?= true
+
+.PHONY: setup loop test airflow clean
+
+setup: .venv/.synced .airloop/runtimes/serving/.built
+
+.tools/bin/uv:
+	python3 -m venv .tools && .tools/bin/pip install --quiet uv
+
+.venv/.synced: pyproject.toml uv.lock providers/airloop/pyproject.toml | $(UV)
+	$(UV) sync --frozen --all-groups
+	touch $@
+
+.airloop/runtimes/serving/.built: .venv/.synced providers/airloop/src/airloop/runtimes/serving.txt
+	.venv/bin/airloop runtimes build serving
+	touch $@
+
+# The reference loop, end to end, on the embedded default (a JSON report lands in .airloop/).
+loop: setup
+	.venv/bin/airloop loop --dags dags
+
+test: setup
+	.venv/bin/python -m pytest -q
+
+# Airflow's own UI on the reference DAGs (the admin password is printed once, and kept in
+# .airloop/airflow/simple_auth_manager_passwords.json.generated).
+airflow: setup
+	AIRFLOW_HOME=$(CURDIR)/.airloop/airflow AIRLOOP_HOME=$(CURDIR)/.airloop \
+	AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins \
+	AIRFLOW__CORE__LOAD_EXAMPLES=False AIRFLOW__CORE__PARALLELISM=4 AIRFLOW__API__HOST=127.0.0.1 \
+	.venv/bin/airflow standalone
+
+clean:
+	rm -rf .venv .tools .airloop

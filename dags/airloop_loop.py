@@ -1,0 +1,76 @@
+"""
+The closed loop, one turn: validate -> train -> evaluate vs champion -> convert -> register -> roll out.
+
+Runs when the drift monitor asks for a retrain (the drift Asset) or when triggered by hand. The first
+turn of a registered model makes the champion; later turns make a challenger that must win its
+offline evaluation, pass the OpenVINO parity gate and survive a canary rollout before it is promoted.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from airflow.sdk import Param, dag
+
+from airloop import settings
+from airloop.assets import drift_asset
+from airloop.operators.great_expectations import GreatExpectationsValidateDataOperator
+from airloop.operators.mlflow import (
+    MlflowEvaluateChallengerOperator,
+    MlflowRegisterModelOperator,
+    MlflowTrainModelOperator,
+)
+from airloop.operators.openvino import OpenvinoConvertModelOperator
+from airloop.operators.seldon import SeldonRolloutChallengerOperator
+
+MODEL_NAME = os.environ.get("AIRLOOP_MODEL_NAME", "airloop-classifier")
+DEPLOYMENT = os.environ.get("AIRLOOP_DEPLOYMENT", "airloop")
+# Where new training data lands; the embedded default writes here (a local folder under AIRLOOP_HOME).
+TRAINING_DATA = os.environ.get("AIRLOOP_TRAINING_DATA", str(settings.home() / "incoming" / "training.parquet"))
+SUITE = str(Path(__file__).parent / "expectations" / "training_data.json")
+
+
+@dag(
+    dag_id="airloop_loop",
+    schedule=drift_asset(MODEL_NAME),
+    catchup=False,
+    max_active_runs=1,
+    tags=["airloop"],
+    params={
+        "data_uri": Param(TRAINING_DATA, type="string", description="training set: parquet or CSV"),
+        "analysis_seconds": Param(30, type="number", description="canary analysis window per step"),
+    },
+    doc_md=__doc__,
+)
+def airloop_loop():
+    validate = GreatExpectationsValidateDataOperator(
+        task_id="validate", data_uri="{{ params.data_uri }}", suite_path=SUITE
+    )
+    train = MlflowTrainModelOperator(
+        task_id="train",
+        data_uri="{{ params.data_uri }}",
+        estimator="sklearn.neural_network.MLPClassifier",
+        params={"hidden_layer_sizes": [32, 16], "max_iter": 300, "random_state": 0},
+        validation=validate.output,
+    )
+    evaluate = MlflowEvaluateChallengerOperator(
+        task_id="evaluate", model_name=MODEL_NAME, run_id=train.output["run_id"]
+    )
+    convert = OpenvinoConvertModelOperator(
+        task_id="convert", run_id=train.output["run_id"], holdout_uri=train.output["holdout_uri"]
+    )
+    register = MlflowRegisterModelOperator(
+        task_id="register", model_name=MODEL_NAME, run_id=train.output["run_id"]
+    )
+    rollout = SeldonRolloutChallengerOperator(
+        task_id="rollout",
+        model_name=MODEL_NAME,
+        version=register.output["version"],
+        deployment=DEPLOYMENT,
+        analysis_seconds="{{ params.analysis_seconds }}",
+    )
+    validate >> train >> evaluate >> convert >> register >> rollout
+
+
+airloop_loop()

@@ -1,0 +1,492 @@
+"""Airloop pages in the Airflow UI: registered models, loop audit records, rollouts and drift reports.
+
+A FastAPI app that the API server mounts under ``/airloop``, plus a navigation entry. Every Airflow
+component imports this module, so MLflow and the API server's security module are imported inside the
+request handlers, never at the top.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+from urllib.request import url2pathname
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from airflow.configuration import conf
+from airflow.plugins_manager import AirflowPlugin
+
+from airloop import settings
+
+URL_PREFIX = "/airloop"
+MLFLOW_CONN_ID = "mlflow_default"
+REJECTED_TAG = "airloop.rejected"
+# How many past reports each deployment or model shows; older ones stay on disk.
+HISTORY = 10
+
+# Our pages load one stylesheet from this app and nothing else; the Airflow UI may frame them.
+PAGE_CSP = (
+    "default-src 'none'; style-src 'self'; img-src 'self'; frame-ancestors 'self'; "
+    "base-uri 'none'; form-action 'none'"
+)
+# A drift report is a generated, self-contained HTML file: inline styles and data: images, no scripts.
+REPORT_CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'self'; "
+    "base-uri 'none'; form-action 'none'; sandbox"
+)
+
+STYLESHEET = """
+body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #1f2933; }
+nav a { margin-right: 1rem; }
+table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; }
+th, td { border: 1px solid #cbd2d9; padding: 0.3rem 0.6rem; text-align: left; vertical-align: top; }
+th { background: #f0f4f8; }
+.alias { background: #e3f8ff; border-radius: 0.3rem; padding: 0 0.4rem; margin-right: 0.2rem; }
+.bad { color: #ab091e; font-weight: bold; }
+.good { color: #0e7c3a; font-weight: bold; }
+.empty { color: #7b8794; }
+pre { background: #f5f7fa; padding: 0.6rem; overflow-x: auto; }
+"""
+
+
+def _base_path() -> str:
+    """Path part of ``[api] base_url``, without a trailing slash ("" when Airflow is served at the root)."""
+    return urlsplit(conf.get("api", "base_url", fallback="")).path.rstrip("/")
+
+
+# --------------------------------------------------------------------------------------------- sources
+
+
+def tracking_uri() -> str:
+    """MLflow tracking URI: the ``mlflow_default`` connection when defined, else the embedded default."""
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        conn = BaseHook.get_connection(MLFLOW_CONN_ID)
+    except AirflowNotFoundException:
+        return settings.mlflow_tracking_uri()
+    if uri := conn.extra_dejson.get("tracking_uri"):
+        return str(uri)
+    if not conn.host:
+        raise ValueError(f"Connection {MLFLOW_CONN_ID!r} has neither extra 'tracking_uri' nor a host")
+    if "://" in conn.host:
+        return conn.host
+    return f"http://{conn.host}" + (f":{conn.port}" if conn.port else "")
+
+
+def artefact_dir() -> Path:
+    """The artefact root as a local folder; the UI reads reports from disk."""
+    root = settings.artefact_root()
+    parts = urlsplit(root)
+    if parts.scheme == "file":
+        return Path(url2pathname(parts.path))
+    if not parts.scheme:
+        return Path(root)
+    raise ValueError(
+        f"Artefact root {root!r} is not a local folder: the Airloop UI reads reports from file:// roots only"
+    )
+
+
+def _pages(search: Callable[..., Any], **kwargs: Any) -> Iterator[Any]:
+    """Every item of a paged MLflow search."""
+    token = None
+    while True:
+        page = search(page_token=token, **kwargs)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def _name_filter(name: str) -> str:
+    quote_char = '"' if "'" in name else "'"
+    return f"name = {quote_char}{name}{quote_char}"
+
+
+def _version_record(client: Any, version: Any, aliases: dict[str, str]) -> dict[str, Any]:
+    from mlflow.exceptions import MlflowException
+
+    metrics: dict[str, float] = {}
+    if version.run_id:
+        try:
+            metrics = dict(sorted(client.get_run(version.run_id).data.metrics.items()))
+        except MlflowException:
+            pass  # the run was deleted; the version still deserves a row
+    return {
+        "version": str(version.version),
+        "aliases": sorted(alias for alias, number in aliases.items() if str(number) == str(version.version)),
+        "status": version.status,
+        "run_id": version.run_id,
+        "source": version.source,
+        "created": version.creation_timestamp,
+        "metrics": metrics,
+        "tags": dict(sorted(version.tags.items())),
+        "rejected": version.tags.get(REJECTED_TAG, "").lower() == "true",
+    }
+
+
+def registry(uri: str) -> list[dict[str, Any]]:
+    """Every registered model with its versions, newest first, each with aliases, run metrics and tags."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    models = []
+    for model in _pages(client.search_registered_models, order_by=["name ASC"]):
+        versions = _pages(
+            client.search_model_versions,
+            filter_string=_name_filter(model.name),
+            order_by=["version_number DESC"],
+        )
+        models.append(
+            {
+                "name": model.name,
+                "description": model.description or "",
+                "aliases": {alias: str(number) for alias, number in sorted(model.aliases.items())},
+                "tags": dict(sorted(model.tags.items())),
+                "versions": [_version_record(client, version, model.aliases) for version in versions],
+            }
+        )
+    return models
+
+
+def model_version(uri: str, name: str, version: str) -> dict[str, Any]:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        model = client.get_registered_model(name)
+        found = client.get_model_version(name, version)
+    except MlflowException as err:
+        raise HTTPException(404, f"No version {version!r} of model {name!r}: {err.message}") from err
+    return _version_record(client, found, model.aliases)
+
+
+def audit(uri: str, name: str, version: str) -> tuple[dict[str, Any] | None, str]:
+    """The loop's audit record of a version, or None and the reason there is none."""
+    try:
+        from airloop.steps.registry import read_audit
+    except ImportError as err:
+        return None, f"the audit reader is not installed ({err})"
+    try:
+        return read_audit(uri, name, version), ""
+    except Exception as err:  # any failure reading an optional record is shown, not raised
+        return None, f"{type(err).__name__}: {err}"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return {"error": f"unreadable report {path.name}: {err}"}
+    return data if isinstance(data, dict) else {"error": f"report {path.name} is not a JSON object"}
+
+
+def rollouts(root: Path) -> dict[str, list[dict[str, Any]]]:
+    """Latest rollout reports per deployment, newest first: ``rollouts/<deployment>/*.json``."""
+    result = {}
+    for folder in sorted(p for p in (root / "rollouts").glob("*") if p.is_dir()):
+        reports = [_read_json(path) for path in folder.glob("*.json")]
+        reports.sort(key=lambda report: str(report.get("started", "")), reverse=True)
+        result[folder.name] = reports[:HISTORY]
+    return result
+
+
+def drift(root: Path) -> dict[str, list[dict[str, Any]]]:
+    """Latest drift reports per model, newest first: ``drift/<model>/<timestamp>/report.json``."""
+    result = {}
+    for folder in sorted(p for p in (root / "drift").glob("*") if p.is_dir()):
+        runs = sorted((p for p in folder.glob("*/report.json")), key=lambda p: p.parent.name, reverse=True)
+        result[folder.name] = [
+            {**_read_json(path), "at": path.parent.name, "has_html": (path.parent / "report.html").is_file()}
+            for path in runs[:HISTORY]
+        ]
+    return result
+
+
+def _segment(value: str) -> str:
+    """One path segment as given, refused when it could leave its folder."""
+    if not value or value in {".", ".."} or any(char in value for char in "/\\\0"):
+        raise HTTPException(404, "Not found")
+    return value
+
+
+def drift_report_html(root: Path, model: str, at: str) -> Path:
+    base = (root / "drift").resolve()
+    path = (base / _segment(model) / _segment(at) / "report.html").resolve()
+    if not path.is_relative_to(base) or not path.is_file():
+        raise HTTPException(404, "Not found")
+    return path
+
+
+# -------------------------------------------------------------------------------------------- rendering
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _href(root_path: str, path: str) -> str:
+    return _e(root_path + path)
+
+
+def _aliases(names: list[str]) -> str:
+    return "".join(f'<span class="alias">{_e(name)}</span>' for name in names)
+
+
+def _pairs(mapping: dict[str, Any]) -> str:
+    if not mapping:
+        return '<span class="empty">none</span>'
+    return "<br>".join(f"{_e(key)} = {_e(value)}" for key, value in mapping.items())
+
+
+VERDICT_CSS = {
+    **dict.fromkeys(("pass", "promoted", "no_drift"), "good"),
+    **dict.fromkeys(("fail", "rolled_back", "drift", "invalid_window"), "bad"),
+}
+
+
+def _verdict(value: Any) -> str:
+    return f'<span class="{VERDICT_CSS.get(str(value), "")}">{_e(value)}</span>'
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    """A table of already-escaped cells."""
+    head = "".join(f"<th>{_e(header)}</th>" for header in headers)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _page(request: Request, title: str, body: str, status_code: int = 200) -> HTMLResponse:
+    root = request.scope.get("root_path", "")
+    nav = " ".join(
+        f'<a href="{_href(root, path)}">{_e(label)}</a>'
+        for path, label in (("/models", "Models"), ("/rollouts", "Rollouts"), ("/drift", "Drift"))
+    )
+    document = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>Airloop: {_e(title)}</title>"
+        f'<link rel="stylesheet" href="{_href(root, "/static/airloop.css")}"></head>'
+        f"<body><nav>{nav}</nav><h1>{_e(title)}</h1>{body}</body></html>"
+    )
+    return HTMLResponse(document, status_code=status_code)
+
+
+def _version_link(root: str, name: str, version: str) -> str:
+    path = f"/models/{quote(name, safe='')}/versions/{quote(version, safe='')}"
+    return f'<a href="{_href(root, path)}">{_e(version)}</a>'
+
+
+def _models_html(root: str, models: list[dict[str, Any]]) -> str:
+    if not models:
+        return '<p class="empty">No registered models.</p>'
+    sections = []
+    for model in models:
+        rows = [
+            [
+                _version_link(root, model["name"], v["version"]),
+                _aliases(v["aliases"]),
+                _e(v["status"]),
+                '<span class="bad">rejected</span>' if v["rejected"] else "",
+                _pairs(v["metrics"]),
+                _pairs(v["tags"]),
+            ]
+            for v in model["versions"]
+        ]
+        sections.append(
+            f"<h2>{_e(model['name'])}</h2><p>{_e(model['description'])}</p>"
+            f"<p>Aliases: {_pairs(model['aliases'])}</p><p>Tags: {_pairs(model['tags'])}</p>"
+            + _table(["Version", "Aliases", "Status", "Rejected", "Metrics", "Tags"], rows)
+        )
+    return "".join(sections)
+
+
+def _audit_html(record: dict[str, Any] | None, reason: str) -> str:
+    if not record:
+        return f'<p class="empty">No audit record{": " + _e(reason) if reason else "."}</p>'
+    return "".join(
+        f"<h3>{_e(stage)}</h3><pre>{_e(json.dumps(value, indent=2, sort_keys=True, default=str))}</pre>"
+        for stage, value in record.items()
+    )
+
+
+def _rollouts_html(reports: dict[str, list[dict[str, Any]]]) -> str:
+    if not reports:
+        return '<p class="empty">No rollout reports.</p>'
+    sections = []
+    for deployment, items in reports.items():
+        sections.append(f"<h2>{_e(deployment)}</h2>")
+        for report in items:
+            if "error" in report:
+                sections.append(f'<p class="bad">{_e(report["error"])}</p>')
+                continue
+            steps = [
+                [
+                    _e(step.get("weight", "")),
+                    _verdict(step.get("verdict", "")),
+                    "<br>".join(_e(reason) for reason in step.get("reasons", [])),
+                    _e(step.get("started", "")),
+                    _e(step.get("ended", "")),
+                ]
+                for step in report.get("steps", [])
+            ]
+            sections.append(
+                f"<p>Model {_e(report.get('model_name', ''))}: champion {_e(report.get('champion', ''))}, "
+                f"challenger {_e(report.get('challenger', ''))}; decision {_verdict(report.get('decision', ''))}"
+                f" ({_e(report.get('started', ''))} to {_e(report.get('ended', ''))})</p>"
+                + _table(["Traffic %", "Verdict", "Reasons", "Started", "Ended"], steps)
+            )
+    return "".join(sections)
+
+
+def _drift_html(root: str, reports: dict[str, list[dict[str, Any]]]) -> str:
+    if not reports:
+        return '<p class="empty">No drift reports.</p>'
+    sections = []
+    for model, items in reports.items():
+        sections.append(f"<h2>{_e(model)}</h2>")
+        rows = []
+        for report in items:
+            link = ""
+            if report["has_html"]:
+                path = f"/drift/{quote(model, safe='')}/{quote(report['at'], safe='')}/report.html"
+                link = f'<a href="{_href(root, path)}">report</a>'
+            rows.append(
+                [
+                    _e(report["at"]),
+                    _verdict(report.get("verdict", report.get("error", ""))),
+                    _e(report.get("severity", "")),
+                    _e(report.get("n_reference", "")),
+                    _e(report.get("n_current", "")),
+                    link,
+                ]
+            )
+        sections.append(_table(["At", "Verdict", "Severity", "Reference rows", "Current rows", ""], rows))
+        latest = items[0] if items else {}
+        features = [
+            [
+                _e(feature),
+                _e(stats.get("statistic", "")),
+                _e(stats.get("p_value", "")),
+                '<span class="bad">drift</span>' if stats.get("drift") else "",
+            ]
+            for feature, stats in latest.get("features", {}).items()
+        ]
+        if features:
+            sections.append(
+                f"<h3>Features at {_e(latest['at'])}</h3>"
+                + _table(["Feature", "Statistic", "p-value", "Drift"], features)
+            )
+    return "".join(sections)
+
+
+# ----------------------------------------------------------------------------------------------- the app
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+async def _authenticated(
+    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
+) -> None:
+    """Same check as Airflow's own API: a bearer token or the UI's session cookie."""
+    from airflow.api_fastapi.core_api.security import get_user
+
+    await get_user(request, None, credentials)
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="Airloop",
+        dependencies=[Depends(_authenticated)],
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        response = await call_next(request)
+        response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "same-origin"
+        return response
+
+    @app.exception_handler(ValueError)
+    async def configuration_error(request: Request, err: ValueError) -> Response:
+        if request.url.path.endswith("/api/models"):
+            return JSONResponse({"detail": str(err)}, status_code=500)
+        return _page(request, "Configuration error", f'<p class="bad">{_e(err)}</p>', status_code=500)
+
+    @app.get("/static/airloop.css")
+    def stylesheet() -> Response:
+        return Response(STYLESHEET, media_type="text/css")
+
+    @app.get("/api/models")
+    def api_models() -> JSONResponse:
+        return JSONResponse(registry(tracking_uri()))
+
+    @app.get("/models")
+    def models_page(request: Request) -> HTMLResponse:
+        return _page(request, "Models", _models_html(request.scope.get("root_path", ""), registry(tracking_uri())))
+
+    @app.get("/models/{name}/versions/{version}")
+    def version_page(request: Request, name: str, version: str) -> HTMLResponse:
+        uri = tracking_uri()
+        found = model_version(uri, name, version)
+        details = _table(
+            ["Aliases", "Status", "Rejected", "Run", "Source", "Metrics", "Tags"],
+            [
+                [
+                    _aliases(found["aliases"]),
+                    _e(found["status"]),
+                    '<span class="bad">rejected</span>' if found["rejected"] else "no",
+                    _e(found["run_id"] or ""),
+                    _e(found["source"] or ""),
+                    _pairs(found["metrics"]),
+                    _pairs(found["tags"]),
+                ]
+            ],
+        )
+        record, reason = audit(uri, name, version)
+        return _page(request, f"{name} version {version}", details + "<h2>Loop audit</h2>" + _audit_html(record, reason))
+
+    @app.get("/rollouts")
+    def rollouts_page(request: Request) -> HTMLResponse:
+        return _page(request, "Rollouts", _rollouts_html(rollouts(artefact_dir())))
+
+    @app.get("/drift")
+    def drift_page(request: Request) -> HTMLResponse:
+        return _page(request, "Drift", _drift_html(request.scope.get("root_path", ""), drift(artefact_dir())))
+
+    @app.get("/drift/{model}/{at}/report.html")
+    def drift_report(model: str, at: str) -> FileResponse:
+        path = drift_report_html(artefact_dir(), model, at)
+        return FileResponse(path, media_type="text/html", headers={"Content-Security-Policy": REPORT_CSP})
+
+    return app
+
+
+app = create_app()
+
+
+class AirloopPlugin(AirflowPlugin):
+    """Mounts the Airloop app in the API server and adds it to the UI's navigation."""
+
+    name = "airloop"
+    fastapi_apps = [{"app": app, "url_prefix": URL_PREFIX, "name": "Airloop"}]
+    external_views = [
+        {
+            "name": "Airloop",
+            "href": f"{_base_path()}{URL_PREFIX}/models",
+            "destination": "nav",
+            "category": "browse",
+            "url_route": "airloop",
+        }
+    ]

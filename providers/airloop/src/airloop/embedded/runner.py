@@ -1,0 +1,218 @@
+"""``airloop loop``: the reference loop, end to end, on the embedded default.
+
+1. a fresh state under AIRLOOP_HOME (the runtimes are kept); training data from the world (no shift);
+2. Airflow (standalone: scheduler, triggerer, API server, SQLite) with the reference DAGs;
+3. ``airloop_loop`` makes the first champion and deploys it on the local serving target;
+4. clients send traffic; ``airloop_drift_monitor`` finds no drift (the control);
+5. the world shifts; the drift monitor finds drift and updates the drift Asset, which schedules a
+   retraining turn of ``airloop_loop`` that rolls the challenger out step by step and promotes it;
+6. a summary on the terminal and a JSON report.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from airloop import runtimes, settings
+from airloop.embedded.standalone import Standalone, airflow_env, free_port
+from airloop.embedded.traffic import read_stats
+
+LOOP, MONITOR = "airloop_loop", "airloop_drift_monitor"
+MODEL_NAME, DEPLOYMENT = "airloop-classifier", "airloop"
+# Short analysis windows: the simulated clients send a few hundred requests a second.
+LOOP_CONF = {"analysis_seconds": 4}
+
+
+def _say(message: str) -> None:
+    print(f"[airloop {datetime.now():%H:%M:%S}] {message}", flush=True)
+
+
+def _fresh_home(home: Path) -> None:
+    """Stop what a previous run left serving, then remove its state (keeping the built runtimes)."""
+    from airloop.serving.base import get_target
+
+    if (settings.serving_dir() / DEPLOYMENT).exists():
+        get_target("local").delete(DEPLOYMENT)
+    for child in home.glob("*") if home.exists() else []:
+        if child.resolve() != settings.runtimes_dir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def _write_world(home: Path, rows: int, shift: float, seed: int) -> Path:
+    from airloop.steps.data import generate, write_table
+
+    path = home / "incoming" / "training.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_table(generate(rows, shift=shift, seed=seed), str(path))
+    (home / "world.json").write_text(json.dumps({"shift": shift}))
+    return path
+
+
+def _durations(airflow: Standalone, dag_id: str, run_id: str) -> dict[str, Any]:
+    return {ti["task_id"]: {"state": ti["state"], "seconds": round(ti.get("duration") or 0.0, 1)}
+            for ti in airflow.task_instances(dag_id, run_id)}
+
+
+def _run(airflow: Standalone, dag_id: str, conf: dict[str, Any], timeout: float) -> dict[str, Any]:
+    started = time.monotonic()
+    run_id = airflow.trigger(dag_id, conf)
+    _say(f"{dag_id}: run {run_id} triggered")
+    return _finished(airflow, dag_id, run_id, started, timeout)
+
+
+def _finished(airflow: Standalone, dag_id: str, run_id: str, started: float, timeout: float) -> dict[str, Any]:
+    run = airflow.wait_for_run(dag_id, run_id, timeout)
+    tasks = _durations(airflow, dag_id, run_id)
+    _say(f"{dag_id}: {run['state']} in {time.monotonic() - started:.0f}s "
+         + " ".join(f"{t}={v['state']}({v['seconds']}s)" for t, v in tasks.items()))
+    return {"dag_id": dag_id, "run_id": run_id, "run_type": run["run_type"], "state": run["state"],
+            "wall_seconds": round(time.monotonic() - started, 1), "tasks": tasks,
+            "results": {t: airflow.xcom(dag_id, run_id, t) for t, v in tasks.items() if v["state"] == "success"}}
+
+
+def _accuracy(stats: dict[str, Any], shift: str) -> dict[str, Any]:
+    per_version = stats.get(shift, {})
+    return {version: {**c, "accuracy": round(c["correct"] / max(c["requests"] - c["errors"], 1), 4)}
+            for version, c in per_version.items()}
+
+
+def _wait_traffic(stats_path: Path, shift: str, requests: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sum(c["requests"] for c in read_stats(stats_path).get(shift, {}).values()) >= requests:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"clients did not get {requests} answers in {timeout:.0f}s; see {stats_path}")
+
+
+def run_loop(dags: str, rows: int, report: str | None, keep_running: bool = False) -> int:
+    started = time.monotonic()
+    home = settings.home()
+    dags_dir, plugins_dir = Path(dags).resolve(), Path(dags).resolve().parent / "plugins"
+    stages: dict[str, float] = {}
+    summary: dict[str, Any] = {"home": str(home), "runs": {}}
+    runtimes.python("serving")  # fail now, with how to build it, rather than mid-loop
+    _fresh_home(home)
+    _write_world(home, rows, shift=0.0, seed=1)
+    port = free_port()
+    airflow = Standalone(airflow_env(home / "airflow", dags_dir, plugins_dir, port), home / "airflow.log")
+    traffic = None
+    stats_path = home / "traffic.json"
+    try:
+        mark = time.monotonic()
+        _say(f"starting Airflow at {airflow.url} (log: {home / 'airflow.log'})")
+        airflow.start()
+        airflow.wait_for_dags([LOOP, MONITOR])
+        for dag_id in (LOOP, MONITOR):
+            airflow.unpause(dag_id)
+        stages["airflow_start"] = time.monotonic() - mark
+
+        mark = time.monotonic()
+        first = summary["runs"]["first_turn"] = _run(airflow, LOOP, LOOP_CONF, timeout=300)
+        stages["first_turn"] = time.monotonic() - mark
+        if first["state"] != "success":
+            raise RuntimeError(f"the first turn of {LOOP} failed: {first['tasks']}")
+
+        from airloop.serving.base import get_target
+
+        endpoint = get_target("local").state(DEPLOYMENT)["endpoint"]
+        _say(f"clients start calling {endpoint}")
+        traffic = subprocess.Popen([sys.executable, "-m", "airloop.embedded.traffic", "--endpoint", endpoint,
+                                    "--control", str(home / "world.json"), "--stats", str(stats_path)],
+                                   stdout=(home / "traffic.log").open("w"), stderr=subprocess.STDOUT)
+        mark = time.monotonic()
+        _wait_traffic(stats_path, "0.0", 600)
+        window = (time.monotonic() - mark) / 60 + 0.05
+        control = summary["runs"]["drift_control"] = _run(airflow, MONITOR, {"window_minutes": window}, 180)
+        stages["drift_control"] = time.monotonic() - mark
+
+        mark = time.monotonic()
+        _say("the world shifts: new data arrives, clients send shifted rows")
+        _write_world(home, rows, shift=1.0, seed=2)
+        _wait_traffic(stats_path, "1.0", 600)
+        window = (time.monotonic() - mark) / 60
+        known = {r["dag_run_id"] for r in airflow.runs(LOOP)}
+        drift = summary["runs"]["drift_detected"] = _run(airflow, MONITOR, {"window_minutes": window}, 180)
+        stages["drift_detection"] = time.monotonic() - mark
+
+        mark = time.monotonic()
+        retrain = airflow.wait_for_new_run(LOOP, "asset_triggered", known, timeout=60)
+        _say(f"{LOOP}: {retrain['dag_run_id']} scheduled by the drift Asset")
+        second = summary["runs"]["retrain_turn"] = _finished(airflow, LOOP, retrain["dag_run_id"], mark, 420)
+        stages["retrain_turn"] = time.monotonic() - mark
+
+        stats = read_stats(stats_path)
+        summary["accuracy"] = {"before_shift": _accuracy(stats, "0.0"), "after_shift": _accuracy(stats, "1.0")}
+        summary["verdicts"] = _verdicts(first, control, drift, second)
+        summary["champion"] = {"before": first["results"].get("register", {}).get("version"),
+                               "after": _champion()}
+        summary["serving"] = get_target("local").state(DEPLOYMENT)
+        ok = second["state"] == "success" and summary["champion"]["after"] != summary["champion"]["before"]
+    finally:
+        if traffic:
+            traffic.terminate()
+            traffic.wait(timeout=30)
+        if not keep_running:
+            airflow.stop()
+            from airloop.serving.base import get_target
+
+            if (settings.serving_dir() / DEPLOYMENT).exists():
+                get_target("local").delete(DEPLOYMENT)
+    summary["stages_seconds"] = {k: round(v, 1) for k, v in stages.items()}
+    summary["wall_seconds"] = round(time.monotonic() - started, 1)
+    summary["ok"] = ok
+    path = Path(report) if report else home / "report.json"
+    path.write_text(json.dumps(summary, indent=2, default=str))
+    _print_summary(summary, path)
+    return 0 if ok else 1
+
+
+def _champion() -> str | None:
+    from airloop.steps.registry import aliases
+
+    return aliases(settings.mlflow_tracking_uri(), MODEL_NAME).get("champion")
+
+
+def _verdicts(first: dict, control: dict, drift: dict, second: dict) -> dict[str, Any]:
+    def result(run: dict, task: str, *keys: str) -> Any:
+        value = run["results"].get(task) or {}
+        return {k: value.get(k) for k in keys} if value else run["tasks"].get(task, {}).get("state")
+
+    return {
+        "first_turn": {
+            "validation": result(first, "validate", "success", "evaluated"),
+            "evaluation": result(first, "evaluate", "verdict", "rule"),
+            "parity": (first["results"].get("convert") or {}).get("parity"),
+            "rollout": result(first, "rollout", "decision"),
+        },
+        "drift_control": result(control, "detect", "verdict", "severity", "n_current"),
+        "drift_after_shift": result(drift, "detect", "verdict", "severity", "drifted_features", "n_current"),
+        "retrain_requested": drift["tasks"].get("decide", {}).get("state"),
+        "retrain_turn": {
+            "trigger": second["run_type"],
+            "validation": result(second, "validate", "success", "evaluated"),
+            "evaluation": result(second, "evaluate", "verdict", "rule", "difference", "p_value"),
+            "parity": (second["results"].get("convert") or {}).get("parity"),
+            "rollout": result(second, "rollout", "decision", "steps"),
+        },
+    }
+
+
+def _print_summary(summary: dict[str, Any], path: Path) -> None:
+    print("\n=== Airloop: reference loop on the embedded default ===")
+    for name, run in summary["runs"].items():
+        tasks = ", ".join(f"{t} {v['seconds']}s" for t, v in run["tasks"].items())
+        print(f"{name:16} {run['dag_id']:22} {run['state']:8} {run['wall_seconds']:6.1f}s  ({tasks})")
+    for stage, seconds in summary["stages_seconds"].items():
+        print(f"stage {stage:24} {seconds:6.1f}s")
+    print("verdicts:", json.dumps(summary.get("verdicts"), indent=1, default=str))
+    print("accuracy (live, from client feedback):", json.dumps(summary.get("accuracy"), default=str))
+    print(f"champion: v{summary.get('champion', {}).get('before')} -> v{summary.get('champion', {}).get('after')}")
+    print(f"total {summary['wall_seconds']:.1f}s, {'OK' if summary['ok'] else 'FAILED'}; report: {path}")

@@ -1,0 +1,114 @@
+"""Simulated clients: call the gateway with rows from the current world, then send the true label.
+
+Run as its own process (``python -m airloop.embedded.traffic``), as real clients would be. The world's
+shift is read from a control file, so the runner injects a shift without restarting the clients.
+Counts per (shift, model version) are written to a JSON stats file every second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+def _read_shift(control: Path) -> float:
+    try:
+        return float(json.loads(control.read_text())["shift"])
+    except (OSError, ValueError, KeyError):
+        return 0.0
+
+
+async def run(endpoint: str, control: Path, stats_path: Path, concurrency: int, seed: int) -> None:
+    import httpx
+
+    from airloop.steps.data import generate
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stats: dict[str, dict[str, dict[str, int]]] = defaultdict(
+        lambda: defaultdict(lambda: {"requests": 0, "errors": 0, "correct": 0}))
+    rng = random.Random(seed)
+    pool: list[tuple[list[str], list[float], int]] = []
+    pool_shift: list[float | None] = [None]
+
+    def next_row() -> tuple[float, list[str], list[float], int]:
+        shift = _read_shift(control)
+        if shift != pool_shift[0] or not pool:
+            frame = generate(2000, shift=shift, seed=rng.randrange(1 << 30))
+            names = [c for c in frame.columns if c != "label"]
+            pool[:] = [(names, row[:-1], int(row[-1])) for row in frame[[*names, "label"]].values.tolist()]
+            pool_shift[0] = shift
+        names, features, label = pool.pop()
+        return shift, names, features, label
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while not stop.is_set():
+            shift, names, features, label = next_row()
+            counts = None
+            try:
+                answer = await http.post(f"{endpoint}/api/v1.0/predictions",
+                                         json={"data": {"names": names, "ndarray": [features]}})
+                body = answer.json()
+                version = str(body.get("meta", {}).get("model_version") or
+                              answer.headers.get("X-Airloop-Predictor", "?"))
+                counts = stats[str(shift)][version]
+                counts["requests"] += 1
+                if answer.status_code != 200:
+                    counts["errors"] += 1
+                    continue
+                probabilities = body["data"]["ndarray"][0]
+                counts["correct"] += int(probabilities.index(max(probabilities)) == label)
+                await http.post(f"{endpoint}/api/v1.0/feedback", json={
+                    "request": {"data": {"names": names, "ndarray": [features]}},
+                    "response": {"meta": body.get("meta", {})},
+                    "truth": {"data": {"ndarray": [[label]]}},
+                })
+            except (httpx.HTTPError, ValueError, KeyError, IndexError):
+                if counts is None:
+                    stats[str(shift)]["unreachable"]["errors"] += 1
+                await asyncio.sleep(0.05)
+
+    async def write_stats() -> None:
+        while not stop.is_set():
+            tmp = stats_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(stats))
+            os.replace(tmp, stats_path)
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+            except TimeoutError:
+                pass
+
+    async with httpx.AsyncClient(timeout=10.0, limits=httpx.Limits(max_connections=concurrency)) as http:
+        await asyncio.gather(write_stats(), *(client(http) for _ in range(concurrency)))
+    stats_path.write_text(json.dumps(stats))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--endpoint", required=True)
+    parser.add_argument("--control", required=True, type=Path)
+    parser.add_argument("--stats", required=True, type=Path)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    asyncio.run(run(args.endpoint, args.control, args.stats, args.concurrency, args.seed))
+
+
+def read_stats(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+if __name__ == "__main__":
+    main()

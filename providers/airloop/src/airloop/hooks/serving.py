@@ -1,0 +1,70 @@
+"""Where models are served: the local serving target or Seldon Core on Kubernetes."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseHook
+
+if TYPE_CHECKING:
+    from airloop.serving.base import ServingTarget
+
+
+class ServingHook(BaseHook):
+    """
+    Gives operators and triggers a serving target (``airloop.serving.base.ServingTarget``).
+
+    ``extra`` holds ``{"target": "local" | "seldon", ...target options}``; without an
+    ``airloop_serving_default`` connection the hook uses the local target under ``AIRLOOP_HOME``.
+
+    :param serving_conn_id: Airflow connection of type ``airloop_serving``.
+    """
+
+    conn_name_attr = "serving_conn_id"
+    default_conn_name = "airloop_serving_default"
+    conn_type = "airloop_serving"
+    hook_name = "Airloop serving target"
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        return {
+            "hidden_fields": ["host", "schema", "login", "password", "port"],
+            "relabeling": {},
+            "placeholders": {"extra": '{"target": "seldon", "namespace": "models", "kubernetes_conn_id": '
+                                      '"kubernetes_default"}'},
+        }
+
+    def __init__(self, serving_conn_id: str = default_conn_name) -> None:
+        super().__init__()
+        self.serving_conn_id = serving_conn_id
+
+    @cached_property
+    def target_config(self) -> dict[str, Any]:
+        from airflow.sdk.exceptions import AirflowNotFoundException
+
+        try:
+            extra = dict(self.get_connection(self.serving_conn_id).extra_dejson)
+        except AirflowNotFoundException:
+            if self.serving_conn_id != self.default_conn_name:
+                raise
+            extra = {}
+        extra.setdefault("target", "local")
+        return extra
+
+    @cached_property
+    def target(self) -> ServingTarget:
+        from airloop.serving.base import get_target
+
+        options = dict(self.target_config)
+        return get_target(options.pop("target"), **options)
+
+    def get_conn(self) -> ServingTarget:
+        return self.target
+
+    def test_connection(self) -> tuple[bool, str]:
+        try:
+            target = self.target
+        except Exception as e:
+            return False, str(e)
+        return True, f"Serving target {type(target).__name__} is ready"

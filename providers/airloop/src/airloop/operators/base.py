@@ -1,0 +1,51 @@
+"""What every Airloop operator shares: running a step in its runtime, and tagging what it writes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import BaseOperator, Context
+
+from airloop import runtimes
+
+
+class StepOperator(BaseOperator):
+    """
+    Runs one step (``module:function``, JSON-able request in, JSON-able result out).
+
+    :param runtime: where the step runs: ``"worker"`` (in-process) or the name of an isolated
+        runtime built with ``airloop runtimes build`` (e.g. ``"serving"``).
+    """
+
+    def __init__(self, *, runtime: str = runtimes.WORKER, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.runtime = runtime
+
+    def run_step(self, step: str, request: dict[str, Any], context: Context) -> Any:
+        return runtimes.run_step(step, request, runtime=self.runtime, context=context, task_id=self.task_id)
+
+
+def airflow_tags(context: Context) -> dict[str, str]:
+    """Tags that tie an MLflow object to the task instance that made it (and find it again on retry)."""
+    ti = context["ti"]
+    tags = {
+        "airflow.dag_id": ti.dag_id,
+        "airflow.run_id": ti.run_id,
+        "airflow.task_id": ti.task_id,
+        "airflow.map_index": str(getattr(ti, "map_index", -1)),
+        "airflow.try_number": str(ti.try_number),
+    }
+    return tags
+
+
+def loop_trigger(context: Context) -> dict[str, Any]:
+    """Why this DAG run started: the Asset events that scheduled it, or its run type."""
+    events = context.get("triggering_asset_events") or {}
+    consumed = [
+        {"asset": getattr(asset, "uri", str(asset)), "extra": dict(event.extra or {}),
+         "timestamp": event.timestamp.isoformat()}
+        for asset, asset_events in events.items()
+        for event in asset_events
+    ]
+    dag_run = context["dag_run"]
+    return {"run_type": str(getattr(dag_run, "run_type", "")), "asset_events": consumed}

@@ -1,0 +1,163 @@
+"""Training, the offline evaluation gate and registration, with MLflow as the system of record."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.sdk import Context
+from airflow.sdk.exceptions import AirflowFailException
+
+from airloop.hooks.mlflow import MlflowHook
+from airloop.links.mlflow import MlflowModelVersionLink, MlflowRunLink
+from airloop.operators.base import StepOperator, airflow_tags, loop_trigger
+
+
+class _MlflowOperator(StepOperator):
+    def __init__(self, *, mlflow_conn_id: str = MlflowHook.default_conn_name, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.mlflow_conn_id = mlflow_conn_id
+
+    @property
+    def hook(self) -> MlflowHook:
+        return MlflowHook(mlflow_conn_id=self.mlflow_conn_id)
+
+    def persist_run_link(self, context: Context, run_id: str) -> None:
+        run = self.hook.client.get_run(run_id)
+        MlflowRunLink.persist(context, ui_url=self.hook.ui_url, experiment_id=run.info.experiment_id,
+                              run_id=run_id)
+
+
+class MlflowTrainModelOperator(_MlflowOperator):
+    """
+    Train an estimator on a validated data set and log it, its metrics, the data fingerprint, the drift
+    reference sample and the loop's audit record to one MLflow run. Retrying the task reuses that run.
+
+    :param data_uri: the training set (parquet or CSV).
+    :param estimator: import path of a scikit-learn classifier.
+    :param params: the estimator's parameters.
+    :param label_column: the target column.
+    :param experiment: MLflow experiment name.
+    :param validation: the data gate's result (usually the validation task's XCom), kept in the audit record.
+    """
+
+    template_fields: Sequence[str] = ("data_uri", "estimator", "params", "label_column", "experiment", "validation")
+    operator_extra_links = (MlflowRunLink(),)
+
+    def __init__(
+        self,
+        *,
+        data_uri: str,
+        estimator: str = "sklearn.neural_network.MLPClassifier",
+        params: dict[str, Any] | None = None,
+        label_column: str = "label",
+        experiment: str = "airloop",
+        test_size: float = 0.25,
+        seed: int = 0,
+        validation: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.data_uri = data_uri
+        self.estimator = estimator
+        self.params = params
+        self.label_column = label_column
+        self.experiment = experiment
+        self.test_size = test_size
+        self.seed = seed
+        self.validation = validation
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        config = self.hook.step_config()
+        result = self.run_step(
+            "airloop.steps.train:train",
+            {**config, "experiment": self.experiment, "data_uri": self.data_uri, "label": self.label_column,
+             "estimator": self.estimator, "params": self.params or {}, "test_size": self.test_size,
+             "seed": self.seed, "tags": airflow_tags(context)},
+            context,
+        )
+        self.persist_run_link(context, result["run_id"])
+        from airloop.steps.registry import append_audit
+
+        for stage, record in (
+            ("trigger", loop_trigger(context)),
+            ("validation", self.validation or {}),
+            ("training", {key: result[key] for key in ("run_id", "model_uri", "metrics", "fingerprint")}),
+        ):
+            append_audit({"tracking_uri": config["tracking_uri"], "run_id": result["run_id"], "stage": stage,
+                          "record": record})
+        self.log.info("run %s: %s", result["run_id"], result["metrics"])
+        return result
+
+
+class MlflowEvaluateChallengerOperator(_MlflowOperator):
+    """
+    The offline gate: compare the candidate with the registered model's ``champion`` on the same
+    held-out data. Fails unless the candidate is better by ``margin`` and the difference is significant;
+    the first model (no champion yet) passes by that explicit rule.
+    """
+
+    template_fields: Sequence[str] = ("model_name", "run_id", "data_uri", "metric", "margin", "alpha")
+    operator_extra_links = (MlflowRunLink(),)
+
+    def __init__(self, *, model_name: str, run_id: str, data_uri: str | None = None, label_column: str = "label",
+                 metric: str = "accuracy", margin: float = 0.0, alpha: float = 0.05, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model_name = model_name
+        self.run_id = run_id
+        self.data_uri = data_uri
+        self.label_column = label_column
+        self.metric = metric
+        self.margin = margin
+        self.alpha = alpha
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        self.persist_run_link(context, self.run_id)
+        config = self.hook.step_config()
+        verdict = self.run_step(
+            "airloop.steps.evaluate:evaluate",
+            {**config, "model_name": self.model_name, "challenger_run_id": self.run_id,
+             "data_uri": self.data_uri, "label": self.label_column, "metric": self.metric, "margin": self.margin,
+             "alpha": self.alpha},
+            context,
+        )
+        from airloop.steps.registry import append_audit
+
+        append_audit({"tracking_uri": config["tracking_uri"], "run_id": self.run_id, "stage": "evaluation",
+                      "record": verdict})
+        self.log.info("evaluation verdict %s (%s): %s", verdict["verdict"], verdict["rule"], verdict)
+        if verdict["verdict"] != "pass":
+            raise AirflowFailException(
+                f"run {self.run_id} is not better than champion v{(verdict.get('champion') or {}).get('version')}"
+                f" on {self.metric} ({verdict['rule']}): difference {verdict.get('difference')},"
+                f" CI {verdict.get('ci')}, p={verdict.get('p_value')}"
+            )
+        return verdict
+
+
+class MlflowRegisterModelOperator(_MlflowOperator):
+    """
+    Register the run's model as a new version; it becomes ``champion`` when the model has none yet,
+    else ``challenger``. Re-running the task returns the same version.
+    """
+
+    template_fields: Sequence[str] = ("model_name", "run_id", "model_uri")
+    operator_extra_links = (MlflowModelVersionLink(),)
+
+    def __init__(self, *, model_name: str, run_id: str, model_uri: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model_name = model_name
+        self.run_id = run_id
+        self.model_uri = model_uri
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        result = self.run_step(
+            "airloop.steps.registry:register",
+            {**self.hook.step_config(), "model_name": self.model_name, "run_id": self.run_id,
+             "model_uri": self.model_uri or f"runs:/{self.run_id}/model", "tags": airflow_tags(context)},
+            context,
+        )
+        MlflowModelVersionLink.persist(context, ui_url=self.hook.ui_url, model_name=self.model_name,
+                                       version=str(result["version"]))
+        self.log.info("%s version %s has alias %s", self.model_name, result["version"], result["alias"])
+        return result

@@ -1,0 +1,122 @@
+"""Serving targets: where a deployment's predictors run and how traffic is split between them.
+
+A deployment (e.g. ``churn``) holds predictors named after model versions (``v3``, ``v4``); which one
+is champion or challenger lives in MLflow aliases, not here. A target only starts predictors,
+splits traffic by weight and reports cumulative metrics per predictor.
+
+Implementations register themselves under a kind (``register_target("local", LocalServingTarget)``)
+and are built by ``get_target(kind, **config)``; constructors only store their parameters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import re
+from abc import ABC, abstractmethod
+from typing import Any
+
+# Kubernetes object names (DNS-1123 labels), so a deployment name is valid on every target.
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+class ServingTarget(ABC):
+    """A place that serves deployments.
+
+    Predictor dict: ``{"name": "v3", "model_version": "3", "model_dir": "/abs/ir/dir", "weight": 100}``.
+    State: ``{"deployment", "endpoint", "predictors": {name: {"model_version", "weight", "healthy", ...}}}``.
+    Metrics (cumulative since the target started serving the deployment): ``{name: {"requests",
+    "errors", "latency_ms_buckets": {upper_bound_ms: cumulative_count, ..., "+Inf": n},
+    "latency_ms_sum", "feedback", "feedback_correct"}}``.
+    """
+
+    @abstractmethod
+    def deploy(self, deployment: str, predictors: list[dict[str, Any]]) -> dict[str, Any]:
+        """Start the predictors that are not running, keep those that are (same name), apply weights.
+
+        Predictors not listed keep running with their current weight; the resulting weights must
+        sum to 100. Returns the state.
+        """
+
+    @abstractmethod
+    def set_traffic(self, deployment: str, weights: dict[str, int]) -> dict[str, Any]:
+        """Set the weights of the named predictors (others keep theirs); the total must be 100."""
+
+    @abstractmethod
+    def remove(self, deployment: str, predictor: str) -> dict[str, Any]:
+        """Stop a predictor; it must receive no traffic (weight 0) first."""
+
+    @abstractmethod
+    def state(self, deployment: str) -> dict[str, Any]:
+        """The deployment's endpoint and predictors, with a live health check of each."""
+
+    @abstractmethod
+    def metrics(self, deployment: str) -> dict[str, dict[str, Any]]:
+        """Cumulative request, error, latency and feedback counts per predictor."""
+
+    async def ametrics(self, deployment: str) -> dict[str, dict[str, Any]]:
+        """``metrics()`` for an asyncio loop (Airflow triggers); targets with an async client override it."""
+        return await asyncio.to_thread(self.metrics, deployment)
+
+    @abstractmethod
+    def delete(self, deployment: str) -> None:
+        """Stop everything the deployment runs."""
+
+
+def check_deployment_name(deployment: str) -> None:
+    if not isinstance(deployment, str) or not _NAME.match(deployment):
+        raise ValueError(
+            f"invalid deployment name {deployment!r}: use lowercase letters, digits and '-' "
+            "(at most 63 characters, starting and ending with a letter or digit)"
+        )
+
+
+def check_predictor(predictor: dict[str, Any]) -> None:
+    """Raise ValueError naming the problem in a predictor dict."""
+    missing = {"name", "model_version", "model_dir", "weight"} - predictor.keys()
+    if missing:
+        raise ValueError(f"predictor {predictor!r} lacks {sorted(missing)}")
+    if not isinstance(predictor["name"], str) or not _NAME.match(predictor["name"]):
+        raise ValueError(f"invalid predictor name {predictor['name']!r}: use e.g. 'v3'")
+    check_weight(predictor["name"], predictor["weight"])
+
+
+def check_weight(name: str, weight: Any) -> None:
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 100:
+        raise ValueError(f"weight of predictor {name!r} must be an integer from 0 to 100, got {weight!r}")
+
+
+def merge_weights(current: dict[str, int], changes: dict[str, int]) -> dict[str, int]:
+    """Current weights updated by ``changes``; every name must exist and the total must be 100."""
+    unknown = sorted(set(changes) - set(current))
+    if unknown:
+        raise ValueError(f"unknown predictors {unknown}: the deployment has {sorted(current)}")
+    for name, weight in changes.items():
+        check_weight(name, weight)
+    merged = {**current, **changes}
+    if sum(merged.values()) != 100:
+        raise ValueError(f"weights must sum to 100, got {sum(merged.values())} for {merged}")
+    return merged
+
+
+# kind -> class, or "module:Class" imported on first use (the local target needs httpx, which the
+# serving runtime, importing this package for the model class, does not have).
+_TARGETS: dict[str, type[ServingTarget] | str] = {"local": "airloop.serving.local:LocalServingTarget"}
+
+
+def register_target(kind: str, cls: type[ServingTarget] | str) -> None:
+    if not isinstance(cls, str) and not (isinstance(cls, type) and issubclass(cls, ServingTarget)):
+        raise TypeError(f"{cls!r} is neither a ServingTarget subclass nor a 'module:Class' path")
+    _TARGETS[kind] = cls
+
+
+def get_target(kind: str, **config: Any) -> ServingTarget:
+    if kind not in _TARGETS:
+        raise ValueError(f"unknown serving target {kind!r}: registered are {sorted(_TARGETS)}")
+    cls = _TARGETS[kind]
+    if isinstance(cls, str):
+        module, _, name = cls.partition(":")
+        cls = _TARGETS[kind] = getattr(importlib.import_module(module), name)
+        if not issubclass(cls, ServingTarget):
+            raise TypeError(f"{module}:{name} registered as {kind!r} is not a ServingTarget subclass")
+    return cls(**config)

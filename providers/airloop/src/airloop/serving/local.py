@@ -1,0 +1,332 @@
+"""The local serving target: Seldon's Python wrapper and the gateway as processes on this machine.
+
+Each call may come from a different short-lived process (an Airflow task), so nothing lives in
+memory: a deployment is a folder ``<home>/<deployment>/`` holding ``state.json`` (ports, pids,
+weights, predictors), a lock file and one log file per process. Every process starts in its own
+session, so it outlives the caller and is stopped as a whole process group (Seldon's wrapper forks
+gunicorn arbiters and workers that a plain SIGTERM to the parent would leave behind).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from airloop import runtimes, settings
+from airloop.serving import gateway
+from airloop.serving.base import (
+    ServingTarget,
+    check_deployment_name,
+    check_predictor,
+    merge_weights,
+)
+
+MODEL_CLASS = "airloop.serving.model.OpenVinoModel"
+_ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception): .+$")
+
+
+class LocalServingTarget(ServingTarget):
+    """Serve deployments from processes on this machine, bound to 127.0.0.1.
+
+    :param home: folder of the deployments' state (default: ``<AIRLOOP_HOME>/serving``).
+    :param threads: request threads per model server (one OpenVINO infer request each).
+    :param startup_timeout_s: how long a model server or the gateway may take to answer.
+    """
+
+    def __init__(self, home: str | None = None, *, threads: int = 1, startup_timeout_s: float = 60.0) -> None:
+        self.home = home
+        self.threads = threads
+        self.startup_timeout_s = startup_timeout_s
+
+    # -- the interface -----------------------------------------------------------------------------
+    def deploy(self, deployment: str, predictors: list[dict[str, Any]]) -> dict[str, Any]:
+        check_deployment_name(deployment)
+        wanted = {}
+        for predictor in predictors:
+            check_predictor(predictor)
+            if predictor["name"] in wanted:
+                raise ValueError(f"predictor {predictor['name']!r} is listed twice")
+            if not Path(predictor["model_dir"]).is_absolute() or not Path(predictor["model_dir"]).is_dir():
+                raise ValueError(f"model_dir of predictor {predictor['name']!r} must be an existing absolute "
+                                 f"folder, got {predictor['model_dir']!r}")
+            wanted[predictor["name"]] = predictor
+        with self._locked(deployment, create=True) as state:
+            running = state["predictors"]
+            for name, predictor in wanted.items():
+                if name in running and (running[name]["model_dir"], running[name]["model_version"]) != (
+                        str(predictor["model_dir"]), str(predictor["model_version"])):
+                    raise ValueError(
+                        f"predictor {name!r} already serves model version {running[name]['model_version']} "
+                        f"from {running[name]['model_dir']}: remove it first or use another name"
+                    )
+            weights = merge_weights({**{n: 0 for n in wanted}, **{n: p["weight"] for n, p in running.items()}},
+                                    {n: p["weight"] for n, p in wanted.items()})
+            to_start = {n: p for n, p in wanted.items() if n not in running}
+            for name in [n for n in running if not self._healthy(running[n])]:
+                _stop_group(running[name]["pid"])  # a hung server may still hold its group
+                to_start[name] = running[name]
+            started = self._start_predictors(deployment, to_start)
+            for name, process in started.items():
+                spec = to_start[name]
+                running[name] = {"model_version": str(spec["model_version"]), "model_dir": str(spec["model_dir"]),
+                                 **process}
+            for name, weight in weights.items():
+                running[name]["weight"] = weight
+            self._write_state(deployment, state)
+            self._ensure_gateway(deployment, state)
+            return self._describe(state)
+
+    def set_traffic(self, deployment: str, weights: dict[str, int]) -> dict[str, Any]:
+        with self._locked(deployment) as state:
+            merged = merge_weights({n: p["weight"] for n, p in state["predictors"].items()}, weights)
+            self._admin(state, "PUT", "/admin/weights", json=merged)
+            for name, weight in merged.items():
+                state["predictors"][name]["weight"] = weight
+            self._write_state(deployment, state)
+            return self._describe(state)
+
+    def remove(self, deployment: str, predictor: str) -> dict[str, Any]:
+        with self._locked(deployment) as state:
+            if predictor not in state["predictors"]:
+                raise ValueError(f"deployment {deployment!r} has no predictor {predictor!r}: "
+                                 f"it has {sorted(state['predictors'])}")
+            if state["predictors"][predictor]["weight"] != 0:
+                raise ValueError(f"predictor {predictor!r} still receives {state['predictors'][predictor]['weight']}% "
+                                 "of the traffic: set its weight to 0 first")
+            spec = state["predictors"].pop(predictor)
+            self._admin(state, "PUT", "/admin/predictors", json=gateway.routes_from_state(state))
+            _stop_group(spec["pid"])
+            self._write_state(deployment, state)
+            return self._describe(state)
+
+    def state(self, deployment: str) -> dict[str, Any]:
+        return self._describe(self._read_state(deployment))
+
+    def metrics(self, deployment: str) -> dict[str, dict[str, Any]]:
+        return self._admin(self._read_state(deployment), "GET", "/admin/stats")
+
+    async def ametrics(self, deployment: str) -> dict[str, dict[str, Any]]:
+        state = self._read_state(deployment)
+        async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
+            answer = await client.get(f"{_endpoint(state)}/admin/stats")
+        return _checked(answer, deployment)
+
+    def delete(self, deployment: str) -> None:
+        check_deployment_name(deployment)
+        if not (self._dir(deployment) / gateway.STATE_FILE).exists():
+            return
+        with self._locked(deployment) as state:
+            for spec in [state.get("gateway"), *state["predictors"].values()]:
+                if spec:
+                    _stop_group(spec["pid"])
+            # The folder stays: its process logs are what one reads after a failure.
+            (self._dir(deployment) / gateway.STATE_FILE).unlink()
+
+    # -- state -------------------------------------------------------------------------------------
+    def _dir(self, deployment: str) -> Path:
+        return Path(self.home) / deployment if self.home else settings.serving_dir() / deployment
+
+    def _read_state(self, deployment: str) -> dict[str, Any]:
+        check_deployment_name(deployment)
+        path = self._dir(deployment) / gateway.STATE_FILE
+        if not path.exists():
+            raise ValueError(f"deployment {deployment!r} is not deployed here (no {path})")
+        return json.loads(path.read_text())
+
+    @contextlib.contextmanager
+    def _locked(self, deployment: str, *, create: bool = False) -> Iterator[dict[str, Any]]:
+        """The deployment's state, with the deployment locked against other processes."""
+        check_deployment_name(deployment)
+        folder = self._dir(deployment)
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        elif not (folder / gateway.STATE_FILE).exists():
+            raise ValueError(f"deployment {deployment!r} is not deployed here (no {folder / gateway.STATE_FILE})")
+        with open(folder / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            path = folder / gateway.STATE_FILE
+            yield (json.loads(path.read_text()) if path.exists()
+                   else {"deployment": deployment, "gateway": None, "predictors": {}})
+
+    def _write_state(self, deployment: str, state: dict[str, Any]) -> None:
+        path = self._dir(deployment) / gateway.STATE_FILE
+        staging = path.with_suffix(".tmp")
+        staging.write_text(json.dumps(state, indent=2))
+        staging.replace(path)  # atomic: readers without the lock never see half a file
+
+    def _describe(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "deployment": state["deployment"],
+            "endpoint": _endpoint(state),
+            "gateway": {**state["gateway"], "healthy": _pings(state["gateway"], "/health/ping")},
+            "predictors": {name: {**spec, "healthy": self._healthy(spec)}
+                           for name, spec in state["predictors"].items()},
+        }
+
+    @staticmethod
+    def _healthy(spec: dict[str, Any]) -> bool:
+        return _pings(spec, "/health/ping")
+
+    # -- processes ---------------------------------------------------------------------------------
+    def _start_predictors(self, deployment: str, predictors: dict[str, dict[str, Any]]) -> dict[str, dict]:
+        """Start model servers side by side, then wait for all; on any failure stop them all and raise."""
+        if not predictors:
+            return {}
+        python = runtimes.python("serving")  # raises RuntimeMissingError with how to build it
+        started = {}
+        for name, spec in predictors.items():
+            port, metrics_port = _free_port(), _free_port()
+            parameters = [{"name": "model_dir", "value": str(spec["model_dir"]), "type": "STRING"}]
+            command = [python, "-m", "airloop.serving.model", MODEL_CLASS, "--service-type", "MODEL",
+                       "--http-port", str(port), "--metrics-port", str(metrics_port),
+                       # the gateway speaks REST only: no gRPC server (one process and one model less)
+                       "--grpc-workers", "0", "--workers", "1", "--threads", str(self.threads),
+                       "--parameters", json.dumps(parameters)]
+            pid = self._spawn(deployment, f"predictor-{name}", command)
+            started[name] = {"pid": pid, "port": port, "metrics_port": metrics_port}
+        try:
+            for name, process in started.items():
+                self._wait_ready(deployment, f"predictor-{name}", process, "/health/ping")
+        except RuntimeError:
+            for process in started.values():
+                _stop_group(process["pid"])
+            raise
+        return started
+
+    def _ensure_gateway(self, deployment: str, state: dict[str, Any]) -> None:
+        """Tell the running gateway the routing table, or (re)start it, which reads ``state.json``."""
+        current = state.get("gateway")
+        if current and _pings(current, "/health/ping"):
+            self._admin(state, "PUT", "/admin/predictors", json=gateway.routes_from_state(state))
+            return
+        if current:
+            _stop_group(current["pid"])
+        # Keep the endpoint stable across restarts when the old port is still free.
+        port = current["port"] if current and _port_is_free(current["port"]) else _free_port()
+        command = [sys.executable, "-m", "airloop.serving.gateway", "--state-dir", str(self._dir(deployment)),
+                   "--port", str(port)]
+        process = {"pid": self._spawn(deployment, "gateway", command), "port": port}
+        self._wait_ready(deployment, "gateway", process, "/health/ping")
+        state["gateway"] = process
+        self._write_state(deployment, state)
+
+    def _spawn(self, deployment: str, name: str, command: list[str]) -> int:
+        env = {**os.environ, "CI": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
+        with open(self._dir(deployment) / f"{name}.log", "ab") as log:
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                       env=env, cwd=self._dir(deployment), start_new_session=True)
+        return process.pid
+
+    def _wait_ready(self, deployment: str, name: str, process: dict[str, Any], path: str) -> None:
+        log = self._dir(deployment) / f"{name}.log"
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if not _alive(process["pid"]):
+                raise RuntimeError(f"{name} of deployment {deployment!r} exited while starting: "
+                                   f"{_last_error(log)} (log: {log})")
+            if _pings(process, path):
+                return
+            time.sleep(0.2)
+        _stop_group(process["pid"])
+        raise RuntimeError(f"{name} of deployment {deployment!r} did not answer within "
+                           f"{self.startup_timeout_s} s (log: {log})")
+
+    def _admin(self, state: dict[str, Any], method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            answer = httpx.request(method, f"{_endpoint(state)}{path}", trust_env=False, timeout=10, **kwargs)
+        except httpx.TransportError as exc:
+            raise RuntimeError(f"the gateway of deployment {state['deployment']!r} does not answer ({exc!r}): "
+                               "deploy() restarts it") from exc
+        return _checked(answer, state["deployment"])
+
+
+
+def _endpoint(state: dict[str, Any]) -> str:
+    if not state.get("gateway"):
+        raise RuntimeError(f"deployment {state['deployment']!r} has no gateway: deploy() starts it")
+    return f"http://127.0.0.1:{state['gateway']['port']}"
+
+
+def _checked(answer: httpx.Response, deployment: str) -> Any:
+    if answer.is_error:
+        info = answer.json().get("status", {}).get("info", answer.text) if answer.content else answer.reason_phrase
+        raise (ValueError if answer.status_code < 500 else RuntimeError)(
+            f"gateway of deployment {deployment!r}: {info}")
+    return answer.json()
+
+
+def _pings(spec: dict[str, Any] | None, path: str) -> bool:
+    if not spec or not _alive(spec["pid"]):
+        return False
+    try:
+        return httpx.get(f"http://127.0.0.1:{spec['port']}{path}", trust_env=False, timeout=2).is_success
+    except httpx.TransportError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        # Reap it if it is our child that exited, else a zombie would look alive to kill(pid, 0).
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stop_group(pid: int, timeout_s: float = 10.0) -> None:
+    """SIGTERM the process group led by ``pid``, then SIGKILL what is left after ``timeout_s``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            _alive(pid)  # reaps the leader if it is our child
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _last_error(log: Path) -> str:
+    """The last exception line of a log (e.g. the checksum mismatch that stopped a model server)."""
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    errors = [line for line in lines if _ERROR_LINE.match(line)]
+    return errors[-1] if errors else (lines[-1] if lines else "no output")

@@ -1,0 +1,166 @@
+"""The model server class for Seldon Core 1.x's Python wrapper, serving an OpenVINO IR on CPU.
+
+Run in the serving runtime, either by Seldon's own console script (in an image on Kubernetes)::
+
+    seldon-core-microservice airloop.serving.model.OpenVinoModel --service-type MODEL \
+        --parameters '[{"name": "model_dir", "value": "/models/v3", "type": "STRING"}]'
+
+or, on a laptop, by ``python -m airloop.serving.model`` with the same arguments, which binds the
+HTTP and metrics servers to 127.0.0.1 instead of every interface.
+
+The model folder holds ``model.xml``, ``model.bin`` and ``manifest.json`` (written by the conversion
+step): ``{"format": "openvino-ir", "files": {name: sha256}, "feature_names": [...], "classes": [...],
+"precision": "fp32"}``. ``load()`` refuses to compile unless every listed file matches its checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "openvino-ir"
+
+
+class ModelIntegrityError(RuntimeError):
+    """The model folder does not match its manifest: a file is missing, altered or outside the folder."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_verified_manifest(model_dir: Path) -> dict[str, Any]:
+    """The manifest, after checking every file it lists against its SHA-256."""
+    manifest_path = model_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise ModelIntegrityError(f"{manifest_path} is missing: refusing to load an unverified model")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ModelIntegrityError(
+            f"{manifest_path}: format is {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}"
+        )
+    files = manifest.get("files") or {}
+    if "model.xml" not in files:
+        raise ModelIntegrityError(f"{manifest_path} does not list model.xml")
+    root = model_dir.resolve()
+    for name, expected in files.items():
+        path = (root / name).resolve()
+        if not path.is_relative_to(root):
+            raise ModelIntegrityError(f"{manifest_path} lists {name!r}, which is outside {root}")
+        if not path.is_file():
+            raise ModelIntegrityError(f"model file {name!r} listed in {manifest_path} is missing")
+        actual = file_sha256(path)
+        if actual != expected:
+            raise ModelIntegrityError(
+                f"checksum mismatch for model file {name!r} in {root}: manifest says {expected}, "
+                f"file has {actual}"
+            )
+    for key in ("feature_names", "classes"):
+        if not isinstance(manifest.get(key), list) or not manifest[key]:
+            raise ModelIntegrityError(f"{manifest_path}: {key!r} must be a non-empty list")
+    return manifest
+
+
+def _bad_input(message: str) -> Exception:
+    """A client error: Seldon's wrapper answers it with 400 instead of 500 (a server fault)."""
+    try:
+        from seldon_core.flask_utils import SeldonMicroserviceException
+    except ImportError:  # the class used outside Seldon's wrapper (tests, batch scoring)
+        return ValueError(message)
+    return SeldonMicroserviceException(message, status_code=400, reason="BAD_INPUT")
+
+
+class OpenVinoModel:
+    """Class probabilities from an OpenVINO IR classifier, for Seldon's ``MODEL`` service type."""
+
+    def __init__(self, model_dir: str, precision_hint: str = "f32") -> None:
+        self.model_dir = model_dir
+        self.precision_hint = precision_hint
+        self._compiled: Any = None
+        self._manifest: dict[str, Any] = {}
+        # Seldon's gthread workers call predict() from several threads: one InferRequest per thread.
+        self._local = threading.local()
+
+    def load(self) -> None:
+        manifest = read_verified_manifest(Path(self.model_dir))
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(str(Path(self.model_dir) / "model.xml"))
+        self._compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": self.precision_hint})
+        self._manifest = manifest
+
+    def class_names(self) -> list[str]:
+        return [str(c) for c in self._manifest["classes"]]
+
+    def _infer_request(self) -> Any:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self._compiled.create_infer_request()
+        return request
+
+    def predict(self, X: Any, features_names: list[str] | None = None, meta: dict | None = None) -> np.ndarray:
+        if self._compiled is None:
+            raise RuntimeError(f"model in {self.model_dir} is not loaded: call load() first")
+        expected = self._manifest["feature_names"]
+        if features_names and list(features_names) != expected:
+            raise _bad_input(f"feature names {list(features_names)} do not match the model's {expected}")
+        try:
+            rows = np.asarray(X, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise _bad_input(f"features must be numbers: {exc}") from None
+        if rows.ndim != 2 or rows.shape[1] != len(expected):
+            raise _bad_input(f"expected rows of {len(expected)} features, got shape {list(rows.shape)}")
+        start = time.perf_counter()
+        result = self._infer_request().infer({0: rows})
+        probabilities = np.array(result[self._compiled.output(0)], dtype=np.float64)
+        self._local.pending = [
+            {"type": "COUNTER", "key": "airloop_model_rows_total", "value": len(rows)},
+            {"type": "TIMER", "key": "airloop_model_inference_ms", "value": (time.perf_counter() - start) * 1e3},
+        ]
+        return probabilities
+
+    def metrics(self) -> list[dict[str, Any]]:
+        # Seldon asks after every call (health checks too): report each prediction's metrics once.
+        pending, self._local.pending = getattr(self._local, "pending", []), []
+        return pending
+
+    def health_status(self) -> dict[str, Any]:
+        if self._compiled is None:
+            raise RuntimeError(f"model in {self.model_dir} is not loaded")
+        return {"model_dir": self.model_dir, "classes": self._manifest["classes"],
+                "feature_names": self._manifest["feature_names"]}
+
+    def send_feedback(self, features: Any, feature_names: Any, reward: float, truth: Any,
+                      routing: int | None = None) -> list:
+        # Quality is accounted by the gateway, which knows which predictor answered which request.
+        return []
+
+
+def _serve_on_loopback() -> None:
+    """Run Seldon's microservice with its servers bound to 127.0.0.1 (Seldon hard-codes 0.0.0.0)."""
+    from seldon_core import gunicorn_utils, microservice
+
+    load_config = gunicorn_utils.StandaloneApplication.load_config
+
+    def load_loopback_config(app: Any) -> None:
+        app.options["bind"] = app.options["bind"].replace("0.0.0.0:", "127.0.0.1:")
+        load_config(app)
+
+    gunicorn_utils.StandaloneApplication.load_config = load_loopback_config
+    microservice.main()
+
+
+if __name__ == "__main__":
+    _serve_on_loopback()

@@ -1,0 +1,197 @@
+"""The drift detector interface and its registry.
+
+A detector compares one feature at a time: numeric features with a two-sample Kolmogorov-Smirnov
+test, categorical features with a chi-squared test on the category counts. Missing values are
+dropped per feature, so one sparse column does not cost the others their rows. The multiple-testing
+correction across features lives here, once, so every backend flags drift the same way; a backend
+only supplies the two per-feature tests.
+
+Shaped after scikit-learn estimators: the constructor only stores its parameters, ``fit`` learns
+from the reference, ``score`` judges a window. Backends register under a name (``register``) and
+are looked up with ``get``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+CORRECTIONS = ("bonferroni", "fdr")
+
+_BACKENDS: dict[str, type[Detector]] = {}
+
+
+def register(name: str) -> Callable[[type[Detector]], type[Detector]]:
+    """Class decorator: make a detector available under ``name``."""
+
+    def add(cls: type[Detector]) -> type[Detector]:
+        if name in _BACKENDS:
+            raise ValueError(f"drift backend {name!r} is already registered by {_BACKENDS[name].__name__}")
+        cls.name = name
+        _BACKENDS[name] = cls
+        return cls
+
+    return add
+
+
+def available() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def get(name: str) -> type[Detector]:
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown drift backend {name!r}: choose one of {available()}") from None
+
+
+def flag(p_values: Sequence[float], p_val: float, correction: str) -> list[bool]:
+    """Per-test drift flags after correcting for testing several features at once.
+
+    ``bonferroni`` bounds the chance of any false alarm by ``p_val``; ``fdr`` (Benjamini-Hochberg)
+    bounds the expected share of false alarms among the flagged features, and flags more when many
+    features move. Both use a strict ``<`` like alibi-detect, so the backends agree at the boundary.
+    """
+    import numpy as np
+
+    if correction not in CORRECTIONS:
+        raise ValueError(f"unknown correction {correction!r}: choose one of {list(CORRECTIONS)}")
+    p = np.asarray(p_values, dtype=float)
+    m = len(p)
+    if m == 0:
+        return []
+    if correction == "bonferroni":
+        return (p < p_val / m).tolist()
+    ranked = np.sort(p)
+    below = np.nonzero(ranked < p_val * np.arange(1, m + 1) / m)[0]
+    if len(below) == 0:
+        return [False] * m
+    return (p <= ranked[below[-1]]).tolist()
+
+
+class Detector(ABC):
+    """Per-feature two-sample drift tests with a multiple-testing correction.
+
+    ``min_rows`` is the fewest non-missing values a feature needs on each side to be tested; a
+    feature below it is reported with ``"tested": False`` instead of a p-value.
+    ``check_params`` (also run by ``fit``) raises ``ValueError`` naming a bad parameter.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, *, p_val: float = 0.05, correction: str = "bonferroni",
+                 categorical: Sequence[str] = (), min_rows: int = 1) -> None:
+        self.p_val = p_val
+        self.correction = correction
+        self.categorical = categorical
+        self.min_rows = min_rows
+
+    def get_params(self) -> dict[str, Any]:
+        return {"p_val": self.p_val, "correction": self.correction,
+                "categorical": self.categorical, "min_rows": self.min_rows}
+
+    def check_params(self) -> None:
+        if not isinstance(self.p_val, (int, float)) or not 0 < self.p_val < 1:
+            raise ValueError(f"p_val must be between 0 and 1 (exclusive), got {self.p_val!r}")
+        if self.correction not in CORRECTIONS:
+            raise ValueError(f"unknown correction {self.correction!r}: choose one of {list(CORRECTIONS)}")
+        if not isinstance(self.min_rows, int) or self.min_rows < 1:
+            raise ValueError(f"min_rows must be a positive integer, got {self.min_rows!r}")
+        if isinstance(self.categorical, str):
+            raise ValueError(f"categorical must be a list of column names, got {self.categorical!r}")
+
+    def fit(self, reference: pd.DataFrame) -> Detector:
+        """Learn the reference distribution of every column of ``reference``."""
+        self.check_params()
+        unknown = sorted(set(self.categorical) - set(reference.columns))
+        if unknown:
+            raise ValueError(f"categorical features not in the reference: {unknown}")
+        self.features_ = list(reference.columns)
+        self.categories_: dict[str, Any] = {}
+        self.reference_: dict[str, dict[str, Any]] = {}
+        self._fitted: dict[str, Any] = {}
+        for feature in self.features_:
+            column = reference[feature]
+            values = column.dropna().to_numpy()
+            summary = {"n": len(values), "nan_fraction": _fraction(column.isna().sum(), len(column))}
+            if feature in self.categorical:
+                import pandas as pd
+
+                self.categories_[feature] = pd.Index(pd.unique(values))
+                values = self.categories_[feature].get_indexer(values)
+            else:
+                values = values.astype(float)
+                summary["mean"] = float(values.mean()) if len(values) else None
+            self.reference_[feature] = summary
+            if len(values) >= self.min_rows:
+                self._fitted[feature] = self._fit_feature(values, feature in self.categorical)
+        return self
+
+    def score(self, current: pd.DataFrame) -> dict[str, dict[str, Any]]:
+        """Test every fitted feature of ``current`` (extra columns are ignored).
+
+        Returns ``{feature: {"kind", "test", "tested", "statistic", "p_value", "drift",
+        "ref_mean", "cur_mean", "n_ref", "n_cur", "nan_fraction_ref", "nan_fraction_cur"}}``.
+        """
+        if not hasattr(self, "features_"):
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(reference) first")
+        missing = [f for f in self.features_ if f not in current.columns]
+        if missing:
+            raise ValueError(f"current window lacks the features {missing}")
+        scores: dict[str, dict[str, Any]] = {}
+        for feature in self.features_:
+            column = current[feature]
+            values = column.dropna().to_numpy()
+            categorical = feature in self.categorical
+            ref = self.reference_[feature]
+            entry: dict[str, Any] = {
+                "kind": "categorical" if categorical else "numeric",
+                "test": "chi2" if categorical else "ks",
+                "tested": False, "statistic": None, "p_value": None, "drift": False,
+                "ref_mean": ref.get("mean"), "cur_mean": None,
+                "n_ref": ref["n"], "n_cur": len(values),
+                "nan_fraction_ref": ref["nan_fraction"],
+                "nan_fraction_cur": _fraction(column.isna().sum(), len(column)),
+            }
+            if categorical:
+                values = self._encode(feature, values)
+            else:
+                values = values.astype(float)
+                entry["cur_mean"] = float(values.mean()) if len(values) else None
+            if feature in self._fitted and len(values) >= self.min_rows:
+                statistic, p_value = self._test_feature(self._fitted[feature], values, categorical)
+                entry.update(tested=True, statistic=float(statistic), p_value=float(p_value))
+            scores[feature] = entry
+        tested = [f for f in self.features_ if scores[f]["tested"]]
+        for feature, drift in zip(tested, flag([scores[f]["p_value"] for f in tested],
+                                               self.p_val, self.correction)):
+            scores[feature]["drift"] = drift
+        return scores
+
+    def _encode(self, feature: str, values: np.ndarray) -> np.ndarray:
+        """Category codes shared with the reference; categories unseen there get new codes."""
+        import pandas as pd
+
+        categories = self.categories_[feature]
+        codes = categories.get_indexer(values)
+        unseen = codes < 0
+        if unseen.any():
+            codes[unseen] = len(categories) + pd.factorize(values[unseen])[0]
+        return codes
+
+    @abstractmethod
+    def _fit_feature(self, reference: np.ndarray, categorical: bool) -> Any:
+        """What the test needs about one feature's reference values (NaN-free; codes if categorical)."""
+
+    @abstractmethod
+    def _test_feature(self, fitted: Any, current: np.ndarray, categorical: bool) -> tuple[float, float]:
+        """``(statistic, p_value)`` of the two-sample test of one feature, given what ``_fit_feature`` kept."""
+
+
+def _fraction(part: int, whole: int) -> float:
+    return float(part) / whole if whole else 0.0

@@ -1,0 +1,42 @@
+"""Gather a time window of logged serving requests into one table for the drift monitor."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+
+def collect(request: dict[str, Any]) -> dict[str, Any]:
+    """
+    Read the gateway's JSON-lines request logs under ``log_dir`` whose ``ts`` (epoch seconds) falls in
+    ``[start, end)`` and write their features to ``out_path`` (parquet), one column per feature.
+
+    request: ``{"log_dir", "start": epoch s, "end": epoch s, "out_path"}``
+    result: ``{"rows", "path", "features", "files", "skipped_lines"}``
+    """
+    import pandas as pd
+
+    log_dir = Path(request["log_dir"])
+    start, end = float(request["start"]), float(request["end"])
+    days = {datetime.fromtimestamp(t, timezone.utc).strftime("%Y%m%d") for t in (start, end)}
+    files = sorted(f for day in days for f in (log_dir / day).glob("*.jsonl")) if log_dir.exists() else []
+    rows, names, skipped = [], None, 0
+    for file in files:
+        for line in file.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                skipped += 1
+                continue
+            if not start <= float(record["ts"]) < end or record.get("status", 200) != 200:
+                continue
+            names = names or record["names"]
+            rows.extend(record["features"] if isinstance(record["features"][0], list) else [record["features"]])
+    frame = pd.DataFrame(rows, columns=names) if rows else pd.DataFrame()
+    out = Path(request["out_path"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(out)
+    return {"rows": len(frame), "path": str(out), "features": list(names or []), "files": len(files),
+            "skipped_lines": skipped}

@@ -1,0 +1,319 @@
+"""Drift detection: one conformance suite that every backend passes, and the two backends agree.
+
+The scipy backend runs in this process. The alibi backend needs alibi-detect (numpy<2), which lives
+only in the ``serving`` runtime: its cases run there, all in one subprocess, and are skipped with the
+reason when that runtime is missing or cannot run the step.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from airloop import runtimes
+from airloop.steps import drift
+
+BACKENDS = ["scipy", "alibi"]
+NULL_WINDOWS = 60
+ODD_NAME = '<b>x&"y"</b>'
+
+
+def _frame(rng: np.random.Generator, rows: int, *, numeric: int = 4, shift: dict[str, float] | None = None,
+           scale: dict[str, float] | None = None, colours: tuple[float, ...] = (0.5, 0.3, 0.2)) -> pd.DataFrame:
+    """``numeric`` standard normal columns x0.. (optionally shifted or scaled), a colour and a flag."""
+    shift, scale = shift or {}, scale or {}
+    frame = pd.DataFrame({f"x{i}": rng.normal(shift.get(f"x{i}", 0.0), scale.get(f"x{i}", 1.0), rows)
+                          for i in range(numeric)})
+    frame["colour"] = rng.choice(["red", "green", "blue"], rows, p=list(colours))
+    frame["flag"] = rng.random(rows) < 0.3
+    return frame
+
+
+def _write(folder: Path, name: str, frame: pd.DataFrame) -> str:
+    path = folder / f"{name}.parquet"
+    frame.to_parquet(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """Every scenario as a request without backend; written once, run by each backend."""
+    folder = tmp_path_factory.mktemp("drift-data")
+    rng = np.random.default_rng(20240601)
+    reference = _write(folder, "reference", _frame(rng, 3000))
+    wide = _write(folder, "wide", _frame(rng, 3000, numeric=20))
+
+    def case(current: pd.DataFrame, ref: str = reference, **options: Any) -> dict[str, Any]:
+        return {"reference_uri": ref, "current_uri": _write(folder, f"current{len(written)}", current), **options}
+
+    written: dict[str, dict[str, Any]] = {}
+    nans = _frame(rng, 2000)
+    nans.loc[nans.index[:600], "x1"] = np.nan
+    nans["x2"] = np.nan
+    wrong = _frame(rng, 2000)
+    wrong["x1"] = wrong["x1"].astype(str)
+    mild = {f"x{i}": 0.09 for i in range(10)}
+    odd_reference = _frame(rng, 1000).rename(columns={"x0": ODD_NAME})
+    odd_current = _frame(rng, 1000, shift={"x0": 1.0}).rename(columns={"x0": ODD_NAME})
+    for name, build in {
+        "same": lambda: case(_frame(rng, 2000).assign(extra="ignored")),
+        "mean": lambda: case(_frame(rng, 2000, shift={"x0": 0.3})),
+        "variance": lambda: case(_frame(rng, 2000, scale={"x1": 1.4})),
+        "categorical": lambda: case(_frame(rng, 2000, colours=(0.4, 0.3, 0.3))),
+        "one_of_20": lambda: case(_frame(rng, 2000, numeric=20, shift={"x7": 0.3}), wide),
+        "mild_bonferroni": lambda: case(_frame(rng, 2000, numeric=20, shift=mild), wide),
+        "tiny": lambda: case(_frame(rng, 50)),
+        "nans": lambda: case(nans),
+        "missing_column": lambda: case(_frame(rng, 2000).drop(columns=["x3"])),
+        "wrong_type": lambda: case(wrong),
+        "subset": lambda: case(_frame(rng, 2000, shift={"x0": 1.0}), features=["x1", "x2"]),
+        "report": lambda: case(odd_current, _write(folder, "odd", odd_reference), report_dir=True),
+    }.items():
+        written[name] = build()
+    written["mild_fdr"] = {**written["mild_bonferroni"], "correction": "fdr"}
+    reference_500 = _write(folder, "reference_null", _frame(rng, 2000))
+    for i in range(NULL_WINDOWS):
+        written[f"null{i}"] = case(_frame(rng, 500), reference_500)
+    return written
+
+
+def _request(case: dict[str, Any], backend: str, reports: Path, name: str) -> dict[str, Any]:
+    request = {**case, "backend": backend}
+    if request.get("report_dir"):
+        request["report_dir"] = str(reports / backend / name)
+    return request
+
+
+_RUN_IN_RUNTIME = """
+import json, sys, warnings
+warnings.simplefilter("ignore")
+from airloop.steps.drift import detect
+requests = json.load(open(sys.argv[1]))
+json.dump({name: detect(request) for name, request in requests.items()}, open(sys.argv[2], "w"))
+"""
+
+
+@pytest.fixture(scope="session")
+def serving_python() -> str:
+    """The serving runtime's interpreter, once it has shown it can run this step with alibi-detect."""
+    try:
+        python = runtimes.python("serving")
+    except runtimes.RuntimeMissingError as error:
+        pytest.skip(f"alibi backend not tested: {error}")
+    probe = subprocess.run([python, "-c", "import alibi_detect.cd, pyarrow.dataset, airloop.steps.drift"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        last = probe.stderr.strip().splitlines()[-1:]
+        pytest.skip(f"alibi backend not tested: the serving runtime ({python}) cannot run the drift step: {last}")
+    return python
+
+
+@pytest.fixture(scope="session")
+def results(request: pytest.FixtureRequest, cases: dict[str, dict[str, Any]],
+            tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict[str, dict[str, Any]]]:
+    """A backend's result for every case, computed on first use: all alibi cases in one runtime hop."""
+    reports = tmp_path_factory.mktemp("drift-reports")
+    computed: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def run(backend: str) -> dict[str, dict[str, Any]]:
+        if backend not in computed:
+            requests = {name: _request(case, backend, reports, name) for name, case in cases.items()}
+            if backend == "scipy":
+                computed[backend] = {name: drift.detect(r) for name, r in requests.items()}
+            else:
+                python = request.getfixturevalue("serving_python")
+                (reports / "requests.json").write_text(json.dumps(requests))
+                subprocess.run([python, "-c", _RUN_IN_RUNTIME, str(reports / "requests.json"),
+                                str(reports / "results.json")], check=True)
+                computed[backend] = json.loads((reports / "results.json").read_text())
+        return computed[backend]
+
+    return run
+
+
+@pytest.fixture(params=BACKENDS)
+def outcome(request: pytest.FixtureRequest, results: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    return results(request.param)
+
+
+# --- the interface, in-process for every registered backend (constructing one imports nothing heavy)
+
+
+def test_both_backends_are_registered() -> None:
+    assert drift.available() == sorted(BACKENDS)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_constructor_only_stores_parameters(backend: str) -> None:
+    params = {"p_val": 0.01, "correction": "fdr", "categorical": ["colour"], "min_rows": 7}
+    detector = drift.get(backend)(**params)
+    assert detector.get_params() == params
+    assert not hasattr(detector, "features_")
+    with pytest.raises(RuntimeError, match="not fitted"):
+        detector.score(pd.DataFrame({"colour": ["red"]}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("params", "problem"), [
+    ({"p_val": 1.5}, "p_val"), ({"correction": "holm"}, "correction"), ({"min_rows": 0}, "min_rows"),
+    ({"categorical": "colour"}, "categorical"),
+])
+def test_bad_parameters_are_named(backend: str, params: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        drift.get(backend)(**params).fit(pd.DataFrame({"colour": ["red", "blue"]}))
+
+
+def test_unknown_backend_lists_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown drift backend 'nope'.*alibi.*scipy"):
+        drift.get("nope")
+
+
+def test_a_name_registers_once() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        drift.register("scipy")(drift.get("alibi"))
+
+
+def test_bonferroni_and_benjamini_hochberg() -> None:
+    p = [0.001, 0.008, 0.039, 0.041, 0.042, 0.06, 0.074, 0.205]
+    assert drift.flag(p, 0.05, "bonferroni") == [True] + [False] * 7
+    assert drift.flag(p, 0.05, "fdr") == [True, True] + [False] * 6
+    # Step-up: the largest rank under its threshold flags every smaller p-value too.
+    assert drift.flag([0.04, 0.01, 0.03, 0.02], 0.05, "fdr") == [True] * 4
+    assert drift.flag([0.04, 0.01, 0.03, 0.02], 0.05, "bonferroni") == [False, True, False, False]
+    assert drift.flag([], 0.05, "fdr") == []
+
+
+# --- the conformance suite: every backend, the same cases, the same expectations
+
+
+def test_no_shift_is_no_drift(outcome: dict[str, Any]) -> None:
+    result = outcome["same"]
+    assert (result["verdict"], result["severity"], result["drifted_features"]) == ("no_drift", "none", [])
+    assert list(result["features"]) == ["x0", "x1", "x2", "x3", "colour", "flag"]  # "extra" ignored
+    assert result["features"]["colour"]["test"] == "chi2" and result["features"]["flag"]["test"] == "chi2"
+    assert result["features"]["x0"]["test"] == "ks"
+
+
+def test_false_alarm_rate_stays_near_p_val(outcome: dict[str, Any]) -> None:
+    alarms = sum(outcome[f"null{i}"]["verdict"] == "drift" for i in range(NULL_WINDOWS))
+    # Bonferroni keeps the chance of any alarm per window under p_val = 0.05 (3 expected in 60);
+    # more than 9 would happen by chance less than once in 300 runs.
+    assert alarms / NULL_WINDOWS <= 0.15
+    assert all(outcome[f"null{i}"]["verdict"] in ("drift", "no_drift") for i in range(NULL_WINDOWS))
+
+
+@pytest.mark.parametrize(("case", "feature"), [("mean", "x0"), ("variance", "x1"), ("categorical", "colour"),
+                                               ("one_of_20", "x7")])
+def test_a_shift_is_found_in_the_shifted_feature_only(outcome: dict[str, Any], case: str, feature: str) -> None:
+    result = outcome[case]
+    assert result["verdict"] == "drift"
+    assert result["drifted_features"] == [feature]
+    assert result["share_drifted"] == pytest.approx(1 / len(result["features"]))
+
+
+def test_mean_and_variance_shifts_show_in_the_means(outcome: dict[str, Any]) -> None:
+    mean = outcome["mean"]["features"]["x0"]
+    assert mean["cur_mean"] - mean["ref_mean"] == pytest.approx(0.3, abs=0.1)
+    variance = outcome["variance"]["features"]["x1"]
+    assert abs(variance["cur_mean"] - variance["ref_mean"]) < 0.1  # same mean, other spread: KS still sees it
+
+
+def test_one_feature_of_twenty_is_low_severity(outcome: dict[str, Any]) -> None:
+    result = outcome["one_of_20"]
+    assert result["share_drifted"] == pytest.approx(1 / 22)
+    assert result["severity"] == "low"
+
+
+def test_fdr_flags_more_than_bonferroni_when_many_features_move(outcome: dict[str, Any]) -> None:
+    bonferroni = set(outcome["mild_bonferroni"]["drifted_features"])
+    fdr = set(outcome["mild_fdr"]["drifted_features"])
+    assert bonferroni < fdr
+    assert fdr <= {f"x{i}" for i in range(10)}
+
+
+def test_a_tiny_window_is_insufficient_data_never_no_drift(outcome: dict[str, Any]) -> None:
+    result = outcome["tiny"]
+    assert result["verdict"] == "insufficient_data"
+    assert result["n_current"] == 50 and result["severity"] == "none" and result["features"] == {}
+    assert "50" in result["message"] and "200" in result["message"]
+
+
+def test_nans_are_dropped_per_feature_and_reported(outcome: dict[str, Any]) -> None:
+    result = outcome["nans"]
+    sparse, empty = result["features"]["x1"], result["features"]["x2"]
+    assert result["verdict"] == "no_drift"
+    assert sparse["tested"] and sparse["nan_fraction_cur"] == pytest.approx(0.3) and sparse["n_cur"] == 1400
+    assert not sparse["drift"]
+    assert (empty["tested"], empty["p_value"], empty["nan_fraction_cur"]) == (False, None, 1.0)
+    assert "x2" in result["message"]
+
+
+@pytest.mark.parametrize(("case", "named"), [("missing_column", "x3"), ("wrong_type", "x1")])
+def test_a_bad_window_is_invalid_and_named(outcome: dict[str, Any], case: str, named: str) -> None:
+    result = outcome[case]
+    assert result["verdict"] == "invalid_window"
+    assert named in result["message"] and result["features"] == {}
+
+
+def test_only_the_requested_features_are_tested(outcome: dict[str, Any]) -> None:
+    result = outcome["subset"]
+    assert list(result["features"]) == ["x1", "x2"] and result["verdict"] == "no_drift"
+
+
+def test_the_report_is_escaped_self_contained_and_matches_the_result(outcome: dict[str, Any]) -> None:
+    result = outcome["report"]
+    saved = json.loads(Path(result["report_json"]).read_text())
+    assert {k: saved[k] for k in result} == result
+    assert set(saved["distributions"]) == set(result["features"])
+    assert saved["distributions"]["colour"]["kind"] == "categorical"
+    assert sum(saved["distributions"][ODD_NAME]["current"]) == pytest.approx(1.0)
+    page = Path(result["report_html"]).read_text()
+    assert result["drifted_features"] == [ODD_NAME]
+    assert ODD_NAME not in page and "&lt;b&gt;x&amp;&quot;y&quot;&lt;/b&gt;" in page
+    assert "<script" not in page and "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    figures = re.findall(r"<svg.*?</svg>", page, flags=re.S)
+    assert len(figures) == len(result["features"])
+    for figure in figures:
+        assert ET.fromstring(figure).findall("{http://www.w3.org/2000/svg}rect")
+
+
+# --- the backends agree
+
+
+def test_the_backends_agree(results: Callable[[str], dict[str, Any]]) -> None:
+    scipy, alibi = results("scipy"), results("alibi")
+    for name in scipy:
+        assert (alibi[name]["verdict"], alibi[name]["drifted_features"]) == (
+            scipy[name]["verdict"], scipy[name]["drifted_features"]), name
+        for feature, score in scipy[name]["features"].items():
+            other = alibi[name]["features"][feature]
+            assert other["drift"] == score["drift"], (name, feature)
+            if score["tested"]:
+                # alibi-detect keeps p-values and statistics in float32.
+                assert other["p_value"] == pytest.approx(score["p_value"], rel=1e-5, abs=1e-12), (name, feature)
+                assert other["statistic"] == pytest.approx(score["statistic"], rel=1e-5), (name, feature)
+
+
+# --- requests that are wrong whatever the data
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ({"backend": "nope"}, "unknown drift backend"), ({"correction": "holm"}, "correction"),
+    ({"p_val": 0}, "p_val"), ({"features": ["x0", "zz"]}, r"not in the reference.*zz"),
+    ({"categorical": ["zz"]}, "zz"), ({"severity": {"low": 0.5, "high": 0.1}}, "severity"),
+    ({"severity": {"extreme": 0.9}}, "severity"), ({"p_vals": 0.1}, "unknown drift request keys"),
+    ({"current_uri": ""}, "current_uri"), ({"features": "x0"}, "list"),
+])
+def test_a_bad_request_raises_a_clear_error(cases: dict[str, dict[str, Any]], change: dict[str, Any],
+                                            problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        drift.detect({**cases["same"], **change})

@@ -1,0 +1,246 @@
+"""The Airloop UI plugin against a real MLflow registry (SQLite), real report files and Airflow's auth."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from fastapi import FastAPI
+from starlette.testclient import TestClient
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = "<script>alert(1)</script>"
+
+
+def _load_plugin() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("airloop_ui", REPO / "plugins" / "airloop_ui.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ui = _load_plugin()
+
+
+@pytest.fixture(scope="module")
+def token() -> str:
+    """A JWT for the admin user, checked by the plugin exactly as the API server checks its own."""
+    from airflow.api_fastapi.app import create_auth_manager
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+    from airflow.utils.db import initdb
+
+    initdb()  # token checks look up the revoked-token table
+    return create_auth_manager().generate_jwt(SimpleAuthManagerUser(username="admin", role="admin"))
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A registry with two models: aliases champion/challenger/previous, a rejected version, a hostile tag."""
+    from mlflow import MlflowClient
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("airloop", artifact_location=(folder / "artefacts").as_uri())
+    client.create_registered_model("churn", tags={"owner": SCRIPT}, description="Churn classifier")
+    for accuracy in (0.91, 0.93, 0.95, 0.89):
+        run = client.create_run(experiment)
+        client.log_metric(run.info.run_id, "accuracy", accuracy)
+        client.create_model_version("churn", f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    client.set_model_version_tag("churn", "4", "airloop.rejected", "true")
+    client.set_registered_model_alias("churn", "previous", "1")
+    client.set_registered_model_alias("churn", "champion", "2")
+    client.set_registered_model_alias("churn", "challenger", "3")
+    client.create_registered_model("fraud")
+    return uri
+
+
+@pytest.fixture
+def artefacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("AIRLOOP_ARTEFACTS", tmp_path.as_uri())
+    return tmp_path
+
+
+@pytest.fixture
+def client(token: str, tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLFLOW_DEFAULT",
+        json.dumps({"conn_type": "mlflow", "extra": {"tracking_uri": tracking_uri}}),
+    )
+    # Mounted the way the API server mounts plugin apps, so links carry the prefix.
+    server = FastAPI()
+    server.mount(ui.URL_PREFIX, ui.app)
+    with TestClient(server, cookies={"_token": token}) as test_client:
+        yield test_client
+
+
+def _write(path: Path, data: dict | str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+
+
+def test_plugin_declares_app_and_nav_entry() -> None:
+    plugin = ui.AirloopPlugin
+    assert plugin.name == "airloop"
+    assert plugin.fastapi_apps == [{"app": ui.app, "url_prefix": "/airloop", "name": "Airloop"}]
+    [view] = plugin.external_views
+    assert view["href"] == "/airloop/models"
+    assert view["destination"] == "nav"
+    assert view["name"] == "Airloop"
+
+
+def test_hrefs_follow_api_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "https://airflow.example.com/team-a/")
+    assert ui._base_path() == "/team-a"
+
+
+@pytest.mark.usefixtures("token")  # the API server's auth manager is up; this client just has no token
+def test_pages_require_an_airflow_login() -> None:
+    server = FastAPI()
+    server.mount(ui.URL_PREFIX, ui.app)
+    with TestClient(server) as anonymous:
+        assert anonymous.get("/airloop/models").status_code == 401
+        assert anonymous.get("/airloop/api/models").status_code == 401
+        assert anonymous.get("/airloop/models", headers={"Authorization": "Bearer forged"}).status_code == 403
+
+
+def test_models_page_lists_versions_aliases_metrics_and_escapes(client: TestClient) -> None:
+    response = client.get("/airloop/models")
+    assert response.status_code == 200
+    assert response.headers["content-security-policy"] == ui.PAGE_CSP
+    assert response.headers["x-content-type-options"] == "nosniff"
+    page = response.text
+    assert "<h2>churn</h2>" in page and "<h2>fraud</h2>" in page
+    for alias in ("champion", "challenger", "previous"):
+        assert f'<span class="alias">{alias}</span>' in page
+    assert 'href="/airloop/models/churn/versions/3"' in page
+    assert "accuracy = 0.95" in page
+    assert '<span class="bad">rejected</span>' in page
+    assert SCRIPT not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert 'href="/airloop/static/airloop.css"' in page
+    assert client.get("/airloop/static/airloop.css").headers["content-type"].startswith("text/css")
+
+
+def test_api_models_returns_the_registry(client: TestClient) -> None:
+    models = {model["name"]: model for model in client.get("/airloop/api/models").json()}
+    assert set(models) == {"churn", "fraud"}
+    churn = models["churn"]
+    assert churn["aliases"] == {"challenger": "3", "champion": "2", "previous": "1"}
+    assert [v["version"] for v in churn["versions"]] == ["4", "3", "2", "1"]
+    by_version = {v["version"]: v for v in churn["versions"]}
+    assert by_version["2"]["aliases"] == ["champion"]
+    assert by_version["2"]["metrics"] == {"accuracy": 0.93}
+    assert by_version["4"]["rejected"] is True and by_version["3"]["rejected"] is False
+    assert churn["tags"] == {"owner": SCRIPT}  # JSON carries raw values; escaping is the HTML's job
+    assert models["fraud"]["versions"] == []
+
+
+def test_version_page_without_audit_record(client: TestClient) -> None:
+    response = client.get("/airloop/models/churn/versions/2")
+    assert response.status_code == 200
+    assert "churn version 2" in response.text
+    assert '<span class="alias">champion</span>' in response.text
+    assert "No audit record" in response.text
+    assert client.get("/airloop/models/churn/versions/99").status_code == 404
+
+
+def test_rollouts_page_shows_latest_reports_first(client: TestClient, artefacts: Path) -> None:
+    def report(started: str, decision: str, reasons: list[str]) -> dict:
+        step = {"weight": 10, "verdict": "fail" if reasons else "pass", "reasons": reasons,
+                "started": started, "ended": started}
+        return {"deployment": "churn", "model_name": "churn", "champion": "2", "challenger": "3",
+                "decision": decision, "steps": [step], "started": started, "ended": started}
+
+    _write(artefacts / "rollouts/churn/a.json", report("2026-01-01T00:00:00", "promoted", []))
+    _write(artefacts / "rollouts/churn/b.json", report("2026-02-01T00:00:00", "rolled_back", [SCRIPT]))
+    _write(artefacts / "rollouts/churn/broken.json", "{not json")
+    page = client.get("/airloop/rollouts").text
+    assert "<h2>churn</h2>" in page
+    assert page.index("rolled_back") < page.index("promoted")  # newest first
+    assert "unreadable report broken.json" in page
+    assert SCRIPT not in page and "&lt;script&gt;" in page
+
+
+def test_drift_page_and_report(client: TestClient, artefacts: Path) -> None:
+    features = {"tenure": {"statistic": 0.31, "p_value": 0.0001, "drift": True},
+                "charges": {"statistic": 0.02, "p_value": 0.6, "drift": False}}
+    _write(artefacts / "drift/churn/20260101T000000/report.json", {"verdict": "no_drift", "severity": "none"})
+    _write(artefacts / "drift/churn/20260201T000000/report.json",
+           {"verdict": "drift", "severity": "high", "features": features, "n_reference": 1000, "n_current": 500})
+    _write(artefacts / "drift/churn/20260201T000000/report.html", "<html><body>drift report</body></html>")
+    page = client.get("/airloop/drift").text
+    assert "<h2>churn</h2>" in page and "Features at 20260201T000000" in page
+    assert "tenure" in page and "500" in page
+    link = "/airloop/drift/churn/20260201T000000/report.html"
+    assert f'href="{link}"' in page
+    assert "/airloop/drift/churn/20260101T000000/report.html" not in page  # no html next to that one
+    served = client.get(link)
+    assert served.status_code == 200 and "drift report" in served.text
+    assert served.headers["content-security-policy"] == ui.REPORT_CSP
+
+
+def test_drift_report_refuses_paths_outside_the_drift_folder(client: TestClient, artefacts: Path) -> None:
+    _write(artefacts / "secret/report.html", "secret")
+    outside = artefacts.parent / f"{artefacts.name}-outside"
+    _write(outside / "report.html", "secret")
+    (artefacts / "drift/churn").mkdir(parents=True)
+    (artefacts / "drift/churn/link").symlink_to(outside)
+    for path in (
+        "/airloop/drift/%2E%2E/secret/report.html",
+        "/airloop/drift/churn/..%2F..%2Fsecret/report.html",
+        "/airloop/drift/churn/link/report.html",
+        "/airloop/drift/churn/missing/report.html",
+    ):
+        response = client.get(path)
+        assert response.status_code == 404, path
+        assert "secret" not in response.text
+
+
+def test_remote_artefact_root_is_a_clear_error(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRLOOP_ARTEFACTS", "s3://airloop/artefacts")
+    response = client.get("/airloop/drift")
+    assert response.status_code == 500
+    assert "file:// roots only" in response.text
+
+
+def test_tracking_uri_from_connection_or_embedded_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from airloop import settings
+
+    monkeypatch.delenv("AIRFLOW_CONN_MLFLOW_DEFAULT", raising=False)
+    assert ui.tracking_uri() == settings.mlflow_tracking_uri()
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_DEFAULT", json.dumps({"conn_type": "mlflow", "host": "mlflow", "port": 5000}))
+    assert ui.tracking_uri() == "http://mlflow:5000"
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_DEFAULT", json.dumps({"conn_type": "mlflow"}))
+    with pytest.raises(ValueError, match="neither extra 'tracking_uri' nor a host"):
+        ui.tracking_uri()
+
+
+# Runs the `airflow plugins` command, then reports whether loading the plugins imported MLflow.
+LIST_PLUGINS = """
+import runpy, sys
+sys.argv = ["airflow", "plugins", "--output", "json"]
+try:
+    runpy.run_module("airflow", run_name="__main__")
+finally:
+    print("mlflow imported:", "mlflow" in sys.modules, file=sys.stderr)
+"""
+
+
+def test_airflow_loads_the_plugin_without_importing_mlflow(tmp_path: Path) -> None:
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins")}
+    listed = subprocess.run(
+        [sys.executable, "-c", LIST_PLUGINS], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert listed.returncode == 0, listed.stderr
+    plugins = {plugin["name"]: plugin for plugin in json.loads(listed.stdout[listed.stdout.index("[") :])}
+    assert plugins["airloop"]["external_views"][0]["href"] == "/airloop/models"
+    assert "mlflow imported: False" in listed.stderr
