@@ -39,10 +39,10 @@ class SeldonRolloutChallengerOperator(BaseOperator):
     """
     Roll a registered model version out next to the champion and let the data decide.
 
-    Traffic moves through ``steps`` (percent to the challenger); after each step an analysis window
-    compares challenger and champion on error rate, p99 latency and accuracy from feedback labels.
+    Traffic moves through ``steps`` (percent to the challenger); after each step below 100 an analysis
+    window compares challenger and champion on error rate, p99 latency and accuracy from feedback labels.
     A failed or inconclusive window rolls back: the champion takes 100% and the version is marked
-    rejected. After the last step the challenger is promoted: it takes 100%, the MLflow alias
+    rejected. When every window passed, the last step (100) promotes the challenger: it takes 100%, the MLflow alias
     ``champion`` moves to it and the old champion keeps ``previous``. The first model of a registered
     model (it is already ``champion``) is simply deployed at 100%.
 
@@ -141,8 +141,9 @@ class SeldonRolloutChallengerOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         RolloutReportLink.persist(context, path=self.report_path)
         steps = [int(s) for s in self.steps]
-        if not steps or steps[-1] != 100 or any(not 0 < s <= 100 for s in steps) or steps != sorted(steps):
-            raise ValueError(f"steps must rise within 1..100 and end at 100, got {list(self.steps)}")
+        if len(steps) < 2 or steps[-1] != 100 or steps[0] <= 0 or steps != sorted(set(steps)):
+            raise ValueError(f"steps must rise from above 0 to 100 with at least one step below 100 "
+                             f"(the analysed canary steps), got {list(self.steps)}")
         previous = self._load()
         if previous and previous.get("phase") in ("promoting", "rolling_back"):
             self.log.info("resuming the interrupted %s of v%s", previous["phase"], self.version)
@@ -225,7 +226,8 @@ class SeldonRolloutChallengerOperator(BaseOperator):
         self.log.info("step %d%%: %s %s", step["weight"], step["verdict"], "; ".join(step["reasons"]))
         if step["verdict"] != "pass":
             return self._finish({**report, "phase": "rolling_back"})
-        if index + 1 == len(self.steps):
+        if index + 2 == len(self.steps):  # the last step, 100%, is the promotion itself
+            report["steps"].append({"weight": 100, "started": _now(), "verdict": "promoted", "reasons": []})
             return self._finish({**report, "phase": "promoting"})
         weight = int(self.steps[index + 1])
         self.serving.target.set_traffic(self.deployment, {predictor_name(report["champion"]): 100 - weight,
