@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import html
 import json
+import mimetypes
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
-from urllib.request import url2pathname
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -22,11 +22,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from airflow.configuration import conf
 from airflow.plugins_manager import AirflowPlugin
 
-from airloop import settings
+from airloop import artefacts, settings
 
 URL_PREFIX = "/airloop"
-MLFLOW_CONN_ID = "mlflow_default"
-REJECTED_TAG = "airloop.rejected"
 # How many past reports each deployment or model shows; older ones stay on disk.
 HISTORY = 10
 
@@ -35,10 +33,11 @@ PAGE_CSP = (
     "default-src 'none'; style-src 'self'; img-src 'self'; frame-ancestors 'self'; "
     "base-uri 'none'; form-action 'none'"
 )
-# A drift report is a generated, self-contained HTML file: inline styles and data: images, no scripts.
-REPORT_CSP = (
-    "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'self'; "
-    "base-uri 'none'; form-action 'none'; sandbox"
+# Artefact files (drift reports, Data Docs, rollout JSON) were written by tasks: their styles and
+# images load, scripts never run (sandbox without allow-scripts), and nothing leaves the server.
+FILE_CSP = (
+    "default-src 'none'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; font-src 'self' data:; "
+    "frame-ancestors 'self'; base-uri 'none'; form-action 'none'; sandbox"
 )
 
 STYLESHEET = """
@@ -64,34 +63,20 @@ def _base_path() -> str:
 
 
 def tracking_uri() -> str:
-    """MLflow tracking URI: the ``mlflow_default`` connection when defined, else the embedded default."""
-    from airflow.sdk import BaseHook
-    from airflow.sdk.exceptions import AirflowNotFoundException
+    """The ``mlflow_default`` connection's tracking URI, or the embedded MLflow when it is not defined."""
+    from airloop.hooks.mlflow import MlflowHook
 
-    try:
-        conn = BaseHook.get_connection(MLFLOW_CONN_ID)
-    except AirflowNotFoundException:
-        return settings.mlflow_tracking_uri()
-    if uri := conn.extra_dejson.get("tracking_uri"):
-        return str(uri)
-    if not conn.host:
-        raise ValueError(f"Connection {MLFLOW_CONN_ID!r} has neither extra 'tracking_uri' nor a host")
-    if "://" in conn.host:
-        return conn.host
-    return f"http://{conn.host}" + (f":{conn.port}" if conn.port else "")
+    return MlflowHook().tracking_uri
 
 
 def artefact_dir() -> Path:
     """The artefact root as a local folder; the UI reads reports from disk."""
-    root = settings.artefact_root()
-    parts = urlsplit(root)
-    if parts.scheme == "file":
-        return Path(url2pathname(parts.path))
-    if not parts.scheme:
-        return Path(root)
-    raise ValueError(
-        f"Artefact root {root!r} is not a local folder: the Airloop UI reads reports from file:// roots only"
-    )
+    if not artefacts.is_local():
+        raise ValueError(
+            f"Artefact root {settings.artefact_root()!r} is not a local folder: "
+            "the Airloop UI reads reports from file:// roots only"
+        )
+    return artefacts.local_path("")
 
 
 def _pages(search: Callable[..., Any], **kwargs: Any) -> Iterator[Any]:
@@ -112,6 +97,8 @@ def _name_filter(name: str) -> str:
 
 def _version_record(client: Any, version: Any, aliases: dict[str, str]) -> dict[str, Any]:
     from mlflow.exceptions import MlflowException
+
+    from airloop.steps.registry import REJECTED_TAG
 
     metrics: dict[str, float] = {}
     if version.run_id:
@@ -165,20 +152,20 @@ def model_version(uri: str, name: str, version: str) -> dict[str, Any]:
         model = client.get_registered_model(name)
         found = client.get_model_version(name, version)
     except MlflowException as err:
+        if err.error_code not in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
+            raise
         raise HTTPException(404, f"No version {version!r} of model {name!r}: {err.message}") from err
     return _version_record(client, found, model.aliases)
 
 
-def audit(uri: str, name: str, version: str) -> tuple[dict[str, Any] | None, str]:
-    """The loop's audit record of a version, or None and the reason there is none."""
+def audit(uri: str, name: str, version: str) -> tuple[list[dict[str, Any]], str]:
+    """The stages of a version's loop audit record, or none and the reason."""
+    from airloop.steps.registry import read_audit
+
     try:
-        from airloop.steps.registry import read_audit
-    except ImportError as err:
-        return None, f"the audit reader is not installed ({err})"
-    try:
-        return read_audit(uri, name, version), ""
-    except Exception as err:  # any failure reading an optional record is shown, not raised
-        return None, f"{type(err).__name__}: {err}"
+        return read_audit(uri, name, version)["stages"], ""
+    except Exception as err:  # an unreadable optional record is shown on the page, not raised
+        return [], f"{type(err).__name__}: {err}"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -193,7 +180,7 @@ def rollouts(root: Path) -> dict[str, list[dict[str, Any]]]:
     """Latest rollout reports per deployment, newest first: ``rollouts/<deployment>/*.json``."""
     result = {}
     for folder in sorted(p for p in (root / "rollouts").glob("*") if p.is_dir()):
-        reports = [_read_json(path) for path in folder.glob("*.json")]
+        reports = [{**_read_json(path), "file": path.name} for path in folder.glob("*.json")]
         reports.sort(key=lambda report: str(report.get("started", "")), reverse=True)
         result[folder.name] = reports[:HISTORY]
     return result
@@ -211,17 +198,11 @@ def drift(root: Path) -> dict[str, list[dict[str, Any]]]:
     return result
 
 
-def _segment(value: str) -> str:
-    """One path segment as given, refused when it could leave its folder."""
-    if not value or False:
-        raise HTTPException(404, "Not found")
-    return value
-
-
-def drift_report_html(root: Path, model: str, at: str) -> Path:
-    base = (root / "drift").resolve()
-    path = (base / _segment(model) / _segment(at) / "report.html").resolve()
-    if not path.is_file():
+def artefact_file(root: Path, relative: str) -> Path:
+    """A file under the artefact root; anything that resolves outside it (``..``, links) is refused."""
+    base = root.resolve()
+    path = None if "\0" in relative else (base / relative).resolve()
+    if path is None or not path.is_relative_to(base) or not path.is_file():
         raise HTTPException(404, "Not found")
     return path
 
@@ -233,8 +214,17 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def _root(request: Request) -> str:
+    """Where this app is mounted (``/airloop`` under Airflow's base path): links are built from it."""
+    return request.scope.get("root_path", "")
+
+
 def _href(root_path: str, path: str) -> str:
     return _e(root_path + path)
+
+
+def _rejected(flag: bool) -> str:
+    return '<span class="bad">rejected</span>' if flag else ""
 
 
 def _aliases(names: list[str]) -> str:
@@ -265,7 +255,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _page(request: Request, title: str, body: str, status_code: int = 200) -> HTMLResponse:
-    root = request.scope.get("root_path", "")
+    root = _root(request)
     nav = " ".join(
         f'<a href="{_href(root, path)}">{_e(label)}</a>'
         for path, label in (("/models", "Models"), ("/rollouts", "Rollouts"), ("/drift", "Drift"))
@@ -294,7 +284,7 @@ def _models_html(root: str, models: list[dict[str, Any]]) -> str:
                 _version_link(root, model["name"], v["version"]),
                 _aliases(v["aliases"]),
                 _e(v["status"]),
-                '<span class="bad">rejected</span>' if v["rejected"] else "",
+                _rejected(v["rejected"]),
                 _pairs(v["metrics"]),
                 _pairs(v["tags"]),
             ]
@@ -308,16 +298,21 @@ def _models_html(root: str, models: list[dict[str, Any]]) -> str:
     return "".join(sections)
 
 
-def _audit_html(record: dict[str, Any] | None, reason: str) -> str:
-    if not record:
+def _audit_html(stages: list[dict[str, Any]], reason: str) -> str:
+    if not stages:
         return f'<p class="empty">No audit record{": " + _e(reason) if reason else "."}</p>'
     return "".join(
-        f"<h3>{_e(stage)}</h3><pre>{_e(json.dumps(value, indent=2, sort_keys=True, default=str))}</pre>"
-        for stage, value in record.items()
+        f"<h3>{_e(stage.get('stage', ''))} <small>{_e(stage.get('at', ''))}</small></h3>"
+        f"<pre>{_e(json.dumps(stage.get('record'), indent=2, sort_keys=True, default=str))}</pre>"
+        for stage in stages
     )
 
 
-def _rollouts_html(reports: dict[str, list[dict[str, Any]]]) -> str:
+def _file_link(root: str, relative: str, label: str) -> str:
+    return f'<a href="{_href(root, "/files/" + quote(relative))}">{_e(label)}</a>'
+
+
+def _rollouts_html(root: str, reports: dict[str, list[dict[str, Any]]]) -> str:
     if not reports:
         return '<p class="empty">No rollout reports.</p>'
     sections = []
@@ -337,10 +332,14 @@ def _rollouts_html(reports: dict[str, list[dict[str, Any]]]) -> str:
                 ]
                 for step in report.get("steps", [])
             ]
+            # A rollout under way has a phase and no decision yet.
+            outcome = report.get("decision") or report.get("phase", "")
             sections.append(
                 f"<p>Model {_e(report.get('model_name', ''))}: champion {_e(report.get('champion', ''))}, "
-                f"challenger {_e(report.get('challenger', ''))}; decision {_verdict(report.get('decision', ''))}"
-                f" ({_e(report.get('started', ''))} to {_e(report.get('ended', ''))})</p>"
+                f"challenger {_e(report.get('challenger', ''))}; {_verdict(outcome)}"
+                f" ({_e(report.get('started', ''))} to {_e(report.get('ended', ''))}) "
+                + _file_link(root, f"rollouts/{deployment}/{report['file']}", "JSON")
+                + "</p>"
                 + _table(["Traffic %", "Verdict", "Reasons", "Started", "Ended"], steps)
             )
     return "".join(sections)
@@ -356,8 +355,7 @@ def _drift_html(root: str, reports: dict[str, list[dict[str, Any]]]) -> str:
         for report in items:
             link = ""
             if report["has_html"]:
-                path = f"/drift/{quote(model, safe='')}/{quote(report['at'], safe='')}/report.html"
-                link = f'<a href="{_href(root, path)}">report</a>'
+                link = _file_link(root, f"drift/{model}/{report['at']}/report.html", "report")
             rows.append(
                 [
                     _e(report["at"]),
@@ -434,7 +432,7 @@ def create_app() -> FastAPI:
 
     @app.get("/models")
     def models_page(request: Request) -> HTMLResponse:
-        return _page(request, "Models", _models_html(request.scope.get("root_path", ""), registry(tracking_uri())))
+        return _page(request, "Models", _models_html(_root(request), registry(tracking_uri())))
 
     @app.get("/models/{name}/versions/{version}")
     def version_page(request: Request, name: str, version: str) -> HTMLResponse:
@@ -446,7 +444,7 @@ def create_app() -> FastAPI:
                 [
                     _aliases(found["aliases"]),
                     _e(found["status"]),
-                    '<span class="bad">rejected</span>' if found["rejected"] else "no",
+                    _rejected(found["rejected"]),
                     _e(found["run_id"] or ""),
                     _e(found["source"] or ""),
                     _pairs(found["metrics"]),
@@ -454,21 +452,24 @@ def create_app() -> FastAPI:
                 ]
             ],
         )
-        record, reason = audit(uri, name, version)
-        return _page(request, f"{name} version {version}", details + "<h2>Loop audit</h2>" + _audit_html(record, reason))
+        stages, reason = audit(uri, name, version)
+        body = details + "<h2>Loop audit</h2>" + _audit_html(stages, reason)
+        return _page(request, f"{name} version {version}", body)
 
     @app.get("/rollouts")
     def rollouts_page(request: Request) -> HTMLResponse:
-        return _page(request, "Rollouts", _rollouts_html(rollouts(artefact_dir())))
+        return _page(request, "Rollouts", _rollouts_html(_root(request), rollouts(artefact_dir())))
 
     @app.get("/drift")
     def drift_page(request: Request) -> HTMLResponse:
-        return _page(request, "Drift", _drift_html(request.scope.get("root_path", ""), drift(artefact_dir())))
+        return _page(request, "Drift", _drift_html(_root(request), drift(artefact_dir())))
 
-    @app.get("/drift/{model}/{at}/report.html")
-    def drift_report(model: str, at: str) -> FileResponse:
-        path = drift_report_html(artefact_dir(), model, at)
-        return FileResponse(path, media_type="text/html", headers={"Content-Security-Policy": REPORT_CSP})
+    @app.get("/files/{relative:path}")
+    def artefact(relative: str) -> FileResponse:
+        """Reports in the artefact store, the target of the provider's extra links."""
+        path = artefact_file(artefact_dir(), relative)
+        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return FileResponse(path, media_type=media_type, headers={"Content-Security-Policy": FILE_CSP})
 
     return app
 

@@ -46,6 +46,8 @@ def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A registry with two models: aliases champion/challenger/previous, a rejected version, a hostile tag."""
     from mlflow import MlflowClient
 
+    from airloop.steps.registry import append_audit
+
     folder = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
@@ -56,6 +58,8 @@ def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
         client.log_metric(run.info.run_id, "accuracy", accuracy)
         client.create_model_version("churn", f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
     client.set_model_version_tag("churn", "4", "airloop.rejected", "true")
+    append_audit({"tracking_uri": uri, "model_name": "churn", "version": "2", "stage": "training",
+                  "record": {"accuracy": 0.93, "note": SCRIPT}})
     client.set_registered_model_alias("churn", "previous", "1")
     client.set_registered_model_alias("churn", "champion", "2")
     client.set_registered_model_alias("churn", "challenger", "3")
@@ -73,7 +77,7 @@ def artefacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def client(token: str, tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
     monkeypatch.setenv(
         "AIRFLOW_CONN_MLFLOW_DEFAULT",
-        json.dumps({"conn_type": "mlflow", "extra": {"tracking_uri": tracking_uri}}),
+        json.dumps({"conn_type": "mlflow", "host": tracking_uri}),
     )
     # Mounted the way the API server mounts plugin apps, so links carry the prefix.
     server = FastAPI()
@@ -144,12 +148,13 @@ def test_api_models_returns_the_registry(client: TestClient) -> None:
     assert models["fraud"]["versions"] == []
 
 
-def test_version_page_without_audit_record(client: TestClient) -> None:
-    response = client.get("/airloop/models/churn/versions/2")
-    assert response.status_code == 200
-    assert "churn version 2" in response.text
-    assert '<span class="alias">champion</span>' in response.text
-    assert "No audit record" in response.text
+def test_version_page_shows_the_loop_audit_record(client: TestClient) -> None:
+    page = client.get("/airloop/models/churn/versions/2").text
+    assert "churn version 2" in page
+    assert '<span class="alias">champion</span>' in page
+    assert "<h3>training <small>" in page and "&quot;accuracy&quot;: 0.93" in page
+    assert SCRIPT not in page
+    assert "No audit record" in client.get("/airloop/models/churn/versions/3").text
     assert client.get("/airloop/models/churn/versions/99").status_code == 404
 
 
@@ -167,6 +172,10 @@ def test_rollouts_page_shows_latest_reports_first(client: TestClient, artefacts:
     assert "<h2>churn</h2>" in page
     assert page.index("rolled_back") < page.index("promoted")  # newest first
     assert "unreadable report broken.json" in page
+    assert 'href="/airloop/files/rollouts/churn/b.json"' in page
+    served = client.get("/airloop/files/rollouts/churn/b.json")
+    assert served.json()["decision"] == "rolled_back"
+    assert served.headers["content-security-policy"] == ui.FILE_CSP
     assert SCRIPT not in page and "&lt;script&gt;" in page
 
 
@@ -174,31 +183,34 @@ def test_drift_page_and_report(client: TestClient, artefacts: Path) -> None:
     features = {"tenure": {"statistic": 0.31, "p_value": 0.0001, "drift": True},
                 "charges": {"statistic": 0.02, "p_value": 0.6, "drift": False}}
     _write(artefacts / "drift/churn/20260101T000000/report.json", {"verdict": "no_drift", "severity": "none"})
-    _write(artefacts / "drift/churn/20260201T000000/report.json",
-           {"verdict": "drift", "severity": "high", "features": features, "n_reference": 1000, "n_current": 500})
+    latest = {"verdict": "drift", "severity": "high", "features": features,
+              "n_reference": 1000, "n_current": 500}
+    _write(artefacts / "drift/churn/20260201T000000/report.json", latest)
     _write(artefacts / "drift/churn/20260201T000000/report.html", "<html><body>drift report</body></html>")
     page = client.get("/airloop/drift").text
     assert "<h2>churn</h2>" in page and "Features at 20260201T000000" in page
     assert "tenure" in page and "500" in page
-    link = "/airloop/drift/churn/20260201T000000/report.html"
+    link = "/airloop/files/drift/churn/20260201T000000/report.html"
     assert f'href="{link}"' in page
-    assert "/airloop/drift/churn/20260101T000000/report.html" not in page  # no html next to that one
+    assert "/airloop/files/drift/churn/20260101T000000/report.html" not in page  # no html next to that one
     served = client.get(link)
     assert served.status_code == 200 and "drift report" in served.text
-    assert served.headers["content-security-policy"] == ui.REPORT_CSP
+    assert served.headers["content-type"].startswith("text/html")
+    assert served.headers["content-security-policy"] == ui.FILE_CSP
 
 
-def test_drift_report_refuses_paths_outside_the_drift_folder(client: TestClient, artefacts: Path) -> None:
-    _write(artefacts / "secret/report.html", "secret")
+def test_files_outside_the_artefact_root_are_refused(client: TestClient, artefacts: Path) -> None:
     outside = artefacts.parent / f"{artefacts.name}-outside"
     _write(outside / "report.html", "secret")
-    (artefacts / "drift/churn").mkdir(parents=True)
-    (artefacts / "drift/churn/link").symlink_to(outside)
+    (artefacts / "drift").mkdir()
+    (artefacts / "drift/link").symlink_to(outside)
     for path in (
-        "/airloop/drift/%2E%2E/secret/report.html",
-        "/airloop/drift/churn/..%2F..%2Fsecret/report.html",
-        "/airloop/drift/churn/link/report.html",
-        "/airloop/drift/churn/missing/report.html",
+        f"/airloop/files/%2E%2E/{outside.name}/report.html",
+        f"/airloop/files/drift/..%2F..%2F{outside.name}/report.html",
+        f"/airloop/files//{outside}/report.html",
+        "/airloop/files/drift/link/report.html",
+        "/airloop/files/drift/missing.html",
+        "/airloop/files/drift/%00.html",
     ):
         response = client.get(path)
         assert response.status_code == 404, path
@@ -210,18 +222,6 @@ def test_remote_artefact_root_is_a_clear_error(client: TestClient, monkeypatch: 
     response = client.get("/airloop/drift")
     assert response.status_code == 500
     assert "file:// roots only" in response.text
-
-
-def test_tracking_uri_from_connection_or_embedded_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    from airloop import settings
-
-    monkeypatch.delenv("AIRFLOW_CONN_MLFLOW_DEFAULT", raising=False)
-    assert ui.tracking_uri() == settings.mlflow_tracking_uri()
-    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_DEFAULT", json.dumps({"conn_type": "mlflow", "host": "mlflow", "port": 5000}))
-    assert ui.tracking_uri() == "http://mlflow:5000"
-    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_DEFAULT", json.dumps({"conn_type": "mlflow"}))
-    with pytest.raises(ValueError, match="neither extra 'tracking_uri' nor a host"):
-        ui.tracking_uri()
 
 
 # Runs the `airflow plugins` command, then reports whether loading the plugins imported MLflow.
@@ -236,7 +236,8 @@ finally:
 
 
 def test_airflow_loads_the_plugin_without_importing_mlflow(tmp_path: Path) -> None:
-    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins")}
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path),
+           "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins")}
     listed = subprocess.run(
         [sys.executable, "-c", LIST_PLUGINS], env=env, capture_output=True, text=True, timeout=120
     )
