@@ -111,13 +111,20 @@ def run_step(step: str, request: dict[str, Any], *, runtime: str, context: Any, 
     if runtime == WORKER:
         return call_step(step, request)
     from airflow.providers.standard.operators.python import ExternalPythonOperator
+    from airflow.sdk import DAG
 
+    # The hop is an operator of its own, outside the user's DAG: it needs a DAG to belong to, whose
+    # file is not where the callable lives (else Airflow would re-import that module under a new name).
+    holder = DAG(dag_id=f"airloop_runtime_hop__{runtime}", schedule=None)
+    holder.fileloc = getattr(context.get("dag"), "fileloc", None) or "<airloop runtime hop>"
     hop = ExternalPythonOperator(
         task_id=f"{task_id}__{runtime}",
+        dag=holder,
         python=python(runtime),
         python_callable=_call_step_in_runtime,
         op_args=[step, request],
         expect_airflow=False,
         serializer="pickle",
+        show_return_value_in_logs=False,
     )
     return hop.execute(context)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import random
 import time
@@ -28,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pyarrow import fs as pafs
@@ -39,10 +40,13 @@ from starlette.routing import Route as HttpRoute
 
 from airloop import settings
 from airloop.serving.base import check_weight, merge_weights
+from airloop.serving.local import SERVER_KEEPALIVE_S, STATE_FILE, routes_from_state
 
-STATE_FILE = "state.json"
 PREDICTOR_HEADER = "X-Airloop-Predictor"
 REQUEST_ID_HEADER = "X-Airloop-Request-Id"
+# Drop idle connections before the model servers do, so that no request goes out on a connection
+# the server is closing.
+CLIENT_KEEPALIVE_S = SERVER_KEEPALIVE_S / 2
 # Seconds. Finer than Prometheus' defaults at the low end: a canary compares p99s of a few ms.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 CLIENT_METRIC = "seldon_api_executor_client_requests_seconds"
@@ -63,9 +67,8 @@ class RoutingTable:
 
     def __init__(self, routes: dict[str, Route]) -> None:
         self.routes = routes
-        live = [r for r in routes.values() if r.weight > 0]
-        self._live = live
-        self._cumulative = [sum(r.weight for r in live[: i + 1]) for i in range(len(live))]
+        self._live = [r for r in routes.values() if r.weight > 0]
+        self._cumulative = list(itertools.accumulate(r.weight for r in self._live))
 
     def pick(self) -> Route | None:
         if not self._live:
@@ -80,7 +83,8 @@ class RoutingTable:
 def parse_routes(table: dict[str, Any]) -> RoutingTable:
     """``{name: {"url", "model_version", "weight"}}`` -> RoutingTable; ValueError names the problem."""
     if not isinstance(table, dict):
-        raise ValueError(f"predictors must be an object {{name: {{url, model_version, weight}}}}, got {table!r}")
+        raise ValueError(f"predictors must be an object {{name: {{url, model_version, weight}}}}, "
+                         f"got {table!r}")
     routes = {}
     for name, spec in table.items():
         if not isinstance(spec, dict) or not {"url", "model_version", "weight"} <= spec.keys():
@@ -91,13 +95,6 @@ def parse_routes(table: dict[str, Any]) -> RoutingTable:
     if routes and total != 100:
         raise ValueError(f"weights must sum to 100, got {total}")
     return RoutingTable(routes)
-
-
-def routes_from_state(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The routing table described by a local deployment's ``state.json``."""
-    return {name: {"url": f"http://127.0.0.1:{p['port']}", "model_version": p["model_version"],
-                   "weight": p["weight"]}
-            for name, p in state.get("predictors", {}).items()}
 
 
 class RequestLog:
@@ -130,7 +127,8 @@ class RequestLog:
         path = f"{folder}/{now:%H%M%S}-{uuid.uuid4().hex}.jsonl"
         self._fs.create_dir(folder, recursive=True)
         local = isinstance(self._fs, pafs.LocalFileSystem)
-        staging = f"{folder}/.{uuid.uuid4().hex}.tmp" if local else path  # object stores publish whole objects
+        # Object stores publish whole objects anyway; a local file is renamed once complete.
+        staging = f"{folder}/.{uuid.uuid4().hex}.tmp" if local else path
         with self._fs.open_output_stream(staging) as out:
             out.write(("\n".join(lines) + "\n").encode())
         if local:
@@ -187,7 +185,7 @@ class Gateway:
         self.timeout_s = timeout_s
         self.feedback_window = feedback_window
         self.recent: OrderedDict[str, _Recent] = OrderedDict()
-        self.client: httpx.AsyncClient | None = None
+        self.session: aiohttp.ClientSession  # opened by lifespan(), inside the server's event loop
         self.registry = CollectorRegistry()
         labels = ["deployment_name", "predictor_name", "predictor_version", "method", "code"]
         self.client_seconds = Histogram(CLIENT_METRIC, "Requests from the gateway to a predictor",
@@ -202,8 +200,11 @@ class Gateway:
     # -- lifecycle ---------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-        self.client = httpx.AsyncClient(limits=limits, timeout=self.timeout_s)
+        # aiohttp rather than httpx on this path: about 1 ms less per request here (docs/serving.md).
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=CLIENT_KEEPALIVE_S),
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+        )
         ticker = asyncio.create_task(self._flush_every_interval())
         try:
             yield
@@ -211,7 +212,7 @@ class Gateway:
             ticker.cancel()
             await asyncio.gather(*self._flushes, return_exceptions=True)
             self.log.write(self.log.take())
-            await self.client.aclose()
+            await self.session.close()
 
     async def _flush_every_interval(self) -> None:
         while True:
@@ -253,12 +254,13 @@ class Gateway:
         headers = {PREDICTOR_HEADER: route.name, REQUEST_ID_HEADER: request_id}
         sent = time.perf_counter()
         try:
-            answer = await self.client.post(f"{route.url}/api/v1.0/predictions", content=body,
-                                            headers={"content-type": "application/json"})
-            code, result = answer.status_code, answer.json()
-        except (httpx.TransportError, ValueError) as exc:
-            code = 504 if isinstance(exc, httpx.TimeoutException) else 502
-            result = {"status": {"code": code, "info": f"predictor {route.name}: {exc!r}", "status": "FAILURE"}}
+            async with self.session.post(f"{route.url}/api/v1.0/predictions", data=body,
+                                         headers={"content-type": "application/json"}) as answer:
+                code, result = answer.status, json.loads(await answer.read())
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            code = 504 if isinstance(exc, TimeoutError) else 502
+            result = {"status": {"code": code, "info": f"predictor {route.name}: {exc!r}",
+                                 "status": "FAILURE"}}
         latency = time.perf_counter() - sent
         labels = (self.deployment, route.name, route.model_version, "predictions", str(code))
         self.client_seconds.labels(*labels).observe(latency)
@@ -292,13 +294,13 @@ class Gateway:
             truth = _rows(payload["truth"])
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             return _failure(400, f"expected Seldon feedback with 'truth' and a request id: {exc}")
-        recent = self.recent.pop(request_id, None) if request_id else None
+        recent = self.recent.get(request_id) if request_id else None
         if recent is None:
             return _failure(404, f"unknown or expired request id {request_id!r} "
                                  f"(the gateway remembers the last {self.feedback_window} predictions)")
         if len(truth) != len(recent.probabilities):
-            self.recent[request_id] = recent
-            return _failure(400, f"{len(truth)} truth labels for a prediction of {len(recent.probabilities)} rows")
+            return _failure(400, f"{len(truth)} truth labels for {len(recent.probabilities)} predicted rows")
+        del self.recent[request_id]  # one feedback per prediction
         correct = sum(_predicted(p, recent.classes) == _label(t) for p, t in zip(recent.probabilities, truth))
         route = recent.route
         labels = (self.deployment, route.name, route.model_version)
@@ -313,12 +315,14 @@ class Gateway:
             del forward["request"]["data"]["names"]
         headers = {PREDICTOR_HEADER: route.name, REQUEST_ID_HEADER: request_id}
         try:
-            answer = await self.client.post(f"{route.url}/api/v1.0/feedback", json=forward)
-        except httpx.HTTPError as exc:
-            return _failure(502, f"feedback counted, but predictor {route.name} did not take it: {exc!r}", headers)
+            async with self.session.post(f"{route.url}/api/v1.0/feedback", json=forward) as answer:
+                accepted = answer.ok
+        except (aiohttp.ClientError, TimeoutError):
+            accepted = False
+        if not accepted:
+            return _failure(502, f"feedback counted, but predictor {route.name} did not take it", headers)
         return JSONResponse({"meta": {"requestId": request_id, "predictor": route.name},
-                             "jsonData": {"feedback": len(truth), "correct": correct}},
-                            status_code=200 if answer.is_success else 502, headers=headers)
+                             "jsonData": {"feedback": len(truth), "correct": correct}}, headers=headers)
 
     # -- admin -------------------------------------------------------------------------------------
     async def get_state(self, request: Request) -> JSONResponse:
@@ -379,7 +383,8 @@ def _empty_stats() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--state-dir", required=True, type=Path, help=f"folder holding the deployment's {STATE_FILE}")
+    parser.add_argument("--state-dir", required=True, type=Path,
+                        help=f"folder holding the deployment's {STATE_FILE}")
     parser.add_argument("--port", required=True, type=int)
     parser.add_argument("--log-batch", type=int, default=500, help="write the request log every N requests")
     parser.add_argument("--log-interval", type=float, default=5.0, help="... or every T seconds")
@@ -390,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
                       artefact_root=settings.artefact_root(), log_batch=args.log_batch,
                       log_interval_s=args.log_interval, timeout_s=args.timeout)
     uvicorn.run(gateway.app(), host="127.0.0.1", port=args.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, loop="asyncio")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from typing import Any
 import httpx
 
 from airloop import runtimes, settings
-from airloop.serving import gateway
 from airloop.serving.base import (
     ServingTarget,
     check_deployment_name,
@@ -35,6 +34,10 @@ from airloop.serving.base import (
 )
 
 MODEL_CLASS = "airloop.serving.model.OpenVinoModel"
+STATE_FILE = "state.json"
+# Model servers keep idle connections this long (Seldon's ``--keepalive``, default 2 s), so the
+# gateway's connection pool is reused between requests.
+SERVER_KEEPALIVE_S = 30
 _ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception): .+$")
 
 
@@ -46,7 +49,8 @@ class LocalServingTarget(ServingTarget):
     :param startup_timeout_s: how long a model server or the gateway may take to answer.
     """
 
-    def __init__(self, home: str | None = None, *, threads: int = 1, startup_timeout_s: float = 60.0) -> None:
+    def __init__(self, home: str | None = None, *, threads: int = 2,
+                 startup_timeout_s: float = 60.0) -> None:
         self.home = home
         self.threads = threads
         self.startup_timeout_s = startup_timeout_s
@@ -66,23 +70,23 @@ class LocalServingTarget(ServingTarget):
         with self._locked(deployment, create=True) as state:
             running = state["predictors"]
             for name, predictor in wanted.items():
-                if name in running and (running[name]["model_dir"], running[name]["model_version"]) != (
+                old = running.get(name)
+                if old and (old["model_dir"], old["model_version"]) != (
                         str(predictor["model_dir"]), str(predictor["model_version"])):
-                    raise ValueError(
-                        f"predictor {name!r} already serves model version {running[name]['model_version']} "
-                        f"from {running[name]['model_dir']}: remove it first or use another name"
-                    )
-            weights = merge_weights({**{n: 0 for n in wanted}, **{n: p["weight"] for n, p in running.items()}},
-                                    {n: p["weight"] for n, p in wanted.items()})
+                    raise ValueError(f"predictor {name!r} already serves model version "
+                                     f"{old['model_version']} from {old['model_dir']}: "
+                                     "remove it first or use another name")
+            current = {**{n: 0 for n in wanted}, **{n: p["weight"] for n, p in running.items()}}
+            weights = merge_weights(current, {n: p["weight"] for n, p in wanted.items()})
             to_start = {n: p for n, p in wanted.items() if n not in running}
-            for name in [n for n in running if not self._healthy(running[n])]:
+            for name in [n for n in running if not _pings(running[n])]:
                 _stop_group(running[name]["pid"])  # a hung server may still hold its group
                 to_start[name] = running[name]
             started = self._start_predictors(deployment, to_start)
             for name, process in started.items():
                 spec = to_start[name]
-                running[name] = {"model_version": str(spec["model_version"]), "model_dir": str(spec["model_dir"]),
-                                 **process}
+                running[name] = {"model_version": str(spec["model_version"]),
+                                 "model_dir": str(spec["model_dir"]), **process}
             for name, weight in weights.items():
                 running[name]["weight"] = weight
             self._write_state(deployment, state)
@@ -103,11 +107,12 @@ class LocalServingTarget(ServingTarget):
             if predictor not in state["predictors"]:
                 raise ValueError(f"deployment {deployment!r} has no predictor {predictor!r}: "
                                  f"it has {sorted(state['predictors'])}")
-            if state["predictors"][predictor]["weight"] != 0:
-                raise ValueError(f"predictor {predictor!r} still receives {state['predictors'][predictor]['weight']}% "
-                                 "of the traffic: set its weight to 0 first")
+            weight = state["predictors"][predictor]["weight"]
+            if weight != 0:
+                raise ValueError(f"predictor {predictor!r} still receives {weight}% of the traffic: "
+                                 "set its weight to 0 first")
             spec = state["predictors"].pop(predictor)
-            self._admin(state, "PUT", "/admin/predictors", json=gateway.routes_from_state(state))
+            self._admin(state, "PUT", "/admin/predictors", json=routes_from_state(state))
             _stop_group(spec["pid"])
             self._write_state(deployment, state)
             return self._describe(state)
@@ -126,14 +131,14 @@ class LocalServingTarget(ServingTarget):
 
     def delete(self, deployment: str) -> None:
         check_deployment_name(deployment)
-        if not (self._dir(deployment) / gateway.STATE_FILE).exists():
+        if not (self._dir(deployment) / STATE_FILE).exists():
             return
         with self._locked(deployment) as state:
             for spec in [state.get("gateway"), *state["predictors"].values()]:
                 if spec:
                     _stop_group(spec["pid"])
             # The folder stays: its process logs are what one reads after a failure.
-            (self._dir(deployment) / gateway.STATE_FILE).unlink()
+            (self._dir(deployment) / STATE_FILE).unlink()
 
     # -- state -------------------------------------------------------------------------------------
     def _dir(self, deployment: str) -> Path:
@@ -141,7 +146,7 @@ class LocalServingTarget(ServingTarget):
 
     def _read_state(self, deployment: str) -> dict[str, Any]:
         check_deployment_name(deployment)
-        path = self._dir(deployment) / gateway.STATE_FILE
+        path = self._dir(deployment) / STATE_FILE
         if not path.exists():
             raise ValueError(f"deployment {deployment!r} is not deployed here (no {path})")
         return json.loads(path.read_text())
@@ -153,16 +158,16 @@ class LocalServingTarget(ServingTarget):
         folder = self._dir(deployment)
         if create:
             folder.mkdir(parents=True, exist_ok=True)
-        elif not (folder / gateway.STATE_FILE).exists():
-            raise ValueError(f"deployment {deployment!r} is not deployed here (no {folder / gateway.STATE_FILE})")
+        elif not (folder / STATE_FILE).exists():
+            raise ValueError(f"deployment {deployment!r} is not deployed here (no {folder / STATE_FILE})")
         with open(folder / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            path = folder / gateway.STATE_FILE
+            path = folder / STATE_FILE
             yield (json.loads(path.read_text()) if path.exists()
                    else {"deployment": deployment, "gateway": None, "predictors": {}})
 
     def _write_state(self, deployment: str, state: dict[str, Any]) -> None:
-        path = self._dir(deployment) / gateway.STATE_FILE
+        path = self._dir(deployment) / STATE_FILE
         staging = path.with_suffix(".tmp")
         staging.write_text(json.dumps(state, indent=2))
         staging.replace(path)  # atomic: readers without the lock never see half a file
@@ -171,14 +176,10 @@ class LocalServingTarget(ServingTarget):
         return {
             "deployment": state["deployment"],
             "endpoint": _endpoint(state),
-            "gateway": {**state["gateway"], "healthy": _pings(state["gateway"], "/health/ping")},
-            "predictors": {name: {**spec, "healthy": self._healthy(spec)}
+            "gateway": {**state["gateway"], "healthy": _pings(state["gateway"])},
+            "predictors": {name: {**spec, "healthy": _pings(spec)}
                            for name, spec in state["predictors"].items()},
         }
-
-    @staticmethod
-    def _healthy(spec: dict[str, Any]) -> bool:
-        return _pings(spec, "/health/ping")
 
     # -- processes ---------------------------------------------------------------------------------
     def _start_predictors(self, deployment: str, predictors: dict[str, dict[str, Any]]) -> dict[str, dict]:
@@ -194,12 +195,13 @@ class LocalServingTarget(ServingTarget):
                        "--http-port", str(port), "--metrics-port", str(metrics_port),
                        # the gateway speaks REST only: no gRPC server (one process and one model less)
                        "--grpc-workers", "0", "--workers", "1", "--threads", str(self.threads),
+                       "--keepalive", str(SERVER_KEEPALIVE_S),
                        "--parameters", json.dumps(parameters)]
             pid = self._spawn(deployment, f"predictor-{name}", command)
             started[name] = {"pid": pid, "port": port, "metrics_port": metrics_port}
         try:
             for name, process in started.items():
-                self._wait_ready(deployment, f"predictor-{name}", process, "/health/ping")
+                self._wait_ready(deployment, f"predictor-{name}", process)
         except RuntimeError:
             for process in started.values():
                 _stop_group(process["pid"])
@@ -209,8 +211,8 @@ class LocalServingTarget(ServingTarget):
     def _ensure_gateway(self, deployment: str, state: dict[str, Any]) -> None:
         """Tell the running gateway the routing table, or (re)start it, which reads ``state.json``."""
         current = state.get("gateway")
-        if current and _pings(current, "/health/ping"):
-            self._admin(state, "PUT", "/admin/predictors", json=gateway.routes_from_state(state))
+        if current and _pings(current):
+            self._admin(state, "PUT", "/admin/predictors", json=routes_from_state(state))
             return
         if current:
             _stop_group(current["pid"])
@@ -219,25 +221,26 @@ class LocalServingTarget(ServingTarget):
         command = [sys.executable, "-m", "airloop.serving.gateway", "--state-dir", str(self._dir(deployment)),
                    "--port", str(port)]
         process = {"pid": self._spawn(deployment, "gateway", command), "port": port}
-        self._wait_ready(deployment, "gateway", process, "/health/ping")
+        self._wait_ready(deployment, "gateway", process)
         state["gateway"] = process
         self._write_state(deployment, state)
 
     def _spawn(self, deployment: str, name: str, command: list[str]) -> int:
         env = {**os.environ, "CI": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
         with open(self._dir(deployment) / f"{name}.log", "ab") as log:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                       env=env, cwd=self._dir(deployment), start_new_session=True)
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
+                                       stderr=subprocess.STDOUT, env=env, cwd=self._dir(deployment),
+                                       start_new_session=True)
         return process.pid
 
-    def _wait_ready(self, deployment: str, name: str, process: dict[str, Any], path: str) -> None:
+    def _wait_ready(self, deployment: str, name: str, process: dict[str, Any]) -> None:
         log = self._dir(deployment) / f"{name}.log"
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if not _alive(process["pid"]):
                 raise RuntimeError(f"{name} of deployment {deployment!r} exited while starting: "
-                                   f"{_last_error(log)} (log: {log})")
-            if _pings(process, path):
+                                   f"{_first_error(log)} (log: {log})")
+            if _pings(process):
                 return
             time.sleep(0.2)
         _stop_group(process["pid"])
@@ -248,10 +251,17 @@ class LocalServingTarget(ServingTarget):
         try:
             answer = httpx.request(method, f"{_endpoint(state)}{path}", trust_env=False, timeout=10, **kwargs)
         except httpx.TransportError as exc:
-            raise RuntimeError(f"the gateway of deployment {state['deployment']!r} does not answer ({exc!r}): "
-                               "deploy() restarts it") from exc
+            raise RuntimeError(f"the gateway of deployment {state['deployment']!r} does not answer "
+                               f"({exc!r}): deploy() restarts it") from exc
         return _checked(answer, state["deployment"])
 
+
+
+def routes_from_state(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The gateway's routing table for a deployment's state."""
+    return {name: {"url": f"http://127.0.0.1:{p['port']}", "model_version": p["model_version"],
+                   "weight": p["weight"]}
+            for name, p in state.get("predictors", {}).items()}
 
 
 def _endpoint(state: dict[str, Any]) -> str:
@@ -262,17 +272,22 @@ def _endpoint(state: dict[str, Any]) -> str:
 
 def _checked(answer: httpx.Response, deployment: str) -> Any:
     if answer.is_error:
-        info = answer.json().get("status", {}).get("info", answer.text) if answer.content else answer.reason_phrase
+        try:
+            info = answer.json()["status"]["info"]
+        except (ValueError, KeyError, TypeError):
+            info = answer.text or answer.reason_phrase
         raise (ValueError if answer.status_code < 500 else RuntimeError)(
             f"gateway of deployment {deployment!r}: {info}")
     return answer.json()
 
 
-def _pings(spec: dict[str, Any] | None, path: str) -> bool:
+def _pings(spec: dict[str, Any] | None) -> bool:
+    """Whether the process is alive and answers its health check (model servers and gateway alike)."""
     if not spec or not _alive(spec["pid"]):
         return False
     try:
-        return httpx.get(f"http://127.0.0.1:{spec['port']}{path}", trust_env=False, timeout=2).is_success
+        answer = httpx.get(f"http://127.0.0.1:{spec['port']}/health/ping", trust_env=False, timeout=2)
+        return answer.is_success
     except httpx.TransportError:
         return False
 
@@ -325,8 +340,8 @@ def _port_is_free(port: int) -> bool:
         return True
 
 
-def _last_error(log: Path) -> str:
-    """The last exception line of a log (e.g. the checksum mismatch that stopped a model server)."""
+def _first_error(log: Path) -> str:
+    """The first exception line of a log: the cause (e.g. a checksum mismatch), not the shutdown noise."""
     lines = log.read_text(errors="replace").splitlines() if log.exists() else []
     errors = [line for line in lines if _ERROR_LINE.match(line)]
-    return errors[-1] if errors else (lines[-1] if lines else "no output")
+    return errors[0] if errors else (lines[-1] if lines else "no output")

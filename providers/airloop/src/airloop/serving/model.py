@@ -110,7 +110,8 @@ class OpenVinoModel:
             request = self._local.request = self._compiled.create_infer_request()
         return request
 
-    def predict(self, X: Any, features_names: list[str] | None = None, meta: dict | None = None) -> np.ndarray:
+    def predict(self, X: Any, features_names: list[str] | None = None,
+                meta: dict | None = None) -> np.ndarray:
         if self._compiled is None:
             raise RuntimeError(f"model in {self.model_dir} is not loaded: call load() first")
         expected = self._manifest["feature_names"]
@@ -125,9 +126,10 @@ class OpenVinoModel:
         start = time.perf_counter()
         result = self._infer_request().infer({0: rows})
         probabilities = np.array(result[self._compiled.output(0)], dtype=np.float64)
+        elapsed_ms = (time.perf_counter() - start) * 1e3
         self._local.pending = [
             {"type": "COUNTER", "key": "airloop_model_rows_total", "value": len(rows)},
-            {"type": "TIMER", "key": "airloop_model_inference_ms", "value": (time.perf_counter() - start) * 1e3},
+            {"type": "TIMER", "key": "airloop_model_inference_ms", "value": elapsed_ms},
         ]
         return probabilities
 

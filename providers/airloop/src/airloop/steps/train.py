@@ -61,9 +61,12 @@ def train(request: dict[str, Any]) -> dict[str, Any]:
     previous = _finished_run(client, experiment_id, tags)
     if previous is not None:
         run_id = previous.info.run_id
-        return _result(run_id, dict(previous.data.metrics), read_json_artifact(client, run_id, FINGERPRINT_PATH), reused=True)
+        data_print = read_json_artifact(client, run_id, FINGERPRINT_PATH)
+        return _result(run_id, dict(previous.data.metrics), data_print, reused=True)
 
     frame = read_data(tracking_uri, data_uri, request.get("storage_options"))
+    if label not in frame.columns:
+        raise ValueError(f"label column {label!r} not in data columns {list(frame.columns)}")
     data_print = fingerprint(frame)
     estimator = build_estimator(
         request.get("estimator", "sklearn.neural_network.MLPClassifier"),
@@ -100,8 +103,6 @@ def _fit_and_log(
     from mlflow.entities import Metric, Param
     from sklearn.model_selection import train_test_split
 
-    if label not in frame.columns:
-        raise ValueError(f"label column {label!r} not in data columns {list(frame.columns)}")
     seed = int(request.get("seed", 0))
     features = frame.drop(columns=[label])
     target = frame[label]
@@ -142,7 +143,9 @@ def _fit_and_log(
     return metrics
 
 
-def _result(run_id: str, metrics: dict[str, float], data_print: dict[str, Any], reused: bool) -> dict[str, Any]:
+def _result(
+    run_id: str, metrics: dict[str, float], data_print: dict[str, Any], reused: bool
+) -> dict[str, Any]:
     return {
         "run_id": run_id,
         "model_uri": f"runs:/{run_id}/{MODEL_NAME}",

@@ -21,7 +21,8 @@ __all__ = ["CORRECTIONS", "Detector", "available", "detect", "flag", "get", "reg
 
 SEVERITY = {"low": 0.0, "medium": 0.25, "high": 0.5}
 _DEFAULTS: dict[str, Any] = {"features": None, "categorical": None, "backend": "scipy", "p_val": 0.05,
-                             "correction": "bonferroni", "min_rows": 200, "report_dir": None, "severity": None}
+                             "correction": "bonferroni", "min_rows": 200, "report_dir": None,
+                             "severity": None}
 _REQUIRED = ("reference_uri", "current_uri")
 
 
@@ -60,8 +61,8 @@ def detect(request: dict[str, Any]) -> dict[str, Any]:
         result.update(verdict="invalid_window", message=problem)
     elif min(len(reference), len(current)) < options["min_rows"]:
         result.update(verdict="insufficient_data",
-                      message=f"too few rows to judge drift: reference {len(reference)}, current {len(current)}, "
-                              f"at least {options['min_rows']} needed on each side")
+                      message=f"too few rows to judge drift: reference {len(reference)}, "
+                              f"current {len(current)}, at least {options['min_rows']} needed on each side")
     else:
         result.update(_judge(detector.fit(reference).score(current), thresholds, options))
 

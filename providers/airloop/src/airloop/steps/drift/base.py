@@ -59,8 +59,7 @@ def flag(p_values: Sequence[float], p_val: float, correction: str) -> list[bool]
     """
     import numpy as np
 
-    if correction not in CORRECTIONS:
-        raise ValueError(f"unknown correction {correction!r}: choose one of {list(CORRECTIONS)}")
+    _check_correction(correction)
     p = np.asarray(p_values, dtype=float)
     m = len(p)
     if m == 0:
@@ -98,12 +97,11 @@ class Detector(ABC):
     def check_params(self) -> None:
         if not isinstance(self.p_val, (int, float)) or not 0 < self.p_val < 1:
             raise ValueError(f"p_val must be between 0 and 1 (exclusive), got {self.p_val!r}")
-        if self.correction not in CORRECTIONS:
-            raise ValueError(f"unknown correction {self.correction!r}: choose one of {list(CORRECTIONS)}")
+        _check_correction(self.correction)
         if not isinstance(self.min_rows, int) or self.min_rows < 1:
             raise ValueError(f"min_rows must be a positive integer, got {self.min_rows!r}")
         if isinstance(self.categorical, str):
-            raise ValueError(f"categorical must be a list of column names, got {self.categorical!r}")
+            raise TypeError(f"categorical must be a list of column names, got {self.categorical!r}")
 
     def fit(self, reference: pd.DataFrame) -> Detector:
         """Learn the reference distribution of every column of ``reference``."""
@@ -118,7 +116,8 @@ class Detector(ABC):
         for feature in self.features_:
             column = reference[feature]
             values = column.dropna().to_numpy()
-            summary = {"n": len(values), "nan_fraction": _fraction(column.isna().sum(), len(column))}
+            summary: dict[str, Any] = {"n": len(values),
+                                       "nan_fraction": _fraction(column.isna().sum(), len(column))}
             if feature in self.categorical:
                 import pandas as pd
 
@@ -168,8 +167,8 @@ class Detector(ABC):
                 entry.update(tested=True, statistic=float(statistic), p_value=float(p_value))
             scores[feature] = entry
         tested = [f for f in self.features_ if scores[f]["tested"]]
-        for feature, drift in zip(tested, flag([scores[f]["p_value"] for f in tested],
-                                               self.p_val, self.correction)):
+        flags = flag([scores[f]["p_value"] for f in tested], self.p_val, self.correction)
+        for feature, drift in zip(tested, flags, strict=True):
             scores[feature]["drift"] = drift
         return scores
 
@@ -190,7 +189,12 @@ class Detector(ABC):
 
     @abstractmethod
     def _test_feature(self, fitted: Any, current: np.ndarray, categorical: bool) -> tuple[float, float]:
-        """``(statistic, p_value)`` of the two-sample test of one feature, given what ``_fit_feature`` kept."""
+        """``(statistic, p_value)`` of one feature's two-sample test, given what ``_fit_feature`` kept."""
+
+
+def _check_correction(correction: str) -> None:
+    if correction not in CORRECTIONS:
+        raise ValueError(f"unknown correction {correction!r}: choose one of {list(CORRECTIONS)}")
 
 
 def _fraction(part: int, whole: int) -> float:

@@ -34,7 +34,7 @@ def _histogram(reference: pd.Series, current: pd.Series) -> dict[str, Any]:
     both = np.concatenate([reference.to_numpy(float), current.to_numpy(float)])
     if len(both) == 0:
         return {"kind": "numeric", "edges": [], "reference": [], "current": []}
-    # The central 99% sets the range so one outlier does not squash the plot; the tails fold into the end bins.
+    # The central 99% sets the range so one outlier does not squash the plot; tails fold into the end bins.
     low, high = np.quantile(both, [0.005, 0.995])
     if high <= low:
         low, high = low - 0.5, high + 0.5
@@ -44,7 +44,8 @@ def _histogram(reference: pd.Series, current: pd.Series) -> dict[str, Any]:
         counts, _ = np.histogram(np.clip(values.to_numpy(float), low, high), bins=edges)
         return (counts / max(len(values), 1)).tolist()
 
-    return {"kind": "numeric", "edges": edges.tolist(), "reference": shares(reference), "current": shares(current)}
+    return {"kind": "numeric", "edges": edges.tolist(),
+            "reference": shares(reference), "current": shares(current)}
 
 
 def _categories(reference: pd.Series, current: pd.Series) -> dict[str, Any]:
@@ -64,7 +65,8 @@ def write(result: dict[str, Any], plots: dict[str, dict[str, Any]], report_dir: 
     """
     folder = Path(report_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    result = {**result, "report_json": str(folder / "report.json"), "report_html": str(folder / "report.html")}
+    result = {**result, "report_json": str(folder / "report.json"),
+              "report_html": str(folder / "report.html")}
     Path(result["report_json"]).write_text(json.dumps({**result, "distributions": plots}, indent=2,
                                                       allow_nan=False))
     Path(result["report_html"]).write_text(render(result, plots), encoding="utf-8")
@@ -89,7 +91,8 @@ def render(result: dict[str, Any], plots: dict[str, dict[str, Any]]) -> str:
         if name in plots:
             figures.append(f'<figure><figcaption>{escape(name)} ({escape(status)})</figcaption>'
                            f"{_svg(plots[name])}</figure>")
-    legend = " ".join(f'<span style="color:{colour}">&#9632; {side}</span>' for side, colour in _COLOURS.items())
+    legend = " ".join(f'<span style="color:{colour}">&#9632; {side}</span>'
+                      for side, colour in _COLOURS.items())
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
@@ -139,9 +142,10 @@ def _svg(plot: dict[str, Any]) -> str:
         labels = [(_PAD + (i + 0.5) * width, name[:10]) for i, name in enumerate(plot["categories"])]
     else:
         labels = [(_PAD, f"{plot['edges'][0]:.3g}"), (_WIDTH - _PAD, f"{plot['edges'][-1]:.3g}")]
-    text = "".join(f'<text x="{x:.1f}" y="{_HEIGHT - 4}" font-size="9" text-anchor="middle">{escape(label)}</text>'
-                   for x, label in labels)
+    text = "".join(f'<text x="{x:.1f}" y="{_HEIGHT - 4}" font-size="9" text-anchor="middle">'
+                   f"{escape(label)}</text>" for x, label in labels)
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{_WIDTH}" height="{_HEIGHT}" '
             f'viewBox="0 0 {_WIDTH} {_HEIGHT}" role="img">'
-            f'<line x1="{_PAD}" y1="{_HEIGHT - _PAD}" x2="{_WIDTH - _PAD}" y2="{_HEIGHT - _PAD}" stroke="#999"/>'
+            f'<line x1="{_PAD}" y1="{_HEIGHT - _PAD}" x2="{_WIDTH - _PAD}" y2="{_HEIGHT - _PAD}" '
+            'stroke="#999"/>'
             f"{''.join(shapes)}{text}</svg>")

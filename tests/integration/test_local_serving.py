@@ -1,0 +1,309 @@
+"""The local serving target with real processes: Seldon's wrapper serving OpenVINO IRs behind the gateway."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import numpy as np
+import pytest
+
+from airloop import runtimes, settings
+from airloop.serving.base import get_target
+from airloop.serving.local import LocalServingTarget
+from airloop.serving.model import ModelIntegrityError, OpenVinoModel
+
+FEATURES = ["f0", "f1", "f2", "f3"]
+DEPLOYMENT = "churn"
+
+
+def truth(rows: np.ndarray) -> np.ndarray:
+    return (rows[:, 0] + rows[:, 1] > 0).astype(int)
+
+
+def build_ir(folder: Path, seed: int, sloppy: bool = False) -> Path:
+    """A small MLP classifier as an OpenVINO IR with its manifest, like the conversion step writes."""
+    import onnx
+    import onnx.utils
+    import openvino as ov
+    import skl2onnx
+    from sklearn.neural_network import MLPClassifier
+
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(400, len(FEATURES))).astype(np.float32)
+    y = (X[:, 0] > 0).astype(int) if sloppy else truth(X)  # sloppy: ignores f1, about 75% accurate
+    estimator = MLPClassifier(hidden_layer_sizes=(8,), max_iter=200, random_state=seed).fit(X, y)
+    folder.mkdir(parents=True)
+    full, core = folder / "full.onnx", folder / "core.onnx"
+    onnx.save(skl2onnx.to_onnx(estimator, X[:1], options={id(estimator): {"zipmap": False}}), full)
+    # Keep the plain-tensor graph up to the probabilities: OpenVINO cannot convert ai.onnx.ml operators.
+    onnx.utils.extract_model(str(full), str(core), ["X"], ["probabilities"])
+    ov.save_model(ov.convert_model(str(core)), str(folder / "model.xml"), compress_to_fp16=False)
+    full.unlink()
+    core.unlink()
+    files = {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in ("model.xml", "model.bin")}
+    (folder / "manifest.json").write_text(json.dumps({
+        "format": "openvino-ir", "files": files, "feature_names": FEATURES, "classes": [0, 1],
+        "precision": "fp32",
+    }))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("irs")
+    # v2 learnt a cruder rule: a worse model, so accuracy differs between the predictors.
+    return {"v1": build_ir(root / "v1", seed=1), "v2": build_ir(root / "v2", seed=2, sloppy=True)}
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory) -> LocalServingTarget:
+    try:
+        runtimes.python("serving")
+    except runtimes.RuntimeMissingError as exc:
+        pytest.skip(f"needs the serving runtime: {exc}")
+    return LocalServingTarget(home=str(tmp_path_factory.mktemp("serving")))
+
+
+@pytest.fixture(scope="module")
+def deployed(target, models) -> dict:
+    state = target.deploy(DEPLOYMENT, [
+        {"name": "v1", "model_version": "1", "model_dir": str(models["v1"]), "weight": 80},
+        {"name": "v2", "model_version": "2", "model_dir": str(models["v2"]), "weight": 20},
+    ])
+    yield state
+    target.delete(DEPLOYMENT)
+
+
+@pytest.fixture()
+def client(deployed):
+    with httpx.Client(base_url=deployed["endpoint"], trust_env=False, timeout=10) as c:
+        yield c
+
+
+def predict(client: httpx.Client, rows: np.ndarray) -> httpx.Response:
+    return client.post("/api/v1.0/predictions", json={"data": {"names": FEATURES, "ndarray": rows.tolist()}})
+
+
+def delta(after: dict, before: dict, name: str, key: str) -> int:
+    return after[name][key] - before.get(name, {}).get(key, 0)
+
+
+# -- the model class in-process -----------------------------------------------------------------------
+def test_model_class_predicts_probabilities(models):
+    model = OpenVinoModel(model_dir=str(models["v1"]))
+    model.load()
+    rows = np.random.default_rng(0).normal(size=(200, 4))
+    probabilities = model.predict(rows, FEATURES)
+    assert probabilities.shape == (200, 2)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert (probabilities.argmax(axis=1) == truth(rows)).mean() > 0.9
+    assert model.class_names() == ["0", "1"]
+    assert [m["key"] for m in model.metrics()] == ["airloop_model_rows_total", "airloop_model_inference_ms"]
+    assert model.metrics() == []  # reported once per prediction
+    with pytest.raises(ValueError, match="expected rows of 4 features"):
+        model.predict(rows[:, :3])
+
+
+def test_model_class_refuses_altered_or_missing_files(models, tmp_path):
+    altered = Path(shutil.copytree(models["v1"], tmp_path / "altered"))
+    with (altered / "model.bin").open("r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+    with pytest.raises(ModelIntegrityError, match="checksum mismatch for model file 'model.bin'"):
+        OpenVinoModel(model_dir=str(altered)).load()
+    (altered / "model.bin").unlink()
+    with pytest.raises(ModelIntegrityError, match="'model.bin' .* is missing"):
+        OpenVinoModel(model_dir=str(altered)).load()
+
+
+# -- the target ---------------------------------------------------------------------------------------
+def test_registry_and_input_checks(target, models):
+    assert isinstance(get_target("local", home=target.home), LocalServingTarget)
+    with pytest.raises(ValueError, match="unknown serving target 'nope'"):
+        get_target("nope")
+    with pytest.raises(ValueError, match="weights must sum to 100"):
+        target.deploy("other", [{"name": "v1", "model_version": "1", "model_dir": str(models["v1"]),
+                                 "weight": 60}])
+    with pytest.raises(ValueError, match="invalid deployment name"):
+        target.deploy("Bad_Name", [])
+
+
+def test_traffic_split_follows_weights(deployed, target):
+    before = target.metrics(DEPLOYMENT)
+    def send(rows: np.ndarray) -> Counter:
+        served = Counter()
+        with httpx.Client(base_url=deployed["endpoint"], trust_env=False, timeout=10) as c:
+            for row in rows:
+                answer = predict(c, row[None, :])
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["meta"]["requestId"] == answer.headers["X-Airloop-Request-Id"]
+                served[answer.headers["X-Airloop-Predictor"]] += 1
+        return served
+
+    with ThreadPoolExecutor(4) as pool:
+        rows = np.random.default_rng(1).normal(size=(1000, 4))
+        served = sum(pool.map(send, np.array_split(rows, 4)), Counter())
+    # Binomial(1000, 0.8): standard deviation 12.6, so +-60 is almost five of them.
+    assert abs(served["v1"] - 800) <= 60, served
+    after = target.metrics(DEPLOYMENT)
+    assert {n: delta(after, before, n, "requests") for n in ("v1", "v2")} == dict(served)
+    assert delta(after, before, "v1", "errors") == delta(after, before, "v2", "errors") == 0
+    assert after["v1"]["latency_ms_buckets"]["+Inf"] == after["v1"]["requests"]
+
+
+def test_feedback_gives_accuracy_per_predictor(deployed, target, client):
+    before = target.metrics(DEPLOYMENT)
+    rows = np.random.default_rng(2).normal(size=(200, 4))
+    expected = {"v1": [0, 0], "v2": [0, 0]}  # [feedback, correct]
+    for row, label in zip(rows, truth(rows)):
+        answer = predict(client, row[None, :])
+        name = answer.headers["X-Airloop-Predictor"]
+        expected[name][0] += 1
+        expected[name][1] += int(np.argmax(answer.json()["data"]["ndarray"][0]) == label)
+        # Seldon's feedback body for one, the short form with the id in a header for the other.
+        body = ({"response": answer.json(), "truth": {"data": {"ndarray": [[int(label)]]}}, "reward": 1}
+                if name == "v1" else {"truth": int(label)})
+        fed = client.post("/api/v1.0/feedback", json=body,
+                          headers={"X-Airloop-Request-Id": answer.headers["X-Airloop-Request-Id"]})
+        assert fed.status_code == 200, fed.text
+    after = target.metrics(DEPLOYMENT)
+    for name, (feedback, correct) in expected.items():
+        assert delta(after, before, name, "feedback") == feedback
+        assert delta(after, before, name, "feedback_correct") == correct
+    assert expected["v1"][1] / expected["v1"][0] > expected["v2"][1] / expected["v2"][0]
+    unknown = client.post("/api/v1.0/feedback", json={"request_id": "nope", "truth": 1})
+    assert unknown.status_code == 404
+
+
+def test_request_log_holds_every_request(deployed, client):
+    rows = np.random.default_rng(3).normal(size=(40, 4))
+    sent = {}
+    for row in rows:
+        answer = predict(client, row[None, :])
+        sent[answer.headers["X-Airloop-Request-Id"]] = (answer.headers["X-Airloop-Predictor"], row.tolist())
+    folder = Path(urlparse(settings.artefact_root()).path) / "requests" / DEPLOYMENT
+    logged: dict[str, dict] = {}
+    deadline = time.monotonic() + 20  # the gateway writes a batch at least every 5 s
+    while not sent.keys() <= logged.keys() and time.monotonic() < deadline:
+        time.sleep(0.5)
+        logged = {r["request_id"]: r for f in folder.glob("*/*.jsonl")
+                  for r in map(json.loads, f.read_text().splitlines())}
+    assert sent.keys() <= logged.keys()
+    for request_id, (predictor, row) in sent.items():
+        record = logged[request_id]
+        assert record["predictor"] == predictor and record["status"] == 200
+        assert record["names"] == FEATURES and record["features"] == [row]
+        assert len(record["prediction"][0]) == 2 and record["latency_ms"] > 0
+    assert not list(folder.glob("*/.*.tmp"))
+
+
+def test_weights_change_under_load_without_failures(deployed, target, client):
+    failures, served_after_switch, stop = [], Counter(), threading.Event()
+    switched = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=deployed["endpoint"], trust_env=False, timeout=10) as c:
+            while not stop.is_set():
+                was_switched = switched.is_set()
+                answer = predict(c, np.zeros((1, 4)))
+                if answer.status_code != 200:
+                    failures.append(answer.text)
+                elif was_switched:
+                    served_after_switch[answer.headers["X-Airloop-Predictor"]] += 1
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        time.sleep(0.5)
+        target.set_traffic(DEPLOYMENT, {"v1": 50, "v2": 50})
+        time.sleep(0.5)
+        # From another, short-lived process, as an Airflow task would: state comes from state.json.
+        call = (f"from airloop.serving.local import LocalServingTarget; import json; "
+                f"print(json.dumps(LocalServingTarget(home={target.home!r})"
+                f".set_traffic({DEPLOYMENT!r}, {{'v1': 0, 'v2': 100}})))")
+        done = subprocess.run([sys.executable, "-c", call], capture_output=True, text=True, check=True)
+        assert json.loads(done.stdout)["predictors"]["v2"]["weight"] == 100
+        switched.set()
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    assert failures == []
+    assert served_after_switch["v1"] == 0 and served_after_switch["v2"] > 0
+    state = target.set_traffic(DEPLOYMENT, {"v1": 80, "v2": 20})
+    assert {n: p["weight"] for n, p in state["predictors"].items()} == {"v1": 80, "v2": 20}
+
+
+def test_altered_model_is_refused_naming_the_file(deployed, target, models, tmp_path):
+    altered = Path(shutil.copytree(models["v2"], tmp_path / "v3"))
+    manifest = json.loads((altered / "manifest.json").read_text())
+    manifest["files"]["model.bin"] = "0" * 64
+    (altered / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RuntimeError, match="model.bin"):
+        target.deploy(DEPLOYMENT, [{"name": "v3", "model_version": "3", "model_dir": str(altered),
+                                    "weight": 0}])
+    assert set(target.state(DEPLOYMENT)["predictors"]) == {"v1", "v2"}
+
+
+def test_crashed_predictor_counts_errors_and_deploy_restarts_it(deployed, target, client):
+    before = target.metrics(DEPLOYMENT)
+    os.killpg(target.state(DEPLOYMENT)["predictors"]["v2"]["pid"], signal.SIGKILL)
+    codes = Counter()
+    for _ in range(200):
+        answer = predict(client, np.zeros((1, 4)))
+        codes[(answer.headers["X-Airloop-Predictor"], answer.status_code)] += 1
+    after = target.metrics(DEPLOYMENT)
+    assert codes[("v2", 502)] > 0 and codes[("v2", 200)] == 0 and codes[("v1", 200)] > 0
+    assert delta(after, before, "v2", "errors") == codes[("v2", 502)]
+    assert delta(after, before, "v1", "errors") == 0
+    assert target.state(DEPLOYMENT)["predictors"]["v2"]["healthy"] is False
+
+    state = target.deploy(DEPLOYMENT, [])
+    assert all(p["healthy"] for p in state["predictors"].values())
+    assert predict(client, np.zeros((1, 4))).status_code == 200
+
+
+def test_remove_needs_zero_weight(deployed, target):
+    with pytest.raises(ValueError, match="set its weight to 0 first"):
+        target.remove(DEPLOYMENT, "v2")
+    target.set_traffic(DEPLOYMENT, {"v1": 100, "v2": 0})
+    pid = target.state(DEPLOYMENT)["predictors"]["v2"]["pid"]
+    state = target.remove(DEPLOYMENT, "v2")
+    assert set(state["predictors"]) == {"v1"}
+    assert not _group_alive(pid)
+
+
+def test_delete_leaves_no_process(deployed, target):
+    state = target.state(DEPLOYMENT)
+    pids = [state["gateway"]["pid"], *(p["pid"] for p in state["predictors"].values())]
+    assert all(_group_alive(pid) for pid in pids)
+    target.delete(DEPLOYMENT)
+    assert not any(_group_alive(pid) for pid in pids)
+    with pytest.raises(ValueError, match="not deployed"):
+        target.state(DEPLOYMENT)
+    target.delete(DEPLOYMENT)  # nothing left to stop: a no-op
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

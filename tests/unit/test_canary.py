@@ -1,0 +1,120 @@
+"""Canary analysis over one window of gateway metrics."""
+
+from __future__ import annotations
+
+import pytest
+
+from airloop.steps.canary import analyse, histogram_quantile
+
+BOUNDS = ["1", "2", "5", "10", "20", "50", "+Inf"]
+
+
+def _stats(requests: int, errors: int = 0, feedback: int = 0, correct: int = 0,
+           latency_ms: float = 3.0) -> dict:
+    """Cumulative predictor metrics with every request in the bucket holding ``latency_ms``."""
+    buckets = {le: (requests if le == "+Inf" or float(le) >= latency_ms else 0) for le in BOUNDS}
+    return {"requests": requests, "errors": errors, "latency_ms_buckets": buckets,
+            "latency_ms_sum": requests * latency_ms, "feedback": feedback, "feedback_correct": correct}
+
+
+def _request(champion: dict, challenger: dict, **criteria) -> dict:
+    # "before" holds earlier traffic of the champion only: the window must subtract it.
+    return {"before": {"v3": _stats(1000, 10, 500, 450)},
+            "after": {"v3": _add(_stats(1000, 10, 500, 450), champion), "v4": challenger},
+            "champion": "v3", "challenger": "v4", "criteria": criteria}
+
+
+def _add(a: dict, b: dict) -> dict:
+    out = {k: a[k] + b[k] for k in a if k != "latency_ms_buckets"}
+    out["latency_ms_buckets"] = {le: a["latency_ms_buckets"][le] + b["latency_ms_buckets"][le]
+                                 for le in BOUNDS}
+    return out
+
+
+def test_pass_when_challenger_is_as_good():
+    result = analyse(_request(_stats(800, 2, 400, 360), _stats(200, 1, 100, 91)))
+    assert result["verdict"] == "pass", result["reasons"]
+    assert result["champion"]["requests"] == 800  # the window, not the cumulative count
+    assert result["champion"]["accuracy"] == pytest.approx(0.9)
+    assert result["challenger"]["error_rate"] == pytest.approx(0.005)
+    assert {t["status"] for t in result["tests"].values()} == {"pass"}
+
+
+def test_fail_on_errors():
+    result = analyse(_request(_stats(800, 2, 400, 360), _stats(400, 40, 100, 90)))
+    assert result["verdict"] == "fail"
+    assert result["tests"]["errors"]["status"] == "fail"
+    assert result["tests"]["errors"]["p_value"] < 0.05
+    assert any(r.startswith("errors:") for r in result["reasons"])
+
+
+def test_small_error_difference_within_noise_passes():
+    # 3 errors in 200 vs 2 in 800: higher, but not significantly more than 1 point higher.
+    result = analyse(_request(_stats(800, 2, 400, 360), _stats(200, 3, 100, 90)))
+    assert result["tests"]["errors"]["status"] == "pass"
+
+
+def test_fail_on_latency():
+    result = analyse(_request(_stats(800, 0, 400, 360, latency_ms=3), _stats(200, 0, 100, 90, latency_ms=15)))
+    assert result["verdict"] == "fail"
+    assert result["tests"]["latency"]["status"] == "fail"
+    assert result["tests"]["latency"]["ratio"] > 1.5
+    assert result["tests"]["errors"]["status"] == "pass"
+
+
+def test_fail_on_accuracy():
+    result = analyse(_request(_stats(800, 0, 400, 360), _stats(400, 0, 300, 210)))
+    assert result["verdict"] == "fail"
+    assert result["tests"]["accuracy"]["status"] == "fail"
+    assert result["challenger"]["accuracy"] == pytest.approx(0.7)
+    assert "accuracy" in " ".join(result["reasons"])
+
+
+def test_accuracy_drop_within_allowance_passes():
+    # 1 point worse with a 2 point allowance: never a failure, however many labels.
+    result = analyse(_request(_stats(8000, 0, 4000, 3600), _stats(8000, 0, 4000, 3560)))
+    assert result["tests"]["accuracy"]["status"] == "pass"
+
+
+def test_wait_on_too_few_samples():
+    result = analyse(_request(_stats(800, 0, 400, 360), _stats(20, 0, 10, 10)))
+    assert result["verdict"] == "wait"
+    assert {t["status"] for t in result["tests"].values()} == {"wait"}
+    assert result["reasons"]
+
+
+def test_wait_on_too_little_feedback_even_if_traffic_is_fine():
+    result = analyse(_request(_stats(800, 0, 400, 360), _stats(200, 0, 5, 5)))
+    assert result["verdict"] == "wait"
+    assert result["tests"]["accuracy"]["status"] == "wait"
+    assert result["tests"]["errors"]["status"] == "pass"
+
+
+def test_failure_wins_over_waiting():
+    result = analyse(_request(_stats(800, 0, 400, 360), _stats(400, 80, 0, 0)))
+    assert result["verdict"] == "fail"
+
+
+def test_counter_reset_waits():
+    request = _request(_stats(800), _stats(200))
+    request["after"]["v3"] = _stats(10)  # the gateway restarted: counters below "before"
+    result = analyse(request)
+    assert result["verdict"] == "wait"
+    assert "restarted" in result["reasons"][0]
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="'v9' is not in the 'after' snapshot"):
+        analyse({**_request(_stats(100), _stats(100)), "challenger": "v9"})
+    with pytest.raises(ValueError, match="unknown canary criteria"):
+        analyse(_request(_stats(100), _stats(100), max_latency=2))
+    with pytest.raises(ValueError, match="alpha"):
+        analyse(_request(_stats(100), _stats(100), alpha=1.5))
+
+
+def test_histogram_quantile_interpolates_within_a_bucket():
+    buckets = {"1": 0, "2": 50, "5": 100, "+Inf": 100}
+    assert histogram_quantile(0.5, buckets) == pytest.approx(2.0)
+    assert histogram_quantile(0.75, buckets) == pytest.approx(3.5)
+    assert histogram_quantile(0.99, {"1": 0, "2": 0, "+Inf": 10}) == 2.0  # beyond the last finite bound
+    assert histogram_quantile(0.99, {"1": 0, "+Inf": 0}) is None

@@ -1,0 +1,186 @@
+"""Training, evaluation and the registry against a real MLflow on SQLite.
+
+The tests in this module run in order: each one moves the registry a step further through a loop
+turn (first model -> worse challenger rejected -> better challenger promoted).
+"""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from airloop.steps import registry
+from airloop.steps.data import FEATURES, generate, write_table
+from airloop.steps.evaluate import evaluate, mcnemar_mid_p
+from airloop.steps.train import load_model, read_data, train
+
+MODEL = "airloop-test"
+MLP = {"hidden_layer_sizes": [16], "max_iter": 300, "early_stopping": True}
+AIRFLOW_TAGS = {
+    "airflow.dag_id": "airloop_train",
+    "airflow.run_id": "manual__2026-01-01T00:00:00+00:00",
+    "airflow.task_id": "train",
+    "airflow.map_index": "-1",
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    data = {
+        "before": write_table(generate(1600, shift=0.0, seed=0), str(root / "before.parquet")),
+        "after": write_table(generate(1600, shift=1.0, seed=1), str(root / "after.parquet")),
+    }
+    return {
+        "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+        "artifact_root": (root / "artefacts").as_uri(),
+        "data": data,
+        "runs": {},
+    }
+
+
+def _train(store: dict, data: str, tags: dict, **extra: object) -> dict:
+    request = {
+        "tracking_uri": store["tracking_uri"],
+        "artifact_root": store["artifact_root"],
+        "experiment": "airloop-test",
+        "data_uri": store["data"][data],
+        "params": MLP,
+        "tags": tags,
+        "reference_rows": 300,
+        **extra,
+    }
+    return train(request)
+
+
+def _evaluate(store: dict, run_id: str) -> dict:
+    return evaluate({"tracking_uri": store["tracking_uri"], "model_name": MODEL, "challenger_run_id": run_id})
+
+
+def _register(store: dict, trained: dict, **extra: object) -> dict:
+    return registry.register(
+        {
+            "tracking_uri": store["tracking_uri"],
+            "model_name": MODEL,
+            "run_id": trained["run_id"],
+            "model_uri": trained["model_uri"],
+            **extra,
+        }
+    )
+
+
+def _version(store: dict, version: str):
+    return mlflow.MlflowClient(store["tracking_uri"]).get_model_version(MODEL, version)
+
+
+def test_train_logs_run_with_tags_metrics_and_artefacts(store):
+    result = _train(store, "before", {**AIRFLOW_TAGS, "airflow.try_number": "1"})
+    store["runs"]["first"] = result
+    assert result["reused"] is False and result["model_uri"] == f"runs:/{result['run_id']}/model"
+    assert result["metrics"]["accuracy"] > 0.85 and 0 < result["metrics"]["log_loss"] < 0.5
+    run = mlflow.MlflowClient(store["tracking_uri"]).get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.info.artifact_uri.startswith(store["artifact_root"])
+    assert run.data.tags["airflow.dag_id"] == "airloop_train"
+    assert run.data.tags["airloop.code_version"]
+    assert run.data.tags["airloop.data.sha256"] == result["fingerprint"]["sha256"]
+    assert run.data.params["hidden_layer_sizes"] == "[16]"
+    holdout = read_data(store["tracking_uri"], result["holdout_uri"])
+    reference = read_data(store["tracking_uri"], result["reference_uri"])
+    assert len(holdout) == 400 and "label" in holdout.columns
+    assert list(reference.columns) == FEATURES and len(reference) == 300
+    model = load_model(store["tracking_uri"], result["model_uri"])
+    assert model.score(holdout[FEATURES], holdout["label"]) == pytest.approx(result["metrics"]["accuracy"])
+
+
+def test_train_reuses_the_finished_run_of_the_same_task_instance(store):
+    first = store["runs"]["first"]
+    again = _train(store, "before", {**AIRFLOW_TAGS, "airflow.try_number": "2"})
+    assert again["reused"] is True and again["run_id"] == first["run_id"]
+    assert again["fingerprint"] == first["fingerprint"] and again["metrics"] == first["metrics"]
+
+
+def test_train_rejects_bad_estimators(store):
+    with pytest.raises(ValueError, match="cannot be imported"):
+        _train(store, "before", {}, estimator="sklearn.nope.Missing")
+    with pytest.raises(ValueError, match="classifier with predict_proba"):
+        _train(store, "before", {}, estimator="sklearn.linear_model.LinearRegression", params={})
+
+
+def test_first_model_becomes_champion_and_passes_by_rule(store):
+    first = store["runs"]["first"]
+    champion = {"version": "1", "alias": "champion"}
+    assert _register(store, first, tags=AIRFLOW_TAGS) == {**champion, "reused": False}
+    assert _register(store, first, tags=AIRFLOW_TAGS) == {**champion, "reused": True}
+    version = _version(store, "1")
+    assert version.tags["airloop.run_id"] == first["run_id"] and version.tags["airflow.task_id"] == "train"
+    verdict = _evaluate(store, first["run_id"])
+    assert verdict["verdict"] == "pass" and verdict["rule"] == "no_champion" and verdict["champion"] is None
+
+
+def test_worse_challenger_fails_and_is_rejected(store):
+    dummy = {"estimator": "sklearn.dummy.DummyClassifier", "params": {"strategy": "uniform"}}
+    worse = _train(store, "after", {}, **dummy)
+    registered = _register(store, worse)
+    assert registered["alias"] == "challenger"
+    verdict = _evaluate(store, worse["run_id"])
+    assert verdict["verdict"] == "fail" and verdict["rule"] == "not_better"
+    assert verdict["difference"] < 0 and verdict["ci"][0] <= verdict["difference"] <= verdict["ci"][1]
+    run = mlflow.MlflowClient(store["tracking_uri"]).get_run(worse["run_id"])
+    assert run.data.metrics["eval.passed"] == 0.0
+    base = {"tracking_uri": store["tracking_uri"], "model_name": MODEL}
+    rejected = registry.reject({**base, "version": registered["version"], "reason": verdict})
+    assert rejected["challenger_removed"] is True
+    assert registry.aliases(store["tracking_uri"], MODEL) == {"champion": "1"}
+    version = _version(store, registered["version"])
+    assert version.tags["airloop.rejected"] == "true"
+    assert "not_better" in version.tags["airloop.rejected.reason"]
+    with pytest.raises(ValueError, match="is the champion"):
+        registry.reject({**base, "version": "1"})
+
+
+def test_better_challenger_passes_and_is_promoted(store):
+    better = _train(store, "after", {})
+    store["runs"]["better"] = better
+    assert _register(store, better) == {"version": "3", "alias": "challenger", "reused": False}
+    verdict = _evaluate(store, better["run_id"])
+    assert verdict["verdict"] == "pass" and verdict["rule"] == "better", verdict
+    assert verdict["challenger"] == {"accuracy": verdict["challenger"]["accuracy"], "version": "3"}
+    assert verdict["difference"] > 0.1 and verdict["p_value"] < 0.001 and verdict["ci"][0] > 0
+    assert verdict["n"] == 400
+    champion_run = store["runs"]["first"]["run_id"]
+    listed = mlflow.MlflowClient(store["tracking_uri"]).list_artifacts(champion_run, "evaluations")
+    files = {f.path for f in listed}
+    assert f"evaluations/{better['run_id']}.json" in files
+    request = {"tracking_uri": store["tracking_uri"], "model_name": MODEL, "version": "3"}
+    assert registry.promote(request) == {"champion": "3", "previous": "1"}
+    assert registry.promote(request) == {"champion": "3", "previous": "1"}
+    assert registry.aliases(store["tracking_uri"], MODEL) == {"champion": "3", "previous": "1"}
+
+
+def test_audit_record_round_trip_in_loop_order(store):
+    base = {"tracking_uri": store["tracking_uri"], "model_name": MODEL, "version": "3"}
+    registry.append_audit({**base, "stage": "evaluation", "record": {"rule": "better"}})
+    # Stages before registration address the training run directly.
+    by_run = {"tracking_uri": store["tracking_uri"], "run_id": store["runs"]["better"]["run_id"]}
+    trigger = registry.append_audit({**by_run, "stage": "trigger", "record": {"reason": "drift"}})
+    assert trigger["run_id"] == by_run["run_id"]
+    registry.append_audit({**base, "stage": "evaluation", "record": {"rule": "better", "retry": 2}})
+    audit = registry.read_audit(store["tracking_uri"], MODEL, 3)
+    assert audit["run_id"] == store["runs"]["better"]["run_id"]
+    assert [s["stage"] for s in audit["stages"]] == ["trigger", "evaluation"]
+    assert audit["stages"][1]["record"] == {"rule": "better", "retry": 2}
+    with pytest.raises(ValueError, match="stage must be one of"):
+        registry.append_audit({**base, "stage": "lunch", "record": {}})
+    assert registry.read_audit(store["tracking_uri"], MODEL, 1)["stages"] == []
+
+
+def test_mcnemar_mid_p_matches_hand_computed_values():
+    import numpy as np
+
+    a = np.array([True] * 10 + [False] * 2 + [True] * 5)
+    b = np.array([False] * 10 + [True] * 2 + [True] * 5)
+    # 10 vs 2 discordant: exact two-sided p = 2 * P(X <= 2 | n=12) = 0.0386;
+    # mid-p subtracts P(X = 2) = 0.0161.
+    assert mcnemar_mid_p(a, b) == pytest.approx(0.0386 - 0.0161, abs=1e-3)
+    assert mcnemar_mid_p(a, a) == 1.0
