@@ -49,9 +49,8 @@ class DriftDetectRequestsOperator(StepOperator):
         self.mlflow_conn_id = mlflow_conn_id
 
     def execute(self, context: Context) -> dict[str, Any]:
-        import mlflow
-
         from airloop.steps.registry import aliases
+        from airloop.steps.train import download
         from airloop.steps.window import collect
 
         hook = MlflowHook(mlflow_conn_id=self.mlflow_conn_id)
@@ -64,9 +63,7 @@ class DriftDetectRequestsOperator(StepOperator):
         run_id = hook.client.get_model_version(self.model_name, champion).run_id
         end = time.time()
         with tempfile.TemporaryDirectory() as tmp, artefacts.staging(prefix) as folder:
-            reference = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path="drift/reference.parquet", dst_path=tmp,
-                tracking_uri=hook.tracking_uri)
+            reference = download(hook.tracking_uri, f"runs:/{run_id}/drift/reference.parquet", tmp)
             window = collect({
                 "log_dir": str(artefacts.local_path(f"requests/{self.deployment}")),
                 "start": end - float(self.window_minutes) * 60, "end": end, "out_path": f"{folder}/window.parquet",
