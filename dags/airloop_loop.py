@@ -51,7 +51,7 @@ def airloop_loop():
         task_id="train",
         data_uri="{{ params.data_uri }}",
         estimator="sklearn.neural_network.MLPClassifier",
-        params={"hidden_layer_sizes": [32, 16], "max_iter": 300, "random_state": 0},
+        estimator_params={"hidden_layer_sizes": [32, 16], "max_iter": 300, "random_state": 0},
         validation=validate.output,
     )
     evaluate = MlflowEvaluateChallengerOperator(

@@ -18,6 +18,8 @@ class StepOperator(BaseOperator):
     """
 
     def __init__(self, *, runtime: str = runtimes.WORKER, **kwargs: Any) -> None:
+        # Results are small dicts: push each key too, so DAGs can pass ``task.output["run_id"]`` along.
+        kwargs.setdefault("multiple_outputs", True)
         super().__init__(**kwargs)
         self.runtime = runtime
 

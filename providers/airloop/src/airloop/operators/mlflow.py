@@ -35,13 +35,13 @@ class MlflowTrainModelOperator(_MlflowOperator):
 
     :param data_uri: the training set (parquet or CSV).
     :param estimator: import path of a scikit-learn classifier.
-    :param params: the estimator's parameters.
+    :param estimator_params: the estimator's parameters.
     :param label_column: the target column.
     :param experiment: MLflow experiment name.
     :param validation: the data gate's result (usually the validation task's XCom), kept in the audit record.
     """
 
-    template_fields: Sequence[str] = ("data_uri", "estimator", "params", "label_column", "experiment", "validation")
+    template_fields: Sequence[str] = ("data_uri", "estimator", "estimator_params", "label_column", "experiment", "validation")
     operator_extra_links = (MlflowRunLink(),)
 
     def __init__(
@@ -49,7 +49,7 @@ class MlflowTrainModelOperator(_MlflowOperator):
         *,
         data_uri: str,
         estimator: str = "sklearn.neural_network.MLPClassifier",
-        params: dict[str, Any] | None = None,
+        estimator_params: dict[str, Any] | None = None,
         label_column: str = "label",
         experiment: str = "airloop",
         test_size: float = 0.25,
@@ -60,7 +60,7 @@ class MlflowTrainModelOperator(_MlflowOperator):
         super().__init__(**kwargs)
         self.data_uri = data_uri
         self.estimator = estimator
-        self.params = params
+        self.estimator_params = estimator_params
         self.label_column = label_column
         self.experiment = experiment
         self.test_size = test_size
@@ -72,7 +72,7 @@ class MlflowTrainModelOperator(_MlflowOperator):
         result = self.run_step(
             "airloop.steps.train:train",
             {**config, "experiment": self.experiment, "data_uri": self.data_uri, "label": self.label_column,
-             "estimator": self.estimator, "params": self.params or {}, "test_size": self.test_size,
+             "estimator": self.estimator, "params": self.estimator_params or {}, "test_size": self.test_size,
              "seed": self.seed, "tags": airflow_tags(context)},
             context,
         )

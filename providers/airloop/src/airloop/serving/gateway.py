@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
                       artefact_root=settings.artefact_root(), log_batch=args.log_batch,
                       log_interval_s=args.log_interval, timeout_s=args.timeout)
     uvicorn.run(gateway.app(), host="127.0.0.1", port=args.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=5, loop="asyncio")
+                timeout_graceful_shutdown=5)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from typing import Any
 
 def collect(request: dict[str, Any]) -> dict[str, Any]:
     """
-    Read the gateway's JSON-lines request logs under ``log_dir`` whose ``ts`` (epoch seconds) falls in
+    Read the gateway's JSON-lines request logs under ``log_dir`` whose ``ts`` (ISO 8601) falls in
     ``[start, end)`` and write their features to ``out_path`` (parquet), one column per feature.
 
     request: ``{"log_dir", "start": epoch s, "end": epoch s, "out_path"}``
@@ -30,7 +30,8 @@ def collect(request: dict[str, Any]) -> dict[str, Any]:
             except json.JSONDecodeError:
                 skipped += 1
                 continue
-            if not start <= float(record["ts"]) < end or record.get("status", 200) != 200:
+            ts = datetime.fromisoformat(record["ts"]).timestamp()
+            if not start <= ts < end or record.get("status", 200) != 200:
                 continue
             names = names or record["names"]
             rows.extend(record["features"] if isinstance(record["features"][0], list) else [record["features"]])
