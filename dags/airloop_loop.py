@@ -28,6 +28,8 @@ MODEL_NAME = os.environ.get("AIRLOOP_MODEL_NAME", "airloop-classifier")
 DEPLOYMENT = os.environ.get("AIRLOOP_DEPLOYMENT", "airloop")
 # Where new training data lands; the embedded default writes here (a local folder under AIRLOOP_HOME).
 TRAINING_DATA = os.environ.get("AIRLOOP_TRAINING_DATA", str(settings.home() / "incoming" / "training.parquet"))
+# Minimum length of each canary analysis window; the embedded default's busy clients need only a few seconds.
+ANALYSIS_SECONDS = float(os.environ.get("AIRLOOP_ANALYSIS_SECONDS", 30))
 SUITE = str(Path(__file__).parent / "expectations" / "training_data.json")
 
 
@@ -39,7 +41,7 @@ SUITE = str(Path(__file__).parent / "expectations" / "training_data.json")
     tags=["airloop"],
     params={
         "data_uri": Param(TRAINING_DATA, type="string", description="training set: parquet or CSV"),
-        "analysis_seconds": Param(30, type="number", description="canary analysis window per step"),
+        "analysis_seconds": Param(ANALYSIS_SECONDS, type="number", description="canary analysis window per step"),
     },
     doc_md=__doc__,
 )

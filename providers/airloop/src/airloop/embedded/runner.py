@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -26,8 +27,6 @@ from airloop.embedded.traffic import read_stats
 
 LOOP, MONITOR = "airloop_loop", "airloop_drift_monitor"
 MODEL_NAME, DEPLOYMENT = "airloop-classifier", "airloop"
-# Short analysis windows: the simulated clients send a few hundred requests a second.
-LOOP_CONF = {"analysis_seconds": 4}
 
 
 def _say(message: str) -> None:
@@ -95,6 +94,9 @@ def _wait_traffic(stats_path: Path, shift: str, requests: int, timeout: float = 
 def run_loop(dags: str, rows: int, report: str | None, keep_running: bool = False) -> int:
     started = time.monotonic()
     home = settings.home()
+    os.environ["AIRLOOP_HOME"] = str(home)  # absolute, for every process Airflow starts
+    # Short canary windows: the simulated clients send enough requests in a few seconds.
+    os.environ.setdefault("AIRLOOP_ANALYSIS_SECONDS", "4")
     dags_dir, plugins_dir = Path(dags).resolve(), Path(dags).resolve().parent / "plugins"
     stages: dict[str, float] = {}
     summary: dict[str, Any] = {"home": str(home), "runs": {}}
@@ -115,7 +117,7 @@ def run_loop(dags: str, rows: int, report: str | None, keep_running: bool = Fals
         stages["airflow_start"] = time.monotonic() - mark
 
         mark = time.monotonic()
-        first = summary["runs"]["first_turn"] = _run(airflow, LOOP, LOOP_CONF, timeout=300)
+        first = summary["runs"]["first_turn"] = _run(airflow, LOOP, {}, timeout=300)
         stages["first_turn"] = time.monotonic() - mark
         if first["state"] != "success":
             raise RuntimeError(f"the first turn of {LOOP} failed: {first['tasks']}")
@@ -128,7 +130,7 @@ def run_loop(dags: str, rows: int, report: str | None, keep_running: bool = Fals
                                     "--control", str(home / "world.json"), "--stats", str(stats_path)],
                                    stdout=(home / "traffic.log").open("w"), stderr=subprocess.STDOUT)
         mark = time.monotonic()
-        _wait_traffic(stats_path, "0.0", 600)
+        _wait_traffic(stats_path, "0.0", 400)
         window = (time.monotonic() - mark) / 60 + 0.05
         control = summary["runs"]["drift_control"] = _run(airflow, MONITOR, {"window_minutes": window}, 180)
         stages["drift_control"] = time.monotonic() - mark
@@ -136,7 +138,7 @@ def run_loop(dags: str, rows: int, report: str | None, keep_running: bool = Fals
         mark = time.monotonic()
         _say("the world shifts: new data arrives, clients send shifted rows")
         _write_world(home, rows, shift=1.0, seed=2)
-        _wait_traffic(stats_path, "1.0", 600)
+        _wait_traffic(stats_path, "1.0", 400)
         window = (time.monotonic() - mark) / 60
         known = {r["dag_run_id"] for r in airflow.runs(LOOP)}
         drift = summary["runs"]["drift_detected"] = _run(airflow, MONITOR, {"window_minutes": window}, 180)

@@ -26,6 +26,8 @@ def airflow_env(home: Path, dags: Path, plugins: Path, port: int) -> dict[str, s
     """Settings for a laptop: SQLite, LocalExecutor with few workers, loopback only, no login."""
     return {
         **os.environ,
+        # standalone starts its components as `airflow ...` from the PATH: this environment's.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(plugins),

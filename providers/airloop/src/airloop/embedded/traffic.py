@@ -25,7 +25,7 @@ def _read_shift(control: Path) -> float:
         return 0.0
 
 
-async def run(endpoint: str, control: Path, stats_path: Path, concurrency: int, seed: int) -> None:
+async def run(endpoint: str, control: Path, stats_path: Path, concurrency: int, rate: float, seed: int) -> None:
     import httpx
 
     from airloop.steps.data import generate
@@ -51,7 +51,9 @@ async def run(endpoint: str, control: Path, stats_path: Path, concurrency: int, 
         return shift, names, features, label
 
     async def client(http: httpx.AsyncClient) -> None:
+        pause = concurrency / rate  # each client's share of the request rate
         while not stop.is_set():
+            await asyncio.sleep(pause)
             shift, names, features, label = next_row()
             counts = None
             try:
@@ -98,9 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--control", required=True, type=Path)
     parser.add_argument("--stats", required=True, type=Path)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--rate", type=float, default=60.0, help="requests per second, about")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
-    asyncio.run(run(args.endpoint, args.control, args.stats, args.concurrency, args.seed))
+    asyncio.run(run(args.endpoint, args.control, args.stats, args.concurrency, args.rate, args.seed))
 
 
 def read_stats(path: Path) -> dict[str, Any]:

@@ -58,7 +58,8 @@ class SeldonRolloutChallengerOperator(BaseOperator):
     :param criteria: overrides of ``DEFAULT_CRITERIA`` (see ``airloop.steps.canary.analyse``).
     """
 
-    template_fields: Sequence[str] = ("model_name", "version", "deployment", "steps", "criteria")
+    template_fields: Sequence[str] = ("model_name", "version", "deployment", "steps", "analysis_seconds",
+                                      "max_wait_seconds", "criteria")
     operator_extra_links = (RolloutReportLink(),)
 
     def __init__(
@@ -179,9 +180,9 @@ class SeldonRolloutChallengerOperator(BaseOperator):
         state = target.state(self.deployment)
         predictors = [] if champ in state.get("predictors", {}) else [self._predictor(champion)]
         predictors.append(self._predictor(self.version))
-        weights = {champ: 100 - steps[0], chal: steps[0]}
-        target.deploy(self.deployment, [{**p, "weight": weights[p["name"]]} for p in predictors])
-        target.set_traffic(self.deployment, weights)
+        # Start what is missing with no traffic, then move traffic in one change.
+        target.deploy(self.deployment, [{**p, "weight": 0} for p in predictors])
+        target.set_traffic(self.deployment, {champ: 100 - steps[0], chal: steps[0]})
         self._drop_others(target, keep={champ, chal})
         return self._analyse_step(context, report, 0)
 

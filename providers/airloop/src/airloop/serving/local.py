@@ -226,7 +226,9 @@ class LocalServingTarget(ServingTarget):
         self._write_state(deployment, state)
 
     def _spawn(self, deployment: str, name: str, command: list[str]) -> int:
-        env = {**os.environ, "CI": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
+        # Resolved here: the process runs in the state folder, where a relative AIRLOOP_HOME means another place.
+        env = {**os.environ, "CI": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1",
+               "AIRLOOP_HOME": str(settings.home()), "AIRLOOP_ARTEFACTS": settings.artefact_root()}
         with open(self._dir(deployment) / f"{name}.log", "ab") as log:
             process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
                                        stderr=subprocess.STDOUT, env=env, cwd=self._dir(deployment),

@@ -56,7 +56,8 @@ def detect(request: dict[str, Any]) -> dict[str, Any]:
         "n_reference": len(reference), "n_current": len(current), "drifted_features": [],
         "share_drifted": 0.0, "features": {}, "report_json": None, "report_html": None, "message": "",
     }
-    problem = _window_problem(reference, current, features)
+    # An empty window has no schema to check: it is too small, not malformed.
+    problem = _window_problem(reference, current, features) if len(current) else None
     if problem:
         result.update(verdict="invalid_window", message=problem)
     elif min(len(reference), len(current)) < options["min_rows"]:
