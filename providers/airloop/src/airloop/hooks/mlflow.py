@@ -5,15 +5,14 @@ from __future__ import annotations
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseHook
-
 from airloop import settings
+from airloop.hooks.base import EmbeddedDefaultHook
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 
-class MlflowHook(BaseHook):
+class MlflowHook(EmbeddedDefaultHook):
     """
     Talks to an MLflow tracking server and model registry.
 
@@ -46,15 +45,8 @@ class MlflowHook(BaseHook):
 
     @cached_property
     def _settings(self) -> dict[str, Any]:
-        from airflow.sdk.exceptions import AirflowNotFoundException
-
-        try:
-            conn = self.get_connection(self.mlflow_conn_id)
-        except AirflowNotFoundException:
-            if self.mlflow_conn_id != self.default_conn_name:
-                raise
-            self.log.info("No %r connection: using the embedded MLflow under %s", self.mlflow_conn_id,
-                          settings.home())
+        conn = self.connection_or_none(self.mlflow_conn_id)
+        if conn is None:
             return {"tracking_uri": settings.mlflow_tracking_uri(),
                     "artifact_root": settings.mlflow_artifact_root(), "ui_url": "http://127.0.0.1:5000"}
         extra = conn.extra_dejson

@@ -5,13 +5,13 @@ from __future__ import annotations
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseHook
+from airloop.hooks.base import EmbeddedDefaultHook
 
 if TYPE_CHECKING:
     from airloop.serving.base import ServingTarget
 
 
-class ServingHook(BaseHook):
+class ServingHook(EmbeddedDefaultHook):
     """
     Gives operators and triggers a serving target (``airloop.serving.base.ServingTarget``).
 
@@ -41,14 +41,8 @@ class ServingHook(BaseHook):
 
     @cached_property
     def target_config(self) -> dict[str, Any]:
-        from airflow.sdk.exceptions import AirflowNotFoundException
-
-        try:
-            extra = dict(self.get_connection(self.serving_conn_id).extra_dejson)
-        except AirflowNotFoundException:
-            if self.serving_conn_id != self.default_conn_name:
-                raise
-            extra = {}
+        conn = self.connection_or_none(self.serving_conn_id)
+        extra = dict(conn.extra_dejson) if conn else {}
         extra.setdefault("target", "local")
         return extra
 
