@@ -1,0 +1,99 @@
+"""The canary analysis trigger: driven directly, against a scripted serving target."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import pytest
+
+from airloop.serving.base import ServingTarget, register_target
+from airloop.triggers.seldon import SeldonCanaryAnalysisTrigger
+
+BUCKETS = ("0.5", "1", "2", "5", "10", "20", "50", "100", "200", "500", "1000", "2000", "5000", "10000", "+Inf")
+
+
+def snapshot(requests: int, correct: int) -> dict[str, Any]:
+    """Cumulative metrics of one predictor: every request answered in 2-5 ms, all with feedback."""
+    buckets = {b: (0 if float(b) < 5 else requests) for b in BUCKETS}
+    return {"requests": requests, "errors": 0, "latency_ms_sum": 3.0 * requests, "feedback": requests,
+            "feedback_correct": correct, "latency_ms_buckets": buckets}
+
+
+class ScriptedTarget(ServingTarget):
+    """Answers ``metrics`` from a script: one snapshot per call, the last one repeated."""
+
+    calls: dict[str, int] = {}
+
+    def __init__(self, script: list[dict[str, Any]] | None = None, fail: bool = False) -> None:
+        self.script = script or []
+        self.fail = fail
+
+    def metrics(self, deployment):
+        if self.fail:
+            raise ConnectionError("gateway down")
+        n = ScriptedTarget.calls[deployment] = ScriptedTarget.calls.get(deployment, 0) + 1
+        return self.script[min(n, len(self.script)) - 1]
+
+    def deploy(self, deployment, predictors): raise NotImplementedError
+    def set_traffic(self, deployment, weights): raise NotImplementedError
+    def remove(self, deployment, predictor): raise NotImplementedError
+    def state(self, deployment): raise NotImplementedError
+    def delete(self, deployment): raise NotImplementedError
+
+
+register_target("scripted", ScriptedTarget)
+BEFORE = {"v1": snapshot(0, 0), "v2": snapshot(0, 0)}
+
+
+def trigger(deployment: str, script: list, **overrides: Any) -> SeldonCanaryAnalysisTrigger:
+    kwargs = dict(target_config={"target": "scripted", "script": script}, deployment=deployment,
+                  champion="v1", challenger="v2", before=BEFORE,
+                  criteria={"min_requests": 50, "min_feedback": 30}, window_seconds=0.01,
+                  max_wait_seconds=0.3, poll_interval=0.02)
+    return SeldonCanaryAnalysisTrigger(**{**kwargs, **overrides})
+
+
+async def first(t: SeldonCanaryAnalysisTrigger) -> dict[str, Any]:
+    events = [event.payload async for event in t.run()]
+    assert len(events) == 1
+    return events[0]
+
+
+def test_serialize_mirrors_init():
+    original = trigger("d", [BEFORE])
+    path, kwargs = original.serialize()
+    module, _, name = path.rpartition(".")
+    rebuilt = getattr(importlib.import_module(module), name)(**kwargs)
+    assert rebuilt.serialize() == (path, kwargs)
+    assert path == "airloop.triggers.seldon.SeldonCanaryAnalysisTrigger"
+
+
+@pytest.mark.asyncio
+async def test_waits_until_the_window_holds_enough_data():
+    script = [BEFORE, {"v1": snapshot(20, 18), "v2": snapshot(5, 5)},
+              {"v1": snapshot(400, 360), "v2": snapshot(100, 92)}]
+    event = await first(trigger("enough", script))
+    assert event["status"] == "ready" and event["message"] == "pass"
+    assert event["after"]["v2"]["requests"] == 100
+    assert ScriptedTarget.calls["enough"] == 3  # polled until the data sufficed
+
+
+@pytest.mark.asyncio
+async def test_a_worse_challenger_is_ready_for_a_fail_verdict():
+    script = [{"v1": snapshot(400, 380), "v2": snapshot(100, 50)}]
+    event = await first(trigger("worse", script))
+    assert event["status"] == "ready" and event["message"] == "fail"
+
+
+@pytest.mark.asyncio
+async def test_too_little_data_times_out_instead_of_passing():
+    event = await first(trigger("idle", [{"v1": snapshot(10, 9), "v2": snapshot(2, 2)}]))
+    assert event["status"] == "timeout"
+    assert "not enough data" in event["message"]
+
+
+@pytest.mark.asyncio
+async def test_an_unreachable_target_is_an_error_event():
+    event = await first(trigger("down", [], target_config={"target": "scripted", "fail": True}))
+    assert event["status"] == "error" and "gateway down" in event["message"]
