@@ -18,6 +18,8 @@ from typing import Any
 from airloop import settings
 
 WORKER = "worker"
+# seldon-core 1.18.2, the serving runtime's wrapper, supports Python up to 3.11 (1.19 needs 3.12).
+RUNTIME_PYTHON = "3.11"
 
 
 class RuntimeMissingError(RuntimeError):
@@ -79,8 +81,8 @@ def build(name: str, *, force: bool = False) -> Path:
     requirements = resources.files(__package__) / f"{name}.txt"
     uv = [sys.executable, "-m", "uv"]
     if force or not (target / "bin" / "python").exists():
-        subprocess.run([*uv, "venv", "--quiet", "--allow-existing", "--python",
-                        f"{sys.version_info.major}.{sys.version_info.minor}", str(target)], check=True)
+        subprocess.run([*uv, "venv", "--quiet", "--allow-existing", "--python", RUNTIME_PYTHON, str(target)],
+                       check=True)
     py = str(target / "bin" / "python")
     subprocess.run([*uv, "pip", "install", "--quiet", "--python", py, "-r", str(requirements)], check=True)
     subprocess.run([*uv, "pip", "install", "--quiet", "--python", py, "--no-deps", *_source_of_airloop()],
