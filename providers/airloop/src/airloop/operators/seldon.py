@@ -15,17 +15,8 @@ from airloop import artefacts, settings
 from airloop.hooks.mlflow import MlflowHook
 from airloop.hooks.serving import ServingHook
 from airloop.links.reports import RolloutReportLink
+from airloop.steps.canary import DEFAULT_CRITERIA
 from airloop.triggers.seldon import SeldonCanaryAnalysisTrigger
-
-DEFAULT_CRITERIA = {
-    "min_requests": 50,
-    "min_feedback": 30,
-    "max_error_rate_increase": 0.01,
-    "max_p99_latency_ratio": 2.0,
-    "max_accuracy_drop": 0.02,
-    "alpha": 0.05,
-}
-
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")

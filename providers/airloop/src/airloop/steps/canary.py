@@ -4,7 +4,8 @@ Request::
 
     {"before": metrics_snapshot, "after": metrics_snapshot, "champion": "v3", "challenger": "v4",
      "criteria": {"min_requests": 50, "min_feedback": 30, "max_error_rate_increase": 0.01,
-                  "max_p99_latency_ratio": 1.5, "max_accuracy_drop": 0.02, "alpha": 0.05}}
+                  "max_p99_latency_ratio": 1.5, "min_p99_latency_increase_ms": 25,
+                  "max_accuracy_drop": 0.02, "alpha": 0.05}}
 
 Snapshots have the shape of ``ServingTarget.metrics()``; the window is ``after - before``.
 Result: ``{"verdict": "pass" | "fail" | "wait", "reasons": [...], "champion": {...},
@@ -26,6 +27,9 @@ DEFAULT_CRITERIA: dict[str, float] = {
     "min_feedback": 30,
     "max_error_rate_increase": 0.01,
     "max_p99_latency_ratio": 1.5,
+    # p99 over a short window of a busy machine jitters by tens of ms: a slower challenger fails only
+    # when it is both max_p99_latency_ratio times and this many ms slower.
+    "min_p99_latency_increase_ms": 25.0,
     "max_accuracy_drop": 0.02,
     "alpha": 0.05,
 }
@@ -160,12 +164,12 @@ def _latency_test(champion: dict, challenger: dict, criteria: dict) -> dict[str,
         return {"status": "wait", "reason": f"fewer than {minimum:g} requests per predictor for a p99"}
     if champion["p99_ms"] is None or challenger["p99_ms"] is None:
         return {"status": "wait", "reason": "no latency histogram in the snapshots"}
-    limit = criteria["max_p99_latency_ratio"]
+    limit, slack = criteria["max_p99_latency_ratio"], criteria["min_p99_latency_increase_ms"]
     ratio = challenger["p99_ms"] / champion["p99_ms"] if champion["p99_ms"] > 0 else math.inf
-    failed = ratio > limit
+    failed = ratio > limit and challenger["p99_ms"] - champion["p99_ms"] > slack
     return {"status": "fail" if failed else "pass", "ratio": _finite(ratio), "limit": limit,
             "reason": f"p99 {challenger['p99_ms']:.2f} ms vs champion {champion['p99_ms']:.2f} ms "
-                      f"(ratio {ratio:.2f}, limit {limit:g})"}
+                      f"(ratio {ratio:.2f}, limit {limit:g} and +{slack:g} ms)"}
 
 
 def _accuracy_test(champion: dict, challenger: dict, criteria: dict) -> dict[str, Any]:
