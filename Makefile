@@ -1,5 +1,6 @@
 # Everything a fresh machine needs, from Python 3.11+ alone: uv, the main environment (.venv, from
-# uv.lock) and the isolated serving/drift runtime (.airloop/runtimes/serving).
+# uv.lock) and the isolated serving/drift runtime (.airloop/runtimes/serving). Bytecode is compiled at
+# install: every Airflow task is a fresh process, and PYTHONDONTWRITEBYTECODE would make each recompile.
 SHELL := /bin/bash
 UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -14,7 +15,7 @@ setup: .venv/.synced .airloop/runtimes/serving/.built
 	python3 -m venv .tools && .tools/bin/pip install --quiet uv
 
 .venv/.synced: pyproject.toml uv.lock providers/airloop/pyproject.toml | $(UV)
-	$(UV) sync --frozen --all-groups
+	$(UV) sync --frozen --all-groups --compile-bytecode
 	touch $@
 
 .airloop/runtimes/serving/.built: .venv/.synced providers/airloop/src/airloop/runtimes/serving.txt

@@ -81,10 +81,12 @@ def build(name: str, *, force: bool = False) -> Path:
     requirements = resources.files(__package__) / f"{name}.txt"
     uv = [sys.executable, "-m", "uv"]
     if force or not (target / "bin" / "python").exists():
-        subprocess.run([*uv, "venv", "--quiet", "--allow-existing", "--python", RUNTIME_PYTHON, str(target)],
-                       check=True)
+        subprocess.run([*uv, "venv", "--quiet", "--clear" if force else "--allow-existing", "--python",
+                        RUNTIME_PYTHON, str(target)], check=True)
     py = str(target / "bin" / "python")
-    subprocess.run([*uv, "pip", "install", "--quiet", "--python", py, "-r", str(requirements)], check=True)
+    # Compiled now: each step hop is a fresh interpreter, which otherwise compiles alibi-detect's imports.
+    subprocess.run([*uv, "pip", "install", "--quiet", "--compile-bytecode", "--python", py, "-r", str(requirements)],
+                   check=True)
     subprocess.run([*uv, "pip", "install", "--quiet", "--python", py, "--no-deps", *_source_of_airloop()],
                    check=True)
     # OpenVINO's telemetry forks from a background thread at import and has hung numpy: opt out.
