@@ -109,10 +109,13 @@ class SeldonRolloutChallengerOperator(BaseOperator):
         """Fetch the version's OpenVINO IR (checksums verified) into the serving folder."""
         from airloop.steps.convert import fetch_ir
 
-        run_id = self.mlflow.client.get_model_version(self.model_name, str(version)).run_id
+        client = self.mlflow.client
+        run_id = client.get_model_version(self.model_name, str(version)).run_id
         fetched = fetch_ir({"tracking_uri": self.mlflow.tracking_uri, "ir_uri": f"runs:/{run_id}/openvino",
                             "dst_dir": str(settings.serving_dir() / "models" / self.model_name / str(version))})
-        return {"name": predictor_name(version), "model_version": str(version), "model_dir": fetched["model_dir"]}
+        # model_dir serves a target on this machine; model_uri one that downloads it (Seldon on Kubernetes).
+        return {"name": predictor_name(version), "model_version": str(version), "model_dir": fetched["model_dir"],
+                "model_uri": f"{client.get_run(run_id).info.artifact_uri}/openvino"}
 
     def _criteria(self) -> dict[str, Any]:
         return {**DEFAULT_CRITERIA, **(self.criteria or {})}
