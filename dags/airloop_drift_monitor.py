@@ -39,6 +39,7 @@ def airloop_drift_monitor():
         task_id="decide",
         detection=detect.output,
         cooldown_minutes="{{ params.cooldown_minutes }}",
+        retrain_dag_id="airloop_loop",  # no new request while a retrain is queued or running
         outlets=[drift_asset(MODEL_NAME)],
     )
 

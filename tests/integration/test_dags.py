@@ -27,7 +27,7 @@ def dagbag():
 
 def test_dagbag_has_no_import_errors(dagbag):
     assert dagbag.import_errors == {}
-    assert {"airloop_loop", "airloop_drift_monitor"} <= set(dagbag.dag_ids)
+    assert {"airloop_loop", "airloop_drift_monitor", "airloop_hpo"} <= set(dagbag.dag_ids)
 
 
 def test_loop_is_scheduled_by_the_drift_asset(dagbag):

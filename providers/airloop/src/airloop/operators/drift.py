@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections.abc import Sequence
@@ -17,6 +18,8 @@ from airloop.links.reports import DriftReportLink
 from airloop.operators.base import StepOperator
 
 RETRAIN_REQUESTED_TAG = "airloop.retrain_requested_at"
+# Drift decisions kept in the champion's audit record (hourly monitoring: about a day's worth).
+AUDIT_DECISIONS = 24
 
 
 class DriftDetectRequestsOperator(StepOperator):
@@ -89,45 +92,91 @@ class DriftDetectRequestsOperator(StepOperator):
 
 class DriftDecideRetrainOperator(BaseOperator):
     """
-    Turn a drift verdict into an action, so one shift does not start ten retrains: severities map to
-    ``log`` or ``retrain``, and no retrain is requested within ``cooldown_minutes`` of the last one.
-    On ``retrain`` the task succeeds and its outlets (the drift Asset the retraining DAG is scheduled
-    on) get an event carrying the report's location and severity; otherwise it is skipped, with the
-    reason in the log.
+    Turn a drift verdict into an action with the retraining policy (``airloop.steps.policy.decide``), so
+    one shift does not start ten retrains: severities map to ``log``, ``retrain`` or
+    ``retrain_with_approval``; nothing is requested on a window smaller than ``min_window_rows``, while a
+    run of ``retrain_dag_id`` is queued or running, or within ``cooldown_minutes`` of the last request
+    (the registered model's ``airloop.retrain_requested_at`` tag).
+
+    Every decision other than "no drift" / "too little data" is appended, with its reason, to the
+    ``drift`` stage of the champion's audit record; every decision goes to the task log. On a retrain the
+    task succeeds and its outlets (the drift Asset the retraining DAG is scheduled on) get an event
+    carrying the report's location and severity (plus ``approval_required: true`` when approval is
+    required); otherwise the task is skipped with the reason.
 
     :param detection: the result of ``DriftDetectRequestsOperator`` (usually its XCom).
+    :param actions: ``{severity: action}`` over ``airloop.steps.policy.DEFAULT_ACTIONS``.
+    :param cooldown_minutes: no retrain is requested within this long after the last request.
+    :param min_window_rows: fewest requests in the window to act on a drift verdict.
+    :param retrain_dag_id: the DAG that retrains (scheduled on the outlets); while a run of it is queued
+        or running no other retrain is requested. ``None`` leaves deduplication to the cooldown.
     """
 
-    template_fields: Sequence[str] = ("detection", "actions", "cooldown_minutes")
+    template_fields: Sequence[str] = ("detection", "actions", "cooldown_minutes", "min_window_rows",
+                                      "retrain_dag_id")
 
     def __init__(self, *, detection: dict[str, Any], actions: dict[str, str] | None = None,
-                 cooldown_minutes: float = 60, mlflow_conn_id: str = MlflowHook.default_conn_name,
-                 **kwargs: Any) -> None:
+                 cooldown_minutes: float = 60, min_window_rows: int = 200, retrain_dag_id: str | None = None,
+                 mlflow_conn_id: str = MlflowHook.default_conn_name, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.detection = detection
         self.actions = actions
         self.cooldown_minutes = cooldown_minutes
+        self.min_window_rows = min_window_rows
+        self.retrain_dag_id = retrain_dag_id
         self.mlflow_conn_id = mlflow_conn_id
 
     def execute(self, context: Context) -> dict[str, Any]:
+        from airloop.steps.policy import decide
+
         detection = self.detection
-        actions = {"none": "log", "low": "log", "medium": "retrain", "high": "retrain", **(self.actions or {})}
-        if detection["verdict"] != "drift":
-            raise AirflowSkipException(f"verdict {detection['verdict']}: no action")
-        action = actions.get(detection["severity"], "log")
-        if action != "retrain":
-            raise AirflowSkipException(f"drift of severity {detection['severity']} maps to {action!r}")
+        model_name = detection.get("model_name")
+        if not model_name:
+            raise ValueError("'detection' has no 'model_name': pass DriftDetectRequestsOperator's result")
         hook = MlflowHook(mlflow_conn_id=self.mlflow_conn_id)
-        model = hook.client.get_registered_model(detection["model_name"])
-        last = float(model.tags.get(RETRAIN_REQUESTED_TAG, 0))
-        if time.time() - last < float(self.cooldown_minutes) * 60:
-            raise AirflowSkipException(
-                f"retrain already requested {time.time() - last:.0f}s ago (cooldown {self.cooldown_minutes} min)")
+        last = hook.client.get_registered_model(model_name).tags.get(RETRAIN_REQUESTED_TAG)
+        now = time.time()
+        decision = decide({
+            "detection": detection, "actions": self.actions, "cooldown_minutes": self.cooldown_minutes,
+            "min_window_rows": self.min_window_rows,
+            "last_requested_at": None if last is None else float(last),
+            "retrain_running": self._retrain_running(context), "now": now,
+        })
+        self.log.info("drift decision for %s: %s (%s) - %s", model_name, decision["action"], decision["code"],
+                      decision["reason"])
+        if decision["action"] != "none":
+            self._audit(hook, detection, decision, context)
+        if decision["action"] not in ("retrain", "retrain_with_approval"):
+            raise AirflowSkipException(decision["reason"])
+        # Last, so a task that failed before this point and is retried is not held back by its own cooldown.
+        hook.client.set_registered_model_tag(model_name, RETRAIN_REQUESTED_TAG, str(now))
         extra = {key: detection[key] for key in ("model_name", "champion", "severity", "drifted_features",
                                                  "report")}
+        if decision["action"] == "retrain_with_approval":
+            extra["approval_required"] = True
         for outlet in self.outlets:
             context["outlet_events"][outlet].extra = extra
-        hook.client.set_registered_model_tag(detection["model_name"], RETRAIN_REQUESTED_TAG, str(time.time()))
-        self.log.info("drift of severity %s on %s: retrain requested", detection["severity"],
-                      detection["drifted_features"])
-        return {"action": "retrain", **extra}
+        return {"action": decision["action"], "reason": decision["reason"], **extra}
+
+    def _retrain_running(self, context: Context) -> bool:
+        """Ask Airflow (through the Task SDK, no REST call) whether the retraining DAG has a live run."""
+        if not self.retrain_dag_id:
+            return False
+        return context["ti"].get_dr_count(dag_id=self.retrain_dag_id, states=["queued", "running"]) > 0
+
+    def _audit(self, hook: MlflowHook, detection: dict[str, Any], decision: dict[str, Any],
+               context: Context) -> None:
+        """Append the decision to the ``drift`` stage of the champion's audit record (the newest kept)."""
+        from airloop.steps.registry import MAX_AUDIT_RECORD_BYTES, append_audit, read_audit
+
+        keys = ("decided_at", "action", "code", "severity", "wanted")
+        entry = {**{key: decision[key] for key in keys}, "reason": decision["reason"][:1000],
+                 "report": detection.get("report"), "dag_run_id": context["run_id"]}
+        stages = read_audit(hook.tracking_uri, detection["model_name"], detection["champion"])["stages"]
+        earlier = next((s["record"]["decisions"] for s in stages if s["stage"] == "drift"), [])
+        decisions = [*earlier, entry][-AUDIT_DECISIONS:]
+        # A stage's record has a size limit: long reasons (a window naming many columns) push out old ones.
+        while len(decisions) > 1 and len(json.dumps({"decisions": decisions})) > MAX_AUDIT_RECORD_BYTES:
+            decisions.pop(0)
+        append_audit({"tracking_uri": hook.tracking_uri, "model_name": detection["model_name"],
+                      "version": detection["champion"], "stage": "drift", "record": {"decisions": decisions}})

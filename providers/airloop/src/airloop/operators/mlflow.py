@@ -39,9 +39,17 @@ class MlflowTrainModelOperator(_MlflowOperator):
     :param label_column: the target column.
     :param experiment: MLflow experiment name.
     :param validation: the data gate's result (usually the validation task's XCom), kept in the audit record.
+    :param parent_run_id: an MLflow run to nest this run under (tag ``mlflow.parentRunId``).
+
+    A hyperparameter search maps it over candidates, one task and one run each:
+    ``MlflowTrainModelOperator.partial(task_id="train", data_uri=...).expand(estimator_params=[...])``,
+    then ``MlflowSelectBestRunOperator`` picks the winner.
     """
 
-    template_fields: Sequence[str] = ("data_uri", "estimator", "estimator_params", "label_column", "experiment", "validation")
+    template_fields: Sequence[str] = (
+        "data_uri", "estimator", "estimator_params", "label_column", "experiment", "validation",
+        "parent_run_id",
+    )
     operator_extra_links = (MlflowRunLink(),)
 
     def __init__(
@@ -55,6 +63,7 @@ class MlflowTrainModelOperator(_MlflowOperator):
         test_size: float = 0.25,
         seed: int = 0,
         validation: dict[str, Any] | None = None,
+        parent_run_id: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -66,6 +75,7 @@ class MlflowTrainModelOperator(_MlflowOperator):
         self.test_size = test_size
         self.seed = seed
         self.validation = validation
+        self.parent_run_id = parent_run_id
 
     def execute(self, context: Context) -> dict[str, Any]:
         config = self.hook.step_config()
@@ -73,7 +83,7 @@ class MlflowTrainModelOperator(_MlflowOperator):
             "airloop.steps.train:train",
             {**config, "experiment": self.experiment, "data_uri": self.data_uri, "label": self.label_column,
              "estimator": self.estimator, "params": self.estimator_params or {}, "test_size": self.test_size,
-             "seed": self.seed, "tags": airflow_tags(context)},
+             "seed": self.seed, "tags": airflow_tags(context), "parent_run_id": self.parent_run_id},
             context,
         )
         self.persist_run_link(context, result["run_id"])
@@ -87,6 +97,42 @@ class MlflowTrainModelOperator(_MlflowOperator):
             append_audit({"tracking_uri": config["tracking_uri"], "run_id": result["run_id"], "stage": stage,
                           "record": record})
         self.log.info("run %s: %s", result["run_id"], result["metrics"])
+        return result
+
+
+class MlflowSelectBestRunOperator(_MlflowOperator):
+    """
+    Pick the best run of a hyperparameter search by ``metric`` and nest the candidates under one
+    parent run. Returns what ``MlflowTrainModelOperator`` returns for the winner (so evaluation,
+    conversion and registration follow unchanged), plus ``parent_run_id``, ``metric``, ``mode`` and
+    ``candidates``.
+
+    :param run_ids: the candidates' run ids, usually ``train.output["run_id"]`` of a mapped train task.
+    :param metric: a metric every candidate logged.
+    :param mode: ``"max"`` or ``"min"``.
+    """
+
+    template_fields: Sequence[str] = ("run_ids", "metric", "mode")
+    operator_extra_links = (MlflowRunLink(),)
+
+    def __init__(self, *, run_ids: Sequence[str], metric: str = "accuracy", mode: str = "max",
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.run_ids = run_ids
+        self.metric = metric
+        self.mode = mode
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        result = self.run_step(
+            "airloop.steps.select:select_best",
+            # A mapped upstream's XCom arrives as a lazy sequence: make it a JSON-able list.
+            {**self.hook.step_config(), "run_ids": list(self.run_ids), "metric": self.metric,
+             "mode": self.mode, "tags": airflow_tags(context)},
+            context,
+        )
+        self.persist_run_link(context, result["run_id"])
+        self.log.info("best of %d runs by %s (%s): %s", len(result["candidates"]), self.metric, self.mode,
+                      result["run_id"])
         return result
 
 

@@ -101,7 +101,10 @@ def merge_weights(current: dict[str, int], changes: dict[str, int]) -> dict[str,
 
 # kind -> class, or "module:Class" imported on first use (the local target needs httpx, which the
 # serving runtime, importing this package for the model class, does not have).
-_TARGETS: dict[str, type[ServingTarget] | str] = {"local": "airloop.serving.local:LocalServingTarget"}
+_TARGETS: dict[str, type[ServingTarget] | str] = {
+    "local": "airloop.serving.local:LocalServingTarget",
+    "seldon": "airloop.serving.seldon:SeldonKubernetesTarget",
+}
 
 
 def register_target(kind: str, cls: type[ServingTarget] | str) -> None:

@@ -13,7 +13,7 @@ import os
 import tempfile
 from typing import TYPE_CHECKING, Any
 
-from airloop.steps.train import resolve_model
+from airloop.steps.train import mlflow_calls, resolve_model
 
 if TYPE_CHECKING:
     import mlflow
@@ -23,7 +23,7 @@ CHALLENGER = "challenger"
 PREVIOUS = "previous"
 REJECTED_TAG = "airloop.rejected"
 AUDIT_PATH = "audit/loop.json"
-AUDIT_STAGES = ("trigger", "data", "validation", "training", "evaluation", "conversion", "rollout")
+AUDIT_STAGES = ("trigger", "data", "validation", "training", "evaluation", "conversion", "rollout", "drift")
 # The audit record is read whole by the UI; a stage stores a summary, not a report.
 MAX_AUDIT_RECORD_BYTES = 16_384
 
@@ -62,9 +62,16 @@ def _aliases(client: mlflow.MlflowClient, model_name: str) -> dict[str, str]:
 def register(request: dict[str, Any]) -> dict[str, Any]:
     """Register the run's model as a new version and give it ``champion`` (first) or ``challenger``.
 
-    Request ``{"tracking_uri", "model_name", "run_id", "model_uri", "tags"}`` ->
+    Request ``{"tracking_uri", "model_name", "run_id", "model_uri", "tags", "http"}`` ->
     ``{"version", "alias", "reused"}``; a version from the same run is reused, not duplicated.
+    The alias moves only after the version exists, so a failure in between leaves a version with no
+    alias, which the retry finds by its run and completes.
     """
+    with mlflow_calls(request):
+        return _register(request)
+
+
+def _register(request: dict[str, Any]) -> dict[str, Any]:
     from mlflow.exceptions import MlflowException
 
     name, run_id = request.get("model_name"), request.get("run_id")

@@ -9,10 +9,12 @@ request's tracking URI: steps share Airflow workers, so the global tracking URI 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import airloop
@@ -29,6 +31,15 @@ REFERENCE_PATH = "drift/reference.parquet"
 FINGERPRINT_PATH = "data/fingerprint.json"
 # Tags that identify one Airflow task instance: a finished run carrying the same values is reused.
 IDEMPOTENCY_TAGS = ("airflow.dag_id", "airflow.run_id", "airflow.task_id", "airflow.map_index")
+# MLflow marks a nested (child) run with this tag; its UI groups children under the parent.
+PARENT_RUN_TAG = "mlflow.parentRunId"
+# The request's "http" settings and the MLflow variables they set while a step talks to the server.
+HTTP_SETTINGS = {
+    "max_retries": ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", int),
+    "backoff_factor": ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", int),
+    "backoff_jitter": ("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", float),
+    "timeout": ("MLFLOW_HTTP_REQUEST_TIMEOUT", int),
+}
 # Types outside skops' built-in safe set that Airloop agrees to load. The allow-list lives here, in
 # the loader, not in the model's own MLmodel file, so a crafted artefact cannot widen it.
 SKOPS_TRUSTED_TYPES = frozenset(
@@ -45,8 +56,59 @@ SKOPS_TRUSTED_TYPES = frozenset(
 )
 
 
+class MlflowUnavailableError(RuntimeError):
+    """The MLflow server did not answer, or kept answering with errors, after its retries."""
+
+
+@contextlib.contextmanager
+def mlflow_calls(request: dict[str, Any]) -> Iterator[None]:
+    """Apply the request's ``http`` retry settings to MLflow's HTTP calls made inside the block.
+
+    MLflow reads its retry settings from the environment at every request, so they are set there
+    for the block only and restored afterwards (they hold no secrets). A server that stays
+    unreachable, or keeps failing with 5xx, becomes ``MlflowUnavailableError`` naming it.
+    """
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
+    from mlflow.exceptions import MlflowException
+
+    http = request.get("http") or {}
+    unknown = sorted(set(http) - HTTP_SETTINGS.keys())
+    if unknown:
+        raise ValueError(f"unknown 'http' settings {unknown}: choose from {sorted(HTTP_SETTINGS)}")
+    values = {}
+    for key, value in http.items():
+        variable, kind = HTTP_SETTINGS[key]
+        try:
+            values[variable] = str(kind(value))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"'http' setting {key!r} must be a {kind.__name__}, got {value!r}") from exc
+    saved = {variable: os.environ.get(variable) for variable in values}
+    os.environ.update(values)
+    try:
+        yield
+    except MlflowException as exc:
+        # MLflow's HTTP client words every transport failure (refused, timed out, retries exhausted) so.
+        if str(exc.message).startswith("API request to "):
+            raise MlflowUnavailableError(
+                f"MLflow server at {request.get('tracking_uri')} is unavailable after"
+                f" {MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()} retries: {exc.message}"
+            ) from exc
+        raise
+    finally:
+        for variable, value in saved.items():
+            if value is None:
+                os.environ.pop(variable, None)
+            else:
+                os.environ[variable] = value
+
+
 def train(request: dict[str, Any]) -> dict[str, Any]:
     """Fit ``estimator`` on a train split of ``data_uri`` and log the run; see docs/steps.md."""
+    with mlflow_calls(request):
+        return _train(request)
+
+
+def _train(request: dict[str, Any]) -> dict[str, Any]:
     import mlflow
 
     tracking_uri = _required(request, "tracking_uri")
@@ -58,11 +120,9 @@ def train(request: dict[str, Any]) -> dict[str, Any]:
         client, request.get("experiment", "airloop"), request.get("artifact_root")
     )
 
-    previous = _finished_run(client, experiment_id, tags)
+    previous = task_run(client, experiment_id, tags)
     if previous is not None:
-        run_id = previous.info.run_id
-        data_print = read_json_artifact(client, run_id, FINGERPRINT_PATH)
-        return _result(run_id, dict(previous.data.metrics), data_print, reused=True)
+        return run_result(client, previous, reused=True)
 
     frame = read_data(tracking_uri, data_uri, request.get("storage_options"))
     if label not in frame.columns:
@@ -80,6 +140,8 @@ def train(request: dict[str, Any]) -> dict[str, Any]:
         "airloop.data.sha256": data_print["sha256"],
         "airloop.data.rows": str(data_print["rows"]),
     }
+    if request.get("parent_run_id"):
+        run_tags[PARENT_RUN_TAG] = str(request["parent_run_id"])
     run = client.create_run(experiment_id, tags=run_tags)
     run_id = run.info.run_id
     try:
@@ -89,6 +151,13 @@ def train(request: dict[str, Any]) -> dict[str, Any]:
         raise
     client.set_terminated(run_id, status="FINISHED")
     return _result(run_id, metrics, data_print, reused=False)
+
+
+def run_result(client: mlflow.MlflowClient, run: mlflow.entities.Run, reused: bool) -> dict[str, Any]:
+    """The result ``train`` returns, for a run that ``train`` logged earlier."""
+    run_id = run.info.run_id
+    data_print = read_json_artifact(client, run_id, FINGERPRINT_PATH)
+    return _result(run_id, dict(run.data.metrics), data_print, reused=reused)
 
 
 def _fit_and_log(
@@ -163,15 +232,16 @@ def _required(request: dict[str, Any], key: str) -> Any:
     return request[key]
 
 
-def _finished_run(
-    client: mlflow.MlflowClient, experiment_id: str, tags: dict[str, str]
+def task_run(
+    client: mlflow.MlflowClient, experiment_id: str, tags: dict[str, str], finished: bool = True
 ) -> mlflow.entities.Run | None:
-    """The finished run of the same Airflow task instance, when the tags name one."""
+    """The newest (finished, unless ``finished=False``) run of the Airflow task instance the tags name."""
     key = {name: tags[name] for name in IDEMPOTENCY_TAGS if name in tags}
     if not {"airflow.dag_id", "airflow.run_id", "airflow.task_id"} <= key.keys():
         return None
     clauses = [f"tags.`{name}` = {_quote(value)}" for name, value in key.items()]
-    clauses.append("attributes.status = 'FINISHED'")
+    if finished:
+        clauses.append("attributes.status = 'FINISHED'")
     runs = client.search_runs(
         [experiment_id], " AND ".join(clauses), order_by=["attributes.start_time DESC"], max_results=1
     )

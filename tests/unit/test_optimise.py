@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.neural_network import MLPClassifier
+
+from airloop.steps import optimise
+from airloop.steps.convert import export_onnx
+from airloop.steps.data import FEATURES, generate
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory):
+    frame = generate(400, seed=3)
+    model = MLPClassifier(hidden_layer_sizes=(32,), max_iter=200, random_state=0)
+    model.fit(frame[FEATURES], frame["label"])
+    path = str(tmp_path_factory.mktemp("optimise") / "model.onnx")
+    export_onnx(model, path)
+    return {"path": path, "model": model, "rows": frame[FEATURES].to_numpy(dtype="float32")}
+
+
+def _speed(**rows_per_s: float) -> dict[str, dict[str, float]]:
+    return {name: {"p50_ms": 1e3 / value, "p99_ms": 2e3 / value, "rows_per_s": value}
+            for name, value in rows_per_s.items()}
+
+
+def _scores(**drops: float) -> dict[str, dict[str, float]]:
+    return {name: {"accuracy_drop": drop, "within_budget": drop <= 1.0} for name, drop in drops.items()}
+
+
+def test_variants_shrink_the_weights_and_stay_close_to_the_native_model(onnx_model, tmp_path):
+    rows, model = onnx_model["rows"], onnx_model["model"]
+    native = model.predict_proba(generate(400, seed=3)[FEATURES])
+    target = native.argmax(axis=1)
+    sizes, scores = {}, {}
+    for variant in optimise.VARIANTS:
+        xml = str(tmp_path / f"{variant}.xml")
+        optimise.write_variant(onnx_model["path"], len(FEATURES), variant, xml, calibration=rows[:100])
+        sizes[variant] = (tmp_path / f"{variant}.bin").stat().st_size
+        scores[variant] = optimise.agreement(optimise.openvino_predictor(xml)(rows), native, target)
+    assert sizes["fp16"] < 0.6 * sizes["fp32"] and sizes["int8"] < 0.5 * sizes["fp32"]
+    assert scores["fp32"]["max_abs_diff"] < 1e-5 and scores["fp32"]["accuracy"] == 1.0
+    assert scores["fp16"]["max_abs_diff"] < 1e-2 and scores["fp16"]["label_agreement"] > 0.99
+    assert scores["int8"]["label_agreement"] > 0.9
+    ort = optimise.onnx_runtime_predictor(onnx_model["path"])(rows)
+    assert np.abs(ort - native).max() < 1e-5
+
+
+def test_bad_variants_are_refused(onnx_model, tmp_path):
+    with pytest.raises(ValueError, match="unknown OpenVINO variant 'int4'"):
+        optimise.write_variant(onnx_model["path"], len(FEATURES), "int4", str(tmp_path / "m.xml"))
+    with pytest.raises(ValueError, match="int8 variant needs calibration rows"):
+        optimise.write_variant(onnx_model["path"], len(FEATURES), "int8", str(tmp_path / "m.xml"))
+
+
+def test_agreement_counts_accuracy_difference_and_label_agreement():
+    reference = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    proba = np.array([[0.7, 0.3], [0.3, 0.7], [0.4, 0.6]])
+    scores = optimise.agreement(proba, reference, np.array([0, 1, 0]))
+    assert scores == pytest.approx({"accuracy": 2 / 3, "max_abs_diff": 0.2, "label_agreement": 2 / 3})
+
+
+def test_benchmark_measures_every_predictor_on_its_inputs():
+    seen: dict[str, set[int]] = {"a": set(), "b": set()}
+    predictors = {name: (lambda rows, name=name: seen[name].add(len(rows))) for name in seen}
+    singles = {name: [[0.0]] * 3 for name in seen}
+    batch = {name: [[0.0]] * 64 for name in seen}
+    results = optimise.benchmark(predictors, singles, batch, batch_rows=64, calls=20, batch_calls=2)
+    assert seen == {"a": {1, 64}, "b": {1, 64}}
+    for numbers in results.values():
+        assert 0 < numbers["p50_ms"] <= numbers["p99_ms"] and numbers["rows_per_s"] > 0
+
+
+def test_select_takes_the_fastest_variant_within_budget():
+    speed = _speed(fp32=100.0, fp16=150.0, int8=400.0)
+    variant, reason = optimise.select(_scores(fp32=0.0, fp16=0.0, int8=2.5), speed, 1.0, "throughput")
+    assert variant == "fp16"
+    assert reason.startswith("fp16: best throughput within the 1-point accuracy budget")
+    assert "over budget: int8 (accuracy drop 2.50 points)" in reason
+
+
+def test_select_by_latency_takes_the_lowest_p50():
+    speed = {"fp32": {"p50_ms": 0.05, "p99_ms": 0.1, "rows_per_s": 10.0},
+             "int8": {"p50_ms": 0.08, "p99_ms": 0.1, "rows_per_s": 99.0}}
+    variant, _ = optimise.select(_scores(fp32=0.0, int8=0.0), speed, 1.0, "latency")
+    assert variant == "fp32"
+
+
+def test_select_reports_every_drop_when_no_variant_meets_the_budget():
+    scores, speed = _scores(fp16=1.5, int8=3.0), _speed(fp16=1.0, int8=2.0)
+    variant, reason = optimise.select(scores, speed, 1.0, "throughput")
+    assert variant is None
+    assert reason == ("no OpenVINO variant meets the 1-point accuracy budget: "
+                      "fp16 (accuracy drop 1.50 points), int8 (accuracy drop 3.00 points)")
+
+
+def test_verdict_says_when_openvino_loses_with_the_numbers():
+    ratios, summary = optimise.verdict("int8", _speed(native=100.0, onnxruntime=1000.0, int8=500.0))
+    assert ratios["throughput_vs_native"] == pytest.approx(5.0)
+    assert ratios["throughput_vs_onnxruntime"] == pytest.approx(0.5)
+    assert "does not win everywhere" in summary and "throughput vs onnxruntime 0.50x" in summary
+    _, summary = optimise.verdict("int8", _speed(native=100.0, onnxruntime=200.0, int8=500.0))
+    assert summary == "OpenVINO int8 is faster than both peers at both batch sizes"

@@ -1,0 +1,142 @@
+"""The retraining policy: every decision and its reason, and no retrain storm."""
+
+from __future__ import annotations
+
+import pytest
+
+from airloop.steps.policy import DEFAULT_ACTIONS, decide
+
+NOW = 1_700_000_000.0
+
+
+def drift(severity: str = "high", rows: int = 1000) -> dict:
+    return {"verdict": "drift", "severity": severity, "n_current": rows, "model_name": "m", "champion": "1",
+            "drifted_features": ["f1"], "report": "drift/m/x/report.json"}
+
+
+def request(**overrides) -> dict:
+    return {"detection": drift(), "cooldown_minutes": 60, "min_window_rows": 200, "last_requested_at": None,
+            "retrain_running": False, "now": NOW, **overrides}
+
+
+def test_drift_with_nothing_in_the_way_requests_a_retrain():
+    decision = decide(request())
+    assert decision == {
+        "action": "retrain", "code": "retrain_requested",
+        "reason": "drift of severity 'high' maps to 'retrain'",
+        "verdict": "drift", "severity": "high", "wanted": "retrain",
+        "decided_at": "2023-11-14T22:13:20+00:00", "cooldown_until": None,
+    }
+
+
+@pytest.mark.parametrize(("verdict", "action", "code"), [
+    ("no_drift", "none", "no_drift"),
+    ("insufficient_data", "none", "insufficient_data"),
+    ("invalid_window", "log", "invalid_window"),
+])
+def test_windows_without_a_drift_verdict_never_retrain(verdict, action, code):
+    detection = {"verdict": verdict, "severity": "none", "n_current": 10, "message": "missing column f3"}
+    decision = decide(request(detection=detection))
+    assert (decision["action"], decision["code"], decision["wanted"]) == (action, code, None)
+    assert decision["reason"]
+    if verdict != "no_drift":
+        assert "missing column f3" in decision["reason"]
+
+
+@pytest.mark.parametrize("severity", ["none", "low", "medium", "high"])
+def test_default_severity_map(severity):
+    decision = decide(request(detection=drift(severity)))
+    assert decision["action"] == DEFAULT_ACTIONS[severity]
+    assert decision["code"] == ("retrain_requested" if DEFAULT_ACTIONS[severity] == "retrain"
+                                else "severity_maps_to_log")
+    assert repr(severity) in decision["reason"]
+
+
+def test_severity_map_overrides_defaults_and_can_require_approval():
+    actions = {"low": "retrain", "high": "retrain_with_approval"}
+    assert decide(request(detection=drift("low"), actions=actions))["action"] == "retrain"
+    assert decide(request(detection=drift("medium"), actions=actions))["action"] == "retrain"  # default kept
+    approval = decide(request(detection=drift("high"), actions=actions))
+    assert (approval["action"], approval["wanted"]) == ("retrain_with_approval", "retrain_with_approval")
+    logged = decide(request(detection=drift("high"), actions={"high": "log"}))
+    assert (logged["action"], logged["code"]) == ("log", "severity_maps_to_log")
+
+
+def test_minimum_window_size():
+    small = decide(request(detection=drift(rows=199)))
+    assert (small["action"], small["code"], small["wanted"]) == ("log", "window_too_small", "retrain")
+    assert "199 rows" in small["reason"] and "200" in small["reason"]
+    assert decide(request(detection=drift(rows=200)))["action"] == "retrain"
+    unknown = decide(request(detection={k: v for k, v in drift().items() if k != "n_current"}))
+    assert unknown["code"] == "window_too_small"
+
+
+def test_dedupe_while_a_retrain_is_running():
+    decision = decide(request(retrain_running=True))
+    assert (decision["action"], decision["code"], decision["wanted"]) == ("log", "retrain_running", "retrain")
+    assert "already queued or running" in decision["reason"]
+
+
+def test_cooldown_holds_until_it_ends():
+    held = decide(request(last_requested_at=NOW - 59 * 60))
+    assert (held["action"], held["code"]) == ("log", "cooldown")
+    assert held["cooldown_until"] == "2023-11-14T22:14:20+00:00"
+    assert "3540 s ago" in held["reason"] and "60 min" in held["reason"]
+    assert decide(request(last_requested_at=NOW - 60 * 60))["action"] == "retrain"
+    assert decide(request(last_requested_at=NOW - 10, cooldown_minutes=0))["action"] == "retrain"
+
+
+def test_checks_run_in_the_documented_order():
+    # Everything that could hold a retrain back at once: the earliest check names the reason.
+    blocked = request(detection=drift(rows=5), retrain_running=True, last_requested_at=NOW)
+    assert decide(blocked)["code"] == "window_too_small"
+    assert decide({**blocked, "detection": drift()})["code"] == "retrain_running"
+    assert decide({**blocked, "detection": drift(), "retrain_running": False})["code"] == "cooldown"
+    assert decide({**blocked, "detection": drift("low")})["code"] == "severity_maps_to_log"
+
+
+def test_retrain_storm_yields_exactly_one_retrain():
+    """Drift on every window: ten decisions a minute apart within a 60-minute cooldown request one retrain."""
+    last, actions = None, []
+    for minute in range(10):
+        decision = decide(request(last_requested_at=last, now=NOW + 60 * minute))
+        actions.append(decision["action"])
+        if decision["action"] == "retrain":
+            last = NOW + 60 * minute  # what the operator records (the registered-model tag)
+        else:
+            assert decision["code"] == "cooldown"
+    assert actions == ["retrain"] + ["log"] * 9
+    # The shift persists: the first window after the cooldown asks again, once.
+    assert decide(request(last_requested_at=last, now=NOW + 3600))["action"] == "retrain"
+
+
+def test_the_same_inputs_give_the_same_decision():
+    assert decide(request(last_requested_at=NOW - 30)) == decide(request(last_requested_at=NOW - 30))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"detection": None}, "'detection' must be a drift result"),
+    ({"detection": {"verdict": "maybe"}}, "'detection' must be a drift result"),
+    ({"detection": {**drift(), "severity": "extreme"}}, "severity must be one of"),
+    ({"actions": {"critical": "retrain"}}, "'actions' keys must be severities"),
+    ({"actions": {"high": "retrain_and_page"}}, "'actions' values must be one of"),
+    ({"cooldown_minutes": -1}, "'cooldown_minutes' must be a finite number >= 0"),
+    ({"cooldown_minutes": "soon"}, "'cooldown_minutes' must be a number"),
+    ({"min_window_rows": float("nan")}, "'min_window_rows' must be a finite number"),
+    ({"last_requested_at": "yesterday"}, "'last_requested_at' must be a number"),
+    ({"window": 5}, "unknown policy request keys: \\['window'\\]"),
+])
+def test_bad_requests_name_the_problem(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        decide(request(**overrides))
+
+
+def test_now_is_required():
+    with pytest.raises(ValueError, match="missing 'now'"):
+        decide({k: v for k, v in request().items() if k != "now"})
+
+
+def test_templated_numbers_are_accepted():
+    # Operator arguments rendered from Jinja arrive as strings.
+    decision = decide(request(cooldown_minutes="60", min_window_rows="200", last_requested_at=NOW - 30))
+    assert decision["code"] == "cooldown"
