@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
 import threading
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ from typing import Any
 import numpy as np
 
 MANIFEST = "manifest.json"
+# Infer requests shared by the server's threads (Seldon's --threads); more threads wait for a free one.
+INFER_REQUESTS = 4
 MANIFEST_FORMAT = "openvino-ir"
 
 
@@ -89,8 +92,9 @@ class OpenVinoModel:
         self.precision_hint = precision_hint
         self._compiled: Any = None
         self._manifest: dict[str, Any] = {}
-        # Seldon's gthread workers call predict() from several threads: one InferRequest per thread.
+        # Seldon's gthread workers call predict() from several threads: per-thread metrics, pooled requests.
         self._local = threading.local()
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
 
     def load(self) -> None:
         manifest = read_verified_manifest(Path(self.model_dir))
@@ -100,15 +104,16 @@ class OpenVinoModel:
         model = core.read_model(str(Path(self.model_dir) / "model.xml"))
         self._compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": self.precision_hint})
         self._manifest = manifest
+        # Infer requests are made and run once here, one thread at a time: the first inferences of a
+        # freshly compiled model racing in the server's threads have hung the server.
+        warm_up = np.zeros((1, len(manifest["feature_names"])), dtype=np.float32)
+        for _ in range(INFER_REQUESTS):
+            request = self._compiled.create_infer_request()
+            request.infer({0: warm_up})
+            self._requests.put(request)
 
     def class_names(self) -> list[str]:
         return [str(c) for c in self._manifest["classes"]]
-
-    def _infer_request(self) -> Any:
-        request = getattr(self._local, "request", None)
-        if request is None:
-            request = self._local.request = self._compiled.create_infer_request()
-        return request
 
     def predict(self, X: Any, features_names: list[str] | None = None,
                 meta: dict | None = None) -> np.ndarray:
@@ -124,8 +129,12 @@ class OpenVinoModel:
         if rows.ndim != 2 or rows.shape[1] != len(expected):
             raise _bad_input(f"expected rows of {len(expected)} features, got shape {list(rows.shape)}")
         start = time.perf_counter()
-        result = self._infer_request().infer({0: rows})
-        probabilities = np.array(result[self._compiled.output(0)], dtype=np.float64)
+        request = self._requests.get()  # waits while every request is busy
+        try:
+            result = request.infer({0: rows})
+            probabilities = np.array(result[self._compiled.output(0)], dtype=np.float64)
+        finally:
+            self._requests.put(request)
         elapsed_ms = (time.perf_counter() - start) * 1e3
         self._local.pending = [
             {"type": "COUNTER", "key": "airloop_model_rows_total", "value": len(rows)},
