@@ -64,7 +64,8 @@ def champions():
 
     client = MlflowClient(settings.mlflow_tracking_uri())
     for name in MODELS:
-        run = client.create_run(client.create_experiment(name))
+        experiment = client.create_experiment(name, artifact_location=settings.mlflow_artifact_root())
+        run = client.create_run(experiment)
         client.set_terminated(run.info.run_id)
         client.create_registered_model(name)
         version = client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
