@@ -32,7 +32,7 @@ test: setup
 # Airflow's own UI on the reference DAGs (the admin password is printed once, and kept in
 # .airloop/airflow/simple_auth_manager_passwords.json.generated).
 airflow: setup
-	AIRFLOW_HOME=$(CURDIR)/.airloop/airflow AIRLOOP_HOME=$(CURDIR)/.airloop \
+	PATH=$(CURDIR)/.venv/bin:$$PATH AIRFLOW_HOME=$(CURDIR)/.airloop/airflow AIRLOOP_HOME=$(CURDIR)/.airloop \
 	AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins \
 	AIRFLOW__CORE__LOAD_EXAMPLES=False AIRFLOW__CORE__PARALLELISM=4 AIRFLOW__API__HOST=127.0.0.1 \
 	.venv/bin/airflow standalone
