@@ -73,6 +73,12 @@ def test_first_turn_makes_and_serves_the_champion(first_turn):
     from airloop.steps.registry import aliases
 
     assert aliases(settings.mlflow_tracking_uri(), MODEL) == {"champion": "1"}
+    from airloop.steps.registry import read_audit
+
+    audit = read_audit(settings.mlflow_tracking_uri(), MODEL, "1")
+    assert [s["stage"] for s in audit["stages"]] == ["trigger", "validation", "training", "evaluation",
+                                                     "conversion", "rollout"]
+    assert audit["stages"][1]["record"]["success"] is True
     state = get_target("local").state(DEPLOYMENT)
     assert {n: p["weight"] for n, p in state["predictors"].items()} == {"v1": 100}
 

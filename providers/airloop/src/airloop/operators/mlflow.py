@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 from airflow.sdk import Context
@@ -18,7 +19,7 @@ class _MlflowOperator(StepOperator):
         super().__init__(**kwargs)
         self.mlflow_conn_id = mlflow_conn_id
 
-    @property
+    @cached_property
     def hook(self) -> MlflowHook:
         return MlflowHook(mlflow_conn_id=self.mlflow_conn_id)
 
@@ -26,6 +27,12 @@ class _MlflowOperator(StepOperator):
         run = self.hook.client.get_run(run_id)
         MlflowRunLink.persist(context, ui_url=self.hook.ui_url, experiment_id=run.info.experiment_id,
                               run_id=run_id)
+
+    def audit(self, run_id: str, stage: str, record: dict[str, Any]) -> None:
+        """Add this turn's ``stage`` to the audit record kept in the training run."""
+        from airloop.steps.registry import append_audit
+
+        append_audit({"tracking_uri": self.hook.tracking_uri, "run_id": run_id, "stage": stage, "record": record})
 
 
 class MlflowTrainModelOperator(_MlflowOperator):
@@ -78,24 +85,19 @@ class MlflowTrainModelOperator(_MlflowOperator):
         self.parent_run_id = parent_run_id
 
     def execute(self, context: Context) -> dict[str, Any]:
-        config = self.hook.step_config()
         result = self.run_step(
             "airloop.steps.train:train",
-            {**config, "experiment": self.experiment, "data_uri": self.data_uri, "label": self.label_column,
+            {**self.hook.step_config(), "experiment": self.experiment, "data_uri": self.data_uri,
+             "label": self.label_column,
              "estimator": self.estimator, "params": self.estimator_params or {}, "test_size": self.test_size,
              "seed": self.seed, "tags": airflow_tags(context), "parent_run_id": self.parent_run_id},
             context,
         )
         self.persist_run_link(context, result["run_id"])
-        from airloop.steps.registry import append_audit
-
-        for stage, record in (
-            ("trigger", loop_trigger(context)),
-            ("validation", self.validation or {}),
-            ("training", {key: result[key] for key in ("run_id", "model_uri", "metrics", "fingerprint")}),
-        ):
-            append_audit({"tracking_uri": config["tracking_uri"], "run_id": result["run_id"], "stage": stage,
-                          "record": record})
+        self.audit(result["run_id"], "trigger", loop_trigger(context))
+        self.audit(result["run_id"], "validation", self.validation or {})
+        self.audit(result["run_id"], "training",
+                   {key: result[key] for key in ("run_id", "model_uri", "metrics", "fingerprint")})
         self.log.info("run %s: %s", result["run_id"], result["metrics"])
         return result
 
@@ -159,18 +161,14 @@ class MlflowEvaluateChallengerOperator(_MlflowOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         self.persist_run_link(context, self.run_id)
-        config = self.hook.step_config()
         verdict = self.run_step(
             "airloop.steps.evaluate:evaluate",
-            {**config, "model_name": self.model_name, "challenger_run_id": self.run_id,
+            {**self.hook.step_config(), "model_name": self.model_name, "challenger_run_id": self.run_id,
              "data_uri": self.data_uri, "label": self.label_column, "metric": self.metric, "margin": self.margin,
              "alpha": self.alpha},
             context,
         )
-        from airloop.steps.registry import append_audit
-
-        append_audit({"tracking_uri": config["tracking_uri"], "run_id": self.run_id, "stage": "evaluation",
-                      "record": verdict})
+        self.audit(self.run_id, "evaluation", verdict)
         self.log.info("evaluation verdict %s (%s): %s", verdict["verdict"], verdict["rule"], verdict)
         if verdict["verdict"] != "pass":
             raise AirflowFailException(

@@ -54,10 +54,10 @@ class OpenvinoConvertModelOperator(_MlflowOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         self.persist_run_link(context, self.run_id)
-        config = self.hook.step_config()
         result = self.run_step(
             "airloop.steps.convert:convert",
-            {**config, "run_id": self.run_id, "model_uri": self.model_uri or f"runs:/{self.run_id}/model",
+            {**self.hook.step_config(), "run_id": self.run_id,
+             "model_uri": self.model_uri or f"runs:/{self.run_id}/model",
              "holdout_uri": self.holdout_uri, "label": self.label_column, "tolerance": self.tolerance,
              "min_label_agreement": self.min_label_agreement,
              "variants": list(self.variants) if self.variants else None,
@@ -65,10 +65,7 @@ class OpenvinoConvertModelOperator(_MlflowOperator):
              "calibration_uri": self.calibration_uri},
             context,
         )
-        from airloop.steps.registry import append_audit
-
-        append_audit({"tracking_uri": config["tracking_uri"], "run_id": self.run_id, "stage": "conversion",
-                      "record": result})
+        self.audit(self.run_id, "conversion", result)
         parity = result["parity"]
         self.log.info("OpenVINO fp32 parity: max abs diff %.3g, label agreement %.4f", parity["max_abs_diff"],
                       parity["label_agreement"])

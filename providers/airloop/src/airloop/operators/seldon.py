@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
+from functools import cached_property
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context, conf
@@ -84,11 +85,11 @@ class SeldonRolloutChallengerOperator(BaseOperator):
 
     # -- helpers -------------------------------------------------------------------------------
 
-    @property
+    @cached_property
     def mlflow(self) -> MlflowHook:
         return MlflowHook(mlflow_conn_id=self.mlflow_conn_id)
 
-    @property
+    @cached_property
     def serving(self) -> ServingHook:
         return ServingHook(serving_conn_id=self.serving_conn_id)
 
