@@ -1,6 +1,8 @@
 """
-Drift monitor: test the requests the champion served against what it learned from; when the drift is
-severe enough, update the drift Asset, which schedules a retraining turn of ``airloop_loop``.
+Drift monitor: test the requests the champion served (or a data window, ``AIRLOOP_DRIFT_WINDOW_URI``)
+against what it learned from; when the drift is severe enough, update the drift Asset, which schedules a
+retraining turn of ``airloop_loop``. ``AIRLOOP_DRIFT_METHOD=mmd`` tests all features together with
+alibi-detect's MMD in the ``torch`` runtime instead of one test per feature.
 """
 
 from __future__ import annotations
@@ -10,10 +12,18 @@ import os
 from airflow.sdk import Param, dag
 
 from airloop.assets import drift_asset
-from airloop.operators.drift import DriftDecideRetrainOperator, DriftDetectRequestsOperator
+from airloop.operators.drift import (
+    DriftDecideRetrainOperator,
+    DriftDetectDataOperator,
+    DriftDetectRequestsOperator,
+)
 
 MODEL_NAME = os.environ.get("AIRLOOP_MODEL_NAME", "airloop-classifier")
 DEPLOYMENT = os.environ.get("AIRLOOP_DEPLOYMENT", "airloop")
+METHOD = os.environ.get("AIRLOOP_DRIFT_METHOD", "univariate")
+# A table to test instead of the logged requests: parquet/CSV path or URI, or a Feast training set.
+WINDOW_URI = os.environ.get("AIRLOOP_DRIFT_WINDOW_URI")
+WINDOW_CONN_ID = os.environ.get("AIRLOOP_DRIFT_WINDOW_CONN_ID")
 
 
 @dag(
@@ -29,12 +39,13 @@ DEPLOYMENT = os.environ.get("AIRLOOP_DEPLOYMENT", "airloop")
     doc_md=__doc__,
 )
 def airloop_drift_monitor():
-    detect = DriftDetectRequestsOperator(
-        task_id="detect",
-        model_name=MODEL_NAME,
-        deployment=DEPLOYMENT,
-        window_minutes="{{ params.window_minutes }}",
-    )
+    common = {"model_name": MODEL_NAME, "method": METHOD, "runtime": "torch" if METHOD == "mmd" else "serving"}
+    if WINDOW_URI:
+        detect = DriftDetectDataOperator(task_id="detect", window_uri=WINDOW_URI, window_conn_id=WINDOW_CONN_ID,
+                                         **common)
+    else:
+        detect = DriftDetectRequestsOperator(task_id="detect", deployment=DEPLOYMENT,
+                                             window_minutes="{{ params.window_minutes }}", **common)
     DriftDecideRetrainOperator(
         task_id="decide",
         detection=detect.output,

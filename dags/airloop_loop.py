@@ -4,6 +4,10 @@ The closed loop, one turn: validate -> train -> evaluate vs champion -> convert 
 Runs when the drift monitor asks for a retrain (the drift Asset) or when triggered by hand. The first
 turn of a registered model makes the champion; later turns make a challenger that must win its
 offline evaluation, pass the OpenVINO parity gate and survive a canary rollout before it is promoted.
+
+The training set is ``data_uri`` (``source=file``, the default) or, with ``source=feast``, built by
+Feast: the ``training`` feature service joined point-in-time onto ``entity_rows`` (see
+``airloop_features`` and docs/features.md).
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from airflow.sdk import Param, dag
+from airflow.sdk import Param, dag, task
 
 from airloop import settings
 from airloop.assets import drift_asset
+from airloop.operators.feast import FeastBuildTrainingSetOperator
 from airloop.operators.great_expectations import GreatExpectationsValidateDataOperator
 from airloop.operators.mlflow import (
     MlflowEvaluateChallengerOperator,
@@ -31,6 +36,11 @@ TRAINING_DATA = os.environ.get("AIRLOOP_TRAINING_DATA", str(settings.home() / "i
 # Minimum length of each canary analysis window; the embedded default's busy clients need only a few seconds.
 ANALYSIS_SECONDS = float(os.environ.get("AIRLOOP_ANALYSIS_SECONDS", 30))
 SUITE = str(Path(__file__).parent / "expectations" / "training_data.json")
+# "file": train on data_uri; "feast": build the training set from Feast's offline store first.
+SOURCE = os.environ.get("AIRLOOP_TRAINING_SOURCE", "file")
+ENTITY_ROWS = os.environ.get("AIRLOOP_ENTITY_ROWS", str(settings.feast_dir() / "entity_rows.parquet"))
+# The training set of this run: Feast's when the training_set task ran, else data_uri.
+DATA_URI = "{{ ti.xcom_pull(task_ids='training_set', key='uri') or params.data_uri }}"
 
 
 @dag(
@@ -41,17 +51,27 @@ SUITE = str(Path(__file__).parent / "expectations" / "training_data.json")
     tags=["airloop"],
     params={
         "data_uri": Param(TRAINING_DATA, type="string", description="training set: parquet or CSV"),
+        "source": Param(SOURCE, enum=["file", "feast"], description="data_uri, or a training set from Feast"),
+        "entity_rows": Param(ENTITY_ROWS, type="string",
+                             description="for source=feast: observation_id, event_timestamp, label"),
         "analysis_seconds": Param(ANALYSIS_SECONDS, type="number", description="canary analysis window per step"),
     },
     doc_md=__doc__,
 )
 def airloop_loop():
+    @task.branch(task_id="source")
+    def choose_source(params=None) -> list[str]:
+        return ["training_set"] if params["source"] == "feast" else []
+
+    training_set = FeastBuildTrainingSetOperator(
+        task_id="training_set", entity_rows="{{ params.entity_rows }}", feature_service="training"
+    )
     validate = GreatExpectationsValidateDataOperator(
-        task_id="validate", data_uri="{{ params.data_uri }}", suite_path=SUITE
+        task_id="validate", data_uri=DATA_URI, suite_path=SUITE, trigger_rule="none_failed"
     )
     train = MlflowTrainModelOperator(
         task_id="train",
-        data_uri="{{ params.data_uri }}",
+        data_uri=DATA_URI,
         estimator="sklearn.neural_network.MLPClassifier",
         estimator_params={"hidden_layer_sizes": [32, 16], "max_iter": 300, "random_state": 0},
         validation=validate.output,
@@ -72,7 +92,7 @@ def airloop_loop():
         deployment=DEPLOYMENT,
         analysis_seconds="{{ params.analysis_seconds }}",
     )
-    validate >> train >> evaluate >> convert >> register >> rollout
+    choose_source() >> training_set >> validate >> train >> evaluate >> convert >> register >> rollout
 
 
 airloop_loop()

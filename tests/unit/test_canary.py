@@ -125,3 +125,109 @@ def test_latency_jitter_within_the_absolute_slack_passes():
     result = analyse(_request(_stats(800, 0, 400, 360, latency_ms=3), _stats(200, 0, 100, 90, latency_ms=15)))
     assert result["tests"]["latency"]["status"] == "pass"
     assert result["verdict"] == "pass"
+
+
+# -- shadow mode: the diff of two predictors' answers to the same traffic ------------------------------
+
+def _shadow_stats(requests: int, predicted: dict[str, int], pairs: int | None = None, agreements: int = 0,
+                  errors: int = 0, latency_ms: float = 3.0) -> dict:
+    stats = {**_stats(requests, errors, latency_ms=latency_ms), "predicted": predicted}
+    if pairs is not None:
+        stats.update(pairs=pairs, agreements=agreements)
+    return stats
+
+
+def _shadow(champion: dict, challenger: dict, **criteria) -> dict:
+    return {"mode": "shadow", "before": {}, "after": {"v3": champion, "v4": challenger},
+            "champion": "v3", "challenger": "v4", "criteria": criteria}
+
+
+def test_shadow_passes_when_the_answers_agree():
+    champion = _shadow_stats(1000, {"0": 520, "1": 480}, pairs=0)
+    challenger = _shadow_stats(1000, {"0": 510, "1": 490}, pairs=1000, agreements=960)
+    result = analyse(_shadow(champion, challenger))
+    assert result["verdict"] == "pass", result["reasons"]
+    assert result["mode"] == "shadow" and set(result["tests"]) == {"errors", "latency", "agreement",
+                                                                    "distribution"}
+    assert result["challenger"]["agreement"] == pytest.approx(0.96)
+    assert result["tests"]["distribution"]["distance"] == pytest.approx(0.01)
+    assert "accuracy" not in result["tests"]  # shadow answers reach no client, so no feedback is theirs
+
+
+def test_shadow_fails_on_low_agreement_even_with_the_same_class_mix():
+    # A model answering at random has the champion's class mix but agrees half the time.
+    champion = _shadow_stats(1000, {"0": 500, "1": 500}, pairs=0)
+    challenger = _shadow_stats(1000, {"0": 500, "1": 500}, pairs=1000, agreements=510)
+    result = analyse(_shadow(champion, challenger))
+    assert result["verdict"] == "fail"
+    assert result["tests"]["agreement"]["status"] == "fail"
+    assert result["tests"]["distribution"]["status"] == "pass"
+    assert any(r.startswith("agreement: agreement 0.5100") for r in result["reasons"])
+
+
+def test_shadow_fails_on_a_shifted_output_distribution():
+    champion = _shadow_stats(1000, {"0": 500, "1": 500}, pairs=0)
+    challenger = _shadow_stats(1000, {"0": 800, "1": 200}, pairs=1000, agreements=900)
+    result = analyse(_shadow(champion, challenger, min_agreement=0.5))
+    assert result["tests"]["distribution"]["status"] == "fail"
+    assert result["tests"]["distribution"]["distance"] == pytest.approx(0.3)
+    assert result["tests"]["distribution"]["p_value"] < 1e-6
+    assert result["verdict"] == "fail"
+
+
+def test_shadow_distance_within_noise_passes():
+    # 0.12 apart but on 60 rows each: above the limit, not significantly so.
+    champion = _shadow_stats(60, {"0": 30, "1": 30}, pairs=0)
+    challenger = _shadow_stats(60, {"0": 37, "1": 23}, pairs=60, agreements=55)
+    result = analyse(_shadow(champion, challenger, min_requests=50, min_pairs=50))
+    assert result["tests"]["distribution"]["distance"] > 0.1
+    assert result["tests"]["distribution"]["status"] == "pass"
+
+
+def test_shadow_fails_on_errors_and_latency_of_the_mirrored_requests():
+    champion = _shadow_stats(1000, {"0": 500, "1": 500}, pairs=0)
+    failing = _shadow_stats(1000, {"0": 250, "1": 250}, pairs=500, agreements=490, errors=500)
+    assert analyse(_shadow(champion, failing))["tests"]["errors"]["status"] == "fail"
+    slow = _shadow_stats(1000, {"0": 500, "1": 500}, pairs=1000, agreements=990, latency_ms=60)
+    assert analyse(_shadow(champion, slow))["tests"]["latency"]["status"] == "fail"
+
+
+def test_shadow_waits_for_enough_mirrored_rows():
+    champion = _shadow_stats(1000, {"0": 500, "1": 500}, pairs=0)
+    challenger = _shadow_stats(60, {"0": 30, "1": 30}, pairs=40, agreements=40)
+    result = analyse(_shadow(champion, challenger))
+    assert result["verdict"] == "wait"
+    assert result["tests"]["agreement"]["status"] == result["tests"]["distribution"]["status"] == "wait"
+
+
+def test_shadow_without_recorded_pairs_skips_agreement_only():
+    # Seldon on Kubernetes: Prometheus knows each predictor's answers, not the pairs.
+    champion = _shadow_stats(1000, {"0": 500, "1": 500})
+    challenger = _shadow_stats(1000, {"0": 505, "1": 495})
+    result = analyse(_shadow(champion, challenger))
+    assert result["tests"]["agreement"]["status"] == "skipped"
+    assert result["verdict"] == "pass"
+    assert result["challenger"]["pairs"] is None
+
+
+def test_shadow_window_subtracts_before_and_bad_modes_are_named():
+    before = {"v4": _shadow_stats(500, {"0": 250, "1": 250}, pairs=500, agreements=250)}
+    request = _shadow(_shadow_stats(1000, {"0": 500, "1": 500}, pairs=0),
+                      _shadow_stats(1500, {"0": 750, "1": 750}, pairs=1500, agreements=1250))
+    result = analyse({**request, "before": before})
+    assert result["challenger"]["pairs"] == 1000 and result["challenger"]["agreement"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        analyse({**request, "mode": "blue-green"})
+    with pytest.raises(ValueError, match="'min_agreement' is a fraction"):
+        analyse(_shadow({}, {}, min_agreement=90))
+
+
+def test_chi2_sf_matches_scipy():
+    from scipy.stats import chi2
+
+    from airloop.steps.canary import chi2_sf
+
+    for dof in (1, 2, 3, 4, 7):
+        for x in (0.05, 1.0, 3.84, 12.0, 40.0):
+            assert chi2_sf(x, dof) == pytest.approx(chi2.sf(x, dof), rel=1e-9, abs=1e-15)
+    assert chi2_sf(5.0, 0) == 1.0

@@ -1,8 +1,9 @@
 """Drift detection: one conformance suite that every backend passes, and the two backends agree.
 
 The scipy backend runs in this process. The alibi backend needs alibi-detect (numpy<2), which lives
-only in the ``serving`` runtime: its cases run there, all in one subprocess, and are skipped with the
-reason when that runtime is missing or cannot run the step.
+only in the runtimes: its cases run in the ``serving`` runtime (its ``mmd`` method in the ``torch``
+runtime), all in one subprocess each, and are skipped with the reason when that runtime is missing or
+cannot run the step.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from airloop import runtimes
 from airloop.steps import drift
 
 BACKENDS = ["scipy", "alibi"]
-NULL_WINDOWS = 60
+NULL_WINDOWS = 60  # per backend, through the whole step (files, and the runtime hop for alibi)
+FALSE_ALARM_WINDOWS = 400  # in this process, with the scipy detector alone
+P_VAL = 0.05
 ODD_NAME = '<b>x&"y"</b>'
 
 
@@ -39,10 +42,22 @@ def _frame(rng: np.random.Generator, rows: int, *, numeric: int = 4, shift: dict
     return frame
 
 
-def _write(folder: Path, name: str, frame: pd.DataFrame) -> str:
-    path = folder / f"{name}.parquet"
-    frame.to_parquet(path)
+def _write(folder: Path, name: str, frame: pd.DataFrame, suffix: str = ".parquet") -> str:
+    path = folder / f"{name}{suffix}"
+    if suffix == ".csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path)
     return str(path)
+
+
+def _numeric(rng: np.random.Generator, rows: int, *, shift: float = 0.0, correlation: float = 0.0) -> pd.DataFrame:
+    """Five standard normal columns; ``shift`` moves x2's mean, ``correlation`` couples x1 to x0
+    (each column's own distribution stays standard normal, so no single-feature test can see it)."""
+    x = rng.normal(size=(rows, 5))
+    x[:, 1] = correlation * x[:, 0] + np.sqrt(1 - correlation**2) * x[:, 1]
+    x[:, 2] += shift
+    return pd.DataFrame(x, columns=[f"x{i}" for i in range(5)])
 
 # Cheap on purpose: importing alibi-detect takes seconds, so only look for it; reading Parquet is real.
 _PROBE = (
@@ -59,8 +74,9 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]
     reference = _write(folder, "reference", _frame(rng, 3000))
     wide = _write(folder, "wide", _frame(rng, 3000, numeric=20))
 
-    def case(current: pd.DataFrame, ref: str = reference, **options: Any) -> dict[str, Any]:
-        current_uri = _write(folder, f"current{len(written)}", current)
+    def case(current: pd.DataFrame, ref: str = reference, suffix: str = ".parquet",
+             **options: Any) -> dict[str, Any]:
+        current_uri = _write(folder, f"current{len(written)}", current, suffix)
         return {"reference_uri": ref, "current_uri": current_uri, **options}
 
     written: dict[str, dict[str, Any]] = {}
@@ -85,12 +101,13 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]
         "wrong_type": lambda: case(wrong),
         "subset": lambda: case(_frame(rng, 2000, shift={"x0": 1.0}), features=["x1", "x2"]),
         "report": lambda: case(odd_current, _write(folder, "odd", odd_reference), report_dir=True),
+        "csv_same": lambda: case(_frame(rng, 2000), suffix=".csv"),
+        "csv_mean": lambda: case(_frame(rng, 2000, shift={"x0": 0.3}), suffix=".csv"),
     }.items():
         written[name] = build()
     written["mild_fdr"] = {**written["mild_bonferroni"], "correction": "fdr"}
-    reference_500 = _write(folder, "reference_null", _frame(rng, 2000))
-    for i in range(NULL_WINDOWS):
-        written[f"null{i}"] = case(_frame(rng, 500), reference_500)
+    for i in range(NULL_WINDOWS):  # each its own reference, so the windows are independent trials
+        written[f"null{i}"] = case(_frame(rng, 500), _write(folder, f"reference_null{i}", _frame(rng, 2000)))
     return written
 
 
@@ -170,7 +187,7 @@ def test_importing_the_step_loads_no_heavy_library() -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_constructor_only_stores_parameters(backend: str) -> None:
-    params = {"p_val": 0.01, "correction": "fdr", "categorical": ["colour"], "min_rows": 7}
+    params = {"p_val": 0.01, "correction": "fdr", "categorical": ["colour"], "min_rows": 7, "method": "univariate"}
     detector = drift.get(backend)(**params)
     assert detector.get_params() == params
     assert not hasattr(detector, "features_")
@@ -220,7 +237,7 @@ def test_no_shift_is_no_drift(outcome: dict[str, Any]) -> None:
     assert result["features"]["x0"]["test"] == "ks"
 
 
-def test_false_alarm_rate_stays_near_p_val(outcome: dict[str, Any]) -> None:
+def test_no_shift_windows_rarely_alarm(outcome: dict[str, Any]) -> None:
     alarms = sum(outcome[f"null{i}"]["verdict"] == "drift" for i in range(NULL_WINDOWS))
     # Bonferroni keeps the chance of any alarm per window under p_val = 0.05 (3 expected in 60);
     # more than 9 would happen by chance less than once in 300 runs.
@@ -228,8 +245,24 @@ def test_false_alarm_rate_stays_near_p_val(outcome: dict[str, Any]) -> None:
     assert all(outcome[f"null{i}"]["verdict"] in ("drift", "no_drift") for i in range(NULL_WINDOWS))
 
 
+@pytest.mark.parametrize("correction", drift.CORRECTIONS)
+def test_false_alarm_rate_is_p_val_per_window(correction: str) -> None:
+    """The no-shift control: 400 independent windows; a window alarms when any of its 6 features is flagged."""
+    rng = np.random.default_rng(99)
+    alarms = 0
+    for _ in range(FALSE_ALARM_WINDOWS):
+        scores = drift.get("scipy")(p_val=P_VAL, correction=correction, categorical=["colour", "flag"],
+                                    min_rows=200).fit(_frame(rng, 2000)).score(_frame(rng, 500))
+        alarms += any(score["drift"] for score in scores.values())
+    # Both corrections hold the chance of any false alarm in a window to p_val when nothing moved
+    # (Bonferroni slightly under it). With 400 windows (about 20 alarms expected) the bounds below
+    # fail by chance less than once in 10,000 runs: above 2 x p_val the correction is broken, below
+    # p_val / 4 the tests cannot alarm.
+    assert P_VAL / 4 < alarms / FALSE_ALARM_WINDOWS < 2 * P_VAL
+
+
 @pytest.mark.parametrize(("case", "feature"), [("mean", "x0"), ("variance", "x1"), ("categorical", "colour"),
-                                               ("one_of_20", "x7")])
+                                               ("one_of_20", "x7"), ("csv_mean", "x0")])
 def test_a_shift_is_found_in_the_shifted_feature_only(outcome: dict[str, Any], case: str,
                                                       feature: str) -> None:
     result = outcome[case]
@@ -282,6 +315,13 @@ def test_a_bad_window_is_invalid_and_named(outcome: dict[str, Any], case: str, n
     assert named in result["message"] and result["features"] == {}
 
 
+def test_a_csv_window_is_read_with_its_types(outcome: dict[str, Any]) -> None:
+    result = outcome["csv_same"]
+    assert result["verdict"] == "no_drift" and result["n_current"] == 2000
+    assert [result["features"][f]["kind"] for f in ("x0", "colour", "flag")] == ["numeric", "categorical",
+                                                                                 "categorical"]
+
+
 def test_only_the_requested_features_are_tested(outcome: dict[str, Any]) -> None:
     result = outcome["subset"]
     assert list(result["features"]) == ["x1", "x2"] and result["verdict"] == "no_drift"
@@ -322,6 +362,94 @@ def test_the_backends_agree(results: Callable[[str], dict[str, Any]]) -> None:
                 assert other["statistic"] == pytest.approx(score["statistic"], rel=1e-5), (name, feature)
 
 
+# --- the multivariate method: alibi-detect's MMDDrift on PyTorch, in the torch runtime
+
+
+@pytest.fixture(scope="session")
+def torch_python() -> str:
+    """The torch runtime's interpreter, once it has shown it has alibi-detect and PyTorch."""
+    try:
+        python = runtimes.python("torch")
+    except (runtimes.RuntimeMissingError, ValueError) as error:
+        pytest.skip(f"mmd method not tested: {error}")
+    probe = subprocess.run([python, "-c", _PROBE + "; assert importlib.util.find_spec('torch'), 'no torch'"],
+                           capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"mmd method not tested: the torch runtime ({python}) cannot run it: "
+                    f"{probe.stderr.strip().splitlines()[-1:]}")
+    return python
+
+
+@pytest.fixture(scope="session")
+def mmd(torch_python: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """500-row windows against a 500-row reference, judged by MMD in one torch runtime hop."""
+    folder = tmp_path_factory.mktemp("mmd")
+    rng = np.random.default_rng(11)
+    reference = _write(folder, "reference", _numeric(rng, 500))
+    holes = _numeric(rng, 600)
+    holes.loc[holes.index[:100], "x3"] = np.nan
+    windows = {"same": _numeric(rng, 500), "mean": _numeric(rng, 500, shift=0.5),
+               "correlation": _numeric(rng, 500, correlation=0.8), "nans": holes}
+    requests = {name: {"reference_uri": reference, "current_uri": _write(folder, name, frame),
+                       "backend": "alibi", "method": "mmd"} for name, frame in windows.items()}
+    (folder / "requests.json").write_text(json.dumps(requests))
+    subprocess.run([torch_python, "-c", _RUN_IN_RUNTIME, str(folder / "requests.json"),
+                    str(folder / "results.json")], check=True)
+    return {"requests": requests, **json.loads((folder / "results.json").read_text())}
+
+
+def test_mmd_sees_no_drift_without_a_shift(mmd: dict[str, Any]) -> None:
+    result = mmd["same"]
+    assert (result["verdict"], result["method"], result["drifted_features"]) == ("no_drift", "mmd", [])
+    scores = result["features"].values()
+    assert {s["test"] for s in scores} == {"mmd"} and len({s["p_value"] for s in scores}) == 1
+    assert next(iter(scores))["p_value"] > P_VAL
+
+
+def test_mmd_flags_the_features_it_tested_together(mmd: dict[str, Any]) -> None:
+    result = mmd["mean"]
+    assert result["verdict"] == "drift" and result["severity"] == "high"
+    assert result["drifted_features"] == [f"x{i}" for i in range(5)]
+    assert "tested together with mmd" in result["message"]
+
+
+def test_mmd_sees_a_change_no_single_feature_shows(mmd: dict[str, Any]) -> None:
+    # x1 follows x0 now; each column alone is as standard normal as before.
+    assert mmd["correlation"]["verdict"] == "drift"
+    assert drift.detect({**mmd["requests"]["correlation"], "backend": "scipy", "method": "univariate"}
+                        )["verdict"] == "no_drift"
+
+
+def test_mmd_tests_the_complete_rows(mmd: dict[str, Any]) -> None:
+    result = mmd["nans"]
+    assert result["verdict"] == "no_drift" and all(s["tested"] for s in result["features"].values())
+    assert result["features"]["x3"]["nan_fraction_cur"] == pytest.approx(1 / 6)
+
+
+def test_mmd_without_torch_names_the_runtime_to_use(serving_python: str, cases: dict[str, Any]) -> None:
+    request = {**cases["same"], "backend": "alibi", "method": "mmd", "features": ["x0", "x1"]}
+    done = subprocess.run([serving_python, "-c", "import json, sys; from airloop.steps.drift import detect; "
+                           "detect(json.loads(sys.argv[1]))", json.dumps(request)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode != 0
+    assert "PyTorch" in done.stderr and "'torch' runtime" in done.stderr
+
+
+def test_mmd_compares_numeric_features_only() -> None:
+    with pytest.raises(ValueError, match=r"numeric features only.*\['colour'\]"):
+        drift.get("alibi")(method="mmd", categorical=["colour"]).check_params()
+
+
+def test_mmd_samples_at_most_its_cap_of_rows() -> None:
+    from airloop.steps.drift import alibi
+
+    rows = np.arange(3 * alibi.MMD_MAX_ROWS).reshape(-1, 1)
+    sample = alibi._sample(rows, alibi.MMD_MAX_ROWS)
+    assert sample.shape == (alibi.MMD_MAX_ROWS, 1) and len(np.unique(sample)) == alibi.MMD_MAX_ROWS
+    assert np.array_equal(sample, alibi._sample(rows, alibi.MMD_MAX_ROWS))  # the same rows every time
+    assert len(alibi._sample(rows[:10], alibi.MMD_MAX_ROWS)) == 10  # fewer rows than the cap: all of them
+
+
 # --- requests that are wrong whatever the data
 
 
@@ -331,6 +459,7 @@ def test_the_backends_agree(results: Callable[[str], dict[str, Any]]) -> None:
     ({"categorical": ["zz"]}, "zz"), ({"severity": {"low": 0.5, "high": 0.1}}, "severity"),
     ({"severity": {"extreme": 0.9}}, "severity"), ({"p_vals": 0.1}, "unknown drift request keys"),
     ({"current_uri": ""}, "current_uri"), ({"features": "x0"}, "list"),
+    ({"method": "mmd"}, r"'scipy' drift backend has no method 'mmd'.*univariate"),
 ])
 def test_a_bad_request_raises_a_clear_error(cases: dict[str, dict[str, Any]], change: dict[str, Any],
                                             problem: str) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from airloop import settings
 from airloop.hooks.mlflow import MlflowHook
 from airloop.hooks.serving import ServingHook
+from airloop.steps.tracking import Settings
 
 
 def test_mlflow_hook_reads_its_connection(monkeypatch):
@@ -19,6 +21,7 @@ def test_mlflow_hook_reads_its_connection(monkeypatch):
     hook = MlflowHook(mlflow_conn_id="mlflow_prod")
     assert hook.tracking_uri == "http://mlflow.internal:5000"
     assert hook.ui_url == "https://mlflow.example.com"
+    # No credentials, retries or AWS connection set: the request carries none.
     assert hook.step_config() == {"tracking_uri": "http://mlflow.internal:5000", "artifact_root": "s3://models/mlflow"}
 
 
@@ -42,11 +45,60 @@ def test_mlflow_connection_without_uri_is_named(monkeypatch):
         MlflowHook(mlflow_conn_id="mlflow_empty").tracking_uri
 
 
-def test_test_connection_reports_an_unreachable_server(monkeypatch):
-    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_DOWN", json.dumps({"conn_type": "mlflow", "host": "http://127.0.0.1:9"}))
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+def test_test_connection_reports_an_unreachable_server_quickly(monkeypatch):
+    # The connection's own retry settings are for tasks; the Test button gives up after 2 tries.
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_DOWN", json.dumps(
+        {"conn_type": "mlflow", "host": "http://127.0.0.1:9", "extra": {"max_retries": 7}}))
     ok, message = MlflowHook(mlflow_conn_id="mlflow_down").test_connection()
-    assert not ok and "127.0.0.1:9" in message
+    assert not ok
+    assert message.startswith("MLflow at http://127.0.0.1:9 is unavailable after 2 tries: "), message
+
+
+def test_mlflow_hook_gives_steps_credentials_retries_and_the_aws_connection(monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_ARTEFACTS", json.dumps({
+        "conn_type": "aws", "login": "AKIDTEST", "password": "aws-secret",
+        "extra": {"endpoint_url": "http://127.0.0.1:5999", "region_name": "eu-west-1"},
+    }))
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_AUTH", json.dumps({
+        "conn_type": "mlflow", "host": "https://mlflow.example.com", "login": "ada", "password": "pw",
+        "extra": {"aws_conn_id": "aws_artefacts", "max_retries": "2", "timeout": 5, "ui_url": ""},
+    }))
+    config = MlflowHook(mlflow_conn_id="mlflow_auth").step_config()
+    assert config["auth"] == {"username": "ada", "password": "pw"}
+    assert config["http"] == {"max_retries": "2", "timeout": 5}
+    assert config["s3"] == {"endpoint_url": "http://127.0.0.1:5999", "region_name": "eu-west-1",
+                            "aws_access_key_id": "AKIDTEST", "aws_secret_access_key": "aws-secret"}
+    Settings.from_request(config)  # what the hook builds, the steps accept
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD"} & os.environ.keys()
+
+
+@pytest.mark.parametrize(("fields", "auth"), [
+    ({"password": "tok-1"}, {"token": "tok-1"}),
+    ({"extra": {"token": "tok-2"}}, {"token": "tok-2"}),
+])
+def test_a_bearer_token_comes_from_the_password_or_extra(monkeypatch, fields, auth):
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_TOKEN", json.dumps({"conn_type": "mlflow", "host": "http://m", **fields}))
+    assert MlflowHook(mlflow_conn_id="mlflow_token").step_config()["auth"] == auth
+
+
+def test_test_connection_names_a_connection_that_cannot_be_used(monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_BOTH", json.dumps(
+        {"conn_type": "mlflow", "host": "http://m", "password": "p", "extra": {"token": "t"}}))
+    ok, message = MlflowHook(mlflow_conn_id="mlflow_both").test_connection()
+    assert not ok and "'mlflow_both'" in message and "keep one" in message
+
+
+def test_the_connection_form_shows_the_fields_the_hook_reads():
+    from airflow.providers_manager import ProvidersManager
+
+    manager = ProvidersManager()
+    prefix = "extra__mlflow__"
+    fields = {k.removeprefix(prefix): v for k, v in manager.connection_form_widgets.items() if k.startswith(prefix)}
+    assert set(fields) == {"token", "aws_conn_id", "artifact_root", "ui_url", "max_retries", "backoff_factor",
+                           "timeout"}
+    assert [name for name, field in fields.items() if field.is_sensitive] == ["token"]
+    behaviour = manager.field_behaviours["mlflow"]
+    assert behaviour["relabeling"]["host"] == "Tracking URI" and "schema" in behaviour["hidden_fields"]
 
 
 def test_serving_hook_picks_the_target_from_its_connection(monkeypatch):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 from airloop import settings
 from airloop.steps.data import generate, write_table
 from airloop.steps.select import BEST_RUN_TAG, select_best
-from airloop.steps.train import PARENT_RUN_TAG, MlflowUnavailableError, mlflow_calls, train
+from airloop.steps.train import PARENT_RUN_TAG, train
 
 REPO = Path(__file__).resolve().parents[2]
 SEARCH_TAGS = {"airflow.dag_id": "hpo", "airflow.run_id": "manual__1", "airflow.task_id": "select"}
@@ -89,32 +88,6 @@ def test_select_rejects_bad_requests(store):
         _select(store, metric="f1")
     with pytest.raises(ValueError, match="needs 'run_ids'"):
         select_best({"tracking_uri": store["tracking_uri"], "run_ids": []})
-
-
-def test_http_settings_apply_inside_the_block_only():
-    os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "120"
-    with mlflow_calls({"http": {"max_retries": 1, "timeout": 3}}):
-        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
-        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "3"
-    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
-    assert os.environ.pop("MLFLOW_HTTP_REQUEST_TIMEOUT") == "120"
-    with pytest.raises(ValueError, match=r"unknown 'http' settings \['retries'\]"):
-        with mlflow_calls({"http": {"retries": 1}}):
-            pass
-    with pytest.raises(ValueError, match="'backoff_factor' must be a int"):
-        with mlflow_calls({"http": {"backoff_factor": "soon"}}):
-            pass
-
-
-def test_unreachable_server_fails_fast_with_a_message_naming_it():
-    # Nothing listens on port 9 of localhost: the connection is refused at once.
-    uri = "http://127.0.0.1:9"
-    request = {"tracking_uri": uri, "http": {"max_retries": 1, "backoff_factor": 0}, "run_ids": ["x"]}
-    message = r"MLflow server at http://127\.0\.0\.1:9 is unavailable after 1 retries"
-    with pytest.raises(MlflowUnavailableError, match=message):
-        select_best(request)
-    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
 
 
 @pytest.fixture(scope="module")

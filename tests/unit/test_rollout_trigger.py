@@ -61,12 +61,13 @@ async def first(t: SeldonCanaryAnalysisTrigger) -> dict[str, Any]:
 
 
 def test_serialize_mirrors_init():
-    original = trigger("d", [BEFORE])
+    original = trigger("d", [BEFORE], mode="shadow")
     path, kwargs = original.serialize()
     module, _, name = path.rpartition(".")
     rebuilt = getattr(importlib.import_module(module), name)(**kwargs)
     assert rebuilt.serialize() == (path, kwargs)
     assert path == "airloop.triggers.seldon.SeldonCanaryAnalysisTrigger"
+    assert kwargs["mode"] == "shadow"
 
 
 @pytest.mark.asyncio
@@ -97,3 +98,18 @@ async def test_too_little_data_times_out_instead_of_passing():
 async def test_an_unreachable_target_is_an_error_event():
     event = await first(trigger("down", [], target_config={"target": "scripted", "fail": True}))
     assert event["status"] == "error" and "gateway down" in event["message"]
+
+
+@pytest.mark.asyncio
+async def test_shadow_mode_judges_the_mirrored_answers():
+    def shadow(requests: int, agreements: int, pairs: int = 0) -> dict[str, Any]:
+        return {**snapshot(requests, 0), "feedback": 0, "predicted": {"0": requests // 2, "1": requests // 2},
+                "pairs": pairs, "agreements": agreements}
+
+    before = {"v1": shadow(0, 0), "v2": shadow(0, 0)}
+    script = [{"v1": shadow(400, 0), "v2": shadow(60, 60, pairs=60)},  # too few pairs: wait
+              {"v1": shadow(400, 0), "v2": shadow(200, 100, pairs=200)}]
+    event = await first(trigger("shadow", script, before=before, mode="shadow"))
+    # No feedback at all: a canary would wait for labels; the shadow verdict needs none.
+    assert event["status"] == "ready" and event["message"] == "fail"
+    assert ScriptedTarget.calls["shadow"] == 2

@@ -6,6 +6,12 @@ turn (first model -> worse challenger rejected -> better challenger promoted).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
+from types import SimpleNamespace
+
 import mlflow
 import pytest
 
@@ -184,3 +190,86 @@ def test_mcnemar_mid_p_matches_hand_computed_values():
     # mid-p subtracts P(X = 2) = 0.0161.
     assert mcnemar_mid_p(a, b) == pytest.approx(0.0386 - 0.0161, abs=1e-3)
     assert mcnemar_mid_p(a, a) == 1.0
+
+
+# What the training function saw of the process's environment while the step ran.
+SEEN_ENVIRON: list[dict[str, str]] = []
+
+
+def fit_scaled_logistic(features, target, *, seed, C=1.0):
+    """A user's training function: preprocessing and a classifier in one scikit-learn pipeline."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    SEEN_ENVIRON.append(dict(os.environ))
+    return make_pipeline(StandardScaler(), LogisticRegression(C=C, random_state=seed)).fit(features, target)
+
+
+def test_train_from_a_user_function_logs_the_pipeline_it_returns(store):
+    trained = _train(store, "before", {}, estimator=f"{__name__}:fit_scaled_logistic", params={"C": 0.5})
+    model = load_model(store["tracking_uri"], trained["model_uri"])
+    assert [name for name, _ in model.steps] == ["standardscaler", "logisticregression"]
+    assert model.steps[1][1].C == 0.5 and trained["metrics"]["accuracy"] > 0.8
+    params = mlflow.MlflowClient(store["tracking_uri"]).get_run(trained["run_id"]).data.params
+    assert params["estimator"] == f"{__name__}:fit_scaled_logistic" and params["C"] == "0.5"
+    assert params["model_class"] == "sklearn.pipeline.Pipeline"
+    with pytest.raises(ValueError, match="is not a function"):
+        _train(store, "before", {}, estimator=f"{__name__}:SEEN_ENVIRON")
+    with pytest.raises(ValueError, match="the model .*:fit_regressor' returned must be a scikit-learn classifier"):
+        _train(store, "before", {}, estimator=f"{__name__}:fit_regressor", params={})
+
+
+def fit_regressor(features, target, *, seed):
+    from sklearn.linear_model import LinearRegression
+
+    return LinearRegression().fit(features, target)
+
+
+class _TaskInstance:
+    def __init__(self, try_number: int) -> None:
+        self.dag_id, self.run_id, self.task_id = "airloop_ops", "manual__ops", "train"
+        self.map_index, self.try_number, self.xcom = -1, try_number, {}
+
+    def xcom_push(self, key: str, value: object) -> None:
+        self.xcom[key] = value
+
+
+def _context(try_number: int) -> dict:
+    return {"ti": _TaskInstance(try_number), "dag_run": SimpleNamespace(run_type="manual"),
+            "dag": SimpleNamespace(fileloc=__file__)}
+
+
+def test_train_operator_tags_code_and_task_keeps_secrets_out_of_the_environment(store, monkeypatch):
+    from airloop.operators.mlflow import MlflowTrainModelOperator
+
+    token = "tok-ops-71c2"
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_OPS", json.dumps({
+        "conn_type": "mlflow", "host": store["tracking_uri"], "password": token,
+        "extra": {"artifact_root": store["artifact_root"], "max_retries": 1},
+    }))
+    before = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MLFLOW_TRACKING_"))}
+    operator = MlflowTrainModelOperator(
+        task_id="train", mlflow_conn_id="mlflow_ops", data_uri=store["data"]["before"], experiment="ops",
+        estimator=f"{__name__}:fit_scaled_logistic", estimator_params={"C": 2.0},
+    )
+    SEEN_ENVIRON.clear()
+    context = _context(try_number=1)
+    first = operator.execute(context)
+    assert first["reused"] is False and context["ti"].xcom["airloop_mlflow_run"]["run_id"] == first["run_id"]
+    (during,) = SEEN_ENVIRON
+    # The token is in the variable that defines the connection here, and nowhere else.
+    assert [key for key, value in during.items() if token in value] == ["AIRFLOW_CONN_MLFLOW_OPS"]
+    assert during["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1" and during["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    after = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MLFLOW_TRACKING_"))}
+    assert after == before and "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+
+    tags = mlflow.MlflowClient(store["tracking_uri"]).get_run(first["run_id"]).data.tags
+    with open(__file__, "rb") as handle:
+        assert tags["airloop.dag_code.sha256"] == hashlib.sha256(handle.read()).hexdigest()
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", tags["airloop.dag_code.git_sha"])
+    assert tags["airflow.try_number"] == "1" and tags["airloop.code_version"]
+
+    # The same task instance run again (a retry, or a cleared task): the same run, nothing trained.
+    again = operator.execute(_context(try_number=2))
+    assert again["run_id"] == first["run_id"] and again["reused"] is True and len(SEEN_ENVIRON) == 1

@@ -1,4 +1,4 @@
-"""``airloop`` command: build the isolated runtimes, run the reference loop on the embedded default."""
+"""``airloop`` command: build the isolated runtimes, draft expectation suites, run the reference loop."""
 
 from __future__ import annotations
 
@@ -17,6 +17,17 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--force", action="store_true", help="recreate the virtualenv")
     runtimes_cmd.add_parser("list", help="show runtimes and where they live")
 
+    suites = commands.add_parser("suites", help="Great Expectations suites for the data gate")
+    suites_cmd = suites.add_subparsers(dest="action", required=True)
+    profile = suites_cmd.add_parser("profile", help="draft a suite from a trusted reference data set, to review")
+    profile.add_argument("data", help="the reference data: parquet or CSV, a path or an fsspec URL")
+    profile.add_argument("--out", required=True, help="the suite file to write: .yaml/.yml or .json")
+    profile.add_argument("--key", help="a column whose values must be unique")
+    profile.add_argument("--label", help="the target column: no feature may be a copy of it")
+    profile.add_argument("--name", help="the suite's name (default: the file's name)")
+    profile.add_argument("--margin", type=float, default=0.5,
+                         help="numeric ranges widened by this fraction of the observed span on each side")
+
     loop = commands.add_parser("loop", help="run the reference loop on the embedded default")
     loop.add_argument("--dags", default="dags", help="folder of the reference DAGs")
     loop.add_argument("--rows", type=int, default=4000, help="rows per generated training set")
@@ -34,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         for name in args.names or rt.available():
             print(f"building runtime {name!r} at {rt.build(name, force=args.force)}")
+        return 0
+    if args.command == "suites":
+        from airloop.steps.validate import profile as profile_step
+
+        made = profile_step({"data_uri": args.data, "out": args.out, "key": args.key, "label": args.label,
+                             "name": args.name, "margin": args.margin})
+        print(f"wrote suite {made['name']!r} ({made['expectations']} expectations, profiled from {made['rows']}"
+              f" rows) to {made['suite_path']}: review it before it gates anything")
         return 0
     from airloop.embedded.runner import run_loop
 

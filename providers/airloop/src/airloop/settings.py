@@ -34,3 +34,8 @@ def runtimes_dir() -> Path:
 
 def serving_dir() -> Path:
     return home() / "serving"
+
+
+def feast_dir() -> Path:
+    """The embedded Feast store: registry, SQLite online store and the reference feature data."""
+    return home() / "feast"

@@ -7,17 +7,32 @@ from typing import TYPE_CHECKING, Any
 
 from airloop import settings
 from airloop.hooks.base import EmbeddedDefaultHook
+from airloop.steps.tracking import HTTP_SETTINGS
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
+    from airloop.steps.tracking import SessionClient
+
+# For the Test button: MLflow's own default backs off for minutes.
+TEST_HTTP = {"max_retries": 1, "backoff_factor": 0, "timeout": 10}
 
 
 class MlflowHook(EmbeddedDefaultHook):
     """
     Talks to an MLflow tracking server and model registry.
 
-    The connection's host is the tracking URI (``http://mlflow:5000``; ``sqlite:///...`` works too);
-    ``extra`` may hold ``ui_url`` (where people open runs) and ``artifact_root`` (for new experiments).
+    The connection (its form is declared in provider.yaml):
+
+    - host (and port): the tracking URI, ``http://mlflow:5000``; ``sqlite:///...`` works too.
+    - login and password: HTTP basic auth; a password without a login, or ``token`` in extra, is a
+      bearer token.
+    - extra ``aws_conn_id``: an ``aws`` connection whose credentials, endpoint and region the steps
+      use for ``s3://`` artefacts they read or write themselves (not needed when the server proxies
+      artefacts).
+    - extra ``max_retries``, ``backoff_factor``, ``backoff_jitter``, ``timeout``: MLflow's HTTP retries.
+    - extra ``ui_url`` (where people open runs) and ``artifact_root`` (for new experiments).
+
+    Credentials stay in the hook and in the requests it builds for steps (``step_config()``), which
+    apply them to MLflow's clients per call (``airloop.steps.tracking``): never in ``os.environ``.
     Without a ``mlflow_default`` connection the hook uses the embedded MLflow under ``AIRLOOP_HOME``.
 
     :param mlflow_conn_id: Airflow connection of type ``mlflow``.
@@ -27,17 +42,6 @@ class MlflowHook(EmbeddedDefaultHook):
     default_conn_name = "mlflow_default"
     conn_type = "mlflow"
     hook_name = "MLflow"
-
-    @classmethod
-    def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        return {
-            "hidden_fields": ["schema", "port"],
-            "relabeling": {"host": "Tracking URI", "login": "Username", "password": "Password or token"},
-            "placeholders": {
-                "host": "http://mlflow:5000",
-                "extra": '{"ui_url": "https://mlflow.example.com", "artifact_root": "s3://bucket/mlflow"}',
-            },
-        }
 
     def __init__(self, mlflow_conn_id: str = default_conn_name) -> None:
         super().__init__()
@@ -59,7 +63,47 @@ class MlflowHook(EmbeddedDefaultHook):
             "tracking_uri": uri,
             "artifact_root": extra.get("artifact_root"),
             "ui_url": extra.get("ui_url") or (uri if uri.startswith("http") else "http://127.0.0.1:5000"),
+            "auth": self._auth(conn.login, conn.password, extra.get("token")),
+            "http": {key: extra[key] for key in HTTP_SETTINGS if extra.get(key) not in (None, "")},
+            "aws_conn_id": extra.get("aws_conn_id"),
         }
+
+    def _auth(self, login: str | None, password: str | None, token: str | None) -> dict[str, str] | None:
+        from airflow.sdk.log import mask_secret
+
+        if token and password:
+            raise ValueError(
+                f"connection {self.mlflow_conn_id!r} has both a password and a token in extra: keep one"
+            )
+        if login and not password:
+            raise ValueError(f"connection {self.mlflow_conn_id!r} has a login but no password")
+        if token or password:
+            mask_secret(token or password)
+        if login:
+            return {"username": login, "password": password}
+        return {"token": token or password} if token or password else None
+
+    def _s3(self, aws_conn_id: str) -> dict[str, str]:
+        """Plain values for the ``s3`` request key from an ``aws`` connection (Amazon provider)."""
+        try:
+            from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+        except ImportError as exc:
+            raise ValueError(
+                f"connection {self.mlflow_conn_id!r} names aws_conn_id {aws_conn_id!r}, which needs the"
+                " Amazon provider: pip install 'airflow-provider-airloop[s3]'"
+            ) from exc
+        from airflow.sdk.log import mask_secret
+
+        aws = AwsBaseHook(aws_conn_id=aws_conn_id, client_type="s3")
+        s3 = {"endpoint_url": aws.conn_config.get_service_endpoint_url("s3"), "region_name": aws.region_name}
+        credentials = aws.get_credentials()
+        if credentials is not None:
+            s3.update(aws_access_key_id=credentials.access_key, aws_secret_access_key=credentials.secret_key,
+                      aws_session_token=credentials.token)
+            for secret in (credentials.secret_key, credentials.token):
+                if secret:
+                    mask_secret(secret)
+        return {key: value for key, value in s3.items() if value}
 
     @property
     def tracking_uri(self) -> str:
@@ -74,21 +118,52 @@ class MlflowHook(EmbeddedDefaultHook):
         return self._settings["ui_url"].rstrip("/")
 
     def step_config(self) -> dict[str, Any]:
-        """What a step needs to reach MLflow, as plain values for its request."""
-        return {"tracking_uri": self.tracking_uri, "artifact_root": self.artifact_root}
+        """What a step needs to reach MLflow, as plain values for its request (credentials included:
+        pass the request to the step, never log it)."""
+        return dict(self._step_config)
 
     @cached_property
-    def client(self) -> MlflowClient:
-        from mlflow import MlflowClient
+    def _step_config(self) -> dict[str, Any]:
+        # Cached: resolving the AWS connection can mean an STS call.
+        config = {"tracking_uri": self.tracking_uri, "artifact_root": self.artifact_root}
+        if self._settings.get("auth"):
+            config["auth"] = self._settings["auth"]
+        if self._settings.get("http"):
+            config["http"] = self._settings["http"]
+        if self._settings.get("aws_conn_id"):
+            config["s3"] = self._s3(self._settings["aws_conn_id"])
+        return config
 
-        return MlflowClient(tracking_uri=self.tracking_uri)
+    @cached_property
+    def client(self) -> SessionClient:
+        """An ``MlflowClient`` (tracking and registry) whose calls use the connection's settings."""
+        from airloop.steps.tracking import SessionClient
 
-    def get_conn(self) -> MlflowClient:
+        return SessionClient(self.step_config())
+
+    def get_conn(self) -> SessionClient:
         return self.client
 
+    def session(self):
+        """A block in which this process's MLflow calls (plain ``MlflowClient`` objects, the helpers of
+        ``airloop.steps`` that take a tracking URI) use the connection's settings."""
+        from airloop.steps.tracking import mlflow_calls
+
+        return mlflow_calls(self.step_config())
+
     def test_connection(self) -> tuple[bool, str]:
+        from airloop.steps.tracking import MlflowUnavailableError, SessionClient
+
         try:
-            self.client.search_experiments(max_results=1)
+            config = self.step_config()
         except Exception as e:
-            return False, f"MLflow at {self.tracking_uri} did not answer: {e}"
-        return True, f"Connected to MLflow at {self.tracking_uri}"
+            return False, f"connection {self.mlflow_conn_id!r} cannot be used: {e}"
+        # The Test button answers in seconds, whatever retries the tasks use.
+        client = SessionClient({**config, "http": {**config.get("http", {}), **TEST_HTTP}})
+        try:
+            client.search_experiments(max_results=1)
+        except MlflowUnavailableError as e:
+            return False, str(e)
+        except Exception as e:
+            return False, f"MLflow at {config['tracking_uri']} returned an error: {e}"
+        return True, f"Connected to MLflow at {config['tracking_uri']}"

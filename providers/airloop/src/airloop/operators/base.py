@@ -13,18 +13,25 @@ class StepOperator(BaseOperator):
     """
     Runs one step (``module:function``, JSON-able request in, JSON-able result out).
 
-    :param runtime: where the step runs: ``"worker"`` (in-process) or the name of an isolated
-        runtime built with ``airloop runtimes build`` (e.g. ``"serving"``).
+    :param runtime: where the step runs: ``"worker"`` (in-process), the name of an isolated
+        runtime built with ``airloop runtimes build`` (e.g. ``"serving"``), or ``"kubernetes"``: a pod
+        started through KubernetesPodOperator (see ``airloop.runtimes.pod`` and docs/runtimes.md).
+    :param pod_settings: for ``runtime="kubernetes"``: ``image`` (default ``$AIRLOOP_POD_IMAGE``),
+        ``resources``, ``env``, and any KubernetesPodOperator argument (``namespace``,
+        ``kubernetes_conn_id``, ``service_account_name``, ...).
     """
 
-    def __init__(self, *, runtime: str = runtimes.WORKER, **kwargs: Any) -> None:
+    def __init__(self, *, runtime: str = runtimes.WORKER, pod_settings: dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
         # Results are small dicts: push each key too, so DAGs can pass ``task.output["run_id"]`` along.
         kwargs.setdefault("multiple_outputs", True)
         super().__init__(**kwargs)
         self.runtime = runtime
+        self.pod_settings = pod_settings
 
     def run_step(self, step: str, request: dict[str, Any], context: Context) -> Any:
-        return runtimes.run_step(step, request, runtime=self.runtime, context=context, task_id=self.task_id)
+        return runtimes.run_step(step, request, runtime=self.runtime, context=context, task_id=self.task_id,
+                                 pod_settings=self.pod_settings)
 
 
 def airflow_tags(context: Context) -> dict[str, str]:

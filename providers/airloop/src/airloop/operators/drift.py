@@ -7,6 +7,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context
@@ -22,39 +23,46 @@ RETRAIN_REQUESTED_TAG = "airloop.retrain_requested_at"
 AUDIT_DECISIONS = 24
 
 
-class DriftDetectRequestsOperator(StepOperator):
+class _DriftDetectOperator(StepOperator):
     """
-    Test the last ``window_minutes`` of requests logged by the serving gateway for drift against the
-    reference sample stored with the champion, and write a drift report (JSON + HTML).
+    Test a window of data for drift against the reference sample stored with the champion (its
+    training run's ``drift/reference.parquet``), write a drift report (JSON + HTML) to the artefact
+    store, log ``drift_share`` / ``drift_detected`` to the champion's run and link the report from the
+    task. Subclasses say where the window comes from (``_window``).
 
     :param model_name: registered model whose ``champion`` is monitored.
-    :param deployment: the serving deployment whose request logs are read.
-    :param backend: ``"alibi"`` (alibi-detect, in the ``serving`` runtime) or ``"scipy"``.
-    :param runtime: where detection runs; alibi-detect needs the ``serving`` runtime.
+    :param backend: ``"alibi"`` (alibi-detect, in the ``serving`` or ``torch`` runtime) or ``"scipy"``.
+    :param method: ``"univariate"`` (a test per feature) or ``"mmd"`` (one test of all the features,
+        alibi backend in the ``torch`` runtime); see docs/drift.md.
+    :param runtime: where detection runs; alibi-detect needs the ``serving`` runtime (``torch`` for mmd).
     """
 
-    template_fields: Sequence[str] = ("model_name", "deployment", "window_minutes", "backend", "p_val",
-                                      "correction", "min_rows")
+    template_fields: Sequence[str] = ("model_name", "backend", "method", "p_val", "correction", "min_rows")
     operator_extra_links = (DriftReportLink(),)
 
-    def __init__(self, *, model_name: str, deployment: str = "airloop", window_minutes: float = 60,
-                 backend: str = "alibi", p_val: float = 0.05, correction: str = "bonferroni",
-                 min_rows: int = 200, mlflow_conn_id: str = MlflowHook.default_conn_name,
-                 runtime: str = "serving", **kwargs: Any) -> None:
+    def __init__(self, *, model_name: str, backend: str = "alibi", method: str = "univariate",
+                 p_val: float = 0.05, correction: str = "bonferroni", min_rows: int = 200,
+                 mlflow_conn_id: str = MlflowHook.default_conn_name, runtime: str = "serving",
+                 **kwargs: Any) -> None:
         super().__init__(runtime=runtime, **kwargs)
         self.model_name = model_name
-        self.deployment = deployment
-        self.window_minutes = window_minutes
         self.backend = backend
+        self.method = method
         self.p_val = p_val
         self.correction = correction
         self.min_rows = min_rows
         self.mlflow_conn_id = mlflow_conn_id
 
+    def _window(self, folder: Path, scratch: Path) -> tuple[str, dict[str, Any]]:
+        """The window as a file the step reads: ``(path, what to say about it)``.
+
+        ``folder`` is published with the report; ``scratch`` is removed when the task ends.
+        """
+        raise NotImplementedError
+
     def execute(self, context: Context) -> dict[str, Any]:
         from airloop.steps.registry import aliases
         from airloop.steps.train import download
-        from airloop.steps.window import collect
 
         hook = MlflowHook(mlflow_conn_id=self.mlflow_conn_id)
         champion = aliases(hook.tracking_uri, self.model_name).get("champion")
@@ -64,18 +72,14 @@ class DriftDetectRequestsOperator(StepOperator):
         prefix = f"drift/{self.model_name}/{stamp}"
         DriftReportLink.persist(context, path=f"{prefix}/report.html")
         run_id = hook.client.get_model_version(self.model_name, champion).run_id
-        end = time.time()
         with tempfile.TemporaryDirectory() as tmp, artefacts.staging(prefix) as folder:
             reference = download(hook.tracking_uri, f"runs:/{run_id}/drift/reference.parquet", tmp)
-            window = collect({
-                "log_dir": str(artefacts.local_path(f"requests/{self.deployment}")),
-                "start": end - float(self.window_minutes) * 60, "end": end, "out_path": f"{folder}/window.parquet",
-            })
-            self.log.info("window: %d requests from %d log files", window["rows"], window["files"])
+            window, source = self._window(Path(folder), Path(tmp))
+            self.log.info("window: %s", source)
             result = self.run_step("airloop.steps.drift:detect", {
-                "reference_uri": reference, "current_uri": window["path"], "backend": self.backend,
-                "p_val": float(self.p_val), "correction": self.correction, "min_rows": int(self.min_rows),
-                "report_dir": str(folder),
+                "reference_uri": reference, "current_uri": window, "backend": self.backend,
+                "method": self.method, "p_val": float(self.p_val), "correction": self.correction,
+                "min_rows": int(self.min_rows), "report_dir": str(folder),
             }, context)
         hook.client.log_metric(run_id, "drift_share", float(result.get("share_drifted") or 0.0))
         hook.client.log_metric(run_id, "drift_detected", float(result["verdict"] == "drift"))
@@ -86,8 +90,103 @@ class DriftDetectRequestsOperator(StepOperator):
             "severity": result["severity"], "drifted_features": result["drifted_features"],
             "share_drifted": result.get("share_drifted"), "n_current": result["n_current"],
             "n_reference": result["n_reference"], "message": result.get("message"),
-            "report": f"{prefix}/report.json",
+            "report": f"{prefix}/report.json", "window": source,
         }
+
+
+class DriftDetectRequestsOperator(_DriftDetectOperator):
+    """
+    Test the last ``window_minutes`` of requests logged by the serving gateway for drift (see
+    ``_DriftDetectOperator`` for what is tested, written and logged; the window is kept with the report).
+
+    :param deployment: the serving deployment whose request logs are read.
+    :param window_minutes: how far back to read.
+    """
+
+    template_fields: Sequence[str] = (*_DriftDetectOperator.template_fields, "deployment", "window_minutes")
+
+    def __init__(self, *, deployment: str = "airloop", window_minutes: float = 60, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.deployment = deployment
+        self.window_minutes = window_minutes
+
+    def _window(self, folder: Path, scratch: Path) -> tuple[str, dict[str, Any]]:
+        from airloop.steps.window import collect
+
+        end = time.time()
+        window = collect({
+            "log_dir": str(artefacts.local_path(f"requests/{self.deployment}")),
+            "start": end - float(self.window_minutes) * 60, "end": end, "out_path": f"{folder}/window.parquet",
+        })
+        return window["path"], {"deployment": self.deployment, "requests": window["rows"],
+                                "log_files": window["files"]}
+
+
+class DriftDetectDataOperator(_DriftDetectOperator):
+    """
+    Test a window of data for drift (see ``_DriftDetectOperator`` for what is tested, written and
+    logged): a table at ``window_uri``, or the result of ``window_sql``. Exactly one of the two.
+
+    :param window_uri: a parquet or CSV file, or a folder of parquet files (a Feast training set
+        written to parquet, a partitioned export): a local path or any URI Airflow's ObjectStoragePath
+        opens (``s3://bucket/key.parquet``), read with ``window_conn_id`` (an ``aws`` connection for S3).
+    :param window_sql: a query run through ``window_conn_id``, a database connection whose hook is a
+        ``DbApiHook`` (postgres, sqlite, snowflake...); one column per feature.
+    :param window_conn_id: the connection to read the window with; optional for ``window_uri``.
+    """
+
+    template_fields: Sequence[str] = (*_DriftDetectOperator.template_fields, "window_uri", "window_sql",
+                                      "window_conn_id")
+    template_ext: Sequence[str] = (".sql",)
+
+    def __init__(self, *, window_uri: str | None = None, window_sql: str | None = None,
+                 window_conn_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.window_uri = window_uri
+        self.window_sql = window_sql
+        self.window_conn_id = window_conn_id
+
+    def _window(self, folder: Path, scratch: Path) -> tuple[str, dict[str, Any]]:
+        if bool(self.window_uri) == bool(self.window_sql):
+            raise ValueError("give the data window as exactly one of window_uri and window_sql, "
+                             f"got window_uri={self.window_uri!r}, window_sql={self.window_sql!r}")
+        if self.window_sql:
+            return self._query(scratch), {"sql": self.window_sql, "conn_id": self.window_conn_id}
+        return self._copy(scratch), {"uri": self.window_uri, "conn_id": self.window_conn_id}
+
+    def _query(self, scratch: Path) -> str:
+        from airflow.sdk import BaseHook
+
+        from airloop.steps.data import write_table
+
+        if not self.window_conn_id:
+            raise ValueError("window_sql needs window_conn_id: the database connection to run it on")
+        hook = BaseHook.get_connection(self.window_conn_id).get_hook()
+        if not hasattr(hook, "get_df"):
+            raise ValueError(f"connection {self.window_conn_id!r} has a {type(hook).__name__}, which "
+                             "cannot run SQL: give a database connection (its hook a DbApiHook)")
+        return write_table(hook.get_df(self.window_sql, df_type="pandas"), str(scratch / "window.parquet"))
+
+    def _copy(self, scratch: Path) -> str:
+        """A local path to the window: the file itself when local, else a copy of it (or of the folder)."""
+        import shutil
+
+        from airflow.sdk import ObjectStoragePath
+
+        source = ObjectStoragePath(self.window_uri, conn_id=self.window_conn_id)
+        if not source.exists():
+            raise ValueError(f"data window {self.window_uri} does not exist")
+        if source.protocol in ("", "file", "local"):
+            return source.path
+        # The runtime reads a local copy: the connection's credentials stay in this process.
+        target = scratch / "window" / source.name
+        files = [source] if source.is_file() else [p for p in source.rglob("*") if p.is_file()]
+        for file in files:
+            local = target if file == source else target / file.relative_to(source)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            with file.open("rb") as remote, local.open("wb") as copy:
+                shutil.copyfileobj(remote, copy)
+        return str(target)
 
 
 class DriftDecideRetrainOperator(BaseOperator):
@@ -104,7 +203,8 @@ class DriftDecideRetrainOperator(BaseOperator):
     carrying the report's location and severity (plus ``approval_required: true`` when approval is
     required); otherwise the task is skipped with the reason.
 
-    :param detection: the result of ``DriftDetectRequestsOperator`` (usually its XCom).
+    :param detection: the result of ``DriftDetectRequestsOperator`` or ``DriftDetectDataOperator``
+        (usually its XCom).
     :param actions: ``{severity: action}`` over ``airloop.steps.policy.DEFAULT_ACTIONS``.
     :param cooldown_minutes: no retrain is requested within this long after the last request.
     :param min_window_rows: fewest requests in the window to act on a drift verdict.
@@ -132,7 +232,7 @@ class DriftDecideRetrainOperator(BaseOperator):
         detection = self.detection
         model_name = detection.get("model_name")
         if not model_name:
-            raise ValueError("'detection' has no 'model_name': pass DriftDetectRequestsOperator's result")
+            raise ValueError("'detection' has no 'model_name': pass a DriftDetect*Operator's result")
         hook = MlflowHook(mlflow_conn_id=self.mlflow_conn_id)
         last = hook.client.get_registered_model(model_name).tags.get(RETRAIN_REQUESTED_TAG)
         now = time.time()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
 from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
@@ -12,6 +15,26 @@ from airflow.sdk.exceptions import AirflowFailException
 from airloop.hooks.mlflow import MlflowHook
 from airloop.links.mlflow import MlflowModelVersionLink, MlflowRunLink
 from airloop.operators.base import StepOperator, airflow_tags, loop_trigger
+
+
+def code_version(context: Context) -> dict[str, str]:
+    """Tags naming the DAG code that ran: its file's SHA-256 and, in a git work tree, the commit
+    (``+dirty`` when the file is changed or not committed). The step tags the provider's version."""
+    path = getattr(context.get("dag"), "fileloc", None)
+    if not path or not os.path.isfile(path):
+        return {}
+    with open(path, "rb") as handle:
+        tags = {"airloop.dag_code.sha256": hashlib.sha256(handle.read()).hexdigest()}
+    folder = os.path.dirname(path)
+    try:
+        head = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True)
+        if head.returncode == 0:
+            status = subprocess.run(["git", "-C", folder, "status", "--porcelain", "--", path],
+                                    capture_output=True, text=True)
+            tags["airloop.dag_code.git_sha"] = head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+    except OSError:  # no git on this worker
+        pass
+    return tags
 
 
 class _MlflowOperator(StepOperator):
@@ -32,7 +55,7 @@ class _MlflowOperator(StepOperator):
         """Add this turn's ``stage`` to the audit record kept in the training run."""
         from airloop.steps.registry import append_audit
 
-        append_audit({"tracking_uri": self.hook.tracking_uri, "run_id": run_id, "stage": stage, "record": record})
+        append_audit({**self.hook.step_config(), "run_id": run_id, "stage": stage, "record": record})
 
 
 class MlflowTrainModelOperator(_MlflowOperator):
@@ -41,11 +64,14 @@ class MlflowTrainModelOperator(_MlflowOperator):
     reference sample and the loop's audit record to one MLflow run. Retrying the task reuses that run.
 
     :param data_uri: the training set (parquet or CSV).
-    :param estimator: import path of a scikit-learn classifier.
-    :param estimator_params: the estimator's parameters.
+    :param estimator: import path of a scikit-learn classifier (``package.module.Class``), or of a
+        training function (``package.module:function``) called as ``function(features, target, seed=...,
+        **estimator_params)`` that returns a fitted scikit-learn-compatible classifier.
+    :param estimator_params: the estimator's (or the training function's) parameters.
     :param label_column: the target column.
     :param experiment: MLflow experiment name.
-    :param validation: the data gate's result (usually the validation task's XCom), kept in the audit record.
+    :param validation: the data gate's result (usually the validation task's XCom), kept in the audit record
+        and on the run (tags ``airloop.validation.*``, artefact ``validation/summary.json``).
     :param parent_run_id: an MLflow run to nest this run under (tag ``mlflow.parentRunId``).
 
     A hyperparameter search maps it over candidates, one task and one run each:
@@ -90,7 +116,8 @@ class MlflowTrainModelOperator(_MlflowOperator):
             {**self.hook.step_config(), "experiment": self.experiment, "data_uri": self.data_uri,
              "label": self.label_column,
              "estimator": self.estimator, "params": self.estimator_params or {}, "test_size": self.test_size,
-             "seed": self.seed, "tags": airflow_tags(context), "parent_run_id": self.parent_run_id},
+             "seed": self.seed, "tags": {**airflow_tags(context), **code_version(context)},
+             "parent_run_id": self.parent_run_id, "validation": self.validation},
             context,
         )
         self.persist_run_link(context, result["run_id"])

@@ -1,8 +1,9 @@
-"""Where a step runs: in the worker, or in an isolated Python environment (a "runtime").
+"""Where a step runs: in the worker, in an isolated Python environment (a "runtime"), or in a pod.
 
 A runtime is a virtualenv built with uv from a requirements file shipped here (``<name>.txt``) plus
 Airloop itself installed without dependencies, so steps import the same code in both places.
-Operators hand a step to a runtime through Airflow's ExternalPythonOperator (see ``run_step``).
+Operators hand a step to a runtime through Airflow's ExternalPythonOperator, or to a Kubernetes pod
+through KubernetesPodOperator (``runtime="kubernetes"``, see ``airloop.runtimes.pod``); see ``run_step``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from airloop import settings
 
 WORKER = "worker"
+POD = "kubernetes"  # airloop.runtimes.pod; its own name here so the operators import nothing of it
 # seldon-core 1.18.2, the serving runtime's wrapper, supports Python up to 3.11 (1.19 needs 3.12).
 RUNTIME_PYTHON = "3.11"
 
@@ -74,6 +76,12 @@ def _source_of_airloop() -> list[str]:
     return [f"airflow-provider-airloop=={dist.version}"]
 
 
+def _find_links() -> list[str]:
+    """pip's find-links (``PIP_FIND_LINKS``, space-separated) as uv arguments: uv reads only its own
+    ``UV_FIND_LINKS``. A folder of CPU wheels keeps torch from pulling the CUDA build from PyPI."""
+    return [arg for link in os.environ.get("PIP_FIND_LINKS", "").split() for arg in ("--find-links", link)]
+
+
 def build(name: str, *, force: bool = False) -> Path:
     """Create (or refresh) the runtime with uv; idempotent."""
     _check_name(name)
@@ -85,8 +93,8 @@ def build(name: str, *, force: bool = False) -> Path:
                         RUNTIME_PYTHON, str(target)], check=True)
     py = str(target / "bin" / "python")
     # Compiled now: each step hop is a fresh interpreter, which otherwise compiles alibi-detect's imports.
-    subprocess.run([*uv, "pip", "install", "--quiet", "--compile-bytecode", "--python", py, "-r", str(requirements)],
-                   check=True)
+    subprocess.run([*uv, "pip", "install", "--quiet", "--compile-bytecode", "--python", py, *_find_links(),
+                    "-r", str(requirements)], check=True)
     subprocess.run([*uv, "pip", "install", "--quiet", "--python", py, "--no-deps", *_source_of_airloop()],
                    check=True)
     # OpenVINO's telemetry forks from a background thread at import and has hung numpy: opt out.
@@ -110,8 +118,18 @@ def _call_step_in_runtime(step, request):
     return call_step(step, request)
 
 
-def run_step(step: str, request: dict[str, Any], *, runtime: str, context: Any, task_id: str) -> Any:
-    """Run ``module:function`` with a JSON-able request in the named runtime and return its result."""
+def run_step(step: str, request: dict[str, Any], *, runtime: str, context: Any, task_id: str,
+             pod_settings: dict[str, Any] | None = None) -> Any:
+    """Run ``module:function`` with a JSON-able request in the named runtime and return its result.
+
+    ``pod_settings`` configure the pod of the ``kubernetes`` runtime (``airloop.runtimes.pod``).
+    """
+    if pod_settings and runtime != POD:
+        raise ValueError(f"pod_settings apply to runtime={POD!r} only, not {runtime!r}")
+    if runtime == POD:
+        from airloop.runtimes import pod
+
+        return pod.run_step(step, request, pod_settings=pod_settings, context=context, task_id=task_id)
     if runtime == WORKER:
         return call_step(step, request)
     from airflow.providers.standard.operators.python import ExternalPythonOperator

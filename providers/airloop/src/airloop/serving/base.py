@@ -23,11 +23,18 @@ _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 class ServingTarget(ABC):
     """A place that serves deployments.
 
-    Predictor dict: ``{"name": "v3", "model_version": "3", "model_dir": "/abs/ir/dir", "weight": 100}``.
-    State: ``{"deployment", "endpoint", "predictors": {name: {"model_version", "weight", "healthy", ...}}}``.
+    Predictor dict: ``{"name": "v3", "model_version": "3", "model_dir": "/abs/ir/dir", "weight": 100}``,
+    optionally ``"shadow": True``: then it answers no client, and ``weight`` is the percentage of
+    requests mirrored to it (1-100). A deployment has at most one shadow; the weights of the live
+    predictors sum to 100 (Seldon Core's rules for a SeldonDeployment's ``shadow`` predictor).
+    State: ``{"deployment", "endpoint", "predictors": {name: {"model_version", "weight", "shadow",
+    "healthy", ...}}}``.
     Metrics (cumulative since the target started serving the deployment): ``{name: {"requests",
     "errors", "latency_ms_buckets": {upper_bound_ms: cumulative_count, ..., "+Inf": n},
-    "latency_ms_sum", "feedback", "feedback_correct"}}``.
+    "latency_ms_sum", "feedback", "feedback_correct", "predicted": {class: rows}}}``; a shadow's
+    requests are the mirrored ones. Targets that see both answers to a mirrored request add
+    ``"pairs"`` and ``"agreements"`` (rows both answered, rows with the same predicted class) to the
+    shadow's entry.
     """
 
     @abstractmethod
@@ -39,12 +46,17 @@ class ServingTarget(ABC):
         """
 
     @abstractmethod
-    def set_traffic(self, deployment: str, weights: dict[str, int]) -> dict[str, Any]:
-        """Set the weights of the named predictors (others keep theirs); the total must be 100."""
+    def set_traffic(self, deployment: str, weights: dict[str, int], *,
+                    shadow: dict[str, int] | None = None) -> dict[str, Any]:
+        """Set the weights of the predictors named in ``weights`` (live, answering clients) and the
+        mirror percentage of the one named in ``shadow``; others keep their role and weight.
+
+        A shadow named in ``weights`` becomes live; see ``merge_traffic`` for the rules.
+        """
 
     @abstractmethod
     def remove(self, deployment: str, predictor: str) -> dict[str, Any]:
-        """Stop a predictor; it must receive no traffic (weight 0) first."""
+        """Stop a predictor; a live one must receive no traffic (weight 0) first, a shadow may go at once."""
 
     @abstractmethod
     def state(self, deployment: str) -> dict[str, Any]:
@@ -78,7 +90,10 @@ def check_predictor(predictor: dict[str, Any]) -> None:
         raise ValueError(f"predictor {predictor!r} lacks {sorted(missing)}")
     if not isinstance(predictor["name"], str) or not _NAME.match(predictor["name"]):
         raise ValueError(f"invalid predictor name {predictor['name']!r}: use e.g. 'v3'")
-    check_weight(predictor["name"], predictor["weight"])
+    if not isinstance(predictor.get("shadow", False), bool):
+        raise ValueError(f"'shadow' of predictor {predictor['name']!r} must be true or false, "
+                         f"got {predictor['shadow']!r}")
+    (check_mirror if predictor.get("shadow") else check_weight)(predictor["name"], predictor["weight"])
 
 
 def check_weight(name: str, weight: Any) -> None:
@@ -86,16 +101,43 @@ def check_weight(name: str, weight: Any) -> None:
         raise ValueError(f"weight of predictor {name!r} must be an integer from 0 to 100, got {weight!r}")
 
 
-def merge_weights(current: dict[str, int], changes: dict[str, int]) -> dict[str, int]:
-    """Current weights updated by ``changes``; every name must exist and the total must be 100."""
-    unknown = sorted(set(changes) - set(current))
+def check_mirror(name: str, percent: Any) -> None:
+    # Seldon reads a shadow's traffic 0 as "mirror everything": 0 is refused rather than ambiguous.
+    if isinstance(percent, bool) or not isinstance(percent, int) or not 1 <= percent <= 100:
+        raise ValueError(f"mirrored percentage of shadow predictor {name!r} must be an integer from 1 to 100 "
+                         f"(remove the shadow to stop mirroring), got {percent!r}")
+
+
+def check_traffic(traffic: dict[str, dict[str, Any]]) -> None:
+    """``{name: {"weight", "shadow"}}``: at most one shadow, live weights summing to 100."""
+    shadows = sorted(name for name, t in traffic.items() if t.get("shadow"))
+    if len(shadows) > 1:
+        raise ValueError(f"a deployment has at most one shadow predictor, got {shadows}")
+    live = {name: t["weight"] for name, t in traffic.items() if not t.get("shadow")}
+    if sum(live.values()) != 100:
+        raise ValueError(f"weights must sum to 100, got {sum(live.values())} for {live}"
+                         + (f" (shadow {shadows[0]} not counted)" if shadows else ""))
+
+
+def merge_traffic(current: dict[str, dict[str, Any]], weights: dict[str, int],
+                  shadow: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
+    """``current`` (``{name: {"weight", "shadow"}}``) with the live ``weights`` and the ``shadow``
+    mirror percentage applied; every name must exist, and the result must pass ``check_traffic``."""
+    shadow = shadow or {}
+    both = sorted(set(weights) & set(shadow))
+    if both:
+        raise ValueError(f"predictors {both} are named both live and shadow")
+    unknown = sorted((set(weights) | set(shadow)) - set(current))
     if unknown:
         raise ValueError(f"unknown predictors {unknown}: the deployment has {sorted(current)}")
-    for name, weight in changes.items():
+    merged = {name: {"weight": t["weight"], "shadow": bool(t.get("shadow"))} for name, t in current.items()}
+    for name, weight in weights.items():
         check_weight(name, weight)
-    merged = {**current, **changes}
-    if sum(merged.values()) != 100:
-        raise ValueError(f"weights must sum to 100, got {sum(merged.values())} for {merged}")
+        merged[name] = {"weight": weight, "shadow": False}
+    for name, percent in shadow.items():
+        check_mirror(name, percent)
+        merged[name] = {"weight": percent, "shadow": True}
+    check_traffic(merged)
     return merged
 
 

@@ -1,15 +1,17 @@
 """The local gateway: one HTTP endpoint per deployment that splits traffic between predictors.
 
 It plays the part of Seldon's service orchestrator for the local serving target: a weighted random
-choice of predictor per request, Prometheus metrics named like the executor's, quality accounting
-from feedback, and a request log (JSON lines, in batches) that the drift monitor reads.
+choice of predictor per request, a shadow predictor that gets a mirrored share of the requests
+(its answers are compared with the live ones, never returned), Prometheus metrics named like the
+executor's, quality accounting from feedback, and request logs (JSON lines, in batches) that the
+drift monitor reads.
 
     python -m airloop.serving.gateway --state-dir DIR --port N
 
 Endpoints: ``POST /api/v1.0/predictions`` and ``/api/v1.0/feedback`` (Seldon's protocol),
-``GET /metrics`` (Prometheus), ``GET /health/ping``, ``GET /admin/state``, ``GET /admin/stats``,
-``PUT /admin/weights`` (``{name: weight}``) and ``PUT /admin/predictors`` (``{name: {"url",
-"model_version", "weight"}}``, the whole routing table).
+``GET /metrics`` (Prometheus), ``GET /health/ping``, ``GET /admin/state``, ``GET /admin/stats``
+and ``PUT /admin/predictors`` (``{name: {"url", "model_version", "weight", "shadow"}}``, the whole
+routing table).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import random
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,9 +41,12 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route as HttpRoute
 
 from airloop import settings
-from airloop.serving.base import check_weight, merge_weights
+from airloop.serving.base import check_mirror, check_traffic, check_weight
+from airloop.serving.features import FeatureLookup, FeatureLookupError
 from airloop.serving.local import SERVER_KEEPALIVE_S, STATE_FILE, routes_from_state
+from airloop.serving.model import label_rows, label_value, predicted_class
 
+PREDICT_PATH = "/api/v1.0/predictions"
 PREDICTOR_HEADER = "X-Airloop-Predictor"
 REQUEST_ID_HEADER = "X-Airloop-Request-Id"
 # Drop idle connections before the model servers do, so that no request goes out on a connection
@@ -52,6 +57,12 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
 CLIENT_METRIC = "seldon_api_executor_client_requests_seconds"
 SERVER_METRIC = "seldon_api_executor_server_requests_seconds"
 FEEDBACK_METRIC = "airloop_gateway_feedback"
+PREDICTIONS_METRIC = "airloop_gateway_predictions"
+SHADOW_METRIC = "airloop_gateway_shadow_pairs"
+# Mirrored requests in flight at most: a slow or hung shadow must not pile up work in the gateway;
+# requests beyond this are not mirrored (counted in airloop_gateway_shadow_dropped_total).
+MAX_MIRRORS = 64
+_JSON = {"content-type": "application/json"}
 
 
 @dataclass(frozen=True)
@@ -59,7 +70,8 @@ class Route:
     name: str
     url: str
     model_version: str
-    weight: int
+    weight: int  # a shadow's weight is the percentage of requests mirrored to it
+    shadow: bool = False
 
 
 class RoutingTable:
@@ -67,21 +79,28 @@ class RoutingTable:
 
     def __init__(self, routes: dict[str, Route]) -> None:
         self.routes = routes
-        self._live = [r for r in routes.values() if r.weight > 0]
+        self._live = [r for r in routes.values() if r.weight > 0 and not r.shadow]
         self._cumulative = list(itertools.accumulate(r.weight for r in self._live))
+        self.shadow = next((r for r in routes.values() if r.shadow), None)
 
     def pick(self) -> Route | None:
         if not self._live:
             return None
         return random.choices(self._live, cum_weights=self._cumulative)[0]
 
+    def mirror(self) -> Route | None:
+        """The shadow, for the share of requests it mirrors; None for the others."""
+        shadow = self.shadow
+        return shadow if shadow is not None and random.random() * 100 < shadow.weight else None
+
     def as_dict(self) -> dict[str, dict[str, Any]]:
-        return {r.name: {"url": r.url, "model_version": r.model_version, "weight": r.weight}
-                for r in self.routes.values()}
+        return {r.name: {"url": r.url, "model_version": r.model_version, "weight": r.weight,
+                         "shadow": r.shadow} for r in self.routes.values()}
 
 
 def parse_routes(table: dict[str, Any]) -> RoutingTable:
-    """``{name: {"url", "model_version", "weight"}}`` -> RoutingTable; ValueError names the problem."""
+    """``{name: {"url", "model_version", "weight", "shadow"}}`` -> RoutingTable; ValueError names the
+    problem."""
     if not isinstance(table, dict):
         raise ValueError(f"predictors must be an object {{name: {{url, model_version, weight}}}}, "
                          f"got {table!r}")
@@ -89,39 +108,46 @@ def parse_routes(table: dict[str, Any]) -> RoutingTable:
     for name, spec in table.items():
         if not isinstance(spec, dict) or not {"url", "model_version", "weight"} <= spec.keys():
             raise ValueError(f"predictor {name!r} needs url, model_version and weight, got {spec!r}")
-        check_weight(name, spec["weight"])
-        routes[name] = Route(name, str(spec["url"]).rstrip("/"), str(spec["model_version"]), spec["weight"])
-    total = sum(r.weight for r in routes.values())
-    if routes and total != 100:
-        raise ValueError(f"weights must sum to 100, got {total}")
+        shadow = spec.get("shadow", False)
+        if not isinstance(shadow, bool):
+            raise ValueError(f"'shadow' of predictor {name!r} must be true or false, got {shadow!r}")
+        (check_mirror if shadow else check_weight)(name, spec["weight"])
+        routes[name] = Route(name, str(spec["url"]).rstrip("/"), str(spec["model_version"]), spec["weight"],
+                             shadow)
+    if routes:
+        check_traffic({name: {"weight": r.weight, "shadow": r.shadow} for name, r in routes.items()})
     return RoutingTable(routes)
 
 
 class RequestLog:
-    """Buffers one JSON line per request and writes complete files of them to the artefact store.
+    """Buffers one record per request and writes complete files of JSON lines to the artefact store.
 
-    Files go to ``<root>/requests/<deployment>/<YYYYMMDD>/<HHMMSS>-<uuid>.jsonl``; on a local disk
-    they are written under a temporary name and renamed, so a reader never sees half a file.
+    Files go to ``<root>/<folder>/<deployment>/<YYYYMMDD>/<HHMMSS>-<uuid>.jsonl``; on a local disk
+    they are written under a temporary name and renamed, so a reader never sees half a file. Records
+    carry ``ts`` as epoch seconds; encoding them (``ts`` as ISO 8601) happens in ``write``, in a
+    worker thread, not on the request's path.
     """
 
-    def __init__(self, root_uri: str, deployment: str, batch_size: int) -> None:
+    def __init__(self, root_uri: str, deployment: str, batch_size: int, folder: str = "requests") -> None:
         self._fs, base = pafs.FileSystem.from_uri(root_uri)
-        self._dir = f"{base.rstrip('/')}/requests/{deployment}"
+        self._dir = f"{base.rstrip('/')}/{folder}/{deployment}"
         self._batch_size = batch_size
-        self._lines: list[str] = []
+        self._records: list[dict[str, Any]] = []
 
     def add(self, record: dict[str, Any]) -> bool:
         """Buffer a record; True when the batch is full and should be flushed."""
-        self._lines.append(json.dumps(record, separators=(",", ":")))
-        return len(self._lines) >= self._batch_size
+        self._records.append(record)
+        return len(self._records) >= self._batch_size
 
-    def take(self) -> list[str]:
-        lines, self._lines = self._lines, []
-        return lines
+    def take(self) -> list[dict[str, Any]]:
+        records, self._records = self._records, []
+        return records
 
-    def write(self, lines: list[str]) -> str | None:
-        if not lines:
+    def write(self, records: list[dict[str, Any]]) -> str | None:
+        if not records:
             return None
+        lines = [json.dumps({**r, "ts": datetime.fromtimestamp(r["ts"], timezone.utc).isoformat(
+            timespec="milliseconds")}, separators=(",", ":")) for r in records]
         now = datetime.now(timezone.utc)
         folder = f"{self._dir}/{now:%Y%m%d}"
         path = f"{folder}/{now:%H%M%S}-{uuid.uuid4().hex}.jsonl"
@@ -136,34 +162,26 @@ class RequestLog:
         return path
 
 
-def _label(value: Any) -> Any:
-    """Compare labels by value: the truth may come as 1, 1.0 or "1" for class "1"."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def _predicted(probabilities: list[float], classes: list[str]) -> Any:
-    best = max(range(len(probabilities)), key=probabilities.__getitem__)
-    return _label(classes[best] if classes else best)
-
-
 def _rows(value: Any) -> list[Any]:
     """Truth labels as a flat list: ``{"data": {"ndarray": [[1], [0]]}}``, ``[1, 0]`` or ``1``."""
     if isinstance(value, dict):
         value = (value.get("data") or {}).get("ndarray")
         if value is None:
             raise ValueError("truth must be {'data': {'ndarray': [[label], ...]}} or a list of labels")
-    if not isinstance(value, list):
-        return [value]
-    return [v[0] if isinstance(v, list) and len(v) == 1 else v for v in value]
+    return label_rows(value)
+
+
+def _status(code: int, info: str) -> dict[str, Any]:
+    # The shape of Seldon's error responses.
+    return {"status": {"code": code, "info": info, "status": "FAILURE"}}
 
 
 def _failure(code: int, info: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    # The shape of Seldon's error responses.
-    return JSONResponse({"status": {"code": code, "info": info, "status": "FAILURE"}}, status_code=code,
-                        headers=headers)
+    return JSONResponse(_status(code, info), status_code=code, headers=headers)
+
+
+def _encode(result: dict[str, Any]) -> bytes:
+    return json.dumps(result, separators=(",", ":")).encode()
 
 
 @dataclass
@@ -177,10 +195,14 @@ class _Recent:
 
 class Gateway:
     def __init__(self, deployment: str, table: RoutingTable, *, artefact_root: str, log_batch: int = 500,
-                 log_interval_s: float = 5.0, timeout_s: float = 10.0, feedback_window: int = 20_000) -> None:
+                 log_interval_s: float = 5.0, timeout_s: float = 10.0, feedback_window: int = 20_000,
+                 features: FeatureLookup | None = None) -> None:
         self.deployment = deployment
+        self.features = features  # looks up features for requests that carry only entity keys
         self.table = table
         self.log = RequestLog(artefact_root, deployment, log_batch)
+        # One line per mirrored request: both answers, the shadow's latency and whether they agree.
+        self.shadow_log = RequestLog(artefact_root, deployment, log_batch, folder="shadow")
         self.log_interval_s = log_interval_s
         self.timeout_s = timeout_s
         self.feedback_window = feedback_window
@@ -188,14 +210,23 @@ class Gateway:
         self.session: aiohttp.ClientSession  # opened by lifespan(), inside the server's event loop
         self.registry = CollectorRegistry()
         labels = ["deployment_name", "predictor_name", "predictor_version", "method", "code"]
+        predictor = ["deployment_name", "predictor_name", "predictor_version"]
         self.client_seconds = Histogram(CLIENT_METRIC, "Requests from the gateway to a predictor",
                                         labels, buckets=LATENCY_BUCKETS, registry=self.registry)
         self.server_seconds = Histogram(SERVER_METRIC, "Requests to the gateway", labels,
                                         buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.feedback = Counter(FEEDBACK_METRIC, "Feedback received per predictor",
-                                ["deployment_name", "predictor_name", "predictor_version", "outcome"],
+        self.feedback = Counter(FEEDBACK_METRIC, "Feedback received per predictor", [*predictor, "outcome"],
                                 registry=self.registry)
+        self.predicted = Counter(PREDICTIONS_METRIC, "Answered rows per predicted class",
+                                 [*predictor, "class"], registry=self.registry)
+        self.shadow_pairs = Counter(SHADOW_METRIC, "Rows answered by the shadow and the live predictor",
+                                    [*predictor, "outcome"], registry=self.registry)
+        self.shadow_dropped = Counter("airloop_gateway_shadow_dropped", "Requests not mirrored: too many "
+                                      "mirrored requests in flight", predictor, registry=self.registry)
+        # Labelled children by label values: labels() costs more than the observation itself.
+        self._children: dict[tuple[Any, ...], Any] = {}
         self._flushes: set[asyncio.Task] = set()
+        self._mirrors: set[asyncio.Task] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -210,76 +241,154 @@ class Gateway:
             yield
         finally:
             ticker.cancel()
-            await asyncio.gather(*self._flushes, return_exceptions=True)
-            self.log.write(self.log.take())
+            for mirror in self._mirrors:
+                mirror.cancel()
+            await asyncio.gather(*self._flushes, *self._mirrors, return_exceptions=True)
+            for log in (self.log, self.shadow_log):
+                log.write(log.take())
             await self.session.close()
 
     async def _flush_every_interval(self) -> None:
         while True:
             await asyncio.sleep(self.log_interval_s)
-            self._flush()
+            self._flush(self.log)
+            self._flush(self.shadow_log)
 
-    def _flush(self) -> None:
-        lines = self.log.take()
-        if lines:
-            task = asyncio.create_task(asyncio.to_thread(self.log.write, lines))
-            self._flushes.add(task)
-            task.add_done_callback(self._flushes.discard)
+    def _flush(self, log: RequestLog) -> None:
+        records = log.take()
+        if records:
+            self._spawn(asyncio.to_thread(log.write, records), self._flushes)
 
-    def app(self) -> Starlette:
-        return Starlette(lifespan=self.lifespan, routes=[
-            HttpRoute("/api/v1.0/predictions", self.predict, methods=["POST"]),
+    @staticmethod
+    def _spawn(coroutine: Any, tasks: set[asyncio.Task]) -> None:
+        task = asyncio.create_task(coroutine)
+        tasks.add(task)  # a reference until done: the loop keeps only weak ones
+        task.add_done_callback(tasks.discard)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        child = self._children.get((metric, labels))
+        if child is None:
+            child = self._children[(metric, labels)] = metric.labels(*labels)
+        return child
+
+    def app(self) -> Callable[..., Awaitable[None]]:
+        routes = Starlette(lifespan=self.lifespan, routes=[
             HttpRoute("/api/v1.0/feedback", self.send_feedback, methods=["POST"]),
             HttpRoute("/health/ping", lambda _: PlainTextResponse("pong")),
             HttpRoute("/metrics", self.prometheus),
             HttpRoute("/admin/state", self.get_state),
             HttpRoute("/admin/stats", lambda _: JSONResponse(self.stats())),
-            HttpRoute("/admin/weights", self.put_weights, methods=["PUT"]),
             HttpRoute("/admin/predictors", self.put_predictors, methods=["PUT"]),
         ])
 
+        async def asgi(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
+                       send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+            # Predictions skip Starlette's routing, middleware and Request/Response objects: about a
+            # fifth of the gateway's CPU time per request (docs/serving.md, "Overhead").
+            if scope["type"] != "http" or scope["path"] != PREDICT_PATH or scope["method"] != "POST":
+                return await routes(scope, receive, send)
+            body, more = b"", True
+            while more:
+                message = await receive()
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+            code, payload, headers = await self.predict(body)
+            await send({"type": "http.response.start", "status": code, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                *((k.encode(), v.encode()) for k, v in headers.items())]})
+            await send({"type": "http.response.body", "body": payload})
+
+        return asgi
+
     # -- traffic -----------------------------------------------------------------------------------
-    async def predict(self, request: Request) -> Response:
+    async def predict(self, body: bytes) -> tuple[int, bytes, dict[str, str]]:
+        """One prediction request's body -> (status, response body, headers)."""
         start = time.perf_counter()
-        body = await request.body()
         try:
             payload = json.loads(body)
             names, rows = payload["data"].get("names"), payload["data"]["ndarray"]
         except (ValueError, KeyError, TypeError, AttributeError):
-            return _failure(400, "expected a JSON body {'data': {'names': [...], 'ndarray': [[...], ...]}}")
+            return 400, _encode(_status(400, "expected a JSON body {'data': {'names': [...], "
+                                             "'ndarray': [[...], ...]}}")), {}
+        if self.features is not None and self.features.wants(names):
+            try:
+                names, rows, body = await self.features.enrich(self.session, names, rows)
+            except FeatureLookupError as exc:
+                return exc.code, _encode(_status(exc.code, str(exc))), {}
         route = self.table.pick()
         if route is None:
-            return _failure(503, f"deployment {self.deployment!r} has no predictor with traffic")
+            info = f"deployment {self.deployment!r} has no predictor with traffic"
+            return 503, _encode(_status(503, info)), {}
         request_id = uuid.uuid4().hex
         headers = {PREDICTOR_HEADER: route.name, REQUEST_ID_HEADER: request_id}
+        code, result, latency = await self._forward(route, body)
+        labels = (self.deployment, route.name, route.model_version, "predictions", str(code))
+        self._child(self.client_seconds, *labels).observe(latency)
+        probabilities = classes = None
+        if code == 200:
+            result.setdefault("meta", {}).update({"requestId": request_id, "predictor": route.name})
+            probabilities, classes = result["data"]["ndarray"], result["data"].get("names") or []
+            self._count_predicted(route, probabilities, classes)
+            self._remember(request_id, _Recent(route, names, rows, classes, probabilities))
+        shadow = self.table.mirror()
+        if shadow is not None:
+            if len(self._mirrors) < MAX_MIRRORS:
+                self._spawn(self._mirror(shadow, body, request_id, route, code, probabilities, classes),
+                            self._mirrors)
+            else:
+                self._child(self.shadow_dropped, self.deployment, shadow.name, shadow.model_version).inc()
+        if self.log.add({
+            "request_id": request_id, "ts": time.time(), "deployment": self.deployment,
+            "predictor": route.name, "model_version": route.model_version, "names": names, "features": rows,
+            "prediction": probabilities, "latency_ms": round(latency * 1e3, 3), "status": code,
+        }):
+            self._flush(self.log)
+        self._child(self.server_seconds, *labels).observe(time.perf_counter() - start)
+        return code, _encode(result), headers
+
+    async def _forward(self, route: Route, body: bytes) -> tuple[int, dict[str, Any], float]:
+        """POST a prediction request to a predictor: (status, answer, seconds); failures become 502/504."""
         sent = time.perf_counter()
         try:
-            async with self.session.post(f"{route.url}/api/v1.0/predictions", data=body,
-                                         headers={"content-type": "application/json"}) as answer:
+            async with self.session.post(f"{route.url}{PREDICT_PATH}", data=body, headers=_JSON) as answer:
                 code, result = answer.status, json.loads(await answer.read())
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             code = 504 if isinstance(exc, TimeoutError) else 502
-            result = {"status": {"code": code, "info": f"predictor {route.name}: {exc!r}",
-                                 "status": "FAILURE"}}
-        latency = time.perf_counter() - sent
-        labels = (self.deployment, route.name, route.model_version, "predictions", str(code))
-        self.client_seconds.labels(*labels).observe(latency)
-        probabilities = None
+            result = _status(code, f"predictor {route.name}: {exc!r}")
+        return code, result, time.perf_counter() - sent
+
+    def _count_predicted(self, route: Route, probabilities: list[list[float]], classes: list[str]) -> None:
+        for row in probabilities:
+            self._child(self.predicted, self.deployment, route.name, route.model_version,
+                        predicted_class(row, classes)).inc()
+
+    async def _mirror(self, shadow: Route, body: bytes, request_id: str, live: Route, live_code: int,
+                      live_answer: list[list[float]] | None, live_classes: list[str] | None) -> None:
+        """Send a copy of a request to the shadow after the client has its answer; compare the answers."""
+        code, result, latency = await self._forward(shadow, body)
+        self._child(self.client_seconds, self.deployment, shadow.name, shadow.model_version, "predictions",
+                    str(code)).observe(latency)
+        answer = agreements = rows = None
         if code == 200:
-            result.setdefault("meta", {}).update({"requestId": request_id, "predictor": route.name})
-            probabilities = result["data"]["ndarray"]
-            self._remember(request_id, _Recent(route, names, rows, result["data"].get("names") or [],
-                                               probabilities))
-        if self.log.add({
-            "request_id": request_id, "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "deployment": self.deployment, "predictor": route.name, "model_version": route.model_version,
-            "names": names, "features": rows, "prediction": probabilities,
-            "latency_ms": round(latency * 1e3, 3), "status": code,
+            answer, classes = result["data"]["ndarray"], result["data"].get("names") or []
+            self._count_predicted(shadow, answer, classes)
+            if live_code == 200 and len(answer) == len(live_answer):
+                rows = len(answer)
+                agreements = sum(label_value(predicted_class(mine, classes))
+                                 == label_value(predicted_class(theirs, live_classes))
+                                 for mine, theirs in zip(answer, live_answer, strict=True))
+                labels = (self.deployment, shadow.name, shadow.model_version)
+                self._child(self.shadow_pairs, *labels, "agree").inc(agreements)
+                self._child(self.shadow_pairs, *labels, "disagree").inc(rows - agreements)
+        if self.shadow_log.add({
+            "request_id": request_id, "ts": time.time(), "deployment": self.deployment,
+            "predictor": live.name, "model_version": live.model_version, "status": live_code,
+            "prediction": live_answer,
+            "shadow": shadow.name, "shadow_version": shadow.model_version, "shadow_status": code,
+            "shadow_prediction": answer, "shadow_latency_ms": round(latency * 1e3, 3), "rows": rows,
+            "agreements": agreements,
         }):
-            self._flush()
-        self.server_seconds.labels(*labels).observe(time.perf_counter() - start)
-        return Response(json.dumps(result, separators=(",", ":")), status_code=code, headers=headers,
-                        media_type="application/json")
+            self._flush(self.shadow_log)
 
     def _remember(self, request_id: str, recent: _Recent) -> None:
         self.recent[request_id] = recent
@@ -301,7 +410,8 @@ class Gateway:
         if len(truth) != len(recent.probabilities):
             return _failure(400, f"{len(truth)} truth labels for {len(recent.probabilities)} predicted rows")
         del self.recent[request_id]  # one feedback per prediction
-        correct = sum(_predicted(p, recent.classes) == _label(t) for p, t in zip(recent.probabilities, truth))
+        correct = sum(label_value(predicted_class(p, recent.classes)) == label_value(t)
+                      for p, t in zip(recent.probabilities, truth))
         route = recent.route
         labels = (self.deployment, route.name, route.model_version)
         self.feedback.labels(*labels, "correct").inc(correct)
@@ -327,15 +437,6 @@ class Gateway:
     # -- admin -------------------------------------------------------------------------------------
     async def get_state(self, request: Request) -> JSONResponse:
         return JSONResponse({"deployment": self.deployment, "predictors": self.table.as_dict()})
-
-    async def put_weights(self, request: Request) -> JSONResponse:
-        try:
-            weights = merge_weights({n: r.weight for n, r in self.table.routes.items()}, await request.json())
-        except (ValueError, AttributeError, TypeError) as exc:
-            return _failure(400, str(exc))
-        self.table = RoutingTable({n: Route(r.name, r.url, r.model_version, weights[n])
-                                   for n, r in self.table.routes.items()})
-        return await self.get_state(request)
 
     async def put_predictors(self, request: Request) -> JSONResponse:
         try:
@@ -365,10 +466,19 @@ class Gateway:
                         entry["latency_ms_sum"] += sample.value * 1e3
                     elif sample.name.endswith("_bucket"):
                         entry["latency_ms_buckets"][_bound_ms(sample.labels["le"])] += int(sample.value)
-                elif family.name == FEEDBACK_METRIC and sample.name.endswith("_total"):
+                elif not sample.name.endswith("_total"):
+                    continue  # a counter's "_created" sample
+                elif family.name == FEEDBACK_METRIC:
                     entry["feedback"] += int(sample.value)
                     if sample.labels["outcome"] == "correct":
                         entry["feedback_correct"] += int(sample.value)
+                elif family.name == PREDICTIONS_METRIC:
+                    predicted, label = entry["predicted"], sample.labels["class"]
+                    predicted[label] = predicted.get(label, 0) + int(sample.value)
+                elif family.name == SHADOW_METRIC:
+                    entry["pairs"] += int(sample.value)
+                    if sample.labels["outcome"] == "agree":
+                        entry["agreements"] += int(sample.value)
         return stats
 
 
@@ -377,8 +487,10 @@ def _bound_ms(le: str) -> str:
 
 
 def _empty_stats() -> dict[str, Any]:
+    # "pairs" is there for every predictor: this target records mirrored pairs, none yet is a count.
     return {"requests": 0, "errors": 0, "latency_ms_sum": 0.0, "feedback": 0, "feedback_correct": 0,
-            "latency_ms_buckets": {_bound_ms(str(b)): 0 for b in (*LATENCY_BUCKETS, "+Inf")}}
+            "latency_ms_buckets": {_bound_ms(str(b)): 0 for b in (*LATENCY_BUCKETS, "+Inf")},
+            "predicted": {}, "pairs": 0, "agreements": 0}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -393,9 +505,11 @@ def main(argv: list[str] | None = None) -> None:
     state = json.loads((args.state_dir / STATE_FILE).read_text())
     gateway = Gateway(state["deployment"], parse_routes(routes_from_state(state)),
                       artefact_root=settings.artefact_root(), log_batch=args.log_batch,
-                      log_interval_s=args.log_interval, timeout_s=args.timeout)
+                      log_interval_s=args.log_interval, timeout_s=args.timeout,
+                      features=FeatureLookup.from_config(state.get("features")))
+    # No Server and Date headers: nothing a client needs, and two header lines less to build per answer.
     uvicorn.run(gateway.app(), host="127.0.0.1", port=args.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=5)
+                server_header=False, date_header=False, timeout_graceful_shutdown=5)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ from airloop.serving.base import (
     ServingTarget,
     check_deployment_name,
     check_predictor,
-    merge_weights,
+    merge_traffic,
 )
+from airloop.serving.features import FeatureLookup
 
 MODEL_CLASS = "airloop.serving.model.OpenVinoModel"
 STATE_FILE = "state.json"
@@ -47,17 +48,24 @@ class LocalServingTarget(ServingTarget):
     :param home: folder of the deployments' state (default: ``<AIRLOOP_HOME>/serving``).
     :param threads: request threads per model server (one OpenVINO infer request each).
     :param startup_timeout_s: how long a model server or the gateway may take to answer.
+    :param model_class: the Seldon model class the model servers run (``module.Class``, importable in
+        the serving runtime, taking the ``model_dir`` parameter).
+    :param features: where the gateway looks up features for requests that carry only entity keys
+        (``{"url", "entities", "features"}``, see ``airloop.serving.features``).
     """
 
-    def __init__(self, home: str | None = None, *, threads: int = 2,
-                 startup_timeout_s: float = 60.0) -> None:
+    def __init__(self, home: str | None = None, *, threads: int = 2, startup_timeout_s: float = 60.0,
+                 model_class: str = MODEL_CLASS, features: dict[str, Any] | None = None) -> None:
         self.home = home
+        self.features = features
         self.threads = threads
         self.startup_timeout_s = startup_timeout_s
+        self.model_class = model_class
 
     # -- the interface -----------------------------------------------------------------------------
     def deploy(self, deployment: str, predictors: list[dict[str, Any]]) -> dict[str, Any]:
         check_deployment_name(deployment)
+        FeatureLookup.from_config(self.features)  # a bad configuration fails before anything starts
         wanted = {}
         for predictor in predictors:
             check_predictor(predictor)
@@ -76,8 +84,9 @@ class LocalServingTarget(ServingTarget):
                     raise ValueError(f"predictor {name!r} already serves model version "
                                      f"{old['model_version']} from {old['model_dir']}: "
                                      "remove it first or use another name")
-            current = {**{n: 0 for n in wanted}, **{n: p["weight"] for n, p in running.items()}}
-            weights = merge_weights(current, {n: p["weight"] for n, p in wanted.items()})
+            current = {**{n: {"weight": 0} for n in wanted}, **running}
+            live = {n: p["weight"] for n, p in wanted.items() if not p.get("shadow")}
+            traffic = merge_traffic(current, live, {n: p["weight"] for n, p in wanted.items() if p.get("shadow")})
             to_start = {n: p for n, p in wanted.items() if n not in running}
             for name in [n for n in running if not _pings(running[n])]:
                 _stop_group(running[name]["pid"])  # a hung server may still hold its group
@@ -87,18 +96,22 @@ class LocalServingTarget(ServingTarget):
                 spec = to_start[name]
                 running[name] = {"model_version": str(spec["model_version"]),
                                  "model_dir": str(spec["model_dir"]), **process}
-            for name, weight in weights.items():
-                running[name]["weight"] = weight
+            for name, role in traffic.items():
+                running[name].update(role)
+            if state.get("features") != self.features and state.get("gateway"):
+                _stop_group(state["gateway"]["pid"])  # the gateway reads the feature lookup when it starts
+            state["features"] = self.features
             self._write_state(deployment, state)
             self._ensure_gateway(deployment, state)
             return self._describe(state)
 
-    def set_traffic(self, deployment: str, weights: dict[str, int]) -> dict[str, Any]:
+    def set_traffic(self, deployment: str, weights: dict[str, int], *,
+                    shadow: dict[str, int] | None = None) -> dict[str, Any]:
         with self._locked(deployment) as state:
-            merged = merge_weights({n: p["weight"] for n, p in state["predictors"].items()}, weights)
-            self._admin(state, "PUT", "/admin/weights", json=merged)
-            for name, weight in merged.items():
-                state["predictors"][name]["weight"] = weight
+            for name, role in merge_traffic(state["predictors"], weights, shadow).items():
+                state["predictors"][name].update(role)
+            # The whole table at once: the gateway swaps it atomically, requests in flight finish.
+            self._admin(state, "PUT", "/admin/predictors", json=routes_from_state(state))
             self._write_state(deployment, state)
             return self._describe(state)
 
@@ -108,7 +121,7 @@ class LocalServingTarget(ServingTarget):
                 raise ValueError(f"deployment {deployment!r} has no predictor {predictor!r}: "
                                  f"it has {sorted(state['predictors'])}")
             weight = state["predictors"][predictor]["weight"]
-            if weight != 0:
+            if weight != 0 and not state["predictors"][predictor].get("shadow"):
                 raise ValueError(f"predictor {predictor!r} still receives {weight}% of the traffic: "
                                  "set its weight to 0 first")
             spec = state["predictors"].pop(predictor)
@@ -177,7 +190,7 @@ class LocalServingTarget(ServingTarget):
             "deployment": state["deployment"],
             "endpoint": _endpoint(state),
             "gateway": {**state["gateway"], "healthy": _pings(state["gateway"])},
-            "predictors": {name: {**spec, "healthy": _pings(spec)}
+            "predictors": {name: {**spec, "shadow": bool(spec.get("shadow")), "healthy": _pings(spec)}
                            for name, spec in state["predictors"].items()},
         }
 
@@ -191,7 +204,7 @@ class LocalServingTarget(ServingTarget):
         for name, spec in predictors.items():
             port, metrics_port = _free_port(), _free_port()
             parameters = [{"name": "model_dir", "value": str(spec["model_dir"]), "type": "STRING"}]
-            command = [python, "-m", "airloop.serving.model", MODEL_CLASS, "--service-type", "MODEL",
+            command = [python, "-m", "airloop.serving.model", self.model_class, "--service-type", "MODEL",
                        "--http-port", str(port), "--metrics-port", str(metrics_port),
                        # the gateway speaks REST only: no gRPC server (one process and one model less)
                        "--grpc-workers", "0", "--workers", "1", "--threads", str(self.threads),
@@ -262,7 +275,7 @@ class LocalServingTarget(ServingTarget):
 def routes_from_state(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The gateway's routing table for a deployment's state."""
     return {name: {"url": f"http://127.0.0.1:{p['port']}", "model_version": p["model_version"],
-                   "weight": p["weight"]}
+                   "weight": p["weight"], "shadow": bool(p.get("shadow"))}
             for name, p in state.get("predictors", {}).items()}
 
 

@@ -20,6 +20,8 @@ import json
 import queue
 import threading
 import time
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,11 @@ MANIFEST = "manifest.json"
 # Infer requests shared by the server's threads (Seldon's --threads); more threads wait for a free one.
 INFER_REQUESTS = 4
 MANIFEST_FORMAT = "openvino-ir"
+# Custom metrics, on Seldon's metrics port with its labels (deployment_name, predictor_name, ...);
+# Seldon exposes counters with a "_total" suffix. On Kubernetes they are what Prometheus knows of
+# a predictor's answers and of their quality.
+PREDICTIONS_METRIC = "airloop_model_predictions"  # rows per predicted class (tag "class")
+FEEDBACK_METRIC = "airloop_model_feedback"  # feedback rows, tag "outcome": "correct" | "incorrect"
 
 
 class ModelIntegrityError(RuntimeError):
@@ -75,6 +82,28 @@ def read_verified_manifest(model_dir: Path) -> dict[str, Any]:
     return manifest
 
 
+def label_value(value: Any) -> Any:
+    """Compare labels by value: the truth may come as 1, 1.0 or "1" for class "1"."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def predicted_class(probabilities: Sequence[float], classes: Sequence[Any]) -> str:
+    """The name of the most probable class of one row (its index when there are no names)."""
+    best = max(range(len(probabilities)), key=probabilities.__getitem__)
+    return str(classes[best] if len(classes) else best)
+
+
+def label_rows(values: Any) -> list[Any]:
+    """Labels as a flat list, one per row: ``[[1], [0]]``, ``[1, 0]``, an array of either, or ``1``."""
+    values = values.tolist() if isinstance(values, np.ndarray) else values
+    if not isinstance(values, list):
+        return [values]
+    return [v[0] if isinstance(v, list) and len(v) == 1 else v for v in values]
+
+
 def _bad_input(message: str) -> Exception:
     """A client error: Seldon's wrapper answers it with 400 instead of 500 (a server fault)."""
     try:
@@ -117,10 +146,24 @@ class OpenVinoModel:
 
     def predict(self, X: Any, features_names: list[str] | None = None,
                 meta: dict | None = None) -> np.ndarray:
+        start = time.perf_counter()
+        probabilities = self._infer(X, features_names)
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        classes = self.class_names()
+        predicted = Counter(predicted_class(row, classes) for row in probabilities)
+        self._local.pending = [
+            {"type": "COUNTER", "key": "airloop_model_rows_total", "value": len(probabilities)},
+            {"type": "TIMER", "key": "airloop_model_inference_ms", "value": elapsed_ms},
+            *({"type": "COUNTER", "key": PREDICTIONS_METRIC, "value": n, "tags": {"class": name}}
+              for name, n in sorted(predicted.items())),
+        ]
+        return probabilities
+
+    def _infer(self, X: Any, features_names: Sequence[str] | None) -> np.ndarray:
         if self._compiled is None:
             raise RuntimeError(f"model in {self.model_dir} is not loaded: call load() first")
         expected = self._manifest["feature_names"]
-        if features_names and list(features_names) != expected:
+        if features_names is not None and len(features_names) and list(features_names) != expected:
             raise _bad_input(f"feature names {list(features_names)} do not match the model's {expected}")
         try:
             rows = np.asarray(X, dtype=np.float32)
@@ -128,19 +171,12 @@ class OpenVinoModel:
             raise _bad_input(f"features must be numbers: {exc}") from None
         if rows.ndim != 2 or rows.shape[1] != len(expected):
             raise _bad_input(f"expected rows of {len(expected)} features, got shape {list(rows.shape)}")
-        start = time.perf_counter()
         request = self._requests.get()  # waits while every request is busy
         try:
             result = request.infer({0: rows})
-            probabilities = np.array(result[self._compiled.output(0)], dtype=np.float64)
+            return np.array(result[self._compiled.output(0)], dtype=np.float64)
         finally:
             self._requests.put(request)
-        elapsed_ms = (time.perf_counter() - start) * 1e3
-        self._local.pending = [
-            {"type": "COUNTER", "key": "airloop_model_rows_total", "value": len(rows)},
-            {"type": "TIMER", "key": "airloop_model_inference_ms", "value": elapsed_ms},
-        ]
-        return probabilities
 
     def metrics(self) -> list[dict[str, Any]]:
         # Seldon asks after every call (health checks too): report each prediction's metrics once.
@@ -155,7 +191,27 @@ class OpenVinoModel:
 
     def send_feedback(self, features: Any, feature_names: Any, reward: float, truth: Any,
                       routing: int | None = None) -> list:
-        # Quality is accounted by the gateway, which knows which predictor answered which request.
+        """Count the feedback rows this model predicts correctly, as Seldon custom metrics.
+
+        Seldon passes the request's features and the truth, not the answer that was given: the model
+        predicts the rows again (the same IR gives the same classes), so the count holds whichever
+        predictor the feedback reaches. Seldon's own reward metrics skip reward 0, so they cannot
+        count wrong answers. Feedback without features or truth counts nothing.
+        """
+        if truth is None or features is None or not np.size(features):
+            return []
+        probabilities = self._infer(features, feature_names)
+        labels = label_rows(truth)
+        if len(labels) != len(probabilities):
+            raise _bad_input(f"{len(labels)} truth labels for {len(probabilities)} rows of features")
+        classes = self.class_names()
+        correct = sum(label_value(predicted_class(row, classes)) == label_value(label)
+                      for row, label in zip(probabilities, labels, strict=True))
+        self._local.pending = [
+            {"type": "COUNTER", "key": FEEDBACK_METRIC, "value": correct, "tags": {"outcome": "correct"}},
+            {"type": "COUNTER", "key": FEEDBACK_METRIC, "value": len(labels) - correct,
+             "tags": {"outcome": "incorrect"}},
+        ]
         return []
 
 

@@ -6,10 +6,14 @@ created and merge-patched through the cncf-kubernetes provider's ``KubernetesHoo
 ``kubernetes`` connection); every patch carries the ``resourceVersion`` it was computed from, so a
 concurrent writer makes it fail with 409 and the change is recomputed from a fresh read.
 
-Metrics come from Prometheus' HTTP API: Seldon's executor histogram
-``seldon_api_executor_client_requests_seconds`` (the one the local gateway exposes too) and the
-``airloop_gateway_feedback_total`` counter, summed per predictor into the shape of
-``ServingTarget.metrics()``.
+A shadow predictor is Seldon's own (``shadow: true``): Istio mirrors ``traffic`` percent of the
+requests to it and drops its answers.
+
+Metrics come from Prometheus' HTTP API, scoped to the deployment's namespace: Seldon's executor
+histogram ``seldon_api_executor_client_requests_seconds`` (the one the local gateway exposes too)
+and the model server's custom counters ``airloop_model_feedback_total`` (feedback rows it predicts
+correctly or not) and ``airloop_model_predictions_total`` (rows per predicted class), summed per
+predictor into the shape of ``ServingTarget.metrics()``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,15 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 import airloop
-from airloop.serving.base import ServingTarget, check_deployment_name, check_predictor, merge_weights
+from airloop.serving.base import (
+    ServingTarget,
+    check_deployment_name,
+    check_predictor,
+    check_traffic,
+    merge_traffic,
+)
+from airloop.serving.model import FEEDBACK_METRIC as MODEL_FEEDBACK
+from airloop.serving.model import PREDICTIONS_METRIC as MODEL_PREDICTIONS
 
 if TYPE_CHECKING:
     from kubernetes.client import CustomObjectsApi
@@ -37,7 +49,8 @@ CONTAINER = "model"
 MOUNTED_MODEL_DIR = "/mnt/models"
 DEFAULT_IMAGE = f"airloop/serving:{airloop.__version__}"
 REQUESTS_METRIC = "seldon_api_executor_client_requests_seconds"
-FEEDBACK_METRIC = "airloop_gateway_feedback_total"
+FEEDBACK_METRIC = f"{MODEL_FEEDBACK}_total"
+PREDICTIONS_METRIC = f"{MODEL_PREDICTIONS}_total"
 CONFLICT_RETRIES = 5
 
 
@@ -66,7 +79,7 @@ def render_predictor(deployment: str, predictor: dict[str, Any], *, image: str =
     if model_uri:
         graph["modelUri"] = str(model_uri)
     env = {"CI": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "MODEL_NAME": MODEL_CLASS, "SERVICE_TYPE": "MODEL"}
-    return {
+    rendered = {
         "name": predictor["name"],
         "replicas": replicas,
         "traffic": predictor["weight"],
@@ -78,6 +91,9 @@ def render_predictor(deployment: str, predictor: dict[str, Any], *, image: str =
         }]}}],
         "graph": graph,
     }
+    if predictor.get("shadow"):
+        rendered["shadow"] = True  # traffic is then the percentage of requests Istio mirrors to it
+    return rendered
 
 
 def render_seldon_deployment(deployment: str, predictors: list[dict[str, Any]], *, namespace: str = "default",
@@ -96,14 +112,21 @@ def render_seldon_deployment(deployment: str, predictors: list[dict[str, Any]], 
                  "predictors": [render_predictor(deployment, p, image=image, replicas=replicas)
                                 for p in predictors]},
     }
-    check_traffic(manifest)
+    check_traffic(_traffic(manifest["spec"]["predictors"]))
     return manifest
 
 
-def check_traffic(manifest: dict[str, Any]) -> None:
-    """Raise ValueError unless the predictors' traffic weights are integers from 0 to 100 summing to 100."""
-    weights = {p["name"]: p.get("traffic", 0) for p in manifest["spec"]["predictors"]}
-    merge_weights(weights, weights)  # checks each weight and the total
+def _traffic(predictors: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A SeldonDeployment's predictors as ``{name: {"weight", "shadow"}}`` (see ``merge_traffic``)."""
+    return {p["name"]: {"weight": p.get("traffic", 0), "shadow": bool(p.get("shadow"))} for p in predictors}
+
+
+def _with_traffic(predictor: dict[str, Any], traffic: dict[str, Any]) -> dict[str, Any]:
+    updated = {key: value for key, value in predictor.items() if key != "shadow"}
+    updated["traffic"] = traffic["weight"]
+    if traffic["shadow"]:
+        updated["shadow"] = True
+    return updated
 
 
 class SeldonKubernetesTarget(ServingTarget):
@@ -115,17 +138,22 @@ class SeldonKubernetesTarget(ServingTarget):
     :param image: the model server image (``docker/Dockerfile.serving``).
     :param replicas: pods per predictor.
     :param timeout_s: timeout of each Kubernetes and Prometheus request.
+    :param namespace_label: the label holding a series' Kubernetes namespace in that Prometheus
+        (``namespace`` with the Prometheus operator's pod monitors; ``kubernetes_namespace`` with
+        Seldon's analytics chart). Queries are scoped to ``namespace``: the same deployment name in
+        another namespace is another deployment.
     """
 
     def __init__(self, namespace: str = "default", kubernetes_conn_id: str = "kubernetes_default",
                  prometheus_url: str | None = None, *, image: str = DEFAULT_IMAGE, replicas: int = 1,
-                 timeout_s: float = 10.0) -> None:
+                 timeout_s: float = 10.0, namespace_label: str = "namespace") -> None:
         self.namespace = namespace
         self.kubernetes_conn_id = kubernetes_conn_id
         self.prometheus_url = prometheus_url
         self.image = image
         self.replicas = replicas
         self.timeout_s = timeout_s
+        self.namespace_label = namespace_label
 
     # -- the interface -----------------------------------------------------------------------------
     def deploy(self, deployment: str, predictors: list[dict[str, Any]]) -> dict[str, Any]:
@@ -144,10 +172,11 @@ class SeldonKubernetesTarget(ServingTarget):
                 if old and (old.get("labels") or {}).get("version") != predictor["labels"]["version"]:
                     raise ValueError(f"predictor {name!r} already serves model version "
                                      f"{old['labels'].get('version')}: remove it first or use another name")
-            weights = merge_weights({**{n: 0 for n in wanted}, **{n: p.get("traffic", 0) for n, p in running.items()}},
-                                    {n: p["traffic"] for n, p in wanted.items()})
+            traffic = merge_traffic({**{n: {"weight": 0} for n in wanted}, **_traffic(current)},
+                                    {n: p["traffic"] for n, p in wanted.items() if not p.get("shadow")},
+                                    {n: p["traffic"] for n, p in wanted.items() if p.get("shadow")})
             merged = [*current, *(p for n, p in wanted.items() if n not in running)]
-            return [{**p, "traffic": weights[p["name"]]} for p in merged]
+            return [_with_traffic(p, traffic[p["name"]]) for p in merged]
 
         if self._read(deployment) is None:
             manifest = render_seldon_deployment(deployment, predictors, namespace=self.namespace,
@@ -161,10 +190,11 @@ class SeldonKubernetesTarget(ServingTarget):
                     raise
         return self._update(deployment, change)
 
-    def set_traffic(self, deployment: str, weights: dict[str, int]) -> dict[str, Any]:
+    def set_traffic(self, deployment: str, weights: dict[str, int], *,
+                    shadow: dict[str, int] | None = None) -> dict[str, Any]:
         def change(current: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            merged = merge_weights({p["name"]: p.get("traffic", 0) for p in current}, weights)
-            return [{**p, "traffic": merged[p["name"]]} for p in current]
+            traffic = merge_traffic(_traffic(current), weights, shadow)
+            return [_with_traffic(p, traffic[p["name"]]) for p in current]
 
         return self._update(deployment, change)
 
@@ -173,7 +203,7 @@ class SeldonKubernetesTarget(ServingTarget):
             found = {p["name"]: p for p in current}
             if predictor not in found:
                 raise ValueError(f"deployment {deployment!r} has no predictor {predictor!r}: it has {sorted(found)}")
-            if found[predictor].get("traffic", 0) != 0:
+            if found[predictor].get("traffic", 0) != 0 and not found[predictor].get("shadow"):
                 raise ValueError(f"predictor {predictor!r} still receives {found[predictor]['traffic']}% of "
                                  "the traffic: set its weight to 0 first")
             return [p for p in current if p["name"] != predictor]
@@ -269,13 +299,15 @@ class SeldonKubernetesTarget(ServingTarget):
         if not self.prometheus_url:
             raise ValueError("metrics() of the Seldon target needs 'prometheus_url' (the Prometheus that "
                              "scrapes Seldon's executors) in the serving connection's extra")
+        scope = f'deployment_name="{deployment}",{self.namespace_label}="{self.namespace}"'
         # Feedback calls go through the executor too; only predictions are requests to compare.
-        selector = f'deployment_name="{deployment}",service!="feedback"'
+        requests = f'{scope},service!="feedback"'
         return {
-            "count": f"sum by (predictor_name, code) ({REQUESTS_METRIC}_count{{{selector}}})",
-            "sum": f"sum by (predictor_name) ({REQUESTS_METRIC}_sum{{{selector}}})",
-            "bucket": f"sum by (predictor_name, le) ({REQUESTS_METRIC}_bucket{{{selector}}})",
-            "feedback": f'sum by (predictor_name, outcome) ({FEEDBACK_METRIC}{{deployment_name="{deployment}"}})',
+            "count": f"sum by (predictor_name, code) ({REQUESTS_METRIC}_count{{{requests}}})",
+            "sum": f"sum by (predictor_name) ({REQUESTS_METRIC}_sum{{{requests}}})",
+            "bucket": f"sum by (predictor_name, le) ({REQUESTS_METRIC}_bucket{{{requests}}})",
+            "feedback": f"sum by (predictor_name, outcome) ({FEEDBACK_METRIC}{{{scope}}})",
+            "predicted": f"sum by (predictor_name, class) ({PREDICTIONS_METRIC}{{{scope}}})",
         }
 
     def _query(self, get: Callable[..., httpx.Response], query: str) -> list[dict[str, Any]]:
@@ -315,6 +347,7 @@ def describe(custom_object: dict[str, Any]) -> dict[str, Any]:
         predictors[name] = {
             "model_version": (predictor.get("labels") or {}).get("version"),
             "weight": predictor.get("traffic", 0),
+            "shadow": bool(predictor.get("shadow")),
             "replicas": predictor.get("replicas", 1),
             "model_uri": predictor["graph"].get("modelUri"),
             "healthy": status.get("state") == "Available" and bool(own) and all(
@@ -328,11 +361,13 @@ def describe(custom_object: dict[str, Any]) -> dict[str, Any]:
 def stats_from_prometheus(names: list[str], results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """Per-predictor counts in the shape of ``ServingTarget.metrics()`` from Prometheus instant vectors.
 
-    ``results`` maps ``count``, ``sum``, ``bucket`` and ``feedback`` to the ``data.result`` of the
-    queries built by ``SeldonKubernetesTarget``; series of predictors not in ``names`` are ignored.
+    ``results`` maps ``count``, ``sum``, ``bucket``, ``feedback`` and ``predicted`` to the
+    ``data.result`` of the queries built by ``SeldonKubernetesTarget``; series of predictors not in
+    ``names`` are ignored. Mirrored pairs are not known here (Istio drops a shadow's answers), so
+    there is no ``pairs`` key.
     """
     stats = {name: {"requests": 0, "errors": 0, "latency_ms_sum": 0.0, "feedback": 0, "feedback_correct": 0,
-                    "latency_ms_buckets": {}} for name in names}
+                    "latency_ms_buckets": {}, "predicted": {}} for name in names}
 
     def samples(key: str) -> Any:
         for sample in results.get(key, []):
@@ -355,6 +390,9 @@ def stats_from_prometheus(names: list[str], results: dict[str, list[dict[str, An
         entry["feedback"] += int(value)
         if labels.get("outcome") == "correct":
             entry["feedback_correct"] += int(value)
+    for entry, labels, value in samples("predicted"):
+        name = labels.get("class", "")
+        entry["predicted"][name] = entry["predicted"].get(name, 0) + int(value)
     return stats
 
 

@@ -1,19 +1,27 @@
-"""Canary analysis: is the challenger at least as good as the champion over one traffic window?
+"""Rollout analysis: is the challenger at least as good as the champion over one window?
 
 Request::
 
-    {"before": metrics_snapshot, "after": metrics_snapshot, "champion": "v3", "challenger": "v4",
+    {"mode": "canary" | "shadow", "before": metrics_snapshot, "after": metrics_snapshot,
+     "champion": "v3", "challenger": "v4",
      "criteria": {"min_requests": 50, "min_feedback": 30, "max_error_rate_increase": 0.01,
                   "max_p99_latency_ratio": 1.5, "min_p99_latency_increase_ms": 25,
-                  "max_accuracy_drop": 0.02, "alpha": 0.05}}
+                  "max_accuracy_drop": 0.02, "min_pairs": 100, "min_agreement": 0.8,
+                  "max_distribution_distance": 0.1, "alpha": 0.05}}
 
 Snapshots have the shape of ``ServingTarget.metrics()``; the window is ``after - before``.
 Result: ``{"verdict": "pass" | "fail" | "wait", "reasons": [...], "champion": {...},
-"challenger": {...}, "tests": {"errors": {...}, "latency": {...}, "accuracy": {...}}}``.
+"challenger": {...}, "tests": {name: {"status", "reason", ...}}}``.
+
+``canary`` (the challenger answers a share of the clients): errors, p99 latency and accuracy from
+feedback labels. ``shadow`` (the challenger gets mirrored requests, its answers go nowhere): the
+diff of the two predictors' answers to the same traffic: errors, p99 latency, the agreement rate
+over mirrored rows both answered (where the target records them: ``"pairs"`` in the snapshot) and
+the distance between the distributions of predicted classes.
 
 Each check needs its own minimum of data; with less it waits, and the verdict is never "pass" while
-a check waits. Errors and accuracy fail only when the challenger is significantly worse (one-sided
-z-tests at ``alpha``) by more than the allowance, so noise alone does not roll a good model back.
+a check waits. Checks fail only when the challenger is significantly worse (one-sided tests at
+``alpha``) by more than the allowance, so noise alone does not roll a good model back.
 """
 
 from __future__ import annotations
@@ -31,12 +39,23 @@ DEFAULT_CRITERIA: dict[str, float] = {
     # when it is both max_p99_latency_ratio times and this many ms slower.
     "min_p99_latency_increase_ms": 25.0,
     "max_accuracy_drop": 0.02,
+    # Shadow mode. Mirrored rows both predictors answered, and predicted rows per predictor, needed.
+    "min_pairs": 100,
+    # Lower than 1: a better model disagrees where the champion is wrong. Set it from the champion's
+    # accuracy (a challenger right where the champion is right agrees at least that often).
+    "min_agreement": 0.8,
+    # Total variation distance between the predicted-class distributions (0: same, 1: disjoint).
+    "max_distribution_distance": 0.1,
     "alpha": 0.05,
 }
+MODES = ("canary", "shadow")
 _COUNTS = ("requests", "errors", "latency_ms_sum", "feedback", "feedback_correct")
 
 
 def analyse(request: dict[str, Any]) -> dict[str, Any]:
+    mode = request.get("mode", "canary")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
     criteria = _criteria(request.get("criteria") or {})
     names: dict[str, str] = {}
     for role in ("champion", "challenger"):
@@ -49,22 +68,31 @@ def analyse(request: dict[str, Any]) -> dict[str, Any]:
     windows = {role: _window(request, name) for role, name in names.items()}
     summary = {role: _summary(window) for role, window in windows.items()}
 
-    reset = [names[r] for r, w in windows.items() if any(w[k] < 0 for k in _COUNTS)]
+    reset = [names[r] for r, w in windows.items() if _went_down(w)]
+    champion, challenger = summary["champion"], summary["challenger"]
     if reset:
         tests = {"reset": {"status": "wait", "reason": f"counters of {reset} went down during the window "
                                                        "(the gateway restarted): analyse the next window"}}
+    elif mode == "canary":
+        tests = {
+            "errors": _errors_test(champion, challenger, criteria),
+            "latency": _latency_test(champion, challenger, criteria),
+            "accuracy": _accuracy_test(champion, challenger, criteria),
+        }
     else:
         tests = {
-            "errors": _errors_test(summary["champion"], summary["challenger"], criteria),
-            "latency": _latency_test(summary["champion"], summary["challenger"], criteria),
-            "accuracy": _accuracy_test(summary["champion"], summary["challenger"], criteria),
+            "errors": _errors_test(champion, challenger, criteria),
+            "latency": _latency_test(champion, challenger, criteria),
+            "agreement": _agreement_test(challenger, criteria),
+            "distribution": _distribution_test(champion, challenger, criteria),
         }
-    statuses = {t["status"] for t in tests.values()}
+    # A skipped check (data the target cannot give) neither passes nor holds the verdict.
+    statuses = {t["status"] for t in tests.values()} - {"skipped"}
     verdict = "fail" if "fail" in statuses else "wait" if "wait" in statuses else "pass"
     # A pass explains every check; a fail or a wait names the checks that caused it.
     reasons = [f"{name}: {t['reason']}" for name, t in tests.items()
                if verdict == "pass" or t["status"] == verdict]
-    return {"verdict": verdict, "reasons": reasons, **summary, "tests": tests}
+    return {"verdict": verdict, "mode": mode, "reasons": reasons, **summary, "tests": tests}
 
 
 def _criteria(given: dict[str, Any]) -> dict[str, float]:
@@ -77,6 +105,9 @@ def _criteria(given: dict[str, Any]) -> dict[str, float]:
             raise ValueError(f"canary criterion {key!r} must be a non-negative number, got {value!r}")
     if not 0 < criteria["alpha"] < 1:
         raise ValueError(f"canary criterion 'alpha' must be between 0 and 1, got {criteria['alpha']}")
+    for key in ("min_agreement", "max_distribution_distance"):
+        if criteria[key] > 1:
+            raise ValueError(f"canary criterion {key!r} is a fraction from 0 to 1, got {criteria[key]}")
     return criteria
 
 
@@ -92,11 +123,22 @@ def _window(request: dict[str, Any], name: str) -> dict[str, Any]:
     old_buckets = old.get("latency_ms_buckets") or {}
     window["latency_ms_buckets"] = {le: n - old_buckets.get(le, 0)
                                     for le, n in (new.get("latency_ms_buckets") or {}).items()}
+    old_predicted = old.get("predicted") or {}
+    window["predicted"] = {c: n - old_predicted.get(c, 0) for c, n in (new.get("predicted") or {}).items()}
+    # None: the target records no mirrored pairs (not: none happened).
+    for key in ("pairs", "agreements"):
+        window[key] = new[key] - old.get(key, 0) if key in new else None
     return window
 
 
+def _went_down(window: dict[str, Any]) -> bool:
+    counts = [*(window[k] for k in _COUNTS), *window["predicted"].values(),
+              *(window[k] for k in ("pairs", "agreements") if window[k] is not None)]
+    return any(n < 0 for n in counts)
+
+
 def _summary(window: dict[str, Any]) -> dict[str, Any]:
-    requests, feedback = window["requests"], window["feedback"]
+    requests, feedback, pairs = window["requests"], window["feedback"], window["pairs"]
     return {
         "requests": requests,
         "errors": window["errors"],
@@ -104,6 +146,9 @@ def _summary(window: dict[str, Any]) -> dict[str, Any]:
         "p99_ms": histogram_quantile(0.99, window["latency_ms_buckets"]),
         "feedback": feedback,
         "accuracy": window["feedback_correct"] / feedback if feedback > 0 else None,
+        "predicted": window["predicted"],
+        "pairs": pairs,
+        "agreement": window["agreements"] / pairs if pairs else None,
     }
 
 
@@ -189,6 +234,71 @@ def _accuracy_test(champion: dict, challenger: dict, criteria: dict) -> dict[str
                    f"{'significantly' if failed else 'not significantly'} more than {max_drop:g} lower "
                    f"(p={p:.3g})"),
     }
+
+
+def _agreement_test(challenger: dict, criteria: dict) -> dict[str, Any]:
+    if challenger["pairs"] is None:
+        return {"status": "skipped", "reason": "the serving target records no mirrored pairs (on Kubernetes "
+                                               "Istio drops the shadow's answers): not measured"}
+    minimum = criteria["min_pairs"]
+    if challenger["pairs"] < minimum:
+        return {"status": "wait", "reason": f"fewer than {minimum:g} mirrored rows answered by both "
+                                            f"({challenger['pairs']})"}
+    rate, floor, n = challenger["agreement"], criteria["min_agreement"], challenger["pairs"]
+    # One-sided test of H1: the agreement rate is below the floor.
+    se = math.sqrt(floor * (1 - floor) / n)
+    z = (floor - rate) / se if se > 0 else (math.inf if rate < floor else -math.inf)
+    p = 1 - NormalDist().cdf(z)
+    failed = p < criteria["alpha"]
+    return {"status": "fail" if failed else "pass", "rate": rate, "pairs": n, "min_agreement": floor,
+            "p_value": p, "reason": f"agreement {rate:.4f} over {n} mirrored rows: "
+                                    f"{'significantly' if failed else 'not significantly'} below {floor:g} "
+                                    f"(p={p:.3g})"}
+
+
+def _distribution_test(champion: dict, challenger: dict, criteria: dict) -> dict[str, Any]:
+    ours, theirs = champion["predicted"], challenger["predicted"]
+    n_ours, n_theirs = sum(ours.values()), sum(theirs.values())
+    minimum = criteria["min_pairs"]
+    if min(n_ours, n_theirs) < minimum:
+        return {"status": "wait", "reason": f"fewer than {minimum:g} predicted rows per predictor (champion "
+                                            f"{n_ours}, challenger {n_theirs})"}
+    classes = sorted(c for c in set(ours) | set(theirs) if ours.get(c, 0) + theirs.get(c, 0) > 0)
+    distance = 0.5 * sum(abs(ours.get(c, 0) / n_ours - theirs.get(c, 0) / n_theirs) for c in classes)
+    # Chi-square test of homogeneity of the 2 x classes table of counts.
+    total, chi2 = n_ours + n_theirs, 0.0
+    for c in classes:
+        column = ours.get(c, 0) + theirs.get(c, 0)
+        for observed, n in ((ours.get(c, 0), n_ours), (theirs.get(c, 0), n_theirs)):
+            expected = n * column / total
+            chi2 += (observed - expected) ** 2 / expected
+    p = chi2_sf(chi2, len(classes) - 1)
+    limit = criteria["max_distribution_distance"]
+    failed = distance > limit and p < criteria["alpha"]
+    return {"status": "fail" if failed else "pass", "distance": distance, "limit": limit, "chi2": chi2,
+            "p_value": p, "champion": {c: ours.get(c, 0) / n_ours for c in classes},
+            "challenger": {c: theirs.get(c, 0) / n_theirs for c in classes},
+            "reason": f"predicted classes differ by {distance:.3f} (total variation; limit {limit:g}, "
+                      f"chi-square p={p:.3g})"}
+
+
+def chi2_sf(x: float, dof: int) -> float:
+    """P(X > x) for a chi-square variable with ``dof`` degrees of freedom (closed forms, no SciPy)."""
+    if dof <= 0 or x <= 0:
+        return 1.0
+    half = x / 2
+    if dof % 2 == 0:  # Poisson tail: e^-h * sum_{i < dof/2} h^i / i!
+        term = total = 1.0
+        for i in range(1, dof // 2):
+            term *= half / i
+            total += term
+        return min(1.0, math.exp(-half) * total)
+    # erfc(sqrt(h)) + e^-h * sum_{i=1}^{(dof-1)/2} h^(i-1/2) / Gamma(i+1/2)
+    term, total = math.sqrt(half) / (math.sqrt(math.pi) / 2), 0.0
+    for i in range(1, (dof + 1) // 2):
+        total += term
+        term *= half / (i + 0.5)
+    return min(1.0, math.erfc(math.sqrt(half)) + math.exp(-half) * total)
 
 
 def _finite(value: float) -> float | None:

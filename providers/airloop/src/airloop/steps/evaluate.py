@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from airloop.steps.registry import CHAMPION, aliases
+from airloop.steps.tracking import mlflow_step
 from airloop.steps.train import HOLDOUT_PATH, MODEL_NAME, load_model, read_data
 
 if TYPE_CHECKING:
@@ -24,12 +25,12 @@ if TYPE_CHECKING:
 BOOTSTRAP_SAMPLES = 2000
 
 
+@mlflow_step
 def evaluate(request: dict[str, Any]) -> dict[str, Any]:
     """Request ``{"tracking_uri", "model_name", "challenger_run_id", "data_uri"?, "label", "metric",
     "margin", "alpha"}`` -> ``{"verdict", "rule", "challenger", "champion", "difference", "ci",
     "p_value", "n"}``; see docs/steps.md."""
     import mlflow
-    import numpy as np
 
     tracking_uri, name = request.get("tracking_uri"), request.get("model_name")
     run_id = request.get("challenger_run_id")

@@ -13,7 +13,8 @@ import os
 import tempfile
 from typing import TYPE_CHECKING, Any
 
-from airloop.steps.train import mlflow_calls, resolve_model
+from airloop.steps.tracking import mlflow_step
+from airloop.steps.train import resolve_model
 
 if TYPE_CHECKING:
     import mlflow
@@ -22,6 +23,8 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 PREVIOUS = "previous"
 REJECTED_TAG = "airloop.rejected"
+# Ties a version to its source run; only versions carrying it are ever deleted (as duplicates).
+RUN_TAG = "airloop.run_id"
 AUDIT_PATH = "audit/loop.json"
 AUDIT_STAGES = ("trigger", "data", "validation", "training", "evaluation", "conversion", "rollout", "drift")
 # The audit record is read whole by the UI; a stage stores a summary, not a report.
@@ -59,19 +62,19 @@ def _aliases(client: mlflow.MlflowClient, model_name: str) -> dict[str, str]:
     return {alias: str(version) for alias, version in client.get_registered_model(model_name).aliases.items()}
 
 
+@mlflow_step
 def register(request: dict[str, Any]) -> dict[str, Any]:
     """Register the run's model as a new version and give it ``champion`` (first) or ``challenger``.
 
     Request ``{"tracking_uri", "model_name", "run_id", "model_uri", "tags", "http"}`` ->
     ``{"version", "alias", "reused"}``; a version from the same run is reused, not duplicated.
-    The alias moves only after the version exists, so a failure in between leaves a version with no
-    alias, which the retry finds by its run and completes.
+
+    Order of writes: the version is created with its tags in one request, and the alias moves only
+    after that. A failure before the create leaves the registry as it was; one after it leaves a
+    complete version that no alias points at, which the retry finds by its run and completes. A
+    create that the server committed but answered with a 5xx is retried by MLflow's HTTP client and
+    can commit twice: the extra versions of the run, which no alias points at, are deleted.
     """
-    with mlflow_calls(request):
-        return _register(request)
-
-
-def _register(request: dict[str, Any]) -> dict[str, Any]:
     from mlflow.exceptions import MlflowException
 
     name, run_id = request.get("model_name"), request.get("run_id")
@@ -83,17 +86,19 @@ def _register(request: dict[str, Any]) -> dict[str, Any]:
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    existing = client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'")
-    if existing:
-        version = min(existing, key=lambda mv: int(mv.version))
-        reused = True
-    else:
+    versions = _run_versions(client, name, run_id)
+    reused = bool(versions)
+    if not reused:
         location, model_id = resolve_model(client, request.get("model_uri") or f"runs:/{run_id}/model")
-        tags = {**{str(k): str(v) for k, v in (request.get("tags") or {}).items()}, "airloop.run_id": run_id}
-        version = client.create_model_version(name, location, run_id=run_id, tags=tags, model_id=model_id)
-        reused = False
+        tags = {**{str(k): str(v) for k, v in (request.get("tags") or {}).items()}, RUN_TAG: run_id}
+        client.create_model_version(name, location, run_id=run_id, tags=tags, model_id=model_id)
+        versions = _run_versions(client, name, run_id)  # read back: the create may have committed twice
+    version, *duplicates = versions
     number = str(version.version)
     current = _aliases(client, name)
+    for duplicate in duplicates:
+        if duplicate.tags.get(RUN_TAG) == run_id and str(duplicate.version) not in current.values():
+            client.delete_model_version(name, str(duplicate.version))
     held = [alias for alias in (CHAMPION, CHALLENGER) if current.get(alias) == number]
     if held:
         alias: str | None = held[0]
@@ -105,6 +110,13 @@ def _register(request: dict[str, Any]) -> dict[str, Any]:
     return {"version": number, "alias": alias, "reused": reused}
 
 
+def _run_versions(client: mlflow.MlflowClient, name: str, run_id: str) -> list[Any]:
+    """The model's versions made from ``run_id``, oldest first."""
+    found = client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'")
+    return sorted(found, key=lambda mv: int(mv.version))
+
+
+@mlflow_step
 def promote(request: dict[str, Any]) -> dict[str, Any]:
     """Make ``version`` the champion; the old champion becomes ``previous``.
 
@@ -127,6 +139,7 @@ def promote(request: dict[str, Any]) -> dict[str, Any]:
     return {"champion": version, "previous": current.get(PREVIOUS)}
 
 
+@mlflow_step
 def reject(request: dict[str, Any]) -> dict[str, Any]:
     """Mark ``version`` rejected and take ``challenger`` off it.
 
@@ -148,6 +161,7 @@ def reject(request: dict[str, Any]) -> dict[str, Any]:
     return {"version": version, "rejected": True, "challenger_removed": removed}
 
 
+@mlflow_step
 def append_audit(request: dict[str, Any]) -> dict[str, Any]:
     """Add (or replace) one stage's record in ``audit/loop.json`` of a training run.
 
@@ -177,7 +191,7 @@ def append_audit(request: dict[str, Any]) -> dict[str, Any]:
         }
     entry = {
         "stage": stage,
-        "at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "at": datetime.datetime.now(datetime.UTC).isoformat(),
         "record": json.loads(json.dumps(record, default=str)),
     }
     stages = [item for item in _stages(client, header["run_id"]) if item["stage"] != stage] + [entry]

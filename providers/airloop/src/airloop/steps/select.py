@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from airloop.steps.train import PARENT_RUN_TAG, mlflow_calls, run_result, task_run
+from airloop.steps.tracking import mlflow_step
+from airloop.steps.train import PARENT_RUN_TAG, run_result, task_run
 
 if TYPE_CHECKING:
     import mlflow
@@ -20,6 +21,7 @@ BEST_RUN_TAG = "airloop.best_run_id"
 SEARCH_TAG = "airloop.search"
 
 
+@mlflow_step
 def select_best(request: dict[str, Any]) -> dict[str, Any]:
     """The candidate run with the best ``metric``; see docs/steps.md.
 
@@ -27,11 +29,6 @@ def select_best(request: dict[str, Any]) -> dict[str, Any]:
     the ``train`` result of the best run plus ``{"parent_run_id", "metric", "mode", "candidates":
     [{"run_id", "value"}, ...]}``. Ties go to the earliest candidate in ``run_ids``.
     """
-    with mlflow_calls(request):
-        return _select_best(request)
-
-
-def _select_best(request: dict[str, Any]) -> dict[str, Any]:
     import mlflow
 
     if not request.get("tracking_uri"):
@@ -58,7 +55,9 @@ def _select_best(request: dict[str, Any]) -> dict[str, Any]:
     scores = [run.data.metrics[metric] for run in runs]
     pick = max if mode == "max" else min
     best = runs[scores.index(pick(scores))]
-    candidates = [{"run_id": run.info.run_id, "value": value} for run, value in zip(runs, scores)]
+    candidates = [
+        {"run_id": run.info.run_id, "value": value} for run, value in zip(runs, scores, strict=True)
+    ]
     tags = {str(k): str(v) for k, v in (request.get("tags") or {}).items()}
     parent, reused = _parent_run(client, experiments.pop(), runs, tags)
     parent_id = parent.info.run_id

@@ -1,4 +1,8 @@
-"""Train a scikit-learn classifier and record it as one MLflow run.
+"""Train a classifier and record it as one MLflow run.
+
+The model comes from a scikit-learn classifier's import path (``package.module.Class``, built with
+the request's params) or from a training function (``package.module:function``) that returns a
+fitted scikit-learn-compatible classifier; see ``trainer``.
 
 The run holds everything later steps need: params, holdout metrics, the model (skops format), the
 holdout split (``data/holdout.parquet``, for the offline gate and the conversion parity check), a
@@ -9,17 +13,18 @@ request's tracking URI: steps share Airflow workers, so the global tracking URI 
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import airloop
 from airloop import settings
 from airloop.steps.data import fingerprint, read_table
+from airloop.steps.tracking import mlflow_step
+from airloop.steps.validate import VALIDATION_ARTIFACT, gated_run_tags
 
 if TYPE_CHECKING:
     import mlflow
@@ -33,13 +38,6 @@ FINGERPRINT_PATH = "data/fingerprint.json"
 IDEMPOTENCY_TAGS = ("airflow.dag_id", "airflow.run_id", "airflow.task_id", "airflow.map_index")
 # MLflow marks a nested (child) run with this tag; its UI groups children under the parent.
 PARENT_RUN_TAG = "mlflow.parentRunId"
-# The request's "http" settings and the MLflow variables they set while a step talks to the server.
-HTTP_SETTINGS = {
-    "max_retries": ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", int),
-    "backoff_factor": ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", int),
-    "backoff_jitter": ("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", float),
-    "timeout": ("MLFLOW_HTTP_REQUEST_TIMEOUT", int),
-}
 # Types outside skops' built-in safe set that Airloop agrees to load. The allow-list lives here, in
 # the loader, not in the model's own MLmodel file, so a crafted artefact cannot widen it.
 SKOPS_TRUSTED_TYPES = frozenset(
@@ -56,59 +54,9 @@ SKOPS_TRUSTED_TYPES = frozenset(
 )
 
 
-class MlflowUnavailableError(RuntimeError):
-    """The MLflow server did not answer, or kept answering with errors, after its retries."""
-
-
-@contextlib.contextmanager
-def mlflow_calls(request: dict[str, Any]) -> Iterator[None]:
-    """Apply the request's ``http`` retry settings to MLflow's HTTP calls made inside the block.
-
-    MLflow reads its retry settings from the environment at every request, so they are set there
-    for the block only and restored afterwards (they hold no secrets). A server that stays
-    unreachable, or keeps failing with 5xx, becomes ``MlflowUnavailableError`` naming it.
-    """
-    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
-    from mlflow.exceptions import MlflowException
-
-    http = request.get("http") or {}
-    unknown = sorted(set(http) - HTTP_SETTINGS.keys())
-    if unknown:
-        raise ValueError(f"unknown 'http' settings {unknown}: choose from {sorted(HTTP_SETTINGS)}")
-    values = {}
-    for key, value in http.items():
-        variable, kind = HTTP_SETTINGS[key]
-        try:
-            values[variable] = str(kind(value))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"'http' setting {key!r} must be a {kind.__name__}, got {value!r}") from exc
-    saved = {variable: os.environ.get(variable) for variable in values}
-    os.environ.update(values)
-    try:
-        yield
-    except MlflowException as exc:
-        # MLflow's HTTP client words every transport failure (refused, timed out, retries exhausted) so.
-        if str(exc.message).startswith("API request to "):
-            raise MlflowUnavailableError(
-                f"MLflow server at {request.get('tracking_uri')} is unavailable after"
-                f" {MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()} retries: {exc.message}"
-            ) from exc
-        raise
-    finally:
-        for variable, value in saved.items():
-            if value is None:
-                os.environ.pop(variable, None)
-            else:
-                os.environ[variable] = value
-
-
+@mlflow_step
 def train(request: dict[str, Any]) -> dict[str, Any]:
     """Fit ``estimator`` on a train split of ``data_uri`` and log the run; see docs/steps.md."""
-    with mlflow_calls(request):
-        return _train(request)
-
-
-def _train(request: dict[str, Any]) -> dict[str, Any]:
     import mlflow
 
     tracking_uri = _required(request, "tracking_uri")
@@ -128,7 +76,9 @@ def _train(request: dict[str, Any]) -> dict[str, Any]:
     if label not in frame.columns:
         raise ValueError(f"label column {label!r} not in data columns {list(frame.columns)}")
     data_print = fingerprint(frame)
-    estimator = build_estimator(
+    validation = request.get("validation") or {}
+    validation_tags = gated_run_tags(validation, data_uri, data_print)
+    fit = trainer(
         request.get("estimator", "sklearn.neural_network.MLPClassifier"),
         request.get("params") or {},
         int(request.get("seed", 0)),
@@ -139,13 +89,16 @@ def _train(request: dict[str, Any]) -> dict[str, Any]:
         "airloop.data_uri": data_uri,
         "airloop.data.sha256": data_print["sha256"],
         "airloop.data.rows": str(data_print["rows"]),
+        **validation_tags,
     }
     if request.get("parent_run_id"):
         run_tags[PARENT_RUN_TAG] = str(request["parent_run_id"])
     run = client.create_run(experiment_id, tags=run_tags)
     run_id = run.info.run_id
     try:
-        metrics = _fit_and_log(client, run, estimator, frame, label, data_print, request)
+        if validation:
+            client.log_dict(run_id, validation, VALIDATION_ARTIFACT)
+        metrics = _fit_and_log(client, run, fit, frame, label, data_print, request)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
@@ -163,7 +116,7 @@ def run_result(client: mlflow.MlflowClient, run: mlflow.entities.Run, reused: bo
 def _fit_and_log(
     client: mlflow.MlflowClient,
     run: mlflow.entities.Run,
-    estimator: Any,
+    fit: Callable[[pd.DataFrame, pd.Series], Any],
     frame: pd.DataFrame,
     label: str,
     data_print: dict[str, Any],
@@ -182,16 +135,19 @@ def _fit_and_log(
         random_state=seed,
         stratify=target,
     )
-    estimator.fit(x_train, y_train)
+    estimator = fit(x_train, y_train)
     metrics = holdout_metrics(estimator, x_test, y_test)
     metrics.update({"train_rows": float(len(x_train)), "holdout_rows": float(len(x_test))})
 
     run_id = run.info.run_id
     params = {
-        "estimator": f"{type(estimator).__module__}.{type(estimator).__qualname__}",
+        "estimator": request.get("estimator", "sklearn.neural_network.MLPClassifier"),
+        "model_class": f"{type(estimator).__module__}.{type(estimator).__qualname__}",
         "test_size": request.get("test_size", 0.25),
         "seed": seed,
-        **{key: value for key, value in estimator.get_params().items() if not callable(value)},
+        # What the model ended up with; a training function's own params where they differ.
+        **{key: value for key, value in estimator.get_params(deep=False).items() if not callable(value)},
+        **(request.get("params") or {}),
     }
     client.log_batch(
         run_id,
@@ -275,27 +231,49 @@ def ensure_experiment(client: mlflow.MlflowClient, name: str, artifact_root: str
         return experiment.experiment_id
 
 
-def build_estimator(path: str, params: dict[str, Any], seed: int) -> Any:
-    """Instantiate the classifier at import path ``path`` (``package.module.Class``) with ``params``.
+def trainer(path: str, params: dict[str, Any], seed: int) -> Callable[[pd.DataFrame, pd.Series], Any]:
+    """A function ``(features, target) -> fitted classifier`` from the request's ``estimator``.
 
-    ``random_state`` defaults to ``seed`` so that a re-run trains the same model.
+    - ``package.module.Class``: a scikit-learn classifier built with ``params``; ``random_state``
+      defaults to ``seed`` so that a re-run trains the same model.
+    - ``package.module:function``: the user's training function, called as
+      ``function(features, target, seed=seed, **params)``; it returns a fitted classifier that
+      scikit-learn recognises (``is_classifier``, ``predict_proba``, ``classes_``), e.g. a
+      ``Pipeline`` with preprocessing, which is logged like any scikit-learn model.
+
+    Both are checked before any data is read where they can be: the import and the parameters.
     """
-    from sklearn.base import is_classifier
-
-    module_name, _, class_name = path.rpartition(".")
+    is_function = ":" in path
+    module_name, _, name = path.rpartition(":" if is_function else ".")
     try:
-        cls = getattr(importlib.import_module(module_name), class_name)
+        found = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError, ValueError) as exc:
         raise ValueError(f"estimator {path!r} cannot be imported: {exc}") from exc
+    if is_function:
+        if not callable(found):
+            raise ValueError(f"estimator {path!r} is not a function")
+
+        def fit_with_function(features: pd.DataFrame, target: pd.Series) -> Any:
+            model = found(features, target, seed=seed, **params)
+            _check_classifier(model, f"the model {path!r} returned")
+            return model
+
+        return fit_with_function
     try:
-        estimator = cls(**params)
+        estimator = found(**params)
     except TypeError as exc:
         raise ValueError(f"estimator {path!r} rejects params {sorted(params)}: {exc}") from exc
-    if not is_classifier(estimator) or not hasattr(estimator, "predict_proba"):
-        raise ValueError(f"estimator {path!r} must be a scikit-learn classifier with predict_proba")
+    _check_classifier(estimator, f"estimator {path!r}")
     if "random_state" in estimator.get_params() and "random_state" not in params:
         estimator.set_params(random_state=seed)
-    return estimator
+    return estimator.fit
+
+
+def _check_classifier(model: Any, what: str) -> None:
+    from sklearn.base import is_classifier
+
+    if not is_classifier(model) or not hasattr(model, "predict_proba"):
+        raise ValueError(f"{what} must be a scikit-learn classifier with predict_proba, got {type(model)!r}")
 
 
 def holdout_metrics(estimator: Any, features: pd.DataFrame, target: pd.Series) -> dict[str, float]:
@@ -325,8 +303,8 @@ def log_sklearn_model(
     """
     import mlflow
     import numpy
-    import skops
     import sklearn
+    import skops
     import skops.io
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.models import Model, infer_signature

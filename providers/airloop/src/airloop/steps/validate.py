@@ -1,125 +1,419 @@
-"""The data gate: validate a table against a Great Expectations 1.x suite kept as a file.
+"""The data gate: validate a table against a Great Expectations 1.x suite.
 
-Runs in an ephemeral GX context (nothing written but the Data Docs, no network). Failed
-expectations are reported, never raised: the operator decides what a failure means. Unreadable
-data or a broken suite file raise ValueError, since there is nothing to report on.
+A suite is a JSON or YAML file, Python code (``package.module:function`` returning a suite dict or a
+GX ``ExpectationSuite``) or the dict itself. Runs in an ephemeral GX context (nothing written but
+the Data Docs, no network). Failed expectations are reported, never raised: the operator decides
+what a failure means. Unreadable data or a broken suite raise ValueError, since there is nothing to
+report on.
+
+Parquet files above ``AUTO_BATCH_ABOVE`` rows (or any, with ``batch_rows``) are validated in row
+batches so the table is never in memory at once: row-wise expectations run on every batch and their
+counts are added up as GX would count them on the whole table; expectations on a column as a whole
+(aggregates, uniqueness, order) run on the columns they need, read alone; schema expectations run
+on the schema. The result is the one the whole table gives.
 """
 
 from __future__ import annotations
 
+import collections
+import datetime
+import importlib
 import json
+import math
 import os
+import re
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from airloop.steps.data import fingerprint, read_table
+from airloop.steps.data import Fingerprint, fingerprint, is_csv, parquet_table, read_table
 
 if TYPE_CHECKING:
     import pandas as pd
 
+    from airloop.steps.data import ParquetTable
+
 _SITE = "airloop"
 # Enough of a failing column's values to see the problem; the full list stays in the Data Docs.
 _SAMPLE = 5
+# Parquet files with more rows than this are validated in batches unless the request sets batch_rows.
+AUTO_BATCH_ABOVE = 2_000_000
+AUTO_BATCH_ROWS = 1_000_000
+# Map expectations whose verdict on one row depends on other rows: run on whole columns, never in batches.
+_WHOLE_COLUMN = frozenset({
+    "expect_column_values_to_be_unique",
+    "expect_compound_columns_to_be_unique",
+    "expect_column_values_to_be_increasing",
+    "expect_column_values_to_be_decreasing",
+})
+# Table metrics that need the column names and dtypes only, not the rows.
+_SCHEMA_METRICS = frozenset({"table.columns", "table.column_count", "table.column_types"})
+_IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+FINGERPRINT_CHECK = "expect_fingerprint_to_match"
 
 
-def load_suite(path: str) -> dict[str, Any]:
-    """Read a GX 1.x suite file (JSON or YAML): ``{"name", "expectations": [{"type", "kwargs"}]}``."""
-    import yaml
+def load_suite(source: Any) -> dict[str, Any]:
+    """The suite as ``{"name", "expectations": [{"type", "kwargs", "meta"?}], "meta"?}``.
 
-    try:
-        with open(path) as handle:
-            suite = yaml.safe_load(handle) if path.endswith((".yml", ".yaml")) else json.load(handle)
-    except OSError as exc:
-        raise ValueError(f"suite file {path} cannot be read: {exc}") from exc
-    except (ValueError, yaml.YAMLError) as exc:
-        raise ValueError(f"suite file {path} is not valid JSON/YAML: {exc}") from exc
+    ``source``: a JSON or YAML file path; ``package.module:function`` (a function returning a suite,
+    or the suite itself); a suite dict; a GX ``ExpectationSuite``.
+    """
+    if isinstance(source, str):
+        where = f"suite {source}"
+        suite = _from_code(source) if _IMPORT_PATH.fullmatch(source) and not os.path.exists(source) else (
+            _from_file(source))
+    else:
+        where, suite = "suite", source
+    if hasattr(suite, "to_json_dict"):  # a GX ExpectationSuite
+        suite = suite.to_json_dict()
+        suite["expectations"] = [{key: item[key] for key in ("type", "kwargs", "meta") if item.get(key)}
+                                 for item in suite.get("expectations") or []]
     if (
         not isinstance(suite, dict)
         or not suite.get("name")
         or not isinstance(suite.get("expectations"), list)
     ):
-        raise ValueError(f"suite file {path} needs a 'name' and an 'expectations' list")
+        raise ValueError(f"{where} needs a 'name' and an 'expectations' list")
     for index, item in enumerate(suite["expectations"]):
         if not isinstance(item, dict) or not isinstance(item.get("type"), str):
-            raise ValueError(f"suite file {path}: expectation {index} has no 'type'")
-    return suite
+            raise ValueError(f"{where}: expectation {index} has no 'type'")
+    return {key: suite[key] for key in ("name", "expectations", "meta") if key in suite}
+
+
+def _from_file(path: str) -> Any:
+    import yaml
+
+    try:
+        with open(path) as handle:
+            return yaml.safe_load(handle) if path.endswith((".yml", ".yaml")) else json.load(handle)
+    except OSError as exc:
+        raise ValueError(f"suite file {path} cannot be read: {exc}") from exc
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ValueError(f"suite file {path} is not valid JSON/YAML: {exc}") from exc
+
+
+def _from_code(path: str) -> Any:
+    module, _, name = path.partition(":")
+    try:
+        found = getattr(importlib.import_module(module), name)
+        return found() if callable(found) else found
+    except Exception as exc:  # the user's code: any error means there is no suite
+        raise ValueError(f"suite {path} cannot be loaded: {type(exc).__name__}: {exc}") from exc
 
 
 def validate(request: dict[str, Any]) -> dict[str, Any]:
-    """Request ``{"data_uri", "suite_path", "docs_dir"?, "label"?, "storage_options"?}`` -> result.
+    """Validate ``data_uri`` (parquet or CSV; path, ``file://`` or fsspec URL); see docs/validation.md.
 
-    Result: ``{"success", "evaluated", "successful", "failed": [{"expectation", "column", "kwargs",
-    "observed"}], "statistics", "fingerprint", "docs_index", "suite"}``.
+    Request: ``{"data_uri", "suite" | "suite_path", "docs_dir"?, "label"?, "storage_options"?,
+    "expected_fingerprint"?, "batch_rows"?, "data_name"?}``. Result: ``{"success", "evaluated",
+    "successful", "failed": [{"expectation", "column", "kwargs", "observed"}], "statistics",
+    "fingerprint", "rows", "batches", "docs_index", "suite", "data"}``.
     """
-    if not request.get("data_uri") or not request.get("suite_path"):
-        raise ValueError("request needs 'data_uri' and 'suite_path'")
-    suite = load_suite(request["suite_path"])
-    frame = read_table(request["data_uri"], request.get("storage_options"))
-    run = _run_suite(frame, suite, request.get("docs_dir"))
-    failed = [_failure(item) for item in run.results if not item.success]
-    statistics: dict[str, Any] = {key: float(value) for key, value in run.statistics.items()}
-    label = request.get("label", "label")
-    if label in frame.columns:
-        statistics["label_counts"] = {str(k): int(v) for k, v in frame[label].value_counts().items()}
-    docs_dir = request.get("docs_dir")
-    return {
-        "success": bool(run.success),
-        "evaluated": int(run.statistics["evaluated_expectations"]),
-        "successful": int(run.statistics["successful_expectations"]),
-        "failed": failed,
-        "statistics": statistics,
-        "fingerprint": fingerprint(frame),
-        "docs_index": os.path.join(os.path.abspath(docs_dir), "index.html") if docs_dir else None,
-        "suite": suite["name"],
+    source = request.get("suite") or request.get("suite_path")
+    if not request.get("data_uri") or not source:
+        raise ValueError("request needs 'data_uri' and 'suite' (or 'suite_path')")
+    suite = load_suite(source)
+    uri, options = request["data_uri"], request.get("storage_options")
+    options_of_result = {
+        "docs_dir": request.get("docs_dir"),
+        "label": request.get("label", "label"),
+        "expected_fingerprint": request.get("expected_fingerprint"),
+        "data_name": request.get("data_name") or uri,
     }
+    batch_rows = request.get("batch_rows")
+    if batch_rows is not None and (isinstance(batch_rows, bool) or int(batch_rows) < 0):
+        raise ValueError(f"batch_rows must be a whole number >= 0, got {batch_rows!r}")
+    if is_csv(uri):
+        if batch_rows:
+            raise ValueError(f"batch_rows needs a parquet file; {uri} is CSV")
+        return validate_frame(read_table(uri, options), suite, **options_of_result)
+    with parquet_table(uri, options) as table:
+        size = int(batch_rows) if batch_rows is not None else (
+            AUTO_BATCH_ROWS if table.rows > AUTO_BATCH_ABOVE else 0)
+        if not size or size >= table.rows:
+            return validate_frame(table.frame(), suite, **options_of_result)
+        return _validate_batches(table, suite, size, **options_of_result)
 
 
-def _run_suite(frame: pd.DataFrame, suite: dict[str, Any], docs_dir: str | None) -> Any:
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+def validate_frame(
+    frame: pd.DataFrame,
+    suite: Any,
+    *,
+    docs_dir: str | None = None,
+    label: str = "label",
+    expected_fingerprint: dict[str, Any] | str | None = None,
+    data_name: str = "dataframe",
+) -> dict[str, Any]:
+    """Validate an in-memory DataFrame; ``suite`` is anything ``load_suite`` takes. Result as ``validate``."""
+    gate = _Gate(load_suite(suite))
+    results = gate.run(frame, range(len(gate.configs)))
+    labels = collections.Counter(frame[label].tolist()) if label in frame.columns else None
+    return gate.finish(results, fingerprint(frame), labels, batches=1, docs_dir=docs_dir,
+                       expected_fingerprint=expected_fingerprint, data_name=data_name)
 
-    try:
-        expectations = [
-            ExpectationConfiguration(
-                type=item["type"], kwargs=item.get("kwargs") or {}, meta=item.get("meta")
-            ).to_domain_obj()
-            for item in suite["expectations"]
-        ]
-    except Exception as exc:  # GX raises its own error types for unknown types and bad kwargs
-        raise ValueError(f"suite {suite['name']!r} has an invalid expectation: {exc}") from exc
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch = (
-        context.data_sources.add_pandas("airloop")
-        .add_dataframe_asset("table")
-        .add_batch_definition_whole_dataframe("whole")
-    )
-    gx_suite = context.suites.add(gx.ExpectationSuite(name=suite["name"], expectations=expectations))
-    definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name=suite["name"], data=batch, suite=gx_suite)
-    )
-    actions: list[Any] = []
-    if docs_dir:
-        store = {"class_name": "TupleFilesystemStoreBackend", "base_directory": os.path.abspath(docs_dir)}
-        context.add_data_docs_site(
-            _SITE,
-            {
-                "class_name": "SiteBuilder",
-                "store_backend": store,
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            },
+
+def _validate_batches(
+    table: ParquetTable, suite: dict[str, Any], batch_rows: int, *, label: str, **options: Any
+) -> dict[str, Any]:
+    gate = _Gate(suite)
+    rowwise, schema, whole = gate.split()
+    schema_frame = table.schema_frame()
+    digest = Fingerprint()
+    digest.update(schema_frame)
+    labels: collections.Counter | None = collections.Counter() if label in table.columns else None
+    parts: list[list[Any]] = [[] for _ in rowwise]
+    batches = 0
+    for frame in table.batches(batch_rows):
+        digest.update(frame)
+        if labels is not None:
+            labels.update(frame[label].tolist())
+        if rowwise:
+            for collected, result in zip(parts, gate.run(frame, rowwise), strict=True):
+                collected.append(result)
+        batches += 1
+    results = dict(zip(rowwise, (_combine(collected) for collected in parts), strict=True))
+    if schema:
+        results.update(zip(schema, gate.run(schema_frame, schema), strict=True))
+    if whole:
+        needed = gate.columns(whole)
+        # A missing column is left for GX to report, as it does on the whole table.
+        columns = None if needed is None else [name for name in table.columns if name in needed]
+        results.update(zip(whole, gate.run(table.frame(columns), whole), strict=True))
+    return gate.finish([results[index] for index in range(len(gate.configs))], digest.result(), labels,
+                       batches=batches, **options)
+
+
+class _Gate:
+    """One suite in one ephemeral GX context: runs parts of it on frames and reports the whole."""
+
+    def __init__(self, suite: dict[str, Any]) -> None:
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+        from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+
+        import airloop.steps.expectations  # noqa: F401 (registers Airloop's expectations with GX)
+
+        self.name = suite["name"]
+        try:
+            self.configs = [
+                ExpectationConfiguration(type=item["type"], kwargs=item.get("kwargs") or {}, meta=item.get("meta"))
+                for item in suite["expectations"]
+            ]
+            self.expectations = [config.to_domain_obj() for config in self.configs]
+        except Exception as exc:  # GX raises its own error types for unknown types and bad kwargs
+            raise ValueError(f"suite {self.name!r} has an invalid expectation: {exc}") from exc
+        self.context = gx.get_context(mode="ephemeral")
+        self.context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        self.batch_definition = (
+            self.context.data_sources.add_pandas("airloop")
+            .add_dataframe_asset("table")
+            .add_batch_definition_whole_dataframe("whole")
         )
-        actions.append(gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[_SITE]))
-    checkpoint = context.checkpoints.add(
-        gx.Checkpoint(
-            name=suite["name"],
-            validation_definitions=[definition],
-            actions=actions,
-            result_format="SUMMARY",
+        self.meta: dict[str, Any] | None = None
+        self.batch_id: str | None = None
+
+    def run(self, frame: pd.DataFrame, indices: Iterable[int]) -> list[Any]:
+        """The results of the expectations at ``indices`` on ``frame``, in that order."""
+        import great_expectations as gx
+
+        suite = gx.ExpectationSuite(name=self.name,
+                                    expectations=[self.configs[index].to_domain_obj() for index in indices])
+        batch = self.batch_definition.get_batch(batch_parameters={"dataframe": frame})
+        result = batch.validate(suite, result_format="SUMMARY")
+        if self.meta is None:
+            self.meta, self.batch_id = dict(result.meta), result.batch_id
+        return list(result.results)
+
+    def split(self) -> tuple[list[int], list[int], list[int]]:
+        """Indices of the row-wise expectations, the schema ones and those needing whole columns."""
+        from great_expectations.expectations.expectation import (
+            ColumnMapExpectation,
+            ColumnPairMapExpectation,
+            MulticolumnMapExpectation,
         )
+
+        rowwise, schema, whole = [], [], []
+        for index, expectation in enumerate(self.expectations):
+            row_map = (ColumnMapExpectation, ColumnPairMapExpectation, MulticolumnMapExpectation)
+            metrics = set(getattr(expectation, "metric_dependencies", ()) or ())
+            if isinstance(expectation, row_map) and self.configs[index].type not in _WHOLE_COLUMN:
+                rowwise.append(index)
+            elif metrics and metrics <= _SCHEMA_METRICS:
+                schema.append(index)
+            else:
+                whole.append(index)
+        return rowwise, schema, whole
+
+    def columns(self, indices: Sequence[int]) -> set[str] | None:
+        """The columns the expectations at ``indices`` read; None when one needs the whole table."""
+        needed: set[str] = set()
+        for index in indices:
+            kwargs = self.configs[index].kwargs
+            named = [kwargs.get(key) for key in ("column", "column_A", "column_B")] + list(
+                kwargs.get("column_list") or [])
+            named = [name for name in named if isinstance(name, str)]
+            if named:
+                needed.update(named)
+            elif set(getattr(self.expectations[index], "metric_dependencies", ()) or ()) != {"table.row_count"}:
+                return None
+        return needed
+
+    def finish(
+        self,
+        results: list[Any],
+        data_print: dict[str, Any],
+        labels: collections.Counter | None,
+        *,
+        batches: int,
+        docs_dir: str | None,
+        expected_fingerprint: dict[str, Any] | str | None,
+        data_name: str,
+    ) -> dict[str, Any]:
+        from great_expectations.core.expectation_validation_result import ExpectationSuiteValidationResult
+
+        for item in results:
+            item.success = bool(item.success)  # some GX expectations report a numpy bool, which JSON refuses
+        successful = sum(1 for item in results if item.success)
+        statistics: dict[str, Any] = {
+            "evaluated_expectations": float(len(results)),
+            "successful_expectations": float(successful),
+            "unsuccessful_expectations": float(len(results) - successful),
+            "success_percent": 100.0 * successful / len(results) if results else None,
+        }
+        docs_index = None
+        if docs_dir:
+            meta = {**(self.meta or {}), "airloop": {"data": data_name, "rows": data_print["rows"],
+                                                     "batches": batches}}
+            docs_index = self._docs(ExpectationSuiteValidationResult(
+                success=successful == len(results), results=results, suite_name=self.name,
+                statistics=statistics, meta=meta, batch_id=self.batch_id,
+            ), docs_dir)
+        failed = [_failure(item) for item in results if not item.success]
+        evaluated = len(results)
+        if expected_fingerprint:
+            evaluated += 1
+            mismatch = _fingerprint_mismatch(expected_fingerprint, data_print)
+            if mismatch:
+                failed.append(mismatch)
+        if labels is not None:
+            statistics["label_counts"] = {str(key): int(count) for key, count in labels.most_common()}
+        return {
+            "success": not failed,
+            "evaluated": evaluated,
+            "successful": evaluated - len(failed),
+            "failed": failed,
+            "statistics": statistics,
+            "fingerprint": data_print,
+            "rows": data_print["rows"],
+            "batches": batches,
+            "docs_index": docs_index,
+            "suite": self.name,
+            "data": data_name,
+        }
+
+    def _docs(self, result: Any, docs_dir: str) -> str:
+        """Build this run's Data Docs site (validation result and suite pages) under ``docs_dir``."""
+        import great_expectations as gx
+        from great_expectations.core.run_identifier import RunIdentifier
+        from great_expectations.data_context.types.resource_identifiers import (
+            ExpectationSuiteIdentifier,
+            ValidationResultIdentifier,
+        )
+
+        folder = os.path.abspath(docs_dir)
+        self.context.add_data_docs_site(_SITE, {
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": folder},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        })
+        self.context.suites.add(gx.ExpectationSuite(name=self.name, expectations=[
+            config.to_domain_obj() for config in self.configs]))
+        run_id = RunIdentifier(run_time=datetime.datetime.now(datetime.timezone.utc))
+        result.meta.update(run_id=run_id, validation_time=run_id.run_time)
+        suite_id = ExpectationSuiteIdentifier(name=self.name)
+        key = ValidationResultIdentifier(expectation_suite_identifier=suite_id, run_id=run_id,
+                                         batch_identifier=result.batch_id)
+        self.context.validation_results_store.store_validation_results(result, key, suite_id)
+        self.context.build_data_docs(site_names=[_SITE], resource_identifiers=[key, suite_id])
+        return os.path.join(folder, "index.html")
+
+
+def _combine(parts: list[Any]) -> Any:
+    """One row-wise expectation's results on consecutive row batches -> its result on all those rows.
+
+    Counts add up and the success rule is GX's own (``mostly`` of the non-null rows, or of all rows
+    for the null checks, which report no missing count); the samples are the first of the table.
+    """
+    from great_expectations.core.expectation_validation_result import ExpectationValidationResult
+    from great_expectations.expectations.expectation import _format_map_output
+    from great_expectations.expectations.expectation_configuration import parse_result_format
+
+    first = parts[0]
+    broken = next((part for part in parts if _error(part.exception_info or {})), None)
+    if len(parts) == 1 or broken is not None:
+        return broken or first
+    results = [part.result or {} for part in parts]
+    if not all(isinstance(item.get("unexpected_count"), int) for item in results):
+        # A verdict on the column's dtype, the same in every batch: the first failure speaks for all.
+        return next((part for part in parts if not part.success), first)
+    element = sum(item["element_count"] for item in results)
+    unexpected = sum(item["unexpected_count"] for item in results)
+    nonnull = (element - sum(item["missing_count"] for item in results)
+               if all("missing_count" in item for item in results) else None)
+    considered = element if nonnull is None else nonnull
+    mostly = first.expectation_config.kwargs.get("mostly", 1.0)
+    success = considered == 0 or (considered - unexpected) / considered >= mostly
+    samples = [value for item in results for value in item.get("partial_unexpected_list") or []]
+    indices = [value for item in results for value in item.get("partial_unexpected_index_list") or []]
+    has_indices = all("partial_unexpected_index_list" in item for item in results)
+    # GX's own formatter: the combined result has exactly the shape and arithmetic of a whole-table one.
+    combined = _format_map_output(
+        result_format=parse_result_format("SUMMARY"), success=success, element_count=element,
+        nonnull_count=nonnull, unexpected_count=unexpected, unexpected_list=samples,
+        unexpected_index_list=indices if has_indices else None,
     )
-    result = checkpoint.run(batch_parameters={"dataframe": frame})
-    return next(iter(result.run_results.values()))
+    return ExpectationValidationResult(success=success, expectation_config=first.expectation_config,
+                                       result=combined["result"], exception_info=first.exception_info,
+                                       meta=first.meta)
+
+
+# Where the run a validation gates keeps the validation's summary.
+VALIDATION_ARTIFACT = "validation/summary.json"
+
+
+def gated_run_tags(validation: dict[str, Any] | None, data_uri: str, data_print: dict[str, Any]) -> dict[str, str]:
+    """Tags for the MLflow run that ``validation`` (the gate operator's summary) lets through.
+
+    Raises ValueError when the data at ``data_uri`` is not what was validated (it changed in between).
+    """
+    if not validation:
+        return {}
+    validated = (validation.get("fingerprint") or {}).get("sha256")
+    if validation.get("data_uri") == data_uri and validated and validated != data_print["sha256"]:
+        raise ValueError(f"{data_uri} changed since it was validated: sha256 {data_print['sha256']},"
+                         f" validated {validated}")
+    failed = ", ".join(f"{f.get('expectation')}({f.get('column') or 'table'})"
+                       for f in validation.get("failed") or [])
+    tags = {
+        "airloop.validation.success": str(bool(validation.get("success"))).lower(),
+        "airloop.validation.suite": str(validation.get("suite")),
+        "airloop.validation.expectations": f"{validation.get('successful')}/{validation.get('evaluated')}",
+        "airloop.validation.docs": str(validation.get("docs_uri") or validation.get("docs")),
+    }
+    if failed:
+        tags["airloop.validation.failed"] = failed[:5000]
+    return tags
+
+
+def _fingerprint_mismatch(expected: dict[str, Any] | str, actual: dict[str, Any]) -> dict[str, Any] | None:
+    """A failure when the data is not what its producer fingerprinted (sha256, and rows when given)."""
+    wanted = {"sha256": expected} if isinstance(expected, str) else {
+        key: expected[key] for key in ("sha256", "rows") if key in expected}
+    if not wanted.get("sha256"):
+        raise ValueError(f"expected_fingerprint needs a 'sha256', got {expected!r}")
+    if all(actual[key] == value for key, value in wanted.items()):
+        return None
+    return {"expectation": FINGERPRINT_CHECK, "column": None, "kwargs": wanted,
+            "observed": {"sha256": actual["sha256"], "rows": actual["rows"]}}
 
 
 def _failure(item: Any) -> dict[str, Any]:
@@ -136,14 +430,14 @@ def _failure(item: Any) -> dict[str, Any]:
             "unexpected_percent": result.get("unexpected_percent"),
             "sample": (result.get("partial_unexpected_list") or [])[:_SAMPLE],
         }
-    # Round-trip through JSON: GX results hold numpy scalars and other non-JSON types.
+    # Round-trip through JSON: GX results hold numpy scalars and other non-JSON types; NaN becomes "NaN".
     failure = {
         "expectation": item.expectation_config.type,
-        "column": kwargs.get("column"),
+        "column": kwargs.get("column") or kwargs.get("column_A"),
         "kwargs": kwargs,
         "observed": observed,
     }
-    return json.loads(json.dumps(failure, default=str))
+    return json.loads(json.dumps(failure, default=str), parse_constant=str)
 
 
 def _error(info: dict[str, Any]) -> str | None:
@@ -154,36 +448,122 @@ def _error(info: dict[str, Any]) -> str | None:
     return next((message for message in messages if message), None)
 
 
+# Profiling: a starter suite from a trusted reference table.
+
 def _expect(kind: str, **kwargs: Any) -> dict[str, Any]:
     return {"type": f"expect_{kind}", "kwargs": kwargs}
 
 
-def profile_suite(df: pd.DataFrame, name: str, margin: float = 0.5) -> dict[str, Any]:
-    """A starter suite from a trusted data set, for a person to review before it gates anything.
+def _plain(value: Any) -> Any:
+    """A numpy/pandas scalar as the Python value a JSON or YAML suite file can hold."""
+    return value.item() if hasattr(value, "item") else value
 
-    Exact column set, a minimum row count, and per column: not null, its dtype, and for numbers a
-    range widened by ``margin`` x the observed span on each side (a few distinct integers become a
-    value set instead).
+
+def profile_suite(
+    df: pd.DataFrame,
+    name: str,
+    *,
+    key: str | None = None,
+    label: str | None = None,
+    margin: float = 0.5,
+    max_categories: int = 20,
+    row_factor: float = 10.0,
+) -> dict[str, Any]:
+    """A starter suite from a trusted reference table, for a person to review before it gates anything.
+
+    - the columns in their order; a row count within [rows / ``row_factor``, rows x ``row_factor``];
+    - per column its dtype, and not null (a column with nulls may have ``1 + margin`` times its null
+      fraction);
+    - numbers: a range widened by ``margin`` x the observed span on each side; columns with at most
+      ``max_categories`` distinct values (strings, categories, booleans, integers): that value set;
+    - ``key``: unique; ``label``: no other column equals it on 99% of the rows or more (leakage).
     """
     import pandas as pd
 
     if df.empty:
         raise ValueError("cannot profile an empty table")
+    for column, role in ((key, "key"), (label, "label")):
+        if column is not None and column not in df.columns:
+            raise ValueError(f"{role} column {column!r} is not among the columns {list(df.columns)}")
+    rows = len(df)
     expectations = [
-        _expect("table_columns_to_match_set", column_set=[str(c) for c in df.columns], exact_match=True),
-        _expect("table_row_count_to_be_between", min_value=1),
+        _expect("table_columns_to_match_ordered_list", column_list=[str(c) for c in df.columns]),
+        _expect("table_row_count_to_be_between", min_value=max(1, math.floor(rows / row_factor)),
+                max_value=math.ceil(rows * row_factor)),
     ]
-    for name, values in df.items():
-        column = str(name)
-        expectations.append(_expect("column_values_to_not_be_null", column=column))
-        dtype = [str(values.dtype)]
-        expectations.append(_expect("column_values_to_be_in_type_list", column=column, type_list=dtype))
-        if pd.api.types.is_integer_dtype(values) and values.nunique() <= 20:
-            value_set = sorted(int(v) for v in values.unique())
+    for column_name, values in df.items():
+        column = str(column_name)
+        nulls = float(values.isna().mean())
+        if nulls == 0:
+            expectations.append(_expect("column_values_to_not_be_null", column=column))
+        elif nulls < 1:
+            allowed = min(1.0, nulls * (1 + margin))
+            expectations.append(_expect("column_values_to_not_be_null", column=column,
+                                        mostly=math.floor((1 - allowed) * 10_000) / 10_000))
+        present = values.dropna()
+        # GX checks an object column value by value, against the values' Python types.
+        types = (sorted({type(value).__name__ for value in present}) or ["str"]) if values.dtype == object else [
+            str(values.dtype)]
+        expectations.append(_expect("column_values_to_be_in_type_list", column=column, type_list=types))
+        categorical = not (pd.api.types.is_float_dtype(values) or pd.api.types.is_datetime64_any_dtype(values))
+        if column == key:
+            expectations.append(_expect("column_values_to_be_unique", column=column))
+        elif categorical and 0 < present.nunique() <= max_categories:
+            value_set = sorted((_plain(v) for v in present.unique()), key=lambda v: (str(type(v)), v))
             expectations.append(_expect("column_values_to_be_in_set", column=column, value_set=value_set))
-        elif pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
-            low, high = float(values.min()), float(values.max())
+        elif pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values) and len(present):
+            low, high = float(present.min()), float(present.max())
             pad = margin * (high - low) or 1.0
-            bounds = {"min_value": low - pad, "max_value": high + pad}
-            expectations.append(_expect("column_values_to_be_between", column=column, **bounds))
-    return {"name": name, "expectations": expectations, "meta": {"profiled_rows": int(len(df))}}
+            expectations.append(_expect("column_values_to_be_between", column=column, min_value=low - pad,
+                                        max_value=high + pad))
+    if label is not None:
+        expectations.extend(_leakage_guards(df, label))
+    return {"name": name, "expectations": expectations,
+            "meta": {"profiled_rows": rows, "notes": "Profiled from a reference table: review before use."}}
+
+
+# A feature that equals the label on 99% of the rows or more is the label.
+_LEAK_MOSTLY = 0.01
+
+
+def _leakage_guards(df: pd.DataFrame, label: str) -> list[dict[str, Any]]:
+    guards = []
+    for column_name in df.columns:
+        column = str(column_name)
+        if column == label:
+            continue
+        differ = float((df[column_name] != df[label]).mean())
+        if differ < _LEAK_MOSTLY:
+            raise ValueError(f"column {column!r} equals the label {label!r} on {1 - differ:.1%} of the reference"
+                             " rows: the reference leaks the label")
+        guards.append(_expect("column_pair_values_to_differ", column_A=column, column_B=label,
+                              mostly=_LEAK_MOSTLY))
+    return guards
+
+
+def profile(request: dict[str, Any]) -> dict[str, Any]:
+    """Request ``{"data_uri", "out", "name"?, "key"?, "label"?, "margin"?, "storage_options"?}``.
+
+    Writes the profiled suite to ``out`` (YAML for ``.yml``/``.yaml``, else JSON); returns
+    ``{"suite_path", "name", "expectations", "rows"}``.
+    """
+    import yaml
+
+    if not request.get("data_uri") or not request.get("out"):
+        raise ValueError("request needs 'data_uri' and 'out'")
+    out = request["out"]
+    name = request.get("name") or os.path.splitext(os.path.basename(out))[0]
+    frame = read_table(request["data_uri"], request.get("storage_options"))
+    suite = profile_suite(frame, name, key=request.get("key"), label=request.get("label"),
+                          margin=float(request.get("margin", 0.5)))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp"
+    with open(tmp, "w") as handle:
+        if out.endswith((".yml", ".yaml")):
+            yaml.safe_dump(suite, handle, sort_keys=False)
+        else:
+            json.dump(suite, handle, indent=2)
+            handle.write("\n")
+    os.replace(tmp, out)
+    return {"suite_path": out, "name": name, "expectations": len(suite["expectations"]),
+            "rows": suite["meta"]["profiled_rows"]}

@@ -1,4 +1,4 @@
-"""Async wait for one canary analysis window, without holding a worker slot."""
+"""Async wait for one rollout analysis window (canary or shadow), without holding a worker slot."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ class SeldonCanaryAnalysisTrigger(BaseTrigger):
     """
     Wait ``window_seconds`` after a traffic change, then poll the serving target's metrics until the
     window holds enough data for a verdict, or ``max_wait_seconds`` pass.
+
+    ``mode`` is the analysis (``airloop.steps.canary.analyse``): ``canary`` for a challenger taking a
+    share of the traffic, ``shadow`` for one receiving mirrored requests.
 
     Yields one event: ``{"status": "ready" | "timeout" | "error", "message", "after": metrics}``;
     "timeout" means the data stayed insufficient, which the operator treats as a failed step.
@@ -31,6 +34,7 @@ class SeldonCanaryAnalysisTrigger(BaseTrigger):
         window_seconds: float,
         max_wait_seconds: float,
         poll_interval: float = 1.0,
+        mode: str = "canary",
     ) -> None:
         super().__init__()
         self.target_config = target_config
@@ -42,6 +46,7 @@ class SeldonCanaryAnalysisTrigger(BaseTrigger):
         self.window_seconds = window_seconds
         self.max_wait_seconds = max_wait_seconds
         self.poll_interval = poll_interval
+        self.mode = mode
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -56,6 +61,7 @@ class SeldonCanaryAnalysisTrigger(BaseTrigger):
                 "window_seconds": self.window_seconds,
                 "max_wait_seconds": self.max_wait_seconds,
                 "poll_interval": self.poll_interval,
+                "mode": self.mode,
             },
         )
 
@@ -73,8 +79,9 @@ class SeldonCanaryAnalysisTrigger(BaseTrigger):
             except Exception as e:
                 yield TriggerEvent({"status": "error", "message": f"cannot read metrics: {e}", "after": None})
                 return
-            verdict = analyse({"before": self.before, "after": after, "champion": self.champion,
-                               "challenger": self.challenger, "criteria": self.criteria})
+            verdict = analyse({"mode": self.mode, "before": self.before, "after": after,
+                               "champion": self.champion, "challenger": self.challenger,
+                               "criteria": self.criteria})
             if verdict["verdict"] != "wait":
                 yield TriggerEvent({"status": "ready", "message": verdict["verdict"], "after": after})
                 return

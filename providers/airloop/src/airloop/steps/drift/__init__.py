@@ -4,7 +4,7 @@
 no Airflow import. The window is checked before any test: a window with too few rows is
 ``insufficient_data`` (never ``no_drift``), one with missing or mistyped columns is
 ``invalid_window``. Backends: ``scipy`` (default, runs anywhere) and ``alibi`` (alibi-detect, in
-the ``serving`` runtime); see docs/drift.md.
+the ``serving`` runtime, or the ``torch`` runtime for its ``mmd`` method); see docs/drift.md.
 """
 
 from __future__ import annotations
@@ -12,25 +12,27 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from airloop.steps.drift import alibi, scipy  # noqa: F401  (each registers its backend)
-from airloop.steps.drift.base import CORRECTIONS, Detector, available, flag, get, register
+from airloop.steps.drift.base import CORRECTIONS, UNIVARIATE, Detector, available, flag, get, register
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["CORRECTIONS", "Detector", "available", "detect", "flag", "get", "register"]
+__all__ = ["CORRECTIONS", "UNIVARIATE", "Detector", "available", "detect", "flag", "get", "register"]
 
 SEVERITY = {"low": 0.0, "medium": 0.25, "high": 0.5}
-_DEFAULTS: dict[str, Any] = {"features": None, "categorical": None, "backend": "scipy", "p_val": 0.05,
-                             "correction": "bonferroni", "min_rows": 200, "report_dir": None,
-                             "severity": None}
+_DEFAULTS: dict[str, Any] = {"features": None, "categorical": None, "backend": "scipy",
+                             "method": UNIVARIATE, "p_val": 0.05, "correction": "bonferroni",
+                             "min_rows": 200, "report_dir": None, "severity": None}
 _REQUIRED = ("reference_uri", "current_uri")
 
 
 def detect(request: dict[str, Any]) -> dict[str, Any]:
-    """Compare ``current_uri`` with ``reference_uri`` (Parquet files or folders, local or URIs pyarrow reads).
+    """Compare ``current_uri`` with ``reference_uri`` (Parquet or CSV files, Parquet folders; local or URIs
+    pyarrow reads).
 
     Request: ``reference_uri``, ``current_uri``; optional ``features`` (default: every reference column),
     ``categorical`` (default: the reference columns that are not numeric), ``backend`` ("scipy"),
+    ``method`` ("univariate": one test per feature; "mmd": one test of all features, alibi only),
     ``p_val`` (0.05), ``correction`` ("bonferroni" or "fdr"), ``min_rows`` (200, also the fewest
     non-missing values a feature needs on each side to be tested), ``report_dir`` (where to write
     report.json and report.html; none written without it) and ``severity`` (thresholds on the share of
@@ -47,12 +49,12 @@ def detect(request: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"features not in the reference data {options['reference_uri']!r}: {absent}")
     categorical = _categorical(reference, features, options["categorical"])
     detector = detector_class(p_val=options["p_val"], correction=options["correction"],
-                              categorical=categorical, min_rows=options["min_rows"])
+                              categorical=categorical, min_rows=options["min_rows"], method=options["method"])
     detector.check_params()  # a bad request fails whatever the window holds
     current = _read(options["current_uri"], features)
 
     result: dict[str, Any] = {
-        "verdict": "no_drift", "severity": "none", "backend": options["backend"],
+        "verdict": "no_drift", "severity": "none", "backend": options["backend"], "method": options["method"],
         "n_reference": len(reference), "n_current": len(current), "drifted_features": [],
         "share_drifted": 0.0, "features": {}, "report_json": None, "report_html": None, "message": "",
     }
@@ -107,7 +109,9 @@ def _read(uri: str, columns: list[str] | None) -> pd.DataFrame:
     """Read the wanted columns that exist (all when ``columns`` is None); absent ones are judged later."""
     import pyarrow.dataset as ds
 
-    dataset = ds.dataset(uri, format="parquet")
+    from airloop.steps.data import is_csv
+
+    dataset = ds.dataset(uri, format="csv" if is_csv(uri) else "parquet")
     present = None if columns is None else [c for c in columns if c in dataset.schema.names]
     return dataset.to_table(columns=present).to_pandas()
 
@@ -151,7 +155,10 @@ def _judge(scores: dict[str, dict[str, Any]], thresholds: dict[str, float],
     share = len(drifted) / len(tested)
     severity = max((level for level, t in thresholds.items() if drifted and share >= t),
                    key=list(SEVERITY).index, default="none")
-    test = f"p < {options['p_val']} with {options['correction']} correction"
+    if options["method"] == UNIVARIATE:
+        test = f"p < {options['p_val']} with {options['correction']} correction"
+    else:  # one test of all the features: they drift together or not at all
+        test = f"tested together with {options['method']}, p = {scores[tested[0]]['p_value']:.3g}"
     message = (f"{len(drifted)} of {len(tested)} features drifted ({test}): {drifted}" if drifted
                else f"no drift in {len(tested)} features ({test})")
     return {"verdict": "drift" if drifted else "no_drift", "severity": severity, "features": scores,

@@ -1,10 +1,11 @@
 """The drift detector interface and its registry.
 
-A detector compares one feature at a time: numeric features with a two-sample Kolmogorov-Smirnov
-test, categorical features with a chi-squared test on the category counts. Missing values are
-dropped per feature, so one sparse column does not cost the others their rows. The multiple-testing
-correction across features lives here, once, so every backend flags drift the same way; a backend
-only supplies the two per-feature tests.
+With the ``univariate`` method (every backend) a detector compares one feature at a time: numeric
+features with a two-sample Kolmogorov-Smirnov test, categorical features with a chi-squared test on
+the category counts. Missing values are dropped per feature, so one sparse column does not cost the
+others their rows. A backend may offer a multivariate method too (``methods``): one test of all the
+features together, on the rows complete in every feature. The multiple-testing correction across
+tests lives here, once, so every backend flags drift the same way; a backend only supplies the tests.
 
 Shaped after scikit-learn estimators: the constructor only stores its parameters, ``fit`` learns
 from the reference, ``score`` judges a window. Backends register under a name (``register``) and
@@ -13,8 +14,10 @@ are looked up with ``get``.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -22,6 +25,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 CORRECTIONS = ("bonferroni", "fdr")
+UNIVARIATE = "univariate"
+_PARALLEL_ROWS = 20_000  # windows from this size test their features on several threads
 
 _BACKENDS: dict[str, type[Detector]] = {}
 
@@ -74,25 +79,28 @@ def flag(p_values: Sequence[float], p_val: float, correction: str) -> list[bool]
 
 
 class Detector(ABC):
-    """Per-feature two-sample drift tests with a multiple-testing correction.
+    """Two-sample drift tests (per feature, or of all features together) with a multiple-testing correction.
 
-    ``min_rows`` is the fewest non-missing values a feature needs on each side to be tested; a
-    feature below it is reported with ``"tested": False`` instead of a p-value.
+    ``min_rows`` is the fewest non-missing values a feature needs on each side to be tested (with a
+    multivariate method: the fewest complete rows); a feature below it is reported with
+    ``"tested": False`` instead of a p-value. ``method`` is one of the backend's ``methods``.
     ``check_params`` (also run by ``fit``) raises ``ValueError`` naming a bad parameter.
     """
 
     name: ClassVar[str]
+    methods: ClassVar[tuple[str, ...]] = (UNIVARIATE,)
 
     def __init__(self, *, p_val: float = 0.05, correction: str = "bonferroni",
-                 categorical: Sequence[str] = (), min_rows: int = 1) -> None:
+                 categorical: Sequence[str] = (), min_rows: int = 1, method: str = UNIVARIATE) -> None:
         self.p_val = p_val
         self.correction = correction
         self.categorical = categorical
         self.min_rows = min_rows
+        self.method = method
 
     def get_params(self) -> dict[str, Any]:
         return {"p_val": self.p_val, "correction": self.correction,
-                "categorical": self.categorical, "min_rows": self.min_rows}
+                "categorical": self.categorical, "min_rows": self.min_rows, "method": self.method}
 
     def check_params(self) -> None:
         if not isinstance(self.p_val, (int, float)) or not 0 < self.p_val < 1:
@@ -102,6 +110,13 @@ class Detector(ABC):
             raise ValueError(f"min_rows must be a positive integer, got {self.min_rows!r}")
         if isinstance(self.categorical, str):
             raise TypeError(f"categorical must be a list of column names, got {self.categorical!r}")
+        if self.method not in self.methods:
+            raise ValueError(f"the {self.name!r} drift backend has no method {self.method!r}: "
+                             f"choose one of {list(self.methods)}")
+        if self.method != UNIVARIATE and self.categorical:
+            raise ValueError(f"method {self.method!r} compares numeric features only, and "
+                             f"{list(self.categorical)} are categorical: leave them out of the features, "
+                             f"or use method {UNIVARIATE!r}")
 
     def fit(self, reference: pd.DataFrame) -> Detector:
         """Learn the reference distribution of every column of ``reference``."""
@@ -113,6 +128,7 @@ class Detector(ABC):
         self.categories_: dict[str, Any] = {}
         self.reference_: dict[str, dict[str, Any]] = {}
         self._fitted: dict[str, Any] = {}
+        self._joint: Any = None
         for feature in self.features_:
             column = reference[feature]
             values = column.dropna().to_numpy()
@@ -127,15 +143,20 @@ class Detector(ABC):
                 values = values.astype(float)
                 summary["mean"] = float(values.mean()) if len(values) else None
             self.reference_[feature] = summary
-            if len(values) >= self.min_rows:
+            if self.method == UNIVARIATE and len(values) >= self.min_rows:
                 self._fitted[feature] = self._fit_feature(values, feature in self.categorical)
+        if self.method != UNIVARIATE:
+            complete = reference.dropna()
+            if len(complete) >= self.min_rows:
+                self._joint = self._fit_joint(complete.to_numpy(float))
         return self
 
     def score(self, current: pd.DataFrame) -> dict[str, dict[str, Any]]:
         """Test every fitted feature of ``current`` (extra columns are ignored).
 
         Returns ``{feature: {"kind", "test", "tested", "statistic", "p_value", "drift",
-        "ref_mean", "cur_mean", "n_ref", "n_cur", "nan_fraction_ref", "nan_fraction_cur"}}``.
+        "ref_mean", "cur_mean", "n_ref", "n_cur", "nan_fraction_ref", "nan_fraction_cur"}}``; with a
+        multivariate method every feature carries the one joint test's statistic, p-value and flag.
         """
         if not hasattr(self, "features_"):
             raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(reference) first")
@@ -143,6 +164,8 @@ class Detector(ABC):
         if missing:
             raise ValueError(f"current window lacks the features {missing}")
         scores: dict[str, dict[str, Any]] = {}
+        # One entry per test: (the features it covers, a call returning (statistic, p_value)).
+        tests: list[tuple[list[str], Callable[[], tuple[float, float]]]] = []
         for feature in self.features_:
             column = current[feature]
             values = column.dropna().to_numpy()
@@ -150,7 +173,7 @@ class Detector(ABC):
             ref = self.reference_[feature]
             entry: dict[str, Any] = {
                 "kind": "categorical" if categorical else "numeric",
-                "test": "chi2" if categorical else "ks",
+                "test": "chi2" if categorical else ("ks" if self.method == UNIVARIATE else self.method),
                 "tested": False, "statistic": None, "p_value": None, "drift": False,
                 "ref_mean": ref.get("mean"), "cur_mean": None,
                 "n_ref": ref["n"], "n_cur": len(values),
@@ -163,13 +186,19 @@ class Detector(ABC):
                 values = values.astype(float)
                 entry["cur_mean"] = float(values.mean()) if len(values) else None
             if feature in self._fitted and len(values) >= self.min_rows:
-                statistic, p_value = self._test_feature(self._fitted[feature], values, categorical)
-                entry.update(tested=True, statistic=float(statistic), p_value=float(p_value))
+                tests.append(([feature], partial(self._test_feature, self._fitted[feature], values, categorical)))
             scores[feature] = entry
-        tested = [f for f in self.features_ if scores[f]["tested"]]
-        flags = flag([scores[f]["p_value"] for f in tested], self.p_val, self.correction)
-        for feature, drift in zip(tested, flags, strict=True):
-            scores[feature]["drift"] = drift
+        if self._joint is not None:
+            complete = current[self.features_].dropna()
+            if len(complete) >= self.min_rows:
+                tests.append((self.features_, partial(self._test_joint, self._joint,
+                                                      complete.to_numpy(float))))
+        outcomes = _run([test for _, test in tests], parallel=len(current) >= _PARALLEL_ROWS)
+        flags = flag([p_value for _, p_value in outcomes], self.p_val, self.correction)
+        for (features, _), (statistic, p_value), drift in zip(tests, outcomes, flags, strict=True):
+            for feature in features:
+                scores[feature].update(tested=True, statistic=float(statistic), p_value=float(p_value),
+                                       drift=drift)
         return scores
 
     def _encode(self, feature: str, values: np.ndarray) -> np.ndarray:
@@ -190,6 +219,26 @@ class Detector(ABC):
     @abstractmethod
     def _test_feature(self, fitted: Any, current: np.ndarray, categorical: bool) -> tuple[float, float]:
         """``(statistic, p_value)`` of one feature's two-sample test, given what ``_fit_feature`` kept."""
+
+    def _fit_joint(self, reference: np.ndarray) -> Any:
+        """What the multivariate test needs about the reference (complete rows, one column per feature)."""
+        raise NotImplementedError(f"{type(self).__name__} has no multivariate method")
+
+    def _test_joint(self, fitted: Any, current: np.ndarray) -> tuple[float, float]:
+        """``(statistic, p_value)`` of the multivariate test, given what ``_fit_joint`` kept."""
+        raise NotImplementedError(f"{type(self).__name__} has no multivariate method")
+
+
+def _run(tests: list[Callable[[], tuple[float, float]]], parallel: bool) -> list[tuple[float, float]]:
+    """Run the tests, on every core when ``parallel``: sorting and searching, the bulk of a KS test,
+    release the GIL. On small windows the threads' hand-offs cost more than the tests."""
+    workers = min(len(tests), os.cpu_count() or 1) if parallel else 1
+    if workers < 2:
+        return [test() for test in tests]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda test: test(), tests))
 
 
 def _check_correction(correction: str) -> None:

@@ -1,0 +1,161 @@
+"""What the data gate costs over bare Great Expectations, and what a large file costs in memory.
+
+(a) 1M rows x 10 columns, one suite profiled from the data (~40 expectations: columns, row count,
+    dtypes, nulls, ranges, the label's value set, key uniqueness, label-leakage guards). Side by
+    side in one process, alternating: bare GX (ephemeral context, batch of the in-memory frame,
+    ``batch.validate(suite)``) against the gate end to end (``validate``: read the parquet file,
+    fingerprint, validate, summarise, build Data Docs) and the gate on the same in-memory frame
+    (``validate_frame``, no Data Docs). Target: end to end <= 1.2x bare GX.
+(b) 10M rows x 10 columns in parquet, validated in row batches (the default above 2M rows), in a
+    fresh process: peak RSS against the table's in-memory size, and against a whole-table run.
+
+    .venv/bin/python benchmarks/validation.py [--rows 1000000] [--large-rows 10000000] [--repeat 3]
+        [--skip-large] [--skip-whole-large]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from airloop.steps.data import fingerprint, generate, read_table, write_table
+from airloop.steps.validate import profile_suite, validate, validate_frame
+
+TARGET = 1.2
+_IN_CHILD = """
+import json, resource, sys, time
+request = json.loads(sys.argv[1])
+from airloop.steps.validate import validate
+import great_expectations, pandas, pyarrow.parquet
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+before = peak_mb()
+start = time.perf_counter()
+result = validate(request)
+print(json.dumps({"seconds": time.perf_counter() - start, "peak_mb": peak_mb(), "imports_mb": before,
+                  "success": result["success"], "batches": result["batches"], "rows": result["rows"],
+                  "failed": [f["expectation"] for f in result["failed"]]}))
+"""
+
+
+def _table(rows: int, seed: int, start: int = 0):
+    frame = generate(rows, seed=seed)
+    frame.insert(0, "id", np.arange(start, start + rows, dtype="int64"))
+    return frame
+
+
+def _bare_gx(frame, suite: dict) -> bool:
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+
+    import airloop.steps.expectations  # noqa: F401 (the leakage guard, so both sides run the same suite)
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    batch = (context.data_sources.add_pandas("bare").add_dataframe_asset("frame")
+             .add_batch_definition_whole_dataframe("whole").get_batch(batch_parameters={"dataframe": frame}))
+    expectations = [ExpectationConfiguration(type=e["type"], kwargs=e["kwargs"]).to_domain_obj()
+                    for e in suite["expectations"]]
+    result = batch.validate(gx.ExpectationSuite(name=suite["name"], expectations=expectations),
+                            result_format="SUMMARY")
+    return bool(result.success)
+
+
+def _timed(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def gate_overhead(folder: Path, rows: int, repeat: int) -> None:
+    frame = _table(rows, seed=0)
+    path = write_table(frame, str(folder / "table.parquet"))
+    suite = profile_suite(frame, "bench", key="id", label="label")
+    print(f"(a) {rows:,} rows x {frame.shape[1]} columns, {len(suite['expectations'])} expectations, "
+          f"{Path(path).stat().st_size / 1e6:.0f} MB parquet, {frame.memory_usage().sum() / 1e6:.0f} MB in memory")
+    assert _bare_gx(frame, suite) and validate_frame(frame, suite)["success"]  # warm-up; both pass
+    times: dict[str, list[float]] = {k: [] for k in ("bare", "gate", "frame", "read", "fingerprint", "docs")}
+    for i in range(repeat):
+        times["bare"].append(_timed(lambda: _bare_gx(frame, suite)))
+        docs = folder / f"docs-{i}"
+        times["gate"].append(_timed(lambda: validate({"data_uri": path, "suite": suite, "docs_dir": str(docs)})))
+        times["frame"].append(_timed(lambda: validate_frame(frame, suite)))
+        times["read"].append(_timed(lambda: read_table(path)))
+        times["fingerprint"].append(_timed(lambda: fingerprint(frame)))
+        docs_frame = folder / f"docs-frame-{i}"
+        times["docs"].append(_timed(lambda: validate_frame(frame, suite, docs_dir=str(docs_frame)))
+                             - times["frame"][-1])
+    best = {key: min(values) for key, values in times.items()}
+    med = {key: statistics.median(values) for key, values in times.items()}
+    for key, label in (("bare", "bare GX, in-memory frame"),
+                       ("gate", "gate end to end (parquet, fingerprint, Data Docs)"),
+                       ("frame", "gate on the in-memory frame, no Data Docs")):
+        print(f"  {label:<52} best {best[key]:6.2f} s  median {med[key]:6.2f} s")
+    print(f"  parts of the gate: parquet read {best['read']:.2f} s, fingerprint {best['fingerprint']:.2f} s, "
+          f"Data Docs ~{max(best['docs'], 0):.2f} s")
+    ratio = best["gate"] / best["bare"]
+    print(f"  ratio gate end to end / bare GX: {ratio:.2f}x (median {med['gate'] / med['bare']:.2f}x; "
+          f"target <= {TARGET}x) {'OK' if ratio <= TARGET else 'OVER'}")
+    print(f"  ratio gate on the frame / bare GX: {best['frame'] / best['bare']:.2f}x "
+          f"(median {med['frame'] / med['bare']:.2f}x)")
+
+
+def _child(request: dict) -> dict:
+    out = subprocess.run([sys.executable, "-c", _IN_CHILD, json.dumps(request)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def large_file(folder: Path, rows: int, whole: bool) -> None:
+    path = folder / "large.parquet"
+    chunk = 1_000_000
+    suite = profile_suite(_table(chunk, seed=0), "bench-large", key="id", label="label")
+    with pq.ParquetWriter(path, pa.Schema.from_pandas(_table(1, seed=0), preserve_index=False)) as writer:
+        for start in range(0, rows, chunk):
+            part = _table(min(chunk, rows - start), seed=start // chunk + 1, start=start)
+            writer.write_table(pa.Table.from_pandas(part, preserve_index=False))
+    suite["expectations"][1]["kwargs"]["max_value"] = rows  # the profile saw 1M rows; this file has more
+    file = pq.ParquetFile(path)
+    in_memory = sum(file.schema_arrow.field(i).type.bit_width // 8 for i in range(len(file.schema_arrow))) * rows
+    print(f"(b) {rows:,} rows x {len(file.schema_arrow)} columns, {path.stat().st_size / 1e6:.0f} MB parquet "
+          f"({file.metadata.num_row_groups} row groups), {in_memory / 1e6:.0f} MB in memory as a DataFrame")
+    suite_path = folder / "large-suite.json"
+    suite_path.write_text(json.dumps(suite))
+    batched = _child({"data_uri": str(path), "suite_path": str(suite_path)})
+    print(f"  batched ({batched['batches']} batches): {batched['seconds']:.1f} s, success {batched['success']}, "
+          f"peak RSS {batched['peak_mb']:.0f} MB ({batched['imports_mb']:.0f} MB after imports), "
+          f"{batched['peak_mb'] / (in_memory / 2**20):.2f}x the table's in-memory size")
+    if whole:
+        full = _child({"data_uri": str(path), "suite_path": str(suite_path), "batch_rows": 0})
+        print(f"  whole table at once: {full['seconds']:.1f} s, peak RSS {full['peak_mb']:.0f} MB; "
+              f"batched peak / whole peak {batched['peak_mb'] / full['peak_mb']:.2f}x, "
+              f"same verdict {full['success'] == batched['success'] and full['failed'] == batched['failed']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--large-rows", type=int, default=10_000_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--skip-whole-large", action="store_true", help="skip the whole-table run of (b)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="airloop-bench-") as tmp:
+        gate_overhead(Path(tmp), args.rows, args.repeat)
+        if not args.skip_large:
+            large_file(Path(tmp), args.large_rows, whole=not args.skip_whole_large)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Feast: apply a feature repo, materialise the online store, build training sets by point-in-time join.
+
+A store is described by plain values, ``{"repo_path": folder of the definitions, "config": the
+feature_store.yaml content as a dict}`` (``store_config`` builds it), so a request stays JSON-able and
+the hook that owns the ``feast`` connection is the only place that reads a connection.
+
+Feast's point-in-time join drops an entity row when its entity has feature rows but none inside the
+feature view's TTL before the row's timestamp, keeps only one of several rows with the same keys and
+timestamp, and returns an entity it has never seen with empty features. ``training_set`` counts all
+three as lost, writes only complete rows and refuses to write anything when the loss is over the
+threshold, so a model never trains on fewer rows than asked for without anyone noticing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airloop.steps.data import fingerprint, read_table, write_table
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from feast import FeatureStore
+
+# Feast's own name for the entity rows' timestamp column.
+TIMESTAMP = "event_timestamp"
+# The reference repo (dags/features) reads its feature rows from this file under settings.feast_dir().
+REFERENCE_FEATURES = "observations.parquet"
+REFERENCE_ENTITY = "observation_id"
+_ROW = "__airloop_row"  # carries each entity row's position through the join
+
+
+class RowLossError(ValueError):
+    """More entity rows were lost in the point-in-time join than the threshold allows."""
+
+
+def embedded_config(home: Path) -> dict[str, Any]:
+    """The embedded default: Feast's local provider, file offline store, SQLite online store in ``home``."""
+    return {
+        "project": "airloop",
+        "provider": "local",
+        "registry": str(home / "registry.db"),
+        "online_store": {"type": "sqlite", "path": str(home / "online.db")},
+        "offline_store": {"type": "file"},
+        "entity_key_serialization_version": 3,
+    }
+
+
+def store_config(repo_path: str | None = None, feature_store_yaml: str | None = None,
+                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``{"repo_path", "config"}`` from a repo folder and/or its feature_store.yaml.
+
+    The YAML defaults to ``<repo_path>/feature_store.yaml`` and the repo to the YAML's folder;
+    ``${VAR}`` in it expands as Feast itself does. ``overrides`` (``online_store``, ``offline_store``)
+    replace those blocks whole: a Redis online store shares no option with a SQLite one.
+    """
+    import yaml
+
+    if not repo_path and not feature_store_yaml:
+        raise ValueError("a Feast store needs repo_path (the feature repo folder) or feature_store_yaml")
+    yaml_path = Path(feature_store_yaml) if feature_store_yaml else Path(repo_path) / "feature_store.yaml"
+    repo = Path(repo_path) if repo_path else yaml_path.parent
+    if not repo.is_dir():
+        raise ValueError(f"Feast repo_path {repo} is not a folder")
+    if not yaml_path.is_file():
+        raise ValueError(f"Feast configuration {yaml_path} does not exist")
+    try:
+        config = yaml.safe_load(os.path.expandvars(yaml_path.read_text()))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"Feast configuration {yaml_path} is not valid YAML: {exc}") from exc
+    if not isinstance(config, dict) or "project" not in config:
+        raise ValueError(f"Feast configuration {yaml_path} must be a mapping with a 'project'")
+    return {"repo_path": str(repo.resolve()), "config": _merged(config, overrides)}
+
+
+def _merged(config: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    unknown = sorted(set(overrides or {}) - {"online_store", "offline_store"})
+    if unknown:
+        raise ValueError(f"only online_store and offline_store can be overridden, not {unknown}")
+    return {**config, **(overrides or {})}
+
+
+def feature_store(store: dict[str, Any]) -> FeatureStore:
+    """A FeatureStore for ``{"repo_path", "config"}``; ValueError names a configuration Feast rejects."""
+    from feast import FeatureStore, RepoConfig
+    from pydantic import ValidationError
+
+    try:
+        config = RepoConfig(**store["config"])
+    except ValidationError as exc:
+        raise ValueError(f"invalid Feast configuration for repo {store['repo_path']}: {exc}") from exc
+    config.repo_path = Path(store["repo_path"])  # relative source and registry paths resolve against it
+    return FeatureStore(repo_path=store["repo_path"], config=config)
+
+
+def apply(request: dict[str, Any]) -> dict[str, Any]:
+    """``feast apply`` on the repo; returns the registered project, entities, views and services.
+
+    Feast's CLI runs in a child process: it imports the repo's modules fresh each time, changes the
+    working directory and exits on bad definitions, none of which belongs in an Airflow worker. The
+    configuration goes to it as a private temporary file, never through the environment.
+    """
+    import yaml
+
+    store = request["store"]
+    feast = Path(sys.executable).parent / "feast"
+    with tempfile.TemporaryDirectory(prefix="airloop-feast-") as tmp:
+        config_file = Path(tmp) / "feature_store.yaml"  # mkdtemp's folder is private to this user
+        config_file.write_text(yaml.safe_dump(store["config"]))
+        command = [str(feast), "--chdir", store["repo_path"], "--feature-store-yaml", str(config_file),
+                   "apply"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=request.get("timeout_s", 900))
+    output = (done.stdout + done.stderr).strip()
+    if done.returncode != 0:
+        raise RuntimeError(f"feast apply of {store['repo_path']} failed (exit {done.returncode}): "
+                           f"{output[-2000:]}")
+    return {**registered(feature_store(store)), "output": output[-4000:]}
+
+
+def registered(fs: FeatureStore) -> dict[str, Any]:
+    return {
+        "project": fs.project,
+        "entities": sorted(e.name for e in fs.list_entities()),
+        "feature_views": sorted(v.name for v in fs.list_feature_views()),
+        "feature_services": sorted(s.name for s in fs.list_feature_services()),
+    }
+
+
+def _timestamp(value: str | datetime | None, name: str) -> datetime | None:
+    if value is None or value == "":
+        return None
+    try:
+        moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    except ValueError as exc:
+        raise ValueError(f"{name} must be an ISO 8601 timestamp, got {value!r}") from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def materialize(request: dict[str, Any]) -> dict[str, Any]:
+    """Load feature values into the online store.
+
+    ``{"store", "start"?, "end"?, "feature_views"?}``: with ``start``, the range [start, end);
+    without, incrementally from where the last run of each view ended (or ``end`` minus the view's
+    TTL on its first run) to ``end`` (default: now). ``feature_views`` defaults to every online view.
+    """
+    fs = feature_store(request["store"])
+    start = _timestamp(request.get("start"), "start")
+    end = _timestamp(request.get("end"), "end") or datetime.now(UTC)
+    views = request.get("feature_views") or [v.name for v in fs.list_feature_views() if v.online]
+    if not views:
+        raise ValueError(f"Feast project {fs.project!r} has no online feature view to materialise: "
+                         "apply the feature repo first")
+    if start is None:
+        fs.materialize_incremental(end_date=end, feature_views=views)
+    else:
+        if start >= end:
+            raise ValueError(f"start {start.isoformat()} must be before end {end.isoformat()}")
+        fs.materialize(start_date=start, end_date=end, feature_views=views)
+    return {"mode": "incremental" if start is None else "range", "start": start and start.isoformat(),
+            "end": end.isoformat(), "feature_views": views}
+
+
+def _entity_rows(uri: str, timestamp: str, storage_options: dict[str, Any] | None) -> pd.DataFrame:
+    import pandas as pd
+
+    rows = read_table(uri, storage_options)
+    if rows.empty:
+        raise ValueError(f"entity rows {uri} hold no row")
+    if timestamp not in rows.columns:
+        raise ValueError(f"entity rows {uri} have no {timestamp!r} column (columns: {list(rows.columns)})")
+    if _ROW in rows.columns or (timestamp != TIMESTAMP and TIMESTAMP in rows.columns):
+        raise ValueError(f"entity rows {uri} must not have a column named {_ROW!r} or {TIMESTAMP!r}")
+    try:  # CSV files and SQL results give timestamps as text
+        rows[timestamp] = pd.to_datetime(rows[timestamp], utc=True, format="ISO8601")
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"column {timestamp!r} of entity rows {uri} is not a timestamp: {exc}") from exc
+    if rows[timestamp].isna().any():
+        raise ValueError(f"{int(rows[timestamp].isna().sum())} entity rows of {uri} have no {timestamp!r}")
+    return rows.rename(columns={timestamp: TIMESTAMP})
+
+
+def training_set(request: dict[str, Any]) -> dict[str, Any]:
+    """Join features onto entity rows as of each row's timestamp; write the complete rows as parquet.
+
+    Request: ``{"store", "entity_rows_uri", "features": ["view:feature", ...] | "feature_service": name,
+    "output_uri", "max_row_loss": 0.0, "timestamp_column": "event_timestamp",
+    "keep_entity_columns": false, "storage_options"?}``. Entity rows carry the join keys, a timestamp
+    and anything else the training set needs (the label); the join keys and the timestamp are dropped
+    unless ``keep_entity_columns``. Raises RowLossError, writing nothing, when more than
+    ``max_row_loss`` (a fraction) of the entity rows come back missing or incomplete.
+    """
+    features, service = request.get("features"), request.get("feature_service")
+    if bool(features) == bool(service):
+        raise ValueError("give either features (a list of 'view:feature') or feature_service, not both")
+    max_loss = float(request.get("max_row_loss", 0.0))
+    if not 0.0 <= max_loss <= 1.0:
+        raise ValueError(f"max_row_loss is a fraction within [0, 1], got {max_loss}")
+    timestamp = request.get("timestamp_column") or TIMESTAMP
+    uri = request["entity_rows_uri"]
+    rows = _entity_rows(uri, timestamp, request.get("storage_options"))
+    fs = feature_store(request["store"])
+    keys = sorted({e.join_key for e in fs.list_entities()} & set(rows.columns))
+    rows[_ROW] = range(len(rows))
+    wanted = fs.get_feature_service(service) if service else list(features)
+    joined = fs.get_historical_features(entity_df=rows, features=wanted).to_df()
+    names = [c for c in joined.columns if c not in rows.columns]
+    complete = joined[joined[names].notna().all(axis=1)].sort_values(_ROW)
+    counts = {"rows_in": len(rows), "rows_returned": len(joined), "rows_out": len(complete)}
+    loss = 1.0 - counts["rows_out"] / counts["rows_in"]
+    if loss > max_loss:
+        duplicates = int(rows.duplicated(subset=[*keys, TIMESTAMP]).sum())
+        raise RowLossError(
+            f"Feast returned {counts['rows_out']} complete rows for {counts['rows_in']} entity rows "
+            f"of {uri}: {loss:.2%} lost, more than max_row_loss {max_loss:.2%} "
+            f"({counts['rows_in'] - counts['rows_returned']} dropped: no feature value within the TTL or "
+            f"{duplicates} with the same keys and timestamp as another; "
+            f"{counts['rows_returned'] - counts['rows_out']} returned without every feature)")
+    dropped = [_ROW] if request.get("keep_entity_columns") else [_ROW, *keys, TIMESTAMP]
+    table = complete.drop(columns=dropped).reset_index(drop=True)
+    if request.get("keep_entity_columns"):
+        table = table.rename(columns={TIMESTAMP: timestamp})
+    write_table(table, request["output_uri"], request.get("storage_options"))
+    return {"uri": request["output_uri"], **counts, "row_loss": round(loss, 6), "features": names,
+            "fingerprint": fingerprint(table)}
+
+
+def reference_tables(n_rows: int, shift: float = 0.0, seed: int = 0, end: datetime | None = None,
+                     every: timedelta = timedelta(seconds=1)) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The reference data set (``data.generate``) as the reference repo's feature rows and entity rows.
+
+    Observation ``i`` gets id ``i`` and the timestamp ``end - (n_rows - i) * every``: its features
+    (``observation_id``, ``event_timestamp``, f0..f7) and its label (``observation_id``,
+    ``event_timestamp``, ``label``) share the timestamp, so the join gives back ``generate``'s rows.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from airloop.steps.data import LABEL, generate
+
+    frame = generate(n_rows, shift=shift, seed=seed)
+    end = pd.Timestamp(end or datetime.now(UTC)).floor("s")
+    keys = pd.DataFrame({REFERENCE_ENTITY: np.arange(n_rows, dtype="int64"),
+                         TIMESTAMP: end - (n_rows - np.arange(n_rows)) * pd.Timedelta(every)})
+    return (pd.concat([keys, frame.drop(columns=[LABEL])], axis=1),
+            pd.concat([keys, frame[[LABEL]]], axis=1))

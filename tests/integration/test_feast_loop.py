@@ -1,0 +1,184 @@
+"""Feast in the reference DAGs and in serving, on the embedded default (the reference repo, local provider).
+
+``airloop_features`` applies the reference repo and materialises it; ``airloop_loop`` with
+``source=feast`` builds its training set from it and passes it through the data gate; a real
+``feast serve`` answers the gateway's lookups for requests that carry only entity keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+import yaml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from airloop import settings
+from airloop.hooks.feast import FeastHook
+from airloop.serving.features import FeatureLookup
+from airloop.serving.gateway import Gateway, parse_routes
+from airloop.steps.data import FEATURES, generate, read_table, write_table
+from airloop.steps.features import REFERENCE_ENTITY, REFERENCE_FEATURES, reference_tables
+
+REPO = Path(__file__).resolve().parents[2]
+ROWS = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The reference data set as the reference repo's feature rows, and its labels as entity rows."""
+    observations, entity_rows = reference_tables(ROWS)
+    settings.feast_dir().mkdir(parents=True, exist_ok=True)
+    write_table(observations, str(settings.feast_dir() / REFERENCE_FEATURES))
+    write_table(entity_rows, str(settings.feast_dir() / "entity_rows.parquet"))  # the loop's default
+    return observations
+
+
+@pytest.fixture(scope="module")
+def dagbag():
+    subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True,
+                   capture_output=True)
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert bag.import_errors == {}
+    return bag
+
+
+def _states(run) -> dict[str, str]:
+    return {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
+
+
+@pytest.fixture(scope="module")
+def features_run(dagbag, reference):
+    return dagbag.get_dag("airloop_features").test()
+
+
+def test_features_dag_applies_the_reference_repo_and_materialises_it(features_run, reference):
+    assert _states(features_run) == {"apply": "success", "materialize": "success"}
+    store = FeastHook().store
+    assert [v.name for v in store.list_feature_views()] == ["observations"]
+    online = store.get_online_features(features=store.get_feature_service("training"),
+                                       entity_rows=[{REFERENCE_ENTITY: i} for i in (0, 7, ROWS - 1)]).to_dict()
+    assert online["f3"] == reference.loc[[0, 7, ROWS - 1], "f3"].tolist()
+
+
+def _loop_until_validate(dagbag):
+    return dagbag.get_dag("airloop_loop").partial_subset(task_ids=["validate"], include_upstream=True)
+
+
+def test_loop_trains_on_a_training_set_from_feast(features_run, dagbag):
+    run = _loop_until_validate(dagbag).test(run_conf={"source": "feast"})
+    assert _states(run) == {"source": "success", "training_set": "success", "validate": "success"}
+    built = next(ti for ti in run.get_task_instances() if ti.task_id == "training_set").xcom_pull(
+        task_ids="training_set")
+    assert (built["rows_in"], built["rows_out"]) == (ROWS, ROWS)
+    validated = next(ti for ti in run.get_task_instances() if ti.task_id == "validate").xcom_pull(
+        task_ids="validate")
+    assert validated["data_uri"] == built["uri"] and validated["fingerprint"] == built["fingerprint"]
+    # the join gives back the very rows of the reference data set, in order
+    assert read_table(built["uri"])[[*FEATURES, "label"]].equals(generate(ROWS)[[*FEATURES, "label"]])
+
+
+def test_loop_with_the_default_file_source_skips_feast(dagbag, tmp_path):
+    data = write_table(generate(200, seed=5), str(tmp_path / "train.parquet"))
+    run = _loop_until_validate(dagbag).test(run_conf={"data_uri": data})
+    assert _states(run) == {"source": "success", "training_set": "skipped", "validate": "success"}
+    validate = next(ti for ti in run.get_task_instances() if ti.task_id == "validate")
+    assert validate.xcom_pull(task_ids="validate")["data_uri"] == data
+
+
+@pytest.fixture(scope="module")
+def feature_server(features_run, tmp_path_factory) -> Iterator[str]:
+    """``feast serve`` on the embedded store, bound to 127.0.0.1; stopped with its process group."""
+    store = FeastHook().store_config
+    config = tmp_path_factory.mktemp("feast_serve") / "feature_store.yaml"
+    config.write_text(yaml.safe_dump(store["config"]))
+    port = _free_port()
+    log = open(config.parent / "serve.log", "wb")
+    process = subprocess.Popen([str(Path(sys.executable).parent / "feast"), "--chdir", store["repo_path"],
+                                "--feature-store-yaml", str(config), "serve", "--host", "127.0.0.1",
+                                "--port", str(port), "--no-access-log"],
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, (config.parent / "serve.log").read_text()
+            assert time.monotonic() < deadline, "feast serve did not answer within 120 s"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+@contextlib.contextmanager
+def _serving(app) -> Iterator[str]:
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+async def _echo(request: Request) -> JSONResponse:
+    """A model server that answers every row with [0.5, 0.5] and says what it received."""
+    data = (await request.json())["data"]
+    return JSONResponse({"data": {"names": ["0", "1"], "ndarray": [[0.5, 0.5]] * len(data["ndarray"])},
+                         "meta": {"tags": {"names": data.get("names"), "rows": data["ndarray"]}}})
+
+
+def test_gateway_looks_up_features_for_requests_with_only_entity_keys(feature_server, reference, tmp_path):
+    order = ["f7", *FEATURES[:7]]  # any order: the model's, as configured
+    lookup = FeatureLookup.from_config({"url": feature_server, "entities": [REFERENCE_ENTITY],
+                                        "features": [f"observations:{name}" for name in order]})
+    with _serving(Starlette(routes=[Route("/api/v1.0/predictions", _echo, methods=["POST"])])) as model:
+        table = parse_routes({"v1": {"url": model, "model_version": "1", "weight": 100}})
+        gateway = Gateway("feast-test", table, artefact_root=(tmp_path / "artefacts").as_uri(), features=lookup)
+        with _serving(gateway.app()) as endpoint, httpx.Client(base_url=endpoint, timeout=20) as client:
+            keys = client.post("/api/v1.0/predictions", json={"data": {"names": [REFERENCE_ENTITY],
+                                                                       "ndarray": [[5], [42]]}})
+            assert keys.status_code == 200, keys.text
+            received = keys.json()["meta"]["tags"]
+            assert received == {"names": order, "rows": reference.loc[[5, 42], order].values.tolist()}
+            unknown = client.post("/api/v1.0/predictions", json={"data": {"names": [REFERENCE_ENTITY],
+                                                                          "ndarray": [[5], [10**9]]}})
+            assert unknown.status_code == 404 and "1 of 2 rows" in unknown.json()["status"]["info"]
+            row = [[0.1] * len(order)]
+            direct = client.post("/api/v1.0/predictions", json={"data": {"names": order, "ndarray": row}})
+            assert direct.json()["meta"]["tags"] == {"names": order, "rows": row}  # features pass as they are
