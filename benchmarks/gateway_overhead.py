@@ -2,7 +2,8 @@
 
 Deploys one predictor with the local serving target, then sends the same one-row requests to the
 model server and through the gateway, in alternating rounds (so background load hits both alike),
-and prints p50 / p99 latency, requests per second and the ratios.
+and prints p50 / p99 latency, requests per second and the ratios, and the gateway's CPU time per
+request (from /proc: unlike latency, it hardly moves with the machine's other load).
 
     python benchmarks/gateway_overhead.py [--model-dir IR_DIR] [--requests 1000] [--rounds 3]
 
@@ -54,6 +55,12 @@ def throughput(url: str, n: int, clients: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q * 100) - 1]
 
@@ -84,9 +91,13 @@ def main() -> None:
     try:
         latencies: dict[str, list[float]] = {k: [] for k in urls}
         rates: dict[str, list[float]] = {k: [] for k in urls}
+        gateway_cpu = 0.0
         for _ in range(args.rounds):
             for kind, url in urls.items():
+                before = cpu_seconds(state["gateway"]["pid"])
                 latencies[kind] += sequential(url, args.requests)
+                if kind == "gateway":
+                    gateway_cpu += cpu_seconds(state["gateway"]["pid"]) - before
                 rates[kind].append(throughput(url, args.requests, args.clients))
     finally:
         target.delete("bench")
@@ -102,6 +113,8 @@ def main() -> None:
     (d50, d99, drate), (g50, g99, grate) = summary["direct"], summary["gateway"]
     print(f"gateway/direct: p50 x{g50 / d50:.2f} (+{g50 - d50:.2f} ms), p99 x{g99 / d99:.2f}, "
           f"req/s x{grate / drate:.2f}")
+    # Sequential rounds only; includes the 20 warm-up requests of each round.
+    print(f"gateway CPU {1e6 * gateway_cpu / (args.rounds * (args.requests + 20)):.0f} us per request")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ Feast: the ``training`` feature service joined point-in-time onto ``entity_rows`
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
+from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import Param, dag, task
 
 from airloop import settings
@@ -27,7 +29,7 @@ from airloop.operators.mlflow import (
     MlflowTrainModelOperator,
 )
 from airloop.operators.openvino import OpenvinoConvertModelOperator
-from airloop.operators.seldon import SeldonRolloutChallengerOperator
+from airloop.operators.seldon import SeldonFinishRolloutOperator, SeldonRolloutChallengerOperator
 
 MODEL_NAME = os.environ.get("AIRLOOP_MODEL_NAME", "airloop-classifier")
 DEPLOYMENT = os.environ.get("AIRLOOP_DEPLOYMENT", "airloop")
@@ -55,6 +57,9 @@ DATA_URI = "{{ ti.xcom_pull(task_ids='training_set', key='uri') or params.data_u
         "entity_rows": Param(ENTITY_ROWS, type="string",
                              description="for source=feast: observation_id, event_timestamp, label"),
         "analysis_seconds": Param(ANALYSIS_SECONDS, type="number", description="canary analysis window per step"),
+        # Off by default: the embedded loop runs unattended.
+        "approval": Param(False, type="boolean",
+                          description="hold the challenger at its last canary step until a person approves"),
     },
     doc_md=__doc__,
 )
@@ -91,8 +96,31 @@ def airloop_loop():
         version=register.output["version"],
         deployment=DEPLOYMENT,
         analysis_seconds="{{ params.analysis_seconds }}",
+        approval="{{ params.approval }}",
+    )
+
+    # Nothing to approve (approval off, or a first champion): skip the approval and the finish.
+    @task.short_circuit(task_id="needs_approval")
+    def needs_approval(decision: str) -> bool:
+        return decision == "awaiting_approval"
+
+    gate = needs_approval(rollout.output["decision"])
+    approve = ApprovalOperator(
+        task_id="approve",
+        subject="Promote {{ ti.xcom_pull(task_ids='rollout')['challenger'] }} to champion?",
+        body="Every analysis window passed; the rollout report is linked from the rollout task.",
+        fail_on_reject=True,  # a rejection must not skip the finish task, which rolls back
+        defaults="Reject",
+        response_timeout=timedelta(days=1),
+    )
+    # Runs after the approval whatever its outcome: promotes on Approve, otherwise rolls back.
+    finish = SeldonFinishRolloutOperator(
+        task_id="finish", model_name=MODEL_NAME, version=register.output["version"], deployment=DEPLOYMENT,
+        approval_task_id="approve", trigger_rule="all_done_min_one_success",
     )
     choose_source() >> training_set >> validate >> train >> evaluate >> convert >> register >> rollout
+    gate >> approve >> finish
+    gate >> finish
 
 
 airloop_loop()

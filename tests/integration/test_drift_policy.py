@@ -1,25 +1,44 @@
-"""DriftDecideRetrainOperator through ``dag.test()``: real Airflow, MLflow registry and audit record."""
+"""The drift operators through ``dag.test()``: real Airflow, MLflow registry and audit record.
+
+DriftDecideRetrainOperator (the retraining policy) and DriftDetectDataOperator (a data window from a
+file or a SQL connection, tested in the worker with the scipy backend).
+"""
 
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
-from airloop import settings
+from airloop import artefacts, settings
 from airloop.operators.drift import RETRAIN_REQUESTED_TAG
 from airloop.steps.registry import read_audit
 
 MODELS = ("policy-storm", "policy-approval", "policy-dedupe", "policy-quiet")
+WINDOW_MODEL = "window-data"
 # One monitor DAG per model, each with its own drift Asset; a run's conf sets the operator's arguments.
 DAG_FILE = f"""
 from airflow.sdk import DAG
 
 from airloop.assets import drift_asset
-from airloop.operators.drift import DriftDecideRetrainOperator
+from airloop.operators.drift import DriftDecideRetrainOperator, DriftDetectDataOperator
+
+with DAG("detect_window", schedule=None, catchup=False, render_template_as_native_obj=True) as dag:
+    DriftDetectDataOperator(
+        task_id="detect",
+        model_name={WINDOW_MODEL!r},
+        backend="scipy",
+        runtime="worker",
+        window_uri="{{{{ dag_run.conf.get('window_uri') }}}}",
+        window_sql="{{{{ dag_run.conf.get('window_sql') }}}}",
+        window_conn_id="{{{{ dag_run.conf.get('window_conn_id') }}}}",
+    )
 
 for model in {MODELS!r}:
     with DAG(f"decide_{{model}}", schedule=None, catchup=False, render_template_as_native_obj=True) as dag:
@@ -70,6 +89,109 @@ def champions():
         client.create_registered_model(name)
         version = client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
         client.set_registered_model_alias(name, "champion", version.version)
+
+
+def _table(seed: int, rows: int, shift: float = 0.0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    table = pd.DataFrame(rng.normal(size=(rows, 3)), columns=["f0", "f1", "f2"])
+    table["f0"] += shift
+    return table
+
+
+@pytest.fixture(scope="module")
+def window_champion(tmp_path_factory):
+    """A champion whose training run holds the drift reference sample where training stores it."""
+    from mlflow import MlflowClient
+
+    from airloop.steps.train import REFERENCE_PATH
+
+    client = MlflowClient(settings.mlflow_tracking_uri())
+    experiment = client.create_experiment(WINDOW_MODEL, artifact_location=settings.mlflow_artifact_root())
+    run = client.create_run(experiment)
+    reference = tmp_path_factory.mktemp("reference") / Path(REFERENCE_PATH).name
+    _table(0, 2000).to_parquet(reference)
+    client.log_artifact(run.info.run_id, str(reference), str(Path(REFERENCE_PATH).parent))
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model(WINDOW_MODEL)
+    version = client.create_model_version(WINDOW_MODEL, f"{run.info.artifact_uri}/model",
+                                          run_id=run.info.run_id)
+    client.set_registered_model_alias(WINDOW_MODEL, "champion", version.version)
+    return run.info.run_id
+
+
+def detect_window(dagbag, **conf) -> tuple[str, dict]:
+    """Run the data-window DAG once: the detect task's state and its result (empty when it failed)."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    run = dagbag.get_dag("detect_window").test(run_conf=conf)
+    (ti,) = run.get_task_instances()
+    with create_session() as session:
+        row = session.query(XComModel).filter_by(dag_id="detect_window", run_id=run.run_id, task_id="detect",
+                                                 key="return_value").one_or_none()
+    return str(ti.state), (XComModel.deserialize_value(row) if row else {})
+
+
+def test_a_data_window_file_is_tested_and_reported(dagbag, window_champion, tmp_path):
+    from mlflow import MlflowClient
+
+    _table(1, 1500, shift=0.3).to_parquet(tmp_path / "window.parquet")
+    state, result = detect_window(dagbag, window_uri=str(tmp_path / "window.parquet"))
+    assert state == "success"
+    assert (result["verdict"], result["drifted_features"], result["n_current"]) == ("drift", ["f0"], 1500)
+    assert result["window"] == {"uri": str(tmp_path / "window.parquet"), "conn_id": None}
+    report = artefacts.local_path(result["report"])
+    assert json.loads(report.read_text())["verdict"] == "drift" and report.with_suffix(".html").is_file()
+    metrics = MlflowClient(settings.mlflow_tracking_uri()).get_run(window_champion).data.metrics
+    assert metrics["drift_detected"] == 1.0
+
+    _table(2, 1500).to_csv(tmp_path / "window.csv", index=False)
+    state, result = detect_window(dagbag, window_uri=f"file://{tmp_path}/window.csv")
+    assert (state, result["verdict"], result["n_current"]) == ("success", "no_drift", 1500)
+
+
+def test_a_data_window_comes_from_sql_through_a_connection(dagbag, window_champion, tmp_path, monkeypatch):
+    served = pd.concat([_table(3, 800).assign(day="2025-01-01"),
+                        _table(4, 900, shift=0.4).assign(day="2025-01-02")])
+    with sqlite3.connect(tmp_path / "served.db") as db:
+        served.to_sql("served", db, index=False)
+    monkeypatch.setenv("AIRFLOW_CONN_WINDOW_DB",
+                       json.dumps({"conn_type": "sqlite", "host": str(tmp_path / "served.db")}))
+    query = "SELECT f0, f1, f2 FROM served WHERE day = '{}'"
+    state, result = detect_window(dagbag, window_sql=query.format("2025-01-01"), window_conn_id="window_db")
+    assert (state, result["verdict"], result["n_current"]) == ("success", "no_drift", 800)
+    state, result = detect_window(dagbag, window_sql=query.format("2025-01-02"), window_conn_id="window_db")
+    assert (state, result["verdict"], result["drifted_features"], result["n_current"]) == (
+        "success", "drift", ["f0"], 900)
+    assert result["window"]["conn_id"] == "window_db"
+
+
+def test_a_remote_data_window_folder_is_copied_for_the_step(dagbag, window_champion):
+    """A folder of parquet parts (a Feast or Spark export) on a filesystem other than the local one."""
+    import fsspec
+    from airflow.sdk.io import attach
+
+    # fsspec's in-memory filesystem stands in for an object store, registered as a provider registers s3.
+    memory = fsspec.filesystem("memory")
+    attach("memory", fs=memory)
+    for part, seed in enumerate((5, 6)):
+        with memory.open(f"/windows/day/part-{part}.parquet", "wb") as handle:
+            _table(seed, 700, shift=0.5).to_parquet(handle)
+    state, result = detect_window(dagbag, window_uri="memory://windows/day")
+    assert (state, result["verdict"], result["n_current"]) == ("success", "drift", 1400)  # both parts
+    assert "f0" in result["drifted_features"]
+
+
+@pytest.mark.parametrize(("conf", "problem"), [
+    ({"window_uri": "/nowhere/window.parquet"}, "data window /nowhere/window.parquet does not exist"),
+    ({"window_uri": "/nowhere/window.parquet", "window_sql": "SELECT 1", "window_conn_id": "window_db"},
+     "exactly one of window_uri and window_sql"),
+    ({"window_sql": "SELECT 1"}, "window_sql needs window_conn_id"),
+    ({}, "exactly one of window_uri and window_sql"),
+])
+def test_a_data_window_that_cannot_be_read_fails_the_task(dagbag, window_champion, capsys, conf, problem):
+    assert detect_window(dagbag, **conf) == ("failed", {})
+    assert problem in capsys.readouterr().out
 
 
 def detection(model: str, verdict: str = "drift", severity: str = "high") -> dict:

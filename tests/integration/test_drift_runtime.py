@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
 from airloop import runtimes
 from airloop.steps import drift
 
@@ -69,3 +70,30 @@ def test_both_backends_in_the_runtime_match_the_worker(serving_python: str, tmp_
             assert result["features"][name]["p_value"] == pytest.approx(score["p_value"], rel=1e-5, abs=1e-12)
         assert Path(result["report_html"]).is_file() and Path(result["report_json"]).is_file()
     assert [r["backend"] for r in in_runtime] == ["scipy", "alibi"]
+
+
+_LEAN = """
+import json, sys, warnings
+warnings.simplefilter("ignore")
+from airloop.steps.drift import detect
+detect(json.loads(sys.argv[1]))
+heavy = sorted(m for m in ("transformers", "alibi_detect.saving", "alibi_detect.od", "alibi_detect.cd.mmd")
+               if m in sys.modules)
+import alibi_detect
+from alibi_detect.cd import KSDrift, MMDDrift
+print(json.dumps({"heavy": heavy, "same": KSDrift is sys.modules["alibi_detect.cd.ks"].KSDrift}))
+"""
+
+
+def test_the_alibi_backend_loads_only_the_detectors_it_uses(serving_python: str, tmp_path: Path) -> None:
+    # alibi-detect's package imports load every detector, its saving code and transformers: seconds
+    # of every hop. The backend loads the detector modules alone, and the full package still imports after.
+    rng = np.random.default_rng(3)
+    for name in ("reference", "current"):
+        frame = pd.DataFrame({"f0": rng.normal(size=500), "segment": rng.choice(["a", "b"], 500)})
+        frame.to_parquet(tmp_path / f"{name}.parquet")
+    request = {"reference_uri": str(tmp_path / "reference.parquet"),
+               "current_uri": str(tmp_path / "current.parquet"), "backend": "alibi"}
+    done = subprocess.run([serving_python, "-c", _LEAN, json.dumps(request)], capture_output=True, text=True,
+                          check=True)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"heavy": [], "same": True}

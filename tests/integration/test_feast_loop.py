@@ -78,17 +78,21 @@ def test_features_dag_applies_the_reference_repo_and_materialises_it(features_ru
     assert _states(features_run) == {"apply": "success", "materialize": "success"}
     store = FeastHook().store
     assert [v.name for v in store.list_feature_views()] == ["observations"]
-    online = store.get_online_features(features=store.get_feature_service("training"),
-                                       entity_rows=[{REFERENCE_ENTITY: i} for i in (0, 7, ROWS - 1)]).to_dict()
-    assert online["f3"] == reference.loc[[0, 7, ROWS - 1], "f3"].tolist()
+    rows = [{REFERENCE_ENTITY: i} for i in (0, 7, ROWS - 1)]
+    online = store.get_online_features(features=store.get_feature_service("training"), entity_rows=rows)
+    assert online.to_dict()["f3"] == reference.loc[[0, 7, ROWS - 1], "f3"].tolist()
 
 
-def _loop_until_validate(dagbag):
-    return dagbag.get_dag("airloop_loop").partial_subset(task_ids=["validate"], include_upstream=True)
+def _loop_until_validate():
+    """The loop's first tasks, parsed afresh: ``dag.test()`` leaves a run's conf in the DAG's params."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    loop = DagBag(dag_folder=str(REPO / "dags" / "airloop_loop.py")).get_dag("airloop_loop")
+    return loop.partial_subset(task_ids=["validate"], include_upstream=True)
 
 
-def test_loop_trains_on_a_training_set_from_feast(features_run, dagbag):
-    run = _loop_until_validate(dagbag).test(run_conf={"source": "feast"})
+def test_loop_trains_on_a_training_set_from_feast(features_run):
+    run = _loop_until_validate().test(run_conf={"source": "feast"})
     assert _states(run) == {"source": "success", "training_set": "success", "validate": "success"}
     built = next(ti for ti in run.get_task_instances() if ti.task_id == "training_set").xcom_pull(
         task_ids="training_set")
@@ -102,7 +106,7 @@ def test_loop_trains_on_a_training_set_from_feast(features_run, dagbag):
 
 def test_loop_with_the_default_file_source_skips_feast(dagbag, tmp_path):
     data = write_table(generate(200, seed=5), str(tmp_path / "train.parquet"))
-    run = _loop_until_validate(dagbag).test(run_conf={"data_uri": data})
+    run = _loop_until_validate().test(run_conf={"data_uri": data})
     assert _states(run) == {"source": "success", "training_set": "skipped", "validate": "success"}
     validate = next(ti for ti in run.get_task_instances() if ti.task_id == "validate")
     assert validate.xcom_pull(task_ids="validate")["data_uri"] == data
@@ -169,7 +173,8 @@ def test_gateway_looks_up_features_for_requests_with_only_entity_keys(feature_se
                                         "features": [f"observations:{name}" for name in order]})
     with _serving(Starlette(routes=[Route("/api/v1.0/predictions", _echo, methods=["POST"])])) as model:
         table = parse_routes({"v1": {"url": model, "model_version": "1", "weight": 100}})
-        gateway = Gateway("feast-test", table, artefact_root=(tmp_path / "artefacts").as_uri(), features=lookup)
+        artefacts = (tmp_path / "artefacts").as_uri()
+        gateway = Gateway("feast-test", table, artefact_root=artefacts, features=lookup)
         with _serving(gateway.app()) as endpoint, httpx.Client(base_url=endpoint, timeout=20) as client:
             keys = client.post("/api/v1.0/predictions", json={"data": {"names": [REFERENCE_ENTITY],
                                                                        "ndarray": [[5], [42]]}})
@@ -182,3 +187,43 @@ def test_gateway_looks_up_features_for_requests_with_only_entity_keys(feature_se
             row = [[0.1] * len(order)]
             direct = client.post("/api/v1.0/predictions", json={"data": {"names": order, "ndarray": row}})
             assert direct.json()["meta"]["tags"] == {"names": order, "rows": row}  # features pass as they are
+
+
+ECHO_MODEL = '''
+class Echo:
+    """A Seldon model class that answers each row with the row it was given."""
+
+    def __init__(self, model_dir):
+        self.model_dir = model_dir
+
+    def predict(self, X, features_names=None, meta=None):
+        return X
+'''
+
+
+def test_local_target_gives_its_gateway_the_feature_lookup(feature_server, reference, tmp_path, monkeypatch):
+    from airloop import runtimes
+    from airloop.serving.local import LocalServingTarget
+
+    try:
+        runtimes.python("serving")
+    except runtimes.RuntimeMissingError as exc:
+        pytest.skip(f"needs the serving runtime: {exc}")
+    (tmp_path / "echo_model.py").write_text(ECHO_MODEL)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the model servers inherit it
+    predictor = {"name": "v1", "model_version": "1", "model_dir": str(tmp_path), "weight": 100}
+    lookup = {"url": feature_server, "entities": [REFERENCE_ENTITY],
+              "features": [f"observations:{name}" for name in FEATURES]}
+    home, keys = str(tmp_path / "serving"), {"data": {"names": [REFERENCE_ENTITY], "ndarray": [[3], [9]]}}
+    plain = LocalServingTarget(home=home, model_class="echo_model.Echo").deploy("feast-echo", [predictor])
+    try:
+        answer = httpx.post(f"{plain['endpoint']}/api/v1.0/predictions", json=keys, timeout=20)
+        assert answer.json()["data"]["ndarray"] == [[3], [9]]  # no lookup configured: keys reach the model
+        enriched = LocalServingTarget(home=home, model_class="echo_model.Echo", features=lookup).deploy(
+            "feast-echo", [predictor])
+        assert enriched["gateway"]["pid"] != plain["gateway"]["pid"]  # restarted for the new configuration
+        assert enriched["predictors"]["v1"]["pid"] == plain["predictors"]["v1"]["pid"]
+        answer = httpx.post(f"{enriched['endpoint']}/api/v1.0/predictions", json=keys, timeout=20)
+        assert answer.json()["data"]["ndarray"] == reference.loc[[3, 9], FEATURES].values.tolist()
+    finally:
+        LocalServingTarget(home=home).delete("feast-echo")

@@ -23,7 +23,7 @@ import pytest
 from airloop import runtimes, settings
 from airloop.serving.base import get_target
 from airloop.serving.local import LocalServingTarget
-from airloop.serving.model import ModelIntegrityError, OpenVinoModel
+from airloop.serving.model import FEEDBACK_METRIC, PREDICTIONS_METRIC, ModelIntegrityError, OpenVinoModel
 
 FEATURES = ["f0", "f1", "f2", "f3"]
 DEPLOYMENT = "churn"
@@ -111,10 +111,33 @@ def test_model_class_predicts_probabilities(models):
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     assert (probabilities.argmax(axis=1) == truth(rows)).mean() > 0.9
     assert model.class_names() == ["0", "1"]
-    assert [m["key"] for m in model.metrics()] == ["airloop_model_rows_total", "airloop_model_inference_ms"]
+    metrics = model.metrics()
+    assert [m["key"] for m in metrics[:2]] == ["airloop_model_rows_total", "airloop_model_inference_ms"]
+    predicted = {m["tags"]["class"]: m["value"] for m in metrics if m["key"] == PREDICTIONS_METRIC}
+    assert predicted == {"0": int((probabilities.argmax(axis=1) == 0).sum()),
+                         "1": int((probabilities.argmax(axis=1) == 1).sum())}
     assert model.metrics() == []  # reported once per prediction
     with pytest.raises(ValueError, match="expected rows of 4 features"):
         model.predict(rows[:, :3])
+
+
+def test_model_class_counts_the_feedback_it_predicts_correctly(models):
+    # What Prometheus reads of a predictor's accuracy on Kubernetes, where no gateway counts it.
+    model = OpenVinoModel(model_dir=str(models["v2"]))
+    model.load()
+    rows = np.random.default_rng(4).normal(size=(300, 4))
+    right = int((model.predict(rows, FEATURES).argmax(axis=1) == truth(rows)).sum())
+    model.metrics()
+    # Seldon passes the truth as an array of rows, the request's features as the features.
+    assert model.send_feedback(rows, FEATURES, 0.0, truth(rows)[:, None]) == []
+    counts = {m["tags"]["outcome"]: m["value"] for m in model.metrics() if m["key"] == FEEDBACK_METRIC}
+    assert counts == {"correct": right, "incorrect": 300 - right}
+    assert 0 < right < 300  # v2 is the sloppy model: both outcomes occur
+    assert model.metrics() == []
+    model.send_feedback(np.empty((0, 4)), FEATURES, 1.0, None)  # nothing to judge: nothing counted
+    assert model.metrics() == []
+    with pytest.raises(ValueError, match="2 truth labels for 3 rows"):
+        model.send_feedback(rows[:3], FEATURES, 0.0, [1, 0])
 
 
 def test_model_class_refuses_altered_or_missing_files(models, tmp_path):
@@ -166,7 +189,22 @@ def test_traffic_split_follows_weights(deployed, target):
     assert after["v1"]["latency_ms_buckets"]["+Inf"] == after["v1"]["requests"]
 
 
+def model_feedback(spec: dict) -> dict[str, float]:
+    """The model server's own feedback counters, from Seldon's metrics port: ``{outcome: rows}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{spec['metrics_port']}/metrics", trust_env=False, timeout=10).text
+    counts: dict[str, float] = Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == f"{FEEDBACK_METRIC}_total":
+                counts[sample.labels["outcome"]] += sample.value
+    return counts
+
+
 def test_feedback_gives_accuracy_per_predictor(deployed, target, client):
+    predictors = target.state(DEPLOYMENT)["predictors"]
+    served_before = {name: model_feedback(spec) for name, spec in predictors.items()}
     before = target.metrics(DEPLOYMENT)
     rows = np.random.default_rng(2).normal(size=(200, 4))
     expected = {"v1": [0, 0], "v2": [0, 0]}  # [feedback, correct]
@@ -186,6 +224,11 @@ def test_feedback_gives_accuracy_per_predictor(deployed, target, client):
         assert delta(after, before, name, "feedback") == feedback
         assert delta(after, before, name, "feedback_correct") == correct
     assert expected["v1"][1] / expected["v1"][0] > expected["v2"][1] / expected["v2"][0]
+    # Each model server counted the feedback passed on to it the same way, on its own metrics port.
+    for name, (feedback, correct) in expected.items():
+        served = model_feedback(predictors[name])
+        assert served["correct"] - served_before[name]["correct"] == correct
+        assert served["incorrect"] - served_before[name]["incorrect"] == feedback - correct
     unknown = client.post("/api/v1.0/feedback", json={"request_id": "nope", "truth": 1})
     assert unknown.status_code == 404
 
@@ -249,6 +292,28 @@ def test_weights_change_under_load_without_failures(deployed, target, client):
     assert served_after_switch["v1"] == 0 and served_after_switch["v2"] > 0
     state = target.set_traffic(DEPLOYMENT, {"v1": 80, "v2": 20})
     assert {n: p["weight"] for n, p in state["predictors"].items()} == {"v1": 80, "v2": 20}
+
+
+def test_a_shadow_gets_mirrored_requests_and_no_client_gets_its_answers(deployed, target, client):
+    state = target.set_traffic(DEPLOYMENT, {"v1": 100}, shadow={"v2": 100})
+    assert (state["predictors"]["v2"]["shadow"], state["predictors"]["v2"]["weight"]) == (True, 100)
+    before = target.metrics(DEPLOYMENT)
+    served = Counter()
+    for row in np.random.default_rng(5).normal(size=(150, 4)):
+        answer = predict(client, row[None, :])
+        served[(answer.status_code, answer.headers["X-Airloop-Predictor"])] += 1
+    assert served == {(200, "v1"): 150}
+    deadline = time.monotonic() + 20  # mirrored requests finish after their clients got answers
+    while delta(target.metrics(DEPLOYMENT), before, "v2", "pairs") < 150 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    after = target.metrics(DEPLOYMENT)
+    pairs, agreements = delta(after, before, "v2", "pairs"), delta(after, before, "v2", "agreements")
+    assert pairs == delta(after, before, "v2", "requests") == 150
+    # v2 ignores a feature v1 uses: they agree mostly, not always.
+    assert 0.5 * pairs < agreements < pairs
+    # Back to a canary: the shadow is live again at its weight.
+    state = target.set_traffic(DEPLOYMENT, {"v1": 80, "v2": 20})
+    assert (state["predictors"]["v2"]["shadow"], state["predictors"]["v2"]["weight"]) == (False, 20)
 
 
 def test_altered_model_is_refused_naming_the_file(deployed, target, models, tmp_path):

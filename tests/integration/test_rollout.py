@@ -1,44 +1,58 @@
-"""The rollout operator against the real local serving target, under load, with faults.
+"""The rollout operators against the real local serving target, under load, with faults.
 
-Three versions of one registered model, trained, converted and registered by the real steps on the
+Versions of one registered model are trained, converted and registered by the real steps on the
 test's MLflow (SQLite under AIRLOOP_HOME): v1 the champion, v2 trained on shuffled labels (answers
-fast and without errors, but wrongly), v3 a good challenger. A background thread sends predictions
-and their true labels as feedback to the gateway throughout, as clients would.
+fast and without errors, but wrongly), v3 and v4 good challengers. The simulated clients of the
+embedded loop (``python -m airloop.embedded.traffic``, a second process) send predictions and their
+true labels to the gateway throughout; every test checks what they saw.
+
+Faults come from ``faulty_model.FaultyModel`` (next to this file), which Seldon's wrapper runs in the
+serving runtime: the challenger's server crashes, answers 500 or answers slowly.
 """
 
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Iterator
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
 from airloop import artefacts, runtimes, settings
-from airloop.operators.seldon import SeldonRolloutChallengerOperator
+from airloop.operators.seldon import SeldonFinishRolloutOperator, SeldonRolloutChallengerOperator
 from airloop.serving.base import get_target
-from airloop.steps.registry import REJECTED_TAG, aliases
+from airloop.steps.registry import REJECTED_TAG, aliases, read_audit
 
 MODEL, DEPLOYMENT = "rollout-faults", "rollout-faults"
-# Small windows: the shuffled-label model is ~50% accurate against ~90%, visible in a few dozen labels.
-CRITERIA = {"min_requests": 30, "min_feedback": 30}
+# Small windows: the shuffled-label model is ~50% accurate against ~90%, visible in a few dozen labels;
+# it agrees with the champion about half the time, visible in a hundred mirrored rows.
+CRITERIA = {"min_requests": 30, "min_feedback": 30, "min_pairs": 100, "min_agreement": 0.7}
+HERE = Path(__file__).resolve().parent
 
 
-class _TaskInstance:
-    """What ``execute`` needs of a task instance here: somewhere to push the report link."""
+class StubTaskInstance:
+    """What the operators need of a task instance here: XComs pushed and pulled."""
 
-    def __init__(self) -> None:
+    def __init__(self, pulled: dict[str, Any] | None = None) -> None:
         self.xcom: dict[str, Any] = {}
+        self.pulled = pulled or {}
 
     def xcom_push(self, key: str, value: Any) -> None:
         self.xcom[key] = value
 
+    def xcom_pull(self, task_ids: str) -> Any:
+        return self.pulled.get(task_ids)
 
-def _version(data_uri: str, seed: int) -> str:
+
+def register_version(data_uri: str, seed: int) -> str:
+    """Train, convert and register a version of MODEL with the real steps; its version number."""
     from airloop.steps.convert import convert
     from airloop.steps.registry import register
     from airloop.steps.train import train
@@ -63,48 +77,62 @@ def versions(tmp_path_factory) -> Iterator[dict[str, str]]:
     good = generate(800, seed=3)
     shuffled = good.assign(label=np.random.default_rng(0).permutation(good["label"].to_numpy()))
     good_uri = write_table(good, str(folder / "good.parquet"))
-    shuffled_uri = write_table(shuffled, str(folder / "shuffled.parquet"))
-    made = {"champion": _version(good_uri, seed=1), "wrong": _version(shuffled_uri, seed=2)}
+    made = {"champion": register_version(good_uri, seed=1),
+            "wrong": register_version(write_table(shuffled, str(folder / "shuffled.parquet")), seed=2),
+            "good": register_version(good_uri, seed=3),
+            "better": register_version(write_table(generate(800, seed=5), str(folder / "more.parquet")), seed=4)}
     yield made
     get_target("local").delete(DEPLOYMENT)
 
 
+class Clients:
+    """The embedded loop's simulated clients in their own process; what they saw, per predictor."""
+
+    def __init__(self, endpoint: str, folder: Path, rate: float = 150.0) -> None:
+        self.stats_path = folder / "clients.json"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "airloop.embedded.traffic", "--endpoint", endpoint, "--control",
+             str(folder / "world.json"), "--stats", str(self.stats_path), "--concurrency", "4", "--rate", str(rate)])
+
+    def seen(self, settle: bool = True) -> dict[str, dict[str, int]]:
+        """Cumulative ``{predictor: {"requests", "errors", "correct"}}`` ("unreachable": no answer)."""
+        from airloop.embedded.traffic import read_stats
+
+        if settle:
+            time.sleep(1.2)  # the clients write their counts every second
+
+        return read_stats(self.stats_path).get("0.0", {})
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=20)
+
+
 @pytest.fixture(scope="module")
-def load(versions) -> Iterator[dict[str, int]]:
-    """Requests with feedback to the deployment's gateway until the module ends; counts what failed."""
-    from airloop.steps.data import generate
-
+def clients(versions, tmp_path_factory) -> Iterator[Clients]:
     operator = _operator(versions["champion"])
-    assert operator.execute({"ti": _TaskInstance()})["decision"] == "deployed"
-    endpoint = get_target("local").state(DEPLOYMENT)["endpoint"]
-    frame = generate(500, seed=11)
-    names = [c for c in frame.columns if c != "label"]
-    rows, labels = frame[names].to_numpy().tolist(), frame["label"].tolist()
-    counts = {"sent": 0, "failed": 0}
-    stop = threading.Event()
+    assert operator.execute({"ti": StubTaskInstance()})["decision"] == "deployed"
+    running = Clients(get_target("local").state(DEPLOYMENT)["endpoint"], tmp_path_factory.mktemp("clients"))
+    try:
+        yield running
+    finally:
+        running.stop()
 
-    def send() -> None:
-        with httpx.Client(base_url=endpoint, trust_env=False, timeout=10) as client:
-            while not stop.is_set():
-                i = counts["sent"] % len(rows)
-                counts["sent"] += 1
-                answer = client.post("/api/v1.0/predictions", json={"data": {"names": names, "ndarray": [rows[i]]}})
-                if answer.status_code != 200:
-                    counts["failed"] += 1
-                    continue
-                client.post("/api/v1.0/feedback", json={"response": answer.json(), "truth": labels[i]})
 
-    thread = threading.Thread(target=send, daemon=True)
-    thread.start()
-    yield counts
-    stop.set()
-    thread.join(timeout=15)
+@pytest.fixture
+def seen(clients) -> Callable[[], dict[str, dict[str, int]]]:
+    """What the clients have seen since the test started: ``{predictor: {"requests", "errors", ...}}``."""
+    # The last test waited for the counts of its own end; those of this one's start may be a second old.
+    before = clients.seen(settle=False)
+    return lambda: {name: {k: n - before.get(name, {}).get(k, 0) for k, n in counts.items()}
+                    for name, counts in clients.seen().items()}
 
 
 def _operator(version: str, **kwargs: Any) -> SeldonRolloutChallengerOperator:
     return SeldonRolloutChallengerOperator(
-        task_id="rollout", model_name=MODEL, version=version, deployment=DEPLOYMENT, steps=(50, 100),
-        analysis_seconds=2, max_wait_seconds=30, poll_interval=0.5, criteria=CRITERIA, **kwargs,
+        task_id="rollout", model_name=MODEL, version=version, deployment=DEPLOYMENT,
+        **{"steps": (50, 100), "analysis_seconds": 2, "max_wait_seconds": 30, "poll_interval": 0.5,
+           "criteria": CRITERIA, **kwargs},
     )
 
 
@@ -116,36 +144,167 @@ def _report(operator: SeldonRolloutChallengerOperator) -> dict[str, Any]:
     return json.loads((artefacts.root() / operator.report_path).read_text())
 
 
-def test_a_challenger_with_wrong_predictions_is_rolled_back_within_one_window(versions, load):
+def _champion() -> str:
+    return aliases(settings.mlflow_tracking_uri(), MODEL)["champion"]
+
+
+def _rolled_back(version: str, champion: str) -> None:
+    """The champion serves everything; the challenger is gone from serving and marked in the registry."""
+    from mlflow import MlflowClient
+
+    assert _weights() == {f"v{champion}": 100}
+    current = aliases(settings.mlflow_tracking_uri(), MODEL)
+    assert current["champion"] == champion and current.get("challenger") != version
+    tags = MlflowClient(settings.mlflow_tracking_uri()).get_model_version(MODEL, version).tags
+    assert tags[REJECTED_TAG] == "true"
+
+
+def _only_failures_of(seen: dict[str, Any], faulty: str | None = None) -> None:
+    """Clients saw no failure while weights changed, except answers of the faulty predictor."""
+    # "unreachable": no answer from the gateway at all.
+    assert {name: c["errors"] for name, c in seen.items() if name != faulty and c["errors"]} == {}
+    assert sum(c["requests"] for c in seen.values()) > 0
+
+
+def test_a_challenger_with_wrong_predictions_is_rolled_back_within_one_window(versions, seen):
     champion, wrong = versions["champion"], versions["wrong"]
     operator = _operator(wrong)
-    ti = _TaskInstance()
-    with pytest.raises(AirflowFailException, match=f"v{wrong} rolled back at 50% \\(fail\\).*accuracy"):
+    ti = StubTaskInstance()
+    with pytest.raises(AirflowFailException, match=f"v{wrong} rolled back at canary 50% \\(fail\\).*accuracy"):
         operator.execute({"ti": ti})
     assert ti.xcom["airloop_rollout_report"] == {"path": operator.report_path}
 
     report = _report(operator)
     assert (report["phase"], report["decision"]) == ("done", "rolled_back")
     (step,) = report["steps"]  # decided in the first analysis window
-    assert step["verdict"] == "fail"
+    assert (step["kind"], step["verdict"]) == ("canary", "fail")
     assert step["challenger_stats"]["accuracy"] < step["champion_stats"]["accuracy"]
-    # The champion serves everything; the challenger is gone from serving and marked in the registry.
-    assert _weights() == {f"v{champion}": 100}
-    assert aliases(settings.mlflow_tracking_uri(), MODEL) == {"champion": champion}
+    _rolled_back(wrong, champion)
     from mlflow import MlflowClient
 
     tags = MlflowClient(settings.mlflow_tracking_uri()).get_model_version(MODEL, wrong).tags
-    assert tags[REJECTED_TAG] == "true"
     assert "fail" in tags["airloop.rejected.reason"]
-    assert load["sent"] > 0 and load["failed"] == 0
+    _only_failures_of(seen())
 
 
-def test_a_promotion_interrupted_between_traffic_and_alias_is_finished_on_retry(versions, load, tmp_path):
+def test_a_wrong_shadow_is_rolled_back_before_any_client_sees_its_answers(versions, seen):
+    champion, wrong = versions["champion"], versions["wrong"]
+    operator = _operator(wrong, mode="shadow", shadow_percent=100)
+    with pytest.raises(AirflowFailException, match=f"v{wrong} rolled back at shadow 0% \\(fail\\).*agreement"):
+        operator.execute({"ti": StubTaskInstance()})
+    report = _report(operator)
+    (step,) = report["steps"]
+    assert (step["kind"], step["mirror"], step["verdict"]) == ("shadow", 100, "fail")
+    # The diff report: agreement over mirrored rows, class mix and latency of both.
+    assert step["tests"]["agreement"]["status"] == "fail" and step["challenger_stats"]["agreement"] < 0.7
+    assert step["challenger_stats"]["pairs"] >= CRITERIA["min_pairs"]
+    assert step["tests"]["distribution"]["status"] in ("pass", "fail")
+    assert step["challenger_stats"]["p99_ms"] > 0
+    _rolled_back(wrong, champion)
+    clients_saw = seen()
+    _only_failures_of(clients_saw)
+    assert clients_saw.get(f"v{wrong}", {}).get("requests", 0) == 0  # no client got an answer of the shadow
+    audit = {s["stage"]: s["record"] for s in read_audit(settings.mlflow_tracking_uri(), MODEL, wrong)["stages"]}
+    (shadow,) = audit["rollout"]["steps"]
+    assert (audit["rollout"]["decision"], audit["rollout"]["mode"]) == ("rolled_back", "shadow")
+    assert shadow["diff"]["agreement"] == step["challenger_stats"]["agreement"]
+
+
+@pytest.mark.parametrize(("fault", "check"), [
+    ({"kind": "crash", "after": 20}, "errors"),
+    ({"kind": "error", "after": 0}, "errors"),
+    ({"kind": "latency", "after": 0, "delay_ms": 150}, "latency"),
+], ids=["crash", "5xx", "latency"])
+def test_a_faulty_challenger_is_rolled_back_within_one_window(versions, seen, monkeypatch, fault, check):
+    champion, good = versions["champion"], versions["good"]
+    operator = _operator(good)
+    # The challenger's server is the test's faulty class, for this model folder only.
+    monkeypatch.setenv("AIRFLOW_CONN_AIRLOOP_SERVING_DEFAULT", json.dumps(
+        {"conn_type": "airloop_serving", "extra": {"target": "local", "model_class": "faulty_model.FaultyModel"}}))
+    monkeypatch.setenv("PYTHONPATH", str(HERE))
+    monkeypatch.setenv("AIRLOOP_TEST_FAULT", json.dumps({**fault, "model_dir": operator._predictor(good)["model_dir"]}))
+    started = time.monotonic()
+    with pytest.raises(AirflowFailException, match=f"v{good} rolled back at canary 50% \\(fail\\): {check}:"):
+        operator.execute({"ti": StubTaskInstance()})
+    (step,) = _report(operator)["steps"]  # the first window decided
+    assert step["tests"][check]["status"] == "fail"
+    assert time.monotonic() - started < 60
+    _rolled_back(good, champion)
+    # The clients saw failures only in the challenger's answers (crash, 5xx); the champion's were all fine.
+    clients_saw = seen()
+    _only_failures_of(clients_saw, faulty=f"v{good}")
+    if fault["kind"] != "latency":
+        assert clients_saw[f"v{good}"]["errors"] > 0
+
+
+def test_a_rejected_approval_rolls_back(versions, seen):
+    from airflow.providers.standard.exceptions import HITLRejectException
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    champion, good = versions["champion"], versions["good"]
+    result = _operator(good, approval=True).execute({"ti": StubTaskInstance()})
+    assert (result["decision"], result["challenger"]) == ("awaiting_approval", good)
+    # Held at the last window's traffic, aliases unmoved: what is served and what is recorded agree.
+    assert _weights() == {f"v{champion}": 50, f"v{good}": 50}
+    assert aliases(settings.mlflow_tracking_uri(), MODEL)["champion"] == champion
+    finish = SeldonFinishRolloutOperator(task_id="finish", model_name=MODEL, version=good, deployment=DEPLOYMENT)
+    assert _report(finish)["phase"] == "awaiting_approval"
+
+    approve = ApprovalOperator(task_id="approve", subject="Promote?", fail_on_reject=True)
+    with pytest.raises(HITLRejectException):
+        approve.execute_complete({}, _answer("Reject"))
+    # A failed approval task leaves no XCom: the finish task rolls back.
+    with pytest.raises(AirflowFailException, match=f"v{good} rolled back at approval 50% \\(rejected\\)"):
+        finish.execute({"ti": StubTaskInstance()})
+    report = _report(finish)
+    assert [(s["kind"], s["verdict"]) for s in report["steps"]] == [("canary", "pass"), ("approval", "rejected")]
+    _rolled_back(good, champion)
+    _only_failures_of(seen())
+    # A retry of the finished task gives the same outcome and writes nothing.
+    with pytest.raises(AirflowFailException, match="rolled back"):
+        finish.execute({"ti": StubTaskInstance()})
+
+
+def test_a_shadow_then_canary_held_for_approval_is_promoted_when_approved(versions, seen):
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    champion, better = versions["champion"], versions["better"]
+    result = _operator(better, mode="shadow", approval="True").execute({"ti": StubTaskInstance()})
+    assert result["decision"] == "awaiting_approval"
+    assert [(s["kind"], s["verdict"]) for s in result["steps"]] == [
+        ("shadow", "pass"), ("canary", "pass"), ("approval", "awaiting")]
+    assert _weights() == {f"v{champion}": 50, f"v{better}": 50}
+
+    approve = ApprovalOperator(task_id="approve", subject="Promote?", fail_on_reject=True)
+    answer = approve.execute_complete({}, _answer("Approve"))
+    finish = SeldonFinishRolloutOperator(task_id="finish", model_name=MODEL, version=better, deployment=DEPLOYMENT)
+    done = finish.execute({"ti": StubTaskInstance({"approve": answer})})
+
+    assert (done["decision"], done["champion"], done["previous"]) == ("promoted", better, champion)
+    assert aliases(settings.mlflow_tracking_uri(), MODEL) == {"champion": better, "previous": champion}
+    assert _weights() == {f"v{better}": 100}
+    report = _report(finish)
+    assert [s["kind"] for s in report["steps"]] == ["shadow", "canary", "approval", "promotion"]
+    assert report["steps"][2]["by"] == "ops"
+    audit = {s["stage"]: s["record"] for s in read_audit(settings.mlflow_tracking_uri(), MODEL, better)["stages"]}
+    assert audit["rollout"]["decision"] == "promoted"
+    assert [s["kind"] for s in audit["rollout"]["steps"]] == ["shadow", "canary", "approval", "promotion"]
+    assert audit["rollout"]["steps"][0]["diff"]["agreement"] >= 0.7
+    _only_failures_of(seen())
+
+
+def _answer(option: str) -> dict[str, Any]:
+    """What Airflow hands an approval task once a person answered."""
+    return {"chosen_options": [option], "params_input": {}, "responded_at": datetime.now(timezone.utc),
+            "responded_by_user": {"id": "7", "name": "ops"}}
+
+
+def test_a_promotion_interrupted_between_traffic_and_alias_is_finished_on_retry(versions, seen, tmp_path):
     from airloop.steps.data import generate, write_table
 
-    champion = versions["champion"]
-    good = _version(write_table(generate(800, seed=5), str(tmp_path / "good.parquet")), seed=3)
-    assert aliases(settings.mlflow_tracking_uri(), MODEL) == {"champion": champion, "challenger": good}
+    champion = _champion()
+    good = register_version(write_table(generate(800, seed=6), str(tmp_path / "good.parquet")), seed=5)
+    assert aliases(settings.mlflow_tracking_uri(), MODEL)["challenger"] == good
     operator = _operator(good)
     target = get_target("local")
     champ, chal = f"v{champion}", f"v{good}"
@@ -156,14 +315,27 @@ def test_a_promotion_interrupted_between_traffic_and_alias_is_finished_on_retry(
     (artefacts.root() / operator.report_path).write_text(json.dumps({
         "deployment": DEPLOYMENT, "model_name": MODEL, "champion": champion, "challenger": good,
         "started": "2026-01-01T00:00:00+00:00", "ended": None, "phase": "promoting", "decision": None,
-        "criteria": CRITERIA, "steps": [{"weight": 50, "verdict": "pass", "reasons": []},
-                                        {"weight": 100, "verdict": "promoted", "reasons": []}],
+        "criteria": CRITERIA, "steps": [{"kind": "canary", "weight": 50, "verdict": "pass", "reasons": []},
+                                        {"kind": "promotion", "weight": 100, "verdict": "promoted",
+                                         "reasons": []}],
     }))
 
-    result = operator.execute({"ti": _TaskInstance()})
+    result = operator.execute({"ti": StubTaskInstance()})
 
     assert (result["decision"], result["champion"], result["previous"]) == ("promoted", good, champion)
     assert aliases(settings.mlflow_tracking_uri(), MODEL) == {"champion": good, "previous": champion}
     assert _weights() == {chal: 100}  # traffic and the champion alias agree
     assert _report(operator)["decision"] == "promoted"
-    assert load["failed"] == 0
+    _only_failures_of(seen())
+
+
+def test_the_loop_dag_holds_approval_behind_an_opt_in_param():
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder=str(HERE.parents[1] / "dags" / "airloop_loop.py")).dags["airloop_loop"]
+    assert dag.params["approval"] is False  # the embedded loop runs unattended
+    rollout, gate, approve, finish = (dag.get_task(t) for t in ("rollout", "needs_approval", "approve", "finish"))
+    assert rollout.approval == "{{ params.approval }}"
+    assert type(approve).__name__ == "ApprovalOperator" and approve.fail_on_reject
+    assert gate.downstream_task_ids == {"approve", "finish"} and approve.downstream_task_ids == {"finish"}
+    assert finish.trigger_rule == "all_done_min_one_success"

@@ -285,6 +285,18 @@ def test_manifest_has_one_predictor_per_version_with_traffic_and_our_model_serve
     json.dumps(manifest)  # JSON-able as it goes over the wire
 
 
+def test_a_shadow_predictor_is_seldons_own_with_the_mirrored_percentage_as_traffic():
+    manifest = render_seldon_deployment(DEPLOYMENT, [predictor(3, 100), {**predictor(4, 25), "shadow": True}])
+    live, shadow = manifest["spec"]["predictors"]
+    assert "shadow" not in live and (shadow["shadow"], shadow["traffic"]) == (True, 25)
+    # Seldon's rules: live traffic sums to 100 without the shadow; one shadow; never a shadow alone.
+    with pytest.raises(ValueError, match="at most one shadow"):
+        render_seldon_deployment(DEPLOYMENT, [predictor(3, 100), {**predictor(4, 25), "shadow": True},
+                                              {**predictor(5, 25), "shadow": True}])
+    with pytest.raises(ValueError, match="weights must sum to 100, got 0"):
+        render_seldon_deployment(DEPLOYMENT, [{**predictor(4, 25), "shadow": True}])
+
+
 @pytest.mark.parametrize(("predictors", "problem"), [
     ([predictor(3, 90), predictor(4, 20)], "sum to 100"),
     ([predictor(3, 100), predictor(3, 0)], "distinct names"),
@@ -306,6 +318,10 @@ def test_manifest_validates_against_the_seldondeployment_crd_schema():
 
     manifest = render_seldon_deployment(DEPLOYMENT, [predictor(3, 75), predictor(4, 25)], namespace=NAMESPACE)
     validator.validate(manifest)
+    shadowed = render_seldon_deployment(DEPLOYMENT, [predictor(3, 100), {**predictor(4, 30), "shadow": True}],
+                                        namespace=NAMESPACE)
+    validator.validate(shadowed)
+    assert shadowed["spec"]["predictors"][1]["shadow"] is True
     broken = copy.deepcopy(manifest)
     del broken["spec"]["predictors"][0]["graph"]
     with pytest.raises(jsonschema.ValidationError, match="'graph' is a required property"):
@@ -358,6 +374,25 @@ def test_deploy_set_traffic_status_and_remove_through_the_kubernetes_api(kube, t
         target.state(DEPLOYMENT)
 
 
+def test_a_shadow_is_mirrored_promoted_to_live_or_removed_through_the_kubernetes_api(kube, target):
+    target.deploy(DEPLOYMENT, [predictor(3, 100)])
+    state = target.deploy(DEPLOYMENT, [{**predictor(4, 50), "shadow": True}])
+    stored = kube.objects[(NAMESPACE, DEPLOYMENT)]["spec"]["predictors"]
+    assert [(p["name"], p["traffic"], p.get("shadow")) for p in stored] == [("v3", 100, None), ("v4", 50, True)]
+    assert state["predictors"]["v4"]["shadow"] is True and state["predictors"]["v3"]["shadow"] is False
+
+    target.set_traffic(DEPLOYMENT, {"v3": 100}, shadow={"v4": 20})
+    assert kube.objects[(NAMESPACE, DEPLOYMENT)]["spec"]["predictors"][1]["traffic"] == 20
+    # Named among the live weights, the shadow becomes a canary: the flag goes, traffic is its share.
+    target.set_traffic(DEPLOYMENT, {"v3": 90, "v4": 10})
+    stored = kube.objects[(NAMESPACE, DEPLOYMENT)]["spec"]["predictors"]
+    assert [(p["traffic"], "shadow" in p) for p in stored] == [(90, False), (10, False)]
+
+    target.set_traffic(DEPLOYMENT, {"v3": 100}, shadow={"v4": 100})
+    state = target.remove(DEPLOYMENT, "v4")  # a shadow answers no client: it may go at once
+    assert list(state["predictors"]) == ["v3"]
+
+
 def test_a_conflicting_write_is_retried_from_a_fresh_read(kube, target):
     target.deploy(DEPLOYMENT, [predictor(3, 50), predictor(4, 50)])
     kube.conflicts_to_inject = 2
@@ -407,18 +442,25 @@ def test_metrics_come_from_prometheus_in_the_local_targets_shape(kube, prometheu
         f"{m}_bucket": [_vector({"predictor_name": p, "le": le}, n) for p, counts in
                         {"v3": (800, 900, 900), "v4": (50, 90, 100)}.items()
                         for le, n in zip(("0.002", "0.01", "+Inf"), counts)],
-        "airloop_gateway_feedback_total": [_vector({"predictor_name": "v3", "outcome": "correct"}, 95),
-                                           _vector({"predictor_name": "v3", "outcome": "incorrect"}, 5),
-                                           _vector({"predictor_name": "v4", "outcome": "correct"}, 30),
-                                           _vector({"predictor_name": "v4", "outcome": "incorrect"}, 20)],
+        # The model server's own counters (airloop.serving.model): no gateway on Kubernetes.
+        "airloop_model_feedback_total": [_vector({"predictor_name": "v3", "outcome": "correct"}, 95),
+                                         _vector({"predictor_name": "v3", "outcome": "incorrect"}, 5),
+                                         _vector({"predictor_name": "v4", "outcome": "correct"}, 30),
+                                         _vector({"predictor_name": "v4", "outcome": "incorrect"}, 20)],
+        "airloop_model_predictions_total": [_vector({"predictor_name": "v3", "class": "0"}, 450),
+                                            _vector({"predictor_name": "v3", "class": "1"}, 450),
+                                            _vector({"predictor_name": "v4", "class": "1"}, 80)],
     }
     stats = target.metrics(DEPLOYMENT)
     assert set(stats) == {"v3", "v4"}
     assert stats["v4"] == {"requests": 100, "errors": 20, "latency_ms_sum": pytest.approx(500.0),
                            "feedback": 50, "feedback_correct": 30,
-                           "latency_ms_buckets": {"2": 50, "10": 90, "+Inf": 100}}
+                           "latency_ms_buckets": {"2": 50, "10": 90, "+Inf": 100}, "predicted": {"1": 80}}
     assert stats["v3"]["requests"] == 900 and stats["v3"]["feedback_correct"] == 95
-    assert all(f'deployment_name="{DEPLOYMENT}"' in q for q in prometheus.queries)
+    assert stats["v3"]["predicted"] == {"0": 450, "1": 450}
+    # Every query is scoped to the deployment and its namespace.
+    assert len(prometheus.queries) == 5
+    assert all(f'deployment_name="{DEPLOYMENT}",namespace="{NAMESPACE}"' in q for q in prometheus.queries)
     assert asyncio.run(target.ametrics(DEPLOYMENT)) == stats
 
     # The same canary analysis as on the local target reads these snapshots.
@@ -427,6 +469,16 @@ def test_metrics_come_from_prometheus_in_the_local_targets_shape(kube, prometheu
                        "criteria": {"min_requests": 50, "min_feedback": 30}})
     assert verdict["verdict"] == "fail"
     assert verdict["tests"]["errors"]["status"] == "fail" and verdict["tests"]["accuracy"]["status"] == "fail"
+
+
+def test_the_namespace_label_is_the_prometheus_setups(kube, prometheus):
+    target = SeldonKubernetesTarget(namespace=NAMESPACE, prometheus_url=prometheus.url,
+                                    namespace_label="kubernetes_namespace")
+    target.deploy(DEPLOYMENT, [predictor(3, 100)])
+    prometheus.series = {"airloop_model_feedback_total": [
+        _vector({"predictor_name": "v3", "outcome": "correct"}, 7)]}
+    assert target.metrics(DEPLOYMENT)["v3"]["feedback_correct"] == 7
+    assert all(f',kubernetes_namespace="{NAMESPACE}"' in q and ',namespace=' not in q for q in prometheus.queries)
 
 
 def test_metrics_without_prometheus_or_with_prometheus_down_fail_clearly(kube, prometheus):

@@ -6,11 +6,15 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import mlflow
+import onnx
 import pytest
 import yaml
+from sklearn.linear_model import LogisticRegression
+from sklearn.neural_network import MLPClassifier
 from sklearn.tree import DecisionTreeClassifier
 
-from airloop.steps.convert import convert, export_onnx, fetch_ir
+from airloop.serving.model import ModelIntegrityError
+from airloop.steps.convert import UnsupportedModelError, convert, export_onnx, fetch_ir, plan
 from airloop.steps.data import FEATURES, generate, write_table
 from airloop.steps.train import train
 
@@ -28,7 +32,23 @@ def trained(tmp_path_factory):
         }
     )
     converted = convert({"tracking_uri": tracking_uri, "run_id": result["run_id"], "benchmark_calls": 50})
+    # A registry with a champion, which no conversion (good or bad) may touch.
+    client = mlflow.MlflowClient(tracking_uri)
+    client.create_registered_model("airloop-convert", tags={"owner": "tests"})
+    version = client.create_model_version("airloop-convert", result["model_uri"], run_id=result["run_id"])
+    client.set_registered_model_alias("airloop-convert", "champion", version.version)
     return {"tracking_uri": tracking_uri, "run": result, "converted": converted, "root": root}
+
+
+def registry_state(tracking_uri: str) -> list:
+    """Every registered model with its tags, aliases and versions (tags, run, status)."""
+    client = mlflow.MlflowClient(tracking_uri)
+    return sorted(
+        (model.name, sorted(model.tags.items()), sorted(model.aliases.items()),
+         sorted((v.version, v.run_id, v.status, sorted(v.tags.items()))
+                for v in client.search_model_versions(f"name = '{model.name}'")))
+        for model in client.search_registered_models()
+    )
 
 
 def _request(trained: dict, **extra) -> dict:
@@ -118,18 +138,20 @@ def test_fetch_ir_detects_a_corrupted_file(trained, tmp_path):
     original = stored.read_bytes()
     try:
         stored.write_bytes(original[:-4] + b"\x00\x00\x80\x7f")
-        with pytest.raises(ValueError, match="model.bin does not match its manifest"):
+        with pytest.raises(ModelIntegrityError, match="checksum mismatch for model file 'model.bin'"):
             fetch_ir(_fetch_request(trained, tmp_path))
     finally:
         stored.write_bytes(original)
 
 
-def test_a_parity_failure_is_reported_and_leaves_the_stored_ir_alone(trained):
+def test_a_parity_failure_is_reported_and_leaves_the_stored_ir_and_registry_alone(trained):
     before = {path.name: _sha256(path) for path in _stored_ir(trained).iterdir()}
+    registry = registry_state(trained["tracking_uri"])
     strict = convert(_request(trained, min_label_agreement=1.01, variants=["fp16"]))
     assert strict["passed"] is False and strict["variant"] is None and strict["ir_uri"] is None
     assert strict["reason"].startswith("fp32 IR failed the parity gate") and "1.01" in strict["reason"]
     assert {path.name: _sha256(path) for path in _stored_ir(trained).iterdir()} == before
+    assert registry_state(trained["tracking_uri"]) == registry
 
 
 def test_a_budget_no_variant_meets_fails_with_each_drop(trained, tmp_path):
@@ -137,13 +159,16 @@ def test_a_budget_no_variant_meets_fails_with_each_drop(trained, tmp_path):
     wide = generate(300, seed=1)[FEATURES] * 1000
     calibration = write_table(wide, str(tmp_path / "wide.parquet"))
     before = {path.name: _sha256(path) for path in _stored_ir(trained).iterdir()}
+    registry = registry_state(trained["tracking_uri"])
     result = convert(_request(trained, variants=["int8"], calibration_uri=calibration, accuracy_budget=0.5))
     assert result["passed"] is False and result["variant"] is None
     assert result["reason"].startswith(
         "no OpenVINO variant meets the 0.5-point accuracy budget: int8 (accuracy drop"
     )
     assert result["variants"]["int8"]["accuracy_drop"] > 0.5
+    assert result["variants"]["int8"]["method"].startswith("nncf.quantize_with_accuracy_control")
     assert {path.name: _sha256(path) for path in _stored_ir(trained).iterdir()} == before
+    assert registry_state(trained["tracking_uri"]) == registry
 
 
 @pytest.mark.parametrize(
@@ -160,15 +185,98 @@ def test_bad_requests_name_the_problem(trained, extra, message):
         convert(_request(trained, **extra))
 
 
-def test_a_model_without_the_sklearn_flavour_is_refused(trained, tmp_path):
-    flavours = {"flavors": {"python_function": {"loader_module": "x"}}}
-    (tmp_path / "MLmodel").write_text(yaml.safe_dump(flavours))
-    with pytest.raises(ValueError, match="not a scikit-learn model saved in the skops format"):
+@pytest.mark.parametrize(
+    ("flavours", "message"),
+    [
+        ({"python_function": {"loader_module": "x"}}, r"flavours \['python_function'\], none that Airloop"),
+        ({"sklearn": {"serialization_format": "cloudpickle"}, "python_function": {}},
+         "scikit-learn model saved with pickle: log it with serialization_format='skops'"),
+    ],
+)
+def test_a_model_without_a_supported_flavour_is_refused_and_the_registry_is_untouched(
+        trained, tmp_path, flavours, message):
+    (tmp_path / "MLmodel").write_text(yaml.safe_dump({"flavors": flavours}))
+    before = {path.name: _sha256(path) for path in _stored_ir(trained).iterdir()}
+    registry = registry_state(trained["tracking_uri"])
+    with pytest.raises(UnsupportedModelError, match=message) as error:
         convert(_request(trained, model_uri=tmp_path.as_uri()))
+    assert "PyTorch modules" in str(error.value) and "ONNX models" in str(error.value)
+    assert {path.name: _sha256(path) for path in _stored_ir(trained).iterdir()} == before
+    assert registry_state(trained["tracking_uri"]) == registry
 
 
-def test_unsupported_family_names_itself_and_the_supported_ones(tmp_path):
-    frame = generate(100)
+def test_plan_picks_the_route_and_runtime_per_family(trained, tmp_path):
+    request = _request(trained)
+    assert plan(request) == {"flavour": "sklearn", "family": "MLPClassifier", "route": "skl2onnx",
+                             "runtime": "worker"}
+    frame = generate(300)
+    data_uri = write_table(frame, str(tmp_path / "d.parquet"))
+    tree = train({"tracking_uri": trained["tracking_uri"], "data_uri": data_uri,
+                  "estimator": "sklearn.tree.DecisionTreeClassifier", "params": {"max_depth": 3}})
+    assert plan(_request(trained, run_id=tree["run_id"])) == {
+        "flavour": "sklearn", "family": "DecisionTreeClassifier", "route": "hummingbird", "runtime": "torch"}
+    # In an environment without hummingbird-ml, the tree route says which runtime it needs.
+    with pytest.raises(UnsupportedModelError, match="needs the 'torch' runtime.*runtimes build torch"):
+        convert(_request(trained, run_id=tree["run_id"], variants=["fp32"]))
+
+
+def test_unsupported_family_names_itself_and_the_supported_ones(trained, tmp_path):
+    frame = generate(300)
+    data_uri = write_table(frame, str(tmp_path / "d.parquet"))
+    linear = train({"tracking_uri": trained["tracking_uri"], "data_uri": data_uri,
+                    "estimator": "sklearn.linear_model.LogisticRegression"})
+    registry = registry_state(trained["tracking_uri"])
+    with pytest.raises(UnsupportedModelError, match=(
+            r"cannot convert a LogisticRegression to OpenVINO: supported are scikit-learn MLPClassifier .*"
+            r"DecisionTreeClassifier, RandomForestClassifier, GradientBoostingClassifier, "
+            r"HistGradientBoostingClassifier .*PyTorch modules.*ONNX models")):
+        plan(_request(trained, run_id=linear["run_id"]))
+    with pytest.raises(UnsupportedModelError, match="cannot convert a LogisticRegression"):
+        convert(_request(trained, run_id=linear["run_id"]))
+    assert registry_state(trained["tracking_uri"]) == registry
     tree = DecisionTreeClassifier(max_depth=2).fit(frame[FEATURES], frame["label"])
-    with pytest.raises(ValueError, match=r"DecisionTreeClassifier.*MLPClassifier"):
+    with pytest.raises(UnsupportedModelError, match="DecisionTreeClassifier has no skl2onnx route"):
         export_onnx(tree, str(tmp_path / "tree.onnx"))
+
+
+def _onnx_model(tmp_path: Path, estimator, probabilities_only: bool) -> str:
+    """An MLflow model of the onnx flavour holding ``estimator``'s skl2onnx graph."""
+    import mlflow.onnx
+    from skl2onnx import to_onnx
+
+    if probabilities_only:
+        export_onnx(estimator, str(tmp_path / "graph.onnx"))
+        graph = onnx.load(tmp_path / "graph.onnx")
+    else:
+        graph = to_onnx(estimator, generate(5)[FEATURES].to_numpy(dtype="float32"),
+                        options={id(estimator): {"zipmap": False}})
+    mlflow.onnx.save_model(graph, str(tmp_path / "model"), pip_requirements=["onnx"])
+    return (tmp_path / "model").as_uri()
+
+
+def test_an_onnx_model_converts_with_onnx_runtime_as_its_native_framework(trained, tmp_path):
+    mlp = MLPClassifier(hidden_layer_sizes=(16,), max_iter=300, random_state=0)
+    frame = generate(1000, seed=2)
+    mlp.fit(frame[FEATURES].to_numpy(), frame["label"])  # no feature names: the holdout's columns name them
+    # A run of its own: the conversion logs openvino/ to it. The holdout is the trained run's.
+    client = mlflow.MlflowClient(trained["tracking_uri"])
+    run_id = client.create_run(client.get_run(trained["run"]["run_id"]).info.experiment_id).info.run_id
+    result = convert(_request(trained, run_id=run_id, model_uri=_onnx_model(tmp_path, mlp, True),
+                              holdout_uri=trained["run"]["holdout_uri"], variants=["fp32", "fp16"]))
+    assert result["passed"] is True and result["route"] == "onnx" and result["family"] == "ONNX model"
+    assert result["parity"]["max_abs_diff"] < 1e-5
+    assert set(result["benchmark"]) == {"native", "fp32", "fp16"}  # native is ONNX Runtime here
+    assert set(result["ratios"]) == {"throughput_vs_native", "latency_vs_native"}
+    fetched = fetch_ir({"tracking_uri": trained["tracking_uri"], "ir_uri": result["ir_uri"],
+                        "dst_dir": str(tmp_path / "ir")})
+    manifest = json.loads((Path(fetched["model_dir"]) / "manifest.json").read_text())
+    assert manifest["classes"] == [0, 1] and manifest["feature_names"] == FEATURES
+
+
+def test_an_onnx_graph_with_onnx_ml_operators_is_refused_naming_them(trained, tmp_path):
+    frame = generate(300)
+    linear = LogisticRegression().fit(frame[FEATURES].to_numpy(), frame["label"])
+    registry = registry_state(trained["tracking_uri"])
+    with pytest.raises(UnsupportedModelError, match=r"ai.onnx.ml operators \['LinearClassifier'.*cannot"):
+        convert(_request(trained, model_uri=_onnx_model(tmp_path, linear, False)))
+    assert registry_state(trained["tracking_uri"]) == registry

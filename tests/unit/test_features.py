@@ -12,8 +12,7 @@ import socket
 import sqlite3
 import subprocess
 import time
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pandas as pd
@@ -26,7 +25,7 @@ from airloop.operators.feast import FeastBuildTrainingSetOperator
 from airloop.steps import features as steps
 from airloop.steps.data import fingerprint, read_table, write_table
 
-T0 = datetime(2024, 1, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
 DEFINITIONS = '''
 from datetime import timedelta
 
@@ -62,8 +61,11 @@ def frame(rows: list[tuple], columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
+PREFIX = "features/features_test/manual__1"  # the artefact folder of the operators' task instances
+
+
 class _TaskInstance:
-    dag_id, run_id, map_index, try_number = "features_test", "manual__1", -1, 1
+    dag_id, run_id, map_index = "features_test", "manual__1", -1
 
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id
@@ -78,8 +80,8 @@ def repo(tmp_path_factory) -> Any:
     (root / "repo" / "feature_store.yaml").write_text(STORE_YAML)
     write_table(frame(FEATURE_ROWS, ["customer_id", "event_timestamp", "x", "y"]),
                 str(root / "repo" / "data" / "stats.parquet"))
-    conn = {"conn_type": "feast", "extra": {"repo_path": str(root / "repo"),
-                                            "online_store": {"type": "sqlite", "path": str(root / "online.db")}}}
+    online_store = {"type": "sqlite", "path": str(root / "online.db")}
+    conn = {"conn_type": "feast", "extra": {"repo_path": str(root / "repo"), "online_store": online_store}}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("AIRFLOW_CONN_FEAST_TEST", json.dumps(conn))
         hook = FeastHook(feast_conn_id="feast_test")
@@ -98,13 +100,13 @@ def entity_file(repo, rows=ENTITY_ROWS, name="entities.parquet", **columns) -> s
 
 def training_set(repo, tmp_path, **request) -> dict[str, Any]:
     request.setdefault("entity_rows_uri", entity_file(repo))
-    return steps.training_set({"store": repo["hook"].store_config, "output_uri": str(tmp_path / "set.parquet"),
-                               **request})
+    output = str(tmp_path / "set.parquet")
+    return steps.training_set({"store": repo["hook"].store_config, "output_uri": output, **request})
 
 
 def test_apply_registers_the_repo_and_uses_the_connections_online_store(repo):
-    assert {k: v for k, v in repo["applied"].items() if k != "output"} == {
-        "project": "tests", "entities": ["customer"], "feature_views": ["stats"], "feature_services": ["only_y"]}
+    assert {k: v for k, v in repo["applied"].items() if k != "output"} == {"project": "tests",
+        "entities": ["customer"], "feature_views": ["stats"], "feature_services": ["only_y"]}
     assert (repo["root"] / "online.db").exists()  # the connection's online_store replaced the YAML's
     assert not (repo["root"] / "repo" / "data" / "replaced.db").exists()
     ok, message = repo["hook"].test_connection()
@@ -146,6 +148,8 @@ def test_a_feature_service_selects_its_features(repo, tmp_path):
 def test_bad_requests_name_the_problem(repo, tmp_path):
     with pytest.raises(ValueError, match="either features"):
         training_set(repo, tmp_path, features=["stats:x"], feature_service="only_y")
+    with pytest.raises(ValueError, match="features must be a list"):
+        training_set(repo, tmp_path, features="stats:x")
     with pytest.raises(ValueError, match="max_row_loss"):
         training_set(repo, tmp_path, features=["stats:x"], max_row_loss=5)
     no_time = entity_file(repo, name="no_time.parquet", event_timestamp="when")
@@ -158,7 +162,7 @@ def test_bad_requests_name_the_problem(repo, tmp_path):
 
 
 def _operator(**kwargs) -> FeastBuildTrainingSetOperator:
-    return FeastBuildTrainingSetOperator(task_id=kwargs.pop("task_id", "training_set"), feast_conn_id="feast_test",
+    return FeastBuildTrainingSetOperator(task_id=kwargs.pop("task_id"), feast_conn_id="feast_test",
                                          features=["stats:x", "stats:y"], **kwargs)
 
 
@@ -166,7 +170,7 @@ def test_operator_reads_entity_rows_from_csv_with_their_own_timestamp_column(rep
     uri = entity_file(repo, name="entities.csv", event_timestamp="seen_at")  # timestamps as text
     result = _operator(task_id="from_csv", entity_rows=uri, timestamp_column="seen_at",
                        max_row_loss=0.4).execute({"ti": _TaskInstance("from_csv")})
-    assert result["uri"] == str(artefacts.local_path("features/features_test/manual__1/from_csv/training_set.parquet"))
+    assert result["uri"] == str(artefacts.local_path(f"{PREFIX}/from_csv/training_set.parquet"))
     assert read_table(result["uri"])["x"].tolist() == [1.0, 2.0, 3.0]
     assert result["entity_rows"] == uri and result["fingerprint"]["rows"] == 3
 
@@ -189,7 +193,7 @@ def test_operator_runs_an_entity_query_and_keeps_its_result(repo, monkeypatch):
 def test_operator_fails_over_the_threshold_and_checks_its_arguments(repo):
     with pytest.raises(AirflowFailException, match="3 complete rows for 5 entity rows"):
         _operator(task_id="lossy", entity_rows=entity_file(repo)).execute({"ti": _TaskInstance("lossy")})
-    assert not artefacts.local_path("features/features_test/manual__1/lossy/training_set.parquet").exists()
+    assert not artefacts.local_path(f"{PREFIX}/lossy/training_set.parquet").exists()
     with pytest.raises(ValueError, match="either entity_rows"):
         _operator(task_id="both", entity_rows="x.parquet", entity_sql="SELECT 1").execute(
             {"ti": _TaskInstance("both")})
@@ -206,7 +210,8 @@ def test_materialize_a_range_then_incrementally(repo):
                                 "end": (T0 + timedelta(hours=1)).isoformat()})
     assert ranged["mode"] == "range" and ranged["feature_views"] == ["stats"]
     assert online(hook, 1, 2, 4) == [2.0, 3.0, None]  # customer 4's row is after the range
-    incremental = steps.materialize({"store": hook.store_config, "end": (T0 + timedelta(hours=3)).isoformat()})
+    later = (T0 + timedelta(hours=3)).isoformat()
+    incremental = steps.materialize({"store": hook.store_config, "end": later})
     assert incremental["mode"] == "incremental"
     assert online(hook, 1, 2, 4) == [2.0, 3.0, 5.0]
     with pytest.raises(ValueError, match="must be before end"):
@@ -222,7 +227,7 @@ def test_hook_configuration(repo, monkeypatch):
     assert embedded["config"]["online_store"]["type"] == "sqlite"
     monkeypatch.setenv("AIRFLOW_CONN_FEAST_EMPTY", json.dumps({"conn_type": "feast"}))
     with pytest.raises(ValueError, match="'feast_empty'.*repo_path"):
-        FeastHook(feast_conn_id="feast_empty").store_config
+        _ = FeastHook(feast_conn_id="feast_empty").store_config
     monkeypatch.setenv("AIRFLOW_CONN_FEAST_NOWHERE", json.dumps(
         {"conn_type": "feast", "extra": {"repo_path": str(repo["root"] / "nowhere")}}))
     ok, message = FeastHook(feast_conn_id="feast_nowhere").test_connection()
@@ -270,3 +275,24 @@ def test_redis_online_store_from_the_connection(repo, redis_port, monkeypatch):
     import redis
 
     assert redis.Redis(port=redis_port).dbsize() == 3  # one hash per customer
+
+
+def test_serving_feature_lookup_configuration(tmp_path):
+    from airloop.serving.features import FeatureLookup
+    from airloop.serving.local import LocalServingTarget
+
+    lookup = FeatureLookup.from_config({"url": "http://feast:6566/", "entities": ["customer_id"],
+                                        "features": ["stats:y", "stats:x"]})
+    assert (lookup.url, lookup.names) == ("http://feast:6566", ["y", "x"])
+    assert lookup.wants(["customer_id"]) and not lookup.wants(["y", "x"]) and not lookup.wants(None)
+    assert FeatureLookup.from_config(None) is None
+    good = {"url": "http://feast:6566", "entities": ["customer_id"], "features": ["stats:x"]}
+    for change, problem in [({"url": "feast:6566"}, "http"), ({"entities": []}, "non-empty"),
+                            ({"features": ["x"]}, "'view:feature'"),
+                            ({"features": ["a:x", "b:x"]}, "distinct")]:
+        with pytest.raises(ValueError, match=problem):
+            FeatureLookup.from_config({**good, **change})
+    target = LocalServingTarget(home=str(tmp_path), features={"url": "http://feast:6566"})
+    with pytest.raises(ValueError, match="features must be"):
+        target.deploy("churn", [])
+    assert not (tmp_path / "churn").exists()  # refused before anything started

@@ -22,7 +22,8 @@ def test_mlflow_hook_reads_its_connection(monkeypatch):
     assert hook.tracking_uri == "http://mlflow.internal:5000"
     assert hook.ui_url == "https://mlflow.example.com"
     # No credentials, retries or AWS connection set: the request carries none.
-    assert hook.step_config() == {"tracking_uri": "http://mlflow.internal:5000", "artifact_root": "s3://models/mlflow"}
+    assert hook.step_config() == {"tracking_uri": "http://mlflow.internal:5000",
+                                  "artifact_root": "s3://models/mlflow"}
 
 
 def test_mlflow_hook_without_default_connection_uses_the_embedded_mlflow():
@@ -36,13 +37,13 @@ def test_a_missing_named_connection_is_an_error():
     from airflow.sdk.exceptions import AirflowNotFoundException
 
     with pytest.raises(AirflowNotFoundException):
-        MlflowHook(mlflow_conn_id="no_such_connection").tracking_uri
+        MlflowHook(mlflow_conn_id="no_such_connection").step_config()
 
 
 def test_mlflow_connection_without_uri_is_named(monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_EMPTY", json.dumps({"conn_type": "mlflow"}))
     with pytest.raises(ValueError, match="mlflow_empty"):
-        MlflowHook(mlflow_conn_id="mlflow_empty").tracking_uri
+        MlflowHook(mlflow_conn_id="mlflow_empty").step_config()
 
 
 def test_test_connection_reports_an_unreachable_server_quickly(monkeypatch):
@@ -77,7 +78,8 @@ def test_mlflow_hook_gives_steps_credentials_retries_and_the_aws_connection(monk
     ({"extra": {"token": "tok-2"}}, {"token": "tok-2"}),
 ])
 def test_a_bearer_token_comes_from_the_password_or_extra(monkeypatch, fields, auth):
-    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_TOKEN", json.dumps({"conn_type": "mlflow", "host": "http://m", **fields}))
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_TOKEN",
+                       json.dumps({"conn_type": "mlflow", "host": "http://m", **fields}))
     assert MlflowHook(mlflow_conn_id="mlflow_token").step_config()["auth"] == auth
 
 
@@ -93,7 +95,8 @@ def test_the_connection_form_shows_the_fields_the_hook_reads():
 
     manager = ProvidersManager()
     prefix = "extra__mlflow__"
-    fields = {k.removeprefix(prefix): v for k, v in manager.connection_form_widgets.items() if k.startswith(prefix)}
+    fields = {key.removeprefix(prefix): field for key, field in manager.connection_form_widgets.items()
+              if key.startswith(prefix)}
     assert set(fields) == {"token", "aws_conn_id", "artifact_root", "ui_url", "max_retries", "backoff_factor",
                            "timeout"}
     assert [name for name, field in fields.items() if field.is_sensitive] == ["token"]

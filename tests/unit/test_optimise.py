@@ -33,11 +33,13 @@ def test_variants_shrink_the_weights_and_stay_close_to_the_native_model(onnx_mod
     native = model.predict_proba(generate(400, seed=3)[FEATURES])
     target = native.argmax(axis=1)
     sizes, scores = {}, {}
+    methods = {}
     for variant in optimise.VARIANTS:
         xml = str(tmp_path / f"{variant}.xml")
-        optimise.write_variant(onnx_model["path"], len(FEATURES), variant, xml, calibration=rows[:100])
+        methods[variant] = optimise.write_variant(onnx_model["path"], variant, xml, calibration=rows[:100])
         sizes[variant] = (tmp_path / f"{variant}.bin").stat().st_size
         scores[variant] = optimise.agreement(optimise.openvino_predictor(xml)(rows), native, target)
+    assert methods == {"fp32": "fp32", "fp16": "fp16 weights", "int8": "nncf.quantize"}
     assert sizes["fp16"] < 0.6 * sizes["fp32"] and sizes["int8"] < 0.5 * sizes["fp32"]
     assert scores["fp32"]["max_abs_diff"] < 1e-5 and scores["fp32"]["accuracy"] == 1.0
     assert scores["fp16"]["max_abs_diff"] < 1e-2 and scores["fp16"]["label_agreement"] > 0.99
@@ -48,16 +50,33 @@ def test_variants_shrink_the_weights_and_stay_close_to_the_native_model(onnx_mod
 
 def test_bad_variants_are_refused(onnx_model, tmp_path):
     with pytest.raises(ValueError, match="unknown OpenVINO variant 'int4'"):
-        optimise.write_variant(onnx_model["path"], len(FEATURES), "int4", str(tmp_path / "m.xml"))
+        optimise.write_variant(onnx_model["path"], "int4", str(tmp_path / "m.xml"))
     with pytest.raises(ValueError, match="int8 variant needs calibration rows"):
-        optimise.write_variant(onnx_model["path"], len(FEATURES), "int8", str(tmp_path / "m.xml"))
+        optimise.write_variant(onnx_model["path"], "int8", str(tmp_path / "m.xml"))
+
+
+def test_int8_with_the_native_labels_is_quantised_with_accuracy_control(onnx_model, tmp_path):
+    rows, model = onnx_model["rows"], onnx_model["model"]
+    native = model.predict_proba(generate(400, seed=3)[FEATURES])
+    xml = str(tmp_path / "int8.xml")
+    method = optimise.write_variant(onnx_model["path"], "int8", xml, calibration=rows[:100],
+                                    labels=native[:100].argmax(axis=1), max_drop=0.01)
+    assert method.startswith("nncf.quantize_with_accuracy_control (max drop 0.01")
+    scores = optimise.agreement(optimise.openvino_predictor(xml)(rows), native, native.argmax(axis=1))
+    assert scores["label_agreement"] > 0.97
 
 
 def test_agreement_counts_accuracy_difference_and_label_agreement():
     reference = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
     proba = np.array([[0.7, 0.3], [0.3, 0.7], [0.4, 0.6]])
     scores = optimise.agreement(proba, reference, np.array([0, 1, 0]))
-    assert scores == pytest.approx({"accuracy": 2 / 3, "max_abs_diff": 0.2, "label_agreement": 2 / 3})
+    assert scores == pytest.approx({"accuracy": 2 / 3, "max_abs_diff": 0.2, "label_agreement": 2 / 3,
+                                    "non_finite_rows": 0})
+    # A NaN output is a wrong answer, and leaves the difference undefined rather than NaN in JSON.
+    proba[1] = np.nan
+    scores = optimise.agreement(proba, reference, np.array([0, 1, 0]))
+    assert scores == pytest.approx({"accuracy": 1 / 3, "max_abs_diff": None, "label_agreement": 1 / 3,
+                                    "non_finite_rows": 1})
 
 
 def test_benchmark_measures_every_predictor_on_its_inputs():
@@ -94,10 +113,20 @@ def test_select_reports_every_drop_when_no_variant_meets_the_budget():
                       "fp16 (accuracy drop 1.50 points), int8 (accuracy drop 3.00 points)")
 
 
+def test_select_falls_back_past_a_variant_that_could_not_be_built():
+    failed = {"error": "RuntimeError: no quantisable layer", "within_budget": False}
+    scores = {**_scores(fp32=0.0), "int8": failed}
+    variant, reason = optimise.select(scores, _speed(fp32=1.0), 1.0, "throughput")
+    assert variant == "fp32" and "over budget: int8 (not built: RuntimeError: no quantisable layer)" in reason
+
+
 def test_verdict_says_when_openvino_loses_with_the_numbers():
     ratios, summary = optimise.verdict("int8", _speed(native=100.0, onnxruntime=1000.0, int8=500.0))
     assert ratios["throughput_vs_native"] == pytest.approx(5.0)
     assert ratios["throughput_vs_onnxruntime"] == pytest.approx(0.5)
     assert "does not win everywhere" in summary and "throughput vs onnxruntime 0.50x" in summary
     _, summary = optimise.verdict("int8", _speed(native=100.0, onnxruntime=200.0, int8=500.0))
-    assert summary == "OpenVINO int8 is faster than both peers at both batch sizes"
+    assert summary == "OpenVINO int8 is faster than every peer at both batch sizes"
+    # No ONNX graph (a PyTorch module, or an ONNX model whose native framework is ONNX Runtime).
+    ratios, _ = optimise.verdict("int8", _speed(native=100.0, int8=500.0))
+    assert set(ratios) == {"throughput_vs_native", "latency_vs_native"}

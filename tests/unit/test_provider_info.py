@@ -74,7 +74,7 @@ def test_airflow_lists_the_provider_and_its_connection_types(tmp_path):
     hooks = subprocess.run([airflow, "providers", "hooks", "-o", "json"], env=env, capture_output=True,
                            text=True, check=True)
     listed = {h["connection_type"] for h in json.loads(hooks.stdout)}
-    assert {"mlflow", "airloop_serving"} <= listed
+    assert {"mlflow", "airloop_serving", "feast"} <= listed
 
 
 HEAVY = ("mlflow", "great_expectations", "openvino", "sklearn", "feast", "onnx", "alibi_detect", "torch")

@@ -84,7 +84,9 @@ def test_auth_header_reaches_the_server_inside_the_block_only(recorder, monkeypa
     with mlflow_calls({"tracking_uri": recorder.uri, "auth": {"username": "ada", "password": "pw:1"}}):
         client.search_experiments(max_results=1)
     client.search_experiments(max_results=1)
-    assert [seen["authorization"] for seen in recorder.seen] == [f"Bearer {TOKEN}", "Basic YWRhOnB3OjE=", None]
+    # base64("ada:pw:1") == "YWRhOnB3OjE="
+    assert [seen["authorization"] for seen in recorder.seen] == [f"Bearer {TOKEN}", "Basic YWRhOnB3OjE=",
+                                                                 None]
     # While the requests were made, the credentials were nowhere in the process's environment.
     for seen in recorder.seen:
         assert not any(TOKEN in value or "pw:1" in value for value in seen["environ"].values())
@@ -117,6 +119,7 @@ def test_unreachable_server_fails_fast_with_a_message_naming_it_and_the_tries():
     # Nothing listens on port 9 of localhost: the connection is refused at once.
     request = {"tracking_uri": "http://127.0.0.1:9", "http": {"max_retries": 1, "backoff_factor": 0},
                "run_ids": ["x"]}
-    with pytest.raises(MlflowUnavailableError, match=r"MLflow at http://127\.0\.0\.1:9 is unavailable after 2 tries"):
+    message = r"MLflow at http://127\.0\.0\.1:9 is unavailable after 2 tries"
+    with pytest.raises(MlflowUnavailableError, match=message):
         select_best(request)
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ

@@ -106,6 +106,34 @@ def test_train_reuses_the_finished_run_of_the_same_task_instance(store):
     assert again["fingerprint"] == first["fingerprint"] and again["metrics"] == first["metrics"]
 
 
+def test_a_try_killed_mid_run_leaves_its_run_to_the_next_try(store):
+    from mlflow.entities import LoggedModelStatus
+
+    client = mlflow.MlflowClient(store["tracking_uri"])
+    experiment_id = client.get_experiment_by_name("airloop-test").experiment_id
+    tags = {**AIRFLOW_TAGS, "airflow.run_id": "manual__killed", "airflow.try_number": "1"}
+    # What a worker killed while saving the model leaves: a RUNNING run, a logged model never finished.
+    dead = client.create_run(experiment_id, tags=tags).info.run_id
+    client.log_param(dead, "seed", "0")
+    pending = client.create_logged_model(experiment_id, name="model", source_run_id=dead).model_id
+    trained = _train(store, "before", {**tags, "airflow.try_number": "2"})
+    assert trained["run_id"] == dead and trained["reused"] is False
+    run = client.get_run(dead)
+    assert run.info.status == "FINISHED" and run.data.tags["airflow.try_number"] == "2"
+    assert client.get_logged_model(pending).status == LoggedModelStatus.FAILED
+    holdout = read_data(store["tracking_uri"], trained["holdout_uri"])
+    model = load_model(store["tracking_uri"], trained["model_uri"])
+    assert model.score(holdout[FEATURES], holdout["label"]) == pytest.approx(trained["metrics"]["accuracy"])
+    assert len(client.search_runs([experiment_id], "tags.`airflow.run_id` = 'manual__killed'")) == 1
+
+    # A dead run whose logged params differ from this try's cannot take its results: a new run.
+    other = {**AIRFLOW_TAGS, "airflow.run_id": "manual__changed"}
+    changed = client.create_run(experiment_id, tags=other).info.run_id
+    client.log_param(changed, "seed", "7")
+    client.set_terminated(changed, status="FAILED")
+    assert _train(store, "before", other)["run_id"] != changed
+
+
 def test_train_rejects_bad_estimators(store):
     with pytest.raises(ValueError, match="cannot be imported"):
         _train(store, "before", {}, estimator="sklearn.nope.Missing")
@@ -216,7 +244,7 @@ def test_train_from_a_user_function_logs_the_pipeline_it_returns(store):
     assert params["model_class"] == "sklearn.pipeline.Pipeline"
     with pytest.raises(ValueError, match="is not a function"):
         _train(store, "before", {}, estimator=f"{__name__}:SEEN_ENVIRON")
-    with pytest.raises(ValueError, match="the model .*:fit_regressor' returned must be a scikit-learn classifier"):
+    with pytest.raises(ValueError, match="fit_regressor' returned must be a scikit-learn classifier"):
         _train(store, "before", {}, estimator=f"{__name__}:fit_regressor", params={})
 
 

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
 
     suites = commands.add_parser("suites", help="Great Expectations suites for the data gate")
     suites_cmd = suites.add_subparsers(dest="action", required=True)
-    profile = suites_cmd.add_parser("profile", help="draft a suite from a trusted reference data set, to review")
+    profile = suites_cmd.add_parser("profile", help="draft a suite from a trusted reference set, to review")
     profile.add_argument("data", help="the reference data: parquet or CSV, a path or an fsspec URL")
     profile.add_argument("--out", required=True, help="the suite file to write: .yaml/.yml or .json")
     profile.add_argument("--key", help="a column whose values must be unique")
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
         made = profile_step({"data_uri": args.data, "out": args.out, "key": args.key, "label": args.label,
                              "name": args.name, "margin": args.margin})
-        print(f"wrote suite {made['name']!r} ({made['expectations']} expectations, profiled from {made['rows']}"
-              f" rows) to {made['suite_path']}: review it before it gates anything")
+        print(f"wrote suite {made['name']!r} ({made['expectations']} expectations, profiled from"
+              f" {made['rows']} rows) to {made['suite_path']}: review it before it gates anything")
         return 0
     from airloop.embedded.runner import run_loop
 

@@ -10,6 +10,8 @@ from airloop.hooks.base import EmbeddedDefaultHook
 from airloop.steps.tracking import HTTP_SETTINGS
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from airloop.steps.tracking import SessionClient
 
 # For the Test button: MLflow's own default backs off for minutes.
@@ -144,7 +146,7 @@ class MlflowHook(EmbeddedDefaultHook):
     def get_conn(self) -> SessionClient:
         return self.client
 
-    def session(self):
+    def session(self) -> AbstractContextManager[None]:
         """A block in which this process's MLflow calls (plain ``MlflowClient`` objects, the helpers of
         ``airloop.steps`` that take a tracking URI) use the connection's settings."""
         from airloop.steps.tracking import mlflow_calls
@@ -159,8 +161,8 @@ class MlflowHook(EmbeddedDefaultHook):
         except Exception as e:
             return False, f"connection {self.mlflow_conn_id!r} cannot be used: {e}"
         # The Test button answers in seconds, whatever retries the tasks use.
-        client = SessionClient({**config, "http": {**config.get("http", {}), **TEST_HTTP}})
         try:
+            client = SessionClient({**config, "http": {**config.get("http", {}), **TEST_HTTP}})
             client.search_experiments(max_results=1)
         except MlflowUnavailableError as e:
             return False, str(e)

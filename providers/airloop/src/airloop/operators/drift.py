@@ -6,8 +6,8 @@ import json
 import tempfile
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
-from pathlib import Path
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context
@@ -68,7 +68,7 @@ class _DriftDetectOperator(StepOperator):
         champion = aliases(hook.tracking_uri, self.model_name).get("champion")
         if champion is None:
             raise AirflowSkipException(f"{self.model_name} has no champion yet: nothing to monitor")
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         prefix = f"drift/{self.model_name}/{stamp}"
         DriftReportLink.persist(context, path=f"{prefix}/report.html")
         run_id = hook.client.get_model_version(self.model_name, champion).run_id
@@ -116,7 +116,8 @@ class DriftDetectRequestsOperator(_DriftDetectOperator):
         end = time.time()
         window = collect({
             "log_dir": str(artefacts.local_path(f"requests/{self.deployment}")),
-            "start": end - float(self.window_minutes) * 60, "end": end, "out_path": f"{folder}/window.parquet",
+            "start": end - float(self.window_minutes) * 60, "end": end,
+            "out_path": f"{folder}/window.parquet",
         })
         return window["path"], {"deployment": self.deployment, "requests": window["rows"],
                                 "log_files": window["files"]}
@@ -180,9 +181,12 @@ class DriftDetectDataOperator(_DriftDetectOperator):
             return source.path
         # The runtime reads a local copy: the connection's credentials stay in this process.
         target = scratch / "window" / source.name
-        files = [source] if source.is_file() else [p for p in source.rglob("*") if p.is_file()]
-        for file in files:
-            local = target if file == source else target / file.relative_to(source)
+        if source.is_file():
+            copies = [(source, target)]
+        else:
+            copies = [(file, target / PurePosixPath(file.path).relative_to(source.path))
+                      for file in source.rglob("*") if file.is_file()]
+        for file, local in copies:
             local.parent.mkdir(parents=True, exist_ok=True)
             with file.open("rb") as remote, local.open("wb") as copy:
                 shutil.copyfileobj(remote, copy)

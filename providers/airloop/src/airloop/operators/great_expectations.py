@@ -12,7 +12,7 @@ from typing import Any
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowFailException
 
-from airloop import artefacts
+from airloop import artefacts, runtimes
 from airloop.links.reports import DataDocsLink
 from airloop.operators.base import StepOperator
 
@@ -31,8 +31,8 @@ class GreatExpectationsValidateDataOperator(StepOperator):
     e.g. an ``aws`` connection); or the result of ``sql`` on the database connection ``conn_id``.
 
     :param suite_path: the suite: a JSON or YAML file (kept next to the DAGs) or ``package.module:function``
-        returning a suite dict or a GX ``ExpectationSuite``. Resolved in the worker, so the step gets the suite
-        itself whichever runtime it runs in.
+        returning a suite dict or a GX ``ExpectationSuite``. Resolved in the worker, so the step gets the
+        suite itself whichever runtime it runs in.
     :param data_uri: the data set to validate.
     :param sql: a query whose result is validated (needs ``conn_id``, a database connection).
     :param conn_id: the connection to read ``data_uri`` through, or to run ``sql`` on.
@@ -82,6 +82,9 @@ class GreatExpectationsValidateDataOperator(StepOperator):
             raise ValueError("give either data_uri or sql")
         if self.sql and not self.conn_id:
             raise ValueError("sql needs conn_id, the database connection to run it on")
+        if self.conn_id and self.runtime == runtimes.POD:
+            raise ValueError("data read through conn_id is staged on the worker, where a pod cannot read it:"
+                             " give the pod a data_uri it can read itself")
         prefix = artefacts.task_prefix(context, "validation")
         docs = f"{prefix}/data_docs/index.html"
         DataDocsLink.persist(context, path=docs)
@@ -89,9 +92,9 @@ class GreatExpectationsValidateDataOperator(StepOperator):
         with self._local_data() as (data_uri, name), artefacts.staging(prefix) as folder:
             result = self.run_step(
                 "airloop.steps.validate:validate",
-                {"data_uri": data_uri, "data_name": name, "suite": suite, "docs_dir": str(folder / "data_docs"),
-                 "label": self.label_column, "expected_fingerprint": self.expected_fingerprint,
-                 "batch_rows": self.batch_rows},
+                {"data_uri": data_uri, "data_name": name, "suite": suite,
+                 "docs_dir": str(folder / "data_docs"), "label": self.label_column,
+                 "expected_fingerprint": self.expected_fingerprint, "batch_rows": self.batch_rows},
                 context,
             )
         summary = {key: result[key] for key in ("success", "evaluated", "successful", "failed", "fingerprint",
@@ -136,7 +139,8 @@ class GreatExpectationsValidateDataOperator(StepOperator):
 
         source = ObjectStoragePath(self.data_uri, conn_id=self.conn_id)
         if not source.is_file():
-            raise ValueError(f"data file {self.data_uri} does not exist (read through connection {self.conn_id})")
+            raise ValueError(f"data file {self.data_uri} does not exist (read through connection"
+                             f" {self.conn_id})")
         target = folder / source.name
         with source.open("rb") as reader, open(target, "wb") as writer:
             shutil.copyfileobj(reader, writer, _COPY_BUFFER)
@@ -148,7 +152,8 @@ class GreatExpectationsValidateDataOperator(StepOperator):
 
         hook = BaseHook.get_connection(self.conn_id).get_hook()
         if not isinstance(hook, DbApiHook):
-            raise ValueError(f"connection {self.conn_id} ({type(hook).__name__}) is not a database connection")
+            raise ValueError(f"connection {self.conn_id} ({type(hook).__name__}) is not a database"
+                             " connection")
         frame = hook.get_df(self.sql, df_type="pandas")
         frame.to_parquet(target, index=False)
         return target

@@ -1,4 +1,5 @@
-"""Conversion of a trained model to OpenVINO IR, gated by parity and an accuracy budget, benchmarked."""
+"""Conversion of a trained model to OpenVINO IR, gated by parity and an accuracy budget, benchmarked;
+batch scoring of a data set with a model version's IR."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowFailException
 
-from airloop.links.mlflow import MlflowRunLink
+from airloop import runtimes
+from airloop.links.mlflow import MlflowModelVersionLink, MlflowRunLink
 from airloop.operators.mlflow import _MlflowOperator
 
 
@@ -28,6 +30,9 @@ class OpenvinoConvertModelOperator(_MlflowOperator):
     :param accuracy_budget: largest allowed holdout accuracy drop vs the native model, in points.
     :param objective: ``"throughput"`` (rows/s at batch 1024) or ``"latency"`` (p50 at batch 1).
     :param calibration_uri: rows for int8 calibration (default: the run's training sample).
+    :param classes: class labels of a PyTorch or ONNX model's output columns (default ``0..k-1``).
+    :param runtime: where the conversion runs; ``None`` (default) picks the route's runtime: ``"torch"``
+        for scikit-learn tree models (hummingbird-ml) and PyTorch modules, the worker otherwise.
     """
 
     template_fields: Sequence[str] = (
@@ -39,8 +44,9 @@ class OpenvinoConvertModelOperator(_MlflowOperator):
     def __init__(self, *, run_id: str, holdout_uri: str, model_uri: str | None = None,
                  label_column: str = "label", tolerance: float = 1e-4, min_label_agreement: float = 0.999,
                  variants: Sequence[str] | None = None, accuracy_budget: float = 1.0,
-                 objective: str = "throughput", calibration_uri: str | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+                 objective: str = "throughput", calibration_uri: str | None = None,
+                 classes: Sequence[Any] | None = None, runtime: str | None = None, **kwargs: Any) -> None:
+        super().__init__(runtime=runtime, **kwargs)
         self.run_id = run_id
         self.model_uri = model_uri
         self.holdout_uri = holdout_uri
@@ -51,20 +57,28 @@ class OpenvinoConvertModelOperator(_MlflowOperator):
         self.accuracy_budget = accuracy_budget
         self.objective = objective
         self.calibration_uri = calibration_uri
+        self.classes = classes
 
     def execute(self, context: Context) -> dict[str, Any]:
         self.persist_run_link(context, self.run_id)
-        result = self.run_step(
-            "airloop.steps.convert:convert",
-            {**self.hook.step_config(), "run_id": self.run_id,
-             "model_uri": self.model_uri or f"runs:/{self.run_id}/model",
-             "holdout_uri": self.holdout_uri, "label": self.label_column, "tolerance": self.tolerance,
-             "min_label_agreement": self.min_label_agreement,
-             "variants": list(self.variants) if self.variants else None,
-             "accuracy_budget": self.accuracy_budget, "objective": self.objective,
-             "calibration_uri": self.calibration_uri},
-            context,
-        )
+        request = {
+            **self.hook.step_config(), "run_id": self.run_id,
+            "model_uri": self.model_uri or f"runs:/{self.run_id}/model",
+            "holdout_uri": self.holdout_uri, "label": self.label_column, "tolerance": self.tolerance,
+            "min_label_agreement": self.min_label_agreement,
+            "variants": list(self.variants) if self.variants else None,
+            "accuracy_budget": self.accuracy_budget, "objective": self.objective,
+            "calibration_uri": self.calibration_uri, "classes": list(self.classes) if self.classes else None,
+        }
+        runtime = self.runtime
+        if runtime is None:
+            route = runtimes.run_step("airloop.steps.convert:plan", request, runtime=runtimes.WORKER,
+                                      context=context, task_id=self.task_id)
+            runtime = route["runtime"]
+            self.log.info("%s (%s flavour): %s route, in the %r runtime", route["family"], route["flavour"],
+                          route["route"], runtime)
+        result = runtimes.run_step("airloop.steps.convert:convert", request, runtime=runtime, context=context,
+                                   task_id=self.task_id)
         self.audit(self.run_id, "conversion", result)
         parity = result["parity"]
         self.log.info("OpenVINO fp32 parity: max abs diff %.3g, label agreement %.4f", parity["max_abs_diff"],
@@ -72,4 +86,65 @@ class OpenvinoConvertModelOperator(_MlflowOperator):
         if not result["passed"]:
             raise AirflowFailException(f"OpenVINO conversion of run {self.run_id} failed: {result['reason']}")
         self.log.info("OpenVINO IR %s, variant %s: %s", result["ir_uri"], result["variant"], result["reason"])
+        return result
+
+
+class OpenvinoScoreDatasetOperator(_MlflowOperator):
+    """
+    Score a data set with a registered model version's OpenVINO IR (the variant its conversion
+    selected, checksums verified first), in chunks, into parquet parts with the model name and version
+    on every row. Resumable: a retry or re-run skips the parts already written whole and scores the
+    rest; the run ends with a row count check (rows in == rows out). See ``airloop.steps.score``.
+
+    :param model_name: the registered model.
+    :param model_version: its version (a number, or a template such as ``{{ ti.xcom_pull(...) }}``).
+    :param data_uri: a parquet or CSV file: a local path or any URI Airflow's ObjectStoragePath opens
+        (``s3://bucket/key.parquet``). A Feast training set: its retrieval written to parquet.
+    :param output_uri: the folder for the prediction parts and ``_manifest.json``.
+    :param conn_id: the connection to read and write with (an ``aws`` connection for S3); optional.
+    :param chunk_rows: rows scored at a time.
+    :param passthrough_columns: data set columns copied to the predictions (entity keys, timestamps).
+    """
+
+    template_fields: Sequence[str] = (
+        "model_name", "model_version", "data_uri", "output_uri", "conn_id", "chunk_rows",
+        "passthrough_columns",
+    )
+    operator_extra_links = (MlflowModelVersionLink(),)
+
+    def __init__(self, *, model_name: str, model_version: str | int, data_uri: str, output_uri: str,
+                 conn_id: str | None = None, chunk_rows: int = 100_000,
+                 passthrough_columns: Sequence[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model_name = model_name
+        self.model_version = model_version
+        self.data_uri = data_uri
+        self.output_uri = output_uri
+        self.conn_id = conn_id
+        self.chunk_rows = chunk_rows
+        self.passthrough_columns = passthrough_columns
+
+    def _storage_options(self) -> dict[str, Any]:
+        """The connection's fsspec options (credentials): handed to the step, never to os.environ."""
+        if not self.conn_id:
+            return {}
+        from airflow.sdk import ObjectStoragePath
+
+        return dict(ObjectStoragePath(self.data_uri, conn_id=self.conn_id).fs.storage_options)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        MlflowModelVersionLink.persist(context, ui_url=self.hook.ui_url, model_name=self.model_name,
+                                       version=str(self.model_version))
+        result = self.run_step(
+            "airloop.steps.score:score",
+            {**self.hook.step_config(), "model_name": self.model_name,
+             "model_version": str(self.model_version),
+             "data_uri": self.data_uri, "output_uri": self.output_uri, "chunk_rows": int(self.chunk_rows),
+             "passthrough_columns": list(self.passthrough_columns or []),
+             "storage_options": self._storage_options()},
+            context,
+        )
+        self.log.info("%s v%s (%s): %d rows scored into %s (%d chunks scored, %d already written)",
+                      self.model_name, self.model_version, result["variant"], result["rows_out"],
+                      result["output_uri"], result["chunks_scored"], result["chunks_skipped"])
         return result

@@ -1,50 +1,124 @@
 """Convert a trained model to OpenVINO IR, optimise it within an accuracy budget, prove it agrees
 with the original and benchmark it; log the selected variant to the run.
 
-Route for scikit-learn MLPClassifier: skl2onnx -> keep only the ``probabilities`` branch (the
-``label`` branch uses ``ai.onnx.ml`` operators OpenVINO cannot convert) -> ``openvino.convert_model``.
-From that one graph come the fp32, fp16 and int8 variants (``airloop.steps.optimise``). The fp32 IR
-is the parity gate: compiled with f32 inference precision (this CPU defaults to bf16), its
-probabilities must match the scikit-learn model's on the holdout split. The selected variant is
-logged as ``openvino/`` with ``manifest.json`` (SHA-256 of each IR file, precision); the model server
-and ``fetch_ir`` check it. Nothing is logged as ``openvino/`` when a gate fails.
+The route depends on the model's MLflow flavour and, for scikit-learn, on its family (``ROUTES``):
+
+- ``skl2onnx`` (scikit-learn ``MLPClassifier``, main environment): skl2onnx -> keep only the
+  ``probabilities`` branch (the ``label`` branch uses ``ai.onnx.ml`` operators OpenVINO cannot
+  read) -> OpenVINO.
+- ``hummingbird`` (scikit-learn tree models, ``torch`` runtime): hummingbird-ml rewrites the trees as
+  tensor operations in a torch graph -> ``openvino.convert_model`` with the input declared as
+  ``[-1, n_features]``. skl2onnx's graph of the same model (``ai.onnx.ml`` operators included) is
+  what ONNX Runtime runs in the benchmark. hummingbird-ml downgrades onnx, so it lives in that runtime.
+- ``pytorch`` (MLflow ``pytorch`` flavour saved as ``pt2``, ``torch`` runtime): the ``torch.export``
+  program -> ``openvino.convert_model``. The pickle format is refused (loading it runs code).
+- ``onnx`` (MLflow ``onnx`` flavour): the first 2-D float output's subgraph -> OpenVINO; a graph that
+  still needs ``ai.onnx.ml`` operators is refused. ONNX Runtime is then the native framework.
+
+From that one fp32 graph come the fp32, fp16 and int8 variants (``airloop.steps.optimise``). The fp32
+IR is the parity gate: compiled with f32 inference precision (this CPU defaults to bf16), its outputs
+must match the native model's on the holdout split. The selected variant is logged as ``openvino/``
+with ``manifest.json`` (SHA-256 of each IR file, precision); the model server, batch scoring and
+``fetch_ir`` check it. Nothing is logged as ``openvino/`` when a gate fails, and the model registry is
+never touched here (registration comes after this step).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from airloop.steps import optimise
-from airloop.steps.train import HOLDOUT_PATH, MODEL_NAME, REFERENCE_PATH, download, load_model, read_data
+from airloop.steps.train import (
+    HOLDOUT_PATH,
+    MODEL_NAME,
+    REFERENCE_PATH,
+    download,
+    load_model,
+    read_data,
+    resolve_model,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 IR_PATH = "openvino"
 REPORT_PATH = "openvino_report.json"
 IR_FILES = ("model.xml", "model.bin")
 MANIFEST = "manifest.json"
-SUPPORTED_FAMILIES = ("MLPClassifier",)
+# scikit-learn family -> route; a route -> the runtime whose libraries it needs.
+ROUTES = {
+    "MLPClassifier": "skl2onnx",
+    "DecisionTreeClassifier": "hummingbird",
+    "RandomForestClassifier": "hummingbird",
+    "GradientBoostingClassifier": "hummingbird",
+    "HistGradientBoostingClassifier": "hummingbird",
+}
+ROUTE_RUNTIMES = {"skl2onnx": "worker", "onnx": "worker", "hummingbird": "torch", "pytorch": "torch"}
+SUPPORTED = (
+    "scikit-learn MLPClassifier (skl2onnx); scikit-learn DecisionTreeClassifier, RandomForestClassifier, "
+    "GradientBoostingClassifier, HistGradientBoostingClassifier (hummingbird-ml, 'torch' runtime); "
+    "PyTorch modules (MLflow pytorch flavour, pt2 format, 'torch' runtime); ONNX models without "
+    "ai.onnx.ml operators (MLflow onnx flavour)"
+)
+ONNX_ML_DOMAIN = "ai.onnx.ml"
 BATCH_ROWS = 1024
 # The optimisation report's keys that also go in the result (and so in XCom and the audit record).
 RESULT_KEYS = ("parity", "variant", "reason", "native_accuracy", "variants", "benchmark", "ratios")
 
 
+class UnsupportedModelError(ValueError):
+    """The model's flavour or family has no conversion route to OpenVINO."""
+
+
+@dataclass
+class Source:
+    """A loaded model and what its route made of it: the fp32 graph OpenVINO reads, and its peers."""
+
+    flavour: str
+    family: str
+    route: str
+    feature_names: list[str]
+    classes: list[Any]
+    native: Callable[[Any], np.ndarray]  # class scores from ``native_input`` rows
+    native_input: str  # "frame" (a DataFrame with the feature names) or "array" (float32)
+    native_name: str  # the framework that ``native`` runs
+    graph: str = ""  # ONNX file or IR that OpenVINO reads
+    onnx_path: str | None = None  # what ONNX Runtime runs in the benchmark, when there is one
+    notes: list[str] = field(default_factory=list)
+
+
+def plan(request: dict[str, Any]) -> dict[str, Any]:
+    """Which route converts the model and which runtime it needs, without converting it.
+
+    Request ``{"tracking_uri", "run_id", "model_uri"?}`` -> ``{"flavour", "family", "route", "runtime"}``.
+    An unsupported flavour or family raises ``UnsupportedModelError`` naming it and the supported ones.
+    """
+    tracking_uri, model_uri = _model_location(request)
+    with tempfile.TemporaryDirectory() as tmp:
+        flavour, family = _identify(tracking_uri, model_uri, tmp)
+    route = _route(flavour, family)
+    return {"flavour": flavour, "family": family, "route": route, "runtime": ROUTE_RUNTIMES[route]}
+
+
 def convert(request: dict[str, Any]) -> dict[str, Any]:
     """Request ``{"tracking_uri", "run_id", "model_uri"?, "holdout_uri"?, "calibration_uri"?, "label",
     "tolerance", "min_label_agreement", "variants", "accuracy_budget", "objective", "calibration_rows",
-    "benchmark_calls"}`` -> ``{"ir_uri", "files", "parity", "passed", "variant", "reason", ...}``;
-    see docs/openvino.md."""
+    "benchmark_calls", "classes"?}`` -> ``{"ir_uri", "files", "parity", "passed", "variant", "reason",
+    "route", ...}``; see docs/openvino.md."""
     import mlflow
     from mlflow.entities import Metric
 
-    tracking_uri, run_id = request.get("tracking_uri"), request.get("run_id")
-    if not tracking_uri or not run_id:
-        raise ValueError("request needs 'tracking_uri' and 'run_id'")
+    tracking_uri, model_uri = _model_location(request)
+    run_id = request["run_id"]
     label = request.get("label", "label")
     tolerance = float(request.get("tolerance", 1e-4))
     min_agreement = float(request.get("min_label_agreement", 0.999))
@@ -59,37 +133,36 @@ def convert(request: dict[str, Any]) -> dict[str, Any]:
     if budget < 0:
         raise ValueError(f"accuracy_budget must be >= 0 points, got {budget}")
 
-    estimator = load_model(tracking_uri, request.get("model_uri") or f"runs:/{run_id}/{MODEL_NAME}")
     holdout = read_data(tracking_uri, request.get("holdout_uri") or f"runs:/{run_id}/{HOLDOUT_PATH}")
     if label not in holdout.columns:
         raise ValueError(f"holdout has no label column {label!r} (columns {list(holdout.columns)})")
-    feature_names = _feature_names(estimator)
-    missing = sorted(set(feature_names) - set(holdout.columns))
-    if missing:
-        raise ValueError(f"holdout lacks the model's features {missing}")
-    calibration = None
-    if "int8" in variants:
-        uri = request.get("calibration_uri") or f"runs:/{run_id}/{REFERENCE_PATH}"
-        calibration_rows = int(request.get("calibration_rows", 300))
-        calibration = read_data(tracking_uri, uri)[feature_names].to_numpy(dtype="float32")[:calibration_rows]
-
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = os.path.join(tmp, "model.onnx")
-        export_onnx(estimator, onnx_path)
+        source = load_source(tracking_uri, model_uri, tmp, holdout.drop(columns=[label]),
+                             request.get("classes"))
+        features = holdout[source.feature_names]
+        calibration = None
+        if "int8" in variants:
+            uri = request.get("calibration_uri") or f"runs:/{run_id}/{REFERENCE_PATH}"
+            rows = int(request.get("calibration_rows", 300))
+            calibration = read_data(tracking_uri, uri)[source.feature_names].to_numpy(dtype="float32")[:rows]
         report = optimise.optimise(
-            estimator, onnx_path, holdout[feature_names], _class_index(estimator, holdout[label]), tmp,
-            variants=variants, calibration=calibration, budget=budget, objective=objective,
+            source.native, source.graph, features, _class_index(source.classes, holdout[label]), tmp,
+            native_input=source.native_input, onnx_path=source.onnx_path, variants=variants,
+            calibration=calibration, budget=budget, objective=objective,
             calls=int(request.get("benchmark_calls", 200)), batch_rows=BATCH_ROWS,
         )
         fp32 = report["variants"]["fp32"]
         parity = {"max_abs_diff": fp32["max_abs_diff"], "label_agreement": fp32["label_agreement"],
                   "rows": int(len(holdout)), "tolerance": tolerance}
-        parity_passed = parity["max_abs_diff"] <= tolerance and parity["label_agreement"] >= min_agreement
+        diff = parity["max_abs_diff"]
+        parity_passed = diff is not None and diff <= tolerance and parity["label_agreement"] >= min_agreement
         if not parity_passed:
+            shown = (f"{diff:.3g}" if diff is not None
+                     else f"undefined ({fp32['non_finite_rows']} rows NaN or inf)")
             report.update(variant=None, ratios={}, reason=(
-                f"fp32 IR failed the parity gate: max abs diff {parity['max_abs_diff']:.3g} (tolerance "
-                f"{tolerance}), label agreement {parity['label_agreement']:.4f} (minimum {min_agreement})"))
+                f"fp32 IR failed the parity gate: max abs diff {shown} (tolerance {tolerance}), label "
+                f"agreement {parity['label_agreement']:.4f} (minimum {min_agreement})"))
         selected = report["variant"]
         passed = selected is not None
 
@@ -99,58 +172,313 @@ def convert(request: dict[str, Any]) -> dict[str, Any]:
             os.makedirs(ir_dir)
             for name in IR_FILES:
                 shutil.copy(os.path.join(tmp, selected, name), ir_dir)
-            files = write_manifest(estimator, ir_dir, selected)["files"]
+            files = write_manifest(ir_dir, selected, source)["files"]
             client.log_artifacts(run_id, ir_dir, IR_PATH)
 
     report = {**report, "objective": objective, "accuracy_budget": budget, "parity": parity,
-              "batch_rows": BATCH_ROWS}
+              "batch_rows": BATCH_ROWS, "flavour": source.flavour, "family": source.family,
+              "route": source.route, "native": source.native_name, "notes": source.notes}
     client.log_dict(run_id, report, REPORT_PATH)
     metrics = {"openvino.max_abs_diff": parity["max_abs_diff"],
                "openvino.label_agreement": parity["label_agreement"],
                "openvino.parity_passed": float(parity_passed), "openvino.passed": float(passed)}
     for variant, score in report["variants"].items():
-        metrics.update({f"openvino.{variant}.accuracy": score["accuracy"],
-                        f"openvino.{variant}.accuracy_drop": score["accuracy_drop"]})
+        if "accuracy" in score:
+            metrics.update({f"openvino.{variant}.accuracy": score["accuracy"],
+                            f"openvino.{variant}.accuracy_drop": score["accuracy_drop"]})
     for name, numbers in report["benchmark"].items():
         metrics.update({f"benchmark.{name}.{key}": value for key, value in numbers.items()})
-    client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])
+    # A NaN output leaves max_abs_diff undefined (None): not logged.
+    client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items() if v is not None])
     if passed:
         client.set_tag(run_id, "airloop.openvino.variant", selected)
     return {"ir_uri": f"runs:/{run_id}/{IR_PATH}" if passed else None, "files": files, "passed": passed,
-            "report_uri": f"runs:/{run_id}/{REPORT_PATH}", **{k: report[k] for k in RESULT_KEYS}}
+            "report_uri": f"runs:/{run_id}/{REPORT_PATH}", "family": source.family, "route": source.route,
+            "notes": source.notes, **{k: report[k] for k in RESULT_KEYS}}
+
+
+def _model_location(request: dict[str, Any]) -> tuple[str, str]:
+    tracking_uri, run_id = request.get("tracking_uri"), request.get("run_id")
+    if not tracking_uri or not run_id:
+        raise ValueError("request needs 'tracking_uri' and 'run_id'")
+    return tracking_uri, request.get("model_uri") or f"runs:/{run_id}/{MODEL_NAME}"
+
+
+def _identify(tracking_uri: str, model_uri: str, tmp: str) -> tuple[str, str]:
+    """The model's flavour and family; a scikit-learn model is loaded (skops, allow-listed) to name it."""
+    flavour, _ = _flavour(tracking_uri, model_uri, tmp)
+    if flavour == "sklearn":
+        return flavour, type(load_model(tracking_uri, model_uri)).__name__
+    return flavour, {"pytorch": "PyTorch module", "onnx": "ONNX model"}[flavour]
+
+
+def _flavour(tracking_uri: str, model_uri: str, tmp: str) -> tuple[str, str]:
+    """The supported MLflow flavour of the model (``sklearn`` in skops format, ``pytorch``, ``onnx``)
+    and the local folder it was downloaded to."""
+    import mlflow
+    from mlflow.models import Model
+
+    location, _ = resolve_model(mlflow.MlflowClient(tracking_uri=tracking_uri), model_uri)
+    local = download(tracking_uri, location, tmp)
+    if not os.path.isfile(os.path.join(local, "MLmodel")):
+        raise UnsupportedModelError(f"{model_uri} is not an MLflow model (no MLmodel file)")
+    flavours = Model.load(os.path.join(local, "MLmodel")).flavors
+    if flavours.get("sklearn", {}).get("serialization_format") == "skops":
+        return "sklearn", local
+    for name in ("pytorch", "onnx"):
+        if name in flavours:
+            return name, local
+    named = sorted(flavours)
+    hint = (" (a scikit-learn model saved with pickle: log it with serialization_format='skops')"
+            if "sklearn" in flavours else "")
+    raise UnsupportedModelError(
+        f"{model_uri} has MLflow flavours {named}, none that Airloop converts to OpenVINO{hint}: "
+        f"supported are {SUPPORTED}"
+    )
+
+
+def _route(flavour: str, family: str) -> str:
+    if flavour != "sklearn":
+        return flavour
+    if family not in ROUTES:
+        raise UnsupportedModelError(
+            f"cannot convert a {family} to OpenVINO: supported are {SUPPORTED}. Serve a {family} "
+            "with ONNX Runtime or the native model, or train a supported family"
+        )
+    return ROUTES[family]
+
+
+def load_source(tracking_uri: str, model_uri: str, work_dir: str, frame: pd.DataFrame,
+                classes: list[Any] | None = None) -> Source:
+    """Load the model behind ``model_uri`` and build its fp32 graph in ``work_dir``.
+
+    ``frame`` holds holdout rows (features, no label): it names the columns of a model that does not,
+    and gives the example input torch graphs are traced with. ``classes`` names the output columns of a
+    PyTorch or ONNX model (default ``0..k-1``).
+    """
+    flavour, local = _flavour(tracking_uri, model_uri, work_dir)
+    if flavour == "sklearn":
+        estimator = load_model(tracking_uri, model_uri)
+        source = _sklearn_source(estimator, work_dir)
+        rows = _rows(frame, source.feature_names)
+        if source.route == "hummingbird":
+            _hummingbird_graph(estimator, rows, source, work_dir)
+        return source
+    if flavour == "pytorch":
+        return _pytorch_source(local, work_dir, frame, classes)
+    return _onnx_source(local, work_dir, frame, classes)
+
+
+def _sklearn_source(estimator: Any, work_dir: str) -> Source:
+    family = type(estimator).__name__
+    route = _route("sklearn", family)
+    source = Source("sklearn", family, route, _feature_names(estimator),
+                    [value.item() if hasattr(value, "item") else value for value in estimator.classes_],
+                    estimator.predict_proba, "frame", "scikit-learn")
+    onnx_path = os.path.join(work_dir, "model.onnx")
+    if route == "skl2onnx":
+        export_onnx(estimator, onnx_path)
+        source.graph = source.onnx_path = onnx_path
+    else:
+        # ONNX Runtime reads ai.onnx.ml tree operators; OpenVINO gets hummingbird-ml's graph instead.
+        try:
+            _skl2onnx(estimator, onnx_path)
+            source.onnx_path = onnx_path
+        except Exception as exc:  # skl2onnx's own limits: the benchmark goes on without ONNX Runtime
+            source.notes.append(f"ONNX Runtime not benchmarked: skl2onnx cannot export this {family}: "
+                                f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    return source
 
 
 def export_onnx(estimator: Any, onnx_path: str) -> None:
-    """Write the probabilities-only ONNX graph of ``estimator`` (input ``input``: ``[N, n_features]``)."""
-    import onnx.utils
-    from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType
-
+    """Write the probabilities-only ONNX graph of an MLP (input ``input``: ``[N, n_features]``)."""
     family = type(estimator).__name__
-    if family not in SUPPORTED_FAMILIES:
-        raise ValueError(
-            f"cannot convert a {family} to OpenVINO: supported families are {list(SUPPORTED_FAMILIES)} "
-            "(tree ensembles need a torch-graph route that cannot share this environment; "
-            "see docs/openvino.md)"
+    if ROUTES.get(family) != "skl2onnx":
+        raise UnsupportedModelError(
+            f"a {family} has no skl2onnx route to OpenVINO (its graph needs {ONNX_ML_DOMAIN} operators): "
+            f"supported are {SUPPORTED}"
         )
     with tempfile.TemporaryDirectory() as tmp:
         full = os.path.join(tmp, "full.onnx")
-        graph = convert_sklearn(
-            estimator,
-            initial_types=[("input", FloatTensorType([None, int(estimator.n_features_in_)]))],
-            options={id(estimator): {"zipmap": False}},
+        _skl2onnx(estimator, full)
+        _probabilities_graph(full, onnx_path)
+
+
+def _skl2onnx(estimator: Any, path: str) -> None:
+    import onnx
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    graph = convert_sklearn(
+        estimator,
+        initial_types=[("input", FloatTensorType([None, int(estimator.n_features_in_)]))],
+        options={id(estimator): {"zipmap": False}},
+    )
+    onnx.save(graph, path)
+
+
+def _probabilities_graph(full: str, path: str) -> str:
+    """Keep the subgraph of ``full`` that computes its first 2-D float output; returns that output's name.
+
+    Refuses a subgraph that still holds ``ai.onnx.ml`` operators, naming them.
+    """
+    import onnx
+    import onnx.utils
+
+    model = onnx.load(full)
+    float_type = onnx.TensorProto.FLOAT
+    outputs = [output.name for output in model.graph.output
+               if output.type.tensor_type.elem_type == float_type
+               and len(output.type.tensor_type.shape.dim) == 2]
+    if not outputs:
+        raise UnsupportedModelError(f"the ONNX graph has no 2-D float output (class scores) to convert: "
+                                    f"outputs {[output.name for output in model.graph.output]}")
+    onnx.utils.extract_model(full, path, [model.graph.input[0].name], [outputs[0]])
+    ml_ops = sorted({node.op_type for node in onnx.load(path).graph.node if node.domain == ONNX_ML_DOMAIN})
+    if ml_ops:
+        raise UnsupportedModelError(
+            f"the ONNX graph computes {outputs[0]!r} with {ONNX_ML_DOMAIN} operators {ml_ops}, which "
+            f"OpenVINO cannot read: supported are {SUPPORTED}"
         )
-        onnx.save(graph, full)
-        onnx.utils.extract_model(full, onnx_path, ["input"], ["probabilities"])
+    return outputs[0]
 
 
-def write_manifest(estimator: Any, ir_dir: str, precision: str) -> dict[str, Any]:
+def _needs_torch_runtime(route: str, family: str, error: ImportError) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"the {route} route for a {family} needs the 'torch' runtime ({error.name} is not installed here): "
+        "run the conversion with runtime='torch' (build it with `airloop runtimes build torch`)"
+    )
+
+
+def _hummingbird_graph(estimator: Any, rows: np.ndarray, source: Source, work_dir: str) -> None:
+    """hummingbird-ml's torch graph of a tree model, converted to an fp32 IR (``source.graph``)."""
+    try:
+        import hummingbird.ml
+        import torch
+    except ImportError as error:
+        raise _needs_torch_runtime(source.route, source.family, error) from None
+    import openvino
+
+    executor = hummingbird.ml.convert(estimator, "torch", rows[:100]).model
+
+    class Probabilities(torch.nn.Module):
+        """hummingbird-ml's operators on one float32 tensor, returning the probabilities only: its own
+        executor takes numpy or DataFrames and returns labels too."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.executor = executor
+
+        def forward(self, batch: torch.Tensor) -> torch.Tensor:
+            values = {self.executor._input_names[0]: batch}
+            for operator in self.executor._operators:
+                outputs = operator(*(values[name] for name in operator.inputs))
+                values.update(zip(operator.outputs, outputs if len(operator.outputs) > 1 else (outputs,),
+                                  strict=True))
+            result = values[self.executor._output_names[-1]]
+            return result[-1] if isinstance(result, tuple) else result
+
+    with torch.inference_mode():
+        model = openvino.convert_model(Probabilities().eval(), example_input=torch.from_numpy(rows[:2]),
+                                       input=[(-1, rows.shape[1])])
+    source.graph = os.path.join(work_dir, "source.xml")
+    openvino.save_model(model, source.graph, compress_to_fp16=False)
+    if len(source.classes) > 2 and source.family in ("GradientBoostingClassifier",
+                                                     "HistGradientBoostingClassifier"):
+        source.notes.append("multiclass boosting: OpenVINO's CPU plugin has been seen to miscompute the "
+                            "fused sum + softmax of this graph; the parity gate decides")
+
+
+def _pytorch_source(local: str, work_dir: str, frame: pd.DataFrame, classes: list[Any] | None) -> Source:
+    try:
+        import torch
+    except ImportError as error:
+        raise _needs_torch_runtime("pytorch", "PyTorch module", error) from None
+    import openvino
+    from mlflow.models import Model
+
+    flavour = Model.load(os.path.join(local, "MLmodel")).flavors["pytorch"]
+    program_path = os.path.join(local, flavour.get("model_data", "data"), "model.pt2")
+    if not os.path.isfile(program_path):
+        raise UnsupportedModelError(
+            "the PyTorch model is saved with pickle, which runs code when loaded: log it with "
+            "mlflow.pytorch.log_model(..., serialization_format='pt2') (a torch.export program)"
+        )
+    program = torch.export.load(program_path)
+    feature_names = _signature_columns(local) or list(frame.columns)
+    model = openvino.convert_model(program)
+    model.reshape([-1, len(feature_names)])  # the export's batch dimension is dynamic; name the features
+    source = Source("pytorch", "PyTorch module", "pytorch", feature_names, [], _torch_predictor(program),
+                    "array", "torch")
+    source.classes = classes or _class_range(source.native(_rows(frame, feature_names)[:2]))
+    source.graph = os.path.join(work_dir, "source.xml")
+    openvino.save_model(model, source.graph, compress_to_fp16=False)
+    source.notes.append("ONNX Runtime not benchmarked: torch's ONNX exporter for exported programs "
+                        "needs onnxscript, which this runtime does not hold")
+    return source
+
+
+def _torch_predictor(program: Any) -> Callable[[np.ndarray], np.ndarray]:
+    import torch
+
+    module = program.module()
+
+    def predict(rows: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(rows)).numpy()
+
+    return predict
+
+
+def _onnx_source(local: str, work_dir: str, frame: pd.DataFrame, classes: list[Any] | None) -> Source:
+    from mlflow.models import Model
+
+    flavour = Model.load(os.path.join(local, "MLmodel")).flavors["onnx"]
+    graph = os.path.join(work_dir, "model.onnx")
+    _probabilities_graph(os.path.join(local, flavour.get("data", "model.onnx")), graph)
+    feature_names = _signature_columns(local) or list(frame.columns)
+    native = optimise.onnx_runtime_predictor(graph)
+    source = Source("onnx", "ONNX model", "onnx", feature_names, [], native, "array", "onnxruntime",
+                    graph=graph)
+    source.classes = classes or _class_range(native(_rows(frame, feature_names)[:2]))
+    source.notes.append("the native framework of an ONNX model is ONNX Runtime")
+    return source
+
+
+def _signature_columns(local: str) -> list[str]:
+    """Column names of the model's MLflow input signature (empty for a tensor signature or none)."""
+    from mlflow.models import Model
+
+    signature = Model.load(os.path.join(local, "MLmodel")).signature
+    if signature is None or not signature.inputs.has_input_names() or signature.is_signature_from_type_hint:
+        return []
+    return [str(name) for name in signature.inputs.input_names()]
+
+
+def _rows(frame: pd.DataFrame, feature_names: list[str]) -> np.ndarray:
+    """The model's features of the holdout rows, as float32."""
+    missing = sorted(set(feature_names) - set(frame.columns))
+    if missing:
+        raise ValueError(f"holdout lacks the model's features {missing}")
+    return frame[feature_names].to_numpy(np.float32)
+
+
+def _class_range(scores: np.ndarray) -> list[int]:
+    if scores.ndim != 2:
+        raise UnsupportedModelError(f"the model returns an array of shape {list(scores.shape)}: "
+                                    "expected class scores [rows, classes]")
+    return list(range(scores.shape[1]))
+
+
+def write_manifest(ir_dir: str, precision: str, source: Source) -> dict[str, Any]:
     """Write ``manifest.json`` for the IR files in ``ir_dir``; returns the manifest."""
+    from airloop.serving.model import MANIFEST_FORMAT, file_sha256
+
     manifest = {
-        "format": "openvino-ir",
-        "files": {name: _sha256(os.path.join(ir_dir, name)) for name in IR_FILES},
-        "feature_names": _feature_names(estimator),
-        "classes": [value.item() if hasattr(value, "item") else value for value in estimator.classes_],
+        "format": MANIFEST_FORMAT,
+        "files": {name: file_sha256(Path(ir_dir) / name) for name in IR_FILES},
+        "feature_names": source.feature_names,
+        "classes": source.classes,
         "precision": precision,
     }
     with open(os.path.join(ir_dir, MANIFEST), "w") as handle:
@@ -163,9 +491,8 @@ def _feature_names(estimator: Any) -> list[str]:
     return names or [f"x{i}" for i in range(int(estimator.n_features_in_))]
 
 
-def _class_index(estimator: Any, labels: Any) -> np.ndarray:
-    """Each label's column in ``predict_proba``; a label the model never saw raises ValueError."""
-    classes = list(estimator.classes_)
+def _class_index(classes: list[Any], labels: Any) -> np.ndarray:
+    """Each label's column in the model's output; a label the model never saw raises ValueError."""
     unknown = sorted(set(labels) - set(classes), key=str)
     if unknown:
         raise ValueError(f"holdout labels {unknown[:5]} are not among the model's classes {classes}")
@@ -173,19 +500,11 @@ def _class_index(estimator: Any, labels: Any) -> np.ndarray:
     return np.array([lookup[value] for value in labels])
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_ir(request: dict[str, Any]) -> dict[str, Any]:
     """Download an IR folder and verify it against its manifest.
 
     Request ``{"tracking_uri", "ir_uri", "dst_dir"}`` -> ``{"model_dir", "files"}``; a missing or
-    altered file raises ValueError naming it.
+    altered file raises ``ModelIntegrityError`` naming it.
     """
     for key in ("tracking_uri", "ir_uri", "dst_dir"):
         if not request.get(key):
@@ -197,15 +516,6 @@ def fetch_ir(request: dict[str, Any]) -> dict[str, Any]:
 
 def verify_ir(model_dir: str) -> dict[str, str]:
     """Check every file of ``model_dir/manifest.json`` against its SHA-256; returns the manifest's files."""
-    manifest_path = os.path.join(model_dir, MANIFEST)
-    if not os.path.isfile(manifest_path):
-        raise ValueError(f"{manifest_path} is missing: not an Airloop IR folder")
-    with open(manifest_path) as handle:
-        files = json.load(handle)["files"]
-    for name, expected in files.items():
-        path = os.path.join(model_dir, name)
-        if not os.path.isfile(path):
-            raise ValueError(f"IR file {name} listed in the manifest is missing from {model_dir}")
-        if _sha256(path) != expected:
-            raise ValueError(f"IR file {name} does not match its manifest checksum (corrupted or altered)")
-    return files
+    from airloop.serving.model import read_verified_manifest
+
+    return read_verified_manifest(Path(model_dir))["files"]

@@ -135,7 +135,6 @@ def read_table(uri: str, storage_options: dict[str, Any] | None = None) -> pd.Da
 def parquet_table(uri: str, storage_options: dict[str, Any] | None = None) -> Iterator[ParquetTable]:
     """Open a parquet file for reading by columns or row batches, without reading its data yet."""
     import pyarrow.parquet as pq
-
     from fsspec.implementations.local import LocalFileSystem
 
     fs, path = _checked(uri, storage_options)
@@ -201,13 +200,14 @@ class ParquetTable:
         return frame.astype(casts) if casts else frame
 
     def frame(self, columns: list[str] | None = None) -> pd.DataFrame:
-        """All rows of ``columns`` (default: every column); with ``[]``, a frame of no columns and every row."""
+        """All rows of ``columns`` (default: every column); ``[]``: no columns, every row (a row count)."""
         import pandas as pd
 
         if columns == []:
             return pd.DataFrame(index=pd.RangeIndex(self.rows))
         try:
-            table = self.file.read(columns=self.columns if columns is None else columns, use_pandas_metadata=False)
+            table = self.file.read(columns=self.columns if columns is None else columns,
+                                   use_pandas_metadata=False)
         except Exception as exc:
             raise ValueError(f"data file {self.uri} is not a readable parquet file: {exc}") from exc
         return self._frame(table, 0)

@@ -119,10 +119,10 @@ def apply(request: dict[str, Any]) -> dict[str, Any]:
     if done.returncode != 0:
         raise RuntimeError(f"feast apply of {store['repo_path']} failed (exit {done.returncode}): "
                            f"{output[-2000:]}")
-    return {**registered(feature_store(store)), "output": output[-4000:]}
+    return {**_registered(feature_store(store)), "output": output[-4000:]}
 
 
-def registered(fs: FeatureStore) -> dict[str, Any]:
+def _registered(fs: FeatureStore) -> dict[str, Any]:
     return {
         "project": fs.project,
         "entities": sorted(e.name for e in fs.list_entities()),
@@ -197,6 +197,8 @@ def training_set(request: dict[str, Any]) -> dict[str, Any]:
     features, service = request.get("features"), request.get("feature_service")
     if bool(features) == bool(service):
         raise ValueError("give either features (a list of 'view:feature') or feature_service, not both")
+    if isinstance(features, str):
+        raise ValueError(f"features must be a list of 'view:feature', got the string {features!r}")
     max_loss = float(request.get("max_row_loss", 0.0))
     if not 0.0 <= max_loss <= 1.0:
         raise ValueError(f"max_row_loss is a fraction within [0, 1], got {max_loss}")

@@ -1,16 +1,18 @@
 """OpenVINO variants of a converted model, the accuracy budget that decides which are kept, and a
 side-by-side benchmark that picks the one to serve.
 
-Variants, all from the same probabilities-only ONNX graph:
+Variants, all from the same fp32 graph (an ONNX file or an IR that a conversion route wrote):
 - ``fp32``: the reference IR; its agreement with the native model is the parity gate.
 - ``fp16``: weights stored in FP16 (``save_model(compress_to_fp16=True)``), decompressed at load.
-- ``int8``: NNCF post-training quantisation, calibrated on a sample of training rows.
+- ``int8``: NNCF post-training quantisation, calibrated on a sample of training rows. With the native
+  model's labels for those rows, ``nncf.quantize_with_accuracy_control`` keeps the layers whose
+  quantisation costs more than the budget in f32 (agreement with the native model is its metric).
 
 Every variant is compiled as the model server compiles it (``INFERENCE_PRECISION_HINT=f32``), so
 the accuracy and the speed measured here are the ones served. A variant is a candidate only when
 its holdout accuracy is within ``budget`` points of the native model's; the fastest candidate (by
 throughput at a large batch, or latency at batch 1) is selected. The benchmark also runs the native
-scikit-learn model and ONNX Runtime on the same ONNX graph, and says plainly when OpenVINO loses.
+model and ONNX Runtime (when there is an ONNX graph), and says plainly when OpenVINO loses.
 """
 
 from __future__ import annotations
@@ -32,23 +34,47 @@ NATIVE, ONNX_RUNTIME = "native", "onnxruntime"
 COMPILE_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
 
 
-def write_variant(onnx_path: str, n_features: int, variant: str, xml_path: str,
-                  calibration: np.ndarray | None = None) -> None:
-    """Convert ``onnx_path`` to the IR ``variant`` at ``xml_path`` (``int8`` needs ``calibration`` rows)."""
+def write_variant(graph: str, variant: str, xml_path: str, calibration: np.ndarray | None = None,
+                  labels: np.ndarray | None = None, max_drop: float = 0.01) -> str:
+    """Write the IR ``variant`` of ``graph`` (ONNX or IR, input ``[N, n_features]``) at ``xml_path``.
+
+    ``int8`` needs ``calibration`` rows; with the native model's ``labels`` for them it is quantised
+    with accuracy control (``max_drop``: largest allowed drop of agreement, a fraction). Returns how
+    the variant was made.
+    """
     import openvino
 
-    model = openvino.convert_model(onnx_path, input=[("input", [-1, n_features])])
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown OpenVINO variant {variant!r}: choose from {list(VARIANTS)}")
+    model = openvino.Core().read_model(graph)
+    method = "fp16 weights" if variant == "fp16" else "fp32"
     if variant == "int8":
-        import nncf
-
         if calibration is None or not len(calibration):
             raise ValueError("the int8 variant needs calibration rows")
-        rows = np.asarray(calibration, dtype=np.float32)
-        # One row per calibration item: activation statistics are gathered per sample.
-        model = nncf.quantize(model, nncf.Dataset(list(rows[:, None, :])), subset_size=len(rows))
-    elif variant not in VARIANTS:
-        raise ValueError(f"unknown OpenVINO variant {variant!r}: choose from {list(VARIANTS)}")
+        model, method = _quantize(model, np.asarray(calibration, dtype=np.float32), labels, max_drop)
     openvino.save_model(model, xml_path, compress_to_fp16=variant == "fp16")
+    return method
+
+
+def _quantize(model: Any, rows: np.ndarray, labels: np.ndarray | None, max_drop: float) -> tuple[Any, str]:
+    import nncf
+
+    # One row per calibration item: activation statistics are gathered per sample.
+    calibration = nncf.Dataset(list(rows[:, None, :]))
+    if labels is None:
+        return nncf.quantize(model, calibration, subset_size=len(rows)), "nncf.quantize"
+    validation = nncf.Dataset(list(zip(rows[:, None, :], labels, strict=True)), lambda item: item[0])
+
+    def agreement(compiled: Any, items: Any) -> tuple[float, list[float]]:
+        output = compiled.output(0)
+        hits = [float(compiled(row)[output].argmax() == label) for row, label in items]
+        return float(np.mean(hits)), hits
+
+    quantised = nncf.quantize_with_accuracy_control(
+        model, calibration, validation, agreement, max_drop=max_drop, subset_size=len(rows)
+    )
+    return quantised, (f"nncf.quantize_with_accuracy_control (max drop {max_drop:.4g} of agreement with "
+                       f"the native model on {len(rows)} calibration rows)")
 
 
 def openvino_predictor(xml_path: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -61,18 +87,29 @@ def openvino_predictor(xml_path: str) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def onnx_runtime_predictor(onnx_path: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The ``probabilities`` output (else the first) of the ONNX graph, through ONNX Runtime."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-    return lambda rows: session.run(None, {"input": rows})[0]
+    name = session.get_inputs()[0].name
+    outputs = [output.name for output in session.get_outputs()]
+    wanted = ["probabilities"] if "probabilities" in outputs else outputs[:1]
+    return lambda rows: session.run(wanted, {name: rows})[0]
 
 
 def agreement(proba: np.ndarray, reference: np.ndarray, target_index: np.ndarray) -> dict[str, float]:
-    """Accuracy of ``proba`` and how far it is from the native model's ``reference`` probabilities."""
+    """Accuracy of ``proba`` and how far it is from the native model's ``reference`` probabilities.
+
+    A row with a NaN or infinite output counts as wrong; ``max_abs_diff`` is then ``None`` (JSON has
+    no NaN) and ``non_finite_rows`` says how many there were.
+    """
+    finite = np.isfinite(proba).all(axis=1)
+    labels = np.where(finite, proba.argmax(axis=1), -1)
     return {
-        "accuracy": float((proba.argmax(axis=1) == target_index).mean()),
-        "max_abs_diff": float(np.abs(proba - reference).max()),
-        "label_agreement": float((proba.argmax(axis=1) == reference.argmax(axis=1)).mean()),
+        "accuracy": float((labels == target_index).mean()),
+        "max_abs_diff": float(np.abs(proba - reference).max()) if finite.all() else None,
+        "label_agreement": float((labels == reference.argmax(axis=1)).mean()),
+        "non_finite_rows": int((~finite).sum()),
     }
 
 
@@ -115,7 +152,8 @@ def select(variants: dict[str, dict[str, Any]], speed: dict[str, dict[str, float
     """The fastest variant within the accuracy budget, and why; ``None`` when none is within it."""
     key = OBJECTIVES[objective]
     kept = [name for name, scores in variants.items() if scores["within_budget"]]
-    dropped = [f"{name} (accuracy drop {scores['accuracy_drop']:.2f} points)"
+    dropped = [f"{name} (not built: {scores['error']})" if "error" in scores
+               else f"{name} (accuracy drop {scores['accuracy_drop']:.2f} points)"
                for name, scores in variants.items() if not scores["within_budget"]]
     if not kept:
         return None, f"no OpenVINO variant meets the {budget:g}-point accuracy budget: {', '.join(dropped)}"
@@ -130,59 +168,81 @@ def select(variants: dict[str, dict[str, Any]], speed: dict[str, dict[str, float
 
 
 def verdict(selected: str, speed: dict[str, dict[str, float]]) -> tuple[dict[str, float], str]:
-    """Speed ratios of the selected variant against the native model and ONNX Runtime, in words too.
+    """Speed ratios of the selected variant against the native model and ONNX Runtime (when it ran),
+    in words too.
 
     Ratios above 1 favour OpenVINO: throughput ratio = ours / theirs, latency ratio = theirs / ours.
     """
     ours = speed[selected]
     ratios = {}
-    for peer in (NATIVE, ONNX_RUNTIME):
+    for peer in (name for name in (NATIVE, ONNX_RUNTIME) if name in speed):
         ratios[f"throughput_vs_{peer}"] = ours["rows_per_s"] / speed[peer]["rows_per_s"]
         ratios[f"latency_vs_{peer}"] = speed[peer]["p50_ms"] / ours["p50_ms"]
     losses = [name for name, ratio in ratios.items() if ratio < 1]
     if not losses:
-        return ratios, f"OpenVINO {selected} is faster than both peers at both batch sizes"
+        return ratios, f"OpenVINO {selected} is faster than every peer at both batch sizes"
     detail = ", ".join(f"{name.replace('_', ' ')} {ratios[name]:.2f}x" for name in losses)
     return ratios, (f"OpenVINO {selected} does not win everywhere for this model: {detail} "
                     "(ratios < 1 mean the peer is faster)")
 
 
-def optimise(estimator: Any, onnx_path: str, features: pd.DataFrame, target_index: np.ndarray,
-             work_dir: str, *, variants: Sequence[str] = VARIANTS, calibration: np.ndarray | None = None,
-             budget: float = 1.0, objective: str = "throughput", calls: int = 200,
-             batch_rows: int = 1024) -> dict[str, Any]:
-    """Build, score and benchmark the variants of ``onnx_path``; select one.
+def optimise(native: Callable[[Any], np.ndarray], graph: str, features: pd.DataFrame,
+             target_index: np.ndarray, work_dir: str, *, native_input: str = "frame", onnx_path: str | None = None,
+             variants: Sequence[str] = VARIANTS, calibration: np.ndarray | None = None, budget: float = 1.0,
+             objective: str = "throughput", calls: int = 200, batch_rows: int = 1024) -> dict[str, Any]:
+    """Build, score and benchmark the variants of ``graph``; select one.
 
-    The fp32 variant is always built (it is the parity reference). Each variant's IR is written to
-    ``work_dir/<variant>/model.xml``. Returns ``{"native_accuracy", "variants": {name: {"accuracy",
-    "accuracy_drop", "max_abs_diff", "label_agreement", "within_budget", "size_bytes"}}, "benchmark":
-    {name: {"p50_ms", "p99_ms", "rows_per_s"}}, "variant", "reason", "ratios"}``.
+    ``native`` returns the native model's class scores for a DataFrame of ``features``' columns
+    (``native_input="frame"``) or a float32 array (``"array"``); ``onnx_path`` is the graph ONNX
+    Runtime runs next to it. The fp32 variant is always built (it is the parity reference); a variant
+    that cannot be built is reported with the error and never selected. Each variant's IR is written
+    to ``work_dir/<variant>/model.xml``. Returns ``{"native_accuracy", "variants": {name: {"accuracy",
+    "accuracy_drop", "max_abs_diff", "label_agreement", "within_budget", "size_bytes", "method"} or
+    {"error", "within_budget"}}, "benchmark": {name: {"p50_ms", "p99_ms", "rows_per_s"}}, "variant",
+    "reason", "ratios"}``.
     """
     import pandas as pd
 
     rows = features.to_numpy(dtype=np.float32)
-    native = estimator.predict_proba(features)
-    native_accuracy = float((native.argmax(axis=1) == target_index).mean())
+
+    def as_input(array: np.ndarray) -> Any:
+        return pd.DataFrame(array, columns=features.columns) if native_input == "frame" else array
+
+    reference = np.asarray(native(as_input(rows)), dtype=np.float32)
+    native_accuracy = float((reference.argmax(axis=1) == target_index).mean())
+    labels = None
+    if calibration is not None and len(calibration):
+        labels = np.asarray(native(as_input(np.asarray(calibration, dtype=np.float32)))).argmax(axis=1)
     scores, paths = {}, {}
     for variant in dict.fromkeys(["fp32", *variants]):
-        paths[variant] = os.path.join(work_dir, variant, "model.xml")
-        os.makedirs(os.path.dirname(paths[variant]), exist_ok=True)
-        write_variant(onnx_path, rows.shape[1], variant, paths[variant], calibration)
-        scores[variant] = agreement(openvino_predictor(paths[variant])(rows), native, target_index)
+        path = os.path.join(work_dir, variant, "model.xml")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            method = write_variant(graph, variant, path, calibration, labels, max_drop=budget / 100)
+        except Exception as exc:  # NNCF or OpenVINO refusing this graph: one candidate fewer, said why
+            if variant == "fp32":
+                raise
+            scores[variant] = {"error": f"{type(exc).__name__}: {exc}"[:300], "within_budget": False}
+            continue
+        paths[variant] = path
+        scores[variant] = agreement(openvino_predictor(path)(rows), reference, target_index)
         drop = (native_accuracy - scores[variant]["accuracy"]) * 100
         scores[variant].update(accuracy_drop=drop, within_budget=drop <= budget + 1e-9,
-                               size_bytes=os.path.getsize(paths[variant].removesuffix(".xml") + ".bin"))
+                               size_bytes=os.path.getsize(path.removesuffix(".xml") + ".bin"), method=method)
 
-    predictors = {NATIVE: estimator.predict_proba, ONNX_RUNTIME: onnx_runtime_predictor(onnx_path)}
-    predictors.update({variant: openvino_predictor(paths[variant]) for variant in variants})
-    large = pd.DataFrame(np.resize(rows, (batch_rows, rows.shape[1])), columns=features.columns)
+    predictors = {NATIVE: native}
+    if onnx_path is not None:
+        predictors[ONNX_RUNTIME] = onnx_runtime_predictor(onnx_path)
+    predictors.update({variant: openvino_predictor(paths[variant]) for variant in variants
+                       if variant in paths})
+    large = np.resize(rows, (batch_rows, rows.shape[1]))
     singles = range(min(len(rows), 50))
-    # The native model takes a DataFrame (its fitted feature names), the others float32 arrays.
+    # The native model takes its own input kind, the others float32 arrays.
     speed = benchmark(
         predictors,
-        {name: [features.iloc[[i]] for i in singles] if name == NATIVE else [rows[i : i + 1] for i in singles]
+        {name: [as_input(rows[i : i + 1]) if name == NATIVE else rows[i : i + 1] for i in singles]
          for name in predictors},
-        {name: large if name == NATIVE else large.to_numpy(dtype=np.float32) for name in predictors},
+        {name: as_input(large) if name == NATIVE else large for name in predictors},
         batch_rows,
         calls=calls,
     )

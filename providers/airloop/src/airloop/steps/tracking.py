@@ -42,8 +42,6 @@ HTTP_SETTINGS = {
 }
 S3_SETTINGS = ("endpoint_url", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
                "region_name")
-# MLflow's own default, for the error message when the request sets none.
-DEFAULT_MAX_RETRIES = 7
 # Steps never send MLflow usage data.
 TELEMETRY_OFF = ("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -155,6 +153,7 @@ def mlflow_calls(request: Mapping[str, Any]) -> Iterator[None]:
     with ACTIVE.use(settings):
         # Imported inside the block: MLflow decides at import whether to start its telemetry.
         import requests
+        from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
         from mlflow.exceptions import MlflowException
 
         try:
@@ -164,10 +163,10 @@ def mlflow_calls(request: Mapping[str, Any]) -> Iterator[None]:
             cause = exc.__cause__ or exc.__context__
             if not isinstance(cause, requests.RequestException):
                 raise
-            retries = dict(settings.environment).get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", DEFAULT_MAX_RETRIES)
+            # What MLflow used: the request's setting, else the environment's, else MLflow's default.
+            tries = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() + 1
             raise MlflowUnavailableError(
-                f"MLflow at {request.get('tracking_uri')} is unavailable after {int(retries) + 1} tries:"
-                f" {exc.message}"
+                f"MLflow at {request.get('tracking_uri')} is unavailable after {tries} tries: {exc.message}"
             ) from exc
 
 
@@ -186,11 +185,12 @@ class SessionClient:
     """An ``MlflowClient`` whose every call runs inside ``mlflow_calls(config)``: what a hook hands out."""
 
     def __init__(self, config: Mapping[str, Any]) -> None:
-        import mlflow
-
         self._config = dict(config)
         uri = config["tracking_uri"]
-        self._client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+        with mlflow_calls(self._config):  # MLflow's first import, if this is it, sees telemetry off
+            import mlflow
+
+            self._client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     def __repr__(self) -> str:
         return f"SessionClient({self._config['tracking_uri']!r})"

@@ -45,6 +45,7 @@ SKOPS_TRUSTED_TYPES = frozenset(
         "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
         "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
         "sklearn.tree._tree.Tree",
+        "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
         "sklearn._loss.link.Interval",
         "sklearn._loss.link.LogitLink",
         "sklearn._loss.link.MultinomialLogit",
@@ -68,8 +69,8 @@ def train(request: dict[str, Any]) -> dict[str, Any]:
         client, request.get("experiment", "airloop"), request.get("artifact_root")
     )
 
-    previous = task_run(client, experiment_id, tags)
-    if previous is not None:
+    previous = task_run(client, experiment_id, tags, finished=False)
+    if previous is not None and previous.info.status == "FINISHED":
         return run_result(client, previous, reused=True)
 
     frame = read_data(tracking_uri, data_uri, request.get("storage_options"))
@@ -93,7 +94,10 @@ def train(request: dict[str, Any]) -> dict[str, Any]:
     }
     if request.get("parent_run_id"):
         run_tags[PARENT_RUN_TAG] = str(request["parent_run_id"])
-    run = client.create_run(experiment_id, tags=run_tags)
+    if previous is not None and _resumable(previous, request):
+        run = _resume(client, previous, run_tags)
+    else:
+        run = client.create_run(experiment_id, tags=run_tags)
     run_id = run.info.run_id
     try:
         if validation:
@@ -104,6 +108,41 @@ def train(request: dict[str, Any]) -> dict[str, Any]:
         raise
     client.set_terminated(run_id, status="FINISHED")
     return _result(run_id, metrics, data_print, reused=False)
+
+
+def _request_params(request: dict[str, Any]) -> dict[str, str]:
+    """The run params the request fixes before training, as MLflow stores them."""
+    params = {
+        "estimator": request.get("estimator", "sklearn.neural_network.MLPClassifier"),
+        "test_size": request.get("test_size", 0.25),
+        "seed": int(request.get("seed", 0)),
+        **(request.get("params") or {}),
+    }
+    return {key: str(value)[:6000] for key, value in params.items()}
+
+
+def _resumable(run: mlflow.entities.Run, request: dict[str, Any]) -> bool:
+    """Whether this try can train into the run an earlier try of the task instance left unfinished
+    (a killed worker, a failure): MLflow params cannot change, so only if those logged agree."""
+    logged = run.data.params
+    return all(logged.get(key, value) == value for key, value in _request_params(request).items())
+
+
+def _resume(
+    client: mlflow.MlflowClient, run: mlflow.entities.Run, tags: dict[str, str]
+) -> mlflow.entities.Run:
+    """Reopen an unfinished run of this task instance; logged models it left unfinished are marked
+    FAILED, so ``runs:/<id>/model`` names only the one this try logs."""
+    from mlflow.entities import LoggedModelStatus, RunTag
+
+    run_id = run.info.run_id
+    client.update_run(run_id, status="RUNNING")
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    started = f"source_run_id = '{run_id}'"
+    for model in client.search_logged_models([run.info.experiment_id], filter_string=started):
+        if model.status != LoggedModelStatus.READY:
+            client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+    return client.get_run(run_id)
 
 
 def run_result(client: mlflow.MlflowClient, run: mlflow.entities.Run, reused: bool) -> dict[str, Any]:
@@ -141,18 +180,16 @@ def _fit_and_log(
 
     run_id = run.info.run_id
     params = {
-        "estimator": request.get("estimator", "sklearn.neural_network.MLPClassifier"),
         "model_class": f"{type(estimator).__module__}.{type(estimator).__qualname__}",
-        "test_size": request.get("test_size", 0.25),
-        "seed": seed,
-        # What the model ended up with; a training function's own params where they differ.
         **{key: value for key, value in estimator.get_params(deep=False).items() if not callable(value)},
-        **(request.get("params") or {}),
+        # The request's own, where a training function's model reports other values.
+        **_request_params(request),
     }
     client.log_batch(
         run_id,
         metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
-        params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+        # A resumed run keeps the params its first try logged (MLflow's cannot change).
+        params=[Param(k, str(v)[:6000]) for k, v in params.items() if k not in run.data.params],
     )
     log_sklearn_model(client, run, estimator, x_train)
 
@@ -372,12 +409,17 @@ def resolve_model(client: mlflow.MlflowClient, model_uri: str) -> tuple[str, str
         return client.get_logged_model(model_id).artifact_location, model_id
     if not model_uri.startswith("runs:/"):
         return model_uri, None
+    from mlflow.entities import LoggedModelStatus
+
     run_id, _, name = model_uri.removeprefix("runs:/").partition("/")
     run = client.get_run(run_id)
-    for output in run.outputs.model_outputs if run.outputs else []:
-        logged = client.get_logged_model(output.model_id)
-        if logged.name == name:
-            return logged.artifact_location, logged.model_id
+    outputs = [client.get_logged_model(output.model_id) for output in (run.outputs.model_outputs
+                                                                       if run.outputs else [])]
+    # The newest complete one: a resumed run can hold the model of a try that died before finishing.
+    ready = [logged for logged in outputs if logged.name == name and logged.status == LoggedModelStatus.READY]
+    if ready:
+        newest = max(ready, key=lambda logged: logged.creation_timestamp)
+        return newest.artifact_location, newest.model_id
     # A model stored as plain run artefacts (mlflow 2 style).
     return f"{run.info.artifact_uri.rstrip('/')}/{name}", None
 

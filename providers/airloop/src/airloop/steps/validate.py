@@ -113,7 +113,7 @@ def validate(request: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("request needs 'data_uri' and 'suite' (or 'suite_path')")
     suite = load_suite(source)
     uri, options = request["data_uri"], request.get("storage_options")
-    options_of_result = {
+    reporting = {
         "docs_dir": request.get("docs_dir"),
         "label": request.get("label", "label"),
         "expected_fingerprint": request.get("expected_fingerprint"),
@@ -125,13 +125,13 @@ def validate(request: dict[str, Any]) -> dict[str, Any]:
     if is_csv(uri):
         if batch_rows:
             raise ValueError(f"batch_rows needs a parquet file; {uri} is CSV")
-        return validate_frame(read_table(uri, options), suite, **options_of_result)
+        return validate_frame(read_table(uri, options), suite, **reporting)
     with parquet_table(uri, options) as table:
         size = int(batch_rows) if batch_rows is not None else (
             AUTO_BATCH_ROWS if table.rows > AUTO_BATCH_ABOVE else 0)
         if not size or size >= table.rows:
-            return validate_frame(table.frame(), suite, **options_of_result)
-        return _validate_batches(table, suite, size, **options_of_result)
+            return validate_frame(table.frame(), suite, **reporting)
+        return _validate_batches(table, suite, size, **reporting)
 
 
 def validate_frame(
@@ -146,7 +146,7 @@ def validate_frame(
     """Validate an in-memory DataFrame; ``suite`` is anything ``load_suite`` takes. Result as ``validate``."""
     gate = _Gate(load_suite(suite))
     results = gate.run(frame, range(len(gate.configs)))
-    labels = collections.Counter(frame[label].tolist()) if label in frame.columns else None
+    labels = collections.Counter(frame[label].value_counts().to_dict()) if label in frame.columns else None
     return gate.finish(results, fingerprint(frame), labels, batches=1, docs_dir=docs_dir,
                        expected_fingerprint=expected_fingerprint, data_name=data_name)
 
@@ -165,7 +165,7 @@ def _validate_batches(
     for frame in table.batches(batch_rows):
         digest.update(frame)
         if labels is not None:
-            labels.update(frame[label].tolist())
+            labels.update(frame[label].value_counts().to_dict())
         if rowwise:
             for collected, result in zip(parts, gate.run(frame, rowwise), strict=True):
                 collected.append(result)
@@ -195,7 +195,8 @@ class _Gate:
         self.name = suite["name"]
         try:
             self.configs = [
-                ExpectationConfiguration(type=item["type"], kwargs=item.get("kwargs") or {}, meta=item.get("meta"))
+                ExpectationConfiguration(type=item["type"], kwargs=item.get("kwargs") or {},
+                                         meta=item.get("meta"))
                 for item in suite["expectations"]
             ]
             self.expectations = [config.to_domain_obj() for config in self.configs]
@@ -215,13 +216,23 @@ class _Gate:
         """The results of the expectations at ``indices`` on ``frame``, in that order."""
         import great_expectations as gx
 
+        indices = list(indices)
         suite = gx.ExpectationSuite(name=self.name,
                                     expectations=[self.configs[index].to_domain_obj() for index in indices])
         batch = self.batch_definition.get_batch(batch_parameters={"dataframe": frame})
         result = batch.validate(suite, result_format="SUMMARY")
         if self.meta is None:
             self.meta, self.batch_id = dict(result.meta), result.batch_id
-        return list(result.results)
+        # GX returns the results grouped by column: put them back in the suite's order.
+        remaining, ordered = list(result.results), []
+        for index in indices:
+            config = self.expectations[index].configuration  # kwargs as GX keeps them (defaults left out)
+            found = next(position for position, item in enumerate(remaining)
+                         if item.expectation_config.type == config.type
+                         and {k: v for k, v in item.expectation_config.kwargs.items() if k != "batch_id"}
+                         == config.kwargs)
+            ordered.append(remaining.pop(found))
+        return ordered
 
     def split(self) -> tuple[list[int], list[int], list[int]]:
         """Indices of the row-wise expectations, the schema ones and those needing whole columns."""
@@ -253,7 +264,8 @@ class _Gate:
             named = [name for name in named if isinstance(name, str)]
             if named:
                 needed.update(named)
-            elif set(getattr(self.expectations[index], "metric_dependencies", ()) or ()) != {"table.row_count"}:
+            elif set(getattr(self.expectations[index], "metric_dependencies", ()) or ()) != {
+                    "table.row_count"}:
                 return None
         return needed
 
@@ -327,7 +339,7 @@ class _Gate:
         })
         self.context.suites.add(gx.ExpectationSuite(name=self.name, expectations=[
             config.to_domain_obj() for config in self.configs]))
-        run_id = RunIdentifier(run_time=datetime.datetime.now(datetime.timezone.utc))
+        run_id = RunIdentifier(run_time=datetime.datetime.now(datetime.UTC))
         result.meta.update(run_id=run_id, validation_time=run_id.run_time)
         suite_id = ExpectationSuiteIdentifier(name=self.name)
         key = ValidationResultIdentifier(expectation_suite_identifier=suite_id, run_id=run_id,
@@ -380,7 +392,9 @@ def _combine(parts: list[Any]) -> Any:
 VALIDATION_ARTIFACT = "validation/summary.json"
 
 
-def gated_run_tags(validation: dict[str, Any] | None, data_uri: str, data_print: dict[str, Any]) -> dict[str, str]:
+def gated_run_tags(
+    validation: dict[str, Any] | None, data_uri: str, data_print: dict[str, Any]
+) -> dict[str, str]:
     """Tags for the MLflow run that ``validation`` (the gate operator's summary) lets through.
 
     Raises ValueError when the data at ``data_uri`` is not what was validated (it changed in between).
@@ -502,16 +516,20 @@ def profile_suite(
                                         mostly=math.floor((1 - allowed) * 10_000) / 10_000))
         present = values.dropna()
         # GX checks an object column value by value, against the values' Python types.
-        types = (sorted({type(value).__name__ for value in present}) or ["str"]) if values.dtype == object else [
-            str(values.dtype)]
+        if values.dtype == object:
+            types = sorted({type(value).__name__ for value in present}) or ["str"]
+        else:
+            types = [str(values.dtype)]
         expectations.append(_expect("column_values_to_be_in_type_list", column=column, type_list=types))
-        categorical = not (pd.api.types.is_float_dtype(values) or pd.api.types.is_datetime64_any_dtype(values))
+        categorical = not (pd.api.types.is_float_dtype(values)
+                           or pd.api.types.is_datetime64_any_dtype(values))
         if column == key:
             expectations.append(_expect("column_values_to_be_unique", column=column))
         elif categorical and 0 < present.nunique() <= max_categories:
             value_set = sorted((_plain(v) for v in present.unique()), key=lambda v: (str(type(v)), v))
             expectations.append(_expect("column_values_to_be_in_set", column=column, value_set=value_set))
-        elif pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values) and len(present):
+        elif (pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+              and len(present)):
             low, high = float(present.min()), float(present.max())
             pad = margin * (high - low) or 1.0
             expectations.append(_expect("column_values_to_be_between", column=column, min_value=low - pad,
@@ -534,8 +552,8 @@ def _leakage_guards(df: pd.DataFrame, label: str) -> list[dict[str, Any]]:
             continue
         differ = float((df[column_name] != df[label]).mean())
         if differ < _LEAK_MOSTLY:
-            raise ValueError(f"column {column!r} equals the label {label!r} on {1 - differ:.1%} of the reference"
-                             " rows: the reference leaks the label")
+            raise ValueError(f"column {column!r} equals the label {label!r} on {1 - differ:.1%} of the"
+                             " reference rows: the reference leaks the label")
         guards.append(_expect("column_pair_values_to_differ", column_A=column, column_B=label,
                               mostly=_LEAK_MOSTLY))
     return guards

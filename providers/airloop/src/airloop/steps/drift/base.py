@@ -186,7 +186,8 @@ class Detector(ABC):
                 values = values.astype(float)
                 entry["cur_mean"] = float(values.mean()) if len(values) else None
             if feature in self._fitted and len(values) >= self.min_rows:
-                tests.append(([feature], partial(self._test_feature, self._fitted[feature], values, categorical)))
+                test = partial(self._test_feature, self._fitted[feature], values, categorical)
+                tests.append(([feature], test))
             scores[feature] = entry
         if self._joint is not None:
             complete = current[self.features_].dropna()

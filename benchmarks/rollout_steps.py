@@ -1,0 +1,94 @@
+"""Wall time of each rollout step on the local target, next to the analysis window it waits for.
+
+Trains, converts and registers three versions of a model with the real steps (MLflow on SQLite in a
+temporary AIRLOOP_HOME), deploys the first as champion, starts the embedded loop's simulated clients
+(a second process) and rolls out the second as a canary (10 -> 25 -> 50 -> 100) and the third as a
+shadow then a canary (shadow -> 50 -> 100). Prints, per step, its wall time, the analysis window
+and the ratio of the two: what a step costs beyond the window (starting a model server, traffic
+changes, waiting for enough data, promotion) is what the ratio shows.
+
+    python benchmarks/rollout_steps.py [--window 5] [--rate 150]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+os.environ.setdefault("CI", "true")  # OpenVINO telemetry off
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+REPO = Path(__file__).resolve().parents[1]
+WORK = Path(tempfile.mkdtemp(prefix="airloop-rollout-bench-"))
+os.environ.setdefault("AIRLOOP_RUNTIMES", str(REPO / ".airloop" / "runtimes"))
+os.environ["AIRLOOP_HOME"] = str(WORK / "home")
+
+from airloop import artefacts  # noqa: E402
+from airloop.operators.seldon import SeldonRolloutChallengerOperator  # noqa: E402
+from airloop.serving.base import get_target  # noqa: E402
+from airloop.steps.data import generate, write_table  # noqa: E402
+
+
+def _tests() -> object:
+    path = REPO / "tests" / "integration" / "test_rollout.py"
+    spec = importlib.util.spec_from_file_location("test_rollout", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _seconds(start: str, end: str) -> float:
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--window", type=float, default=5.0, help="analysis_seconds of each step")
+    parser.add_argument("--rate", type=float, default=150.0, help="client requests per second, about")
+    args = parser.parse_args()
+    tests = _tests()
+    data = write_table(generate(800, seed=3), str(WORK / "train.parquet"))
+    started = time.perf_counter()
+    champion, canary, shadow = (tests.register_version(data, seed=seed) for seed in (1, 2, 3))
+    print(f"3 versions trained, converted and registered in {time.perf_counter() - started:.1f} s")
+
+    def operator(version: str, **kwargs: object) -> SeldonRolloutChallengerOperator:
+        return SeldonRolloutChallengerOperator(
+            task_id="rollout", model_name=tests.MODEL, version=version, deployment="bench",
+            analysis_seconds=args.window, max_wait_seconds=120, poll_interval=0.5, **kwargs)
+
+    operator(champion).execute({"ti": tests.StubTaskInstance()})
+    clients = tests.Clients(get_target("local").state("bench")["endpoint"], WORK, rate=args.rate)
+    try:
+        runs = [("canary", operator(canary, steps=(10, 25, 50, 100))),
+                ("shadow", operator(shadow, mode="shadow", steps=(50, 100),
+                                    criteria={"min_agreement": 0.7}))]
+        print(f"analysis window {args.window:g} s; clients about {args.rate:g} requests/s; "
+              f"{os.cpu_count()} CPUs")
+        print(f"{'rollout':8s} {'step':18s} {'wall s':>7s} {'window s':>9s} {'wall/window':>12s}")
+        for name, rollout in runs:
+            result = rollout.execute({"ti": tests.StubTaskInstance()})
+            report = json.loads((artefacts.root() / rollout.report_path).read_text())
+            steps = report["steps"]
+            deploy = _seconds(report["started"], steps[0]["started"])
+            print(f"{name:8s} {'deploy challenger':18s} {deploy:7.2f}")
+            for step in steps:
+                label = f"{step['kind']} {step.get('mirror', step['weight'])}%"
+                wall = _seconds(step["started"], step.get("ended") or report["ended"])
+                window = args.window if step["kind"] in ("canary", "shadow") else 0.0
+                ratio = f"x{wall / window:.2f}" if window else ""
+                print(f"{name:8s} {label:18s} {wall:7.2f} {window:9.2f} {ratio:>12s}")
+            print(f"{name:8s} {'total':18s} {_seconds(report['started'], report['ended']):7.2f}   "
+                  f"-> {result['decision']}")
+    finally:
+        clients.stop()
+        get_target("local").delete("bench")
+
+
+if __name__ == "__main__":
+    main()

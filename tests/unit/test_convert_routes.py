@@ -1,0 +1,156 @@
+"""The conversion routes that need the torch runtime: scikit-learn tree models through hummingbird-ml's
+torch graph, and PyTorch modules (pt2) through torch.export, each run by a hop into that runtime.
+
+The runtime is built by ``make setup``; without it these tests fail with the command that builds it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import pytest
+
+from airloop import runtimes
+from airloop.steps.data import generate, write_table
+from airloop.steps.train import train
+
+TREES = {
+    "DecisionTreeClassifier": ("sklearn.tree.DecisionTreeClassifier", {"max_depth": 5}),
+    "RandomForestClassifier": ("sklearn.ensemble.RandomForestClassifier",
+                               {"n_estimators": 10, "max_depth": 6}),
+    "GradientBoostingClassifier": ("sklearn.ensemble.GradientBoostingClassifier", {"n_estimators": 20}),
+    "HistGradientBoostingClassifier": ("sklearn.ensemble.HistGradientBoostingClassifier", {"max_iter": 20}),
+}
+
+
+class _TaskInstance:
+    def __init__(self, task_id: str) -> None:
+        self.dag_id, self.run_id, self.task_id = "airloop_convert", "manual__convert", task_id
+        self.map_index, self.try_number, self.xcom, self.bundle_instance = -1, 1, {}, None
+
+    def xcom_push(self, key: str, value: object) -> None:
+        self.xcom[key] = value
+
+
+def _context(task_id: str = "convert") -> dict:
+    return {"ti": _TaskInstance(task_id), "dag_run": SimpleNamespace(run_type="manual"),
+            "dag": SimpleNamespace(fileloc=__file__)}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("routes")
+    runtimes.python("torch")  # RuntimeMissingError naming `airloop runtimes build torch` when absent
+    return {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_root": (root / "artefacts").as_uri(),
+            "data_uri": write_table(generate(1200, seed=0), str(root / "data.parquet")), "root": root}
+
+
+def _train(store: dict, family: str) -> dict:
+    estimator, params = TREES[family]
+    return train({"tracking_uri": store["tracking_uri"], "artifact_root": store["artifact_root"],
+                  "data_uri": store["data_uri"], "estimator": estimator, "params": params})
+
+
+def _in_torch_runtime(store: dict, request: dict) -> dict:
+    return runtimes.run_step("airloop.steps.convert:convert",
+                             {"tracking_uri": store["tracking_uri"], "benchmark_calls": 20, **request},
+                             runtime="torch", context=_context(), task_id="convert")
+
+
+@pytest.mark.parametrize("family", ["RandomForestClassifier", "GradientBoostingClassifier",
+                                    "HistGradientBoostingClassifier"])
+def test_tree_models_convert_through_hummingbird_in_the_torch_runtime(store, family):
+    trained = _train(store, family)
+    result = _in_torch_runtime(store, {"run_id": trained["run_id"], "variants": ["fp32", "fp16"]})
+    assert result["route"] == "hummingbird" and result["family"] == family
+    assert result["passed"] is True, result["reason"]
+    assert result["parity"]["max_abs_diff"] < 1e-5 and result["parity"]["label_agreement"] == 1.0
+    # ONNX Runtime runs skl2onnx's graph of the same trees (ai.onnx.ml operators) next to OpenVINO,
+    # when skl2onnx exports it; the notes say when it does not.
+    exported = not any(note.startswith("ONNX Runtime not benchmarked") for note in result["notes"])
+    assert set(result["benchmark"]) == {"native", "fp32", "fp16"} | ({"onnxruntime"} if exported else set())
+    run = mlflow.MlflowClient(store["tracking_uri"]).get_run(trained["run_id"])
+    assert run.data.tags["airloop.openvino.variant"] == result["variant"]
+
+
+def test_the_operator_picks_the_torch_runtime_for_a_tree_and_records_why(store, monkeypatch):
+    from airloop.operators.openvino import OpenvinoConvertModelOperator
+
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_ROUTES", json.dumps({
+        "conn_type": "mlflow", "host": store["tracking_uri"],
+        "extra": {"artifact_root": store["artifact_root"]}}))
+    trained = _train(store, "DecisionTreeClassifier")
+    operator = OpenvinoConvertModelOperator(task_id="convert", mlflow_conn_id="mlflow_routes",
+                                            run_id=trained["run_id"], holdout_uri=trained["holdout_uri"])
+    assert operator.runtime is None  # chosen per model at run time
+    result = operator.execute(_context())
+    assert result["route"] == "hummingbird" and result["passed"] is True
+    assert set(result["variants"]) == {"fp32", "fp16", "int8"}
+    # The selected variant is the fastest one within the budget; the others are named with their drops.
+    kept = [name for name, scores in result["variants"].items() if scores["within_budget"]]
+    assert result["variant"] in kept and result["reason"].startswith(f"{result['variant']}: best throughput")
+    for name, scores in result["variants"].items():
+        if not scores["within_budget"]:
+            assert "over budget: " in result["reason"] and name in result["reason"].split("over budget:")[1]
+    report = json.loads(Path(mlflow.MlflowClient(store["tracking_uri"]).download_artifacts(
+        trained["run_id"], "openvino_report.json", str(store["root"] / "report"))).read_text())
+    assert report["route"] == "hummingbird" and report["variant"] == result["variant"]
+
+
+_SAVE_MODULE = textwrap.dedent("""
+    import sys
+
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2),
+                              torch.nn.Softmax(dim=1)).eval()
+    example = np.random.default_rng(0).standard_normal((5, 8)).astype("float32")
+    mlflow.pytorch.save_model(net, sys.argv[1], serialization_format=sys.argv[2], input_example=example,
+                              pip_requirements=["torch"])
+""")
+
+
+def _pytorch_model(store: dict, name: str, serialization: str) -> str:
+    path = store["root"] / name
+    subprocess.run([runtimes.python("torch"), "-c", _SAVE_MODULE, str(path), serialization], check=True,
+                   capture_output=True)
+    return path.as_uri()
+
+
+def test_a_pytorch_module_converts_through_torch_export(store):
+    trained = _train(store, "DecisionTreeClassifier")  # for its holdout and calibration rows
+    client = mlflow.MlflowClient(store["tracking_uri"])
+    run_id = client.create_run(client.get_run(trained["run_id"]).info.experiment_id).info.run_id
+    result = _in_torch_runtime(store, {
+        "run_id": run_id, "model_uri": _pytorch_model(store, "module", "pt2"),
+        "holdout_uri": trained["holdout_uri"], "calibration_uri": trained["reference_uri"],
+    })
+    assert result["route"] == "pytorch" and result["family"] == "PyTorch module"
+    assert result["passed"] is True, result["reason"]
+    assert result["parity"]["max_abs_diff"] < 1e-5
+    assert set(result["benchmark"]) == {"native", "fp32", "fp16", "int8"}
+    assert any("ONNX Runtime not benchmarked" in note for note in result["notes"])
+    assert set(result["ratios"]) == {"throughput_vs_native", "latency_vs_native"}
+
+
+def test_a_pickled_pytorch_module_is_refused(store):
+    trained = _train(store, "DecisionTreeClassifier")
+    model_uri = _pytorch_model(store, "pickled", "pickle")
+    with pytest.raises(Exception, match="saved with pickle, which runs code when loaded.*format='pt2'"):
+        _in_torch_runtime(store, {"run_id": trained["run_id"], "model_uri": model_uri, "variants": ["fp32"]})
+
+
+def test_runtime_builds_take_pips_find_links(monkeypatch):
+    monkeypatch.setenv("PIP_FIND_LINKS", "/opt/wheels https://example.org/cpu")
+    assert runtimes._find_links() == ["--find-links", "/opt/wheels", "--find-links", "https://example.org/cpu"]
+    monkeypatch.delenv("PIP_FIND_LINKS")
+    assert runtimes._find_links() == []
+
