@@ -101,10 +101,10 @@ def airloop_loop():
 
     # Nothing to approve (approval off, or a first champion): skip the approval and the finish.
     @task.short_circuit(task_id="needs_approval")
-    def needs_approval(decision: str) -> bool:
-        return decision == "awaiting_approval"
+    def needs_approval(result: dict) -> bool:
+        return result["decision"] == "awaiting_approval"
 
-    gate = needs_approval(rollout.output["decision"])
+    gate = needs_approval(rollout.output)
     approve = ApprovalOperator(
         task_id="approve",
         subject="Promote {{ ti.xcom_pull(task_ids='rollout')['challenger'] }} to champion?",

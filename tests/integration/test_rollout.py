@@ -62,7 +62,8 @@ def register_version(data_uri: str, seed: int) -> str:
                      "artifact_root": settings.mlflow_artifact_root()})
     convert({"tracking_uri": tracking_uri, "run_id": trained["run_id"], "variants": ["fp32"],
              "benchmark_calls": 5})
-    return register({"tracking_uri": tracking_uri, "model_name": MODEL, "run_id": trained["run_id"]})["version"]
+    registered = register({"tracking_uri": tracking_uri, "model_name": MODEL, "run_id": trained["run_id"]})
+    return registered["version"]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,8 @@ def versions(tmp_path_factory) -> Iterator[dict[str, str]]:
     made = {"champion": register_version(good_uri, seed=1),
             "wrong": register_version(write_table(shuffled, str(folder / "shuffled.parquet")), seed=2),
             "good": register_version(good_uri, seed=3),
-            "better": register_version(write_table(generate(800, seed=5), str(folder / "more.parquet")), seed=4)}
+            "better": register_version(write_table(generate(800, seed=5), str(folder / "more.parquet")),
+                                       seed=4)}
     yield made
     get_target("local").delete(DEPLOYMENT)
 
@@ -92,7 +94,8 @@ class Clients:
         self.stats_path = folder / "clients.json"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "airloop.embedded.traffic", "--endpoint", endpoint, "--control",
-             str(folder / "world.json"), "--stats", str(self.stats_path), "--concurrency", "4", "--rate", str(rate)])
+             str(folder / "world.json"), "--stats", str(self.stats_path), "--concurrency", "4",
+             "--rate", str(rate)])
 
     def seen(self, settle: bool = True) -> dict[str, dict[str, int]]:
         """Cumulative ``{predictor: {"requests", "errors", "correct"}}`` ("unreachable": no answer)."""
@@ -136,12 +139,23 @@ def _operator(version: str, **kwargs: Any) -> SeldonRolloutChallengerOperator:
     )
 
 
+def _finish(version: str) -> SeldonFinishRolloutOperator:
+    return SeldonFinishRolloutOperator(task_id="finish", model_name=MODEL, version=version,
+                                       deployment=DEPLOYMENT)
+
+
 def _weights() -> dict[str, int]:
     return {name: p["weight"] for name, p in get_target("local").state(DEPLOYMENT)["predictors"].items()}
 
 
 def _report(operator: SeldonRolloutChallengerOperator) -> dict[str, Any]:
     return json.loads((artefacts.root() / operator.report_path).read_text())
+
+
+def _audit(version: str) -> dict[str, Any]:
+    """The loop's audit record of a version: ``{stage: record}``."""
+    stages = read_audit(settings.mlflow_tracking_uri(), MODEL, version)["stages"]
+    return {s["stage"]: s["record"] for s in stages}
 
 
 def _champion() -> str:
@@ -170,7 +184,8 @@ def test_a_challenger_with_wrong_predictions_is_rolled_back_within_one_window(ve
     champion, wrong = versions["champion"], versions["wrong"]
     operator = _operator(wrong)
     ti = StubTaskInstance()
-    with pytest.raises(AirflowFailException, match=f"v{wrong} rolled back at canary 50% \\(fail\\).*accuracy"):
+    with pytest.raises(AirflowFailException,
+                       match=f"v{wrong} rolled back at canary 50% \\(fail\\).*accuracy"):
         operator.execute({"ti": ti})
     assert ti.xcom["airloop_rollout_report"] == {"path": operator.report_path}
 
@@ -190,7 +205,8 @@ def test_a_challenger_with_wrong_predictions_is_rolled_back_within_one_window(ve
 def test_a_wrong_shadow_is_rolled_back_before_any_client_sees_its_answers(versions, seen):
     champion, wrong = versions["champion"], versions["wrong"]
     operator = _operator(wrong, mode="shadow", shadow_percent=100)
-    with pytest.raises(AirflowFailException, match=f"v{wrong} rolled back at shadow 0% \\(fail\\).*agreement"):
+    with pytest.raises(AirflowFailException,
+                       match=f"v{wrong} rolled back at shadow 0% \\(fail\\).*agreement"):
         operator.execute({"ti": StubTaskInstance()})
     report = _report(operator)
     (step,) = report["steps"]
@@ -204,7 +220,7 @@ def test_a_wrong_shadow_is_rolled_back_before_any_client_sees_its_answers(versio
     clients_saw = seen()
     _only_failures_of(clients_saw)
     assert clients_saw.get(f"v{wrong}", {}).get("requests", 0) == 0  # no client got an answer of the shadow
-    audit = {s["stage"]: s["record"] for s in read_audit(settings.mlflow_tracking_uri(), MODEL, wrong)["stages"]}
+    audit = _audit(wrong)
     (shadow,) = audit["rollout"]["steps"]
     assert (audit["rollout"]["decision"], audit["rollout"]["mode"]) == ("rolled_back", "shadow")
     assert shadow["diff"]["agreement"] == step["challenger_stats"]["agreement"]
@@ -220,9 +236,11 @@ def test_a_faulty_challenger_is_rolled_back_within_one_window(versions, seen, mo
     operator = _operator(good)
     # The challenger's server is the test's faulty class, for this model folder only.
     monkeypatch.setenv("AIRFLOW_CONN_AIRLOOP_SERVING_DEFAULT", json.dumps(
-        {"conn_type": "airloop_serving", "extra": {"target": "local", "model_class": "faulty_model.FaultyModel"}}))
+        {"conn_type": "airloop_serving",
+         "extra": {"target": "local", "model_class": "faulty_model.FaultyModel"}}))
     monkeypatch.setenv("PYTHONPATH", str(HERE))
-    monkeypatch.setenv("AIRLOOP_TEST_FAULT", json.dumps({**fault, "model_dir": operator._predictor(good)["model_dir"]}))
+    model_dir = operator._predictor(good)["model_dir"]
+    monkeypatch.setenv("AIRLOOP_TEST_FAULT", json.dumps({**fault, "model_dir": model_dir}))
     started = time.monotonic()
     with pytest.raises(AirflowFailException, match=f"v{good} rolled back at canary 50% \\(fail\\): {check}:"):
         operator.execute({"ti": StubTaskInstance()})
@@ -247,7 +265,7 @@ def test_a_rejected_approval_rolls_back(versions, seen):
     # Held at the last window's traffic, aliases unmoved: what is served and what is recorded agree.
     assert _weights() == {f"v{champion}": 50, f"v{good}": 50}
     assert aliases(settings.mlflow_tracking_uri(), MODEL)["champion"] == champion
-    finish = SeldonFinishRolloutOperator(task_id="finish", model_name=MODEL, version=good, deployment=DEPLOYMENT)
+    finish = _finish(good)
     assert _report(finish)["phase"] == "awaiting_approval"
 
     approve = ApprovalOperator(task_id="approve", subject="Promote?", fail_on_reject=True)
@@ -257,7 +275,8 @@ def test_a_rejected_approval_rolls_back(versions, seen):
     with pytest.raises(AirflowFailException, match=f"v{good} rolled back at approval 50% \\(rejected\\)"):
         finish.execute({"ti": StubTaskInstance()})
     report = _report(finish)
-    assert [(s["kind"], s["verdict"]) for s in report["steps"]] == [("canary", "pass"), ("approval", "rejected")]
+    assert [(s["kind"], s["verdict"]) for s in report["steps"]] == [("canary", "pass"),
+                                                                   ("approval", "rejected")]
     _rolled_back(good, champion)
     _only_failures_of(seen())
     # A retry of the finished task gives the same outcome and writes nothing.
@@ -277,7 +296,7 @@ def test_a_shadow_then_canary_held_for_approval_is_promoted_when_approved(versio
 
     approve = ApprovalOperator(task_id="approve", subject="Promote?", fail_on_reject=True)
     answer = approve.execute_complete({}, _answer("Approve"))
-    finish = SeldonFinishRolloutOperator(task_id="finish", model_name=MODEL, version=better, deployment=DEPLOYMENT)
+    finish = _finish(better)
     done = finish.execute({"ti": StubTaskInstance({"approve": answer})})
 
     assert (done["decision"], done["champion"], done["previous"]) == ("promoted", better, champion)
@@ -286,7 +305,7 @@ def test_a_shadow_then_canary_held_for_approval_is_promoted_when_approved(versio
     report = _report(finish)
     assert [s["kind"] for s in report["steps"]] == ["shadow", "canary", "approval", "promotion"]
     assert report["steps"][2]["by"] == "ops"
-    audit = {s["stage"]: s["record"] for s in read_audit(settings.mlflow_tracking_uri(), MODEL, better)["stages"]}
+    audit = _audit(better)
     assert audit["rollout"]["decision"] == "promoted"
     assert [s["kind"] for s in audit["rollout"]["steps"]] == ["shadow", "canary", "approval", "promotion"]
     assert audit["rollout"]["steps"][0]["diff"]["agreement"] >= 0.7
@@ -334,7 +353,8 @@ def test_the_loop_dag_holds_approval_behind_an_opt_in_param():
 
     dag = DagBag(dag_folder=str(HERE.parents[1] / "dags" / "airloop_loop.py")).dags["airloop_loop"]
     assert dag.params["approval"] is False  # the embedded loop runs unattended
-    rollout, gate, approve, finish = (dag.get_task(t) for t in ("rollout", "needs_approval", "approve", "finish"))
+    rollout, gate, approve, finish = (dag.get_task(t)
+                                      for t in ("rollout", "needs_approval", "approve", "finish"))
     assert rollout.approval == "{{ params.approval }}"
     assert type(approve).__name__ == "ApprovalOperator" and approve.fail_on_reject
     assert gate.downstream_task_ids == {"approve", "finish"} and approve.downstream_task_ids == {"finish"}

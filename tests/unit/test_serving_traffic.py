@@ -52,7 +52,7 @@ def test_bad_traffic_is_refused_naming_the_problem(weights, shadow, problem):
 def test_a_predictor_dict_may_be_a_shadow():
     check_predictor({"name": "v4", "model_version": "4", "model_dir": "/m", "weight": 30, "shadow": True})
     with pytest.raises(ValueError, match="'shadow' of predictor 'v4' must be true or false"):
-        check_predictor({"name": "v4", "model_version": "4", "model_dir": "/m", "weight": 30, "shadow": "yes"})
+        check_predictor({"name": "v4", "model_version": "4", "model_dir": "/m", "weight": 3, "shadow": "yes"})
     with pytest.raises(ValueError, match="mirrored percentage of shadow predictor 'v4'"):
         check_predictor({"name": "v4", "model_version": "4", "model_dir": "/m", "weight": 0, "shadow": True})
 
@@ -143,7 +143,7 @@ async def test_mirrored_requests_are_compared_but_never_slow_or_fail_the_client(
         # The shadow's requests, latency and answers are its own; the pairs say how often they agree.
         assert stats["v4"]["requests"] == 40 and stats["v4"]["errors"] == 0
         assert (stats["v4"]["pairs"], stats["v4"]["agreements"]) == (40, 20)
-        assert stats["v3"]["predicted"] == {"0": 20, "1": 20} and stats["v4"]["predicted"] == {"0": 20, "1": 20}
+        assert stats["v3"]["predicted"] == stats["v4"]["predicted"] == {"0": 20, "1": 20}
         assert stats["v4"]["latency_ms_buckets"]["200"] == 0  # every mirrored call took over 0.3 s
         assert stats["v3"]["pairs"] == 0
         # The pairs are logged (written at shutdown here), one line per mirrored request.

@@ -219,11 +219,13 @@ class SeldonRolloutChallengerOperator(_RolloutOperator):
 
         client = self.mlflow.client
         run_id = client.get_model_version(self.model_name, str(version)).run_id
+        dst_dir = settings.serving_dir() / "models" / self.model_name / str(version)
         fetched = fetch_ir({"tracking_uri": self.mlflow.tracking_uri, "ir_uri": f"runs:/{run_id}/openvino",
-                            "dst_dir": str(settings.serving_dir() / "models" / self.model_name / str(version))})
+                            "dst_dir": str(dst_dir)})
         # model_dir serves a target on this machine; model_uri one that downloads it (Seldon on Kubernetes).
-        return {"name": predictor_name(version), "model_version": str(version), "model_dir": fetched["model_dir"],
-                "model_uri": f"{client.get_run(run_id).info.artifact_uri}/openvino"}
+        artifact_uri = client.get_run(run_id).info.artifact_uri
+        return {"name": predictor_name(version), "model_version": str(version),
+                "model_dir": fetched["model_dir"], "model_uri": f"{artifact_uri}/openvino"}
 
     def _criteria(self) -> dict[str, Any]:
         return {**DEFAULT_CRITERIA, **(self.criteria or {})}
@@ -309,8 +311,9 @@ class SeldonRolloutChallengerOperator(_RolloutOperator):
         )
         kwargs = {"report": report, "index": index}
         if self.deferrable:
+            wait = float(self.max_wait_seconds) + float(self.analysis_seconds) + 60
             self.defer(trigger=trigger, method_name="execute_complete", kwargs=kwargs,
-                       timeout=timedelta(seconds=float(self.max_wait_seconds) + float(self.analysis_seconds) + 60))
+                       timeout=timedelta(seconds=wait))
         return self.execute_complete(context, asyncio.run(_first_event(trigger)), **kwargs)
 
     def execute_complete(self, context: Context, event: dict[str, Any], report: dict[str, Any],
@@ -337,7 +340,7 @@ class SeldonRolloutChallengerOperator(_RolloutOperator):
         if index + 1 < len(report["plan"]):
             self._apply(report, index + 1)
             return self._analyse_step(context, report, index + 1)
-        if _flag("approval", self.approval):
+        if report["approval"]:
             return self._await_approval(report)
         # The last step, 100%, is the promotion itself.
         report["steps"].append({"kind": "promotion", "weight": 100, "started": _now(), "verdict": "promoted",

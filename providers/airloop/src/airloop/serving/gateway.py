@@ -289,7 +289,7 @@ class Gateway:
         async def asgi(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
                        send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
             # Predictions skip Starlette's routing, middleware and Request/Response objects: about a
-            # fifth of the gateway's CPU time per request (docs/serving.md, "Overhead").
+            # tenth of the gateway's CPU time per request (docs/serving.md, "Overhead").
             if scope["type"] != "http" or scope["path"] != PREDICT_PATH or scope["method"] != "POST":
                 return await routes(scope, receive, send)
             body, more = b"", True

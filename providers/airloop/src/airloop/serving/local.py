@@ -86,7 +86,8 @@ class LocalServingTarget(ServingTarget):
                                      "remove it first or use another name")
             current = {**{n: {"weight": 0} for n in wanted}, **running}
             live = {n: p["weight"] for n, p in wanted.items() if not p.get("shadow")}
-            traffic = merge_traffic(current, live, {n: p["weight"] for n, p in wanted.items() if p.get("shadow")})
+            shadow = {n: p["weight"] for n, p in wanted.items() if p.get("shadow")}
+            traffic = merge_traffic(current, live, shadow)
             to_start = {n: p for n, p in wanted.items() if n not in running}
             for name in [n for n in running if not _pings(running[n])]:
                 _stop_group(running[name]["pid"])  # a hung server may still hold its group
@@ -239,7 +240,8 @@ class LocalServingTarget(ServingTarget):
         self._write_state(deployment, state)
 
     def _spawn(self, deployment: str, name: str, command: list[str]) -> int:
-        # Resolved here: the process runs in the state folder, where a relative AIRLOOP_HOME means another place.
+        # Resolved here: the process runs in the state folder, where a relative AIRLOOP_HOME means
+        # another place.
         env = {**os.environ, "CI": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1",
                "AIRLOOP_HOME": str(settings.home()), "AIRLOOP_ARTEFACTS": settings.artefact_root()}
         with open(self._dir(deployment) / f"{name}.log", "ab") as log:

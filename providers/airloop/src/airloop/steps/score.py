@@ -12,9 +12,9 @@ Output, under ``output_uri``: ``part-00000.parquet``... (one per chunk: the pass
 ``prediction``, ``probability_<class>``, ``model_name``, ``model_version``) and ``_manifest.json``,
 rewritten after each part: the model version, IR checksums, data set, chunk size and each finished
 part's row count. A re-run with the same request skips the parts the manifest lists whose files hold
-the listed rows, and scores the rest; a manifest for another model version, IR, data set or chunk
-size is refused instead of mixed with. The run ends with a row count check (rows read == rows in the
-parts on storage) and marks the manifest ``complete``.
+the listed rows, and scores the rest; a manifest for another model version, IR, data set (or a
+changed file at the same URI) or chunk size is refused instead of mixed with. The run ends with a
+row count check (rows read == rows in the parts on storage) and marks the manifest ``complete``.
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ def score(request: dict[str, Any]) -> dict[str, Any]:
         features = model.health_status()["feature_names"]
         classes = model.class_names()
         identity = {"model_name": name, "model_version": version, "ir_files": fetched["files"],
-                    "data_uri": request["data_uri"], "chunk_rows": chunk_rows}
+                    "data_uri": request["data_uri"], "chunk_rows": chunk_rows,
+                    "data_version": _data_version(request["data_uri"], options)}
         manifest = _resume(out_fs, out_dir, identity)
         scored = skipped = rows_in = chunks = 0
         for index, chunk in enumerate(_chunks(request["data_uri"], chunk_rows, options)):
@@ -110,32 +111,36 @@ def score(request: dict[str, Any]) -> dict[str, Any]:
             "chunks_skipped": skipped}
 
 
+def _data_version(uri: str, options: dict[str, Any]) -> str:
+    """A key that changes when the file does (fsspec's ``ukey``: size and mtime, or the S3 ETag)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri, **options)
+    if not fs.isfile(path):
+        raise ValueError(f"data set {uri} does not exist or is not a file")
+    return str(fs.ukey(path))
+
+
 def _part(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
 def _chunks(uri: str, chunk_rows: int, options: dict[str, Any]) -> Iterator[pd.DataFrame]:
-    """The data set in chunks of ``chunk_rows`` rows (the last may be shorter), the same on every run."""
+    """The data set in chunks of ``chunk_rows`` rows (the last may be shorter), the same on every run;
+    each chunk is indexed by its row numbers."""
     import fsspec
     import pandas as pd
-    import pyarrow.parquet as pq
 
-    from airloop.steps.data import _is_csv
+    from airloop.steps.data import is_csv, parquet_table
 
-    fs, path = fsspec.core.url_to_fs(uri, **options)
-    if not fs.isfile(path):
-        raise ValueError(f"data set {uri} does not exist or is not a file")
-    with fs.open(path, "rb") as handle:
-        if _is_csv(uri):
-            yield from pd.read_csv(handle, chunksize=chunk_rows,
-                                   compression="gzip" if uri.endswith(".gz") else None)
-            return
-        try:
-            batches = pq.ParquetFile(handle).iter_batches(batch_size=chunk_rows)
-            for batch in batches:
-                yield batch.to_pandas()
-        except Exception as exc:  # pyarrow raises several types for a damaged file
-            raise ValueError(f"data set {uri} is not a readable parquet file: {exc}") from exc
+    if is_csv(uri):
+        fs, path = fsspec.core.url_to_fs(uri, **options)
+        with fs.open(path, "rb") as handle:
+            compression = "gzip" if uri.endswith(".gz") else None
+            yield from pd.read_csv(handle, chunksize=chunk_rows, compression=compression)
+        return
+    with parquet_table(uri, options) as table:
+        yield from table.batches(chunk_rows)
 
 
 def _predictions(passthrough: pd.DataFrame, probabilities: Any, classes: list[str], name: str,
