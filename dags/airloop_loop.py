@@ -107,7 +107,7 @@ def airloop_loop():
     gate = needs_approval(rollout.output)
     approve = ApprovalOperator(
         task_id="approve",
-        subject="Promote {{ ti.xcom_pull(task_ids='rollout')['challenger'] }} to champion?",
+        subject="Promote version {{ ti.xcom_pull(task_ids='rollout')['challenger'] }} to champion?",
         body="Every analysis window passed; the rollout report is linked from the rollout task.",
         fail_on_reject=True,  # a rejection must not skip the finish task, which rolls back
         defaults="Reject",

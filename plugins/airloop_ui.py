@@ -62,11 +62,12 @@ def _base_path() -> str:
 # --------------------------------------------------------------------------------------------- sources
 
 
-def tracking_uri() -> str:
-    """The ``mlflow_default`` connection's tracking URI, or the embedded MLflow when it is not defined."""
+def mlflow_config() -> dict[str, Any]:
+    """How to reach the ``mlflow_default`` connection's server (credentials included), or the embedded
+    MLflow when it is not defined."""
     from airloop.hooks.mlflow import MlflowHook
 
-    return MlflowHook().tracking_uri
+    return MlflowHook().step_config()
 
 
 def artefact_dir() -> Path:
@@ -119,11 +120,11 @@ def _version_record(client: Any, version: Any, aliases: dict[str, str]) -> dict[
     }
 
 
-def registry(uri: str) -> list[dict[str, Any]]:
+def registry(config: dict[str, Any]) -> list[dict[str, Any]]:
     """Every registered model with its versions, newest first, each with aliases, run metrics and tags."""
-    from mlflow import MlflowClient
+    from airloop.steps.tracking import SessionClient
 
-    client = MlflowClient(tracking_uri=uri)
+    client = SessionClient(config)
     models = []
     for model in _pages(client.search_registered_models, order_by=["name ASC"]):
         versions = _pages(
@@ -143,11 +144,12 @@ def registry(uri: str) -> list[dict[str, Any]]:
     return models
 
 
-def model_version(uri: str, name: str, version: str) -> dict[str, Any]:
-    from mlflow import MlflowClient
+def model_version(config: dict[str, Any], name: str, version: str) -> dict[str, Any]:
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri=uri)
+    from airloop.steps.tracking import SessionClient
+
+    client = SessionClient(config)
     try:
         model = client.get_registered_model(name)
         found = client.get_model_version(name, version)
@@ -158,12 +160,14 @@ def model_version(uri: str, name: str, version: str) -> dict[str, Any]:
     return _version_record(client, found, model.aliases)
 
 
-def audit(uri: str, name: str, version: str) -> tuple[list[dict[str, Any]], str]:
+def audit(config: dict[str, Any], name: str, version: str) -> tuple[list[dict[str, Any]], str]:
     """The stages of a version's loop audit record, or none and the reason."""
     from airloop.steps.registry import read_audit
+    from airloop.steps.tracking import mlflow_calls
 
     try:
-        return read_audit(uri, name, version)["stages"], ""
+        with mlflow_calls(config):
+            return read_audit(config["tracking_uri"], name, version)["stages"], ""
     except Exception as err:  # an unreadable optional record is shown on the page, not raised
         return [], f"{type(err).__name__}: {err}"
 
@@ -428,16 +432,16 @@ def create_app() -> FastAPI:
 
     @app.get("/api/models")
     def api_models() -> JSONResponse:
-        return JSONResponse(registry(tracking_uri()))
+        return JSONResponse(registry(mlflow_config()))
 
     @app.get("/models")
     def models_page(request: Request) -> HTMLResponse:
-        return _page(request, "Models", _models_html(_root(request), registry(tracking_uri())))
+        return _page(request, "Models", _models_html(_root(request), registry(mlflow_config())))
 
     @app.get("/models/{name}/versions/{version}")
     def version_page(request: Request, name: str, version: str) -> HTMLResponse:
-        uri = tracking_uri()
-        found = model_version(uri, name, version)
+        config = mlflow_config()
+        found = model_version(config, name, version)
         details = _table(
             ["Aliases", "Status", "Rejected", "Run", "Source", "Metrics", "Tags"],
             [
@@ -452,7 +456,7 @@ def create_app() -> FastAPI:
                 ]
             ],
         )
-        stages, reason = audit(uri, name, version)
+        stages, reason = audit(config, name, version)
         body = details + "<h2>Loop audit</h2>" + _audit_html(stages, reason)
         return _page(request, f"{name} version {version}", body)
 

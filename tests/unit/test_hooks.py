@@ -113,3 +113,18 @@ def test_serving_hook_picks_the_target_from_its_connection(monkeypatch):
                                                                "extra": {"target": "nowhere"}}))
     ok, message = ServingHook(serving_conn_id="serving_bad").test_connection()
     assert not ok and "nowhere" in message
+
+
+def test_serving_connection_form_fields_left_empty_keep_the_targets_defaults(monkeypatch):
+    from airflow.providers_manager import ProvidersManager
+
+    prefix = "extra__airloop_serving__"
+    fields = {key.removeprefix(prefix) for key in ProvidersManager().connection_form_widgets
+              if key.startswith(prefix)}
+    assert fields == {"target", "namespace", "kubernetes_conn_id", "prometheus_url"}
+    # What the form saves for a Seldon target whose optional fields were left empty.
+    monkeypatch.setenv("AIRFLOW_CONN_SERVING_FORM", json.dumps({"conn_type": "airloop_serving", "extra": {
+        "target": "seldon", "namespace": "models", "kubernetes_conn_id": None, "prometheus_url": None}}))
+    target = ServingHook(serving_conn_id="serving_form").target
+    assert (target.namespace, target.kubernetes_conn_id, target.prometheus_url) == (
+        "models", "kubernetes_default", None)

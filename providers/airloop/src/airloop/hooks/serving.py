@@ -26,15 +26,6 @@ class ServingHook(EmbeddedDefaultHook):
     conn_type = "airloop_serving"
     hook_name = "Airloop serving target"
 
-    @classmethod
-    def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        return {
-            "hidden_fields": ["host", "schema", "login", "password", "port"],
-            "relabeling": {},
-            "placeholders": {"extra": '{"target": "seldon", "namespace": "models", "kubernetes_conn_id": '
-                                      '"kubernetes_default"}'},
-        }
-
     def __init__(self, serving_conn_id: str = default_conn_name) -> None:
         super().__init__()
         self.serving_conn_id = serving_conn_id
@@ -42,7 +33,8 @@ class ServingHook(EmbeddedDefaultHook):
     @cached_property
     def target_config(self) -> dict[str, Any]:
         conn = self.connection_or_none(self.serving_conn_id)
-        extra = dict(conn.extra_dejson) if conn else {}
+        # Fields left empty in the connection form arrive as None: the target's defaults apply.
+        extra = {key: value for key, value in (conn.extra_dejson if conn else {}).items() if value is not None}
         extra.setdefault("target", "local")
         return extra
 

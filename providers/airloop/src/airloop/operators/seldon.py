@@ -82,7 +82,7 @@ class _RolloutOperator(BaseOperator):
                                                     "ended")}
         summary["steps"] = _audit_steps(report)
         summary["report"] = self.report_path
-        append_audit({"tracking_uri": self.mlflow.tracking_uri, "run_id": run_id, "stage": "rollout",
+        append_audit({**self.mlflow.step_config(), "run_id": run_id, "stage": "rollout",
                       "record": summary})
 
     def _finish(self, report: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +92,7 @@ class _RolloutOperator(BaseOperator):
         self._save(report)  # the phase is on record before the first write
         target = self.serving.target
         champ, chal = predictor_name(report["champion"]), predictor_name(self.version)
-        request = {"tracking_uri": self.mlflow.tracking_uri, "model_name": self.model_name,
+        request = {**self.mlflow.step_config(), "model_name": self.model_name,
                    "version": str(self.version)}
         if report["phase"] == "promoting":
             target.set_traffic(self.deployment, {champ: 0, chal: 100})
@@ -220,7 +220,7 @@ class SeldonRolloutChallengerOperator(_RolloutOperator):
         client = self.mlflow.client
         run_id = client.get_model_version(self.model_name, str(version)).run_id
         dst_dir = settings.serving_dir() / "models" / self.model_name / str(version)
-        fetched = fetch_ir({"tracking_uri": self.mlflow.tracking_uri, "ir_uri": f"runs:/{run_id}/openvino",
+        fetched = fetch_ir({**self.mlflow.step_config(), "ir_uri": f"runs:/{run_id}/openvino",
                             "dst_dir": str(dst_dir)})
         # model_dir serves a target on this machine; model_uri one that downloads it (Seldon on Kubernetes).
         artifact_uri = client.get_run(run_id).info.artifact_uri
@@ -243,7 +243,8 @@ class SeldonRolloutChallengerOperator(_RolloutOperator):
 
         from airloop.steps.registry import aliases
 
-        current = aliases(self.mlflow.tracking_uri, self.model_name)
+        with self.mlflow.session():
+            current = aliases(self.mlflow.tracking_uri, self.model_name)
         champion = current.get("champion")
         if champion is None:
             raise AirflowFailException(f"{self.model_name} has no champion alias: register a version first")

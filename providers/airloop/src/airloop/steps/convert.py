@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from airloop.steps import optimise
+from airloop.steps.tracking import mlflow_step
 from airloop.steps.train import (
     HOLDOUT_PATH,
     MODEL_NAME,
@@ -98,6 +99,7 @@ class Source:
     notes: list[str] = field(default_factory=list)
 
 
+@mlflow_step
 def plan(request: dict[str, Any]) -> dict[str, Any]:
     """Which route converts the model and which runtime it needs, without converting it.
 
@@ -111,6 +113,7 @@ def plan(request: dict[str, Any]) -> dict[str, Any]:
     return {"flavour": flavour, "family": family, "route": route, "runtime": ROUTE_RUNTIMES[route]}
 
 
+@mlflow_step
 def convert(request: dict[str, Any]) -> dict[str, Any]:
     """Request ``{"tracking_uri", "run_id", "model_uri"?, "holdout_uri"?, "calibration_uri"?, "label",
     "tolerance", "min_label_agreement", "variants", "accuracy_budget", "objective", "calibration_rows",
@@ -500,6 +503,7 @@ def _class_index(classes: list[Any], labels: Any) -> np.ndarray:
     return np.array([lookup[value] for value in labels])
 
 
+@mlflow_step
 def fetch_ir(request: dict[str, Any]) -> dict[str, Any]:
     """Download an IR folder and verify it against its manifest.
 

@@ -24,6 +24,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from airloop.steps.tracking import mlflow_step
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -35,6 +37,7 @@ class RowCountError(RuntimeError):
     """The parts on storage do not hold as many rows as the data set."""
 
 
+@mlflow_step
 def score(request: dict[str, Any]) -> dict[str, Any]:
     """Request ``{"tracking_uri", "model_name", "model_version", "data_uri", "output_uri", "ir_uri"?,
     "chunk_rows": 100000, "passthrough_columns": [], "storage_options"?}`` -> ``{"output_uri",
