@@ -328,7 +328,10 @@ def _rollouts_html(root: str, reports: dict[str, list[dict[str, Any]]]) -> str:
                 continue
             steps = [
                 [
+                    _e(step.get("kind", "canary")),
                     _e(step.get("weight", "")),
+                    # A shadow step mirrors a share of requests to the challenger, whose answers are discarded.
+                    _e(step.get("mirror", "")),
                     _verdict(step.get("verdict", "")),
                     "<br>".join(_e(reason) for reason in step.get("reasons", [])),
                     _e(step.get("started", "")),
@@ -344,7 +347,7 @@ def _rollouts_html(root: str, reports: dict[str, list[dict[str, Any]]]) -> str:
                 f" ({_e(report.get('started', ''))} to {_e(report.get('ended', ''))}) "
                 + _file_link(root, f"rollouts/{deployment}/{report['file']}", "JSON")
                 + "</p>"
-                + _table(["Traffic %", "Verdict", "Reasons", "Started", "Ended"], steps)
+                + _table(["Step", "Traffic %", "Mirrored %", "Verdict", "Reasons", "Started", "Ended"], steps)
             )
     return "".join(sections)
 

@@ -160,10 +160,12 @@ def test_version_page_shows_the_loop_audit_record(client: TestClient) -> None:
 
 def test_rollouts_page_shows_latest_reports_first(client: TestClient, artefacts: Path) -> None:
     def report(started: str, decision: str, reasons: list[str]) -> dict:
-        step = {"weight": 10, "verdict": "fail" if reasons else "pass", "reasons": reasons,
+        shadow = {"kind": "shadow", "weight": 0, "mirror": 37, "verdict": "pass", "reasons": [],
+                  "started": started, "ended": started}
+        step = {"kind": "canary", "weight": 10, "verdict": "fail" if reasons else "pass", "reasons": reasons,
                 "started": started, "ended": started}
         return {"deployment": "churn", "model_name": "churn", "champion": "2", "challenger": "3",
-                "decision": decision, "steps": [step], "started": started, "ended": started}
+                "decision": decision, "steps": [shadow, step], "started": started, "ended": started}
 
     _write(artefacts / "rollouts/churn/a.json", report("2026-01-01T00:00:00", "promoted", []))
     _write(artefacts / "rollouts/churn/b.json", report("2026-02-01T00:00:00", "rolled_back", [SCRIPT]))
@@ -172,6 +174,7 @@ def test_rollouts_page_shows_latest_reports_first(client: TestClient, artefacts:
     assert "<h2>churn</h2>" in page
     assert page.index("rolled_back") < page.index("promoted")  # newest first
     assert "unreadable report broken.json" in page
+    assert "<td>shadow</td><td>0</td><td>37</td>" in page and "<td>canary</td><td>10</td><td></td>" in page
     assert 'href="/airloop/files/rollouts/churn/b.json"' in page
     served = client.get("/airloop/files/rollouts/churn/b.json")
     assert served.json()["decision"] == "rolled_back"
