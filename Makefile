@@ -1,5 +1,5 @@
 # Everything a fresh machine needs, from Python 3.11+ alone: uv, the main environment (.venv, from
-# uv.lock) and the isolated runtimes (.airloop/runtimes/serving and torch). Bytecode is compiled at
+# uv.lock) and the isolated runtimes (.airloop/runtimes/: serving, torch, validation). Bytecode is compiled at
 # install: every Airflow task is a fresh process, and PYTHONDONTWRITEBYTECODE would make each recompile.
 SHELL := /bin/bash
 UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
@@ -9,7 +9,8 @@ export CI ?= true
 
 .PHONY: setup loop test airflow clean
 
-setup: .venv/.synced .airloop/runtimes/serving/.built .airloop/runtimes/torch/.built
+setup: .venv/.synced .airloop/runtimes/serving/.built .airloop/runtimes/torch/.built \
+	.airloop/runtimes/validation/.built
 
 .tools/bin/uv:
 	python3 -m venv .tools && .tools/bin/pip install --quiet uv
@@ -26,6 +27,11 @@ setup: .venv/.synced .airloop/runtimes/serving/.built .airloop/runtimes/torch/.b
 # torch from PIP_FIND_LINKS / UV_FIND_LINKS when set: PyPI's Linux torch pulls the CUDA build (GBs).
 .airloop/runtimes/torch/.built: .venv/.synced providers/airloop/src/airloop/runtimes/torch.txt
 	.venv/bin/airloop runtimes build torch
+	touch $@
+
+# Great Expectations with pandas and pyarrow only (~40 s): the data gate in an isolated runtime.
+.airloop/runtimes/validation/.built: .venv/.synced providers/airloop/src/airloop/runtimes/validation.txt
+	.venv/bin/airloop runtimes build validation
 	touch $@
 
 # The reference loop, end to end, on the embedded default (a JSON report lands in .airloop/).

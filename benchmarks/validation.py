@@ -9,7 +9,7 @@
 (b) 10M rows x 10 columns in parquet, validated in row batches (the default above 2M rows), in a
     fresh process: peak RSS against the table's in-memory size, and against a whole-table run.
 
-    .venv/bin/python benchmarks/validation.py [--rows 1000000] [--large-rows 10000000] [--repeat 3]
+    .venv/bin/python benchmarks/validation.py [--rows 1000000] [--large-rows 10000000] [--repeat 5]
         [--skip-large] [--skip-whole-large]
 """
 
@@ -182,7 +182,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--large-rows", type=int, default=10_000_000)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--skip-large", action="store_true")
     parser.add_argument("--skip-whole-large", action="store_true", help="skip the whole-table run of (b)")
     args = parser.parse_args()

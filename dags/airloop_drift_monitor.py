@@ -20,7 +20,7 @@ from airloop.operators.drift import (
 
 MODEL_NAME = os.environ.get("AIRLOOP_MODEL_NAME", "airloop-classifier")
 DEPLOYMENT = os.environ.get("AIRLOOP_DEPLOYMENT", "airloop")
-METHOD = os.environ.get("AIRLOOP_DRIFT_METHOD", "univariate")
+METHOD = os.environ.get("AIRLOOP_DRIFT_METHOD", "ks")
 # A table to test instead of the logged requests: parquet/CSV path or URI, or a Feast training set.
 WINDOW_URI = os.environ.get("AIRLOOP_DRIFT_WINDOW_URI")
 WINDOW_CONN_ID = os.environ.get("AIRLOOP_DRIFT_WINDOW_CONN_ID")

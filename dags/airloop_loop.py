@@ -43,6 +43,8 @@ SOURCE = os.environ.get("AIRLOOP_TRAINING_SOURCE", "file")
 ENTITY_ROWS = os.environ.get("AIRLOOP_ENTITY_ROWS", str(settings.feast_dir() / "entity_rows.parquet"))
 # The training set of this run: Feast's when the training_set task ran, else data_uri.
 DATA_URI = "{{ ti.xcom_pull(task_ids='training_set', key='uri') or params.data_uri }}"
+# What Feast said it wrote, checked by the gate (empty when the training set is data_uri).
+FEAST_SHA256 = "{{ (ti.xcom_pull(task_ids='training_set', key='fingerprint') or {}).get('sha256', '') }}"
 
 
 @dag(
@@ -72,7 +74,8 @@ def airloop_loop():
         task_id="training_set", entity_rows="{{ params.entity_rows }}", feature_service="training"
     )
     validate = GreatExpectationsValidateDataOperator(
-        task_id="validate", data_uri=DATA_URI, suite_path=SUITE, trigger_rule="none_failed"
+        task_id="validate", data_uri=DATA_URI, suite_path=SUITE, expected_fingerprint=FEAST_SHA256,
+        trigger_rule="none_failed",
     )
     train = MlflowTrainModelOperator(
         task_id="train",

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -100,6 +101,9 @@ def test_loop_trains_on_a_training_set_from_feast(features_run):
     validated = next(ti for ti in run.get_task_instances() if ti.task_id == "validate").xcom_pull(
         task_ids="validate")
     assert validated["data_uri"] == built["uri"] and validated["fingerprint"] == built["fingerprint"]
+    # the gate checked the content against what Feast said it wrote: one more evaluated check than the suite
+    suite = json.loads((REPO / "dags" / "expectations" / "training_data.json").read_text())
+    assert validated["evaluated"] == len(suite["expectations"]) + 1
     # the join gives back the very rows of the reference data set, in order
     assert read_table(built["uri"])[[*FEATURES, "label"]].equals(generate(ROWS)[[*FEATURES, "label"]])
 

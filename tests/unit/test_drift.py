@@ -8,6 +8,7 @@ cannot run the step.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -104,6 +105,9 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]
         "subset": lambda: case(_frame(rng, 2000, shift={"x0": 1.0}), features=["x1", "x2"]),
         "report": lambda: case(odd_current, _write(folder, "odd", odd_reference), report_dir=True),
         "csv_same": lambda: case(_frame(rng, 2000), suffix=".csv"),
+        "cvm_same": lambda: case(_frame(rng, 2000), method="cvm"),
+        "cvm_mean": lambda: case(_frame(rng, 2000, shift={"x0": 0.3}), method="cvm"),
+        "cvm_variance": lambda: case(_frame(rng, 2000, scale={"x1": 1.4}), method="cvm"),
         "csv_mean": lambda: case(_frame(rng, 2000, shift={"x0": 0.3}), suffix=".csv"),
     }.items():
         written[name] = build()
@@ -189,8 +193,7 @@ def test_importing_the_step_loads_no_heavy_library() -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_constructor_only_stores_parameters(backend: str) -> None:
-    params = {"p_val": 0.01, "correction": "fdr", "categorical": ["colour"], "min_rows": 7,
-              "method": "univariate"}
+    params = {"p_val": 0.01, "correction": "fdr", "categorical": ["colour"], "min_rows": 7, "method": "cvm"}
     detector = drift.get(backend)(**params)
     assert detector.get_params() == params
     assert not hasattr(detector, "features_")
@@ -207,6 +210,13 @@ def test_bad_parameters_are_named(backend: str, params: dict[str, Any], problem:
         drift.get(backend)(**params).fit(pd.DataFrame({"colour": ["red", "blue"]}))
     with pytest.raises(TypeError, match="list of column names"):
         drift.get(backend)(categorical="colour").fit(pd.DataFrame({"colour": ["red", "blue"]}))
+
+
+def test_the_alibi_backend_without_alibi_detect_says_where_it_lives(cases: dict[str, Any]) -> None:
+    if importlib.util.find_spec("alibi_detect"):
+        pytest.skip("alibi-detect is installed here")
+    with pytest.raises(ImportError, match=r"needs alibi-detect.*'serving'.*backend='scipy'"):
+        drift.detect({**cases["same"], "backend": "alibi"})
 
 
 def test_unknown_backend_lists_the_known_ones() -> None:
@@ -267,7 +277,8 @@ def test_false_alarm_rate_is_p_val_per_window() -> None:
 
 
 @pytest.mark.parametrize(("case", "feature"), [("mean", "x0"), ("variance", "x1"), ("categorical", "colour"),
-                                               ("one_of_20", "x7"), ("csv_mean", "x0")])
+                                               ("one_of_20", "x7"), ("csv_mean", "x0"), ("cvm_mean", "x0"),
+                                               ("cvm_variance", "x1")])
 def test_a_shift_is_found_in_the_shifted_feature_only(outcome: dict[str, Any], case: str,
                                                       feature: str) -> None:
     result = outcome[case]
@@ -318,6 +329,14 @@ def test_a_bad_window_is_invalid_and_named(outcome: dict[str, Any], case: str, n
     result = outcome[case]
     assert result["verdict"] == "invalid_window"
     assert named in result["message"] and result["features"] == {}
+
+
+def test_cramer_von_mises_tests_the_numeric_features(outcome: dict[str, Any]) -> None:
+    result = outcome["cvm_same"]
+    assert (result["verdict"], result["method"]) == ("no_drift", "cvm")
+    assert {f: s["test"] for f, s in result["features"].items()} == {
+        "x0": "cvm", "x1": "cvm", "x2": "cvm", "x3": "cvm", "colour": "chi2", "flag": "chi2"}
+    assert outcome["cvm_mean"]["features"]["x0"]["test"] == "cvm"
 
 
 def test_a_csv_window_is_read_with_its_types(outcome: dict[str, Any]) -> None:
@@ -421,7 +440,7 @@ def test_mmd_flags_the_features_it_tested_together(mmd: dict[str, Any]) -> None:
 def test_mmd_sees_a_change_no_single_feature_shows(mmd: dict[str, Any]) -> None:
     # x1 follows x0 now; each column alone is as standard normal as before.
     assert mmd["correlation"]["verdict"] == "drift"
-    assert drift.detect({**mmd["requests"]["correlation"], "backend": "scipy", "method": "univariate"}
+    assert drift.detect({**mmd["requests"]["correlation"], "backend": "scipy", "method": "ks"}
                         )["verdict"] == "no_drift"
 
 
@@ -464,7 +483,7 @@ def test_mmd_samples_at_most_its_cap_of_rows() -> None:
     ({"categorical": ["zz"]}, "zz"), ({"severity": {"low": 0.5, "high": 0.1}}, "severity"),
     ({"severity": {"extreme": 0.9}}, "severity"), ({"p_vals": 0.1}, "unknown drift request keys"),
     ({"current_uri": ""}, "current_uri"), ({"features": "x0"}, "list"),
-    ({"method": "mmd"}, r"'scipy' drift backend has no method 'mmd'.*univariate"),
+    ({"method": "mmd"}, r"'scipy' drift backend has no method 'mmd'.*\['ks', 'cvm'\]"),
 ])
 def test_a_bad_request_raises_a_clear_error(cases: dict[str, dict[str, Any]], change: dict[str, Any],
                                             problem: str) -> None:

@@ -32,15 +32,16 @@ class _DriftDetectOperator(StepOperator):
 
     :param model_name: registered model whose ``champion`` is monitored.
     :param backend: ``"alibi"`` (alibi-detect, in the ``serving`` or ``torch`` runtime) or ``"scipy"``.
-    :param method: ``"univariate"`` (a test per feature) or ``"mmd"`` (one test of all the features,
-        alibi backend in the ``torch`` runtime); see docs/drift.md.
+    :param method: ``"ks"`` or ``"cvm"`` (a Kolmogorov-Smirnov or Cramer-von Mises test per numeric
+        feature, chi-squared per categorical one) or ``"mmd"`` (one test of all the features, alibi
+        backend in the ``torch`` runtime); see docs/drift.md.
     :param runtime: where detection runs; alibi-detect needs the ``serving`` runtime (``torch`` for mmd).
     """
 
     template_fields: Sequence[str] = ("model_name", "backend", "method", "p_val", "correction", "min_rows")
     operator_extra_links = (DriftReportLink(),)
 
-    def __init__(self, *, model_name: str, backend: str = "alibi", method: str = "univariate",
+    def __init__(self, *, model_name: str, backend: str = "alibi", method: str = "ks",
                  p_val: float = 0.05, correction: str = "bonferroni", min_rows: int = 200,
                  mlflow_conn_id: str = MlflowHook.default_conn_name, runtime: str = "serving",
                  **kwargs: Any) -> None:

@@ -121,4 +121,4 @@ def _number(request: dict[str, Any], key: str, default: float | None) -> float:
 
 
 def _iso(epoch: float) -> str:
-    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).isoformat()
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).isoformat()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ def collect(request: dict[str, Any]) -> dict[str, Any]:
 
     log_dir = Path(request["log_dir"])
     start, end = float(request["start"]), float(request["end"])
-    days = {datetime.fromtimestamp(t, timezone.utc).strftime("%Y%m%d") for t in (start, end)}
+    days = {datetime.fromtimestamp(t, UTC).strftime("%Y%m%d") for t in (start, end)}
     files = sorted(f for day in days for f in (log_dir / day).glob("*.jsonl")) if log_dir.exists() else []
     rows, names, skipped = [], None, 0
     for file in files:
@@ -34,7 +34,8 @@ def collect(request: dict[str, Any]) -> dict[str, Any]:
             if not start <= ts < end or record.get("status", 200) != 200:
                 continue
             names = names or record["names"]
-            rows.extend(record["features"] if isinstance(record["features"][0], list) else [record["features"]])
+            features = record["features"]
+            rows.extend(features if isinstance(features[0], list) else [features])  # a batch or one row
     frame = pd.DataFrame(rows, columns=names) if rows else pd.DataFrame()
     out = Path(request["out_path"])
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,16 +12,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from airloop.steps.drift import alibi, scipy  # noqa: F401  (each registers its backend)
-from airloop.steps.drift.base import CORRECTIONS, UNIVARIATE, Detector, available, flag, get, register
+from airloop.steps.drift.base import CORRECTIONS, PER_FEATURE, Detector, available, flag, get, register
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["CORRECTIONS", "UNIVARIATE", "Detector", "available", "detect", "flag", "get", "register"]
+__all__ = ["CORRECTIONS", "PER_FEATURE", "Detector", "available", "detect", "flag", "get", "register"]
 
 SEVERITY = {"low": 0.0, "medium": 0.25, "high": 0.5}
 _DEFAULTS: dict[str, Any] = {"features": None, "categorical": None, "backend": "scipy",
-                             "method": UNIVARIATE, "p_val": 0.05, "correction": "bonferroni",
+                             "method": "ks", "p_val": 0.05, "correction": "bonferroni",
                              "min_rows": 200, "report_dir": None, "severity": None}
 _REQUIRED = ("reference_uri", "current_uri")
 
@@ -32,7 +32,8 @@ def detect(request: dict[str, Any]) -> dict[str, Any]:
 
     Request: ``reference_uri``, ``current_uri``; optional ``features`` (default: every reference column),
     ``categorical`` (default: the reference columns that are not numeric), ``backend`` ("scipy"),
-    ``method`` ("univariate": one test per feature; "mmd": one test of all features, alibi only),
+    ``method`` ("ks" or "cvm": one test per feature, Kolmogorov-Smirnov or Cramer-von Mises on numeric
+    features and chi-squared on categorical ones; "mmd": one test of all features, alibi only),
     ``p_val`` (0.05), ``correction`` ("bonferroni" or "fdr"), ``min_rows`` (200, also the fewest
     non-missing values a feature needs on each side to be tested), ``report_dir`` (where to write
     report.json and report.html; none written without it) and ``severity`` (thresholds on the share of
@@ -155,7 +156,7 @@ def _judge(scores: dict[str, dict[str, Any]], thresholds: dict[str, float],
     share = len(drifted) / len(tested)
     severity = max((level for level, t in thresholds.items() if drifted and share >= t),
                    key=list(SEVERITY).index, default="none")
-    if options["method"] == UNIVARIATE:
+    if options["method"] in PER_FEATURE:
         test = f"p < {options['p_val']} with {options['correction']} correction"
     else:  # one test of all the features: they drift together or not at all
         test = f"tested together with {options['method']}, p = {scores[tested[0]]['p_value']:.3g}"

@@ -1,9 +1,10 @@
 """Drift backend on alibi-detect (Business Source License): an extra, present only in the runtimes.
 
 alibi-detect 0.13 needs numpy<2, so it cannot share Airflow's environment: run ``detect`` with this
-backend in the ``serving`` runtime (or the ``torch`` runtime for ``mmd``). Method ``univariate``: one
-``KSDrift`` or ``ChiSquareDrift`` per feature, so missing values are dropped per feature; the
-correction across features is the shared one in ``base``. Method ``mmd``: one ``MMDDrift``
+backend in the ``serving`` runtime (or the ``torch`` runtime for ``mmd``). Methods ``ks`` and ``cvm``:
+one ``KSDrift`` or ``CVMDrift`` per numeric feature and one ``ChiSquareDrift`` per categorical one
+(what ``TabularDrift`` does, but missing values are dropped per feature); the correction across
+features is the shared one in ``base``. Method ``mmd``: one ``MMDDrift``
 (PyTorch) over all the features together, which also sees a change in how features move together
 that no single feature shows.
 """
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from airloop.steps.drift.base import UNIVARIATE, Detector, register
+from airloop.steps.drift.base import Detector, register
 
 if TYPE_CHECKING:
     import numpy as np
@@ -31,9 +32,10 @@ _SEED = 0  # fixed, so the same data always gets the same subsample and permutat
 
 @register("alibi")
 class AlibiDetector(Detector):
-    """alibi-detect's ``KSDrift`` / ``ChiSquareDrift`` per feature, or ``MMDDrift`` on all of them at once."""
+    """alibi-detect's ``KSDrift`` or ``CVMDrift`` / ``ChiSquareDrift`` per feature, or ``MMDDrift`` on
+    all of them at once."""
 
-    methods = (UNIVARIATE, MMD)
+    joint_methods = (MMD,)
 
     def check_params(self) -> None:
         super().check_params()
@@ -44,11 +46,14 @@ class AlibiDetector(Detector):
                 raise ImportError(
                     "the 'alibi' drift backend's 'mmd' method runs MMDDrift on PyTorch, which this "
                     f"environment ({sys.prefix}) lacks: run the step in the 'torch' runtime "
-                    "(`airloop runtimes build torch`), or use method 'univariate'"
+                    "(`airloop runtimes build torch`), or use method 'ks' or 'cvm'"
                 )
 
     def _fit_feature(self, reference: np.ndarray, categorical: bool) -> Any:
-        kind = _detector("chisquare", "ChiSquareDrift") if categorical else _detector("ks", "KSDrift")
+        if categorical:
+            kind = _detector("chisquare", "ChiSquareDrift")
+        else:
+            kind = _detector("cvm", "CVMDrift") if self.method == "cvm" else _detector("ks", "KSDrift")
         return kind(reference.reshape(-1, 1), p_val=self.p_val)
 
     def _test_feature(self, detector: Any, current: np.ndarray, categorical: bool) -> tuple[float, float]:

@@ -1,10 +1,11 @@
 """The drift detector interface and its registry.
 
-With the ``univariate`` method (every backend) a detector compares one feature at a time: numeric
-features with a two-sample Kolmogorov-Smirnov test, categorical features with a chi-squared test on
-the category counts. Missing values are dropped per feature, so one sparse column does not cost the
-others their rows. A backend may offer a multivariate method too (``methods``): one test of all the
-features together, on the rows complete in every feature. The multiple-testing correction across
+With a per-feature method (every backend) a detector compares one feature at a time: numeric
+features with a two-sample Kolmogorov-Smirnov (``ks``) or Cramer-von Mises (``cvm``) test,
+categorical features with a chi-squared test on the category counts. Missing values are dropped per
+feature, so one sparse column does not cost the others their rows. A backend may offer a
+multivariate method too (``joint_methods``): one test of all the features together, on the rows
+complete in every feature. The multiple-testing correction across
 tests lives here, once, so every backend flags drift the same way; a backend only supplies the tests.
 
 Shaped after scikit-learn estimators: the constructor only stores its parameters, ``fit`` learns
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 CORRECTIONS = ("bonferroni", "fdr")
-UNIVARIATE = "univariate"
+PER_FEATURE = ("ks", "cvm")  # the test of numeric features; categorical ones always get chi-squared
 _PARALLEL_ROWS = 20_000  # windows from this size test their features on several threads
 
 _BACKENDS: dict[str, type[Detector]] = {}
@@ -88,10 +89,10 @@ class Detector(ABC):
     """
 
     name: ClassVar[str]
-    methods: ClassVar[tuple[str, ...]] = (UNIVARIATE,)
+    joint_methods: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, p_val: float = 0.05, correction: str = "bonferroni",
-                 categorical: Sequence[str] = (), min_rows: int = 1, method: str = UNIVARIATE) -> None:
+                 categorical: Sequence[str] = (), min_rows: int = 1, method: str = "ks") -> None:
         self.p_val = p_val
         self.correction = correction
         self.categorical = categorical
@@ -110,13 +111,13 @@ class Detector(ABC):
             raise ValueError(f"min_rows must be a positive integer, got {self.min_rows!r}")
         if isinstance(self.categorical, str):
             raise TypeError(f"categorical must be a list of column names, got {self.categorical!r}")
-        if self.method not in self.methods:
+        if self.method not in (*PER_FEATURE, *self.joint_methods):
             raise ValueError(f"the {self.name!r} drift backend has no method {self.method!r}: "
-                             f"choose one of {list(self.methods)}")
-        if self.method != UNIVARIATE and self.categorical:
+                             f"choose one of {[*PER_FEATURE, *self.joint_methods]}")
+        if self.method in self.joint_methods and self.categorical:
             raise ValueError(f"method {self.method!r} compares numeric features only, and "
                              f"{list(self.categorical)} are categorical: leave them out of the features, "
-                             f"or use method {UNIVARIATE!r}")
+                             f"or use a per-feature method {list(PER_FEATURE)}")
 
     def fit(self, reference: pd.DataFrame) -> Detector:
         """Learn the reference distribution of every column of ``reference``."""
@@ -143,9 +144,9 @@ class Detector(ABC):
                 values = values.astype(float)
                 summary["mean"] = float(values.mean()) if len(values) else None
             self.reference_[feature] = summary
-            if self.method == UNIVARIATE and len(values) >= self.min_rows:
+            if self.method in PER_FEATURE and len(values) >= self.min_rows:
                 self._fitted[feature] = self._fit_feature(values, feature in self.categorical)
-        if self.method != UNIVARIATE:
+        if self.method in self.joint_methods:
             complete = reference.dropna()
             if len(complete) >= self.min_rows:
                 self._joint = self._fit_joint(complete.to_numpy(float))
@@ -173,7 +174,7 @@ class Detector(ABC):
             ref = self.reference_[feature]
             entry: dict[str, Any] = {
                 "kind": "categorical" if categorical else "numeric",
-                "test": "chi2" if categorical else ("ks" if self.method == UNIVARIATE else self.method),
+                "test": "chi2" if categorical else self.method,
                 "tested": False, "statistic": None, "p_value": None, "drift": False,
                 "ref_mean": ref.get("mean"), "cur_mean": None,
                 "n_ref": ref["n"], "n_cur": len(values),
@@ -215,7 +216,9 @@ class Detector(ABC):
 
     @abstractmethod
     def _fit_feature(self, reference: np.ndarray, categorical: bool) -> Any:
-        """What the test needs about one feature's reference values (NaN-free; codes if categorical)."""
+        """What the test needs about one feature's reference values (NaN-free; codes if categorical).
+
+        The test is chi-squared for a categorical feature, else the one ``method`` names."""
 
     @abstractmethod
     def _test_feature(self, fitted: Any, current: np.ndarray, categorical: bool) -> tuple[float, float]:

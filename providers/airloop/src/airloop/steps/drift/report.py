@@ -38,14 +38,14 @@ def _histogram(reference: pd.Series, current: pd.Series) -> dict[str, Any]:
     low, high = np.quantile(both, [0.005, 0.995])
     if high <= low:
         low, high = low - 0.5, high + 0.5
-    edges = np.linspace(low, high, BINS + 1)
 
-    def shares(values: pd.Series) -> list[float]:
-        counts, _ = np.histogram(np.clip(values.to_numpy(float), low, high), bins=edges)
-        return (counts / max(len(values), 1)).tolist()
+    def shares(values: pd.Series) -> tuple[list[float], np.ndarray]:
+        # Equal bins given as a count and a range: numpy bins by arithmetic instead of sorting the values.
+        counts, edges = np.histogram(np.clip(values.to_numpy(float), low, high), bins=BINS, range=(low, high))
+        return (counts / max(len(values), 1)).tolist(), edges
 
-    return {"kind": "numeric", "edges": edges.tolist(),
-            "reference": shares(reference), "current": shares(current)}
+    (ref, edges), (cur, _) = shares(reference), shares(current)
+    return {"kind": "numeric", "edges": edges.tolist(), "reference": ref, "current": cur}
 
 
 def _categories(reference: pd.Series, current: pd.Series) -> dict[str, Any]:

@@ -12,7 +12,8 @@ if TYPE_CHECKING:
 
 @register("scipy")
 class ScipyDetector(Detector):
-    """Kolmogorov-Smirnov for numeric features, chi-squared on category counts for categorical ones."""
+    """Kolmogorov-Smirnov or Cramer-von Mises for numeric features, chi-squared on category counts for
+    categorical ones."""
 
     def _fit_feature(self, reference: np.ndarray, categorical: bool) -> np.ndarray:
         return reference
@@ -20,13 +21,16 @@ class ScipyDetector(Detector):
     def _test_feature(self, reference: np.ndarray, current: np.ndarray,
                       categorical: bool) -> tuple[float, float]:
         import numpy as np
-        from scipy.stats import chi2_contingency, ks_2samp
+        from scipy.stats import chi2_contingency, cramervonmises_2samp, ks_2samp
 
         if categorical:
             # Every code occurs on at least one side, so no column of the table is empty.
             size = int(max(reference.max(), current.max())) + 1
             table = np.vstack([np.bincount(reference, minlength=size), np.bincount(current, minlength=size)])
             result = chi2_contingency(table)
+            return result.statistic, result.pvalue
+        if self.method == "cvm":  # "auto" as alibi-detect: exact on tiny samples, else asymptotic
+            result = cramervonmises_2samp(reference, current, method="auto")
             return result.statistic, result.pvalue
         # The asymptotic distribution, as alibi-detect uses: exact p-values cost seconds on large windows.
         result = ks_2samp(reference, current, method="asymp")
