@@ -66,7 +66,8 @@ class _DriftDetectOperator(StepOperator):
         from airloop.steps.train import download
 
         hook = MlflowHook(mlflow_conn_id=self.mlflow_conn_id)
-        champion = aliases(hook.tracking_uri, self.model_name).get("champion")
+        with hook.session():
+            champion = aliases(hook.tracking_uri, self.model_name).get("champion")
         if champion is None:
             raise AirflowSkipException(f"{self.model_name} has no champion yet: nothing to monitor")
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -74,7 +75,8 @@ class _DriftDetectOperator(StepOperator):
         DriftReportLink.persist(context, path=f"{prefix}/report.html")
         run_id = hook.client.get_model_version(self.model_name, champion).run_id
         with tempfile.TemporaryDirectory() as tmp, artefacts.staging(prefix) as folder:
-            reference = download(hook.tracking_uri, f"runs:/{run_id}/drift/reference.parquet", tmp)
+            with hook.session():
+                reference = download(hook.tracking_uri, f"runs:/{run_id}/drift/reference.parquet", tmp)
             window, source = self._window(Path(folder), Path(tmp))
             self.log.info("window: %s", source)
             result = self.run_step("airloop.steps.drift:detect", {
@@ -277,11 +279,12 @@ class DriftDecideRetrainOperator(BaseOperator):
         keys = ("decided_at", "action", "code", "severity", "wanted")
         entry = {**{key: decision[key] for key in keys}, "reason": decision["reason"][:1000],
                  "report": detection.get("report"), "dag_run_id": context["run_id"]}
-        stages = read_audit(hook.tracking_uri, detection["model_name"], detection["champion"])["stages"]
+        with hook.session():
+            stages = read_audit(hook.tracking_uri, detection["model_name"], detection["champion"])["stages"]
         earlier = next((s["record"]["decisions"] for s in stages if s["stage"] == "drift"), [])
         decisions = [*earlier, entry][-AUDIT_DECISIONS:]
         # A stage's record has a size limit: long reasons (a window naming many columns) push out old ones.
         while len(decisions) > 1 and len(json.dumps({"decisions": decisions})) > MAX_AUDIT_RECORD_BYTES:
             decisions.pop(0)
-        append_audit({"tracking_uri": hook.tracking_uri, "model_name": detection["model_name"],
+        append_audit({**hook.step_config(), "model_name": detection["model_name"],
                       "version": detection["champion"], "stage": "drift", "record": {"decisions": decisions}})
