@@ -7,7 +7,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 # OpenVINO's telemetry forks from a background thread at import and has hung numpy: keep it off.
 export CI ?= true
 
-.PHONY: setup loop test airflow clean
+.PHONY: setup loop lint test airflow clean
 
 setup: .venv/.synced .airloop/runtimes/serving/.built .airloop/runtimes/torch/.built \
 	.airloop/runtimes/validation/.built
@@ -38,7 +38,11 @@ setup: .venv/.synced .airloop/runtimes/serving/.built .airloop/runtimes/torch/.b
 loop: setup
 	.venv/bin/airloop loop --dags dags
 
-test: setup
+lint: .venv/.synced
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+test: setup lint
 	.venv/bin/python -m pytest -q
 
 # Airflow's own UI on the reference DAGs (the admin password is printed once, and kept in

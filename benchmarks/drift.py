@@ -76,8 +76,10 @@ def _data(folder: Path, rows: int, reference_rows: int, features: int) -> dict[s
     current["f0"] += 0.05  # one feature drifts, so the verdict path with a flagged feature is timed too
     reference.to_parquet(folder / "reference.parquet")
     current.to_parquet(folder / "current.parquet")
-    return {"reference_uri": str(folder / "reference.parquet"),
-            "current_uri": str(folder / "current.parquet")}
+    return {
+        "reference_uri": str(folder / "reference.parquet"),
+        "current_uri": str(folder / "current.parquet"),
+    }
 
 
 def _best(repeat: int, call) -> float:
@@ -99,14 +101,18 @@ def speed(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="drift-bench-") as tmp:
         folder = Path(tmp)
         base = _data(folder, args.rows, args.reference, args.features)
-        print(f"{args.rows} current rows x {args.features} features vs {args.reference} reference rows, "
-              f"best of {args.repeat}")
+        print(
+            f"{args.rows} current rows x {args.features} features vs {args.reference} reference rows, "
+            f"best of {args.repeat}"
+        )
         request = {**base, "backend": "scipy", "report_dir": str(folder / "report")}
         drift.detect(request)  # warm: imports and file cache
         no_report = _best(args.repeat, lambda: drift.detect({**base, "backend": "scipy"}))
         with_report = _best(args.repeat, lambda: drift.detect(request))
-        print(f"worker  scipy   check {no_report:6.3f} s   with report {with_report:6.3f} s "
-              f"(report {with_report - no_report:.3f} s)")
+        print(
+            f"worker  scipy   check {no_report:6.3f} s   with report {with_report:6.3f} s "
+            f"(report {with_report - no_report:.3f} s)"
+        )
 
         try:
             python = runtimes.python("serving")
@@ -119,32 +125,49 @@ def speed(args: argparse.Namespace) -> None:
         os.environ["PYTHONPATH"] = str(folder)  # the hop's interpreter inherits the environment
         context = {"ti": SimpleNamespace(bundle_instance=None)}
         totals = {}
-        for backend, step, label in (("scipy", "detect", "scipy"), ("alibi", "detect", "alibi"),
-                                     ("alibi", "detect_whole_package", "alibi with `import alibi_detect`")):
+        for backend, step, label in (
+            ("scipy", "detect", "scipy"),
+            ("alibi", "detect", "alibi"),
+            ("alibi", "detect_whole_package", "alibi with `import alibi_detect`"),
+        ):
             hop_request = {**base, "backend": backend, "report_dir": str(folder / f"report-{backend}")}
             hops = []
             for _ in range(args.repeat):
                 start, cpu = time.time(), _cpu()
-                marks = runtimes.run_step(f"drift_timed_step:{step}", hop_request, runtime="serving",
-                                          context=context, task_id="bench")
+                marks = runtimes.run_step(
+                    f"drift_timed_step:{step}",
+                    hop_request,
+                    runtime="serving",
+                    context=context,
+                    task_id="bench",
+                )
                 hops.append({**marks, "start": start, "end": time.time(), "cpu": _cpu() - cpu})
             hop = min(hops, key=lambda hop: hop["end"] - hop["start"])
             (entered, entered_cpu), (imported, imported_cpu), (checked, checked_cpu) = (
-                hop["entered"], hop["imported"], hop["checked"])
+                hop["entered"],
+                hop["imported"],
+                hop["checked"],
+            )
             total, check = hop["end"] - hop["start"], checked - imported
             totals[step if backend == "alibi" else backend] = total
-            print(f"runtime {label}\n  total {total:6.3f} s = check {check:6.3f} s "
-                  f"+ hop {total - check:6.3f} s (start and ExternalPythonOperator "
-                  f"{entered - hop['start']:.3f} s, imports {imported - entered:.3f} s, "
-                  f"result and exit {hop['end'] - checked:.3f} s); "
-                  f"{total / TARGET_S:.2f}x the {TARGET_S} s target")
+            print(
+                f"runtime {label}\n  total {total:6.3f} s = check {check:6.3f} s "
+                f"+ hop {total - check:6.3f} s (start and ExternalPythonOperator "
+                f"{entered - hop['start']:.3f} s, imports {imported - entered:.3f} s, "
+                f"result and exit {hop['end'] - checked:.3f} s); "
+                f"{total / TARGET_S:.2f}x the {TARGET_S} s target"
+            )
             # CPU time, less swayed by the machine's load than the clock: what the hop would take alone.
             check_cpu, imports_cpu = checked_cpu - imported_cpu, imported_cpu - entered_cpu
-            print(f"  CPU   {hop['cpu']:6.3f} s = check {check_cpu:6.3f} s (all threads) + imports "
-                  f"{imports_cpu:.3f} s + interpreter start, probes, ExternalPythonOperator and exit "
-                  f"{hop['cpu'] - check_cpu - imports_cpu:.3f} s")
-        print(f"alibi: loading only the detector modules makes the whole check "
-              f"{totals['detect_whole_package'] / totals['detect']:.2f}x faster than `import alibi_detect`")
+            print(
+                f"  CPU   {hop['cpu']:6.3f} s = check {check_cpu:6.3f} s (all threads) + imports "
+                f"{imports_cpu:.3f} s + interpreter start, probes, ExternalPythonOperator and exit "
+                f"{hop['cpu'] - check_cpu - imports_cpu:.3f} s"
+            )
+        print(
+            f"alibi: loading only the detector modules makes the whole check "
+            f"{totals['detect_whole_package'] / totals['detect']:.2f}x faster than `import alibi_detect`"
+        )
 
 
 def _window_pair(rng: np.random.Generator, reference_rows: int, rows: int) -> tuple[pd.DataFrame, ...]:
@@ -165,8 +188,11 @@ def false_alarms(backend: str, windows: int) -> dict[str, float]:
     alarms = {"bonferroni": 0, "fdr": 0}
     for _ in range(windows):
         reference, current = _window_pair(rng, 2000, 500)
-        scores = drift.get(backend)(p_val=P_VAL, categorical=["colour", "flag"], min_rows=200) \
-            .fit(reference).score(current)
+        scores = (
+            drift.get(backend)(p_val=P_VAL, categorical=["colour", "flag"], min_rows=200)
+            .fit(reference)
+            .score(current)
+        )
         p_values = [score["p_value"] for score in scores.values()]
         for correction in alarms:
             alarms[correction] += any(drift.flag(p_values, P_VAL, correction))
@@ -177,8 +203,10 @@ def _report_false_alarms(backend: str, where: str, rates: dict[str, float], wind
     for correction, rate in rates.items():
         # Normal approximation to the binomial: enough for a few hundred windows.
         half = 1.96 * math.sqrt(max(rate * (1 - rate), 1e-12) / windows)
-        print(f"false alarms {backend:5} ({where}, {correction:10}): {rate:.3f} of {windows} windows "
-              f"(95% interval {max(rate - half, 0):.3f}-{rate + half:.3f}) vs p_val {P_VAL}")
+        print(
+            f"false alarms {backend:5} ({where}, {correction:10}): {rate:.3f} of {windows} windows "
+            f"(95% interval {max(rate - half, 0):.3f}-{rate + half:.3f}) vs p_val {P_VAL}"
+        )
 
 
 def main() -> None:
@@ -188,16 +216,18 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--windows", type=int, default=1000, help="no-shift windows, scipy in the worker")
-    parser.add_argument("--runtime-windows", type=int, default=200,
-                        help="no-shift windows, alibi in the runtime")
+    parser.add_argument(
+        "--runtime-windows", type=int, default=200, help="no-shift windows, alibi in the runtime"
+    )
     parser.add_argument("--false-alarms-of", help=argparse.SUPPRESS)  # the run inside the runtime
     args = parser.parse_args()
     if args.false_alarms_of:
         print(json.dumps(false_alarms(args.false_alarms_of, args.runtime_windows)))
         return
     # Airflow is imported later, by the first hop: quiet its per-hop INFO lines.
-    os.environ.update({"CI": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
-                       "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING"})
+    os.environ.update(
+        {"CI": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING"}
+    )
 
     speed(args)
     if args.windows:
@@ -208,13 +238,25 @@ def main() -> None:
         except runtimes.RuntimeMissingError as error:
             print(f"alibi false alarms not measured: {error}")
         else:
-            done = subprocess.run([python, __file__, "--false-alarms-of", "alibi",
-                                   "--runtime-windows", str(args.runtime_windows)],
-                                  capture_output=True, text=True, check=True)
+            done = subprocess.run(
+                [
+                    python,
+                    __file__,
+                    "--false-alarms-of",
+                    "alibi",
+                    "--runtime-windows",
+                    str(args.runtime_windows),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             rates = json.loads(done.stdout.strip().splitlines()[-1])
             _report_false_alarms("alibi", "runtime", rates, args.runtime_windows)
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, "
-          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(
+        f"python {sys.version.split()[0]}, {os.cpu_count()} cores, "
+        f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
 
 
 if __name__ == "__main__":

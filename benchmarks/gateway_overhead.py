@@ -78,7 +78,8 @@ def main() -> None:
     model_dir = args.model_dir
     if model_dir is None:
         spec = importlib.util.spec_from_file_location(
-            "test_local_serving", REPO / "tests" / "integration" / "test_local_serving.py")
+            "test_local_serving", REPO / "tests" / "integration" / "test_local_serving.py"
+        )
         tests = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(tests)
         model_dir = tests.build_ir(work / "ir", seed=1)
@@ -86,8 +87,10 @@ def main() -> None:
     target = LocalServingTarget(home=str(work / "serving"))
     predictor = {"name": "v1", "model_version": "1", "model_dir": str(model_dir.resolve()), "weight": 100}
     state = target.deploy("bench", [predictor])
-    urls = {"direct": f"http://127.0.0.1:{state['predictors']['v1']['port']}/api/v1.0/predictions",
-            "gateway": f"{state['endpoint']}/api/v1.0/predictions"}
+    urls = {
+        "direct": f"http://127.0.0.1:{state['predictors']['v1']['port']}/api/v1.0/predictions",
+        "gateway": f"{state['endpoint']}/api/v1.0/predictions",
+    }
     try:
         latencies: dict[str, list[float]] = {k: [] for k in urls}
         rates: dict[str, list[float]] = {k: [] for k in urls}
@@ -102,17 +105,26 @@ def main() -> None:
     finally:
         target.delete("bench")
 
-    print(f"{args.rounds} rounds x {args.requests} one-row requests; req/s with {args.clients} clients; "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"{args.rounds} rounds x {args.requests} one-row requests; req/s with {args.clients} clients; "
+        f"{os.cpu_count()} CPUs"
+    )
     summary = {}
     for kind in urls:
-        summary[kind] = (quantile(latencies[kind], 0.5), quantile(latencies[kind], 0.99),
-                         statistics.median(rates[kind]))
-        print(f"{kind:8s} p50 {summary[kind][0]:6.2f} ms  p99 {summary[kind][1]:6.2f} ms  "
-              f"{summary[kind][2]:7.0f} req/s")
+        summary[kind] = (
+            quantile(latencies[kind], 0.5),
+            quantile(latencies[kind], 0.99),
+            statistics.median(rates[kind]),
+        )
+        print(
+            f"{kind:8s} p50 {summary[kind][0]:6.2f} ms  p99 {summary[kind][1]:6.2f} ms  "
+            f"{summary[kind][2]:7.0f} req/s"
+        )
     (d50, d99, drate), (g50, g99, grate) = summary["direct"], summary["gateway"]
-    print(f"gateway/direct: p50 x{g50 / d50:.2f} (+{g50 - d50:.2f} ms), p99 x{g99 / d99:.2f}, "
-          f"req/s x{grate / drate:.2f}")
+    print(
+        f"gateway/direct: p50 x{g50 / d50:.2f} (+{g50 - d50:.2f} ms), p99 x{g99 / d99:.2f}, "
+        f"req/s x{grate / drate:.2f}"
+    )
     # Sequential rounds only; includes the 20 warm-up requests of each round.
     print(f"gateway CPU {1e6 * gateway_cpu / (args.rounds * (args.requests + 20)):.0f} us per request")
 

@@ -59,27 +59,43 @@ def reference_forest() -> Case:
 
 
 # name -> (case, runtime); the torch runtime holds hummingbird-ml.
-CASES = {"wide-mlp": (wide_mlp, "worker"), "tiny-mlp": (reference_mlp, "worker"),
-         "forest": (reference_forest, "torch")}
-TITLES = {"wide-mlp": "4-layer 1024-wide MLP", "tiny-mlp": "reference tiny MLP (32, 16)",
-          "forest": "reference random forest (100 trees, depth 8), hummingbird-ml route"}
+CASES = {
+    "wide-mlp": (wide_mlp, "worker"),
+    "tiny-mlp": (reference_mlp, "worker"),
+    "forest": (reference_forest, "torch"),
+}
+TITLES = {
+    "wide-mlp": "4-layer 1024-wide MLP",
+    "tiny-mlp": "reference tiny MLP (32, 16)",
+    "forest": "reference random forest (100 trees, depth 8), hummingbird-ml route",
+}
 
 
-def run(name: str, model: Any, train: pd.DataFrame, holdout: pd.DataFrame, target: pd.Series,
-        args: Any) -> None:
+def run(
+    name: str, model: Any, train: pd.DataFrame, holdout: pd.DataFrame, target: pd.Series, args: Any
+) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         source = sklearn_source(model, tmp, holdout)
         index = target.map({label: i for i, label in enumerate(model.classes_)}).to_numpy()
         report = optimise.optimise(
-            source.native, source.graph, holdout, index, tmp, onnx_path=source.onnx_path,
-            calibration=train.to_numpy(dtype="float32")[:300], objective=args.objective, calls=args.calls,
+            source.native,
+            source.graph,
+            holdout,
+            index,
+            tmp,
+            onnx_path=source.onnx_path,
+            calibration=train.to_numpy(dtype="float32")[:300],
+            objective=args.objective,
+            calls=args.calls,
         )
     print(f"\n== {name}: native accuracy {report['native_accuracy']:.4f} ({source.route} route)")
     print(f"{'runtime':<12}{'p50 ms b1':>12}{'p99 ms b1':>12}{'rows/s b1024':>15}{'acc drop pts':>14}")
     for runtime, numbers in report["benchmark"].items():
         drop = report["variants"].get(runtime, {}).get("accuracy_drop")
-        print(f"{runtime:<12}{numbers['p50_ms']:>12.4f}{numbers['p99_ms']:>12.4f}"
-              f"{numbers['rows_per_s']:>15,.0f}{'' if drop is None else f'{drop:.2f}':>14}")
+        print(
+            f"{runtime:<12}{numbers['p50_ms']:>12.4f}{numbers['p99_ms']:>12.4f}"
+            f"{numbers['rows_per_s']:>15,.0f}{'' if drop is None else f'{drop:.2f}':>14}"
+        )
     print(f"selected: {report['reason']}")
     for note in source.notes:
         print(f"note: {note}")
@@ -87,12 +103,19 @@ def run(name: str, model: Any, train: pd.DataFrame, holdout: pd.DataFrame, targe
         return
     ratios = report["ratios"]
     for peer in (peer for peer in (optimise.NATIVE, optimise.ONNX_RUNTIME) if peer in report["benchmark"]):
-        print(f"{report['variant']} vs {peer}: batch 1024 throughput {ratios[f'throughput_vs_{peer}']:.2f}x, "
-              f"batch 1 latency {ratios[f'latency_vs_{peer}']:.2f}x")
-    met = (ratios["throughput_vs_native"] >= 3 and ratios.get("throughput_vs_onnxruntime", 0) >= 2
-           and min(ratios["latency_vs_native"], ratios.get("latency_vs_onnxruntime", 0)) >= 1)
-    print(f"target (>=3x native, >=2x ONNX Runtime at batch 1024; no slower at batch 1): "
-          f"{'met' if met else 'not met'}")
+        print(
+            f"{report['variant']} vs {peer}: batch 1024 throughput {ratios[f'throughput_vs_{peer}']:.2f}x, "
+            f"batch 1 latency {ratios[f'latency_vs_{peer}']:.2f}x"
+        )
+    met = (
+        ratios["throughput_vs_native"] >= 3
+        and ratios.get("throughput_vs_onnxruntime", 0) >= 2
+        and min(ratios["latency_vs_native"], ratios.get("latency_vs_onnxruntime", 0)) >= 1
+    )
+    print(
+        f"target (>=3x native, >=2x ONNX Runtime at batch 1024; no slower at batch 1): "
+        f"{'met' if met else 'not met'}"
+    )
 
 
 def main() -> None:
@@ -110,8 +133,20 @@ def main() -> None:
         from airloop import runtimes
 
         sys.stdout.flush()
-        subprocess.run([runtimes.python(runtime), __file__, "--here", "--cases", name,
-                        "--calls", str(args.calls), "--objective", args.objective], check=True)
+        subprocess.run(
+            [
+                runtimes.python(runtime),
+                __file__,
+                "--here",
+                "--cases",
+                name,
+                "--calls",
+                str(args.calls),
+                "--objective",
+                args.objective,
+            ],
+            check=True,
+        )
 
 
 if __name__ == "__main__":

@@ -59,17 +59,27 @@ def main() -> None:
 
     def operator(version: str, **kwargs: object) -> SeldonRolloutChallengerOperator:
         return SeldonRolloutChallengerOperator(
-            task_id="rollout", model_name=tests.MODEL, version=version, deployment="bench",
-            analysis_seconds=args.window, max_wait_seconds=120, poll_interval=0.5, **kwargs)
+            task_id="rollout",
+            model_name=tests.MODEL,
+            version=version,
+            deployment="bench",
+            analysis_seconds=args.window,
+            max_wait_seconds=120,
+            poll_interval=0.5,
+            **kwargs,
+        )
 
     operator(champion).execute({"ti": tests.StubTaskInstance()})
     clients = tests.Clients(get_target("local").state("bench")["endpoint"], WORK, rate=args.rate)
     try:
-        runs = [("canary", operator(canary, steps=(10, 25, 50, 100))),
-                ("shadow", operator(shadow, mode="shadow", steps=(50, 100),
-                                    criteria={"min_agreement": 0.7}))]
-        print(f"analysis window {args.window:g} s; clients about {args.rate:g} requests/s; "
-              f"{os.cpu_count()} CPUs")
+        runs = [
+            ("canary", operator(canary, steps=(10, 25, 50, 100))),
+            ("shadow", operator(shadow, mode="shadow", steps=(50, 100), criteria={"min_agreement": 0.7})),
+        ]
+        print(
+            f"analysis window {args.window:g} s; clients about {args.rate:g} requests/s; "
+            f"{os.cpu_count()} CPUs"
+        )
         print(f"{'rollout':8s} {'step':18s} {'wall s':>7s} {'window s':>9s} {'wall/window':>12s}")
         for name, rollout in runs:
             result = rollout.execute({"ti": tests.StubTaskInstance()})
@@ -83,8 +93,10 @@ def main() -> None:
                 window = args.window if step["kind"] in ("canary", "shadow") else 0.0
                 ratio = f"x{wall / window:.2f}" if window else ""
                 print(f"{name:8s} {label:18s} {wall:7.2f} {window:9.2f} {ratio:>12s}")
-            print(f"{name:8s} {'total':18s} {_seconds(report['started'], report['ended']):7.2f}   "
-                  f"-> {result['decision']}")
+            print(
+                f"{name:8s} {'total':18s} {_seconds(report['started'], report['ended']):7.2f}   "
+                f"-> {result['decision']}"
+            )
     finally:
         clients.stop()
         get_target("local").delete("bench")

@@ -67,22 +67,40 @@ def _bare_gx(frame, suite: dict, docs_dir: str | None = None) -> bool:
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    definition = (context.data_sources.add_pandas("bare").add_dataframe_asset("frame")
-                  .add_batch_definition_whole_dataframe("whole"))
-    suite_gx = gx.ExpectationSuite(name=suite["name"], expectations=[
-        ExpectationConfiguration(type=e["type"], kwargs=e["kwargs"]).to_domain_obj()
-        for e in suite["expectations"]])
+    definition = (
+        context.data_sources.add_pandas("bare")
+        .add_dataframe_asset("frame")
+        .add_batch_definition_whole_dataframe("whole")
+    )
+    suite_gx = gx.ExpectationSuite(
+        name=suite["name"],
+        expectations=[
+            ExpectationConfiguration(type=e["type"], kwargs=e["kwargs"]).to_domain_obj()
+            for e in suite["expectations"]
+        ],
+    )
     if not docs_dir:
         batch = definition.get_batch(batch_parameters={"dataframe": frame})
         return bool(batch.validate(suite_gx, result_format="SUMMARY").success)
-    context.add_data_docs_site("bare", {
-        "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": docs_dir}})
-    validation = context.validation_definitions.add(gx.ValidationDefinition(
-        name="bare", data=definition, suite=context.suites.add(suite_gx)))
-    checkpoint = context.checkpoints.add(gx.Checkpoint(
-        name="bare", validation_definitions=[validation], result_format="SUMMARY",
-        actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["bare"])]))
+    context.add_data_docs_site(
+        "bare",
+        {
+            "class_name": "SiteBuilder",
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": docs_dir},
+        },
+    )
+    validation = context.validation_definitions.add(
+        gx.ValidationDefinition(name="bare", data=definition, suite=context.suites.add(suite_gx))
+    )
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(
+            name="bare",
+            validation_definitions=[validation],
+            result_format="SUMMARY",
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["bare"])],
+        )
+    )
     return bool(checkpoint.run(batch_parameters={"dataframe": frame}).success)
 
 
@@ -98,9 +116,11 @@ def gate_overhead(folder: Path, rows: int, repeat: int) -> None:
     # which makes every column operation of GX several times slower than on the contiguous columns read.
     frame = read_table(path)
     suite = profile_suite(frame, "bench", key="id", label="label")
-    print(f"(a) {rows:,} rows x {frame.shape[1]} columns, {len(suite['expectations'])} expectations, "
-          f"{Path(path).stat().st_size / 1e6:.0f} MB parquet, "
-          f"{frame.memory_usage().sum() / 1e6:.0f} MB in memory; best of {repeat}, alternating")
+    print(
+        f"(a) {rows:,} rows x {frame.shape[1]} columns, {len(suite['expectations'])} expectations, "
+        f"{Path(path).stat().st_size / 1e6:.0f} MB parquet, "
+        f"{frame.memory_usage().sum() / 1e6:.0f} MB in memory; best of {repeat}, alternating"
+    )
     assert _bare_gx(frame, suite) and validate_frame(frame, suite)["success"]  # warm-up; both pass
     calls = {
         "bare": lambda i: _bare_gx(frame, suite),
@@ -125,21 +145,28 @@ def gate_overhead(folder: Path, rows: int, repeat: int) -> None:
     }
     for key, label in labels.items():
         print(f"  {label:<50} {best[key]:6.2f} s")
-    print(f"  parts of the gate: parquet read {best['read']:.2f} s, fingerprint {best['fingerprint']:.2f} s;"
-          f" Data Docs (a fixed cost, mostly Jinja compiling GX's templates)"
-          f" ~{best['gate'] - best['gate_no_docs']:.2f} s,"
-          f" bare GX's ~{best['bare_docs'] - best['bare']:.2f} s")
-    for name, ours, theirs in (("end to end, both with Data Docs", "gate", "bare_docs"),
-                               ("without Data Docs", "gate_no_docs", "bare"),
-                               ("on the same in-memory frame", "frame", "bare")):
+    print(
+        f"  parts of the gate: parquet read {best['read']:.2f} s, fingerprint {best['fingerprint']:.2f} s;"
+        f" Data Docs (a fixed cost, mostly Jinja compiling GX's templates)"
+        f" ~{best['gate'] - best['gate_no_docs']:.2f} s,"
+        f" bare GX's ~{best['bare_docs'] - best['bare']:.2f} s"
+    )
+    for name, ours, theirs in (
+        ("end to end, both with Data Docs", "gate", "bare_docs"),
+        ("without Data Docs", "gate_no_docs", "bare"),
+        ("on the same in-memory frame", "frame", "bare"),
+    ):
         ratio = best[ours] / best[theirs]
-        print(f"  ratio gate / bare GX, {name:<32} {ratio:.2f}x (target <= {TARGET}x)"
-              f" {'OK' if ratio <= TARGET else 'OVER'}")
+        print(
+            f"  ratio gate / bare GX, {name:<32} {ratio:.2f}x (target <= {TARGET}x)"
+            f" {'OK' if ratio <= TARGET else 'OVER'}"
+        )
 
 
 def _child(request: dict) -> dict:
-    out = subprocess.run([sys.executable, "-c", _IN_CHILD, json.dumps(request)], capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _IN_CHILD, json.dumps(request)], capture_output=True, text=True
+    )
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -156,26 +183,33 @@ def large_file(folder: Path, rows: int, whole: bool) -> None:
     suite["expectations"][1]["kwargs"]["max_value"] = rows  # the profile saw 1M rows; this file has more
     file = pq.ParquetFile(path)
     in_memory = rows * sum(field.type.bit_width // 8 for field in file.schema_arrow)
-    print(f"(b) {rows:,} rows x {len(file.schema_arrow)} columns, {path.stat().st_size / 1e6:.0f} MB parquet "
-          f"({file.metadata.num_row_groups} row groups), {in_memory / 1e6:.0f} MB in memory as a DataFrame")
+    print(
+        f"(b) {rows:,} rows x {len(file.schema_arrow)} columns, {path.stat().st_size / 1e6:.0f} MB parquet "
+        f"({file.metadata.num_row_groups} row groups), {in_memory / 1e6:.0f} MB in memory as a DataFrame"
+    )
     suite_path = folder / "large-suite.json"
     suite_path.write_text(json.dumps(suite))
     batched = _child({"data_uri": str(path), "suite_path": str(suite_path)})
     runs = {f"batched ({batched['batches']} batches of 1M rows)": batched}
     if whole:
-        runs["whole table at once"] = _child({"data_uri": str(path), "suite_path": str(suite_path),
-                                              "batch_rows": 0})
+        runs["whole table at once"] = _child(
+            {"data_uri": str(path), "suite_path": str(suite_path), "batch_rows": 0}
+        )
     table_mb = in_memory / 2**20
     for label, run in runs.items():
         above = run["peak_mb"] - run["imports_mb"]
-        print(f"  {label}: {run['seconds']:.1f} s, success {run['success']}, peak RSS {run['peak_mb']:.0f} MB"
-              f" = {run['imports_mb']:.0f} MB after imports + {above:.0f} MB"
-              f" ({above / table_mb:.2f}x the table)")
+        print(
+            f"  {label}: {run['seconds']:.1f} s, success {run['success']}, peak RSS {run['peak_mb']:.0f} MB"
+            f" = {run['imports_mb']:.0f} MB after imports + {above:.0f} MB"
+            f" ({above / table_mb:.2f}x the table)"
+        )
     if whole:
         full = runs["whole table at once"]
         same = (full["success"], full["failed"]) == (batched["success"], batched["failed"])
-        print(f"  batched peak / whole peak: {batched['peak_mb'] / full['peak_mb']:.2f}x; same verdict and"
-              f" failures: {same}")
+        print(
+            f"  batched peak / whole peak: {batched['peak_mb'] / full['peak_mb']:.2f}x; same verdict and"
+            f" failures: {same}"
+        )
 
 
 def main() -> None:

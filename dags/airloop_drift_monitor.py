@@ -39,14 +39,19 @@ WINDOW_CONN_ID = os.environ.get("AIRLOOP_DRIFT_WINDOW_CONN_ID")
     doc_md=__doc__,
 )
 def airloop_drift_monitor():
-    common = {"model_name": MODEL_NAME, "method": METHOD,
-              "runtime": "torch" if METHOD == "mmd" else "serving"}  # alibi-detect's MMD runs on PyTorch
+    common = {
+        "model_name": MODEL_NAME,
+        "method": METHOD,
+        "runtime": "torch" if METHOD == "mmd" else "serving",
+    }  # alibi-detect's MMD runs on PyTorch
     if WINDOW_URI:
-        detect = DriftDetectDataOperator(task_id="detect", window_uri=WINDOW_URI,
-                                         window_conn_id=WINDOW_CONN_ID, **common)
+        detect = DriftDetectDataOperator(
+            task_id="detect", window_uri=WINDOW_URI, window_conn_id=WINDOW_CONN_ID, **common
+        )
     else:
-        detect = DriftDetectRequestsOperator(task_id="detect", deployment=DEPLOYMENT,
-                                             window_minutes="{{ params.window_minutes }}", **common)
+        detect = DriftDetectRequestsOperator(
+            task_id="detect", deployment=DEPLOYMENT, window_minutes="{{ params.window_minutes }}", **common
+        )
     DriftDecideRetrainOperator(
         task_id="decide",
         detection=detect.output,

@@ -15,8 +15,14 @@ from airflow.sdk import dag
 from airloop.operators.feast import FeastApplyRepoOperator, FeastMaterializeFeaturesOperator
 
 
-@dag(dag_id="airloop_features", schedule="@hourly", catchup=False, max_active_runs=1, tags=["airloop"],
-     doc_md=__doc__)
+@dag(
+    dag_id="airloop_features",
+    schedule="@hourly",
+    catchup=False,
+    max_active_runs=1,
+    tags=["airloop"],
+    doc_md=__doc__,
+)
 def airloop_features():
     FeastApplyRepoOperator(task_id="apply") >> FeastMaterializeFeaturesOperator(task_id="materialize")
 

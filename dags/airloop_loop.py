@@ -34,7 +34,9 @@ from airloop.operators.seldon import SeldonFinishRolloutOperator, SeldonRolloutC
 MODEL_NAME = os.environ.get("AIRLOOP_MODEL_NAME", "airloop-classifier")
 DEPLOYMENT = os.environ.get("AIRLOOP_DEPLOYMENT", "airloop")
 # Where new training data lands; the embedded default writes here (a local folder under AIRLOOP_HOME).
-TRAINING_DATA = os.environ.get("AIRLOOP_TRAINING_DATA", str(settings.home() / "incoming" / "training.parquet"))
+TRAINING_DATA = os.environ.get(
+    "AIRLOOP_TRAINING_DATA", str(settings.home() / "incoming" / "training.parquet")
+)
 # Minimum length of each canary analysis window; the embedded default's busy clients need only a few seconds.
 ANALYSIS_SECONDS = float(os.environ.get("AIRLOOP_ANALYSIS_SECONDS", 30))
 SUITE = str(Path(__file__).parent / "expectations" / "training_data.json")
@@ -56,12 +58,18 @@ FEAST_SHA256 = "{{ (ti.xcom_pull(task_ids='training_set', key='fingerprint') or 
     params={
         "data_uri": Param(TRAINING_DATA, type="string", description="training set: parquet or CSV"),
         "source": Param(SOURCE, enum=["file", "feast"], description="data_uri, or a training set from Feast"),
-        "entity_rows": Param(ENTITY_ROWS, type="string",
-                             description="for source=feast: observation_id, event_timestamp, label"),
-        "analysis_seconds": Param(ANALYSIS_SECONDS, type="number", description="canary analysis window per step"),
+        "entity_rows": Param(
+            ENTITY_ROWS, type="string", description="for source=feast: observation_id, event_timestamp, label"
+        ),
+        "analysis_seconds": Param(
+            ANALYSIS_SECONDS, type="number", description="canary analysis window per step"
+        ),
         # Off by default: the embedded loop runs unattended.
-        "approval": Param(False, type="boolean",
-                          description="hold the challenger at its last canary step until a person approves"),
+        "approval": Param(
+            False,
+            type="boolean",
+            description="hold the challenger at its last canary step until a person approves",
+        ),
     },
     doc_md=__doc__,
 )
@@ -74,7 +82,10 @@ def airloop_loop():
         task_id="training_set", entity_rows="{{ params.entity_rows }}", feature_service="training"
     )
     validate = GreatExpectationsValidateDataOperator(
-        task_id="validate", data_uri=DATA_URI, suite_path=SUITE, expected_fingerprint=FEAST_SHA256,
+        task_id="validate",
+        data_uri=DATA_URI,
+        suite_path=SUITE,
+        expected_fingerprint=FEAST_SHA256,
         trigger_rule="none_failed",
     )
     train = MlflowTrainModelOperator(
@@ -118,8 +129,12 @@ def airloop_loop():
     )
     # Runs after the approval whatever its outcome: promotes on Approve, otherwise rolls back.
     finish = SeldonFinishRolloutOperator(
-        task_id="finish", model_name=MODEL_NAME, version=register.output["version"], deployment=DEPLOYMENT,
-        approval_task_id="approve", trigger_rule="all_done_min_one_success",
+        task_id="finish",
+        model_name=MODEL_NAME,
+        version=register.output["version"],
+        deployment=DEPLOYMENT,
+        approval_task_id="approve",
+        trigger_rule="all_done_min_one_success",
     )
     choose_source() >> training_set >> validate >> train >> evaluate >> convert >> register >> rollout
     gate >> approve >> finish

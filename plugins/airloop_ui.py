@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from airflow.configuration import conf
+from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-
-from airflow.configuration import conf
-from airflow.plugins_manager import AirflowPlugin
 
 from airloop import artefacts, settings
 
@@ -330,7 +329,7 @@ def _rollouts_html(root: str, reports: dict[str, list[dict[str, Any]]]) -> str:
                 [
                     _e(step.get("kind", "canary")),
                     _e(step.get("weight", "")),
-                    # A shadow step mirrors a share of requests to the challenger, whose answers are discarded.
+                    # A shadow step mirrors a share of requests to the challenger; its answers are dropped.
                     _e(step.get("mirror", "")),
                     _verdict(step.get("verdict", "")),
                     "<br>".join(_e(reason) for reason in step.get("reasons", [])),
@@ -398,7 +397,8 @@ _bearer = HTTPBearer(auto_error=False)
 
 
 async def _authenticated(
-    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
+    request: Request,
+    credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),  # noqa: B008 (FastAPI)
 ) -> None:
     """Same check as Airflow's own API: a bearer token or the UI's session cookie."""
     from airflow.api_fastapi.core_api.security import get_user

@@ -14,8 +14,12 @@ from airloop import settings
 from airloop.steps.data import FEATURES
 from airloop.steps.features import REFERENCE_ENTITY, REFERENCE_FEATURES, TIMESTAMP
 
-observation = Entity(name="observation", join_keys=[REFERENCE_ENTITY], value_type=ValueType.INT64,
-                     description="one row of the reference data set")
+observation = Entity(
+    name="observation",
+    join_keys=[REFERENCE_ENTITY],
+    value_type=ValueType.INT64,
+    description="one row of the reference data set",
+)
 
 observations_source = FileSource(
     name="observations",
@@ -33,5 +37,6 @@ observations = FeatureView(
     online=True,
 )
 
-training = FeatureService(name="training", features=[observations],
-                          description="the model's features, in the model's order")
+training = FeatureService(
+    name="training", features=[observations], description="the model's features, in the model's order"
+)

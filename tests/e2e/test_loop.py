@@ -26,9 +26,22 @@ def loop(tmp_path_factory):
     env = {**os.environ, "AIRLOOP_HOME": str(home / "airloop")}
     for key in [k for k in env if k.startswith("AIRFLOW")]:
         del env[key]  # the runner configures its own Airflow
-    done = subprocess.run([str(Path(sys.executable).parent / "airloop"), "loop", "--dags", str(REPO / "dags"),
-                           "--rows", "3000", "--report", str(report)], env=env, capture_output=True, text=True,
-                          timeout=900)
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "airloop"),
+            "loop",
+            "--dags",
+            str(REPO / "dags"),
+            "--rows",
+            "3000",
+            "--report",
+            str(report),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     print(done.stdout[-6000:], done.stderr[-6000:])
     assert report.exists(), done.stderr[-3000:]
     return json.loads(report.read_text()), home / "airloop"
@@ -61,7 +74,9 @@ def test_parity_gate_passed_for_both_models(loop):
 
 def test_gateway_applied_each_traffic_split(loop):
     report, home = loop
-    rollout = json.loads((home / "artefacts" / "rollouts" / "airloop" / "airloop-classifier-v2.json").read_text())
+    rollout = json.loads(
+        (home / "artefacts" / "rollouts" / "airloop" / "airloop-classifier-v2.json").read_text()
+    )
     assert rollout["decision"] == "promoted"
     assert [s["weight"] for s in rollout["steps"]] == [10, 25, 50, 100]
     for step in rollout["steps"][:-1]:

@@ -36,8 +36,9 @@ class FaultyModel(OpenVinoModel):
         if kind == "error":
             from seldon_core.flask_utils import SeldonMicroserviceException
 
-            raise SeldonMicroserviceException("injected failure", status_code=500,
-                                              reason="MICROSERVICE_INTERNAL_ERROR")
+            raise SeldonMicroserviceException(
+                "injected failure", status_code=500, reason="MICROSERVICE_INTERNAL_ERROR"
+            )
         if kind == "latency":
             time.sleep(self.fault["delay_ms"] / 1e3)
         return super().predict(X, features_names, meta)

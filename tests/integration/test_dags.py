@@ -18,8 +18,9 @@ MODEL, DEPLOYMENT = "airloop-classifier", "airloop"
 
 @pytest.fixture(scope="module")
 def dagbag():
-    subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True, capture_output=True
+    )
     from airflow.dag_processing.dagbag import DagBag
 
     return DagBag(dag_folder=str(REPO / "dags"))
@@ -76,8 +77,14 @@ def test_first_turn_makes_and_serves_the_champion(first_turn):
     from airloop.steps.registry import read_audit
 
     audit = read_audit(settings.mlflow_tracking_uri(), MODEL, "1")
-    assert [s["stage"] for s in audit["stages"]] == ["trigger", "validation", "training", "evaluation",
-                                                     "conversion", "rollout"]
+    assert [s["stage"] for s in audit["stages"]] == [
+        "trigger",
+        "validation",
+        "training",
+        "evaluation",
+        "conversion",
+        "rollout",
+    ]
     assert audit["stages"][1]["record"]["success"] is True
     state = get_target("local").state(DEPLOYMENT)
     assert {n: p["weight"] for n, p in state["predictors"].items()} == {"v1": 100}
@@ -88,11 +95,15 @@ def test_bad_data_stops_at_the_gate(first_turn, dagbag, capsys):
     from airloop.steps.data import generate, write_table
 
     bad = generate(2000, shift=0.0, seed=4).drop(columns=["f3"])
-    run = dagbag.get_dag("airloop_loop").test(run_conf={"data_uri": write_table(bad, str(data / "bad.parquet"))})
+    run = dagbag.get_dag("airloop_loop").test(
+        run_conf={"data_uri": write_table(bad, str(data / "bad.parquet"))}
+    )
     states = _states(run)
     assert str(run.state) == "failed"
     assert states["validate"] == "failed"
-    assert all(states[t] == "upstream_failed" for t in ("train", "evaluate", "convert", "register", "rollout"))
+    assert all(
+        states[t] == "upstream_failed" for t in ("train", "evaluate", "convert", "register", "rollout")
+    )
     assert "f3" in capsys.readouterr().out  # the log names the failing expectation's column
     assert _versions() == ["1"]  # nothing registered
     from airloop.serving.base import get_target
@@ -110,8 +121,12 @@ def test_drift_monitor_detects_shift_and_emits_the_asset_event(first_turn, dagba
     names = [c for c in shifted.columns if c != "label"]
     with httpx.Client(timeout=10) as http:
         for row in shifted[names].values.tolist():
-            assert http.post(f"{endpoint}/api/v1.0/predictions",
-                             json={"data": {"names": names, "ndarray": [row]}}).status_code == 200
+            assert (
+                http.post(
+                    f"{endpoint}/api/v1.0/predictions", json={"data": {"names": names, "ndarray": [row]}}
+                ).status_code
+                == 200
+            )
     time.sleep(6)  # the gateway writes its request log in batches
     monitor = dagbag.get_dag("airloop_drift_monitor")
     run = monitor.test(run_conf={"window_minutes": 5, "cooldown_minutes": 60})

@@ -67,8 +67,9 @@ def dagbag(tmp_path_factory):
     ]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST", json.dumps(bundles))
-        subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True, capture_output=True
+        )
         from airflow.dag_processing.dagbag import DagBag
 
         bag = DagBag(dag_folder=str(folder))
@@ -113,8 +114,9 @@ def window_champion(tmp_path_factory):
     client.log_artifact(run.info.run_id, str(reference), str(Path(REFERENCE_PATH).parent))
     client.set_terminated(run.info.run_id)
     client.create_registered_model(WINDOW_MODEL)
-    version = client.create_model_version(WINDOW_MODEL, f"{run.info.artifact_uri}/model",
-                                          run_id=run.info.run_id)
+    version = client.create_model_version(
+        WINDOW_MODEL, f"{run.info.artifact_uri}/model", run_id=run.info.run_id
+    )
     client.set_registered_model_alias(WINDOW_MODEL, "champion", version.version)
     return run.info.run_id
 
@@ -127,8 +129,11 @@ def detect_window(dagbag, **conf) -> tuple[str, dict]:
     run = dagbag.get_dag("detect_window").test(run_conf=conf)
     (ti,) = run.get_task_instances()
     with create_session() as session:
-        row = session.query(XComModel).filter_by(dag_id="detect_window", run_id=run.run_id, task_id="detect",
-                                                 key="return_value").one_or_none()
+        row = (
+            session.query(XComModel)
+            .filter_by(dag_id="detect_window", run_id=run.run_id, task_id="detect", key="return_value")
+            .one_or_none()
+        )
     return str(ti.state), (XComModel.deserialize_value(row) if row else {})
 
 
@@ -151,18 +156,24 @@ def test_a_data_window_file_is_tested_and_reported(dagbag, window_champion, tmp_
 
 
 def test_a_data_window_comes_from_sql_through_a_connection(dagbag, window_champion, tmp_path, monkeypatch):
-    served = pd.concat([_table(3, 800).assign(day="2025-01-01"),
-                        _table(4, 900, shift=0.4).assign(day="2025-01-02")])
+    served = pd.concat(
+        [_table(3, 800).assign(day="2025-01-01"), _table(4, 900, shift=0.4).assign(day="2025-01-02")]
+    )
     with sqlite3.connect(tmp_path / "served.db") as db:
         served.to_sql("served", db, index=False)
-    monkeypatch.setenv("AIRFLOW_CONN_WINDOW_DB",
-                       json.dumps({"conn_type": "sqlite", "host": str(tmp_path / "served.db")}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_WINDOW_DB", json.dumps({"conn_type": "sqlite", "host": str(tmp_path / "served.db")})
+    )
     query = "SELECT f0, f1, f2 FROM served WHERE day = '{}'"
     state, result = detect_window(dagbag, window_sql=query.format("2025-01-01"), window_conn_id="window_db")
     assert (state, result["verdict"], result["n_current"]) == ("success", "no_drift", 800)
     state, result = detect_window(dagbag, window_sql=query.format("2025-01-02"), window_conn_id="window_db")
     assert (state, result["verdict"], result["drifted_features"], result["n_current"]) == (
-        "success", "drift", ["f0"], 900)
+        "success",
+        "drift",
+        ["f0"],
+        900,
+    )
     assert result["window"]["conn_id"] == "window_db"
 
 
@@ -182,22 +193,40 @@ def test_a_remote_data_window_folder_is_copied_for_the_step(dagbag, window_champ
     assert "f0" in result["drifted_features"]
 
 
-@pytest.mark.parametrize(("conf", "problem"), [
-    ({"window_uri": "/nowhere/window.parquet"}, "data window /nowhere/window.parquet does not exist"),
-    ({"window_uri": "/nowhere/window.parquet", "window_sql": "SELECT 1", "window_conn_id": "window_db"},
-     "exactly one of window_uri and window_sql"),
-    ({"window_sql": "SELECT 1"}, "window_sql needs window_conn_id"),
-    ({}, "exactly one of window_uri and window_sql"),
-])
+@pytest.mark.parametrize(
+    ("conf", "problem"),
+    [
+        ({"window_uri": "/nowhere/window.parquet"}, "data window /nowhere/window.parquet does not exist"),
+        (
+            {
+                "window_uri": "/nowhere/window.parquet",
+                "window_sql": "SELECT 1",
+                "window_conn_id": "window_db",
+            },
+            "exactly one of window_uri and window_sql",
+        ),
+        ({"window_sql": "SELECT 1"}, "window_sql needs window_conn_id"),
+        ({}, "exactly one of window_uri and window_sql"),
+    ],
+)
 def test_a_data_window_that_cannot_be_read_fails_the_task(dagbag, window_champion, capsys, conf, problem):
     assert detect_window(dagbag, **conf) == ("failed", {})
     assert problem in capsys.readouterr().out
 
 
 def detection(model: str, verdict: str = "drift", severity: str = "high") -> dict:
-    return {"model_name": model, "champion": "1", "verdict": verdict, "severity": severity,
-            "drifted_features": ["f1", "f2"], "share_drifted": 0.5, "n_current": 400, "n_reference": 1000,
-            "message": "2 of 4 features drifted", "report": f"drift/{model}/20250101T000000Z/report.json"}
+    return {
+        "model_name": model,
+        "champion": "1",
+        "verdict": verdict,
+        "severity": severity,
+        "drifted_features": ["f1", "f2"],
+        "share_drifted": 0.5,
+        "n_current": 400,
+        "n_reference": 1000,
+        "message": "2 of 4 features drifted",
+        "report": f"drift/{model}/20250101T000000Z/report.json",
+    }
 
 
 def decide(dagbag, model: str, found: dict, **conf) -> str:

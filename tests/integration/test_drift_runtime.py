@@ -38,8 +38,10 @@ def serving_python() -> str:
         pytest.skip(f"drift runtime hop not tested: {error}")
     probe = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, check=False)
     if probe.returncode != 0:
-        pytest.skip(f"drift runtime hop not tested: the serving runtime ({python}) cannot run the drift "
-                    f"step: {probe.stderr.strip().splitlines()[-1:]}")
+        pytest.skip(
+            f"drift runtime hop not tested: the serving runtime ({python}) cannot run the drift "
+            f"step: {probe.stderr.strip().splitlines()[-1:]}"
+        )
     return python
 
 
@@ -51,21 +53,30 @@ def test_both_backends_in_the_runtime_match_the_worker(serving_python: str, tmp_
     current["segment"] = rng.choice(["a", "b", "c"], 3000, p=[0.5, 0.25, 0.25])
     reference.to_parquet(tmp_path / "reference.parquet")
     current.to_parquet(tmp_path / "current.parquet")
-    base = {"reference_uri": str(tmp_path / "reference.parquet"),
-            "current_uri": str(tmp_path / "current.parquet"), "correction": "fdr"}
-    requests = [{**base, "backend": backend, "report_dir": str(tmp_path / backend)}
-                for backend in ("scipy", "alibi")]
+    base = {
+        "reference_uri": str(tmp_path / "reference.parquet"),
+        "current_uri": str(tmp_path / "current.parquet"),
+        "correction": "fdr",
+    }
+    requests = [
+        {**base, "backend": backend, "report_dir": str(tmp_path / backend)} for backend in ("scipy", "alibi")
+    ]
     (tmp_path / "requests.json").write_text(json.dumps(requests))
 
-    subprocess.run([serving_python, "-c", _HOP, STEP, str(tmp_path / "requests.json"),
-                    str(tmp_path / "out.json")], check=True)
+    subprocess.run(
+        [serving_python, "-c", _HOP, STEP, str(tmp_path / "requests.json"), str(tmp_path / "out.json")],
+        check=True,
+    )
     in_runtime = json.loads((tmp_path / "out.json").read_text())
     in_worker = drift.detect({**base, "backend": "scipy"})
 
     assert in_worker["drifted_features"] == ["f3", "segment"]
     for result in in_runtime:
         assert (result["verdict"], result["severity"], result["drifted_features"]) == (
-            in_worker["verdict"], in_worker["severity"], in_worker["drifted_features"])
+            in_worker["verdict"],
+            in_worker["severity"],
+            in_worker["drifted_features"],
+        )
         for name, score in in_worker["features"].items():
             assert result["features"][name]["p_value"] == pytest.approx(score["p_value"], rel=1e-5, abs=1e-12)
         assert Path(result["report_html"]).is_file() and Path(result["report_json"]).is_file()
@@ -92,8 +103,12 @@ def test_the_alibi_backend_loads_only_the_detectors_it_uses(serving_python: str,
     for name in ("reference", "current"):
         frame = pd.DataFrame({"f0": rng.normal(size=500), "segment": rng.choice(["a", "b"], 500)})
         frame.to_parquet(tmp_path / f"{name}.parquet")
-    request = {"reference_uri": str(tmp_path / "reference.parquet"),
-               "current_uri": str(tmp_path / "current.parquet"), "backend": "alibi"}
-    done = subprocess.run([serving_python, "-c", _LEAN, json.dumps(request)], capture_output=True, text=True,
-                          check=True)
+    request = {
+        "reference_uri": str(tmp_path / "reference.parquet"),
+        "current_uri": str(tmp_path / "current.parquet"),
+        "backend": "alibi",
+    }
+    done = subprocess.run(
+        [serving_python, "-c", _LEAN, json.dumps(request)], capture_output=True, text=True, check=True
+    )
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"heavy": [], "same": True}

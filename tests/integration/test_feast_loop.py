@@ -57,8 +57,9 @@ def reference():
 
 @pytest.fixture(scope="module")
 def dagbag():
-    subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True, capture_output=True
+    )
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(REPO / "dags"))
@@ -96,10 +97,12 @@ def test_loop_trains_on_a_training_set_from_feast(features_run):
     run = _loop_until_validate().test(run_conf={"source": "feast"})
     assert _states(run) == {"source": "success", "training_set": "success", "validate": "success"}
     built = next(ti for ti in run.get_task_instances() if ti.task_id == "training_set").xcom_pull(
-        task_ids="training_set")
+        task_ids="training_set"
+    )
     assert (built["rows_in"], built["rows_out"]) == (ROWS, ROWS)
     validated = next(ti for ti in run.get_task_instances() if ti.task_id == "validate").xcom_pull(
-        task_ids="validate")
+        task_ids="validate"
+    )
     assert validated["data_uri"] == built["uri"] and validated["fingerprint"] == built["fingerprint"]
     # the gate checked the content against what Feast said it wrote: one more evaluated check than the suite
     suite = json.loads((REPO / "dags" / "expectations" / "training_data.json").read_text())
@@ -124,10 +127,24 @@ def feature_server(features_run, tmp_path_factory) -> Iterator[str]:
     config.write_text(yaml.safe_dump(store["config"]))
     port = _free_port()
     log = open(config.parent / "serve.log", "wb")
-    process = subprocess.Popen([str(Path(sys.executable).parent / "feast"), "--chdir", store["repo_path"],
-                                "--feature-store-yaml", str(config), "serve", "--host", "127.0.0.1",
-                                "--port", str(port), "--no-access-log"],
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "feast"),
+            "--chdir",
+            store["repo_path"],
+            "--feature-store-yaml",
+            str(config),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -167,26 +184,38 @@ def _serving(app) -> Iterator[str]:
 async def _echo(request: Request) -> JSONResponse:
     """A model server that answers every row with [0.5, 0.5] and says what it received."""
     data = (await request.json())["data"]
-    return JSONResponse({"data": {"names": ["0", "1"], "ndarray": [[0.5, 0.5]] * len(data["ndarray"])},
-                         "meta": {"tags": {"names": data.get("names"), "rows": data["ndarray"]}}})
+    return JSONResponse(
+        {
+            "data": {"names": ["0", "1"], "ndarray": [[0.5, 0.5]] * len(data["ndarray"])},
+            "meta": {"tags": {"names": data.get("names"), "rows": data["ndarray"]}},
+        }
+    )
 
 
 def test_gateway_looks_up_features_for_requests_with_only_entity_keys(feature_server, reference, tmp_path):
     order = ["f7", *FEATURES[:7]]  # any order: the model's, as configured
-    lookup = FeatureLookup.from_config({"url": feature_server, "entities": [REFERENCE_ENTITY],
-                                        "features": [f"observations:{name}" for name in order]})
+    lookup = FeatureLookup.from_config(
+        {
+            "url": feature_server,
+            "entities": [REFERENCE_ENTITY],
+            "features": [f"observations:{name}" for name in order],
+        }
+    )
     with _serving(Starlette(routes=[Route("/api/v1.0/predictions", _echo, methods=["POST"])])) as model:
         table = parse_routes({"v1": {"url": model, "model_version": "1", "weight": 100}})
         artefacts = (tmp_path / "artefacts").as_uri()
         gateway = Gateway("feast-test", table, artefact_root=artefacts, features=lookup)
         with _serving(gateway.app()) as endpoint, httpx.Client(base_url=endpoint, timeout=20) as client:
-            keys = client.post("/api/v1.0/predictions", json={"data": {"names": [REFERENCE_ENTITY],
-                                                                       "ndarray": [[5], [42]]}})
+            keys = client.post(
+                "/api/v1.0/predictions", json={"data": {"names": [REFERENCE_ENTITY], "ndarray": [[5], [42]]}}
+            )
             assert keys.status_code == 200, keys.text
             received = keys.json()["meta"]["tags"]
             assert received == {"names": order, "rows": reference.loc[[5, 42], order].values.tolist()}
-            unknown = client.post("/api/v1.0/predictions", json={"data": {"names": [REFERENCE_ENTITY],
-                                                                          "ndarray": [[5], [10**9]]}})
+            unknown = client.post(
+                "/api/v1.0/predictions",
+                json={"data": {"names": [REFERENCE_ENTITY], "ndarray": [[5], [10**9]]}},
+            )
             assert unknown.status_code == 404 and "1 of 2 rows" in unknown.json()["status"]["info"]
             row = [[0.1] * len(order)]
             direct = client.post("/api/v1.0/predictions", json={"data": {"names": order, "ndarray": row}})
@@ -216,15 +245,19 @@ def test_local_target_gives_its_gateway_the_feature_lookup(feature_server, refer
     (tmp_path / "echo_model.py").write_text(ECHO_MODEL)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the model servers inherit it
     predictor = {"name": "v1", "model_version": "1", "model_dir": str(tmp_path), "weight": 100}
-    lookup = {"url": feature_server, "entities": [REFERENCE_ENTITY],
-              "features": [f"observations:{name}" for name in FEATURES]}
+    lookup = {
+        "url": feature_server,
+        "entities": [REFERENCE_ENTITY],
+        "features": [f"observations:{name}" for name in FEATURES],
+    }
     home, keys = str(tmp_path / "serving"), {"data": {"names": [REFERENCE_ENTITY], "ndarray": [[3], [9]]}}
     plain = LocalServingTarget(home=home, model_class="echo_model.Echo").deploy("feast-echo", [predictor])
     try:
         answer = httpx.post(f"{plain['endpoint']}/api/v1.0/predictions", json=keys, timeout=20)
         assert answer.json()["data"]["ndarray"] == [[3], [9]]  # no lookup configured: keys reach the model
         enriched = LocalServingTarget(home=home, model_class="echo_model.Echo", features=lookup).deploy(
-            "feast-echo", [predictor])
+            "feast-echo", [predictor]
+        )
         assert enriched["gateway"]["pid"] != plain["gateway"]["pid"]  # restarted for the new configuration
         assert enriched["predictors"]["v1"]["pid"] == plain["predictors"]["v1"]["pid"]
         answer = httpx.post(f"{enriched['endpoint']}/api/v1.0/predictions", json=keys, timeout=20)

@@ -54,10 +54,17 @@ def build_ir(folder: Path, seed: int, sloppy: bool = False) -> Path:
     full.unlink()
     core.unlink()
     files = {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in ("model.xml", "model.bin")}
-    (folder / "manifest.json").write_text(json.dumps({
-        "format": "openvino-ir", "files": files, "feature_names": FEATURES, "classes": [0, 1],
-        "precision": "fp32",
-    }))
+    (folder / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": "openvino-ir",
+                "files": files,
+                "feature_names": FEATURES,
+                "classes": [0, 1],
+                "precision": "fp32",
+            }
+        )
+    )
     return folder
 
 
@@ -79,10 +86,13 @@ def target(tmp_path_factory) -> LocalServingTarget:
 
 @pytest.fixture(scope="module")
 def deployed(target, models) -> dict:
-    state = target.deploy(DEPLOYMENT, [
-        {"name": "v1", "model_version": "1", "model_dir": str(models["v1"]), "weight": 80},
-        {"name": "v2", "model_version": "2", "model_dir": str(models["v2"]), "weight": 20},
-    ])
+    state = target.deploy(
+        DEPLOYMENT,
+        [
+            {"name": "v1", "model_version": "1", "model_dir": str(models["v1"]), "weight": 80},
+            {"name": "v2", "model_version": "2", "model_dir": str(models["v2"]), "weight": 20},
+        ],
+    )
     yield state
     target.delete(DEPLOYMENT)
 
@@ -114,8 +124,10 @@ def test_model_class_predicts_probabilities(models):
     metrics = model.metrics()
     assert [m["key"] for m in metrics[:2]] == ["airloop_model_rows_total", "airloop_model_inference_ms"]
     predicted = {m["tags"]["class"]: m["value"] for m in metrics if m["key"] == PREDICTIONS_METRIC}
-    assert predicted == {"0": int((probabilities.argmax(axis=1) == 0).sum()),
-                         "1": int((probabilities.argmax(axis=1) == 1).sum())}
+    assert predicted == {
+        "0": int((probabilities.argmax(axis=1) == 0).sum()),
+        "1": int((probabilities.argmax(axis=1) == 1).sum()),
+    }
     assert model.metrics() == []  # reported once per prediction
     with pytest.raises(ValueError, match="expected rows of 4 features"):
         model.predict(rows[:, :3])
@@ -160,14 +172,16 @@ def test_registry_and_input_checks(target, models):
     with pytest.raises(ValueError, match="unknown serving target 'nope'"):
         get_target("nope")
     with pytest.raises(ValueError, match="weights must sum to 100"):
-        target.deploy("other", [{"name": "v1", "model_version": "1", "model_dir": str(models["v1"]),
-                                 "weight": 60}])
+        target.deploy(
+            "other", [{"name": "v1", "model_version": "1", "model_dir": str(models["v1"]), "weight": 60}]
+        )
     with pytest.raises(ValueError, match="invalid deployment name"):
         target.deploy("Bad_Name", [])
 
 
 def test_traffic_split_follows_weights(deployed, target):
     before = target.metrics(DEPLOYMENT)
+
     def send(rows: np.ndarray) -> Counter:
         served = Counter()
         with httpx.Client(base_url=deployed["endpoint"], trust_env=False, timeout=10) as c:
@@ -208,16 +222,22 @@ def test_feedback_gives_accuracy_per_predictor(deployed, target, client):
     before = target.metrics(DEPLOYMENT)
     rows = np.random.default_rng(2).normal(size=(200, 4))
     expected = {"v1": [0, 0], "v2": [0, 0]}  # [feedback, correct]
-    for row, label in zip(rows, truth(rows)):
+    for row, label in zip(rows, truth(rows), strict=True):
         answer = predict(client, row[None, :])
         name = answer.headers["X-Airloop-Predictor"]
         expected[name][0] += 1
         expected[name][1] += int(np.argmax(answer.json()["data"]["ndarray"][0]) == label)
         # Seldon's feedback body for one, the short form with the id in a header for the other.
-        body = ({"response": answer.json(), "truth": {"data": {"ndarray": [[int(label)]]}}, "reward": 1}
-                if name == "v1" else {"truth": int(label)})
-        fed = client.post("/api/v1.0/feedback", json=body,
-                          headers={"X-Airloop-Request-Id": answer.headers["X-Airloop-Request-Id"]})
+        body = (
+            {"response": answer.json(), "truth": {"data": {"ndarray": [[int(label)]]}}, "reward": 1}
+            if name == "v1"
+            else {"truth": int(label)}
+        )
+        fed = client.post(
+            "/api/v1.0/feedback",
+            json=body,
+            headers={"X-Airloop-Request-Id": answer.headers["X-Airloop-Request-Id"]},
+        )
         assert fed.status_code == 200, fed.text
     after = target.metrics(DEPLOYMENT)
     for name, (feedback, correct) in expected.items():
@@ -244,8 +264,11 @@ def test_request_log_holds_every_request(deployed, client):
     deadline = time.monotonic() + 20  # the gateway writes a batch at least every 5 s
     while not sent.keys() <= logged.keys() and time.monotonic() < deadline:
         time.sleep(0.5)
-        logged = {r["request_id"]: r for f in folder.glob("*/*.jsonl")
-                  for r in map(json.loads, f.read_text().splitlines())}
+        logged = {
+            r["request_id"]: r
+            for f in folder.glob("*/*.jsonl")
+            for r in map(json.loads, f.read_text().splitlines())
+        }
     assert sent.keys() <= logged.keys()
     for request_id, (predictor, row) in sent.items():
         record = logged[request_id]
@@ -277,9 +300,11 @@ def test_weights_change_under_load_without_failures(deployed, target, client):
         target.set_traffic(DEPLOYMENT, {"v1": 50, "v2": 50})
         time.sleep(0.5)
         # From another, short-lived process, as an Airflow task would: state comes from state.json.
-        call = (f"from airloop.serving.local import LocalServingTarget; import json; "
-                f"print(json.dumps(LocalServingTarget(home={target.home!r})"
-                f".set_traffic({DEPLOYMENT!r}, {{'v1': 0, 'v2': 100}})))")
+        call = (
+            f"from airloop.serving.local import LocalServingTarget; import json; "
+            f"print(json.dumps(LocalServingTarget(home={target.home!r})"
+            f".set_traffic({DEPLOYMENT!r}, {{'v1': 0, 'v2': 100}})))"
+        )
         done = subprocess.run([sys.executable, "-c", call], capture_output=True, text=True, check=True)
         assert json.loads(done.stdout)["predictors"]["v2"]["weight"] == 100
         switched.set()
@@ -322,8 +347,9 @@ def test_altered_model_is_refused_naming_the_file(deployed, target, models, tmp_
     manifest["files"]["model.bin"] = "0" * 64
     (altered / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RuntimeError, match="model.bin"):
-        target.deploy(DEPLOYMENT, [{"name": "v3", "model_version": "3", "model_dir": str(altered),
-                                    "weight": 0}])
+        target.deploy(
+            DEPLOYMENT, [{"name": "v3", "model_version": "3", "model_dir": str(altered), "weight": 0}]
+        )
     assert set(target.state(DEPLOYMENT)["predictors"]) == {"v1", "v2"}
 
 

@@ -39,8 +39,12 @@ from airloop.steps.train import load_model, train
 BIN = Path(sys.executable).parent
 BUCKET = "airloop-artefacts"
 MODEL = "airloop-server-test"
-TAGS = {"airflow.dag_id": "airloop_loop", "airflow.run_id": "manual__1", "airflow.task_id": "train",
-        "airflow.map_index": "-1"}
+TAGS = {
+    "airflow.dag_id": "airloop_loop",
+    "airflow.run_id": "manual__1",
+    "airflow.task_id": "train",
+    "airflow.map_index": "-1",
+}
 # Few, short retries so the fault surfaces in seconds; MLflow's defaults back off for minutes.
 FAST_FAIL = {"max_retries": 2, "backoff_factor": 1, "backoff_jitter": 0, "timeout": 10}
 # Generous: a loaded 2-core CI machine has needed minutes to import MLflow twice (CLI, then uvicorn).
@@ -57,8 +61,9 @@ def _free_port() -> int:
 def _start(args: list[str], env: dict[str, str], health: str, log: Path) -> subprocess.Popen:
     # A process group of its own: the MLflow server forks workers that must stop with it.
     with open(log, "ab") as out:
-        process = subprocess.Popen(args, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            args, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -88,9 +93,22 @@ class MlflowServer:
     def __init__(self, root: Path, artefacts: str, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
         self.port = _free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
-        self.args = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
-                     "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                     "--serve-artifacts", "--artifacts-destination", artefacts, *args]
+        self.args = [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--serve-artifacts",
+            "--artifacts-destination",
+            artefacts,
+            *args,
+        ]
         # No background job runner: the tests use none, and it is one more process importing MLflow.
         self.env = {**env, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.log = root / "mlflow-server.log"
@@ -117,8 +135,9 @@ class _FaultyProxy(BaseHTTPRequestHandler):
             return
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
-        reply = httpx.request(self.command, proxy.target + self.path, content=body, headers=headers,
-                              timeout=30)
+        reply = httpx.request(
+            self.command, proxy.target + self.path, content=body, headers=headers, timeout=30
+        )
         if self.path.endswith("/model-versions/create"):
             proxy.down = proxy.fault == "down_after_create"
             if proxy.fault == "lose_first_create_answer" and not proxy.lost:
@@ -158,11 +177,20 @@ def s3(tmp_path_factory):
     root = tmp_path_factory.mktemp("moto")
     endpoint = f"http://127.0.0.1:{_free_port()}"
     port = endpoint.rsplit(":", 1)[1]
-    process = _start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", port], AWS, f"{endpoint}/moto-api/",
-                     root / "moto.log")
+    process = _start(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", port],
+        AWS,
+        f"{endpoint}/moto-api/",
+        root / "moto.log",
+    )
     # Credentials passed to this one client, never set in the test process's environment.
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                          aws_secret_access_key="testing")
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     client.create_bucket(Bucket=BUCKET)
     yield {"endpoint": endpoint, "client": client}
     _stop(process)
@@ -170,24 +198,42 @@ def s3(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(s3, tmp_path_factory):
-    mlflow_server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), f"s3://{BUCKET}/mlflow",
-                                 {**AWS, "MLFLOW_S3_ENDPOINT_URL": s3["endpoint"]})
+    mlflow_server = MlflowServer(
+        tmp_path_factory.mktemp("mlflow-server"),
+        f"s3://{BUCKET}/mlflow",
+        {**AWS, "MLFLOW_S3_ENDPOINT_URL": s3["endpoint"]},
+    )
     mlflow_server.start()
     yield mlflow_server
     mlflow_server.stop()
 
 
 def _train(server: MlflowServer, data: str, tags: dict[str, str]) -> dict:
-    return train({"tracking_uri": server.uri, "artifact_root": "mlflow-artifacts:",
-                  "experiment": "server-test", "data_uri": data,
-                  "estimator": "sklearn.linear_model.LogisticRegression", "tags": tags,
-                  "reference_rows": 100, "http": FAST_FAIL})
+    return train(
+        {
+            "tracking_uri": server.uri,
+            "artifact_root": "mlflow-artifacts:",
+            "experiment": "server-test",
+            "data_uri": data,
+            "estimator": "sklearn.linear_model.LogisticRegression",
+            "tags": tags,
+            "reference_rows": 100,
+            "http": FAST_FAIL,
+        }
+    )
 
 
 def _register(server: MlflowServer, trained: dict, uri: str | None = None) -> dict:
-    return registry.register({"tracking_uri": uri or server.uri, "model_name": MODEL,
-                              "run_id": trained["run_id"], "model_uri": trained["model_uri"], "tags": TAGS,
-                              "http": FAST_FAIL})
+    return registry.register(
+        {
+            "tracking_uri": uri or server.uri,
+            "model_name": MODEL,
+            "run_id": trained["run_id"],
+            "model_uri": trained["model_uri"],
+            "tags": TAGS,
+            "http": FAST_FAIL,
+        }
+    )
 
 
 def test_server_with_s3_artefacts_survives_a_stop_without_half_registrations(server, s3, tmp_path):
@@ -254,24 +300,48 @@ def test_a_create_answered_with_503_after_it_committed_leaves_one_version(server
 
 def test_steps_write_s3_artefacts_with_the_aws_connection_not_the_environment(s3, tmp_path, monkeypatch):
     # No ambient AWS identity for boto3 to fall back on: only the connection's keys can work.
-    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                     "MLFLOW_S3_ENDPOINT_URL"):
+    for variable in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "MLFLOW_S3_ENDPOINT_URL",
+    ):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_MOTO", json.dumps({
-        "conn_type": "aws", "login": "testing", "password": "testing",
-        "extra": {"endpoint_url": s3["endpoint"], "region_name": "us-east-1"},
-    }))
-    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_S3", json.dumps({
-        "conn_type": "mlflow", "host": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "extra": {"artifact_root": f"s3://{BUCKET}/client", "aws_conn_id": "aws_moto"},
-    }))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AWS_MOTO",
+        json.dumps(
+            {
+                "conn_type": "aws",
+                "login": "testing",
+                "password": "testing",
+                "extra": {"endpoint_url": s3["endpoint"], "region_name": "us-east-1"},
+            }
+        ),
+    )
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLFLOW_S3",
+        json.dumps(
+            {
+                "conn_type": "mlflow",
+                "host": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "extra": {"artifact_root": f"s3://{BUCKET}/client", "aws_conn_id": "aws_moto"},
+            }
+        ),
+    )
     hook = MlflowHook(mlflow_conn_id="mlflow_s3")
     data = write_table(generate(600, seed=8), str(tmp_path / "train.parquet"))
-    trained = train({**hook.step_config(), "experiment": "client-s3", "data_uri": data,
-                     "estimator": "sklearn.linear_model.LogisticRegression", "reference_rows": 50})
+    trained = train(
+        {
+            **hook.step_config(),
+            "experiment": "client-s3",
+            "data_uri": data,
+            "estimator": "sklearn.linear_model.LogisticRegression",
+            "reference_rows": 50,
+        }
+    )
     listed = s3["client"].list_objects_v2(Bucket=BUCKET, Prefix="client/").get("Contents", [])
     keys = [item["Key"] for item in listed]
     assert any(key.endswith("/MLmodel") for key in keys)
@@ -293,12 +363,15 @@ def auth_server(tmp_path_factory):
     config = root / "basic_auth.ini"
     config.write_text(f"""[mlflow]
 default_permission = READ
-database_uri = sqlite:///{root / 'auth.db'}
+database_uri = sqlite:///{root / "auth.db"}
 admin_username = {ADMIN[0]}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 """)
-    env = {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1],
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": "airloop-test"}
+    env = {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "airloop-test",
+    }
     mlflow_server = MlflowServer(root, str(root / "artefacts"), env, ("--app-name", "basic-auth"))
     mlflow_server.start()
     yield mlflow_server
@@ -322,8 +395,13 @@ def test_operators_reach_a_basic_auth_server_with_the_connections_login(auth_ser
 
     for variable in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
         monkeypatch.delenv(variable, raising=False)
-    conn = {"conn_type": "mlflow", "host": auth_server.uri, "login": ADMIN[0], "password": ADMIN[1],
-            "extra": {"artifact_root": "mlflow-artifacts:", **FAST_FAIL}}
+    conn = {
+        "conn_type": "mlflow",
+        "host": auth_server.uri,
+        "login": ADMIN[0],
+        "password": ADMIN[1],
+        "extra": {"artifact_root": "mlflow-artifacts:", **FAST_FAIL},
+    }
     monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_AUTH", json.dumps(conn))
     monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_WRONG", json.dumps({**conn, "password": "not-it"}))
 
@@ -339,11 +417,17 @@ def test_operators_reach_a_basic_auth_server_with_the_connections_login(auth_ser
     before = {k: v for k, v in os.environ.items() if k.startswith(watched)}
     data = write_table(generate(800, seed=9), str(tmp_path / "train.parquet"))
     trained = MlflowTrainModelOperator(
-        task_id="train", mlflow_conn_id="mlflow_auth", data_uri=data, experiment="auth-test",
+        task_id="train",
+        mlflow_conn_id="mlflow_auth",
+        data_uri=data,
+        experiment="auth-test",
         estimator="sklearn.linear_model.LogisticRegression",
     ).execute({"ti": _TaskInstance("train"), "dag_run": SimpleNamespace(run_type="manual")})
     registered = MlflowRegisterModelOperator(
-        task_id="register", mlflow_conn_id="mlflow_auth", model_name="auth-model", run_id=trained["run_id"],
+        task_id="register",
+        mlflow_conn_id="mlflow_auth",
+        model_name="auth-model",
+        run_id=trained["run_id"],
     ).execute({"ti": _TaskInstance("register")})
     assert registered == {"version": "1", "alias": "champion", "reused": False}
     assert {k: v for k, v in os.environ.items() if k.startswith(watched)} == before

@@ -105,8 +105,9 @@ class _PodHandler(BaseHTTPRequestHandler):
         return json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"null")
 
     def _missing(self, name: str) -> None:
-        self._answer(404, {"kind": "Status", "code": 404, "reason": "NotFound",
-                           "message": f'pods "{name}" not found'})
+        self._answer(
+            404, {"kind": "Status", "code": 404, "reason": "NotFound", "message": f'pods "{name}" not found'}
+        )
 
     def do_POST(self) -> None:
         route = self._route()
@@ -132,10 +133,14 @@ class _PodHandler(BaseHTTPRequestHandler):
         with self.server.lock:
             if name is None:
                 selector = query.get("labelSelector", [""])[0]
-                items = [pod for (ns, _), pod in self.server.pods.items()
-                         if ns == namespace and _selected(pod["metadata"].get("labels", {}), selector)]
-                return self._answer(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {},
-                                          "items": items})
+                items = [
+                    pod
+                    for (ns, _), pod in self.server.pods.items()
+                    if ns == namespace and _selected(pod["metadata"].get("labels", {}), selector)
+                ]
+                return self._answer(
+                    200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items}
+                )
             pod = self.server.pods.get((namespace, name))
         if pod is None:
             return self._missing(name)
@@ -171,13 +176,17 @@ class _PodHandler(BaseHTTPRequestHandler):
 def kube(monkeypatch) -> Iterator[FakeKubernetes]:
     server = FakeKubernetes()
     kubeconfig = {
-        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "test",
         "clusters": [{"name": "test", "cluster": {"server": server.url}}],
         "users": [{"name": "test", "user": {"token": TOKEN}}],
         "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
     }
-    monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT",
-                       json.dumps({"conn_type": "kubernetes", "extra": {"kube_config": kubeconfig}}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_KUBERNETES_DEFAULT",
+        json.dumps({"conn_type": "kubernetes", "extra": {"kube_config": kubeconfig}}),
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -199,11 +208,17 @@ def test_a_step_operator_starts_its_step_as_a_pod_through_kubernetes_pod_operato
     monkeypatch.setenv("AIRLOOP_ARTEFACTS", "s3://airloop/artefacts")
     monkeypatch.setenv("AIRLOOP_POD_IMAGE", "registry.example/airloop/airflow:0.1.0")
     operator = GreatExpectationsValidateDataOperator(
-        task_id="validate", data_uri="s3://airloop/data/train.parquet", suite_path=SUITE,
+        task_id="validate",
+        data_uri="s3://airloop/data/train.parquet",
+        suite_path=SUITE,
         runtime="kubernetes",
-        pod_settings={"namespace": NAMESPACE, "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}},
-                      # No node will take the pod: give up after a second instead of two minutes.
-                      "schedule_timeout_seconds": 1, "startup_check_interval_seconds": 1},
+        pod_settings={
+            "namespace": NAMESPACE,
+            "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}},
+            # No node will take the pod: give up after a second instead of two minutes.
+            "schedule_timeout_seconds": 1,
+            "startup_check_interval_seconds": 1,
+        },
     )
     ti = _TaskInstance()
     with pytest.raises(AirflowException, match=r"Pod validate-\w+ returned a failure") as failure:
@@ -216,7 +231,11 @@ def test_a_step_operator_starts_its_step_as_a_pod_through_kubernetes_pod_operato
     assert ti.xcom["pod_name"] == pod["metadata"]["name"] and ti.xcom["pod_namespace"] == NAMESPACE
     labels = pod["metadata"]["labels"]
     assert (labels["dag_id"], labels["task_id"], labels["run_id"], labels["try_number"]) == (
-        "airloop_loop", "validate", "manual__1", "1")
+        "airloop_loop",
+        "validate",
+        "manual__1",
+        "1",
+    )
     step, sidecar = pod["spec"]["containers"]
     assert step["image"] == "registry.example/airloop/airflow:0.1.0"
     assert step["command"] == ["python", "-m", "airloop.runtimes.pod"]
@@ -228,7 +247,10 @@ def test_a_step_operator_starts_its_step_as_a_pod_through_kubernetes_pod_operato
     assert request["outputs"] == {"docs_dir": "pods/airloop_loop/manual__1/validate/try-1/docs_dir"}
     assert step["resources"] == {"requests": {"cpu": "500m", "memory": "1Gi"}}
     assert {e["name"]: e["value"] for e in step["env"]} == {
-        "CI": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "AIRLOOP_ARTEFACTS": "s3://airloop/artefacts"}
+        "CI": "true",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "AIRLOOP_ARTEFACTS": "s3://airloop/artefacts",
+    }
     assert sidecar["name"] == "airflow-xcom-sidecar"
     assert {"mountPath": "/airflow/xcom", "name": "xcom"} in step["volumeMounts"]
     assert TOKEN not in json.dumps(pod)
@@ -238,6 +260,7 @@ def test_a_step_operator_starts_its_step_as_a_pod_through_kubernetes_pod_operato
 
 
 # -- the pod's side, for real: the entrypoint publishing to S3 -----------------------------------------------
+
 
 @pytest.fixture
 def s3(tmp_path) -> Iterator[dict[str, Any]]:
@@ -250,8 +273,9 @@ def s3(tmp_path) -> Iterator[dict[str, Any]]:
     command = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
     with open(tmp_path / "moto.log", "wb") as out:
         # A process group of its own, stopped as a whole.
-        server = subprocess.Popen(command, env={**os.environ, **AWS}, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        server = subprocess.Popen(
+            command, env={**os.environ, **AWS}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -263,8 +287,13 @@ def s3(tmp_path) -> Iterator[dict[str, Any]]:
                     log = (tmp_path / "moto.log").read_text()
                     raise RuntimeError(f"moto_server did not start: {log}") from error
                 time.sleep(0.2)
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
         client.create_bucket(Bucket=BUCKET)
         yield {"endpoint": endpoint, "client": client}
     finally:
@@ -277,30 +306,45 @@ def _keys(s3: dict[str, Any], prefix: str) -> list[str]:
     return sorted(item["Key"] for item in listing.get("Contents", []))
 
 
-def test_the_entrypoint_publishes_to_s3_and_the_worker_collects_through_its_connection(s3, tmp_path,
-                                                                                      monkeypatch):
+def test_the_entrypoint_publishes_to_s3_and_the_worker_collects_through_its_connection(
+    s3, tmp_path, monkeypatch
+):
     # The worker: the artefact store on S3 through an Airflow connection; no AWS variables of its own.
     for name in AWS:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AIRLOOP_ARTEFACTS", f"s3://{BUCKET}/artefacts")
     monkeypatch.setenv("AIRLOOP_ARTEFACTS_CONN_ID", "aws_artefacts")
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_ARTEFACTS", json.dumps({
-        "conn_type": "aws", "login": "testing", "password": "testing",
-        "extra": {"endpoint_url": s3["endpoint"], "region_name": "us-east-1"}}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AWS_ARTEFACTS",
+        json.dumps(
+            {
+                "conn_type": "aws",
+                "login": "testing",
+                "password": "testing",
+                "extra": {"endpoint_url": s3["endpoint"], "region_name": "us-east-1"},
+            }
+        ),
+    )
     local = write_table(generate(300, seed=4), str(tmp_path / "data.parquet"))
     s3["client"].upload_file(local, BUCKET, "data/train.parquet")
     folder = tmp_path / "worker" / "data_docs"
     # Data on S3; the suite in the DAGs folder, which the Airflow image has at the same path.
     request = {"data_uri": f"s3://{BUCKET}/data/train.parquet", "suite_path": SUITE, "docs_dir": str(folder)}
-    envelope = pod.pod_request("airloop.steps.validate:validate", request,
-                               "pods/loop/manual__1/validate/try-1")
+    envelope = pod.pod_request(
+        "airloop.steps.validate:validate", request, "pods/loop/manual__1/validate/try-1"
+    )
 
     # The pod: credentials and endpoint from its own environment (a Secret, pod_settings["env"]).
     xcom = tmp_path / "xcom" / "return.json"
     pod_env = {**os.environ, **AWS, "AWS_ENDPOINT_URL": s3["endpoint"], "AIRLOOP_POD_XCOM_PATH": str(xcom)}
     pod_env.pop("AIRLOOP_ARTEFACTS_CONN_ID")
-    done = subprocess.run([sys.executable, "-m", "airloop.runtimes.pod", json.dumps(envelope)], env=pod_env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "airloop.runtimes.pod", json.dumps(envelope)],
+        env=pod_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     answer = json.loads(xcom.read_text())
     prefix = "artefacts/pods/loop/manual__1/validate/try-1/docs_dir"

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +58,23 @@ def register_version(data_uri: str, seed: int) -> str:
     from airloop.steps.train import train
 
     tracking_uri = settings.mlflow_tracking_uri()
-    trained = train({"tracking_uri": tracking_uri, "data_uri": data_uri, "experiment": MODEL, "seed": seed,
-                     "artifact_root": settings.mlflow_artifact_root()})
-    convert({"tracking_uri": tracking_uri, "run_id": trained["run_id"], "variants": ["fp32"],
-             "benchmark_calls": 5})
+    trained = train(
+        {
+            "tracking_uri": tracking_uri,
+            "data_uri": data_uri,
+            "experiment": MODEL,
+            "seed": seed,
+            "artifact_root": settings.mlflow_artifact_root(),
+        }
+    )
+    convert(
+        {
+            "tracking_uri": tracking_uri,
+            "run_id": trained["run_id"],
+            "variants": ["fp32"],
+            "benchmark_calls": 5,
+        }
+    )
     registered = register({"tracking_uri": tracking_uri, "model_name": MODEL, "run_id": trained["run_id"]})
     return registered["version"]
 
@@ -78,11 +91,12 @@ def versions(tmp_path_factory) -> Iterator[dict[str, str]]:
     good = generate(800, seed=3)
     shuffled = good.assign(label=np.random.default_rng(0).permutation(good["label"].to_numpy()))
     good_uri = write_table(good, str(folder / "good.parquet"))
-    made = {"champion": register_version(good_uri, seed=1),
-            "wrong": register_version(write_table(shuffled, str(folder / "shuffled.parquet")), seed=2),
-            "good": register_version(good_uri, seed=3),
-            "better": register_version(write_table(generate(800, seed=5), str(folder / "more.parquet")),
-                                       seed=4)}
+    made = {
+        "champion": register_version(good_uri, seed=1),
+        "wrong": register_version(write_table(shuffled, str(folder / "shuffled.parquet")), seed=2),
+        "good": register_version(good_uri, seed=3),
+        "better": register_version(write_table(generate(800, seed=5), str(folder / "more.parquet")), seed=4),
+    }
     yield made
     get_target("local").delete(DEPLOYMENT)
 
@@ -93,9 +107,22 @@ class Clients:
     def __init__(self, endpoint: str, folder: Path, rate: float = 150.0) -> None:
         self.stats_path = folder / "clients.json"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "airloop.embedded.traffic", "--endpoint", endpoint, "--control",
-             str(folder / "world.json"), "--stats", str(self.stats_path), "--concurrency", "4",
-             "--rate", str(rate)])
+            [
+                sys.executable,
+                "-m",
+                "airloop.embedded.traffic",
+                "--endpoint",
+                endpoint,
+                "--control",
+                str(folder / "world.json"),
+                "--stats",
+                str(self.stats_path),
+                "--concurrency",
+                "4",
+                "--rate",
+                str(rate),
+            ]
+        )
 
     def seen(self, settle: bool = True) -> dict[str, dict[str, int]]:
         """Cumulative ``{predictor: {"requests", "errors", "correct"}}`` ("unreachable": no answer)."""
@@ -127,21 +154,33 @@ def seen(clients) -> Callable[[], dict[str, dict[str, int]]]:
     """What the clients have seen since the test started: ``{predictor: {"requests", "errors", ...}}``."""
     # The last test waited for the counts of its own end; those of this one's start may be a second old.
     before = clients.seen(settle=False)
-    return lambda: {name: {k: n - before.get(name, {}).get(k, 0) for k, n in counts.items()}
-                    for name, counts in clients.seen().items()}
+    return lambda: {
+        name: {k: n - before.get(name, {}).get(k, 0) for k, n in counts.items()}
+        for name, counts in clients.seen().items()
+    }
 
 
 def _operator(version: str, **kwargs: Any) -> SeldonRolloutChallengerOperator:
     return SeldonRolloutChallengerOperator(
-        task_id="rollout", model_name=MODEL, version=version, deployment=DEPLOYMENT,
-        **{"steps": (50, 100), "analysis_seconds": 2, "max_wait_seconds": 30, "poll_interval": 0.5,
-           "criteria": CRITERIA, **kwargs},
+        task_id="rollout",
+        model_name=MODEL,
+        version=version,
+        deployment=DEPLOYMENT,
+        **{
+            "steps": (50, 100),
+            "analysis_seconds": 2,
+            "max_wait_seconds": 30,
+            "poll_interval": 0.5,
+            "criteria": CRITERIA,
+            **kwargs,
+        },
     )
 
 
 def _finish(version: str) -> SeldonFinishRolloutOperator:
-    return SeldonFinishRolloutOperator(task_id="finish", model_name=MODEL, version=version,
-                                       deployment=DEPLOYMENT)
+    return SeldonFinishRolloutOperator(
+        task_id="finish", model_name=MODEL, version=version, deployment=DEPLOYMENT
+    )
 
 
 def _weights() -> dict[str, int]:
@@ -184,8 +223,9 @@ def test_a_challenger_with_wrong_predictions_is_rolled_back_within_one_window(ve
     champion, wrong = versions["champion"], versions["wrong"]
     operator = _operator(wrong)
     ti = StubTaskInstance()
-    with pytest.raises(AirflowFailException,
-                       match=f"v{wrong} rolled back at canary 50% \\(fail\\).*accuracy"):
+    with pytest.raises(
+        AirflowFailException, match=f"v{wrong} rolled back at canary 50% \\(fail\\).*accuracy"
+    ):
         operator.execute({"ti": ti})
     assert ti.xcom["airloop_rollout_report"] == {"path": operator.report_path}
 
@@ -205,8 +245,9 @@ def test_a_challenger_with_wrong_predictions_is_rolled_back_within_one_window(ve
 def test_a_wrong_shadow_is_rolled_back_before_any_client_sees_its_answers(versions, seen):
     champion, wrong = versions["champion"], versions["wrong"]
     operator = _operator(wrong, mode="shadow", shadow_percent=100)
-    with pytest.raises(AirflowFailException,
-                       match=f"v{wrong} rolled back at shadow 0% \\(fail\\).*agreement"):
+    with pytest.raises(
+        AirflowFailException, match=f"v{wrong} rolled back at shadow 0% \\(fail\\).*agreement"
+    ):
         operator.execute({"ti": StubTaskInstance()})
     report = _report(operator)
     (step,) = report["steps"]
@@ -226,18 +267,28 @@ def test_a_wrong_shadow_is_rolled_back_before_any_client_sees_its_answers(versio
     assert shadow["diff"]["agreement"] == step["challenger_stats"]["agreement"]
 
 
-@pytest.mark.parametrize(("fault", "check"), [
-    ({"kind": "crash", "after": 20}, "errors"),
-    ({"kind": "error", "after": 0}, "errors"),
-    ({"kind": "latency", "after": 0, "delay_ms": 150}, "latency"),
-], ids=["crash", "5xx", "latency"])
+@pytest.mark.parametrize(
+    ("fault", "check"),
+    [
+        ({"kind": "crash", "after": 20}, "errors"),
+        ({"kind": "error", "after": 0}, "errors"),
+        ({"kind": "latency", "after": 0, "delay_ms": 150}, "latency"),
+    ],
+    ids=["crash", "5xx", "latency"],
+)
 def test_a_faulty_challenger_is_rolled_back_within_one_window(versions, seen, monkeypatch, fault, check):
     champion, good = versions["champion"], versions["good"]
     operator = _operator(good)
     # The challenger's server is the test's faulty class, for this model folder only.
-    monkeypatch.setenv("AIRFLOW_CONN_AIRLOOP_SERVING_DEFAULT", json.dumps(
-        {"conn_type": "airloop_serving",
-         "extra": {"target": "local", "model_class": "faulty_model.FaultyModel"}}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AIRLOOP_SERVING_DEFAULT",
+        json.dumps(
+            {
+                "conn_type": "airloop_serving",
+                "extra": {"target": "local", "model_class": "faulty_model.FaultyModel"},
+            }
+        ),
+    )
     monkeypatch.setenv("PYTHONPATH", str(HERE))
     model_dir = operator._predictor(good)["model_dir"]
     monkeypatch.setenv("AIRLOOP_TEST_FAULT", json.dumps({**fault, "model_dir": model_dir}))
@@ -275,8 +326,10 @@ def test_a_rejected_approval_rolls_back(versions, seen):
     with pytest.raises(AirflowFailException, match=f"v{good} rolled back at approval 50% \\(rejected\\)"):
         finish.execute({"ti": StubTaskInstance()})
     report = _report(finish)
-    assert [(s["kind"], s["verdict"]) for s in report["steps"]] == [("canary", "pass"),
-                                                                   ("approval", "rejected")]
+    assert [(s["kind"], s["verdict"]) for s in report["steps"]] == [
+        ("canary", "pass"),
+        ("approval", "rejected"),
+    ]
     _rolled_back(good, champion)
     _only_failures_of(seen())
     # A retry of the finished task gives the same outcome and writes nothing.
@@ -291,7 +344,10 @@ def test_a_shadow_then_canary_held_for_approval_is_promoted_when_approved(versio
     result = _operator(better, mode="shadow", approval="True").execute({"ti": StubTaskInstance()})
     assert result["decision"] == "awaiting_approval"
     assert [(s["kind"], s["verdict"]) for s in result["steps"]] == [
-        ("shadow", "pass"), ("canary", "pass"), ("approval", "awaiting")]
+        ("shadow", "pass"),
+        ("canary", "pass"),
+        ("approval", "awaiting"),
+    ]
     assert _weights() == {f"v{champion}": 50, f"v{better}": 50}
 
     approve = ApprovalOperator(task_id="approve", subject="Promote?", fail_on_reject=True)
@@ -314,8 +370,12 @@ def test_a_shadow_then_canary_held_for_approval_is_promoted_when_approved(versio
 
 def _answer(option: str) -> dict[str, Any]:
     """What Airflow hands an approval task once a person answered."""
-    return {"chosen_options": [option], "params_input": {}, "responded_at": datetime.now(timezone.utc),
-            "responded_by_user": {"id": "7", "name": "ops"}}
+    return {
+        "chosen_options": [option],
+        "params_input": {},
+        "responded_at": datetime.now(UTC),
+        "responded_by_user": {"id": "7", "name": "ops"},
+    }
 
 
 def test_a_promotion_interrupted_between_traffic_and_alias_is_finished_on_retry(versions, seen, tmp_path):
@@ -331,13 +391,25 @@ def test_a_promotion_interrupted_between_traffic_and_alias_is_finished_on_retry(
     target.deploy(DEPLOYMENT, [{**operator._predictor(good), "weight": 0}])
     target.set_traffic(DEPLOYMENT, {champ: 0, chal: 100})
     (artefacts.root() / operator.report_path).parent.mkdir(parents=True, exist_ok=True)
-    (artefacts.root() / operator.report_path).write_text(json.dumps({
-        "deployment": DEPLOYMENT, "model_name": MODEL, "champion": champion, "challenger": good,
-        "started": "2026-01-01T00:00:00+00:00", "ended": None, "phase": "promoting", "decision": None,
-        "criteria": CRITERIA, "steps": [{"kind": "canary", "weight": 50, "verdict": "pass", "reasons": []},
-                                        {"kind": "promotion", "weight": 100, "verdict": "promoted",
-                                         "reasons": []}],
-    }))
+    (artefacts.root() / operator.report_path).write_text(
+        json.dumps(
+            {
+                "deployment": DEPLOYMENT,
+                "model_name": MODEL,
+                "champion": champion,
+                "challenger": good,
+                "started": "2026-01-01T00:00:00+00:00",
+                "ended": None,
+                "phase": "promoting",
+                "decision": None,
+                "criteria": CRITERIA,
+                "steps": [
+                    {"kind": "canary", "weight": 50, "verdict": "pass", "reasons": []},
+                    {"kind": "promotion", "weight": 100, "verdict": "promoted", "reasons": []},
+                ],
+            }
+        )
+    )
 
     result = operator.execute({"ti": StubTaskInstance()})
 
@@ -353,8 +425,9 @@ def test_the_loop_dag_holds_approval_behind_an_opt_in_param():
 
     dag = DagBag(dag_folder=str(HERE.parents[1] / "dags" / "airloop_loop.py")).dags["airloop_loop"]
     assert dag.params["approval"] is False  # the embedded loop runs unattended
-    rollout, gate, approve, finish = (dag.get_task(t)
-                                      for t in ("rollout", "needs_approval", "approve", "finish"))
+    rollout, gate, approve, finish = (
+        dag.get_task(t) for t in ("rollout", "needs_approval", "approve", "finish")
+    )
     assert rollout.approval == "{{ params.approval }}"
     assert type(approve).__name__ == "ApprovalOperator" and approve.fail_on_reject
     assert gate.downstream_task_ids == {"approve", "finish"} and approve.downstream_task_ids == {"finish"}

@@ -39,13 +39,18 @@ PATH = re.compile(r"^/apis/machinelearning\.seldon\.io/v1/namespaces/([^/]+)/sel
 
 
 def predictor(version: int, weight: int) -> dict[str, Any]:
-    return {"name": f"v{version}", "model_version": str(version), "model_dir": f"/models/v{version}",
-            "model_uri": f"s3://artefacts/models/churn/{version}/openvino", "weight": weight}
+    return {
+        "name": f"v{version}",
+        "model_version": str(version),
+        "model_dir": f"/models/v{version}",
+        "model_uri": f"s3://artefacts/models/churn/{version}/openvino",
+        "weight": weight,
+    }
 
 
 @functools.cache
 def crd_validator() -> Any:
-    """A validator of the CRD's schema, or None without ../shared (checking the schema itself takes seconds)."""
+    """A validator of the CRD's schema, or None without ../shared (checking the schema takes seconds)."""
     path = SHARED_SCHEMAS / "seldondeployment-v1.json"
     if not path.exists():
         return None
@@ -114,8 +119,17 @@ class _KubernetesHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _status(self, code: int, reason: str, message: str) -> None:
-        self._answer(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message,
-                            "reason": reason, "code": code})
+        self._answer(
+            code,
+            {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "status": "Failure",
+                "message": message,
+                "reason": reason,
+                "code": code,
+            },
+        )
 
     def _body(self) -> Any:
         return json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"null")
@@ -178,8 +192,12 @@ class _KubernetesHandler(BaseHTTPRequestHandler):
                 self.server.bump(obj)  # another writer got there first
             wanted = (patch.get("metadata") or {}).get("resourceVersion")
             if wanted and wanted != obj["metadata"]["resourceVersion"]:
-                return self._status(409, "Conflict", "the object has been modified; please apply your changes "
-                                                     "to the latest version and try again")
+                return self._status(
+                    409,
+                    "Conflict",
+                    "the object has been modified; please apply your changes "
+                    "to the latest version and try again",
+                )
             updated = merge_patch(obj, patch)
             problem = self._invalid(updated)
             if problem:
@@ -221,7 +239,10 @@ class _PrometheusHandler(BaseHTTPRequestHandler):
         query = parse_qs(urlparse(self.path).query)["query"][0]
         self.server.queries.append(query)
         metric = re.search(r"\(([a-z_]+)\{", query).group(1)
-        body = {"status": "success", "data": {"resultType": "vector", "result": self.server.series.get(metric, [])}}
+        body = {
+            "status": "success",
+            "data": {"resultType": "vector", "result": self.server.series.get(metric, [])},
+        }
         data = json.dumps(body).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -242,13 +263,19 @@ def _serve(server: ThreadingHTTPServer) -> Iterator[ThreadingHTTPServer]:
 def kube(monkeypatch) -> Iterator[FakeKubernetes]:
     server = FakeKubernetes()
     kubeconfig = {
-        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "test",
         "clusters": [{"name": "test", "cluster": {"server": server.url}}],
         "users": [{"name": "test", "user": {"token": TOKEN}}],
-        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test", "namespace": NAMESPACE}}],
+        "contexts": [
+            {"name": "test", "context": {"cluster": "test", "user": "test", "namespace": NAMESPACE}}
+        ],
     }
-    monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT",
-                       json.dumps({"conn_type": "kubernetes", "extra": {"kube_config": kubeconfig}}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_KUBERNETES_DEFAULT",
+        json.dumps({"conn_type": "kubernetes", "extra": {"kube_config": kubeconfig}}),
+    )
     yield from _serve(server)
 
 
@@ -259,21 +286,36 @@ def prometheus() -> Iterator[FakePrometheus]:
 
 @pytest.fixture
 def target(prometheus) -> SeldonKubernetesTarget:
-    return get_target("seldon", namespace=NAMESPACE, prometheus_url=prometheus.url, image="airloop/serving:test")
+    return get_target(
+        "seldon", namespace=NAMESPACE, prometheus_url=prometheus.url, image="airloop/serving:test"
+    )
 
 
 # -- the manifest --------------------------------------------------------------------------------------
 
+
 def test_manifest_has_one_predictor_per_version_with_traffic_and_our_model_server():
-    manifest = render_seldon_deployment(DEPLOYMENT, [predictor(3, 90), {**predictor(4, 10), "model_uri": None}],
-                                        namespace=NAMESPACE, image="airloop/serving:test")
+    manifest = render_seldon_deployment(
+        DEPLOYMENT,
+        [predictor(3, 90), {**predictor(4, 10), "model_uri": None}],
+        namespace=NAMESPACE,
+        image="airloop/serving:test",
+    )
     assert (manifest["apiVersion"], manifest["kind"]) == ("machinelearning.seldon.io/v1", "SeldonDeployment")
-    assert manifest["metadata"] == {"name": DEPLOYMENT, "namespace": NAMESPACE,
-                                    "labels": {"app.kubernetes.io/managed-by": "airloop"}}
+    assert manifest["metadata"] == {
+        "name": DEPLOYMENT,
+        "namespace": NAMESPACE,
+        "labels": {"app.kubernetes.io/managed-by": "airloop"},
+    }
     v3, v4 = manifest["spec"]["predictors"]
-    assert [(p["name"], p["traffic"], p["labels"]["version"]) for p in (v3, v4)] == [("v3", 90, "3"), ("v4", 10, "4")]
+    assert [(p["name"], p["traffic"], p["labels"]["version"]) for p in (v3, v4)] == [
+        ("v3", 90, "3"),
+        ("v4", 10, "4"),
+    ]
     (container,) = v3["componentSpecs"][0]["spec"]["containers"]
-    assert container["name"] == v3["graph"]["name"] == "model"  # Seldon pairs container and graph node by name
+    assert (
+        container["name"] == v3["graph"]["name"] == "model"
+    )  # Seldon pairs container and graph node by name
     assert container["image"] == "airloop/serving:test"
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["MODEL_NAME"] == "airloop.serving.model.OpenVinoModel" and env["CI"] == "true"
@@ -291,19 +333,24 @@ def test_a_shadow_predictor_is_seldons_own_with_the_mirrored_percentage_as_traff
     assert "shadow" not in live and (shadow["shadow"], shadow["traffic"]) == (True, 25)
     # Seldon's rules: live traffic sums to 100 without the shadow; one shadow; never a shadow alone.
     with pytest.raises(ValueError, match="at most one shadow"):
-        render_seldon_deployment(DEPLOYMENT, [predictor(3, 100), {**predictor(4, 25), "shadow": True},
-                                              {**predictor(5, 25), "shadow": True}])
+        render_seldon_deployment(
+            DEPLOYMENT,
+            [predictor(3, 100), {**predictor(4, 25), "shadow": True}, {**predictor(5, 25), "shadow": True}],
+        )
     with pytest.raises(ValueError, match="weights must sum to 100, got 0"):
         render_seldon_deployment(DEPLOYMENT, [{**predictor(4, 25), "shadow": True}])
 
 
-@pytest.mark.parametrize(("predictors", "problem"), [
-    ([predictor(3, 90), predictor(4, 20)], "sum to 100"),
-    ([predictor(3, 100), predictor(3, 0)], "distinct names"),
-    ([{**predictor(3, 100), "name": "V3"}], "invalid predictor name"),
-    ([{**predictor(3, 100), "weight": 100.0}], "integer from 0 to 100"),
-    ([], "distinct names"),
-])
+@pytest.mark.parametrize(
+    ("predictors", "problem"),
+    [
+        ([predictor(3, 90), predictor(4, 20)], "sum to 100"),
+        ([predictor(3, 100), predictor(3, 0)], "distinct names"),
+        ([{**predictor(3, 100), "name": "V3"}], "invalid predictor name"),
+        ([{**predictor(3, 100), "weight": 100.0}], "integer from 0 to 100"),
+        ([], "distinct names"),
+    ],
+)
 def test_bad_predictors_are_refused_naming_the_problem(predictors, problem):
     with pytest.raises(ValueError, match=problem):
         render_seldon_deployment(DEPLOYMENT, predictors)
@@ -312,14 +359,17 @@ def test_bad_predictors_are_refused_naming_the_problem(predictors, problem):
 def test_manifest_validates_against_the_seldondeployment_crd_schema():
     validator = crd_validator()
     if validator is None:
-        pytest.skip(f"the SeldonDeployment CRD schema is not at {SHARED_SCHEMAS} (CI has ../shared beside the "
-                    "checkout); the project's own manifest checks above still ran")
+        pytest.skip(
+            f"the SeldonDeployment CRD schema is not at {SHARED_SCHEMAS} (CI has ../shared beside the "
+            "checkout); the project's own manifest checks above still ran"
+        )
     import jsonschema
 
     manifest = render_seldon_deployment(DEPLOYMENT, [predictor(3, 75), predictor(4, 25)], namespace=NAMESPACE)
     validator.validate(manifest)
-    shadowed = render_seldon_deployment(DEPLOYMENT, [predictor(3, 100), {**predictor(4, 30), "shadow": True}],
-                                        namespace=NAMESPACE)
+    shadowed = render_seldon_deployment(
+        DEPLOYMENT, [predictor(3, 100), {**predictor(4, 30), "shadow": True}], namespace=NAMESPACE
+    )
     validator.validate(shadowed)
     assert shadowed["spec"]["predictors"][1]["shadow"] is True
     broken = copy.deepcopy(manifest)
@@ -329,6 +379,7 @@ def test_manifest_validates_against_the_seldondeployment_crd_schema():
 
 
 # -- the target against the Kubernetes API ---------------------------------------------------------------
+
 
 def test_deploy_set_traffic_status_and_remove_through_the_kubernetes_api(kube, target):
     state = target.deploy(DEPLOYMENT, [predictor(3, 100)])
@@ -344,11 +395,17 @@ def test_deploy_set_traffic_status_and_remove_through_the_kubernetes_api(kube, t
     target.set_traffic(DEPLOYMENT, {"v3": 90, "v4": 10})
     assert [p["traffic"] for p in kube.objects[(NAMESPACE, DEPLOYMENT)]["spec"]["predictors"]] == [90, 10]
 
-    kube.set_status(DEPLOYMENT, {
-        "state": "Available", "address": {"url": f"http://{DEPLOYMENT}-{DEPLOYMENT}.{NAMESPACE}:8000/api/v1.0/predictions"},
-        "deploymentStatus": {f"{DEPLOYMENT}-v3-0-model": {"replicas": 1, "availableReplicas": 1},
-                             f"{DEPLOYMENT}-v4-0-model": {"replicas": 1, "availableReplicas": 0}},
-    })
+    kube.set_status(
+        DEPLOYMENT,
+        {
+            "state": "Available",
+            "address": {"url": f"http://{DEPLOYMENT}-{DEPLOYMENT}.{NAMESPACE}:8000/api/v1.0/predictions"},
+            "deploymentStatus": {
+                f"{DEPLOYMENT}-v3-0-model": {"replicas": 1, "availableReplicas": 1},
+                f"{DEPLOYMENT}-v4-0-model": {"replicas": 1, "availableReplicas": 0},
+            },
+        },
+    )
     state = target.state(DEPLOYMENT)
     assert state["status"] == "Available"
     assert state["endpoint"].startswith(f"http://{DEPLOYMENT}-{DEPLOYMENT}.{NAMESPACE}")
@@ -378,7 +435,10 @@ def test_a_shadow_is_mirrored_promoted_to_live_or_removed_through_the_kubernetes
     target.deploy(DEPLOYMENT, [predictor(3, 100)])
     state = target.deploy(DEPLOYMENT, [{**predictor(4, 50), "shadow": True}])
     stored = kube.objects[(NAMESPACE, DEPLOYMENT)]["spec"]["predictors"]
-    assert [(p["name"], p["traffic"], p.get("shadow")) for p in stored] == [("v3", 100, None), ("v4", 50, True)]
+    assert [(p["name"], p["traffic"], p.get("shadow")) for p in stored] == [
+        ("v3", 100, None),
+        ("v4", 50, True),
+    ]
     assert state["predictors"]["v4"]["shadow"] is True and state["predictors"]["v3"]["shadow"] is False
 
     target.set_traffic(DEPLOYMENT, {"v3": 100}, shadow={"v4": 20})
@@ -419,12 +479,22 @@ def test_a_refused_manifest_names_the_api_servers_reason(kube, target):
     target.deploy(DEPLOYMENT, [predictor(3, 100)])
     # A shape the CRD rejects: traffic as a string, in a hand-made patch.
     with pytest.raises(KubernetesApiError, match="HTTP 422 .*'all' is not of type 'integer'"):
-        target._call("patch", DEPLOYMENT, lambda api: api.patch_namespaced_custom_object(
-            "machinelearning.seldon.io", "v1", NAMESPACE, "seldondeployments", DEPLOYMENT,
-            {"spec": {"predictors": [{"name": "v3", "traffic": "all", "graph": {"name": "model"}}]}}))
+        target._call(
+            "patch",
+            DEPLOYMENT,
+            lambda api: api.patch_namespaced_custom_object(
+                "machinelearning.seldon.io",
+                "v1",
+                NAMESPACE,
+                "seldondeployments",
+                DEPLOYMENT,
+                {"spec": {"predictors": [{"name": "v3", "traffic": "all", "graph": {"name": "model"}}]}},
+            ),
+        )
 
 
 # -- metrics from Prometheus --------------------------------------------------------------------------------
+
 
 def _vector(labels: dict[str, str], value: float) -> dict[str, Any]:
     return {"metric": labels, "value": [1700000000.0, str(value)]}
@@ -434,28 +504,42 @@ def test_metrics_come_from_prometheus_in_the_local_targets_shape(kube, prometheu
     target.deploy(DEPLOYMENT, [predictor(3, 90), predictor(4, 10)])
     m = "seldon_api_executor_client_requests_seconds"
     prometheus.series = {
-        f"{m}_count": [_vector({"predictor_name": "v3", "code": "200"}, 900),
-                       _vector({"predictor_name": "v4", "code": "200"}, 80),
-                       _vector({"predictor_name": "v4", "code": "500"}, 20),
-                       _vector({"predictor_name": "old", "code": "200"}, 5)],
+        f"{m}_count": [
+            _vector({"predictor_name": "v3", "code": "200"}, 900),
+            _vector({"predictor_name": "v4", "code": "200"}, 80),
+            _vector({"predictor_name": "v4", "code": "500"}, 20),
+            _vector({"predictor_name": "old", "code": "200"}, 5),
+        ],
         f"{m}_sum": [_vector({"predictor_name": "v3"}, 1.8), _vector({"predictor_name": "v4"}, 0.5)],
-        f"{m}_bucket": [_vector({"predictor_name": p, "le": le}, n) for p, counts in
-                        {"v3": (800, 900, 900), "v4": (50, 90, 100)}.items()
-                        for le, n in zip(("0.002", "0.01", "+Inf"), counts)],
+        f"{m}_bucket": [
+            _vector({"predictor_name": p, "le": le}, n)
+            for p, counts in {"v3": (800, 900, 900), "v4": (50, 90, 100)}.items()
+            for le, n in zip(("0.002", "0.01", "+Inf"), counts, strict=True)
+        ],
         # The model server's own counters (airloop.serving.model): no gateway on Kubernetes.
-        "airloop_model_feedback_total": [_vector({"predictor_name": "v3", "outcome": "correct"}, 95),
-                                         _vector({"predictor_name": "v3", "outcome": "incorrect"}, 5),
-                                         _vector({"predictor_name": "v4", "outcome": "correct"}, 30),
-                                         _vector({"predictor_name": "v4", "outcome": "incorrect"}, 20)],
-        "airloop_model_predictions_total": [_vector({"predictor_name": "v3", "class": "0"}, 450),
-                                            _vector({"predictor_name": "v3", "class": "1"}, 450),
-                                            _vector({"predictor_name": "v4", "class": "1"}, 80)],
+        "airloop_model_feedback_total": [
+            _vector({"predictor_name": "v3", "outcome": "correct"}, 95),
+            _vector({"predictor_name": "v3", "outcome": "incorrect"}, 5),
+            _vector({"predictor_name": "v4", "outcome": "correct"}, 30),
+            _vector({"predictor_name": "v4", "outcome": "incorrect"}, 20),
+        ],
+        "airloop_model_predictions_total": [
+            _vector({"predictor_name": "v3", "class": "0"}, 450),
+            _vector({"predictor_name": "v3", "class": "1"}, 450),
+            _vector({"predictor_name": "v4", "class": "1"}, 80),
+        ],
     }
     stats = target.metrics(DEPLOYMENT)
     assert set(stats) == {"v3", "v4"}
-    assert stats["v4"] == {"requests": 100, "errors": 20, "latency_ms_sum": pytest.approx(500.0),
-                           "feedback": 50, "feedback_correct": 30,
-                           "latency_ms_buckets": {"2": 50, "10": 90, "+Inf": 100}, "predicted": {"1": 80}}
+    assert stats["v4"] == {
+        "requests": 100,
+        "errors": 20,
+        "latency_ms_sum": pytest.approx(500.0),
+        "feedback": 50,
+        "feedback_correct": 30,
+        "latency_ms_buckets": {"2": 50, "10": 90, "+Inf": 100},
+        "predicted": {"1": 80},
+    }
     assert stats["v3"]["requests"] == 900 and stats["v3"]["feedback_correct"] == 95
     assert stats["v3"]["predicted"] == {"0": 450, "1": 450}
     # Every query is scoped to the deployment and its namespace.
@@ -465,20 +549,31 @@ def test_metrics_come_from_prometheus_in_the_local_targets_shape(kube, prometheu
 
     # The same canary analysis as on the local target reads these snapshots.
     empty = stats_from_prometheus(["v3", "v4"], {})
-    verdict = analyse({"before": empty, "after": stats, "champion": "v3", "challenger": "v4",
-                       "criteria": {"min_requests": 50, "min_feedback": 30}})
+    verdict = analyse(
+        {
+            "before": empty,
+            "after": stats,
+            "champion": "v3",
+            "challenger": "v4",
+            "criteria": {"min_requests": 50, "min_feedback": 30},
+        }
+    )
     assert verdict["verdict"] == "fail"
     assert verdict["tests"]["errors"]["status"] == "fail" and verdict["tests"]["accuracy"]["status"] == "fail"
 
 
 def test_the_namespace_label_is_the_prometheus_setups(kube, prometheus):
-    target = SeldonKubernetesTarget(namespace=NAMESPACE, prometheus_url=prometheus.url,
-                                    namespace_label="kubernetes_namespace")
+    target = SeldonKubernetesTarget(
+        namespace=NAMESPACE, prometheus_url=prometheus.url, namespace_label="kubernetes_namespace"
+    )
     target.deploy(DEPLOYMENT, [predictor(3, 100)])
-    prometheus.series = {"airloop_model_feedback_total": [
-        _vector({"predictor_name": "v3", "outcome": "correct"}, 7)]}
+    prometheus.series = {
+        "airloop_model_feedback_total": [_vector({"predictor_name": "v3", "outcome": "correct"}, 7)]
+    }
     assert target.metrics(DEPLOYMENT)["v3"]["feedback_correct"] == 7
-    assert all(f',kubernetes_namespace="{NAMESPACE}"' in q and ',namespace=' not in q for q in prometheus.queries)
+    assert all(
+        f',kubernetes_namespace="{NAMESPACE}"' in q and ",namespace=" not in q for q in prometheus.queries
+    )
 
 
 def test_metrics_without_prometheus_or_with_prometheus_down_fail_clearly(kube, prometheus):

@@ -66,9 +66,18 @@ def s3(tmp_path_factory):
     endpoint = f"http://127.0.0.1:{_free_port()}"
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     with open(log, "ab") as out:
-        process = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p",
-                                    endpoint.rsplit(":", 1)[1]], stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "moto_server"),
+                "-H",
+                "127.0.0.1",
+                "-p",
+                endpoint.rsplit(":", 1)[1],
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -80,8 +89,13 @@ def s3(tmp_path_factory):
                     raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}") from None
             time.sleep(0.3)
         # Credentials for this one client, never set in the test process's environment.
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
         client.create_bucket(Bucket=BUCKET)
         yield {"endpoint": endpoint, "client": client}
     finally:
@@ -91,10 +105,17 @@ def s3(tmp_path_factory):
 
 @pytest.fixture
 def aws_connection(s3, monkeypatch) -> str:
-    monkeypatch.setenv("AIRFLOW_CONN_GATE_S3", json.dumps({
-        "conn_type": "aws", "login": "testing", "password": "testing",
-        "extra": {"endpoint_url": s3["endpoint"], "region_name": "us-east-1"},
-    }))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_GATE_S3",
+        json.dumps(
+            {
+                "conn_type": "aws",
+                "login": "testing",
+                "password": "testing",
+                "extra": {"endpoint_url": s3["endpoint"], "region_name": "us-east-1"},
+            }
+        ),
+    )
     return "gate_s3"
 
 
@@ -105,8 +126,11 @@ def _put(s3: dict, key: str, frame) -> str:
 
 def test_s3_data_through_an_aws_connection(s3, aws_connection, tmp_path):
     good = _put(s3, "good.parquet", generate(400, seed=1))
-    result, ti = _execute(GreatExpectationsValidateDataOperator(
-        task_id="validate_s3", data_uri=good, conn_id=aws_connection, suite_path=SUITE))
+    result, ti = _execute(
+        GreatExpectationsValidateDataOperator(
+            task_id="validate_s3", data_uri=good, conn_id=aws_connection, suite_path=SUITE
+        )
+    )
     assert result["success"] is True and result["data_uri"] == good and result["rows"] == 400
     assert json.loads(json.dumps(result)) == result
     assert ti.xcom["airloop_data_docs"] == {"path": result["docs"]}
@@ -114,14 +138,25 @@ def test_s3_data_through_an_aws_connection(s3, aws_connection, tmp_path):
     assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(os.environ)  # the credentials stayed put
 
     bad = _put(s3, "bad.parquet", generate(400, seed=1).drop(columns=["f3"]))
-    with pytest.raises(AirflowFailException, match=rf"{bad} failed 4 of 29 expectations: "
-                                                   r"expect_table_columns_to_match_set\(table\)"):
-        _execute(GreatExpectationsValidateDataOperator(
-            task_id="validate_s3_bad", data_uri=bad, conn_id=aws_connection, suite_path=SUITE))
+    with pytest.raises(
+        AirflowFailException,
+        match=rf"{bad} failed 4 of 29 expectations: "
+        r"expect_table_columns_to_match_set\(table\)",
+    ):
+        _execute(
+            GreatExpectationsValidateDataOperator(
+                task_id="validate_s3_bad", data_uri=bad, conn_id=aws_connection, suite_path=SUITE
+            )
+        )
     with pytest.raises(ValueError, match="missing.parquet does not exist"):
-        _execute(GreatExpectationsValidateDataOperator(
-            task_id="validate_s3_missing", data_uri=f"s3://{BUCKET}/missing.parquet", conn_id=aws_connection,
-            suite_path=SUITE))
+        _execute(
+            GreatExpectationsValidateDataOperator(
+                task_id="validate_s3_missing",
+                data_uri=f"s3://{BUCKET}/missing.parquet",
+                conn_id=aws_connection,
+                suite_path=SUITE,
+            )
+        )
 
 
 @pytest.fixture
@@ -134,28 +169,43 @@ def database(tmp_path, monkeypatch) -> str:
 
 
 def test_sql_query_through_a_database_connection(database, aws_connection):
-    result, _ = _execute(GreatExpectationsValidateDataOperator(
-        task_id="validate_sql", sql="SELECT * FROM training", conn_id=database, suite_path=SUITE))
+    result, _ = _execute(
+        GreatExpectationsValidateDataOperator(
+            task_id="validate_sql", sql="SELECT * FROM training", conn_id=database, suite_path=SUITE
+        )
+    )
     assert result["success"] is True and result["rows"] == 500
     assert result["data_uri"] == "sql on gate_db: SELECT * FROM training"
     with pytest.raises(AirflowFailException, match=r"expect_table_row_count_to_be_between\(table\)"):
-        _execute(GreatExpectationsValidateDataOperator(
-            task_id="validate_sql_few", sql="SELECT * FROM training LIMIT 10", conn_id=database,
-            suite_path=SUITE))
+        _execute(
+            GreatExpectationsValidateDataOperator(
+                task_id="validate_sql_few",
+                sql="SELECT * FROM training LIMIT 10",
+                conn_id=database,
+                suite_path=SUITE,
+            )
+        )
     with pytest.raises(ValueError, match="gate_s3 .* is not a database connection"):
-        _execute(GreatExpectationsValidateDataOperator(
-            task_id="validate_sql_s3", sql="SELECT 1", conn_id=aws_connection, suite_path=SUITE))
+        _execute(
+            GreatExpectationsValidateDataOperator(
+                task_id="validate_sql_s3", sql="SELECT 1", conn_id=aws_connection, suite_path=SUITE
+            )
+        )
 
 
 def test_fail_on_error_false_returns_the_failures(tmp_path):
     frame = generate(300, seed=3)
     frame.loc[::5, "f2"] = np.nan
     uri = write_table(frame, str(tmp_path / "nans.parquet"))
-    result, _ = _execute(GreatExpectationsValidateDataOperator(
-        task_id="validate_lenient", data_uri=uri, suite_path=SUITE, fail_on_error=False))
+    result, _ = _execute(
+        GreatExpectationsValidateDataOperator(
+            task_id="validate_lenient", data_uri=uri, suite_path=SUITE, fail_on_error=False
+        )
+    )
     assert result["success"] is False
     assert [(f["expectation"], f["column"], f["observed"]["unexpected_count"]) for f in result["failed"]] == [
-        ("expect_column_values_to_not_be_null", "f2", 60)]
+        ("expect_column_values_to_not_be_null", "f2", 60)
+    ]
 
 
 def test_the_gate_in_the_validation_runtime(tmp_path):
@@ -167,12 +217,14 @@ def test_the_gate_in_the_validation_runtime(tmp_path):
     frame.loc[2500, "f1"] = 1e9  # in the last batch
     uri = write_table(frame, str(tmp_path / "data.parquet"))
     common = {"data_uri": uri, "suite_path": SUITE, "batch_rows": 1000, "fail_on_error": False}
-    isolated, _ = _execute(GreatExpectationsValidateDataOperator(task_id="in_runtime", runtime="validation",
-                                                                 **common))
+    isolated, _ = _execute(
+        GreatExpectationsValidateDataOperator(task_id="in_runtime", runtime="validation", **common)
+    )
     worker, _ = _execute(GreatExpectationsValidateDataOperator(task_id="in_worker", **common))
     assert isolated["batches"] == 3 and isolated["failed"][0]["observed"]["sample"] == [1e9]
     assert {k: v for k, v in isolated.items() if k not in ("docs", "docs_uri")} == {
-        k: v for k, v in worker.items() if k not in ("docs", "docs_uri")}
+        k: v for k, v in worker.items() if k not in ("docs", "docs_uri")
+    }
     assert artefacts.local_path(isolated["docs"]).is_file()
 
 
@@ -180,19 +232,26 @@ def test_the_gated_mlflow_run_carries_the_validation(tmp_path):
     from airloop.steps.train import train
 
     uri = write_table(generate(600, seed=5), str(tmp_path / "train.parquet"))
-    summary, _ = _execute(GreatExpectationsValidateDataOperator(task_id="validate", data_uri=uri,
-                                                                suite_path=SUITE))
+    summary, _ = _execute(
+        GreatExpectationsValidateDataOperator(task_id="validate", data_uri=uri, suite_path=SUITE)
+    )
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    request = {"tracking_uri": tracking_uri, "artifact_root": (tmp_path / "mlruns").as_uri(), "data_uri": uri,
-               "estimator": "sklearn.linear_model.LogisticRegression", "reference_rows": 50,
-               "validation": summary}
+    request = {
+        "tracking_uri": tracking_uri,
+        "artifact_root": (tmp_path / "mlruns").as_uri(),
+        "data_uri": uri,
+        "estimator": "sklearn.linear_model.LogisticRegression",
+        "reference_rows": 50,
+        "validation": summary,
+    }
     run = mlflow.MlflowClient(tracking_uri).get_run(train(request)["run_id"])
     assert run.data.tags["airloop.validation.success"] == "true"
     assert run.data.tags["airloop.validation.expectations"] == "29/29"
     assert run.data.tags["airloop.validation.docs"] == summary["docs_uri"]
     assert summary["docs_uri"] == f"{settings.artefact_root()}/{summary['docs']}"
-    local = mlflow.MlflowClient(tracking_uri).download_artifacts(run.info.run_id, VALIDATION_ARTIFACT,
-                                                                 str(tmp_path))
+    local = mlflow.MlflowClient(tracking_uri).download_artifacts(
+        run.info.run_id, VALIDATION_ARTIFACT, str(tmp_path)
+    )
     assert json.loads(Path(local).read_text()) == summary
 
     write_table(generate(600, seed=6), uri)  # the file changes between the gate and training
@@ -241,8 +300,9 @@ LOOP_CORPUS = {
 
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
-    subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True, capture_output=True
+    )
     from airflow.dag_processing.dagbag import DagBag
 
     return DagBag(dag_folder=str(REPO / "dags")).get_dag("airloop_loop")
@@ -261,7 +321,8 @@ def test_bad_input_stops_the_loop_at_the_gate(loop, case, tmp_path, capsys):
     run = loop.test(run_conf={"data_uri": _corrupt(case, tmp_path)})
     states = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
     assert str(run.state) == "failed" and states["validate"] == "failed", states
-    assert all(states[task] == "upstream_failed" for task in ("train", "evaluate", "convert", "register",
-                                                               "rollout")), states
+    assert all(
+        states[task] == "upstream_failed" for task in ("train", "evaluate", "convert", "register", "rollout")
+    ), states
     assert LOOP_CORPUS[case] in capsys.readouterr().out  # the task log names the reason
     assert _model_state() == before  # nothing trained, nothing registered

@@ -9,25 +9,37 @@ from airloop.steps.canary import analyse, histogram_quantile
 BOUNDS = ["1", "2", "5", "10", "20", "50", "+Inf"]
 
 
-def _stats(requests: int, errors: int = 0, feedback: int = 0, correct: int = 0,
-           latency_ms: float = 3.0) -> dict:
+def _stats(
+    requests: int, errors: int = 0, feedback: int = 0, correct: int = 0, latency_ms: float = 3.0
+) -> dict:
     """Cumulative predictor metrics with every request in the bucket holding ``latency_ms``."""
     buckets = {le: (requests if le == "+Inf" or float(le) >= latency_ms else 0) for le in BOUNDS}
-    return {"requests": requests, "errors": errors, "latency_ms_buckets": buckets,
-            "latency_ms_sum": requests * latency_ms, "feedback": feedback, "feedback_correct": correct}
+    return {
+        "requests": requests,
+        "errors": errors,
+        "latency_ms_buckets": buckets,
+        "latency_ms_sum": requests * latency_ms,
+        "feedback": feedback,
+        "feedback_correct": correct,
+    }
 
 
 def _request(champion: dict, challenger: dict, **criteria) -> dict:
     # "before" holds earlier traffic of the champion only: the window must subtract it.
-    return {"before": {"v3": _stats(1000, 10, 500, 450)},
-            "after": {"v3": _add(_stats(1000, 10, 500, 450), champion), "v4": challenger},
-            "champion": "v3", "challenger": "v4", "criteria": criteria}
+    return {
+        "before": {"v3": _stats(1000, 10, 500, 450)},
+        "after": {"v3": _add(_stats(1000, 10, 500, 450), champion), "v4": challenger},
+        "champion": "v3",
+        "challenger": "v4",
+        "criteria": criteria,
+    }
 
 
 def _add(a: dict, b: dict) -> dict:
     out = {k: a[k] + b[k] for k in a if k != "latency_ms_buckets"}
-    out["latency_ms_buckets"] = {le: a["latency_ms_buckets"][le] + b["latency_ms_buckets"][le]
-                                 for le in BOUNDS}
+    out["latency_ms_buckets"] = {
+        le: a["latency_ms_buckets"][le] + b["latency_ms_buckets"][le] for le in BOUNDS
+    }
     return out
 
 
@@ -129,8 +141,15 @@ def test_latency_jitter_within_the_absolute_slack_passes():
 
 # -- shadow mode: the diff of two predictors' answers to the same traffic ------------------------------
 
-def _shadow_stats(requests: int, predicted: dict[str, int], pairs: int | None = None, agreements: int = 0,
-                  errors: int = 0, latency_ms: float = 3.0) -> dict:
+
+def _shadow_stats(
+    requests: int,
+    predicted: dict[str, int],
+    pairs: int | None = None,
+    agreements: int = 0,
+    errors: int = 0,
+    latency_ms: float = 3.0,
+) -> dict:
     stats = {**_stats(requests, errors, latency_ms=latency_ms), "predicted": predicted}
     if pairs is not None:
         stats.update(pairs=pairs, agreements=agreements)
@@ -138,8 +157,14 @@ def _shadow_stats(requests: int, predicted: dict[str, int], pairs: int | None = 
 
 
 def _shadow(champion: dict, challenger: dict, **criteria) -> dict:
-    return {"mode": "shadow", "before": {}, "after": {"v3": champion, "v4": challenger},
-            "champion": "v3", "challenger": "v4", "criteria": criteria}
+    return {
+        "mode": "shadow",
+        "before": {},
+        "after": {"v3": champion, "v4": challenger},
+        "champion": "v3",
+        "challenger": "v4",
+        "criteria": criteria,
+    }
 
 
 def test_shadow_passes_when_the_answers_agree():
@@ -147,8 +172,12 @@ def test_shadow_passes_when_the_answers_agree():
     challenger = _shadow_stats(1000, {"0": 510, "1": 490}, pairs=1000, agreements=960)
     result = analyse(_shadow(champion, challenger))
     assert result["verdict"] == "pass", result["reasons"]
-    assert result["mode"] == "shadow" and set(result["tests"]) == {"errors", "latency", "agreement",
-                                                                    "distribution"}
+    assert result["mode"] == "shadow" and set(result["tests"]) == {
+        "errors",
+        "latency",
+        "agreement",
+        "distribution",
+    }
     assert result["challenger"]["agreement"] == pytest.approx(0.96)
     assert result["tests"]["distribution"]["distance"] == pytest.approx(0.01)
     assert "accuracy" not in result["tests"]  # shadow answers reach no client, so no feedback is theirs
@@ -212,8 +241,10 @@ def test_shadow_without_recorded_pairs_skips_agreement_only():
 
 def test_shadow_window_subtracts_before_and_bad_modes_are_named():
     before = {"v4": _shadow_stats(500, {"0": 250, "1": 250}, pairs=500, agreements=250)}
-    request = _shadow(_shadow_stats(1000, {"0": 500, "1": 500}, pairs=0),
-                      _shadow_stats(1500, {"0": 750, "1": 750}, pairs=1500, agreements=1250))
+    request = _shadow(
+        _shadow_stats(1000, {"0": 500, "1": 500}, pairs=0),
+        _shadow_stats(1500, {"0": 750, "1": 750}, pairs=1500, agreements=1250),
+    )
     result = analyse({**request, "before": before})
     assert result["challenger"]["pairs"] == 1000 and result["challenger"]["agreement"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="mode must be one of"):

@@ -72,8 +72,18 @@ def test_matches_the_compose_specification() -> None:
 
 
 def test_the_stack_has_its_components() -> None:
-    expected = {"postgres", "minio", "minio-init", "mlflow", "airflow-init", "airflow-apiserver",
-                "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "serving"}
+    expected = {
+        "postgres",
+        "minio",
+        "minio-init",
+        "mlflow",
+        "airflow-init",
+        "airflow-apiserver",
+        "airflow-scheduler",
+        "airflow-dag-processor",
+        "airflow-triggerer",
+        "serving",
+    }
     assert expected <= set(SERVICES)
     assert SERVICES["serving"]["build"]["dockerfile"] == "docker/Dockerfile.serving"
     mlflow = " ".join(SERVICES["mlflow"]["entrypoint"])

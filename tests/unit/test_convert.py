@@ -44,9 +44,15 @@ def registry_state(tracking_uri: str) -> list:
     """Every registered model with its tags, aliases and versions (tags, run, status)."""
     client = mlflow.MlflowClient(tracking_uri)
     return sorted(
-        (model.name, sorted(model.tags.items()), sorted(model.aliases.items()),
-         sorted((v.version, v.run_id, v.status, sorted(v.tags.items()))
-                for v in client.search_model_versions(f"name = '{model.name}'")))
+        (
+            model.name,
+            sorted(model.tags.items()),
+            sorted(model.aliases.items()),
+            sorted(
+                (v.version, v.run_id, v.status, sorted(v.tags.items()))
+                for v in client.search_model_versions(f"name = '{model.name}'")
+            ),
+        )
         for model in client.search_registered_models()
     )
 
@@ -189,12 +195,15 @@ def test_bad_requests_name_the_problem(trained, extra, message):
     ("flavours", "message"),
     [
         ({"python_function": {"loader_module": "x"}}, r"flavours \['python_function'\], none that Airloop"),
-        ({"sklearn": {"serialization_format": "cloudpickle"}, "python_function": {}},
-         "scikit-learn model saved with pickle: log it with serialization_format='skops'"),
+        (
+            {"sklearn": {"serialization_format": "cloudpickle"}, "python_function": {}},
+            "scikit-learn model saved with pickle: log it with serialization_format='skops'",
+        ),
     ],
 )
 def test_a_model_without_a_supported_flavour_is_refused_and_the_registry_is_untouched(
-        trained, tmp_path, flavours, message):
+    trained, tmp_path, flavours, message
+):
     (tmp_path / "MLmodel").write_text(yaml.safe_dump({"flavors": flavours}))
     before = {path.name: _sha256(path) for path in _stored_ir(trained).iterdir()}
     registry = registry_state(trained["tracking_uri"])
@@ -207,14 +216,28 @@ def test_a_model_without_a_supported_flavour_is_refused_and_the_registry_is_unto
 
 def test_plan_picks_the_route_and_runtime_per_family(trained, tmp_path):
     request = _request(trained)
-    assert plan(request) == {"flavour": "sklearn", "family": "MLPClassifier", "route": "skl2onnx",
-                             "runtime": "worker"}
+    assert plan(request) == {
+        "flavour": "sklearn",
+        "family": "MLPClassifier",
+        "route": "skl2onnx",
+        "runtime": "worker",
+    }
     frame = generate(300)
     data_uri = write_table(frame, str(tmp_path / "d.parquet"))
-    tree = train({"tracking_uri": trained["tracking_uri"], "data_uri": data_uri,
-                  "estimator": "sklearn.tree.DecisionTreeClassifier", "params": {"max_depth": 3}})
+    tree = train(
+        {
+            "tracking_uri": trained["tracking_uri"],
+            "data_uri": data_uri,
+            "estimator": "sklearn.tree.DecisionTreeClassifier",
+            "params": {"max_depth": 3},
+        }
+    )
     assert plan(_request(trained, run_id=tree["run_id"])) == {
-        "flavour": "sklearn", "family": "DecisionTreeClassifier", "route": "hummingbird", "runtime": "torch"}
+        "flavour": "sklearn",
+        "family": "DecisionTreeClassifier",
+        "route": "hummingbird",
+        "runtime": "torch",
+    }
     # In an environment without hummingbird-ml, the tree route says which runtime it needs.
     with pytest.raises(UnsupportedModelError, match="needs the 'torch' runtime.*runtimes build torch"):
         convert(_request(trained, run_id=tree["run_id"], variants=["fp32"]))
@@ -223,13 +246,22 @@ def test_plan_picks_the_route_and_runtime_per_family(trained, tmp_path):
 def test_unsupported_family_names_itself_and_the_supported_ones(trained, tmp_path):
     frame = generate(300)
     data_uri = write_table(frame, str(tmp_path / "d.parquet"))
-    linear = train({"tracking_uri": trained["tracking_uri"], "data_uri": data_uri,
-                    "estimator": "sklearn.linear_model.LogisticRegression"})
+    linear = train(
+        {
+            "tracking_uri": trained["tracking_uri"],
+            "data_uri": data_uri,
+            "estimator": "sklearn.linear_model.LogisticRegression",
+        }
+    )
     registry = registry_state(trained["tracking_uri"])
-    with pytest.raises(UnsupportedModelError, match=(
+    with pytest.raises(
+        UnsupportedModelError,
+        match=(
             r"cannot convert a LogisticRegression to OpenVINO: supported are scikit-learn MLPClassifier .*"
             r"DecisionTreeClassifier, RandomForestClassifier, GradientBoostingClassifier, "
-            r"HistGradientBoostingClassifier .*PyTorch modules.*ONNX models")):
+            r"HistGradientBoostingClassifier .*PyTorch modules.*ONNX models"
+        ),
+    ):
         plan(_request(trained, run_id=linear["run_id"]))
     with pytest.raises(UnsupportedModelError, match="cannot convert a LogisticRegression"):
         convert(_request(trained, run_id=linear["run_id"]))
@@ -248,8 +280,11 @@ def _onnx_model(tmp_path: Path, estimator, probabilities_only: bool) -> str:
         export_onnx(estimator, str(tmp_path / "graph.onnx"))
         graph = onnx.load(tmp_path / "graph.onnx")
     else:
-        graph = to_onnx(estimator, generate(5)[FEATURES].to_numpy(dtype="float32"),
-                        options={id(estimator): {"zipmap": False}})
+        graph = to_onnx(
+            estimator,
+            generate(5)[FEATURES].to_numpy(dtype="float32"),
+            options={id(estimator): {"zipmap": False}},
+        )
     mlflow.onnx.save_model(graph, str(tmp_path / "model"), pip_requirements=["onnx"])
     return (tmp_path / "model").as_uri()
 
@@ -261,14 +296,22 @@ def test_an_onnx_model_converts_with_onnx_runtime_as_its_native_framework(traine
     # A run of its own: the conversion logs openvino/ to it. The holdout is the trained run's.
     client = mlflow.MlflowClient(trained["tracking_uri"])
     run_id = client.create_run(client.get_run(trained["run"]["run_id"]).info.experiment_id).info.run_id
-    result = convert(_request(trained, run_id=run_id, model_uri=_onnx_model(tmp_path, mlp, True),
-                              holdout_uri=trained["run"]["holdout_uri"], variants=["fp32", "fp16"]))
+    result = convert(
+        _request(
+            trained,
+            run_id=run_id,
+            model_uri=_onnx_model(tmp_path, mlp, True),
+            holdout_uri=trained["run"]["holdout_uri"],
+            variants=["fp32", "fp16"],
+        )
+    )
     assert result["passed"] is True and result["route"] == "onnx" and result["family"] == "ONNX model"
     assert result["parity"]["max_abs_diff"] < 1e-5
     assert set(result["benchmark"]) == {"native", "fp32", "fp16"}  # native is ONNX Runtime here
     assert set(result["ratios"]) == {"throughput_vs_native", "latency_vs_native"}
-    fetched = fetch_ir({"tracking_uri": trained["tracking_uri"], "ir_uri": result["ir_uri"],
-                        "dst_dir": str(tmp_path / "ir")})
+    fetched = fetch_ir(
+        {"tracking_uri": trained["tracking_uri"], "ir_uri": result["ir_uri"], "dst_dir": str(tmp_path / "ir")}
+    )
     manifest = json.loads((Path(fetched["model_dir"]) / "manifest.json").read_text())
     assert manifest["classes"] == [0, 1] and manifest["feature_names"] == FEATURES
 

@@ -21,8 +21,10 @@ from airloop.steps.train import train
 
 TREES = {
     "DecisionTreeClassifier": ("sklearn.tree.DecisionTreeClassifier", {"max_depth": 5}),
-    "RandomForestClassifier": ("sklearn.ensemble.RandomForestClassifier",
-                               {"n_estimators": 10, "max_depth": 6}),
+    "RandomForestClassifier": (
+        "sklearn.ensemble.RandomForestClassifier",
+        {"n_estimators": 10, "max_depth": 6},
+    ),
     "GradientBoostingClassifier": ("sklearn.ensemble.GradientBoostingClassifier", {"n_estimators": 20}),
     "HistGradientBoostingClassifier": ("sklearn.ensemble.HistGradientBoostingClassifier", {"max_iter": 20}),
 }
@@ -38,32 +40,51 @@ class _TaskInstance:
 
 
 def _context(task_id: str = "convert") -> dict:
-    return {"ti": _TaskInstance(task_id), "dag_run": SimpleNamespace(run_type="manual"),
-            "dag": SimpleNamespace(fileloc=__file__)}
+    return {
+        "ti": _TaskInstance(task_id),
+        "dag_run": SimpleNamespace(run_type="manual"),
+        "dag": SimpleNamespace(fileloc=__file__),
+    }
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("routes")
     runtimes.python("torch")  # RuntimeMissingError naming `airloop runtimes build torch` when absent
-    return {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_root": (root / "artefacts").as_uri(),
-            "data_uri": write_table(generate(1200, seed=0), str(root / "data.parquet")), "root": root}
+    return {
+        "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+        "artifact_root": (root / "artefacts").as_uri(),
+        "data_uri": write_table(generate(1200, seed=0), str(root / "data.parquet")),
+        "root": root,
+    }
 
 
 def _train(store: dict, family: str) -> dict:
     estimator, params = TREES[family]
-    return train({"tracking_uri": store["tracking_uri"], "artifact_root": store["artifact_root"],
-                  "data_uri": store["data_uri"], "estimator": estimator, "params": params})
+    return train(
+        {
+            "tracking_uri": store["tracking_uri"],
+            "artifact_root": store["artifact_root"],
+            "data_uri": store["data_uri"],
+            "estimator": estimator,
+            "params": params,
+        }
+    )
 
 
 def _in_torch_runtime(store: dict, request: dict) -> dict:
-    return runtimes.run_step("airloop.steps.convert:convert",
-                             {"tracking_uri": store["tracking_uri"], "benchmark_calls": 20, **request},
-                             runtime="torch", context=_context(), task_id="convert")
+    return runtimes.run_step(
+        "airloop.steps.convert:convert",
+        {"tracking_uri": store["tracking_uri"], "benchmark_calls": 20, **request},
+        runtime="torch",
+        context=_context(),
+        task_id="convert",
+    )
 
 
-@pytest.mark.parametrize("family", ["RandomForestClassifier", "GradientBoostingClassifier",
-                                    "HistGradientBoostingClassifier"])
+@pytest.mark.parametrize(
+    "family", ["RandomForestClassifier", "GradientBoostingClassifier", "HistGradientBoostingClassifier"]
+)
 def test_tree_models_convert_through_hummingbird_in_the_torch_runtime(store, family):
     trained = _train(store, family)
     result = _in_torch_runtime(store, {"run_id": trained["run_id"], "variants": ["fp32", "fp16"]})
@@ -81,12 +102,23 @@ def test_tree_models_convert_through_hummingbird_in_the_torch_runtime(store, fam
 def test_the_operator_picks_the_torch_runtime_for_a_tree_and_records_why(store, monkeypatch):
     from airloop.operators.openvino import OpenvinoConvertModelOperator
 
-    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_ROUTES", json.dumps({
-        "conn_type": "mlflow", "host": store["tracking_uri"],
-        "extra": {"artifact_root": store["artifact_root"]}}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLFLOW_ROUTES",
+        json.dumps(
+            {
+                "conn_type": "mlflow",
+                "host": store["tracking_uri"],
+                "extra": {"artifact_root": store["artifact_root"]},
+            }
+        ),
+    )
     trained = _train(store, "DecisionTreeClassifier")
-    operator = OpenvinoConvertModelOperator(task_id="convert", mlflow_conn_id="mlflow_routes",
-                                            run_id=trained["run_id"], holdout_uri=trained["holdout_uri"])
+    operator = OpenvinoConvertModelOperator(
+        task_id="convert",
+        mlflow_conn_id="mlflow_routes",
+        run_id=trained["run_id"],
+        holdout_uri=trained["holdout_uri"],
+    )
     assert operator.runtime is None  # chosen per model at run time
     result = operator.execute(_context())
     assert result["route"] == "hummingbird" and result["passed"] is True
@@ -97,8 +129,13 @@ def test_the_operator_picks_the_torch_runtime_for_a_tree_and_records_why(store, 
     for name, scores in result["variants"].items():
         if not scores["within_budget"]:
             assert "over budget: " in result["reason"] and name in result["reason"].split("over budget:")[1]
-    report = json.loads(Path(mlflow.MlflowClient(store["tracking_uri"]).download_artifacts(
-        trained["run_id"], "openvino_report.json", str(store["root"] / "report"))).read_text())
+    report = json.loads(
+        Path(
+            mlflow.MlflowClient(store["tracking_uri"]).download_artifacts(
+                trained["run_id"], "openvino_report.json", str(store["root"] / "report")
+            )
+        ).read_text()
+    )
     assert report["route"] == "hummingbird" and report["variant"] == result["variant"]
 
 
@@ -120,8 +157,11 @@ _SAVE_MODULE = textwrap.dedent("""
 
 def _pytorch_model(store: dict, name: str, serialization: str) -> str:
     path = store["root"] / name
-    subprocess.run([runtimes.python("torch"), "-c", _SAVE_MODULE, str(path), serialization], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [runtimes.python("torch"), "-c", _SAVE_MODULE, str(path), serialization],
+        check=True,
+        capture_output=True,
+    )
     return path.as_uri()
 
 
@@ -129,10 +169,15 @@ def test_a_pytorch_module_converts_through_torch_export(store):
     trained = _train(store, "DecisionTreeClassifier")  # for its holdout and calibration rows
     client = mlflow.MlflowClient(store["tracking_uri"])
     run_id = client.create_run(client.get_run(trained["run_id"]).info.experiment_id).info.run_id
-    result = _in_torch_runtime(store, {
-        "run_id": run_id, "model_uri": _pytorch_model(store, "module", "pt2"),
-        "holdout_uri": trained["holdout_uri"], "calibration_uri": trained["reference_uri"],
-    })
+    result = _in_torch_runtime(
+        store,
+        {
+            "run_id": run_id,
+            "model_uri": _pytorch_model(store, "module", "pt2"),
+            "holdout_uri": trained["holdout_uri"],
+            "calibration_uri": trained["reference_uri"],
+        },
+    )
     assert result["route"] == "pytorch" and result["family"] == "PyTorch module"
     assert result["passed"] is True, result["reason"]
     assert result["parity"]["max_abs_diff"] < 1e-5
@@ -150,7 +195,11 @@ def test_a_pickled_pytorch_module_is_refused(store):
 
 def test_runtime_builds_take_pips_find_links(monkeypatch):
     monkeypatch.setenv("PIP_FIND_LINKS", "/opt/wheels https://example.org/cpu")
-    assert runtimes._find_links() == ["--find-links", "/opt/wheels", "--find-links", "https://example.org/cpu"]
+    assert runtimes._find_links() == [
+        "--find-links",
+        "/opt/wheels",
+        "--find-links",
+        "https://example.org/cpu",
+    ]
     monkeypatch.delenv("PIP_FIND_LINKS")
     assert runtimes._find_links() == []
-

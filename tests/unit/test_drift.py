@@ -32,13 +32,20 @@ P_VAL = 0.05
 ODD_NAME = '<b>x&"y"</b>'
 
 
-def _frame(rng: np.random.Generator, rows: int, *, numeric: int = 4, shift: dict[str, float] | None = None,
-           scale: dict[str, float] | None = None,
-           colours: tuple[float, ...] = (0.5, 0.3, 0.2)) -> pd.DataFrame:
+def _frame(
+    rng: np.random.Generator,
+    rows: int,
+    *,
+    numeric: int = 4,
+    shift: dict[str, float] | None = None,
+    scale: dict[str, float] | None = None,
+    colours: tuple[float, ...] = (0.5, 0.3, 0.2),
+) -> pd.DataFrame:
     """``numeric`` standard normal columns x0.. (optionally shifted or scaled), a colour and a flag."""
     shift, scale = shift or {}, scale or {}
-    frame = pd.DataFrame({f"x{i}": rng.normal(shift.get(f"x{i}", 0.0), scale.get(f"x{i}", 1.0), rows)
-                          for i in range(numeric)})
+    frame = pd.DataFrame(
+        {f"x{i}": rng.normal(shift.get(f"x{i}", 0.0), scale.get(f"x{i}", 1.0), rows) for i in range(numeric)}
+    )
     frame["colour"] = rng.choice(["red", "green", "blue"], rows, p=list(colours))
     frame["flag"] = rng.random(rows) < 0.3
     return frame
@@ -53,14 +60,16 @@ def _write(folder: Path, name: str, frame: pd.DataFrame, suffix: str = ".parquet
     return str(path)
 
 
-def _numeric(rng: np.random.Generator, rows: int, *, shift: float = 0.0,
-             correlation: float = 0.0) -> pd.DataFrame:
+def _numeric(
+    rng: np.random.Generator, rows: int, *, shift: float = 0.0, correlation: float = 0.0
+) -> pd.DataFrame:
     """Five standard normal columns; ``shift`` moves x2's mean, ``correlation`` couples x1 to x0
     (each column's own distribution stays standard normal, so no single-feature test can see it)."""
     x = rng.normal(size=(rows, 5))
     x[:, 1] = correlation * x[:, 0] + np.sqrt(1 - correlation**2) * x[:, 1]
     x[:, 2] += shift
     return pd.DataFrame(x, columns=[f"x{i}" for i in range(5)])
+
 
 # Cheap on purpose: importing alibi-detect takes seconds, so only look for it; reading Parquet is real.
 _PROBE = (
@@ -77,8 +86,9 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]
     reference = _write(folder, "reference", _frame(rng, 3000))
     wide = _write(folder, "wide", _frame(rng, 3000, numeric=20))
 
-    def case(current: pd.DataFrame, ref: str = reference, suffix: str = ".parquet",
-             **options: Any) -> dict[str, Any]:
+    def case(
+        current: pd.DataFrame, ref: str = reference, suffix: str = ".parquet", **options: Any
+    ) -> dict[str, Any]:
         current_uri = _write(folder, f"current{len(written)}", current, suffix)
         return {"reference_uri": ref, "current_uri": current_uri, **options}
 
@@ -143,14 +153,16 @@ def serving_python() -> str:
     probe = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, check=False)
     if probe.returncode != 0:
         last = probe.stderr.strip().splitlines()[-1:]
-        pytest.skip(f"alibi backend not tested: the serving runtime ({python}) "
-                    f"cannot run the drift step: {last}")
+        pytest.skip(
+            f"alibi backend not tested: the serving runtime ({python}) cannot run the drift step: {last}"
+        )
     return python
 
 
 @pytest.fixture(scope="session")
-def results(request: pytest.FixtureRequest, cases: dict[str, dict[str, Any]],
-            tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict[str, dict[str, Any]]]:
+def results(
+    request: pytest.FixtureRequest, cases: dict[str, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], dict[str, dict[str, Any]]]:
     """A backend's result for every case, computed on first use: all alibi cases in one runtime hop."""
     reports = tmp_path_factory.mktemp("drift-reports")
     computed: dict[str, dict[str, dict[str, Any]]] = {}
@@ -163,8 +175,16 @@ def results(request: pytest.FixtureRequest, cases: dict[str, dict[str, Any]],
             else:
                 python = request.getfixturevalue("serving_python")
                 (reports / "requests.json").write_text(json.dumps(requests))
-                subprocess.run([python, "-c", _RUN_IN_RUNTIME, str(reports / "requests.json"),
-                                str(reports / "results.json")], check=True)
+                subprocess.run(
+                    [
+                        python,
+                        "-c",
+                        _RUN_IN_RUNTIME,
+                        str(reports / "requests.json"),
+                        str(reports / "results.json"),
+                    ],
+                    check=True,
+                )
                 computed[backend] = json.loads((reports / "results.json").read_text())
         return computed[backend]
 
@@ -185,8 +205,10 @@ def test_both_backends_are_registered() -> None:
 
 def test_importing_the_step_loads_no_heavy_library() -> None:
     # Operators and DAG files import steps; the numerical libraries load only when a check runs.
-    check = ("import sys, airloop.steps.drift; "
-             "print(sorted({'numpy', 'pandas', 'scipy', 'alibi_detect'} & set(sys.modules)))")
+    check = (
+        "import sys, airloop.steps.drift; "
+        "print(sorted({'numpy', 'pandas', 'scipy', 'alibi_detect'} & set(sys.modules)))"
+    )
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
 
@@ -202,9 +224,14 @@ def test_constructor_only_stores_parameters(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(("params", "problem"), [
-    ({"p_val": 1.5}, "p_val"), ({"correction": "holm"}, "correction"), ({"min_rows": 0}, "min_rows"),
-])
+@pytest.mark.parametrize(
+    ("params", "problem"),
+    [
+        ({"p_val": 1.5}, "p_val"),
+        ({"correction": "holm"}, "correction"),
+        ({"min_rows": 0}, "min_rows"),
+    ],
+)
 def test_bad_parameters_are_named(backend: str, params: dict[str, Any], problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
         drift.get(backend)(**params).fit(pd.DataFrame({"colour": ["red", "blue"]}))
@@ -263,8 +290,11 @@ def test_false_alarm_rate_is_p_val_per_window() -> None:
     rng = np.random.default_rng(99)
     alarms = dict.fromkeys(drift.CORRECTIONS, 0)
     for _ in range(FALSE_ALARM_WINDOWS):
-        scores = drift.get("scipy")(p_val=P_VAL, categorical=["colour", "flag"], min_rows=200) \
-            .fit(_frame(rng, 2000)).score(_frame(rng, 500))
+        scores = (
+            drift.get("scipy")(p_val=P_VAL, categorical=["colour", "flag"], min_rows=200)
+            .fit(_frame(rng, 2000))
+            .score(_frame(rng, 500))
+        )
         p_values = [score["p_value"] for score in scores.values()]
         for correction in alarms:
             alarms[correction] += any(drift.flag(p_values, P_VAL, correction))
@@ -276,11 +306,21 @@ def test_false_alarm_rate_is_p_val_per_window() -> None:
         assert P_VAL / 4 < count / FALSE_ALARM_WINDOWS < 2 * P_VAL, (correction, count)
 
 
-@pytest.mark.parametrize(("case", "feature"), [("mean", "x0"), ("variance", "x1"), ("categorical", "colour"),
-                                               ("one_of_20", "x7"), ("csv_mean", "x0"), ("cvm_mean", "x0"),
-                                               ("cvm_variance", "x1")])
-def test_a_shift_is_found_in_the_shifted_feature_only(outcome: dict[str, Any], case: str,
-                                                      feature: str) -> None:
+@pytest.mark.parametrize(
+    ("case", "feature"),
+    [
+        ("mean", "x0"),
+        ("variance", "x1"),
+        ("categorical", "colour"),
+        ("one_of_20", "x7"),
+        ("csv_mean", "x0"),
+        ("cvm_mean", "x0"),
+        ("cvm_variance", "x1"),
+    ],
+)
+def test_a_shift_is_found_in_the_shifted_feature_only(
+    outcome: dict[str, Any], case: str, feature: str
+) -> None:
     result = outcome[case]
     assert result["verdict"] == "drift"
     assert result["drifted_features"] == [feature]
@@ -335,15 +375,24 @@ def test_cramer_von_mises_tests_the_numeric_features(outcome: dict[str, Any]) ->
     result = outcome["cvm_same"]
     assert (result["verdict"], result["method"]) == ("no_drift", "cvm")
     assert {f: s["test"] for f, s in result["features"].items()} == {
-        "x0": "cvm", "x1": "cvm", "x2": "cvm", "x3": "cvm", "colour": "chi2", "flag": "chi2"}
+        "x0": "cvm",
+        "x1": "cvm",
+        "x2": "cvm",
+        "x3": "cvm",
+        "colour": "chi2",
+        "flag": "chi2",
+    }
     assert outcome["cvm_mean"]["features"]["x0"]["test"] == "cvm"
 
 
 def test_a_csv_window_is_read_with_its_types(outcome: dict[str, Any]) -> None:
     result = outcome["csv_same"]
     assert result["verdict"] == "no_drift" and result["n_current"] == 2000
-    assert [result["features"][f]["kind"] for f in ("x0", "colour", "flag")] == ["numeric", "categorical",
-                                                                                 "categorical"]
+    assert [result["features"][f]["kind"] for f in ("x0", "colour", "flag")] == [
+        "numeric",
+        "categorical",
+        "categorical",
+    ]
 
 
 def test_only_the_requested_features_are_tested(outcome: dict[str, Any]) -> None:
@@ -375,14 +424,18 @@ def test_the_backends_agree(results: Callable[[str], dict[str, Any]]) -> None:
     scipy, alibi = results("scipy"), results("alibi")
     for name in scipy:
         assert (alibi[name]["verdict"], alibi[name]["drifted_features"]) == (
-            scipy[name]["verdict"], scipy[name]["drifted_features"]), name
+            scipy[name]["verdict"],
+            scipy[name]["drifted_features"],
+        ), name
         for feature, score in scipy[name]["features"].items():
             other = alibi[name]["features"][feature]
             assert other["drift"] == score["drift"], (name, feature)
             if score["tested"]:
                 # alibi-detect keeps p-values and statistics in float32.
                 assert other["p_value"] == pytest.approx(score["p_value"], rel=1e-5, abs=1e-12), (
-                    name, feature)
+                    name,
+                    feature,
+                )
                 assert other["statistic"] == pytest.approx(score["statistic"], rel=1e-5), (name, feature)
 
 
@@ -396,11 +449,17 @@ def torch_python() -> str:
         python = runtimes.python("torch")
     except (runtimes.RuntimeMissingError, ValueError) as error:
         pytest.skip(f"mmd method not tested: {error}")
-    probe = subprocess.run([python, "-c", _PROBE + "; assert importlib.util.find_spec('torch'), 'no torch'"],
-                           capture_output=True, text=True, check=False)
+    probe = subprocess.run(
+        [python, "-c", _PROBE + "; assert importlib.util.find_spec('torch'), 'no torch'"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if probe.returncode != 0:
-        pytest.skip(f"mmd method not tested: the torch runtime ({python}) cannot run it: "
-                    f"{probe.stderr.strip().splitlines()[-1:]}")
+        pytest.skip(
+            f"mmd method not tested: the torch runtime ({python}) cannot run it: "
+            f"{probe.stderr.strip().splitlines()[-1:]}"
+        )
     return python
 
 
@@ -412,13 +471,26 @@ def mmd(torch_python: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     reference = _write(folder, "reference", _numeric(rng, 500))
     holes = _numeric(rng, 600)
     holes.loc[holes.index[:100], "x3"] = np.nan
-    windows = {"same": _numeric(rng, 500), "mean": _numeric(rng, 500, shift=0.5),
-               "correlation": _numeric(rng, 500, correlation=0.8), "nans": holes}
-    requests = {name: {"reference_uri": reference, "current_uri": _write(folder, name, frame),
-                       "backend": "alibi", "method": "mmd"} for name, frame in windows.items()}
+    windows = {
+        "same": _numeric(rng, 500),
+        "mean": _numeric(rng, 500, shift=0.5),
+        "correlation": _numeric(rng, 500, correlation=0.8),
+        "nans": holes,
+    }
+    requests = {
+        name: {
+            "reference_uri": reference,
+            "current_uri": _write(folder, name, frame),
+            "backend": "alibi",
+            "method": "mmd",
+        }
+        for name, frame in windows.items()
+    }
     (folder / "requests.json").write_text(json.dumps(requests))
-    subprocess.run([torch_python, "-c", _RUN_IN_RUNTIME, str(folder / "requests.json"),
-                    str(folder / "results.json")], check=True)
+    subprocess.run(
+        [torch_python, "-c", _RUN_IN_RUNTIME, str(folder / "requests.json"), str(folder / "results.json")],
+        check=True,
+    )
     return {"requests": requests, **json.loads((folder / "results.json").read_text())}
 
 
@@ -440,8 +512,10 @@ def test_mmd_flags_the_features_it_tested_together(mmd: dict[str, Any]) -> None:
 def test_mmd_sees_a_change_no_single_feature_shows(mmd: dict[str, Any]) -> None:
     # x1 follows x0 now; each column alone is as standard normal as before.
     assert mmd["correlation"]["verdict"] == "drift"
-    assert drift.detect({**mmd["requests"]["correlation"], "backend": "scipy", "method": "ks"}
-                        )["verdict"] == "no_drift"
+    assert (
+        drift.detect({**mmd["requests"]["correlation"], "backend": "scipy", "method": "ks"})["verdict"]
+        == "no_drift"
+    )
 
 
 def test_mmd_tests_the_complete_rows(mmd: dict[str, Any]) -> None:
@@ -452,9 +526,17 @@ def test_mmd_tests_the_complete_rows(mmd: dict[str, Any]) -> None:
 
 def test_mmd_without_torch_names_the_runtime_to_use(serving_python: str, cases: dict[str, Any]) -> None:
     request = {**cases["same"], "backend": "alibi", "method": "mmd", "features": ["x0", "x1"]}
-    done = subprocess.run([serving_python, "-c", "import json, sys; from airloop.steps.drift import detect; "
-                           "detect(json.loads(sys.argv[1]))", json.dumps(request)],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [
+            serving_python,
+            "-c",
+            "import json, sys; from airloop.steps.drift import detect; detect(json.loads(sys.argv[1]))",
+            json.dumps(request),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode != 0
     assert "PyTorch" in done.stderr and "'torch' runtime" in done.stderr
 
@@ -477,15 +559,24 @@ def test_mmd_samples_at_most_its_cap_of_rows() -> None:
 # --- requests that are wrong whatever the data
 
 
-@pytest.mark.parametrize(("change", "problem"), [
-    ({"backend": "nope"}, "unknown drift backend"), ({"correction": "holm"}, "correction"),
-    ({"p_val": 0}, "p_val"), ({"features": ["x0", "zz"]}, r"not in the reference.*zz"),
-    ({"categorical": ["zz"]}, "zz"), ({"severity": {"low": 0.5, "high": 0.1}}, "severity"),
-    ({"severity": {"extreme": 0.9}}, "severity"), ({"p_vals": 0.1}, "unknown drift request keys"),
-    ({"current_uri": ""}, "current_uri"), ({"features": "x0"}, "list"),
-    ({"method": "mmd"}, r"'scipy' drift backend has no method 'mmd'.*\['ks', 'cvm'\]"),
-])
-def test_a_bad_request_raises_a_clear_error(cases: dict[str, dict[str, Any]], change: dict[str, Any],
-                                            problem: str) -> None:
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"backend": "nope"}, "unknown drift backend"),
+        ({"correction": "holm"}, "correction"),
+        ({"p_val": 0}, "p_val"),
+        ({"features": ["x0", "zz"]}, r"not in the reference.*zz"),
+        ({"categorical": ["zz"]}, "zz"),
+        ({"severity": {"low": 0.5, "high": 0.1}}, "severity"),
+        ({"severity": {"extreme": 0.9}}, "severity"),
+        ({"p_vals": 0.1}, "unknown drift request keys"),
+        ({"current_uri": ""}, "current_uri"),
+        ({"features": "x0"}, "list"),
+        ({"method": "mmd"}, r"'scipy' drift backend has no method 'mmd'.*\['ks', 'cvm'\]"),
+    ],
+)
+def test_a_bad_request_raises_a_clear_error(
+    cases: dict[str, dict[str, Any]], change: dict[str, Any], problem: str
+) -> None:
     with pytest.raises(ValueError, match=problem):
         drift.detect({**cases["same"], **change})

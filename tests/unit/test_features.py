@@ -26,7 +26,7 @@ from airloop.steps import features as steps
 from airloop.steps.data import fingerprint, read_table, write_table
 
 T0 = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
-DEFINITIONS = '''
+DEFINITIONS = """
 from datetime import timedelta
 
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
@@ -39,7 +39,7 @@ stats = FeatureView(
     source=FileSource(name="stats", path="data/stats.parquet", timestamp_field="event_timestamp"),
 )
 only_y = FeatureService(name="only_y", features=[stats[["y"]]])
-'''
+"""
 STORE_YAML = """
 project: tests
 provider: local
@@ -50,11 +50,21 @@ entity_key_serialization_version: 3
 """
 # customer 1 changes x half an hour after T0; customer 3's only value is 5 h old at T0 (TTL 1 h);
 # customer 4 appears 2 h after T0 (for materialisation ranges).
-FEATURE_ROWS = [(1, T0, 1.0, 10.0), (1, T0 + timedelta(minutes=30), 2.0, 20.0), (2, T0, 3.0, 30.0),
-                (3, T0 - timedelta(hours=5), 4.0, 40.0), (4, T0 + timedelta(hours=2), 5.0, 50.0)]
+FEATURE_ROWS = [
+    (1, T0, 1.0, 10.0),
+    (1, T0 + timedelta(minutes=30), 2.0, 20.0),
+    (2, T0, 3.0, 30.0),
+    (3, T0 - timedelta(hours=5), 4.0, 40.0),
+    (4, T0 + timedelta(hours=2), 5.0, 50.0),
+]
 # rows 3 (stale) and 99 (unknown) must be lost
-ENTITY_ROWS = [(1, T0 + timedelta(minutes=10), 0), (1, T0 + timedelta(minutes=40), 1),
-               (2, T0 + timedelta(minutes=5), 0), (3, T0, 1), (99, T0, 0)]
+ENTITY_ROWS = [
+    (1, T0 + timedelta(minutes=10), 0),
+    (1, T0 + timedelta(minutes=40), 1),
+    (2, T0 + timedelta(minutes=5), 0),
+    (3, T0, 1),
+    (99, T0, 0),
+]
 
 
 def frame(rows: list[tuple], columns: list[str]) -> pd.DataFrame:
@@ -78,8 +88,10 @@ def repo(tmp_path_factory) -> Any:
     (root / "repo" / "data").mkdir(parents=True)
     (root / "repo" / "definitions.py").write_text(DEFINITIONS)
     (root / "repo" / "feature_store.yaml").write_text(STORE_YAML)
-    write_table(frame(FEATURE_ROWS, ["customer_id", "event_timestamp", "x", "y"]),
-                str(root / "repo" / "data" / "stats.parquet"))
+    write_table(
+        frame(FEATURE_ROWS, ["customer_id", "event_timestamp", "x", "y"]),
+        str(root / "repo" / "data" / "stats.parquet"),
+    )
     online_store = {"type": "sqlite", "path": str(root / "online.db")}
     conn = {"conn_type": "feast", "extra": {"repo_path": str(root / "repo"), "online_store": online_store}}
     with pytest.MonkeyPatch.context() as patch:
@@ -105,8 +117,12 @@ def training_set(repo, tmp_path, **request) -> dict[str, Any]:
 
 
 def test_apply_registers_the_repo_and_uses_the_connections_online_store(repo):
-    assert {k: v for k, v in repo["applied"].items() if k != "output"} == {"project": "tests",
-        "entities": ["customer"], "feature_views": ["stats"], "feature_services": ["only_y"]}
+    assert {k: v for k, v in repo["applied"].items() if k != "output"} == {
+        "project": "tests",
+        "entities": ["customer"],
+        "feature_views": ["stats"],
+        "feature_services": ["only_y"],
+    }
     assert (repo["root"] / "online.db").exists()  # the connection's online_store replaced the YAML's
     assert not (repo["root"] / "repo" / "data" / "replaced.db").exists()
     ok, message = repo["hook"].test_connection()
@@ -119,10 +135,16 @@ def test_point_in_time_join_never_leaks_a_later_value(repo, tmp_path):
     # customer 1 at T0+10 min sees x=1 (x=2 comes at T0+30 min); at T0+40 min it sees x=2
     assert table.to_dict("list") == {"label": [0, 1, 0], "x": [1.0, 2.0, 3.0], "y": [10.0, 20.0, 30.0]}
     assert {k: result[k] for k in ("rows_in", "rows_returned", "rows_out", "row_loss", "features")} == {
-        "rows_in": 5, "rows_returned": 4, "rows_out": 3, "row_loss": 0.4, "features": ["x", "y"]}
+        "rows_in": 5,
+        "rows_returned": 4,
+        "rows_out": 3,
+        "row_loss": 0.4,
+        "features": ["x", "y"],
+    }
     assert result["fingerprint"] == fingerprint(table)
-    again = training_set(repo, tmp_path, features=["stats:x", "stats:y"], max_row_loss=0.5,
-                         keep_entity_columns=True)
+    again = training_set(
+        repo, tmp_path, features=["stats:x", "stats:y"], max_row_loss=0.5, keep_entity_columns=True
+    )
     kept = read_table(again["uri"])
     assert list(kept["customer_id"]) == [1, 1, 2] and "event_timestamp" in kept
 
@@ -162,14 +184,16 @@ def test_bad_requests_name_the_problem(repo, tmp_path):
 
 
 def _operator(**kwargs) -> FeastBuildTrainingSetOperator:
-    return FeastBuildTrainingSetOperator(task_id=kwargs.pop("task_id"), feast_conn_id="feast_test",
-                                         features=["stats:x", "stats:y"], **kwargs)
+    return FeastBuildTrainingSetOperator(
+        task_id=kwargs.pop("task_id"), feast_conn_id="feast_test", features=["stats:x", "stats:y"], **kwargs
+    )
 
 
 def test_operator_reads_entity_rows_from_csv_with_their_own_timestamp_column(repo):
     uri = entity_file(repo, name="entities.csv", event_timestamp="seen_at")  # timestamps as text
-    result = _operator(task_id="from_csv", entity_rows=uri, timestamp_column="seen_at",
-                       max_row_loss=0.4).execute({"ti": _TaskInstance("from_csv")})
+    result = _operator(
+        task_id="from_csv", entity_rows=uri, timestamp_column="seen_at", max_row_loss=0.4
+    ).execute({"ti": _TaskInstance("from_csv")})
     assert result["uri"] == str(artefacts.local_path(f"{PREFIX}/from_csv/training_set.parquet"))
     assert read_table(result["uri"])["x"].tolist() == [1.0, 2.0, 3.0]
     assert result["entity_rows"] == uri and result["fingerprint"]["rows"] == 3
@@ -179,11 +203,15 @@ def test_operator_runs_an_entity_query_and_keeps_its_result(repo, monkeypatch):
     database = repo["root"] / "labels.db"
     with sqlite3.connect(database) as db:
         db.execute("CREATE TABLE labels (customer_id INTEGER, event_timestamp TEXT, label INTEGER)")
-        db.executemany("INSERT INTO labels VALUES (?, ?, ?)",
-                       [(c, t.isoformat(), y) for c, t, y in ENTITY_ROWS])
+        db.executemany(
+            "INSERT INTO labels VALUES (?, ?, ?)", [(c, t.isoformat(), y) for c, t, y in ENTITY_ROWS]
+        )
     monkeypatch.setenv("AIRFLOW_CONN_LABELS_DB", json.dumps({"conn_type": "sqlite", "host": str(database)}))
-    operator = _operator(task_id="from_sql", sql_conn_id="labels_db",
-                         entity_sql="SELECT * FROM labels WHERE customer_id < 3 ORDER BY event_timestamp")
+    operator = _operator(
+        task_id="from_sql",
+        sql_conn_id="labels_db",
+        entity_sql="SELECT * FROM labels WHERE customer_id < 3 ORDER BY event_timestamp",
+    )
     result = operator.execute({"ti": _TaskInstance("from_sql")})
     assert (result["rows_in"], result["rows_out"], result["row_loss"]) == (3, 3, 0.0)
     assert read_table(result["uri"])["x"].tolist() == [3.0, 1.0, 2.0]  # the query's order
@@ -196,7 +224,8 @@ def test_operator_fails_over_the_threshold_and_checks_its_arguments(repo):
     assert not artefacts.local_path(f"{PREFIX}/lossy/training_set.parquet").exists()
     with pytest.raises(ValueError, match="either entity_rows"):
         _operator(task_id="both", entity_rows="x.parquet", entity_sql="SELECT 1").execute(
-            {"ti": _TaskInstance("both")})
+            {"ti": _TaskInstance("both")}
+        )
 
 
 def online(hook: FeastHook, *customers: int) -> list[float | None]:
@@ -206,8 +235,13 @@ def online(hook: FeastHook, *customers: int) -> list[float | None]:
 
 def test_materialize_a_range_then_incrementally(repo):
     hook = repo["hook"]
-    ranged = steps.materialize({"store": hook.store_config, "start": (T0 - timedelta(hours=1)).isoformat(),
-                                "end": (T0 + timedelta(hours=1)).isoformat()})
+    ranged = steps.materialize(
+        {
+            "store": hook.store_config,
+            "start": (T0 - timedelta(hours=1)).isoformat(),
+            "end": (T0 + timedelta(hours=1)).isoformat(),
+        }
+    )
     assert ranged["mode"] == "range" and ranged["feature_views"] == ["stats"]
     assert online(hook, 1, 2, 4) == [2.0, 3.0, None]  # customer 4's row is after the range
     later = (T0 + timedelta(hours=3)).isoformat()
@@ -228,8 +262,10 @@ def test_hook_configuration(repo, monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_FEAST_EMPTY", json.dumps({"conn_type": "feast"}))
     with pytest.raises(ValueError, match="'feast_empty'.*repo_path"):
         _ = FeastHook(feast_conn_id="feast_empty").store_config
-    monkeypatch.setenv("AIRFLOW_CONN_FEAST_NOWHERE", json.dumps(
-        {"conn_type": "feast", "extra": {"repo_path": str(repo["root"] / "nowhere")}}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_FEAST_NOWHERE",
+        json.dumps({"conn_type": "feast", "extra": {"repo_path": str(repo["root"] / "nowhere")}}),
+    )
     ok, message = FeastHook(feast_conn_id="feast_nowhere").test_connection()
     assert not ok and "nowhere" in message
     with pytest.raises(ValueError, match="only online_store and offline_store"):
@@ -246,8 +282,11 @@ def redis_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    process = subprocess.Popen([server, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                                "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -264,13 +303,27 @@ def redis_port():
 
 
 def test_redis_online_store_from_the_connection(repo, redis_port, monkeypatch):
-    monkeypatch.setenv("AIRFLOW_CONN_FEAST_REDIS", json.dumps({"conn_type": "feast", "extra": {
-        "repo_path": str(repo["root"] / "repo"),
-        "online_store": {"type": "redis", "connection_string": f"127.0.0.1:{redis_port}"}}}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_FEAST_REDIS",
+        json.dumps(
+            {
+                "conn_type": "feast",
+                "extra": {
+                    "repo_path": str(repo["root"] / "repo"),
+                    "online_store": {"type": "redis", "connection_string": f"127.0.0.1:{redis_port}"},
+                },
+            }
+        ),
+    )
     hook = FeastHook(feast_conn_id="feast_redis")
     assert online(hook, 2) == [None]  # an empty Redis, whatever SQLite holds
-    steps.materialize({"store": hook.store_config, "start": (T0 - timedelta(hours=1)).isoformat(),
-                       "end": (T0 + timedelta(hours=3)).isoformat()})
+    steps.materialize(
+        {
+            "store": hook.store_config,
+            "start": (T0 - timedelta(hours=1)).isoformat(),
+            "end": (T0 + timedelta(hours=3)).isoformat(),
+        }
+    )
     assert online(hook, 1, 2, 4, 99) == [2.0, 3.0, 5.0, None]
     import redis
 
@@ -281,15 +334,19 @@ def test_serving_feature_lookup_configuration(tmp_path):
     from airloop.serving.features import FeatureLookup
     from airloop.serving.local import LocalServingTarget
 
-    lookup = FeatureLookup.from_config({"url": "http://feast:6566/", "entities": ["customer_id"],
-                                        "features": ["stats:y", "stats:x"]})
+    lookup = FeatureLookup.from_config(
+        {"url": "http://feast:6566/", "entities": ["customer_id"], "features": ["stats:y", "stats:x"]}
+    )
     assert (lookup.url, lookup.names) == ("http://feast:6566", ["y", "x"])
     assert lookup.wants(["customer_id"]) and not lookup.wants(["y", "x"]) and not lookup.wants(None)
     assert FeatureLookup.from_config(None) is None
     good = {"url": "http://feast:6566", "entities": ["customer_id"], "features": ["stats:x"]}
-    for change, problem in [({"url": "feast:6566"}, "http"), ({"entities": []}, "non-empty"),
-                            ({"features": ["x"]}, "'view:feature'"),
-                            ({"features": ["a:x", "b:x"]}, "distinct")]:
+    for change, problem in [
+        ({"url": "feast:6566"}, "http"),
+        ({"entities": []}, "non-empty"),
+        ({"features": ["x"]}, "'view:feature'"),
+        ({"features": ["a:x", "b:x"]}, "distinct"),
+    ]:
         with pytest.raises(ValueError, match=problem):
             FeatureLookup.from_config({**good, **change})
     target = LocalServingTarget(home=str(tmp_path), features={"url": "http://feast:6566"})

@@ -14,16 +14,25 @@ from airloop.steps.tracking import Settings
 
 
 def test_mlflow_hook_reads_its_connection(monkeypatch):
-    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_PROD", json.dumps({
-        "conn_type": "mlflow", "host": "http://mlflow.internal", "port": 5000,
-        "extra": {"ui_url": "https://mlflow.example.com/", "artifact_root": "s3://models/mlflow"},
-    }))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLFLOW_PROD",
+        json.dumps(
+            {
+                "conn_type": "mlflow",
+                "host": "http://mlflow.internal",
+                "port": 5000,
+                "extra": {"ui_url": "https://mlflow.example.com/", "artifact_root": "s3://models/mlflow"},
+            }
+        ),
+    )
     hook = MlflowHook(mlflow_conn_id="mlflow_prod")
     assert hook.tracking_uri == "http://mlflow.internal:5000"
     assert hook.ui_url == "https://mlflow.example.com"
     # No credentials, retries or AWS connection set: the request carries none.
-    assert hook.step_config() == {"tracking_uri": "http://mlflow.internal:5000",
-                                  "artifact_root": "s3://models/mlflow"}
+    assert hook.step_config() == {
+        "tracking_uri": "http://mlflow.internal:5000",
+        "artifact_root": "s3://models/mlflow",
+    }
 
 
 def test_mlflow_hook_without_default_connection_uses_the_embedded_mlflow():
@@ -48,44 +57,71 @@ def test_mlflow_connection_without_uri_is_named(monkeypatch):
 
 def test_test_connection_reports_an_unreachable_server_quickly(monkeypatch):
     # The connection's own retry settings are for tasks; the Test button gives up after 2 tries.
-    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_DOWN", json.dumps(
-        {"conn_type": "mlflow", "host": "http://127.0.0.1:9", "extra": {"max_retries": 7}}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLFLOW_DOWN",
+        json.dumps({"conn_type": "mlflow", "host": "http://127.0.0.1:9", "extra": {"max_retries": 7}}),
+    )
     ok, message = MlflowHook(mlflow_conn_id="mlflow_down").test_connection()
     assert not ok
     assert message.startswith("MLflow at http://127.0.0.1:9 is unavailable after 2 tries: "), message
 
 
 def test_mlflow_hook_gives_steps_credentials_retries_and_the_aws_connection(monkeypatch):
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_ARTEFACTS", json.dumps({
-        "conn_type": "aws", "login": "AKIDTEST", "password": "aws-secret",
-        "extra": {"endpoint_url": "http://127.0.0.1:5999", "region_name": "eu-west-1"},
-    }))
-    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_AUTH", json.dumps({
-        "conn_type": "mlflow", "host": "https://mlflow.example.com", "login": "ada", "password": "pw",
-        "extra": {"aws_conn_id": "aws_artefacts", "max_retries": "2", "timeout": 5, "ui_url": ""},
-    }))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AWS_ARTEFACTS",
+        json.dumps(
+            {
+                "conn_type": "aws",
+                "login": "AKIDTEST",
+                "password": "aws-secret",
+                "extra": {"endpoint_url": "http://127.0.0.1:5999", "region_name": "eu-west-1"},
+            }
+        ),
+    )
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLFLOW_AUTH",
+        json.dumps(
+            {
+                "conn_type": "mlflow",
+                "host": "https://mlflow.example.com",
+                "login": "ada",
+                "password": "pw",
+                "extra": {"aws_conn_id": "aws_artefacts", "max_retries": "2", "timeout": 5, "ui_url": ""},
+            }
+        ),
+    )
     config = MlflowHook(mlflow_conn_id="mlflow_auth").step_config()
     assert config["auth"] == {"username": "ada", "password": "pw"}
     assert config["http"] == {"max_retries": "2", "timeout": 5}
-    assert config["s3"] == {"endpoint_url": "http://127.0.0.1:5999", "region_name": "eu-west-1",
-                            "aws_access_key_id": "AKIDTEST", "aws_secret_access_key": "aws-secret"}
+    assert config["s3"] == {
+        "endpoint_url": "http://127.0.0.1:5999",
+        "region_name": "eu-west-1",
+        "aws_access_key_id": "AKIDTEST",
+        "aws_secret_access_key": "aws-secret",
+    }
     Settings.from_request(config)  # what the hook builds, the steps accept
     assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD"} & os.environ.keys()
 
 
-@pytest.mark.parametrize(("fields", "auth"), [
-    ({"password": "tok-1"}, {"token": "tok-1"}),
-    ({"extra": {"token": "tok-2"}}, {"token": "tok-2"}),
-])
+@pytest.mark.parametrize(
+    ("fields", "auth"),
+    [
+        ({"password": "tok-1"}, {"token": "tok-1"}),
+        ({"extra": {"token": "tok-2"}}, {"token": "tok-2"}),
+    ],
+)
 def test_a_bearer_token_comes_from_the_password_or_extra(monkeypatch, fields, auth):
-    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_TOKEN",
-                       json.dumps({"conn_type": "mlflow", "host": "http://m", **fields}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLFLOW_TOKEN", json.dumps({"conn_type": "mlflow", "host": "http://m", **fields})
+    )
     assert MlflowHook(mlflow_conn_id="mlflow_token").step_config()["auth"] == auth
 
 
 def test_test_connection_names_a_connection_that_cannot_be_used(monkeypatch):
-    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_BOTH", json.dumps(
-        {"conn_type": "mlflow", "host": "http://m", "password": "p", "extra": {"token": "t"}}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLFLOW_BOTH",
+        json.dumps({"conn_type": "mlflow", "host": "http://m", "password": "p", "extra": {"token": "t"}}),
+    )
     ok, message = MlflowHook(mlflow_conn_id="mlflow_both").test_connection()
     assert not ok and "'mlflow_both'" in message and "keep one" in message
 
@@ -95,10 +131,20 @@ def test_the_connection_form_shows_the_fields_the_hook_reads():
 
     manager = ProvidersManager()
     prefix = "extra__mlflow__"
-    fields = {key.removeprefix(prefix): field for key, field in manager.connection_form_widgets.items()
-              if key.startswith(prefix)}
-    assert set(fields) == {"token", "aws_conn_id", "artifact_root", "ui_url", "max_retries", "backoff_factor",
-                           "timeout"}
+    fields = {
+        key.removeprefix(prefix): field
+        for key, field in manager.connection_form_widgets.items()
+        if key.startswith(prefix)
+    }
+    assert set(fields) == {
+        "token",
+        "aws_conn_id",
+        "artifact_root",
+        "ui_url",
+        "max_retries",
+        "backoff_factor",
+        "timeout",
+    }
     assert [name for name, field in fields.items() if field.is_sensitive] == ["token"]
     behaviour = manager.field_behaviours["mlflow"]
     assert behaviour["relabeling"]["host"] == "Tracking URI" and "schema" in behaviour["hidden_fields"]
@@ -109,8 +155,10 @@ def test_serving_hook_picks_the_target_from_its_connection(monkeypatch):
     from airloop.serving.local import LocalServingTarget
 
     assert isinstance(ServingHook().target, LocalServingTarget)
-    monkeypatch.setenv("AIRFLOW_CONN_SERVING_BAD", json.dumps({"conn_type": "airloop_serving",
-                                                               "extra": {"target": "nowhere"}}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_SERVING_BAD",
+        json.dumps({"conn_type": "airloop_serving", "extra": {"target": "nowhere"}}),
+    )
     ok, message = ServingHook(serving_conn_id="serving_bad").test_connection()
     assert not ok and "nowhere" in message
 
@@ -119,12 +167,30 @@ def test_serving_connection_form_fields_left_empty_keep_the_targets_defaults(mon
     from airflow.providers_manager import ProvidersManager
 
     prefix = "extra__airloop_serving__"
-    fields = {key.removeprefix(prefix) for key in ProvidersManager().connection_form_widgets
-              if key.startswith(prefix)}
+    fields = {
+        key.removeprefix(prefix)
+        for key in ProvidersManager().connection_form_widgets
+        if key.startswith(prefix)
+    }
     assert fields == {"target", "namespace", "kubernetes_conn_id", "prometheus_url"}
     # What the form saves for a Seldon target whose optional fields were left empty.
-    monkeypatch.setenv("AIRFLOW_CONN_SERVING_FORM", json.dumps({"conn_type": "airloop_serving", "extra": {
-        "target": "seldon", "namespace": "models", "kubernetes_conn_id": None, "prometheus_url": None}}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_SERVING_FORM",
+        json.dumps(
+            {
+                "conn_type": "airloop_serving",
+                "extra": {
+                    "target": "seldon",
+                    "namespace": "models",
+                    "kubernetes_conn_id": None,
+                    "prometheus_url": None,
+                },
+            }
+        ),
+    )
     target = ServingHook(serving_conn_id="serving_form").target
     assert (target.namespace, target.kubernetes_conn_id, target.prometheus_url) == (
-        "models", "kubernetes_default", None)
+        "models",
+        "kubernetes_default",
+        None,
+    )

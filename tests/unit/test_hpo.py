@@ -27,8 +27,13 @@ CANDIDATES = [
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("hpo")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    base = {"tracking_uri": uri, "artifact_root": (root / "artefacts").as_uri(), "experiment": "hpo",
-            "data_uri": write_table(generate(600, seed=5), str(root / "train.parquet")), "reference_rows": 50}
+    base = {
+        "tracking_uri": uri,
+        "artifact_root": (root / "artefacts").as_uri(),
+        "experiment": "hpo",
+        "data_uri": write_table(generate(600, seed=5), str(root / "train.parquet")),
+        "reference_rows": 50,
+    }
     train_tags = {**SEARCH_TAGS, "airflow.task_id": "train"}
     runs = [
         train({**base, **candidate, "tags": {**train_tags, "airflow.map_index": str(i)}})
@@ -38,8 +43,12 @@ def store(tmp_path_factory):
 
 
 def _select(store: dict, **extra: object) -> dict:
-    request = {"tracking_uri": store["tracking_uri"], "run_ids": [r["run_id"] for r in store["runs"]],
-               "tags": SEARCH_TAGS, **extra}
+    request = {
+        "tracking_uri": store["tracking_uri"],
+        "run_ids": [r["run_id"] for r in store["runs"]],
+        "tags": SEARCH_TAGS,
+        **extra,
+    }
     return select_best(request)
 
 
@@ -67,7 +76,8 @@ def test_select_again_reuses_the_parent_and_min_mode_picks_the_lowest(store):
     assert again["run_id"] == store["runs"][losses.index(min(losses))]["run_id"]
     experiment = mlflow.MlflowClient(store["tracking_uri"]).get_experiment_by_name("hpo")
     searches = mlflow.MlflowClient(store["tracking_uri"]).search_runs(
-        [experiment.experiment_id], "tags.`airloop.search` = 'true'")
+        [experiment.experiment_id], "tags.`airloop.search` = 'true'"
+    )
     assert len(searches) == 1
 
 

@@ -20,8 +20,10 @@ def onnx_model(tmp_path_factory):
 
 
 def _speed(**rows_per_s: float) -> dict[str, dict[str, float]]:
-    return {name: {"p50_ms": 1e3 / value, "p99_ms": 2e3 / value, "rows_per_s": value}
-            for name, value in rows_per_s.items()}
+    return {
+        name: {"p50_ms": 1e3 / value, "p99_ms": 2e3 / value, "rows_per_s": value}
+        for name, value in rows_per_s.items()
+    }
 
 
 def _scores(**drops: float) -> dict[str, dict[str, float]]:
@@ -59,8 +61,14 @@ def test_int8_with_the_native_labels_is_quantised_with_accuracy_control(onnx_mod
     rows, model = onnx_model["rows"], onnx_model["model"]
     native = model.predict_proba(generate(400, seed=3)[FEATURES])
     xml = str(tmp_path / "int8.xml")
-    method = optimise.write_variant(onnx_model["path"], "int8", xml, calibration=rows[:100],
-                                    labels=native[:100].argmax(axis=1), max_drop=0.01)
+    method = optimise.write_variant(
+        onnx_model["path"],
+        "int8",
+        xml,
+        calibration=rows[:100],
+        labels=native[:100].argmax(axis=1),
+        max_drop=0.01,
+    )
     assert method.startswith("nncf.quantize_with_accuracy_control (max drop 0.01")
     scores = optimise.agreement(optimise.openvino_predictor(xml)(rows), native, native.argmax(axis=1))
     assert scores["label_agreement"] > 0.97
@@ -70,13 +78,15 @@ def test_agreement_counts_accuracy_difference_and_label_agreement():
     reference = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
     proba = np.array([[0.7, 0.3], [0.3, 0.7], [0.4, 0.6]])
     scores = optimise.agreement(proba, reference, np.array([0, 1, 0]))
-    assert scores == pytest.approx({"accuracy": 2 / 3, "max_abs_diff": 0.2, "label_agreement": 2 / 3,
-                                    "non_finite_rows": 0})
+    assert scores == pytest.approx(
+        {"accuracy": 2 / 3, "max_abs_diff": 0.2, "label_agreement": 2 / 3, "non_finite_rows": 0}
+    )
     # A NaN output is a wrong answer, and leaves the difference undefined rather than NaN in JSON.
     proba[1] = np.nan
     scores = optimise.agreement(proba, reference, np.array([0, 1, 0]))
-    assert scores == pytest.approx({"accuracy": 1 / 3, "max_abs_diff": None, "label_agreement": 1 / 3,
-                                    "non_finite_rows": 1})
+    assert scores == pytest.approx(
+        {"accuracy": 1 / 3, "max_abs_diff": None, "label_agreement": 1 / 3, "non_finite_rows": 1}
+    )
 
 
 def test_benchmark_measures_every_predictor_on_its_inputs():
@@ -99,8 +109,10 @@ def test_select_takes_the_fastest_variant_within_budget():
 
 
 def test_select_by_latency_takes_the_lowest_p50():
-    speed = {"fp32": {"p50_ms": 0.05, "p99_ms": 0.1, "rows_per_s": 10.0},
-             "int8": {"p50_ms": 0.08, "p99_ms": 0.1, "rows_per_s": 99.0}}
+    speed = {
+        "fp32": {"p50_ms": 0.05, "p99_ms": 0.1, "rows_per_s": 10.0},
+        "int8": {"p50_ms": 0.08, "p99_ms": 0.1, "rows_per_s": 99.0},
+    }
     variant, _ = optimise.select(_scores(fp32=0.0, int8=0.0), speed, 1.0, "latency")
     assert variant == "fp32"
 
@@ -109,8 +121,10 @@ def test_select_reports_every_drop_when_no_variant_meets_the_budget():
     scores, speed = _scores(fp16=1.5, int8=3.0), _speed(fp16=1.0, int8=2.0)
     variant, reason = optimise.select(scores, speed, 1.0, "throughput")
     assert variant is None
-    assert reason == ("no OpenVINO variant meets the 1-point accuracy budget: "
-                      "fp16 (accuracy drop 1.50 points), int8 (accuracy drop 3.00 points)")
+    assert reason == (
+        "no OpenVINO variant meets the 1-point accuracy budget: "
+        "fp16 (accuracy drop 1.50 points), int8 (accuracy drop 3.00 points)"
+    )
 
 
 def test_select_falls_back_past_a_variant_that_could_not_be_built():

@@ -32,13 +32,19 @@ SECRET = "worker-only-secret-value"
 
 def _entrypoint(envelope: dict[str, Any], store: Path, xcom: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "AIRLOOP_ARTEFACTS": store.as_uri(), "AIRLOOP_POD_XCOM_PATH": str(xcom)}
-    return subprocess.run([sys.executable, "-m", "airloop.runtimes.pod", json.dumps(envelope)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "airloop.runtimes.pod", json.dumps(envelope)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _context() -> dict[str, Any]:
-    ti = SimpleNamespace(dag_id="airloop_loop", task_id="validate", run_id="manual__1", map_index=-1,
-                         try_number=2)
+    ti = SimpleNamespace(
+        dag_id="airloop_loop", task_id="validate", run_id="manual__1", map_index=-1, try_number=2
+    )
     return {"ti": ti, "run_id": ti.run_id, "dag": None}
 
 
@@ -52,16 +58,20 @@ def worker(tmp_path, monkeypatch) -> dict[str, Path]:
     return {"store": store, "shared": tmp_path / "shared", "folder": tmp_path / "worker" / "data_docs"}
 
 
-def test_the_entrypoint_runs_the_step_and_its_output_folder_comes_back_to_the_worker(worker, tmp_path,
-                                                                                     caplog):
+def test_the_entrypoint_runs_the_step_and_its_output_folder_comes_back_to_the_worker(
+    worker, tmp_path, caplog
+):
     data = write_table(generate(300, seed=1), str(worker["shared"] / "data.parquet"))
     request = {"data_uri": data, "suite_path": SUITE, "docs_dir": str(worker["folder"])}
     with caplog.at_level(logging.WARNING, logger="airloop.runtimes.pod"):
         envelope = pod.pod_request(STEP, request, "pods/airloop_loop/manual__1/validate/try-2")
     # The data is a worker path: allowed (a shared volume here), but said out loud.
     assert f"names {data}, a path on the Airflow worker" in caplog.text
-    assert envelope == {"step": STEP, "request": {"data_uri": data, "suite_path": SUITE},
-                        "outputs": {"docs_dir": "pods/airloop_loop/manual__1/validate/try-2/docs_dir"}}
+    assert envelope == {
+        "step": STEP,
+        "request": {"data_uri": data, "suite_path": SUITE},
+        "outputs": {"docs_dir": "pods/airloop_loop/manual__1/validate/try-2/docs_dir"},
+    }
 
     xcom = tmp_path / "xcom" / "return.json"
     done = _entrypoint(envelope, worker["store"], xcom)
@@ -71,26 +81,33 @@ def test_the_entrypoint_runs_the_step_and_its_output_folder_comes_back_to_the_wo
     published = answer["outputs"]["docs_dir"]
     assert published["uri"] == transfer.as_uri()
     assert "index.html" in published["files"]
-    assert sorted(p.relative_to(transfer).as_posix() for p in transfer.rglob("*") if p.is_file()) == \
-        published["files"]
+    assert (
+        sorted(p.relative_to(transfer).as_posix() for p in transfer.rglob("*") if p.is_file())
+        == published["files"]
+    )
     # In the pod the step wrote into a folder of its own; the result names the published copy.
     assert answer["result"]["docs_index"] == f"{transfer.as_uri()}/index.html"
 
     result = pod.collect(answer, request)
     here = validate({"data_uri": data, "suite_path": SUITE})
-    assert {k: v for k, v in result.items() if k != "docs_index"} == {k: v for k, v in here.items()
-                                                                      if k != "docs_index"}
+    assert {k: v for k, v in result.items() if k != "docs_index"} == {
+        k: v for k, v in here.items() if k != "docs_index"
+    }
     assert result["docs_index"] == str(worker["folder"] / "index.html")
     assert "training_data" in Path(result["docs_index"]).read_text()
-    assert sorted(p.relative_to(worker["folder"]).as_posix() for p in worker["folder"].rglob("*")
-                  if p.is_file()) == published["files"]
+    assert (
+        sorted(p.relative_to(worker["folder"]).as_posix() for p in worker["folder"].rglob("*") if p.is_file())
+        == published["files"]
+    )
     assert not transfer.exists()  # the transfer copy is removed once the worker has it
 
 
 def test_a_failing_step_exits_non_zero_and_writes_no_result(worker, tmp_path):
-    envelope = {"step": STEP, "request": {"data_uri": "s3://airloop/none.parquet",
-                                          "suite_path": str(tmp_path / "missing.json")},
-                "outputs": {"docs_dir": "pods/d/r/t/try-1/docs_dir"}}
+    envelope = {
+        "step": STEP,
+        "request": {"data_uri": "s3://airloop/none.parquet", "suite_path": str(tmp_path / "missing.json")},
+        "outputs": {"docs_dir": "pods/d/r/t/try-1/docs_dir"},
+    }
     xcom = tmp_path / "xcom" / "return.json"
     done = _entrypoint(envelope, worker["store"], xcom)
     assert done.returncode == 1
@@ -108,19 +125,27 @@ def test_the_entrypoint_refuses_a_request_without_a_step(tmp_path):
 
 # -- the pod it asks for -------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def cluster(monkeypatch) -> None:
     """A ``kubernetes`` connection (never called here) and worker credentials that must stay on the worker."""
     kubeconfig = {
-        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "test",
         "clusters": [{"name": "test", "cluster": {"server": "https://127.0.0.1:6443"}}],
         "users": [{"name": "test", "user": {"token": SECRET}}],
         "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
     }
-    monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT", json.dumps(
-        {"conn_type": "kubernetes", "extra": {"kube_config": kubeconfig, "namespace": "from-connection"}}))
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({"conn_type": "aws", "login": "key",
-                                                               "password": SECRET}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_KUBERNETES_DEFAULT",
+        json.dumps(
+            {"conn_type": "kubernetes", "extra": {"kube_config": kubeconfig, "namespace": "from-connection"}}
+        ),
+    )
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AWS_DEFAULT", json.dumps({"conn_type": "aws", "login": "key", "password": SECRET})
+    )
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AIRLOOP_ARTEFACTS", "s3://airloop/artefacts")
     monkeypatch.setenv("AIRLOOP_ARTEFACTS_CONN_ID", "aws_default")
@@ -128,8 +153,11 @@ def cluster(monkeypatch) -> None:
 
 def _pod(pod_settings: dict[str, Any] | None) -> dict[str, Any]:
     context = _context()
-    request = {"data_uri": "s3://airloop/data.parquet", "suite_path": "/opt/airflow/dags/suite.json",
-               "docs_dir": "/somewhere/on/the/worker/data_docs"}
+    request = {
+        "data_uri": "s3://airloop/data.parquet",
+        "suite_path": "/opt/airflow/dags/suite.json",
+        "docs_dir": "/somewhere/on/the/worker/data_docs",
+    }
     hop = pod.pod_operator(STEP, request, pod_settings=pod_settings, context=context, task_id="validate")
     obj = hop.build_pod_request_obj(context)
     return hop.client.api_client.sanitize_for_serialization(obj)
@@ -146,11 +174,15 @@ def test_the_pod_runs_the_entrypoint_in_the_default_image_with_an_xcom_sidecar(c
     assert container["command"] == ["python", "-m", "airloop.runtimes.pod"]
     (argument,) = container["args"]
     assert json.loads(argument) == {
-        "step": STEP, "request": {"data_uri": "s3://airloop/data.parquet",
-                                  "suite_path": "/opt/airflow/dags/suite.json"},
-        "outputs": {"docs_dir": "pods/airloop_loop/manual__1/validate/try-2/docs_dir"}}
+        "step": STEP,
+        "request": {"data_uri": "s3://airloop/data.parquet", "suite_path": "/opt/airflow/dags/suite.json"},
+        "outputs": {"docs_dir": "pods/airloop_loop/manual__1/validate/try-2/docs_dir"},
+    }
     assert {e["name"]: e["value"] for e in container["env"]} == {
-        "CI": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "AIRLOOP_ARTEFACTS": "s3://airloop/artefacts"}
+        "CI": "true",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "AIRLOOP_ARTEFACTS": "s3://airloop/artefacts",
+    }
     assert "resources" not in container
     assert sidecar["name"] == "airflow-xcom-sidecar"
     mount = {"mountPath": "/airflow/xcom", "name": "xcom"}
@@ -163,14 +195,17 @@ def test_the_pod_runs_the_entrypoint_in_the_default_image_with_an_xcom_sidecar(c
 def test_pod_settings_choose_image_namespace_resources_identity_and_environment(cluster, monkeypatch):
     monkeypatch.setenv("AIRLOOP_POD_IMAGE", "registry.example/airloop/airflow:env")
     assert _pod(None)["spec"]["containers"][0]["image"] == "registry.example/airloop/airflow:env"
-    spec = _pod({
-        "image": "registry.example/airloop/airflow:pinned", "namespace": "ml-steps",
-        "resources": {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"memory": "4Gi"}},
-        "env": {"AWS_ENDPOINT_URL": "http://minio.storage:9000"},
-        "service_account_name": "airloop-steps",
-        "env_from": [{"secretRef": {"name": "airloop-s3"}}],
-        "node_selector": {"pool": "cpu"},
-    })
+    spec = _pod(
+        {
+            "image": "registry.example/airloop/airflow:pinned",
+            "namespace": "ml-steps",
+            "resources": {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"memory": "4Gi"}},
+            "env": {"AWS_ENDPOINT_URL": "http://minio.storage:9000"},
+            "service_account_name": "airloop-steps",
+            "env_from": [{"secretRef": {"name": "airloop-s3"}}],
+            "node_selector": {"pool": "cpu"},
+        }
+    )
     container = spec["spec"]["containers"][0]
     assert container["image"] == "registry.example/airloop/airflow:pinned"
     assert spec["metadata"]["namespace"] == "ml-steps"
@@ -183,14 +218,17 @@ def test_pod_settings_choose_image_namespace_resources_identity_and_environment(
     assert SECRET not in json.dumps(spec)
 
 
-@pytest.mark.parametrize(("pod_settings", "problem"), [
-    ({"namepsace": "ml"}, r"unknown pod_settings \['namepsace'\]"),
-    ({"retries": 3}, r"unknown pod_settings \['retries'\]"),
-    ({"cmds": ["bash"]}, r"pod_settings \['cmds'\] are set by the kubernetes runtime"),
-    ({"env_vars": {"A": "b"}}, r"pod_settings \['env_vars'\] are set by the kubernetes runtime"),
-    ({"resources": {"cpu": "1"}}, r"\['resources'\] must be \{'requests'"),
-    ({"env": {"WORKERS": 4}}, r"\['env'\] must map names to string values"),
-])
+@pytest.mark.parametrize(
+    ("pod_settings", "problem"),
+    [
+        ({"namepsace": "ml"}, r"unknown pod_settings \['namepsace'\]"),
+        ({"retries": 3}, r"unknown pod_settings \['retries'\]"),
+        ({"cmds": ["bash"]}, r"pod_settings \['cmds'\] are set by the kubernetes runtime"),
+        ({"env_vars": {"A": "b"}}, r"pod_settings \['env_vars'\] are set by the kubernetes runtime"),
+        ({"resources": {"cpu": "1"}}, r"\['resources'\] must be \{'requests'"),
+        ({"env": {"WORKERS": 4}}, r"\['env'\] must map names to string values"),
+    ],
+)
 def test_bad_pod_settings_are_refused_before_any_pod_starts(pod_settings, problem):
     with pytest.raises(ValueError, match=problem):
         pod.pod_arguments(pod_settings)
@@ -198,11 +236,18 @@ def test_bad_pod_settings_are_refused_before_any_pod_starts(pod_settings, proble
 
 def test_pod_settings_without_the_kubernetes_runtime_are_refused():
     with pytest.raises(ValueError, match="pod_settings apply to runtime='kubernetes' only, not 'worker'"):
-        runtimes.run_step("importlib.metadata:version", {}, runtime=runtimes.WORKER, context={}, task_id="t",
-                          pod_settings={"image": "x"})
+        runtimes.run_step(
+            "importlib.metadata:version",
+            {},
+            runtime=runtimes.WORKER,
+            context={},
+            task_id="t",
+            pod_settings={"image": "x"},
+        )
 
 
 # -- what a pod cannot see -----------------------------------------------------------------------------------
+
 
 def test_files_only_the_worker_has_are_refused_with_each_key_named(tmp_path, monkeypatch):
     home = settings.home()
@@ -228,19 +273,28 @@ def test_files_only_the_worker_has_are_refused_with_each_key_named(tmp_path, mon
 
 def test_uris_and_paths_the_worker_does_not_have_pass_quietly(caplog):
     with caplog.at_level(logging.WARNING, logger="airloop.runtimes.pod"):
-        pod.check_inputs({"data_uri": "s3://airloop/train.parquet", "model_path": "/mnt/models",
-                          "suite_path": "/opt/airflow/dags/not-on-this-worker.json",
-                          "params": {"hidden_layer_sizes": [16, 8]}, "tracking_uri": "http://mlflow:5000"})
+        pod.check_inputs(
+            {
+                "data_uri": "s3://airloop/train.parquet",
+                "model_path": "/mnt/models",
+                "suite_path": "/opt/airflow/dags/not-on-this-worker.json",
+                "params": {"hidden_layer_sizes": [16, 8]},
+                "tracking_uri": "http://mlflow:5000",
+            }
+        )
     assert caplog.text == ""
 
 
 def test_a_request_carrying_credentials_is_refused_naming_the_keys():
     from airflow.sdk.log import mask_secret
 
-    request = {"tracking_uri": "http://mlflow:5000", "data_uri": "s3://airloop/train.parquet",
-               "auth": {"username": "airloop", "password": "mlflow-password-1"},
-               "s3": {"endpoint_url": "http://minio:9000", "aws_secret_access_key": "minio-secret-1"},
-               "params": {"max_iter": 5}}
+    request = {
+        "tracking_uri": "http://mlflow:5000",
+        "data_uri": "s3://airloop/train.parquet",
+        "auth": {"username": "airloop", "password": "mlflow-password-1"},
+        "s3": {"endpoint_url": "http://minio:9000", "aws_secret_access_key": "minio-secret-1"},
+        "params": {"max_iter": 5},
+    }
     with pytest.raises(ValueError, match=r"carries credentials in \['auth', 's3'\], which a pod spec"):
         pod.pod_request(STEP, request, "pods/t")
     # A secret Airflow masks (a connection's password) is found under any key.

@@ -10,30 +10,51 @@ NOW = 1_700_000_000.0
 
 
 def drift(severity: str = "high", rows: int = 1000) -> dict:
-    return {"verdict": "drift", "severity": severity, "n_current": rows, "model_name": "m", "champion": "1",
-            "drifted_features": ["f1"], "report": "drift/m/x/report.json"}
+    return {
+        "verdict": "drift",
+        "severity": severity,
+        "n_current": rows,
+        "model_name": "m",
+        "champion": "1",
+        "drifted_features": ["f1"],
+        "report": "drift/m/x/report.json",
+    }
 
 
 def request(**overrides) -> dict:
-    return {"detection": drift(), "cooldown_minutes": 60, "min_window_rows": 200, "last_requested_at": None,
-            "retrain_running": False, "now": NOW, **overrides}
+    return {
+        "detection": drift(),
+        "cooldown_minutes": 60,
+        "min_window_rows": 200,
+        "last_requested_at": None,
+        "retrain_running": False,
+        "now": NOW,
+        **overrides,
+    }
 
 
 def test_drift_with_nothing_in_the_way_requests_a_retrain():
     decision = decide(request())
     assert decision == {
-        "action": "retrain", "code": "retrain_requested",
+        "action": "retrain",
+        "code": "retrain_requested",
         "reason": "drift of severity 'high' maps to 'retrain'",
-        "verdict": "drift", "severity": "high", "wanted": "retrain",
-        "decided_at": "2023-11-14T22:13:20+00:00", "cooldown_until": None,
+        "verdict": "drift",
+        "severity": "high",
+        "wanted": "retrain",
+        "decided_at": "2023-11-14T22:13:20+00:00",
+        "cooldown_until": None,
     }
 
 
-@pytest.mark.parametrize(("verdict", "action", "code"), [
-    ("no_drift", "none", "no_drift"),
-    ("insufficient_data", "none", "insufficient_data"),
-    ("invalid_window", "log", "invalid_window"),
-])
+@pytest.mark.parametrize(
+    ("verdict", "action", "code"),
+    [
+        ("no_drift", "none", "no_drift"),
+        ("insufficient_data", "none", "insufficient_data"),
+        ("invalid_window", "log", "invalid_window"),
+    ],
+)
 def test_windows_without_a_drift_verdict_never_retrain(verdict, action, code):
     detection = {"verdict": verdict, "severity": "none", "n_current": 10, "message": "missing column f3"}
     decision = decide(request(detection=detection))
@@ -47,8 +68,9 @@ def test_windows_without_a_drift_verdict_never_retrain(verdict, action, code):
 def test_default_severity_map(severity):
     decision = decide(request(detection=drift(severity)))
     assert decision["action"] == DEFAULT_ACTIONS[severity]
-    assert decision["code"] == ("retrain_requested" if DEFAULT_ACTIONS[severity] == "retrain"
-                                else "severity_maps_to_log")
+    assert decision["code"] == (
+        "retrain_requested" if DEFAULT_ACTIONS[severity] == "retrain" else "severity_maps_to_log"
+    )
     assert repr(severity) in decision["reason"]
 
 
@@ -114,18 +136,21 @@ def test_the_same_inputs_give_the_same_decision():
     assert decide(request(last_requested_at=NOW - 30)) == decide(request(last_requested_at=NOW - 30))
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"detection": None}, "'detection' must be a drift result"),
-    ({"detection": {"verdict": "maybe"}}, "'detection' must be a drift result"),
-    ({"detection": {**drift(), "severity": "extreme"}}, "severity must be one of"),
-    ({"actions": {"critical": "retrain"}}, "'actions' keys must be severities"),
-    ({"actions": {"high": "retrain_and_page"}}, "'actions' values must be one of"),
-    ({"cooldown_minutes": -1}, "'cooldown_minutes' must be a finite number >= 0"),
-    ({"cooldown_minutes": "soon"}, "'cooldown_minutes' must be a number"),
-    ({"min_window_rows": float("nan")}, "'min_window_rows' must be a finite number"),
-    ({"last_requested_at": "yesterday"}, "'last_requested_at' must be a number"),
-    ({"window": 5}, "unknown policy request keys: \\['window'\\]"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"detection": None}, "'detection' must be a drift result"),
+        ({"detection": {"verdict": "maybe"}}, "'detection' must be a drift result"),
+        ({"detection": {**drift(), "severity": "extreme"}}, "severity must be one of"),
+        ({"actions": {"critical": "retrain"}}, "'actions' keys must be severities"),
+        ({"actions": {"high": "retrain_and_page"}}, "'actions' values must be one of"),
+        ({"cooldown_minutes": -1}, "'cooldown_minutes' must be a finite number >= 0"),
+        ({"cooldown_minutes": "soon"}, "'cooldown_minutes' must be a number"),
+        ({"min_window_rows": float("nan")}, "'min_window_rows' must be a finite number"),
+        ({"last_requested_at": "yesterday"}, "'last_requested_at' must be a number"),
+        ({"window": 5}, "unknown policy request keys: \\['window'\\]"),
+    ],
+)
 def test_bad_requests_name_the_problem(overrides, message):
     with pytest.raises(ValueError, match=message):
         decide(request(**overrides))

@@ -15,7 +15,9 @@ import yaml
 from airloop.get_provider_info import get_provider_info
 
 INFO = yaml.safe_load(resources.files("airloop").joinpath("provider.yaml").read_text())
-MODULES = [m for kind in ("hooks", "operators", "triggers") for group in INFO[kind] for m in group["python-modules"]]
+MODULES = [
+    m for kind in ("hooks", "operators", "triggers") for group in INFO[kind] for m in group["python-modules"]
+]
 
 
 def test_get_provider_info_returns_provider_yaml():
@@ -59,20 +61,28 @@ def test_class_names_follow_airflow_conventions():
         for group in INFO[kind]:
             for module in group["python-modules"]:
                 mod = importlib.import_module(module)
-                public = [n for n, v in vars(mod).items() if isinstance(v, type) and v.__module__ == module
-                          and not n.startswith("_")]
+                public = [
+                    n
+                    for n, v in vars(mod).items()
+                    if isinstance(v, type) and v.__module__ == module and not n.startswith("_")
+                ]
                 assert public, module
-                assert all(n.endswith(end) for n in public if end in n or kind != "operators"), (module, public)
+                assert all(n.endswith(end) for n in public if end in n or kind != "operators"), (
+                    module,
+                    public,
+                )
 
 
 def test_airflow_lists_the_provider_and_its_connection_types(tmp_path):
     env = {**__import__("os").environ, "AIRFLOW_HOME": str(tmp_path)}
     airflow = str(__import__("pathlib").Path(sys.executable).parent / "airflow")
-    providers = subprocess.run([airflow, "providers", "list", "-o", "json"], env=env, capture_output=True,
-                               text=True, check=True)
+    providers = subprocess.run(
+        [airflow, "providers", "list", "-o", "json"], env=env, capture_output=True, text=True, check=True
+    )
     assert "airflow-provider-airloop" in {p["package_name"] for p in json.loads(providers.stdout)}
-    hooks = subprocess.run([airflow, "providers", "hooks", "-o", "json"], env=env, capture_output=True,
-                           text=True, check=True)
+    hooks = subprocess.run(
+        [airflow, "providers", "hooks", "-o", "json"], env=env, capture_output=True, text=True, check=True
+    )
     listed = {h["connection_type"] for h in json.loads(hooks.stdout)}
     assert {"mlflow", "airloop_serving", "feast"} <= listed
 
@@ -87,6 +97,8 @@ def test_operator_hook_trigger_and_dag_modules_import_no_heavy_library():
         "import runpy; [runpy.run_path(p) for p in sys.argv[1:]]\n"
         f"print([m for m in {HEAVY!r} if m in sys.modules])"
     )
-    dags = [str(p) for p in (importlib.import_module("pathlib").Path(__file__).parents[2] / "dags").glob("*.py")]
+    dags = [
+        str(p) for p in (importlib.import_module("pathlib").Path(__file__).parents[2] / "dags").glob("*.py")
+    ]
     out = subprocess.run([sys.executable, "-c", code, *dags], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -10,14 +10,36 @@ import pytest
 from airloop.serving.base import ServingTarget, register_target
 from airloop.triggers.seldon import SeldonCanaryAnalysisTrigger
 
-BUCKETS = ("0.5", "1", "2", "5", "10", "20", "50", "100", "200", "500", "1000", "2000", "5000", "10000", "+Inf")
+BUCKETS = (
+    "0.5",
+    "1",
+    "2",
+    "5",
+    "10",
+    "20",
+    "50",
+    "100",
+    "200",
+    "500",
+    "1000",
+    "2000",
+    "5000",
+    "10000",
+    "+Inf",
+)
 
 
 def snapshot(requests: int, correct: int) -> dict[str, Any]:
     """Cumulative metrics of one predictor: every request answered in 2-5 ms, all with feedback."""
     buckets = {b: (0 if float(b) < 5 else requests) for b in BUCKETS}
-    return {"requests": requests, "errors": 0, "latency_ms_sum": 3.0 * requests, "feedback": requests,
-            "feedback_correct": correct, "latency_ms_buckets": buckets}
+    return {
+        "requests": requests,
+        "errors": 0,
+        "latency_ms_sum": 3.0 * requests,
+        "feedback": requests,
+        "feedback_correct": correct,
+        "latency_ms_buckets": buckets,
+    }
 
 
 class ScriptedTarget(ServingTarget):
@@ -35,11 +57,20 @@ class ScriptedTarget(ServingTarget):
         n = ScriptedTarget.calls[deployment] = ScriptedTarget.calls.get(deployment, 0) + 1
         return self.script[min(n, len(self.script)) - 1]
 
-    def deploy(self, deployment, predictors): raise NotImplementedError
-    def set_traffic(self, deployment, weights): raise NotImplementedError
-    def remove(self, deployment, predictor): raise NotImplementedError
-    def state(self, deployment): raise NotImplementedError
-    def delete(self, deployment): raise NotImplementedError
+    def deploy(self, deployment, predictors):
+        raise NotImplementedError
+
+    def set_traffic(self, deployment, weights):
+        raise NotImplementedError
+
+    def remove(self, deployment, predictor):
+        raise NotImplementedError
+
+    def state(self, deployment):
+        raise NotImplementedError
+
+    def delete(self, deployment):
+        raise NotImplementedError
 
 
 register_target("scripted", ScriptedTarget)
@@ -47,10 +78,17 @@ BEFORE = {"v1": snapshot(0, 0), "v2": snapshot(0, 0)}
 
 
 def trigger(deployment: str, script: list, **overrides: Any) -> SeldonCanaryAnalysisTrigger:
-    kwargs = dict(target_config={"target": "scripted", "script": script}, deployment=deployment,
-                  champion="v1", challenger="v2", before=BEFORE,
-                  criteria={"min_requests": 50, "min_feedback": 30}, window_seconds=0.01,
-                  max_wait_seconds=0.3, poll_interval=0.02)
+    kwargs = dict(
+        target_config={"target": "scripted", "script": script},
+        deployment=deployment,
+        champion="v1",
+        challenger="v2",
+        before=BEFORE,
+        criteria={"min_requests": 50, "min_feedback": 30},
+        window_seconds=0.01,
+        max_wait_seconds=0.3,
+        poll_interval=0.02,
+    )
     return SeldonCanaryAnalysisTrigger(**{**kwargs, **overrides})
 
 
@@ -72,8 +110,11 @@ def test_serialize_mirrors_init():
 
 @pytest.mark.asyncio
 async def test_waits_until_the_window_holds_enough_data():
-    script = [BEFORE, {"v1": snapshot(20, 18), "v2": snapshot(5, 5)},
-              {"v1": snapshot(400, 360), "v2": snapshot(100, 92)}]
+    script = [
+        BEFORE,
+        {"v1": snapshot(20, 18), "v2": snapshot(5, 5)},
+        {"v1": snapshot(400, 360), "v2": snapshot(100, 92)},
+    ]
     event = await first(trigger("enough", script))
     assert event["status"] == "ready" and event["message"] == "pass"
     assert event["after"]["v2"]["requests"] == 100
@@ -103,12 +144,19 @@ async def test_an_unreachable_target_is_an_error_event():
 @pytest.mark.asyncio
 async def test_shadow_mode_judges_the_mirrored_answers():
     def shadow(requests: int, agreements: int, pairs: int = 0) -> dict[str, Any]:
-        return {**snapshot(requests, 0), "feedback": 0, "predicted": {"0": requests // 2, "1": requests // 2},
-                "pairs": pairs, "agreements": agreements}
+        return {
+            **snapshot(requests, 0),
+            "feedback": 0,
+            "predicted": {"0": requests // 2, "1": requests // 2},
+            "pairs": pairs,
+            "agreements": agreements,
+        }
 
     before = {"v1": shadow(0, 0), "v2": shadow(0, 0)}
-    script = [{"v1": shadow(400, 0), "v2": shadow(60, 60, pairs=60)},  # too few pairs: wait
-              {"v1": shadow(400, 0), "v2": shadow(200, 100, pairs=200)}]
+    script = [
+        {"v1": shadow(400, 0), "v2": shadow(60, 60, pairs=60)},  # too few pairs: wait
+        {"v1": shadow(400, 0), "v2": shadow(200, 100, pairs=200)},
+    ]
     event = await first(trigger("shadow", script, before=before, mode="shadow"))
     # No feedback at all: a canary would wait for labels; the shadow verdict needs none.
     assert event["status"] == "ready" and event["message"] == "fail"

@@ -35,8 +35,9 @@ def test_broken_runtime_says_which_and_how_to_rebuild_it(monkeypatch, tmp_path):
 
 
 def test_worker_runtime_calls_the_step_in_process():
-    assert runtimes.run_step("importlib.metadata:version", "numpy", runtime=runtimes.WORKER, context={},
-                             task_id="t") == version("numpy")
+    assert runtimes.run_step(
+        "importlib.metadata:version", "numpy", runtime=runtimes.WORKER, context={}, task_id="t"
+    ) == version("numpy")
 
 
 def test_step_runs_in_the_serving_runtime_through_external_python():
@@ -45,7 +46,8 @@ def test_step_runs_in_the_serving_runtime_through_external_python():
     except runtimes.RuntimeMissingError as e:
         pytest.skip(str(e))
     context = {"ti": SimpleNamespace(bundle_instance=None)}
-    numpy_there = runtimes.run_step("importlib.metadata:version", "numpy", runtime="serving", context=context,
-                                    task_id="t")
+    numpy_there = runtimes.run_step(
+        "importlib.metadata:version", "numpy", runtime="serving", context=context, task_id="t"
+    )
     assert numpy_there.startswith("1.")  # alibi-detect's numpy, not the main environment's
     assert version("numpy").startswith("2.")

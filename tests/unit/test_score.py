@@ -25,24 +25,49 @@ MODEL = "airloop-score"
 def version(tmp_path_factory):
     root = tmp_path_factory.mktemp("score")
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-    trained = train({"tracking_uri": tracking_uri, "artifact_root": (root / "artefacts").as_uri(),
-                     "data_uri": write_table(generate(1200, seed=0), str(root / "train.parquet")),
-                     "params": {"hidden_layer_sizes": [16], "max_iter": 300}})
-    converted = convert({"tracking_uri": tracking_uri, "run_id": trained["run_id"],
-                         "variants": ["fp32", "fp16"], "benchmark_calls": 20})
+    trained = train(
+        {
+            "tracking_uri": tracking_uri,
+            "artifact_root": (root / "artefacts").as_uri(),
+            "data_uri": write_table(generate(1200, seed=0), str(root / "train.parquet")),
+            "params": {"hidden_layer_sizes": [16], "max_iter": 300},
+        }
+    )
+    converted = convert(
+        {
+            "tracking_uri": tracking_uri,
+            "run_id": trained["run_id"],
+            "variants": ["fp32", "fp16"],
+            "benchmark_calls": 20,
+        }
+    )
     client = mlflow.MlflowClient(tracking_uri)
     client.create_registered_model(MODEL)
     registered = client.create_model_version(MODEL, trained["model_uri"], run_id=trained["run_id"])
     data = generate(2500, seed=4).reset_index(names="customer_id")
     data_uri = write_table(data, str(root / "to_score.parquet"))
-    return {"tracking_uri": tracking_uri, "version": str(registered.version), "converted": converted,
-            "data": data, "data_uri": data_uri, "root": root, "run_id": trained["run_id"]}
+    return {
+        "tracking_uri": tracking_uri,
+        "version": str(registered.version),
+        "converted": converted,
+        "data": data,
+        "data_uri": data_uri,
+        "root": root,
+        "run_id": trained["run_id"],
+    }
 
 
 def _request(version: dict, output: Path, **extra) -> dict:
-    return {"tracking_uri": version["tracking_uri"], "model_name": MODEL, "model_version": version["version"],
-            "data_uri": version["data_uri"], "output_uri": str(output), "chunk_rows": 1000,
-            "passthrough_columns": ["customer_id"], **extra}
+    return {
+        "tracking_uri": version["tracking_uri"],
+        "model_name": MODEL,
+        "model_version": version["version"],
+        "data_uri": version["data_uri"],
+        "output_uri": str(output),
+        "chunk_rows": 1000,
+        "passthrough_columns": ["customer_id"],
+        **extra,
+    }
 
 
 def _manifest(output: Path) -> dict:
@@ -58,16 +83,32 @@ def test_a_data_set_is_scored_in_chunks_with_the_selected_variant(version, tmp_p
     output = tmp_path / "predictions"
     result = score_step.score(_request(version, output))
     assert result == {
-        "output_uri": str(output), "manifest_uri": f"{output}/_manifest.json", "model_name": MODEL,
-        "model_version": version["version"], "ir_uri": f"runs:/{version['run_id']}/openvino",
-        "variant": version["converted"]["variant"], "rows_in": 2500, "rows_out": 2500, "parts": 3,
-        "chunks_scored": 3, "chunks_skipped": 0,
+        "output_uri": str(output),
+        "manifest_uri": f"{output}/_manifest.json",
+        "model_name": MODEL,
+        "model_version": version["version"],
+        "ir_uri": f"runs:/{version['run_id']}/openvino",
+        "variant": version["converted"]["variant"],
+        "rows_in": 2500,
+        "rows_out": 2500,
+        "parts": 3,
+        "chunks_scored": 3,
+        "chunks_skipped": 0,
     }
     assert sorted(path.name for path in output.glob("part-*.parquet")) == [
-        "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
     predictions = pd.read_parquet(output)
-    assert list(predictions.columns) == ["customer_id", "prediction", "probability_0", "probability_1",
-                                         "model_name", "model_version"]
+    assert list(predictions.columns) == [
+        "customer_id",
+        "prediction",
+        "probability_0",
+        "probability_1",
+        "model_name",
+        "model_version",
+    ]
     assert predictions["customer_id"].tolist() == version["data"]["customer_id"].tolist()
     assert set(predictions["model_name"]) == {MODEL}
     assert set(predictions["model_version"]) == {version["version"]}
@@ -76,8 +117,11 @@ def test_a_data_set_is_scored_in_chunks_with_the_selected_variant(version, tmp_p
     assert accuracy > 0.85
     manifest = _manifest(output)
     assert manifest["complete"] is True and manifest["rows"] == 2500
-    assert manifest["parts"] == {"part-00000.parquet": 1000, "part-00001.parquet": 1000,
-                                 "part-00002.parquet": 500}
+    assert manifest["parts"] == {
+        "part-00000.parquet": 1000,
+        "part-00001.parquet": 1000,
+        "part-00002.parquet": 500,
+    }
 
 
 def test_an_interrupted_run_resumes_where_it_stopped(version, tmp_path):
@@ -106,11 +150,17 @@ def test_a_short_part_fails_the_row_count_check(version, tmp_path, monkeypatch):
     output = tmp_path / "predictions"
     predictions = score_step._predictions
     # A fault between scoring and storage: the second part loses its last row.
-    monkeypatch.setattr(score_step, "_predictions",
-                        lambda frame, *args: predictions(frame, *args).iloc[:-1]
-                        if frame.index[0] == 1000 else predictions(frame, *args))
-    with pytest.raises(score_step.RowCountError,
-                       match=r"row count check failed .*: 2500 rows in .*, 2499 rows in its 3 prediction"):
+    monkeypatch.setattr(
+        score_step,
+        "_predictions",
+        lambda frame, *args: (
+            predictions(frame, *args).iloc[:-1] if frame.index[0] == 1000 else predictions(frame, *args)
+        ),
+    )
+    with pytest.raises(
+        score_step.RowCountError,
+        match=r"row count check failed .*: 2500 rows in .*, 2499 rows in its 3 prediction",
+    ):
         score_step.score(_request(version, output))
     assert _manifest(output)["complete"] is False
     monkeypatch.undo()
@@ -161,13 +211,20 @@ def test_bad_requests_name_the_problem(version, tmp_path, extra, error, message)
 def test_the_operator_scores_through_the_mlflow_connection(version, tmp_path, monkeypatch):
     from airloop.operators.openvino import OpenvinoScoreDatasetOperator
 
-    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_SCORE",
-                       json.dumps({"conn_type": "mlflow", "host": version["tracking_uri"]}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLFLOW_SCORE", json.dumps({"conn_type": "mlflow", "host": version["tracking_uri"]})
+    )
     ti = SimpleNamespace(xcom={}, xcom_push=lambda key, value: ti.xcom.__setitem__(key, value))
     operator = OpenvinoScoreDatasetOperator(
-        task_id="score", mlflow_conn_id="mlflow_score", model_name=MODEL, model_version=version["version"],
-        data_uri=version["data_uri"], output_uri=str(tmp_path / "predictions"), chunk_rows=1000,
-        passthrough_columns=["customer_id"])
+        task_id="score",
+        mlflow_conn_id="mlflow_score",
+        model_name=MODEL,
+        model_version=version["version"],
+        data_uri=version["data_uri"],
+        output_uri=str(tmp_path / "predictions"),
+        chunk_rows=1000,
+        passthrough_columns=["customer_id"],
+    )
     result = operator.execute({"ti": ti})
     assert result["rows_out"] == 2500 and result["chunks_scored"] == 3
     assert json.loads(json.dumps(result)) == result

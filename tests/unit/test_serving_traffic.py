@@ -26,6 +26,7 @@ LIVE, SHADOW = {"weight": 100, "shadow": False}, {"weight": 0, "shadow": False}
 
 # -- the rules ------------------------------------------------------------------------------------------
 
+
 def test_a_shadow_is_not_counted_in_the_live_weights_and_changes_role_by_name():
     current = {"v3": LIVE, "v4": SHADOW}
     mirrored = merge_traffic(current, {"v3": 100}, {"v4": 25})
@@ -36,14 +37,17 @@ def test_a_shadow_is_not_counted_in_the_live_weights_and_changes_role_by_name():
     assert merge_traffic(mirrored, {"v3": 100})["v4"] == {"weight": 25, "shadow": True}
 
 
-@pytest.mark.parametrize(("weights", "shadow", "problem"), [
-    ({"v3": 100}, {"v4": 0}, "from 1 to 100 .*remove the shadow"),
-    ({"v3": 100}, {"v4": 101}, "from 1 to 100"),
-    ({"v3": 90}, {"v4": 10}, r"weights must sum to 100, got 90 .*\(shadow v4 not counted\)"),
-    ({"v3": 100, "v4": 0}, {"v4": 5}, "named both live and shadow"),
-    ({"v3": 100}, {"v9": 5}, r"unknown predictors \['v9'\]"),
-    ({}, {"v3": 50, "v4": 50}, "at most one shadow"),
-])
+@pytest.mark.parametrize(
+    ("weights", "shadow", "problem"),
+    [
+        ({"v3": 100}, {"v4": 0}, "from 1 to 100 .*remove the shadow"),
+        ({"v3": 100}, {"v4": 101}, "from 1 to 100"),
+        ({"v3": 90}, {"v4": 10}, r"weights must sum to 100, got 90 .*\(shadow v4 not counted\)"),
+        ({"v3": 100, "v4": 0}, {"v4": 5}, "named both live and shadow"),
+        ({"v3": 100}, {"v9": 5}, r"unknown predictors \['v9'\]"),
+        ({}, {"v3": 50, "v4": 50}, "at most one shadow"),
+    ],
+)
 def test_bad_traffic_is_refused_naming_the_problem(weights, shadow, problem):
     with pytest.raises(ValueError, match=problem):
         merge_traffic({"v3": LIVE, "v4": SHADOW}, weights, shadow)
@@ -58,20 +62,29 @@ def test_a_predictor_dict_may_be_a_shadow():
 
 
 def test_the_routing_table_never_picks_the_shadow_and_mirrors_its_share():
-    table = parse_routes({"v3": {"url": "http://a", "model_version": "3", "weight": 100},
-                          "v4": {"url": "http://b", "model_version": "4", "weight": 30, "shadow": True}})
+    table = parse_routes(
+        {
+            "v3": {"url": "http://a", "model_version": "3", "weight": 100},
+            "v4": {"url": "http://b", "model_version": "4", "weight": 30, "shadow": True},
+        }
+    )
     assert {table.pick().name for _ in range(200)} == {"v3"}
     mirrored = sum(table.mirror() is not None for _ in range(4000))
     # Binomial(4000, 0.3): standard deviation 29, so +-150 is five of them.
     assert abs(mirrored - 1200) <= 150
     assert table.as_dict()["v4"]["shadow"] is True
     with pytest.raises(ValueError, match="at most one shadow"):
-        parse_routes({"v3": {"url": "http://a", "model_version": "3", "weight": 100},
-                      "v4": {"url": "http://b", "model_version": "4", "weight": 30, "shadow": True},
-                      "v5": {"url": "http://c", "model_version": "5", "weight": 30, "shadow": True}})
+        parse_routes(
+            {
+                "v3": {"url": "http://a", "model_version": "3", "weight": 100},
+                "v4": {"url": "http://b", "model_version": "4", "weight": 30, "shadow": True},
+                "v5": {"url": "http://c", "model_version": "5", "weight": 30, "shadow": True},
+            }
+        )
 
 
 # -- the gateway mirroring over HTTP ----------------------------------------------------------------------
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -81,11 +94,13 @@ def _free_port() -> int:
 
 async def _model_server(answer: Any, delay_s: float = 0.0) -> tuple[web.AppRunner, str]:
     """A model server answering every prediction with ``answer(row)`` probabilities after ``delay_s``."""
+
     async def predict(request: web.Request) -> web.Response:
         rows = (await request.json())["data"]["ndarray"]
         await asyncio.sleep(delay_s)
-        return web.json_response({"data": {"names": ["0", "1"], "ndarray": [answer(row) for row in rows]},
-                                  "meta": {}})
+        return web.json_response(
+            {"data": {"names": ["0", "1"], "ndarray": [answer(row) for row in rows]}, "meta": {}}
+        )
 
     app = web.Application()
     app.router.add_post("/api/v1.0/predictions", predict)
@@ -124,14 +139,23 @@ async def test_mirrored_requests_are_compared_but_never_slow_or_fail_the_client(
     live_runner, live_url = await _model_server(_champion)
     # A slow shadow that disagrees on half the rows.
     shadow_runner, shadow_url = await _model_server(_contrarian, delay_s=0.3)
-    gateway = Gateway("churn", parse_routes({
-        "v3": {"url": live_url, "model_version": "3", "weight": 100},
-        "v4": {"url": shadow_url, "model_version": "4", "weight": 100, "shadow": True},
-    }), artefact_root=tmp_path.as_uri(), log_batch=1000)
+    gateway = Gateway(
+        "churn",
+        parse_routes(
+            {
+                "v3": {"url": live_url, "model_version": "3", "weight": 100},
+                "v4": {"url": shadow_url, "model_version": "4", "weight": 100, "shadow": True},
+            }
+        ),
+        artefact_root=tmp_path.as_uri(),
+        log_batch=1000,
+    )
     app = gateway.app()
     try:
-        async with gateway.lifespan(app), httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
+        async with (
+            gateway.lifespan(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client,
+        ):
             codes, latencies = await _send(client, _rows(40))
             assert codes == {(200, "v3"): 40}  # every answer is the live predictor's
             # Answers did not wait for the 0.3 s shadow (generous: a loaded machine jitters).
@@ -147,16 +171,23 @@ async def test_mirrored_requests_are_compared_but_never_slow_or_fail_the_client(
         assert stats["v4"]["latency_ms_buckets"]["200"] == 0  # every mirrored call took over 0.3 s
         assert stats["v3"]["pairs"] == 0
         # The pairs are logged (written at shutdown here), one line per mirrored request.
-        lines = [json.loads(line) for f in (tmp_path / "shadow" / "churn").glob("*/*.jsonl")
-                 for line in f.read_text().splitlines()]
+        lines = [
+            json.loads(line)
+            for f in (tmp_path / "shadow" / "churn").glob("*/*.jsonl")
+            for line in f.read_text().splitlines()
+        ]
         assert len(lines) == 40
         assert {(r["predictor"], r["shadow"], r["status"], r["shadow_status"]) for r in lines} == {
-            ("v3", "v4", 200, 200)}
+            ("v3", "v4", 200, 200)
+        }
         assert sum(r["agreements"] for r in lines) == 20
         assert all(r["shadow_latency_ms"] >= 300 for r in lines)
         # The request log (the drift monitor's input) holds client requests only.
-        requests = [line for f in (tmp_path / "requests" / "churn").glob("*/*.jsonl")
-                    for line in f.read_text().splitlines()]
+        requests = [
+            line
+            for f in (tmp_path / "requests" / "churn").glob("*/*.jsonl")
+            for line in f.read_text().splitlines()
+        ]
         assert len(requests) == 40
     finally:
         await live_runner.cleanup()
@@ -166,14 +197,27 @@ async def test_mirrored_requests_are_compared_but_never_slow_or_fail_the_client(
 @pytest.mark.asyncio
 async def test_a_shadow_that_is_down_costs_the_clients_nothing(tmp_path: Path):
     live_runner, live_url = await _model_server(_champion)
-    gateway = Gateway("churn", parse_routes({
-        "v3": {"url": live_url, "model_version": "3", "weight": 100},
-        "v4": {"url": f"http://127.0.0.1:{_free_port()}", "model_version": "4", "weight": 50, "shadow": True},
-    }), artefact_root=tmp_path.as_uri())
+    gateway = Gateway(
+        "churn",
+        parse_routes(
+            {
+                "v3": {"url": live_url, "model_version": "3", "weight": 100},
+                "v4": {
+                    "url": f"http://127.0.0.1:{_free_port()}",
+                    "model_version": "4",
+                    "weight": 50,
+                    "shadow": True,
+                },
+            }
+        ),
+        artefact_root=tmp_path.as_uri(),
+    )
     app = gateway.app()
     try:
-        async with gateway.lifespan(app), httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
+        async with (
+            gateway.lifespan(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client,
+        ):
             codes, _ = await _send(client, _rows(60))
             await asyncio.sleep(0.2)
             stats = gateway.stats()

@@ -24,8 +24,9 @@ class _Recorder(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.server.seen.append({"authorization": self.headers.get("Authorization"),
-                                 "environ": dict(os.environ)})
+        self.server.seen.append(
+            {"authorization": self.headers.get("Authorization"), "environ": dict(os.environ)}
+        )
         body = json.dumps({"experiments": []}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -85,8 +86,11 @@ def test_auth_header_reaches_the_server_inside_the_block_only(recorder, monkeypa
         client.search_experiments(max_results=1)
     client.search_experiments(max_results=1)
     # base64("ada:pw:1") == "YWRhOnB3OjE="
-    assert [seen["authorization"] for seen in recorder.seen] == [f"Bearer {TOKEN}", "Basic YWRhOnB3OjE=",
-                                                                 None]
+    assert [seen["authorization"] for seen in recorder.seen] == [
+        f"Bearer {TOKEN}",
+        "Basic YWRhOnB3OjE=",
+        None,
+    ]
     # While the requests were made, the credentials were nowhere in the process's environment.
     for seen in recorder.seen:
         assert not any(TOKEN in value or "pw:1" in value for value in seen["environ"].values())
@@ -117,8 +121,11 @@ def test_blocks_with_other_settings_wait_and_equal_ones_share():
 
 def test_unreachable_server_fails_fast_with_a_message_naming_it_and_the_tries():
     # Nothing listens on port 9 of localhost: the connection is refused at once.
-    request = {"tracking_uri": "http://127.0.0.1:9", "http": {"max_retries": 1, "backoff_factor": 0},
-               "run_ids": ["x"]}
+    request = {
+        "tracking_uri": "http://127.0.0.1:9",
+        "http": {"max_retries": 1, "backoff_factor": 0},
+        "run_ids": ["x"],
+    }
     message = r"MLflow at http://127\.0\.0\.1:9 is unavailable after 2 tries"
     with pytest.raises(MlflowUnavailableError, match=message):
         select_best(request)

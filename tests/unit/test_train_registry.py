@@ -264,22 +264,36 @@ class _TaskInstance:
 
 
 def _context(try_number: int) -> dict:
-    return {"ti": _TaskInstance(try_number), "dag_run": SimpleNamespace(run_type="manual"),
-            "dag": SimpleNamespace(fileloc=__file__)}
+    return {
+        "ti": _TaskInstance(try_number),
+        "dag_run": SimpleNamespace(run_type="manual"),
+        "dag": SimpleNamespace(fileloc=__file__),
+    }
 
 
 def test_train_operator_tags_code_and_task_keeps_secrets_out_of_the_environment(store, monkeypatch):
     from airloop.operators.mlflow import MlflowTrainModelOperator
 
     token = "tok-ops-71c2"
-    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_OPS", json.dumps({
-        "conn_type": "mlflow", "host": store["tracking_uri"], "password": token,
-        "extra": {"artifact_root": store["artifact_root"], "max_retries": 1},
-    }))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLFLOW_OPS",
+        json.dumps(
+            {
+                "conn_type": "mlflow",
+                "host": store["tracking_uri"],
+                "password": token,
+                "extra": {"artifact_root": store["artifact_root"], "max_retries": 1},
+            }
+        ),
+    )
     before = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MLFLOW_TRACKING_"))}
     operator = MlflowTrainModelOperator(
-        task_id="train", mlflow_conn_id="mlflow_ops", data_uri=store["data"]["before"], experiment="ops",
-        estimator=f"{__name__}:fit_scaled_logistic", estimator_params={"C": 2.0},
+        task_id="train",
+        mlflow_conn_id="mlflow_ops",
+        data_uri=store["data"]["before"],
+        experiment="ops",
+        estimator=f"{__name__}:fit_scaled_logistic",
+        estimator_params={"C": 2.0},
     )
     SEEN_ENVIRON.clear()
     context = _context(try_number=1)

@@ -58,8 +58,15 @@ def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
         client.log_metric(run.info.run_id, "accuracy", accuracy)
         client.create_model_version("churn", f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
     client.set_model_version_tag("churn", "4", "airloop.rejected", "true")
-    append_audit({"tracking_uri": uri, "model_name": "churn", "version": "2", "stage": "training",
-                  "record": {"accuracy": 0.93, "note": SCRIPT}})
+    append_audit(
+        {
+            "tracking_uri": uri,
+            "model_name": "churn",
+            "version": "2",
+            "stage": "training",
+            "record": {"accuracy": 0.93, "note": SCRIPT},
+        }
+    )
     client.set_registered_model_alias("churn", "previous", "1")
     client.set_registered_model_alias("churn", "champion", "2")
     client.set_registered_model_alias("churn", "challenger", "3")
@@ -160,12 +167,33 @@ def test_version_page_shows_the_loop_audit_record(client: TestClient) -> None:
 
 def test_rollouts_page_shows_latest_reports_first(client: TestClient, artefacts: Path) -> None:
     def report(started: str, decision: str, reasons: list[str]) -> dict:
-        shadow = {"kind": "shadow", "weight": 0, "mirror": 37, "verdict": "pass", "reasons": [],
-                  "started": started, "ended": started}
-        step = {"kind": "canary", "weight": 10, "verdict": "fail" if reasons else "pass", "reasons": reasons,
-                "started": started, "ended": started}
-        return {"deployment": "churn", "model_name": "churn", "champion": "2", "challenger": "3",
-                "decision": decision, "steps": [shadow, step], "started": started, "ended": started}
+        shadow = {
+            "kind": "shadow",
+            "weight": 0,
+            "mirror": 37,
+            "verdict": "pass",
+            "reasons": [],
+            "started": started,
+            "ended": started,
+        }
+        step = {
+            "kind": "canary",
+            "weight": 10,
+            "verdict": "fail" if reasons else "pass",
+            "reasons": reasons,
+            "started": started,
+            "ended": started,
+        }
+        return {
+            "deployment": "churn",
+            "model_name": "churn",
+            "champion": "2",
+            "challenger": "3",
+            "decision": decision,
+            "steps": [shadow, step],
+            "started": started,
+            "ended": started,
+        }
 
     _write(artefacts / "rollouts/churn/a.json", report("2026-01-01T00:00:00", "promoted", []))
     _write(artefacts / "rollouts/churn/b.json", report("2026-02-01T00:00:00", "rolled_back", [SCRIPT]))
@@ -183,11 +211,18 @@ def test_rollouts_page_shows_latest_reports_first(client: TestClient, artefacts:
 
 
 def test_drift_page_and_report(client: TestClient, artefacts: Path) -> None:
-    features = {"tenure": {"statistic": 0.31, "p_value": 0.0001, "drift": True},
-                "charges": {"statistic": 0.02, "p_value": 0.6, "drift": False}}
+    features = {
+        "tenure": {"statistic": 0.31, "p_value": 0.0001, "drift": True},
+        "charges": {"statistic": 0.02, "p_value": 0.6, "drift": False},
+    }
     _write(artefacts / "drift/churn/20260101T000000/report.json", {"verdict": "no_drift", "severity": "none"})
-    latest = {"verdict": "drift", "severity": "high", "features": features,
-              "n_reference": 1000, "n_current": 500}
+    latest = {
+        "verdict": "drift",
+        "severity": "high",
+        "features": features,
+        "n_reference": 1000,
+        "n_current": 500,
+    }
     _write(artefacts / "drift/churn/20260201T000000/report.json", latest)
     _write(artefacts / "drift/churn/20260201T000000/report.html", "<html><body>drift report</body></html>")
     page = client.get("/airloop/drift").text
@@ -239,8 +274,11 @@ finally:
 
 
 def test_airflow_loads_the_plugin_without_importing_mlflow(tmp_path: Path) -> None:
-    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path),
-           "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins")}
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(tmp_path),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+    }
     listed = subprocess.run(
         [sys.executable, "-c", LIST_PLUGINS], env=env, capture_output=True, text=True, timeout=120
     )

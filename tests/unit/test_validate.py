@@ -117,8 +117,22 @@ def _reference(rows: int = 600, seed: int = 0) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("suite") / "profiled.yaml"
-    assert cli(["suites", "profile", write_table(_reference(2000), str(path.with_suffix(".parquet"))),
-                "--out", str(path), "--key", "id", "--label", "label"]) == 0
+    assert (
+        cli(
+            [
+                "suites",
+                "profile",
+                write_table(_reference(2000), str(path.with_suffix(".parquet"))),
+                "--out",
+                str(path),
+                "--key",
+                "id",
+                "--label",
+                "label",
+            ]
+        )
+        == 0
+    )
     return str(path)
 
 
@@ -140,11 +154,15 @@ CORPUS: dict[str, tuple[Callable[[pd.DataFrame], pd.DataFrame], tuple[str, str |
     "wrong dtype": (lambda f: f.assign(f3=f["f3"].astype(str)), (TYPES, "f3")),
     "NaNs above the allowed fraction": (_more_nans, (NOT_NULL, "f6")),
     "values out of range": (_out_of_range, (BETWEEN, "f4")),
-    "unseen category": (lambda f: f.assign(segment=f["segment"].replace("partner", "wholesale")),
-                        (VALUE_SET, "segment")),
+    "unseen category": (
+        lambda f: f.assign(segment=f["segment"].replace("partner", "wholesale")),
+        (VALUE_SET, "segment"),
+    ),
     "duplicated keys": (_duplicate_keys, (UNIQUE, "id")),
-    "label leakage: the target among the features": (lambda f: f.assign(f5=f["label"].astype("float64")),
-                                                     (DIFFER, "f5")),
+    "label leakage: the target among the features": (
+        lambda f: f.assign(f5=f["label"].astype("float64")),
+        (DIFFER, "f5"),
+    ),
     "too few rows": (lambda f: f.head(50), (ROWS, None)),
     "no rows": (lambda f: f.head(0), (ROWS, None)),
 }
@@ -166,8 +184,11 @@ def test_profiled_suite_passes_its_reference_and_fresh_data_from_the_same_source
     assert {ORDERED, ROWS, NOT_NULL, TYPES, BETWEEN, VALUE_SET, UNIQUE, DIFFER} <= types
     f6 = next(e for e in suite["expectations"] if e["type"] == NOT_NULL and e["kwargs"]["column"] == "f6")
     assert f6["kwargs"]["mostly"] == pytest.approx(0.97)  # 2% nulls seen, 3% allowed
-    sets = {e["kwargs"]["column"]: e["kwargs"]["value_set"] for e in suite["expectations"]
-            if e["type"] == VALUE_SET}
+    sets = {
+        e["kwargs"]["column"]: e["kwargs"]["value_set"]
+        for e in suite["expectations"]
+        if e["type"] == VALUE_SET
+    }
     assert sets == {"segment": ["online", "partner", "retail"], "label": [0, 1]}
     assert not any(e["kwargs"].get("column") == "id" for e in suite["expectations"] if e["type"] == BETWEEN)
     reference = Path(profiled).with_suffix(".parquet")
@@ -217,7 +238,8 @@ def test_unreadable_data_and_bad_suites_raise(tmp_path):
 
 @pytest.fixture
 def suites_module(tmp_path, monkeypatch):
-    (tmp_path / "team_suites.py").write_text(textwrap.dedent(f"""
+    (tmp_path / "team_suites.py").write_text(
+        textwrap.dedent(f"""
         import json
         import great_expectations as gx
 
@@ -233,7 +255,8 @@ def suites_module(tmp_path, monkeypatch):
 
         def broken():
             raise RuntimeError("no suite today")
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "team_suites"
     sys.modules.pop("team_suites", None)
@@ -243,8 +266,10 @@ def test_suites_as_code_yaml_and_json_agree(tmp_path, suites_module):
     frame = _out_of_range(generate(300, seed=4))
     as_yaml = tmp_path / "suite.yaml"
     as_yaml.write_text(yaml.safe_dump(load_suite(SUITE)))
-    results = [_run(tmp_path, frame, suite=source)
-               for source in (SUITE, str(as_yaml), f"{suites_module}:as_dict", load_suite(SUITE))]
+    results = [
+        _run(tmp_path, frame, suite=source)
+        for source in (SUITE, str(as_yaml), f"{suites_module}:as_dict", load_suite(SUITE))
+    ]
     assert all(r["failed"] == results[0]["failed"] and r["evaluated"] == 29 for r in results)
     coded = _run(tmp_path, frame.assign(f1=frame["f1"] * 100), suite=f"{suites_module}:as_gx")
     assert (coded["suite"], coded["evaluated"]) == ("coded", 2)
@@ -284,49 +309,73 @@ def test_feast_training_set_is_checked_against_its_producers_fingerprint(tmp_pat
 
 # Expectations of every kind the batched path treats differently, most of them failing on this data
 # so that counts, percentages, samples and observed values are compared, not just verdicts.
-BATCH_SUITE = {"name": "batches", "expectations": [
-    {"type": ORDERED, "kwargs": {"column_list": ["id", "f0", "f1", "n", "flag", "segment", "label"]}},
-    {"type": "expect_table_column_count_to_equal", "kwargs": {"value": 7}},
-    {"type": ROWS, "kwargs": {"min_value": 10, "max_value": 900}},
-    {"type": "expect_column_to_exist", "kwargs": {"column": "missing"}},
-    {"type": NOT_NULL, "kwargs": {"column": "n", "mostly": 0.99}},
-    {"type": NOT_NULL, "kwargs": {"column": "f1"}},
-    {"type": TYPES, "kwargs": {"column": "n", "type_list": ["int64"]}},
-    {"type": TYPES, "kwargs": {"column": "flag", "type_list": ["bool"]}},
-    {"type": BETWEEN, "kwargs": {"column": "f0", "min_value": -1.5, "max_value": 1.5, "mostly": 0.9}},
-    {"type": BETWEEN, "kwargs": {"column": "n", "min_value": 0, "max_value": 50}},
-    {"type": BETWEEN, "kwargs": {"column": "missing", "min_value": 0, "max_value": 1}},
-    {"type": VALUE_SET, "kwargs": {"column": "segment", "value_set": ["a", "b"]}},
-    {"type": "expect_column_values_to_match_regex", "kwargs": {"column": "segment", "regex": "^[ab]$"}},
-    {"type": UNIQUE, "kwargs": {"column": "id"}},
-    {"type": "expect_column_values_to_be_increasing", "kwargs": {"column": "id"}},
-    {"type": "expect_column_mean_to_be_between", "kwargs": {"column": "f0", "min_value": 0.5,
-                                                             "max_value": 1}},
-    {"type": "expect_column_quantile_values_to_be_between", "kwargs": {"column": "f1", "quantile_ranges": {
-        "quantiles": [0.1, 0.5, 0.9], "value_ranges": [[None, None], [0.5, 1], [None, None]]}}},
-    {"type": "expect_column_unique_value_count_to_be_between",
-     "kwargs": {"column": "segment", "max_value": 2}},
-    {"type": "expect_column_proportion_of_unique_values_to_be_between",
-     "kwargs": {"column": "n", "min_value": 0.5}},
-    {"type": "expect_column_pair_values_a_to_be_greater_than_b",
-     "kwargs": {"column_A": "f0", "column_B": "f1", "mostly": 0.6}},
-    {"type": "expect_compound_columns_to_be_unique", "kwargs": {"column_list": ["segment", "label"]}},
-    {"type": "expect_multicolumn_sum_to_equal", "kwargs": {"column_list": ["id", "label"], "sum_total": 0}},
-    {"type": DIFFER, "kwargs": {"column_A": "flag", "column_B": "label", "mostly": 0.6}},
-]}
+BATCH_SUITE = {
+    "name": "batches",
+    "expectations": [
+        {"type": ORDERED, "kwargs": {"column_list": ["id", "f0", "f1", "n", "flag", "segment", "label"]}},
+        {"type": "expect_table_column_count_to_equal", "kwargs": {"value": 7}},
+        {"type": ROWS, "kwargs": {"min_value": 10, "max_value": 900}},
+        {"type": "expect_column_to_exist", "kwargs": {"column": "missing"}},
+        {"type": NOT_NULL, "kwargs": {"column": "n", "mostly": 0.99}},
+        {"type": NOT_NULL, "kwargs": {"column": "f1"}},
+        {"type": TYPES, "kwargs": {"column": "n", "type_list": ["int64"]}},
+        {"type": TYPES, "kwargs": {"column": "flag", "type_list": ["bool"]}},
+        {"type": BETWEEN, "kwargs": {"column": "f0", "min_value": -1.5, "max_value": 1.5, "mostly": 0.9}},
+        {"type": BETWEEN, "kwargs": {"column": "n", "min_value": 0, "max_value": 50}},
+        {"type": BETWEEN, "kwargs": {"column": "missing", "min_value": 0, "max_value": 1}},
+        {"type": VALUE_SET, "kwargs": {"column": "segment", "value_set": ["a", "b"]}},
+        {"type": "expect_column_values_to_match_regex", "kwargs": {"column": "segment", "regex": "^[ab]$"}},
+        {"type": UNIQUE, "kwargs": {"column": "id"}},
+        {"type": "expect_column_values_to_be_increasing", "kwargs": {"column": "id"}},
+        {
+            "type": "expect_column_mean_to_be_between",
+            "kwargs": {"column": "f0", "min_value": 0.5, "max_value": 1},
+        },
+        {
+            "type": "expect_column_quantile_values_to_be_between",
+            "kwargs": {
+                "column": "f1",
+                "quantile_ranges": {
+                    "quantiles": [0.1, 0.5, 0.9],
+                    "value_ranges": [[None, None], [0.5, 1], [None, None]],
+                },
+            },
+        },
+        {
+            "type": "expect_column_unique_value_count_to_be_between",
+            "kwargs": {"column": "segment", "max_value": 2},
+        },
+        {
+            "type": "expect_column_proportion_of_unique_values_to_be_between",
+            "kwargs": {"column": "n", "min_value": 0.5},
+        },
+        {
+            "type": "expect_column_pair_values_a_to_be_greater_than_b",
+            "kwargs": {"column_A": "f0", "column_B": "f1", "mostly": 0.6},
+        },
+        {"type": "expect_compound_columns_to_be_unique", "kwargs": {"column_list": ["segment", "label"]}},
+        {
+            "type": "expect_multicolumn_sum_to_equal",
+            "kwargs": {"column_list": ["id", "label"], "sum_total": 0},
+        },
+        {"type": DIFFER, "kwargs": {"column_A": "flag", "column_B": "label", "mostly": 0.6}},
+    ],
+}
 
 
 def _mixed(rows: int) -> pd.DataFrame:
     rng = np.random.default_rng(3)
-    frame = pd.DataFrame({
-        "id": np.arange(rows, dtype="int64"),
-        "f0": rng.normal(size=rows),
-        "f1": rng.normal(size=rows),
-        "n": rng.integers(0, 60, rows),
-        "flag": rng.random(rows) < 0.5,
-        "segment": rng.choice(["a", "b", "c"], rows, p=[0.45, 0.45, 0.1]),
-        "label": rng.integers(0, 2, rows),
-    })
+    frame = pd.DataFrame(
+        {
+            "id": np.arange(rows, dtype="int64"),
+            "f0": rng.normal(size=rows),
+            "f1": rng.normal(size=rows),
+            "n": rng.integers(0, 60, rows),
+            "flag": rng.random(rows) < 0.5,
+            "segment": rng.choice(["a", "b", "c"], rows, p=[0.45, 0.45, 0.1]),
+            "label": rng.integers(0, 2, rows),
+        }
+    )
     frame.loc[rows - 3, "id"] = 17  # a duplicate key far from its twin: in another batch
     frame.loc[[5, 6], "f1"] = np.nan
     return frame
@@ -339,15 +388,18 @@ def test_batches_give_exactly_the_whole_table_result(tmp_path, monkeypatch):
     # n is a plain int64 column whose only null sits in the last row group: whole, it reads as float64.
     n = pa.array(frame["n"].tolist()[:-1] + [None], pa.int64())
     pq.write_table(table.set_column(table.schema.get_field_index("n"), "n", n), path, row_group_size=300)
-    whole = validate({"data_uri": str(path), "suite": BATCH_SUITE, "batch_rows": 0,
-                      "docs_dir": str(tmp_path / "whole")})
-    batched = validate({"data_uri": str(path), "suite": BATCH_SUITE, "batch_rows": 97,
-                        "docs_dir": str(tmp_path / "batched")})
+    whole = validate(
+        {"data_uri": str(path), "suite": BATCH_SUITE, "batch_rows": 0, "docs_dir": str(tmp_path / "whole")}
+    )
+    batched = validate(
+        {"data_uri": str(path), "suite": BATCH_SUITE, "batch_rows": 97, "docs_dir": str(tmp_path / "batched")}
+    )
     assert (whole["batches"], batched["batches"]) == (1, 11)
     failing = {item["expectation"] for item in whole["failed"]}
     assert len(whole["failed"]) >= 15 and {UNIQUE, "expect_column_values_to_be_increasing", TYPES} <= failing
     assert {k: v for k, v in batched.items() if k not in ("batches", "docs_index")} == {
-        k: v for k, v in whole.items() if k not in ("batches", "docs_index")}
+        k: v for k, v in whole.items() if k not in ("batches", "docs_index")
+    }
     assert whole["fingerprint"] == fingerprint(read_table(str(path)))
     assert Path(batched["docs_index"]).is_file()
     (page,) = (tmp_path / "batched" / "validations").rglob("*.html")
@@ -363,8 +415,12 @@ def test_the_gated_run_refuses_data_that_changed_after_validation(tmp_path):
     uri = write_table(frame, str(tmp_path / "train.parquet"))
     summary = {**validate({"data_uri": uri, "suite_path": SUITE}), "data_uri": uri, "docs_uri": "s3://d"}
     tags = gated_run_tags(summary, uri, fingerprint(frame))
-    assert tags == {"airloop.validation.success": "true", "airloop.validation.suite": "training_data",
-                    "airloop.validation.expectations": "29/29", "airloop.validation.docs": "s3://d"}
+    assert tags == {
+        "airloop.validation.success": "true",
+        "airloop.validation.suite": "training_data",
+        "airloop.validation.expectations": "29/29",
+        "airloop.validation.docs": "s3://d",
+    }
     with pytest.raises(ValueError, match="changed since it was validated"):
         gated_run_tags(summary, uri, fingerprint(frame.head(299)))
     assert gated_run_tags(None, uri, fingerprint(frame)) == {}

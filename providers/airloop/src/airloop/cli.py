@@ -25,15 +25,22 @@ def main(argv: list[str] | None = None) -> int:
     profile.add_argument("--key", help="a column whose values must be unique")
     profile.add_argument("--label", help="the target column: no feature may be a copy of it")
     profile.add_argument("--name", help="the suite's name (default: the file's name)")
-    profile.add_argument("--margin", type=float, default=0.5,
-                         help="numeric ranges widened by this fraction of the observed span on each side")
+    profile.add_argument(
+        "--margin",
+        type=float,
+        default=0.5,
+        help="numeric ranges widened by this fraction of the observed span on each side",
+    )
 
     loop = commands.add_parser("loop", help="run the reference loop on the embedded default")
     loop.add_argument("--dags", default="dags", help="folder of the reference DAGs")
     loop.add_argument("--rows", type=int, default=4000, help="rows per generated training set")
     loop.add_argument("--report", default=None, help="where to write the JSON report")
-    loop.add_argument("--keep-running", action="store_true",
-                      help="leave Airflow and the model servers running to browse the UI afterwards")
+    loop.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave Airflow and the model servers running to browse the UI afterwards",
+    )
 
     args = parser.parse_args(argv)
     if args.command == "runtimes":
@@ -49,10 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "suites":
         from airloop.steps.validate import profile as profile_step
 
-        made = profile_step({"data_uri": args.data, "out": args.out, "key": args.key, "label": args.label,
-                             "name": args.name, "margin": args.margin})
-        print(f"wrote suite {made['name']!r} ({made['expectations']} expectations, profiled from"
-              f" {made['rows']} rows) to {made['suite_path']}: review it before it gates anything")
+        made = profile_step(
+            {
+                "data_uri": args.data,
+                "out": args.out,
+                "key": args.key,
+                "label": args.label,
+                "name": args.name,
+                "margin": args.margin,
+            }
+        )
+        print(
+            f"wrote suite {made['name']!r} ({made['expectations']} expectations, profiled from"
+            f" {made['rows']} rows) to {made['suite_path']}: review it before it gates anything"
+        )
         return 0
     from airloop.embedded.runner import run_loop
 

@@ -55,8 +55,10 @@ def _write_world(home: Path, rows: int, shift: float, seed: int) -> Path:
 
 
 def _durations(airflow: Standalone, dag_id: str, run_id: str) -> dict[str, Any]:
-    return {ti["task_id"]: {"state": ti["state"], "seconds": round(ti.get("duration") or 0.0, 1)}
-            for ti in airflow.task_instances(dag_id, run_id)}
+    return {
+        ti["task_id"]: {"state": ti["state"], "seconds": round(ti.get("duration") or 0.0, 1)}
+        for ti in airflow.task_instances(dag_id, run_id)
+    }
 
 
 def _run(airflow: Standalone, dag_id: str, conf: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -66,20 +68,32 @@ def _run(airflow: Standalone, dag_id: str, conf: dict[str, Any], timeout: float)
     return _finished(airflow, dag_id, run_id, started, timeout)
 
 
-def _finished(airflow: Standalone, dag_id: str, run_id: str, started: float, timeout: float) -> dict[str, Any]:
+def _finished(
+    airflow: Standalone, dag_id: str, run_id: str, started: float, timeout: float
+) -> dict[str, Any]:
     run = airflow.wait_for_run(dag_id, run_id, timeout)
     tasks = _durations(airflow, dag_id, run_id)
-    _say(f"{dag_id}: {run['state']} in {time.monotonic() - started:.0f}s "
-         + " ".join(f"{t}={v['state']}({v['seconds']}s)" for t, v in tasks.items()))
-    return {"dag_id": dag_id, "run_id": run_id, "run_type": run["run_type"], "state": run["state"],
-            "wall_seconds": round(time.monotonic() - started, 1), "tasks": tasks,
-            "results": {t: airflow.xcom(dag_id, run_id, t) for t, v in tasks.items() if v["state"] == "success"}}
+    _say(
+        f"{dag_id}: {run['state']} in {time.monotonic() - started:.0f}s "
+        + " ".join(f"{t}={v['state']}({v['seconds']}s)" for t, v in tasks.items())
+    )
+    return {
+        "dag_id": dag_id,
+        "run_id": run_id,
+        "run_type": run["run_type"],
+        "state": run["state"],
+        "wall_seconds": round(time.monotonic() - started, 1),
+        "tasks": tasks,
+        "results": {t: airflow.xcom(dag_id, run_id, t) for t, v in tasks.items() if v["state"] == "success"},
+    }
 
 
 def _accuracy(stats: dict[str, Any], shift: str) -> dict[str, Any]:
     per_version = stats.get(shift, {})
-    return {version: {**c, "accuracy": round(c["correct"] / max(c["requests"] - c["errors"], 1), 4)}
-            for version, c in per_version.items()}
+    return {
+        version: {**c, "accuracy": round(c["correct"] / max(c["requests"] - c["errors"], 1), 4)}
+        for version, c in per_version.items()
+    }
 
 
 def _wait_traffic(stats_path: Path, shift: str, requests: int, timeout: float = 60.0) -> None:
@@ -126,9 +140,21 @@ def run_loop(dags: str, rows: int, report: str | None, keep_running: bool = Fals
 
         endpoint = get_target("local").state(DEPLOYMENT)["endpoint"]
         _say(f"clients start calling {endpoint}")
-        traffic = subprocess.Popen([sys.executable, "-m", "airloop.embedded.traffic", "--endpoint", endpoint,
-                                    "--control", str(home / "world.json"), "--stats", str(stats_path)],
-                                   stdout=(home / "traffic.log").open("w"), stderr=subprocess.STDOUT)
+        traffic = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "airloop.embedded.traffic",
+                "--endpoint",
+                endpoint,
+                "--control",
+                str(home / "world.json"),
+                "--stats",
+                str(stats_path),
+            ],
+            stdout=(home / "traffic.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
         mark = time.monotonic()
         _wait_traffic(stats_path, "0.0", 400)
         window = (time.monotonic() - mark) / 60 + 0.05
@@ -151,10 +177,15 @@ def run_loop(dags: str, rows: int, report: str | None, keep_running: bool = Fals
         stages["retrain_turn"] = time.monotonic() - mark
 
         stats = read_stats(stats_path)
-        summary["accuracy"] = {"before_shift": _accuracy(stats, "0.0"), "after_shift": _accuracy(stats, "1.0")}
+        summary["accuracy"] = {
+            "before_shift": _accuracy(stats, "0.0"),
+            "after_shift": _accuracy(stats, "1.0"),
+        }
         summary["verdicts"] = _verdicts(first, control, drift, second)
-        summary["champion"] = {"before": first["results"].get("register", {}).get("version"),
-                               "after": _champion()}
+        summary["champion"] = {
+            "before": first["results"].get("register", {}).get("version"),
+            "after": _champion(),
+        }
         summary["serving"] = get_target("local").state(DEPLOYMENT)
         ok = second["state"] == "success" and summary["champion"]["after"] != summary["champion"]["before"]
     finally:
@@ -216,5 +247,6 @@ def _print_summary(summary: dict[str, Any], path: Path) -> None:
         print(f"stage {stage:24} {seconds:6.1f}s")
     print("verdicts:", json.dumps(summary.get("verdicts"), indent=1, default=str))
     print("accuracy (live, from client feedback):", json.dumps(summary.get("accuracy"), default=str))
-    print(f"champion: v{summary.get('champion', {}).get('before')} -> v{summary.get('champion', {}).get('after')}")
+    champion = summary.get("champion", {})
+    print(f"champion: v{champion.get('before')} -> v{champion.get('after')}")
     print(f"total {summary['wall_seconds']:.1f}s, {'OK' if summary['ok'] else 'FAILED'}; report: {path}")

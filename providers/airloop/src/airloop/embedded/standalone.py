@@ -61,12 +61,19 @@ class Standalone:
         airflow = str(Path(sys.executable).parent / "airflow")
         subprocess.run([airflow, "db", "migrate"], env=self.env, check=True, capture_output=True)
         self.log = self.log_path.open("w")
-        self.process = subprocess.Popen([airflow, "standalone"], env=self.env, stdout=self.log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            [airflow, "standalone"],
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"airflow standalone exited ({self.process.returncode}); see {self.log_path}")
+                raise RuntimeError(
+                    f"airflow standalone exited ({self.process.returncode}); see {self.log_path}"
+                )
             try:
                 health = httpx.get(f"{self.url}/api/v2/monitor/health", timeout=2.0).json()
                 if all(health.get(c, {}).get("status") == "healthy" for c in ("metadatabase", "scheduler")):
@@ -97,8 +104,9 @@ class Standalone:
         while time.monotonic() < deadline:
             errors = self._json("GET", "/importErrors")["import_errors"]
             if errors:
-                raise RuntimeError("DAG import errors:\n" + "\n".join(f"{e['filename']}: {e['stack_trace']}"
-                                                                      for e in errors))
+                raise RuntimeError(
+                    "DAG import errors:\n" + "\n".join(f"{e['filename']}: {e['stack_trace']}" for e in errors)
+                )
             if all(self.http.get(f"/dags/{dag_id}").status_code == 200 for dag_id in dag_ids):
                 return
             time.sleep(1.0)
@@ -136,6 +144,8 @@ class Standalone:
         return self._json("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
 
     def xcom(self, dag_id: str, run_id: str, task_id: str) -> Any:
-        answer = self.http.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value",
-                               params={"deserialize": True})
+        answer = self.http.get(
+            f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value",
+            params={"deserialize": True},
+        )
         return answer.json().get("value") if answer.status_code == 200 else None

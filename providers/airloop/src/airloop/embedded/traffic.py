@@ -25,7 +25,9 @@ def _read_shift(control: Path) -> float:
         return 0.0
 
 
-async def run(endpoint: str, control: Path, stats_path: Path, concurrency: int, rate: float, seed: int) -> None:
+async def run(
+    endpoint: str, control: Path, stats_path: Path, concurrency: int, rate: float, seed: int
+) -> None:
     import httpx
 
     from airloop.steps.data import generate
@@ -35,7 +37,8 @@ async def run(endpoint: str, control: Path, stats_path: Path, concurrency: int, 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     stats: dict[str, dict[str, dict[str, int]]] = defaultdict(
-        lambda: defaultdict(lambda: {"requests": 0, "errors": 0, "correct": 0}))
+        lambda: defaultdict(lambda: {"requests": 0, "errors": 0, "correct": 0})
+    )
     rng = random.Random(seed)
     pool: list[tuple[list[str], list[float], int]] = []
     pool_shift: list[float | None] = [None]
@@ -57,11 +60,14 @@ async def run(endpoint: str, control: Path, stats_path: Path, concurrency: int, 
             shift, names, features, label = next_row()
             counts = None
             try:
-                answer = await http.post(f"{endpoint}/api/v1.0/predictions",
-                                         json={"data": {"names": names, "ndarray": [features]}})
+                answer = await http.post(
+                    f"{endpoint}/api/v1.0/predictions", json={"data": {"names": names, "ndarray": [features]}}
+                )
                 body = answer.json()
-                version = str(body.get("meta", {}).get("model_version") or
-                              answer.headers.get("X-Airloop-Predictor", "?"))
+                version = str(
+                    body.get("meta", {}).get("model_version")
+                    or answer.headers.get("X-Airloop-Predictor", "?")
+                )
                 counts = stats[str(shift)][version]
                 counts["requests"] += 1
                 if answer.status_code != 200:
@@ -69,11 +75,14 @@ async def run(endpoint: str, control: Path, stats_path: Path, concurrency: int, 
                     continue
                 probabilities = body["data"]["ndarray"][0]
                 counts["correct"] += int(probabilities.index(max(probabilities)) == label)
-                await http.post(f"{endpoint}/api/v1.0/feedback", json={
-                    "request": {"data": {"names": names, "ndarray": [features]}},
-                    "response": {"meta": body.get("meta", {})},
-                    "truth": {"data": {"ndarray": [[label]]}},
-                })
+                await http.post(
+                    f"{endpoint}/api/v1.0/feedback",
+                    json={
+                        "request": {"data": {"names": names, "ndarray": [features]}},
+                        "response": {"meta": body.get("meta", {})},
+                        "truth": {"data": {"ndarray": [[label]]}},
+                    },
+                )
             except (httpx.HTTPError, ValueError, KeyError, IndexError):
                 if counts is None:
                     stats[str(shift)]["unreachable"]["errors"] += 1

@@ -53,8 +53,11 @@ class MlflowHook(EmbeddedDefaultHook):
     def _settings(self) -> dict[str, Any]:
         conn = self.connection_or_none(self.mlflow_conn_id)
         if conn is None:
-            return {"tracking_uri": settings.mlflow_tracking_uri(),
-                    "artifact_root": settings.mlflow_artifact_root(), "ui_url": "http://127.0.0.1:5000"}
+            return {
+                "tracking_uri": settings.mlflow_tracking_uri(),
+                "artifact_root": settings.mlflow_artifact_root(),
+                "ui_url": "http://127.0.0.1:5000",
+            }
         extra = conn.extra_dejson
         uri = conn.host or extra.get("tracking_uri")
         if not uri:
@@ -100,8 +103,11 @@ class MlflowHook(EmbeddedDefaultHook):
         s3 = {"endpoint_url": aws.conn_config.get_service_endpoint_url("s3"), "region_name": aws.region_name}
         credentials = aws.get_credentials()
         if credentials is not None:
-            s3.update(aws_access_key_id=credentials.access_key, aws_secret_access_key=credentials.secret_key,
-                      aws_session_token=credentials.token)
+            s3.update(
+                aws_access_key_id=credentials.access_key,
+                aws_secret_access_key=credentials.secret_key,
+                aws_session_token=credentials.token,
+            )
             for secret in (credentials.secret_key, credentials.token):
                 if secret:
                     mask_secret(secret)

@@ -34,7 +34,9 @@ class ServingHook(EmbeddedDefaultHook):
     def target_config(self) -> dict[str, Any]:
         conn = self.connection_or_none(self.serving_conn_id)
         # Fields left empty in the connection form arrive as None: the target's defaults apply.
-        extra = {key: value for key, value in (conn.extra_dejson if conn else {}).items() if value is not None}
+        extra = {
+            key: value for key, value in (conn.extra_dejson if conn else {}).items() if value is not None
+        }
         extra.setdefault("target", "local")
         return extra
 

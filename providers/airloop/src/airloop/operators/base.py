@@ -21,8 +21,9 @@ class StepOperator(BaseOperator):
         ``kubernetes_conn_id``, ``service_account_name``, ...).
     """
 
-    def __init__(self, *, runtime: str = runtimes.WORKER, pod_settings: dict[str, Any] | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *, runtime: str = runtimes.WORKER, pod_settings: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         # Results are small dicts: push each key too, so DAGs can pass ``task.output["run_id"]`` along.
         kwargs.setdefault("multiple_outputs", True)
         super().__init__(**kwargs)
@@ -30,8 +31,14 @@ class StepOperator(BaseOperator):
         self.pod_settings = pod_settings
 
     def run_step(self, step: str, request: dict[str, Any], context: Context) -> Any:
-        return runtimes.run_step(step, request, runtime=self.runtime, context=context, task_id=self.task_id,
-                                 pod_settings=self.pod_settings)
+        return runtimes.run_step(
+            step,
+            request,
+            runtime=self.runtime,
+            context=context,
+            task_id=self.task_id,
+            pod_settings=self.pod_settings,
+        )
 
 
 def airflow_tags(context: Context) -> dict[str, str]:
@@ -51,8 +58,11 @@ def loop_trigger(context: Context) -> dict[str, Any]:
     """Why this DAG run started: the Asset events that scheduled it, or its run type."""
     events = context.get("triggering_asset_events") or {}
     consumed = [
-        {"asset": getattr(asset, "uri", str(asset)), "extra": dict(event.extra or {}),
-         "timestamp": event.timestamp.isoformat()}
+        {
+            "asset": getattr(asset, "uri", str(asset)),
+            "extra": dict(event.extra or {}),
+            "timestamp": event.timestamp.isoformat(),
+        }
         for asset, asset_events in events.items()
         for event in asset_events
     ]

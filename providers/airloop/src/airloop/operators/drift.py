@@ -41,10 +41,19 @@ class _DriftDetectOperator(StepOperator):
     template_fields: Sequence[str] = ("model_name", "backend", "method", "p_val", "correction", "min_rows")
     operator_extra_links = (DriftReportLink(),)
 
-    def __init__(self, *, model_name: str, backend: str = "alibi", method: str = "ks",
-                 p_val: float = 0.05, correction: str = "bonferroni", min_rows: int = 200,
-                 mlflow_conn_id: str = MlflowHook.default_conn_name, runtime: str = "serving",
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        backend: str = "alibi",
+        method: str = "ks",
+        p_val: float = 0.05,
+        correction: str = "bonferroni",
+        min_rows: int = 200,
+        mlflow_conn_id: str = MlflowHook.default_conn_name,
+        runtime: str = "serving",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(runtime=runtime, **kwargs)
         self.model_name = model_name
         self.backend = backend
@@ -79,21 +88,40 @@ class _DriftDetectOperator(StepOperator):
                 reference = download(hook.tracking_uri, f"runs:/{run_id}/drift/reference.parquet", tmp)
             window, source = self._window(Path(folder), Path(tmp))
             self.log.info("window: %s", source)
-            result = self.run_step("airloop.steps.drift:detect", {
-                "reference_uri": reference, "current_uri": window, "backend": self.backend,
-                "method": self.method, "p_val": float(self.p_val), "correction": self.correction,
-                "min_rows": int(self.min_rows), "report_dir": str(folder),
-            }, context)
+            result = self.run_step(
+                "airloop.steps.drift:detect",
+                {
+                    "reference_uri": reference,
+                    "current_uri": window,
+                    "backend": self.backend,
+                    "method": self.method,
+                    "p_val": float(self.p_val),
+                    "correction": self.correction,
+                    "min_rows": int(self.min_rows),
+                    "report_dir": str(folder),
+                },
+                context,
+            )
         hook.client.log_metric(run_id, "drift_share", float(result.get("share_drifted") or 0.0))
         hook.client.log_metric(run_id, "drift_detected", float(result["verdict"] == "drift"))
-        self.log.info("drift verdict %s, severity %s, drifted features %s", result["verdict"],
-                      result["severity"], result["drifted_features"])
+        self.log.info(
+            "drift verdict %s, severity %s, drifted features %s",
+            result["verdict"],
+            result["severity"],
+            result["drifted_features"],
+        )
         return {
-            "model_name": self.model_name, "champion": str(champion), "verdict": result["verdict"],
-            "severity": result["severity"], "drifted_features": result["drifted_features"],
-            "share_drifted": result.get("share_drifted"), "n_current": result["n_current"],
-            "n_reference": result["n_reference"], "message": result.get("message"),
-            "report": f"{prefix}/report.json", "window": source,
+            "model_name": self.model_name,
+            "champion": str(champion),
+            "verdict": result["verdict"],
+            "severity": result["severity"],
+            "drifted_features": result["drifted_features"],
+            "share_drifted": result.get("share_drifted"),
+            "n_current": result["n_current"],
+            "n_reference": result["n_reference"],
+            "message": result.get("message"),
+            "report": f"{prefix}/report.json",
+            "window": source,
         }
 
 
@@ -117,13 +145,19 @@ class DriftDetectRequestsOperator(_DriftDetectOperator):
         from airloop.steps.window import collect
 
         end = time.time()
-        window = collect({
-            "log_dir": str(artefacts.local_path(f"requests/{self.deployment}")),
-            "start": end - float(self.window_minutes) * 60, "end": end,
-            "out_path": f"{folder}/window.parquet",
-        })
-        return window["path"], {"deployment": self.deployment, "requests": window["rows"],
-                                "log_files": window["files"]}
+        window = collect(
+            {
+                "log_dir": str(artefacts.local_path(f"requests/{self.deployment}")),
+                "start": end - float(self.window_minutes) * 60,
+                "end": end,
+                "out_path": f"{folder}/window.parquet",
+            }
+        )
+        return window["path"], {
+            "deployment": self.deployment,
+            "requests": window["rows"],
+            "log_files": window["files"],
+        }
 
 
 class DriftDetectDataOperator(_DriftDetectOperator):
@@ -139,12 +173,22 @@ class DriftDetectDataOperator(_DriftDetectOperator):
     :param window_conn_id: the connection to read the window with; optional for ``window_uri``.
     """
 
-    template_fields: Sequence[str] = (*_DriftDetectOperator.template_fields, "window_uri", "window_sql",
-                                      "window_conn_id")
+    template_fields: Sequence[str] = (
+        *_DriftDetectOperator.template_fields,
+        "window_uri",
+        "window_sql",
+        "window_conn_id",
+    )
     template_ext: Sequence[str] = (".sql",)
 
-    def __init__(self, *, window_uri: str | None = None, window_sql: str | None = None,
-                 window_conn_id: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        window_uri: str | None = None,
+        window_sql: str | None = None,
+        window_conn_id: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.window_uri = window_uri
         self.window_sql = window_sql
@@ -152,8 +196,10 @@ class DriftDetectDataOperator(_DriftDetectOperator):
 
     def _window(self, folder: Path, scratch: Path) -> tuple[str, dict[str, Any]]:
         if bool(self.window_uri) == bool(self.window_sql):
-            raise ValueError("give the data window as exactly one of window_uri and window_sql, "
-                             f"got window_uri={self.window_uri!r}, window_sql={self.window_sql!r}")
+            raise ValueError(
+                "give the data window as exactly one of window_uri and window_sql, "
+                f"got window_uri={self.window_uri!r}, window_sql={self.window_sql!r}"
+            )
         if self.window_sql:
             return self._query(scratch), {"sql": self.window_sql, "conn_id": self.window_conn_id}
         return self._copy(scratch), {"uri": self.window_uri, "conn_id": self.window_conn_id}
@@ -167,8 +213,10 @@ class DriftDetectDataOperator(_DriftDetectOperator):
             raise ValueError("window_sql needs window_conn_id: the database connection to run it on")
         hook = BaseHook.get_connection(self.window_conn_id).get_hook()
         if not hasattr(hook, "get_df"):
-            raise ValueError(f"connection {self.window_conn_id!r} has a {type(hook).__name__}, which "
-                             "cannot run SQL: give a database connection (its hook a DbApiHook)")
+            raise ValueError(
+                f"connection {self.window_conn_id!r} has a {type(hook).__name__}, which "
+                "cannot run SQL: give a database connection (its hook a DbApiHook)"
+            )
         return write_table(hook.get_df(self.window_sql, df_type="pandas"), str(scratch / "window.parquet"))
 
     def _copy(self, scratch: Path) -> str:
@@ -187,8 +235,11 @@ class DriftDetectDataOperator(_DriftDetectOperator):
         if source.is_file():
             copies = [(source, target)]
         else:
-            copies = [(file, target / PurePosixPath(file.path).relative_to(source.path))
-                      for file in source.rglob("*") if file.is_file()]
+            copies = [
+                (file, target / PurePosixPath(file.path).relative_to(source.path))
+                for file in source.rglob("*")
+                if file.is_file()
+            ]
         for file, local in copies:
             local.parent.mkdir(parents=True, exist_ok=True)
             with file.open("rb") as remote, local.open("wb") as copy:
@@ -219,12 +270,25 @@ class DriftDecideRetrainOperator(BaseOperator):
         or running no other retrain is requested. ``None`` leaves deduplication to the cooldown.
     """
 
-    template_fields: Sequence[str] = ("detection", "actions", "cooldown_minutes", "min_window_rows",
-                                      "retrain_dag_id")
+    template_fields: Sequence[str] = (
+        "detection",
+        "actions",
+        "cooldown_minutes",
+        "min_window_rows",
+        "retrain_dag_id",
+    )
 
-    def __init__(self, *, detection: dict[str, Any], actions: dict[str, str] | None = None,
-                 cooldown_minutes: float = 60, min_window_rows: int = 200, retrain_dag_id: str | None = None,
-                 mlflow_conn_id: str = MlflowHook.default_conn_name, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        detection: dict[str, Any],
+        actions: dict[str, str] | None = None,
+        cooldown_minutes: float = 60,
+        min_window_rows: int = 200,
+        retrain_dag_id: str | None = None,
+        mlflow_conn_id: str = MlflowHook.default_conn_name,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.detection = detection
         self.actions = actions
@@ -243,22 +307,34 @@ class DriftDecideRetrainOperator(BaseOperator):
         hook = MlflowHook(mlflow_conn_id=self.mlflow_conn_id)
         last = hook.client.get_registered_model(model_name).tags.get(RETRAIN_REQUESTED_TAG)
         now = time.time()
-        decision = decide({
-            "detection": detection, "actions": self.actions, "cooldown_minutes": self.cooldown_minutes,
-            "min_window_rows": self.min_window_rows,
-            "last_requested_at": None if last is None else float(last),
-            "retrain_running": self._retrain_running(context), "now": now,
-        })
-        self.log.info("drift decision for %s: %s (%s) - %s", model_name, decision["action"], decision["code"],
-                      decision["reason"])
+        decision = decide(
+            {
+                "detection": detection,
+                "actions": self.actions,
+                "cooldown_minutes": self.cooldown_minutes,
+                "min_window_rows": self.min_window_rows,
+                "last_requested_at": None if last is None else float(last),
+                "retrain_running": self._retrain_running(context),
+                "now": now,
+            }
+        )
+        self.log.info(
+            "drift decision for %s: %s (%s) - %s",
+            model_name,
+            decision["action"],
+            decision["code"],
+            decision["reason"],
+        )
         if decision["action"] != "none":
             self._audit(hook, detection, decision, context)
         if decision["action"] not in ("retrain", "retrain_with_approval"):
             raise AirflowSkipException(decision["reason"])
         # Last, so a task that failed before this point and is retried is not held back by its own cooldown.
         hook.client.set_registered_model_tag(model_name, RETRAIN_REQUESTED_TAG, str(now))
-        extra = {key: detection[key] for key in ("model_name", "champion", "severity", "drifted_features",
-                                                 "report")}
+        extra = {
+            key: detection[key]
+            for key in ("model_name", "champion", "severity", "drifted_features", "report")
+        }
         if decision["action"] == "retrain_with_approval":
             extra["approval_required"] = True
         for outlet in self.outlets:
@@ -271,14 +347,19 @@ class DriftDecideRetrainOperator(BaseOperator):
             return False
         return context["ti"].get_dr_count(dag_id=self.retrain_dag_id, states=["queued", "running"]) > 0
 
-    def _audit(self, hook: MlflowHook, detection: dict[str, Any], decision: dict[str, Any],
-               context: Context) -> None:
+    def _audit(
+        self, hook: MlflowHook, detection: dict[str, Any], decision: dict[str, Any], context: Context
+    ) -> None:
         """Append the decision to the ``drift`` stage of the champion's audit record (the newest kept)."""
         from airloop.steps.registry import MAX_AUDIT_RECORD_BYTES, append_audit, read_audit
 
         keys = ("decided_at", "action", "code", "severity", "wanted")
-        entry = {**{key: decision[key] for key in keys}, "reason": decision["reason"][:1000],
-                 "report": detection.get("report"), "dag_run_id": context["run_id"]}
+        entry = {
+            **{key: decision[key] for key in keys},
+            "reason": decision["reason"][:1000],
+            "report": detection.get("report"),
+            "dag_run_id": context["run_id"],
+        }
         with hook.session():
             stages = read_audit(hook.tracking_uri, detection["model_name"], detection["champion"])["stages"]
         earlier = next((s["record"]["decisions"] for s in stages if s["stage"] == "drift"), [])
@@ -286,5 +367,12 @@ class DriftDecideRetrainOperator(BaseOperator):
         # A stage's record has a size limit: long reasons (a window naming many columns) push out old ones.
         while len(decisions) > 1 and len(json.dumps({"decisions": decisions})) > MAX_AUDIT_RECORD_BYTES:
             decisions.pop(0)
-        append_audit({**hook.step_config(), "model_name": detection["model_name"],
-                      "version": detection["champion"], "stage": "drift", "record": {"decisions": decisions}})
+        append_audit(
+            {
+                **hook.step_config(),
+                "model_name": detection["model_name"],
+                "version": detection["champion"],
+                "stage": "drift",
+                "record": {"decisions": decisions},
+            }
+        )

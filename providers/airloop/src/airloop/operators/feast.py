@@ -56,8 +56,14 @@ class FeastMaterializeFeaturesOperator(_FeastOperator):
 
     template_fields: Sequence[str] = ("start", "end", "feature_views")
 
-    def __init__(self, *, start: str | None = None, end: str | None = None,
-                 feature_views: list[str] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        start: str | None = None,
+        end: str | None = None,
+        feature_views: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.start = start
         self.end = end
@@ -66,8 +72,12 @@ class FeastMaterializeFeaturesOperator(_FeastOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         result = self.run_step(
             "airloop.steps.features:materialize",
-            {"store": self.hook.store_config, "start": self.start, "end": self.end,
-             "feature_views": self.feature_views},
+            {
+                "store": self.hook.store_config,
+                "start": self.start,
+                "end": self.end,
+                "feature_views": self.feature_views,
+            },
             context,
         )
         self.log.info("materialised %s (%s) up to %s", result["feature_views"], result["mode"], result["end"])
@@ -99,7 +109,12 @@ class FeastBuildTrainingSetOperator(_FeastOperator):
     """
 
     template_fields: Sequence[str] = (
-        "entity_rows", "entity_sql", "sql_conn_id", "features", "feature_service", "max_row_loss",
+        "entity_rows",
+        "entity_sql",
+        "sql_conn_id",
+        "features",
+        "feature_service",
+        "max_row_loss",
         "timestamp_column",
     )
     template_ext: Sequence[str] = (".sql",)
@@ -134,9 +149,12 @@ class FeastBuildTrainingSetOperator(_FeastOperator):
         with artefacts.staging(prefix) as folder:
             entity_rows = self.entity_rows or self._query_entity_rows(str(folder / "entity_rows.parquet"))
             request = {
-                "store": self.hook.store_config, "entity_rows_uri": entity_rows,
-                "features": self.features, "feature_service": self.feature_service,
-                "max_row_loss": float(self.max_row_loss), "timestamp_column": self.timestamp_column,
+                "store": self.hook.store_config,
+                "entity_rows_uri": entity_rows,
+                "features": self.features,
+                "feature_service": self.feature_service,
+                "max_row_loss": float(self.max_row_loss),
+                "timestamp_column": self.timestamp_column,
                 "keep_entity_columns": self.keep_entity_columns,
                 "output_uri": str(folder / "training_set.parquet"),
             }
@@ -149,8 +167,14 @@ class FeastBuildTrainingSetOperator(_FeastOperator):
             if self.entity_sql:
                 entity_rows = str(artefacts.root() / prefix / "entity_rows.parquet")
         result["entity_rows"] = entity_rows
-        self.log.info("training set %s: %d of %d entity rows (loss %.2f%%), features %s", result["uri"],
-                      result["rows_out"], result["rows_in"], 100 * result["row_loss"], result["features"])
+        self.log.info(
+            "training set %s: %d of %d entity rows (loss %.2f%%), features %s",
+            result["uri"],
+            result["rows_out"],
+            result["rows_in"],
+            100 * result["row_loss"],
+            result["features"],
+        )
         return result
 
     def _query_entity_rows(self, uri: str) -> str:
@@ -161,6 +185,8 @@ class FeastBuildTrainingSetOperator(_FeastOperator):
             raise ValueError("entity_sql needs sql_conn_id, the database connection to run it on")
         hook = BaseHook.get_connection(self.sql_conn_id).get_hook()
         if not hasattr(hook, "get_df"):
-            raise ValueError(f"connection {self.sql_conn_id!r} ({type(hook).__name__}) is not a database "
-                             "connection that returns query results")
+            raise ValueError(
+                f"connection {self.sql_conn_id!r} ({type(hook).__name__}) is not a database "
+                "connection that returns query results"
+            )
         return write_table(hook.get_df(self.entity_sql, df_type="pandas"), uri)

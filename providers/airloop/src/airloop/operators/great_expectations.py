@@ -46,7 +46,13 @@ class GreatExpectationsValidateDataOperator(StepOperator):
     """
 
     template_fields: Sequence[str] = (
-        "suite_path", "data_uri", "sql", "conn_id", "expected_fingerprint", "batch_rows", "label_column",
+        "suite_path",
+        "data_uri",
+        "sql",
+        "conn_id",
+        "expected_fingerprint",
+        "batch_rows",
+        "label_column",
         "fail_on_error",
     )
     template_fields_renderers = {"sql": "sql"}
@@ -83,8 +89,10 @@ class GreatExpectationsValidateDataOperator(StepOperator):
         if self.sql and not self.conn_id:
             raise ValueError("sql needs conn_id, the database connection to run it on")
         if self.conn_id and self.runtime == runtimes.POD:
-            raise ValueError("data read through conn_id is staged on the worker, where a pod cannot read it:"
-                             " give the pod a data_uri it can read itself")
+            raise ValueError(
+                "data read through conn_id is staged on the worker, where a pod cannot read it:"
+                " give the pod a data_uri it can read itself"
+            )
         prefix = artefacts.task_prefix(context, "validation")
         docs = f"{prefix}/data_docs/index.html"
         DataDocsLink.persist(context, path=docs)
@@ -92,13 +100,30 @@ class GreatExpectationsValidateDataOperator(StepOperator):
         with self._local_data() as (data_uri, name), artefacts.staging(prefix) as folder:
             result = self.run_step(
                 "airloop.steps.validate:validate",
-                {"data_uri": data_uri, "data_name": name, "suite": suite,
-                 "docs_dir": str(folder / "data_docs"), "label": self.label_column,
-                 "expected_fingerprint": self.expected_fingerprint, "batch_rows": self.batch_rows},
+                {
+                    "data_uri": data_uri,
+                    "data_name": name,
+                    "suite": suite,
+                    "docs_dir": str(folder / "data_docs"),
+                    "label": self.label_column,
+                    "expected_fingerprint": self.expected_fingerprint,
+                    "batch_rows": self.batch_rows,
+                },
                 context,
             )
-        summary = {key: result[key] for key in ("success", "evaluated", "successful", "failed", "fingerprint",
-                                                "suite", "rows", "batches")}
+        summary = {
+            key: result[key]
+            for key in (
+                "success",
+                "evaluated",
+                "successful",
+                "failed",
+                "fingerprint",
+                "suite",
+                "rows",
+                "batches",
+            )
+        }
         summary["data_uri"] = name
         summary["docs"] = docs
         summary["docs_uri"] = f"{artefacts.root() / docs}"
@@ -106,9 +131,13 @@ class GreatExpectationsValidateDataOperator(StepOperator):
             self.log.info("%s passed %d expectations of suite %s", name, result["evaluated"], result["suite"])
             return summary
         for failure in result["failed"]:
-            self.log.error("failed expectation %s on column %s: observed %s (kwargs %s)",
-                           failure["expectation"], failure.get("column"), failure.get("observed"),
-                           failure.get("kwargs"))
+            self.log.error(
+                "failed expectation %s on column %s: observed %s (kwargs %s)",
+                failure["expectation"],
+                failure.get("column"),
+                failure.get("observed"),
+                failure.get("kwargs"),
+            )
         names = ", ".join(f"{f['expectation']}({f.get('column') or 'table'})" for f in result["failed"])
         message = f"{name} failed {len(result['failed'])} of {result['evaluated']} expectations: {names}"
         if self.fail_on_error:
@@ -139,8 +168,9 @@ class GreatExpectationsValidateDataOperator(StepOperator):
 
         source = ObjectStoragePath(self.data_uri, conn_id=self.conn_id)
         if not source.is_file():
-            raise ValueError(f"data file {self.data_uri} does not exist (read through connection"
-                             f" {self.conn_id})")
+            raise ValueError(
+                f"data file {self.data_uri} does not exist (read through connection {self.conn_id})"
+            )
         target = folder / source.name
         with source.open("rb") as reader, open(target, "wb") as writer:
             shutil.copyfileobj(reader, writer, _COPY_BUFFER)
@@ -152,8 +182,9 @@ class GreatExpectationsValidateDataOperator(StepOperator):
 
         hook = BaseHook.get_connection(self.conn_id).get_hook()
         if not isinstance(hook, DbApiHook):
-            raise ValueError(f"connection {self.conn_id} ({type(hook).__name__}) is not a database"
-                             " connection")
+            raise ValueError(
+                f"connection {self.conn_id} ({type(hook).__name__}) is not a database connection"
+            )
         frame = hook.get_df(self.sql, df_type="pandas")
         frame.to_parquet(target, index=False)
         return target

@@ -29,9 +29,12 @@ def code_version(context: Context) -> dict[str, str]:
     try:
         head = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True)
         if head.returncode == 0:
-            status = subprocess.run(["git", "-C", folder, "status", "--porcelain", "--", path],
-                                    capture_output=True, text=True)
-            tags["airloop.dag_code.git_sha"] = head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+            status = subprocess.run(
+                ["git", "-C", folder, "status", "--porcelain", "--", path], capture_output=True, text=True
+            )
+            tags["airloop.dag_code.git_sha"] = head.stdout.strip() + (
+                "+dirty" if status.stdout.strip() else ""
+            )
     except OSError:  # no git on this worker
         pass
     return tags
@@ -48,8 +51,9 @@ class _MlflowOperator(StepOperator):
 
     def persist_run_link(self, context: Context, run_id: str) -> None:
         run = self.hook.client.get_run(run_id)
-        MlflowRunLink.persist(context, ui_url=self.hook.ui_url, experiment_id=run.info.experiment_id,
-                              run_id=run_id)
+        MlflowRunLink.persist(
+            context, ui_url=self.hook.ui_url, experiment_id=run.info.experiment_id, run_id=run_id
+        )
 
     def audit(self, run_id: str, stage: str, record: dict[str, Any]) -> None:
         """Add this turn's ``stage`` to the audit record kept in the training run."""
@@ -80,7 +84,12 @@ class MlflowTrainModelOperator(_MlflowOperator):
     """
 
     template_fields: Sequence[str] = (
-        "data_uri", "estimator", "estimator_params", "label_column", "experiment", "validation",
+        "data_uri",
+        "estimator",
+        "estimator_params",
+        "label_column",
+        "experiment",
+        "validation",
         "parent_run_id",
     )
     operator_extra_links = (MlflowRunLink(),)
@@ -113,18 +122,29 @@ class MlflowTrainModelOperator(_MlflowOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         result = self.run_step(
             "airloop.steps.train:train",
-            {**self.hook.step_config(), "experiment": self.experiment, "data_uri": self.data_uri,
-             "label": self.label_column,
-             "estimator": self.estimator, "params": self.estimator_params or {}, "test_size": self.test_size,
-             "seed": self.seed, "tags": {**airflow_tags(context), **code_version(context)},
-             "parent_run_id": self.parent_run_id, "validation": self.validation},
+            {
+                **self.hook.step_config(),
+                "experiment": self.experiment,
+                "data_uri": self.data_uri,
+                "label": self.label_column,
+                "estimator": self.estimator,
+                "params": self.estimator_params or {},
+                "test_size": self.test_size,
+                "seed": self.seed,
+                "tags": {**airflow_tags(context), **code_version(context)},
+                "parent_run_id": self.parent_run_id,
+                "validation": self.validation,
+            },
             context,
         )
         self.persist_run_link(context, result["run_id"])
         self.audit(result["run_id"], "trigger", loop_trigger(context))
         self.audit(result["run_id"], "validation", self.validation or {})
-        self.audit(result["run_id"], "training",
-                   {key: result[key] for key in ("run_id", "model_uri", "metrics", "fingerprint")})
+        self.audit(
+            result["run_id"],
+            "training",
+            {key: result[key] for key in ("run_id", "model_uri", "metrics", "fingerprint")},
+        )
         self.log.info("run %s: %s", result["run_id"], result["metrics"])
         return result
 
@@ -144,8 +164,9 @@ class MlflowSelectBestRunOperator(_MlflowOperator):
     template_fields: Sequence[str] = ("run_ids", "metric", "mode")
     operator_extra_links = (MlflowRunLink(),)
 
-    def __init__(self, *, run_ids: Sequence[str], metric: str = "accuracy", mode: str = "max",
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *, run_ids: Sequence[str], metric: str = "accuracy", mode: str = "max", **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.run_ids = run_ids
         self.metric = metric
@@ -155,13 +176,23 @@ class MlflowSelectBestRunOperator(_MlflowOperator):
         result = self.run_step(
             "airloop.steps.select:select_best",
             # A mapped upstream's XCom arrives as a lazy sequence: make it a JSON-able list.
-            {**self.hook.step_config(), "run_ids": list(self.run_ids), "metric": self.metric,
-             "mode": self.mode, "tags": airflow_tags(context)},
+            {
+                **self.hook.step_config(),
+                "run_ids": list(self.run_ids),
+                "metric": self.metric,
+                "mode": self.mode,
+                "tags": airflow_tags(context),
+            },
             context,
         )
         self.persist_run_link(context, result["run_id"])
-        self.log.info("best of %d runs by %s (%s): %s", len(result["candidates"]), self.metric, self.mode,
-                      result["run_id"])
+        self.log.info(
+            "best of %d runs by %s (%s): %s",
+            len(result["candidates"]),
+            self.metric,
+            self.mode,
+            result["run_id"],
+        )
         return result
 
 
@@ -175,8 +206,18 @@ class MlflowEvaluateChallengerOperator(_MlflowOperator):
     template_fields: Sequence[str] = ("model_name", "run_id", "data_uri", "metric", "margin", "alpha")
     operator_extra_links = (MlflowRunLink(),)
 
-    def __init__(self, *, model_name: str, run_id: str, data_uri: str | None = None, label_column: str = "label",
-                 metric: str = "accuracy", margin: float = 0.0, alpha: float = 0.05, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        run_id: str,
+        data_uri: str | None = None,
+        label_column: str = "label",
+        metric: str = "accuracy",
+        margin: float = 0.0,
+        alpha: float = 0.05,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.model_name = model_name
         self.run_id = run_id
@@ -190,16 +231,24 @@ class MlflowEvaluateChallengerOperator(_MlflowOperator):
         self.persist_run_link(context, self.run_id)
         verdict = self.run_step(
             "airloop.steps.evaluate:evaluate",
-            {**self.hook.step_config(), "model_name": self.model_name, "challenger_run_id": self.run_id,
-             "data_uri": self.data_uri, "label": self.label_column, "metric": self.metric, "margin": self.margin,
-             "alpha": self.alpha},
+            {
+                **self.hook.step_config(),
+                "model_name": self.model_name,
+                "challenger_run_id": self.run_id,
+                "data_uri": self.data_uri,
+                "label": self.label_column,
+                "metric": self.metric,
+                "margin": self.margin,
+                "alpha": self.alpha,
+            },
             context,
         )
         self.audit(self.run_id, "evaluation", verdict)
         self.log.info("evaluation verdict %s (%s): %s", verdict["verdict"], verdict["rule"], verdict)
         if verdict["verdict"] != "pass":
             raise AirflowFailException(
-                f"run {self.run_id} is not better than champion v{(verdict.get('champion') or {}).get('version')}"
+                f"run {self.run_id} is not better than champion "
+                f"v{(verdict.get('champion') or {}).get('version')}"
                 f" on {self.metric} ({verdict['rule']}): difference {verdict.get('difference')},"
                 f" CI {verdict.get('ci')}, p={verdict.get('p_value')}"
             )
@@ -224,11 +273,17 @@ class MlflowRegisterModelOperator(_MlflowOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         result = self.run_step(
             "airloop.steps.registry:register",
-            {**self.hook.step_config(), "model_name": self.model_name, "run_id": self.run_id,
-             "model_uri": self.model_uri or f"runs:/{self.run_id}/model", "tags": airflow_tags(context)},
+            {
+                **self.hook.step_config(),
+                "model_name": self.model_name,
+                "run_id": self.run_id,
+                "model_uri": self.model_uri or f"runs:/{self.run_id}/model",
+                "tags": airflow_tags(context),
+            },
             context,
         )
-        MlflowModelVersionLink.persist(context, ui_url=self.hook.ui_url, model_name=self.model_name,
-                                       version=str(result["version"]))
+        MlflowModelVersionLink.persist(
+            context, ui_url=self.hook.ui_url, model_name=self.model_name, version=str(result["version"])
+        )
         self.log.info("%s version %s has alias %s", self.model_name, result["version"], result["alias"])
         return result

@@ -36,16 +36,35 @@ class OpenvinoConvertModelOperator(_MlflowOperator):
     """
 
     template_fields: Sequence[str] = (
-        "run_id", "model_uri", "holdout_uri", "tolerance", "min_label_agreement", "variants",
-        "accuracy_budget", "objective", "calibration_uri",
+        "run_id",
+        "model_uri",
+        "holdout_uri",
+        "tolerance",
+        "min_label_agreement",
+        "variants",
+        "accuracy_budget",
+        "objective",
+        "calibration_uri",
     )
     operator_extra_links = (MlflowRunLink(),)
 
-    def __init__(self, *, run_id: str, holdout_uri: str, model_uri: str | None = None,
-                 label_column: str = "label", tolerance: float = 1e-4, min_label_agreement: float = 0.999,
-                 variants: Sequence[str] | None = None, accuracy_budget: float = 1.0,
-                 objective: str = "throughput", calibration_uri: str | None = None,
-                 classes: Sequence[Any] | None = None, runtime: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        holdout_uri: str,
+        model_uri: str | None = None,
+        label_column: str = "label",
+        tolerance: float = 1e-4,
+        min_label_agreement: float = 0.999,
+        variants: Sequence[str] | None = None,
+        accuracy_budget: float = 1.0,
+        objective: str = "throughput",
+        calibration_uri: str | None = None,
+        classes: Sequence[Any] | None = None,
+        runtime: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(runtime=runtime, **kwargs)
         self.run_id = run_id
         self.model_uri = model_uri
@@ -62,27 +81,46 @@ class OpenvinoConvertModelOperator(_MlflowOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         self.persist_run_link(context, self.run_id)
         request = {
-            **self.hook.step_config(), "run_id": self.run_id,
+            **self.hook.step_config(),
+            "run_id": self.run_id,
             "model_uri": self.model_uri or f"runs:/{self.run_id}/model",
-            "holdout_uri": self.holdout_uri, "label": self.label_column, "tolerance": self.tolerance,
+            "holdout_uri": self.holdout_uri,
+            "label": self.label_column,
+            "tolerance": self.tolerance,
             "min_label_agreement": self.min_label_agreement,
             "variants": list(self.variants) if self.variants else None,
-            "accuracy_budget": self.accuracy_budget, "objective": self.objective,
-            "calibration_uri": self.calibration_uri, "classes": list(self.classes) if self.classes else None,
+            "accuracy_budget": self.accuracy_budget,
+            "objective": self.objective,
+            "calibration_uri": self.calibration_uri,
+            "classes": list(self.classes) if self.classes else None,
         }
         runtime = self.runtime
         if runtime is None:
-            route = runtimes.run_step("airloop.steps.convert:plan", request, runtime=runtimes.WORKER,
-                                      context=context, task_id=self.task_id)
+            route = runtimes.run_step(
+                "airloop.steps.convert:plan",
+                request,
+                runtime=runtimes.WORKER,
+                context=context,
+                task_id=self.task_id,
+            )
             runtime = route["runtime"]
-            self.log.info("%s (%s flavour): %s route, in the %r runtime", route["family"], route["flavour"],
-                          route["route"], runtime)
-        result = runtimes.run_step("airloop.steps.convert:convert", request, runtime=runtime, context=context,
-                                   task_id=self.task_id)
+            self.log.info(
+                "%s (%s flavour): %s route, in the %r runtime",
+                route["family"],
+                route["flavour"],
+                route["route"],
+                runtime,
+            )
+        result = runtimes.run_step(
+            "airloop.steps.convert:convert", request, runtime=runtime, context=context, task_id=self.task_id
+        )
         self.audit(self.run_id, "conversion", result)
         parity = result["parity"]
-        self.log.info("OpenVINO fp32 parity: max abs diff %.3g, label agreement %.4f", parity["max_abs_diff"],
-                      parity["label_agreement"])
+        self.log.info(
+            "OpenVINO fp32 parity: max abs diff %.3g, label agreement %.4f",
+            parity["max_abs_diff"],
+            parity["label_agreement"],
+        )
         if not result["passed"]:
             raise AirflowFailException(f"OpenVINO conversion of run {self.run_id} failed: {result['reason']}")
         self.log.info("OpenVINO IR %s, variant %s: %s", result["ir_uri"], result["variant"], result["reason"])
@@ -107,14 +145,28 @@ class OpenvinoScoreDatasetOperator(_MlflowOperator):
     """
 
     template_fields: Sequence[str] = (
-        "model_name", "model_version", "data_uri", "output_uri", "conn_id", "chunk_rows",
+        "model_name",
+        "model_version",
+        "data_uri",
+        "output_uri",
+        "conn_id",
+        "chunk_rows",
         "passthrough_columns",
     )
     operator_extra_links = (MlflowModelVersionLink(),)
 
-    def __init__(self, *, model_name: str, model_version: str | int, data_uri: str, output_uri: str,
-                 conn_id: str | None = None, chunk_rows: int = 100_000,
-                 passthrough_columns: Sequence[str] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        model_version: str | int,
+        data_uri: str,
+        output_uri: str,
+        conn_id: str | None = None,
+        chunk_rows: int = 100_000,
+        passthrough_columns: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.model_name = model_name
         self.model_version = model_version
@@ -133,18 +185,31 @@ class OpenvinoScoreDatasetOperator(_MlflowOperator):
         return dict(ObjectStoragePath(self.data_uri, conn_id=self.conn_id).fs.storage_options)
 
     def execute(self, context: Context) -> dict[str, Any]:
-        MlflowModelVersionLink.persist(context, ui_url=self.hook.ui_url, model_name=self.model_name,
-                                       version=str(self.model_version))
+        MlflowModelVersionLink.persist(
+            context, ui_url=self.hook.ui_url, model_name=self.model_name, version=str(self.model_version)
+        )
         result = self.run_step(
             "airloop.steps.score:score",
-            {**self.hook.step_config(), "model_name": self.model_name,
-             "model_version": str(self.model_version),
-             "data_uri": self.data_uri, "output_uri": self.output_uri, "chunk_rows": int(self.chunk_rows),
-             "passthrough_columns": list(self.passthrough_columns or []),
-             "storage_options": self._storage_options()},
+            {
+                **self.hook.step_config(),
+                "model_name": self.model_name,
+                "model_version": str(self.model_version),
+                "data_uri": self.data_uri,
+                "output_uri": self.output_uri,
+                "chunk_rows": int(self.chunk_rows),
+                "passthrough_columns": list(self.passthrough_columns or []),
+                "storage_options": self._storage_options(),
+            },
             context,
         )
-        self.log.info("%s v%s (%s): %d rows scored into %s (%d chunks scored, %d already written)",
-                      self.model_name, self.model_version, result["variant"], result["rows_out"],
-                      result["output_uri"], result["chunks_scored"], result["chunks_skipped"])
+        self.log.info(
+            "%s v%s (%s): %d rows scored into %s (%d chunks scored, %d already written)",
+            self.model_name,
+            self.model_version,
+            result["variant"],
+            result["rows_out"],
+            result["output_uri"],
+            result["chunks_scored"],
+            result["chunks_skipped"],
+        )
         return result

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
 
@@ -22,7 +22,7 @@ from airloop.triggers.seldon import SeldonCanaryAnalysisTrigger
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def predictor_name(version: str | int) -> str:
@@ -43,9 +43,16 @@ class _RolloutOperator(BaseOperator):
 
     operator_extra_links = (RolloutReportLink(),)
 
-    def __init__(self, *, model_name: str, version: str, deployment: str = "airloop",
-                 mlflow_conn_id: str = MlflowHook.default_conn_name,
-                 serving_conn_id: str = ServingHook.default_conn_name, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        version: str,
+        deployment: str = "airloop",
+        mlflow_conn_id: str = MlflowHook.default_conn_name,
+        serving_conn_id: str = ServingHook.default_conn_name,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.model_name = model_name
         self.version = version
@@ -78,12 +85,12 @@ class _RolloutOperator(BaseOperator):
         from airloop.steps.registry import append_audit
 
         run_id = self.mlflow.client.get_model_version(self.model_name, str(self.version)).run_id
-        summary = {key: report.get(key) for key in ("decision", "mode", "champion", "challenger", "started",
-                                                    "ended")}
+        summary = {
+            key: report.get(key) for key in ("decision", "mode", "champion", "challenger", "started", "ended")
+        }
         summary["steps"] = _audit_steps(report)
         summary["report"] = self.report_path
-        append_audit({**self.mlflow.step_config(), "run_id": run_id, "stage": "rollout",
-                      "record": summary})
+        append_audit({**self.mlflow.step_config(), "run_id": run_id, "stage": "rollout", "record": summary})
 
     def _finish(self, report: dict[str, Any]) -> dict[str, Any]:
         """Promote or roll back. Each write is idempotent, so a retry can redo the whole sequence."""
@@ -92,8 +99,7 @@ class _RolloutOperator(BaseOperator):
         self._save(report)  # the phase is on record before the first write
         target = self.serving.target
         champ, chal = predictor_name(report["champion"]), predictor_name(self.version)
-        request = {**self.mlflow.step_config(), "model_name": self.model_name,
-                   "version": str(self.version)}
+        request = {**self.mlflow.step_config(), "model_name": self.model_name, "version": str(self.version)}
         if report["phase"] == "promoting":
             target.set_traffic(self.deployment, {champ: 0, chal: 100})
             promote(request)
@@ -119,8 +125,13 @@ class _RolloutOperator(BaseOperator):
                 f"({last.get('verdict')}): " + "; ".join(last.get("reasons", []))
             )
         self.log.info("v%s promoted: champion of %s with 100%% of traffic", self.version, self.model_name)
-        return {"decision": "promoted", "champion": str(self.version), "previous": str(report["champion"]),
-                "steps": _result_steps(report), "report": self.report_path}
+        return {
+            "decision": "promoted",
+            "champion": str(self.version),
+            "previous": str(report["champion"]),
+            "steps": _result_steps(report),
+            "report": self.report_path,
+        }
 
 
 class SeldonRolloutChallengerOperator(_RolloutOperator):
@@ -157,9 +168,18 @@ class SeldonRolloutChallengerOperator(_RolloutOperator):
     :param criteria: overrides of ``DEFAULT_CRITERIA`` (see ``airloop.steps.canary.analyse``).
     """
 
-    template_fields: Sequence[str] = ("model_name", "version", "deployment", "steps", "mode",
-                                      "shadow_percent", "approval", "analysis_seconds", "max_wait_seconds",
-                                      "criteria")
+    template_fields: Sequence[str] = (
+        "model_name",
+        "version",
+        "deployment",
+        "steps",
+        "mode",
+        "shadow_percent",
+        "approval",
+        "analysis_seconds",
+        "max_wait_seconds",
+        "criteria",
+    )
 
     def __init__(
         self,
@@ -180,8 +200,14 @@ class SeldonRolloutChallengerOperator(_RolloutOperator):
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         **kwargs: Any,
     ) -> None:
-        super().__init__(model_name=model_name, version=version, deployment=deployment,
-                         mlflow_conn_id=mlflow_conn_id, serving_conn_id=serving_conn_id, **kwargs)
+        super().__init__(
+            model_name=model_name,
+            version=version,
+            deployment=deployment,
+            mlflow_conn_id=mlflow_conn_id,
+            serving_conn_id=serving_conn_id,
+            **kwargs,
+        )
         self.steps = steps
         self.mode = mode
         self.shadow_percent = shadow_percent
@@ -204,8 +230,10 @@ class SeldonRolloutChallengerOperator(_RolloutOperator):
         below = 0 if self.mode == "shadow" else 1
         if len(steps) < 1 + below or steps[-1] != 100 or steps[0] <= 0 or steps != sorted(set(steps)):
             needs = " with at least one step below 100" * below
-            raise ValueError(f"steps must rise from above 0 to 100{needs} (the analysed canary steps), "
-                             f"got {list(self.steps)}")
+            raise ValueError(
+                f"steps must rise from above 0 to 100{needs} (the analysed canary steps), "
+                f"got {list(self.steps)}"
+            )
         plan = []
         if self.mode == "shadow":
             percent = int(self.shadow_percent)
@@ -220,12 +248,17 @@ class SeldonRolloutChallengerOperator(_RolloutOperator):
         client = self.mlflow.client
         run_id = client.get_model_version(self.model_name, str(version)).run_id
         dst_dir = settings.serving_dir() / "models" / self.model_name / str(version)
-        fetched = fetch_ir({**self.mlflow.step_config(), "ir_uri": f"runs:/{run_id}/openvino",
-                            "dst_dir": str(dst_dir)})
+        fetched = fetch_ir(
+            {**self.mlflow.step_config(), "ir_uri": f"runs:/{run_id}/openvino", "dst_dir": str(dst_dir)}
+        )
         # model_dir serves a target on this machine; model_uri one that downloads it (Seldon on Kubernetes).
         artifact_uri = client.get_run(run_id).info.artifact_uri
-        return {"name": predictor_name(version), "model_version": str(version),
-                "model_dir": fetched["model_dir"], "model_uri": f"{artifact_uri}/openvino"}
+        return {
+            "name": predictor_name(version),
+            "model_version": str(version),
+            "model_dir": fetched["model_dir"],
+            "model_uri": f"{artifact_uri}/openvino",
+        }
 
     def _criteria(self) -> dict[str, Any]:
         return {**DEFAULT_CRITERIA, **(self.criteria or {})}
@@ -250,9 +283,18 @@ class SeldonRolloutChallengerOperator(_RolloutOperator):
             raise AirflowFailException(f"{self.model_name} has no champion alias: register a version first")
         target = self.serving.target
         report: dict[str, Any] = {
-            "deployment": self.deployment, "model_name": self.model_name, "champion": champion,
-            "challenger": str(self.version), "mode": self.mode, "approval": approval, "started": _now(),
-            "ended": None, "phase": "analysing", "decision": None, "plan": plan, "steps": [],
+            "deployment": self.deployment,
+            "model_name": self.model_name,
+            "champion": champion,
+            "challenger": str(self.version),
+            "mode": self.mode,
+            "approval": approval,
+            "started": _now(),
+            "ended": None,
+            "phase": "analysing",
+            "decision": None,
+            "plan": plan,
+            "steps": [],
             "criteria": self._criteria(),
         }
         if str(champion) == str(self.version):
@@ -262,13 +304,15 @@ class SeldonRolloutChallengerOperator(_RolloutOperator):
             report.update(decision="deployed", phase="done", ended=_now(), champion=None)
             self._save(report)
             self._audit(report)
-            self.log.info("v%s is the first champion of %s: serving 100%% of traffic", self.version,
-                          self.model_name)
+            self.log.info(
+                "v%s is the first champion of %s: serving 100%% of traffic", self.version, self.model_name
+            )
             return {"decision": "deployed", "champion": str(self.version), "report": self.report_path}
 
         if current.get("challenger") not in (None, str(self.version)):
-            self.log.warning("alias challenger points to v%s, rolling out v%s", current["challenger"],
-                             self.version)
+            self.log.warning(
+                "alias challenger points to v%s, rolling out v%s", current["challenger"], self.version
+            )
         champ = predictor_name(champion)
         state = target.state(self.deployment)
         predictors = [] if champ in state.get("predictors", {}) else [self._predictor(champion)]
@@ -299,26 +343,39 @@ class SeldonRolloutChallengerOperator(_RolloutOperator):
         report["steps"].append({**stage, "started": _now(), "before": before})
         self._save(report)
         if stage["kind"] == "shadow":
-            self.log.info("challenger v%s as shadow, %d%% of requests mirrored: analysing", self.version,
-                          stage["mirror"])
+            self.log.info(
+                "challenger v%s as shadow, %d%% of requests mirrored: analysing",
+                self.version,
+                stage["mirror"],
+            )
         else:
             self.log.info("challenger v%s at %d%% of traffic: analysing", self.version, stage["weight"])
         trigger = SeldonCanaryAnalysisTrigger(
-            target_config=self.serving.target_config, deployment=self.deployment,
-            champion=predictor_name(report["champion"]), challenger=predictor_name(self.version),
-            before=before, criteria=report["criteria"], window_seconds=float(self.analysis_seconds),
-            max_wait_seconds=float(self.max_wait_seconds), poll_interval=float(self.poll_interval),
+            target_config=self.serving.target_config,
+            deployment=self.deployment,
+            champion=predictor_name(report["champion"]),
+            challenger=predictor_name(self.version),
+            before=before,
+            criteria=report["criteria"],
+            window_seconds=float(self.analysis_seconds),
+            max_wait_seconds=float(self.max_wait_seconds),
+            poll_interval=float(self.poll_interval),
             mode=stage["kind"],
         )
         kwargs = {"report": report, "index": index}
         if self.deferrable:
             wait = float(self.max_wait_seconds) + float(self.analysis_seconds) + 60
-            self.defer(trigger=trigger, method_name="execute_complete", kwargs=kwargs,
-                       timeout=timedelta(seconds=wait))
+            self.defer(
+                trigger=trigger,
+                method_name="execute_complete",
+                kwargs=kwargs,
+                timeout=timedelta(seconds=wait),
+            )
         return self.execute_complete(context, asyncio.run(_first_event(trigger)), **kwargs)
 
-    def execute_complete(self, context: Context, event: dict[str, Any], report: dict[str, Any],
-                         index: int) -> dict[str, Any]:
+    def execute_complete(
+        self, context: Context, event: dict[str, Any], report: dict[str, Any], index: int
+    ) -> dict[str, Any]:
         from airloop.steps.canary import analyse
 
         step = report["steps"][index]
@@ -326,16 +383,32 @@ class SeldonRolloutChallengerOperator(_RolloutOperator):
         if event["status"] == "error":
             step.update(verdict="error", reasons=[event["message"]])
             return self._finish({**report, "phase": "rolling_back"})
-        verdict = analyse({"mode": step["kind"], "before": step.pop("before"), "after": event["after"],
-                           "champion": predictor_name(report["champion"]),
-                           "challenger": predictor_name(self.version), "criteria": report["criteria"]})
-        step.update(verdict=verdict["verdict"], reasons=verdict["reasons"],
-                    champion_stats=verdict["champion"], challenger_stats=verdict["challenger"],
-                    tests=verdict["tests"])
+        verdict = analyse(
+            {
+                "mode": step["kind"],
+                "before": step.pop("before"),
+                "after": event["after"],
+                "champion": predictor_name(report["champion"]),
+                "challenger": predictor_name(self.version),
+                "criteria": report["criteria"],
+            }
+        )
+        step.update(
+            verdict=verdict["verdict"],
+            reasons=verdict["reasons"],
+            champion_stats=verdict["champion"],
+            challenger_stats=verdict["challenger"],
+            tests=verdict["tests"],
+        )
         if event["status"] == "timeout":
             step.update(verdict="inconclusive", reasons=[event["message"]])
-        self.log.info("%s step %d%%: %s %s", step["kind"], step.get("mirror", step["weight"]),
-                      step["verdict"], "; ".join(step["reasons"]))
+        self.log.info(
+            "%s step %d%%: %s %s",
+            step["kind"],
+            step.get("mirror", step["weight"]),
+            step["verdict"],
+            "; ".join(step["reasons"]),
+        )
         if step["verdict"] != "pass":
             return self._finish({**report, "phase": "rolling_back"})
         if index + 1 < len(report["plan"]):
@@ -344,24 +417,39 @@ class SeldonRolloutChallengerOperator(_RolloutOperator):
         if report["approval"]:
             return self._await_approval(report)
         # The last step, 100%, is the promotion itself.
-        report["steps"].append({"kind": "promotion", "weight": 100, "started": _now(), "verdict": "promoted",
-                                "reasons": []})
+        report["steps"].append(
+            {"kind": "promotion", "weight": 100, "started": _now(), "verdict": "promoted", "reasons": []}
+        )
         return self._finish({**report, "phase": "promoting"})
 
     def _await_approval(self, report: dict[str, Any]) -> dict[str, Any]:
         """Stop with every window passed: traffic and aliases stay as they are until a person decides."""
         last = report["steps"][-1]
-        report["steps"].append({"kind": "approval", "weight": last["weight"], "started": _now(),
-                                "verdict": "awaiting",
-                                "reasons": ["every analysis window passed: waiting for a person to approve "
-                                            "the promotion"]})
+        report["steps"].append(
+            {
+                "kind": "approval",
+                "weight": last["weight"],
+                "started": _now(),
+                "verdict": "awaiting",
+                "reasons": ["every analysis window passed: waiting for a person to approve the promotion"],
+            }
+        )
         report["phase"] = "awaiting_approval"
         self._save(report)
         self._audit({**report, "decision": "awaiting_approval"})
-        self.log.info("v%s passed every window; held at %s %d%% for approval", self.version, last["kind"],
-                      last.get("mirror", last["weight"]))
-        return {"decision": "awaiting_approval", "champion": str(report["champion"]),
-                "challenger": str(self.version), "steps": _result_steps(report), "report": self.report_path}
+        self.log.info(
+            "v%s passed every window; held at %s %d%% for approval",
+            self.version,
+            last["kind"],
+            last.get("mirror", last["weight"]),
+        )
+        return {
+            "decision": "awaiting_approval",
+            "champion": str(report["champion"]),
+            "challenger": str(self.version),
+            "steps": _result_steps(report),
+            "report": self.report_path,
+        }
 
 
 class SeldonFinishRolloutOperator(_RolloutOperator):
@@ -384,8 +472,15 @@ class SeldonFinishRolloutOperator(_RolloutOperator):
 
     template_fields: Sequence[str] = ("model_name", "version", "deployment", "approval_task_id")
 
-    def __init__(self, *, model_name: str, version: str, deployment: str = "airloop",
-                 approval_task_id: str = "approve", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        version: str,
+        deployment: str = "airloop",
+        approval_task_id: str = "approve",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(model_name=model_name, version=version, deployment=deployment, **kwargs)
         self.approval_task_id = approval_task_id
 
@@ -395,8 +490,10 @@ class SeldonFinishRolloutOperator(_RolloutOperator):
         RolloutReportLink.persist(context, path=self.report_path)
         report = self._load()
         if report is None:
-            raise AirflowFailException(f"no rollout report at {self.report_path}: nothing to finish (run "
-                                       "SeldonRolloutChallengerOperator with approval=True first)")
+            raise AirflowFailException(
+                f"no rollout report at {self.report_path}: nothing to finish (run "
+                "SeldonRolloutChallengerOperator with approval=True first)"
+            )
         phase = report.get("phase")
         if phase in ("promoting", "rolling_back"):
             self.log.info("resuming the interrupted %s of v%s", phase, self.version)
@@ -404,8 +501,9 @@ class SeldonFinishRolloutOperator(_RolloutOperator):
         if phase == "done" and report.get("decision") in ("promoted", "rolled_back"):
             return self._conclude(report)
         if phase != "awaiting_approval":
-            raise AirflowFailException(f"the rollout of v{self.version} is in phase {phase!r}, "
-                                       "not awaiting approval")
+            raise AirflowFailException(
+                f"the rollout of v{self.version} is in phase {phase!r}, not awaiting approval"
+            )
         answer = context["ti"].xcom_pull(task_ids=self.approval_task_id) or {}
         approved = list(answer.get("chosen_options") or []) == [ApprovalOperator.APPROVE]
         user = answer.get("responded_by_user") or {}
@@ -414,11 +512,15 @@ class SeldonFinishRolloutOperator(_RolloutOperator):
         step.update(ended=_now(), verdict="approved" if approved else "rejected", by=who)
         if approved:
             step["reasons"] = [f"approved by {who}"]
-            report["steps"].append({"kind": "promotion", "weight": 100, "started": _now(),
-                                    "verdict": "promoted", "reasons": []})
+            report["steps"].append(
+                {"kind": "promotion", "weight": 100, "started": _now(), "verdict": "promoted", "reasons": []}
+            )
             return self._finish({**report, "phase": "promoting"})
-        step["reasons"] = [f"rejected by {who}" if answer else f"task {self.approval_task_id!r} returned no "
-                                                                "approval (rejected, timed out or failed)"]
+        step["reasons"] = [
+            f"rejected by {who}"
+            if answer
+            else f"task {self.approval_task_id!r} returned no approval (rejected, timed out or failed)"
+        ]
         return self._finish({**report, "phase": "rolling_back"})
 
 
@@ -429,10 +531,15 @@ def _audit_step(step: dict[str, Any]) -> dict[str, Any]:
     tests = step.get("tests") or {}
     if step.get("kind") == "shadow" and tests:
         challenger = step.get("challenger_stats") or {}
-        entry["diff"] = {"agreement": challenger.get("agreement"), "pairs": challenger.get("pairs"),
-                         "distribution_distance": tests.get("distribution", {}).get("distance"),
-                         "p99_ms": {"champion": (step.get("champion_stats") or {}).get("p99_ms"),
-                                    "challenger": challenger.get("p99_ms")}}
+        entry["diff"] = {
+            "agreement": challenger.get("agreement"),
+            "pairs": challenger.get("pairs"),
+            "distribution_distance": tests.get("distribution", {}).get("distance"),
+            "p99_ms": {
+                "champion": (step.get("champion_stats") or {}).get("p99_ms"),
+                "challenger": challenger.get("p99_ms"),
+            },
+        }
     return entry
 
 

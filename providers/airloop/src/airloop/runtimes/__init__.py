@@ -29,8 +29,9 @@ class RuntimeMissingError(RuntimeError):
 
 
 def available() -> list[str]:
-    return sorted(p.name.removesuffix(".txt") for p in resources.files(__package__).iterdir()
-                  if p.name.endswith(".txt"))
+    return sorted(
+        p.name.removesuffix(".txt") for p in resources.files(__package__).iterdir() if p.name.endswith(".txt")
+    )
 
 
 def _check_name(name: str) -> None:
@@ -89,14 +90,38 @@ def build(name: str, *, force: bool = False) -> Path:
     requirements = resources.files(__package__) / f"{name}.txt"
     uv = [sys.executable, "-m", "uv"]
     if force or not (target / "bin" / "python").exists():
-        subprocess.run([*uv, "venv", "--quiet", "--clear" if force else "--allow-existing", "--python",
-                        RUNTIME_PYTHON, str(target)], check=True)
+        subprocess.run(
+            [
+                *uv,
+                "venv",
+                "--quiet",
+                "--clear" if force else "--allow-existing",
+                "--python",
+                RUNTIME_PYTHON,
+                str(target),
+            ],
+            check=True,
+        )
     py = str(target / "bin" / "python")
     # Compiled now: each step hop is a fresh interpreter, which otherwise compiles alibi-detect's imports.
-    subprocess.run([*uv, "pip", "install", "--quiet", "--compile-bytecode", "--python", py, *_find_links(),
-                    "-r", str(requirements)], check=True)
-    subprocess.run([*uv, "pip", "install", "--quiet", "--python", py, "--no-deps", *_source_of_airloop()],
-                   check=True)
+    subprocess.run(
+        [
+            *uv,
+            "pip",
+            "install",
+            "--quiet",
+            "--compile-bytecode",
+            "--python",
+            py,
+            *_find_links(),
+            "-r",
+            str(requirements),
+        ],
+        check=True,
+    )
+    subprocess.run(
+        [*uv, "pip", "install", "--quiet", "--python", py, "--no-deps", *_source_of_airloop()], check=True
+    )
     # OpenVINO's telemetry forks from a background thread at import and has hung numpy: opt out.
     optout = target / "bin" / "opt_in_out"
     if optout.exists():
@@ -118,8 +143,15 @@ def _call_step_in_runtime(step, request):
     return call_step(step, request)
 
 
-def run_step(step: str, request: dict[str, Any], *, runtime: str, context: Any, task_id: str,
-             pod_settings: dict[str, Any] | None = None) -> Any:
+def run_step(
+    step: str,
+    request: dict[str, Any],
+    *,
+    runtime: str,
+    context: Any,
+    task_id: str,
+    pod_settings: dict[str, Any] | None = None,
+) -> Any:
     """Run ``module:function`` with a JSON-able request in the named runtime and return its result.
 
     ``pod_settings`` configure the pod of the ``kubernetes`` runtime (``airloop.runtimes.pod``).

@@ -49,8 +49,15 @@ XCOM_PATH = "/airflow/xcom/return.json"
 # Telemetry opt-outs every environment and image of the project sets (OpenVINO's has hung numpy).
 POD_ENV = {"CI": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}
 # KubernetesPodOperator arguments the runtime sets itself; the rest of pod_settings pass through.
-_SET_BY_RUNTIME = {"task_id", "cmds", "arguments", "do_xcom_push", "env_vars", "container_resources",
-                   "deferrable"}
+_SET_BY_RUNTIME = {
+    "task_id",
+    "cmds",
+    "arguments",
+    "do_xcom_push",
+    "env_vars",
+    "container_resources",
+    "deferrable",
+}
 
 
 def default_image() -> str:
@@ -78,14 +85,19 @@ def pod_arguments(pod_settings: dict[str, Any] | None) -> dict[str, Any]:
     reserved = sorted(set(given) & _SET_BY_RUNTIME)
     unknown = sorted(set(given) - known - _SET_BY_RUNTIME)
     if reserved:
-        raise ValueError(f"pod_settings {reserved} are set by the kubernetes runtime itself (resources and "
-                         "environment go in 'resources' and 'env')")
+        raise ValueError(
+            f"pod_settings {reserved} are set by the kubernetes runtime itself (resources and "
+            "environment go in 'resources' and 'env')"
+        )
     if unknown:
-        raise ValueError(f"unknown pod_settings {unknown}: use 'image', 'resources', 'env' or an argument of "
-                         "KubernetesPodOperator")
+        raise ValueError(
+            f"unknown pod_settings {unknown}: use 'image', 'resources', 'env' or an argument of "
+            "KubernetesPodOperator"
+        )
     if resources is not None and (not isinstance(resources, dict) or set(resources) - {"requests", "limits"}):
-        raise ValueError(f"pod_settings['resources'] must be {{'requests': {{...}}, 'limits': {{...}}}}, "
-                         f"got {resources!r}")
+        raise ValueError(
+            f"pod_settings['resources'] must be {{'requests': {{...}}, 'limits': {{...}}}}, got {resources!r}"
+        )
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
         raise ValueError(f"pod_settings['env'] must map names to string values, got {env!r}")
     return {
@@ -118,8 +130,11 @@ def check_inputs(request: dict[str, Any]) -> None:
     """Refuse a request naming files only the worker has; warn about other local paths."""
     outputs = [Path(v).resolve() for k, v in request.items() if k.endswith("_dir") and isinstance(v, str)]
     # Checked in this order, so a path is named by the closest reason (an output folder is often in /tmp).
-    worker_only = [("AIRLOOP_HOME", settings.home()), *(("an output folder", folder) for folder in outputs),
-                   ("the worker's temp folder", Path(tempfile.gettempdir()))]
+    worker_only = [
+        ("AIRLOOP_HOME", settings.home()),
+        *(("an output folder", folder) for folder in outputs),
+        ("the worker's temp folder", Path(tempfile.gettempdir())),
+    ]
     problems = []
     for key, value in request.items():
         if key.endswith("_dir"):
@@ -133,12 +148,18 @@ def check_inputs(request: dict[str, Any]) -> None:
             if where is not None or text.startswith("sqlite:"):
                 problems.append(f"{key}={text!r} ({where or 'a SQLite database'})")
             elif resolved.exists():
-                log.warning("request key %r names %s, a path on the Airflow worker: the pod sees it only if "
-                            "its image or a mounted volume has it at the same path", key, text)
+                log.warning(
+                    "request key %r names %s, a path on the Airflow worker: the pod sees it only if "
+                    "its image or a mounted volume has it at the same path",
+                    key,
+                    text,
+                )
     if problems:
-        raise ValueError(f"the step's request names files on the Airflow worker that a pod cannot read: "
-                         f"{'; '.join(problems)}. Pass URIs the pod can reach (s3://..., an MLflow server) "
-                         "or run this step with runtime='worker'")
+        raise ValueError(
+            f"the step's request names files on the Airflow worker that a pod cannot read: "
+            f"{'; '.join(problems)}. Pass URIs the pod can reach (s3://..., an MLflow server) "
+            "or run this step with runtime='worker'"
+        )
 
 
 def check_no_credentials(request: dict[str, Any]) -> None:
@@ -152,16 +173,18 @@ def check_no_credentials(request: dict[str, Any]) -> None:
 
     carrying = sorted(key for key, value in request.items() if redact(value, key) != value)
     if carrying:
-        raise ValueError(f"the step's request carries credentials in {carrying}, which a pod spec would "
-                         "expose: give the pod its own (pod_settings 'service_account_name', or 'env_from' a "
-                         "Secret with e.g. MLFLOW_TRACKING_TOKEN or AWS variables) and use connections "
-                         "without inline credentials for this task")
+        raise ValueError(
+            f"the step's request carries credentials in {carrying}, which a pod spec would "
+            "expose: give the pod its own (pod_settings 'service_account_name', or 'env_from' a "
+            "Secret with e.g. MLFLOW_TRACKING_TOKEN or AWS variables) and use connections "
+            "without inline credentials for this task"
+        )
 
 
 def _rebase(value: Any, old: str, new: str) -> Any:
     """``value`` with every string under the path or URI ``old`` moved under ``new``."""
     if isinstance(value, str):
-        return new + value[len(old):] if value == old or value.startswith(old + "/") else value
+        return new + value[len(old) :] if value == old or value.startswith(old + "/") else value
     if isinstance(value, dict):
         return {key: _rebase(item, old, new) for key, item in value.items()}
     if isinstance(value, list):
@@ -173,14 +196,22 @@ def pod_request(step: str, request: dict[str, Any], transfer: str) -> dict[str, 
     """The entrypoint's argument: the step, its request, and where each output folder is published."""
     check_no_credentials(request)
     check_inputs(request)
-    outputs = {key: f"{transfer}/{key}" for key, value in request.items()
-               if key.endswith("_dir") and isinstance(value, str)}
+    outputs = {
+        key: f"{transfer}/{key}"
+        for key, value in request.items()
+        if key.endswith("_dir") and isinstance(value, str)
+    }
     if outputs and artefacts.is_local():
-        log.warning("the artefact store %s is local: the pod's output folders reach the worker only if that "
-                    "folder is mounted at the same path in the pod; use s3://... (AIRLOOP_ARTEFACTS)",
-                    settings.artefact_root())
-    return {"step": step, "request": {key: value for key, value in request.items() if key not in outputs},
-            "outputs": outputs}
+        log.warning(
+            "the artefact store %s is local: the pod's output folders reach the worker only if that "
+            "folder is mounted at the same path in the pod; use s3://... (AIRLOOP_ARTEFACTS)",
+            settings.artefact_root(),
+        )
+    return {
+        "step": step,
+        "request": {key: value for key, value in request.items() if key not in outputs},
+        "outputs": outputs,
+    }
 
 
 def collect(answer: dict[str, Any] | None, request: dict[str, Any]) -> Any:
@@ -200,8 +231,9 @@ def collect(answer: dict[str, Any] | None, request: dict[str, Any]) -> Any:
     return result
 
 
-def pod_operator(step: str, request: dict[str, Any], *, pod_settings: dict[str, Any] | None, context: Any,
-                 task_id: str) -> KubernetesPodOperator:
+def pod_operator(
+    step: str, request: dict[str, Any], *, pod_settings: dict[str, Any] | None, context: Any, task_id: str
+) -> KubernetesPodOperator:
     """The KubernetesPodOperator that runs the step; checks the settings and the request first."""
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 
@@ -209,18 +241,26 @@ def pod_operator(step: str, request: dict[str, Any], *, pod_settings: dict[str, 
     transfer = f"{artefacts.task_prefix(context, 'pods')}/try-{context['ti'].try_number}"
     envelope = pod_request(step, request, transfer)
     # Synchronous: a deferral would resume the Airloop operator, not this hop.
-    return KubernetesPodOperator(task_id=task_id, cmds=ENTRYPOINT, arguments=[json.dumps(envelope)],
-                                 do_xcom_push=True, deferrable=False, **arguments)
+    return KubernetesPodOperator(
+        task_id=task_id,
+        cmds=ENTRYPOINT,
+        arguments=[json.dumps(envelope)],
+        do_xcom_push=True,
+        deferrable=False,
+        **arguments,
+    )
 
 
-def run_step(step: str, request: dict[str, Any], *, pod_settings: dict[str, Any] | None, context: Any,
-             task_id: str) -> Any:
+def run_step(
+    step: str, request: dict[str, Any], *, pod_settings: dict[str, Any] | None, context: Any, task_id: str
+) -> Any:
     """Run ``module:function`` in a pod through KubernetesPodOperator and return its result."""
     hop = pod_operator(step, request, pod_settings=pod_settings, context=context, task_id=task_id)
     return collect(hop.execute(context), request)
 
 
 # -- in the pod -----------------------------------------------------------------------------------------
+
 
 def execute(envelope: dict[str, Any]) -> dict[str, Any]:
     """Run the step with a fresh folder per output, publish the folders, and describe what was published."""
@@ -237,9 +277,11 @@ def execute(envelope: dict[str, Any]) -> dict[str, Any]:
         published = {}
         for key, folder in folders.items():
             uri = str(artefacts.root() / outputs[key])
-            published[key] = {"relative": outputs[key], "uri": uri,
-                              "files": sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                                              if p.is_file())}
+            published[key] = {
+                "relative": outputs[key],
+                "uri": uri,
+                "files": sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()),
+            }
             result = _rebase(result, str(folder), uri)
     return {"result": result, "outputs": published}
 

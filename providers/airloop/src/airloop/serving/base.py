@@ -46,8 +46,9 @@ class ServingTarget(ABC):
         """
 
     @abstractmethod
-    def set_traffic(self, deployment: str, weights: dict[str, int], *,
-                    shadow: dict[str, int] | None = None) -> dict[str, Any]:
+    def set_traffic(
+        self, deployment: str, weights: dict[str, int], *, shadow: dict[str, int] | None = None
+    ) -> dict[str, Any]:
         """Set the weights of the predictors named in ``weights`` (live, answering clients) and the
         mirror percentage of the one named in ``shadow``; others keep their role and weight.
 
@@ -91,8 +92,9 @@ def check_predictor(predictor: dict[str, Any]) -> None:
     if not isinstance(predictor["name"], str) or not _NAME.match(predictor["name"]):
         raise ValueError(f"invalid predictor name {predictor['name']!r}: use e.g. 'v3'")
     if not isinstance(predictor.get("shadow", False), bool):
-        raise ValueError(f"'shadow' of predictor {predictor['name']!r} must be true or false, "
-                         f"got {predictor['shadow']!r}")
+        raise ValueError(
+            f"'shadow' of predictor {predictor['name']!r} must be true or false, got {predictor['shadow']!r}"
+        )
     (check_mirror if predictor.get("shadow") else check_weight)(predictor["name"], predictor["weight"])
 
 
@@ -104,8 +106,10 @@ def check_weight(name: str, weight: Any) -> None:
 def check_mirror(name: str, percent: Any) -> None:
     # Seldon reads a shadow's traffic 0 as "mirror everything": 0 is refused rather than ambiguous.
     if isinstance(percent, bool) or not isinstance(percent, int) or not 1 <= percent <= 100:
-        raise ValueError(f"mirrored percentage of shadow predictor {name!r} must be an integer from 1 to 100 "
-                         f"(remove the shadow to stop mirroring), got {percent!r}")
+        raise ValueError(
+            f"mirrored percentage of shadow predictor {name!r} must be an integer from 1 to 100 "
+            f"(remove the shadow to stop mirroring), got {percent!r}"
+        )
 
 
 def check_traffic(traffic: dict[str, dict[str, Any]]) -> None:
@@ -115,12 +119,15 @@ def check_traffic(traffic: dict[str, dict[str, Any]]) -> None:
         raise ValueError(f"a deployment has at most one shadow predictor, got {shadows}")
     live = {name: t["weight"] for name, t in traffic.items() if not t.get("shadow")}
     if sum(live.values()) != 100:
-        raise ValueError(f"weights must sum to 100, got {sum(live.values())} for {live}"
-                         + (f" (shadow {shadows[0]} not counted)" if shadows else ""))
+        raise ValueError(
+            f"weights must sum to 100, got {sum(live.values())} for {live}"
+            + (f" (shadow {shadows[0]} not counted)" if shadows else "")
+        )
 
 
-def merge_traffic(current: dict[str, dict[str, Any]], weights: dict[str, int],
-                  shadow: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
+def merge_traffic(
+    current: dict[str, dict[str, Any]], weights: dict[str, int], shadow: dict[str, int] | None = None
+) -> dict[str, dict[str, Any]]:
     """``current`` (``{name: {"weight", "shadow"}}``) with the live ``weights`` and the ``shadow``
     mirror percentage applied; every name must exist, and the result must pass ``check_traffic``."""
     shadow = shadow or {}

@@ -53,8 +53,9 @@ class FeatureLookup:
                 raise ValueError(f"features.{name} must be a non-empty list of names, got {value!r}")
         short = [ref.rpartition(":")[2] for ref in features]
         if not all(":" in ref for ref in features) or len(set(short)) != len(short):
-            raise ValueError(f"features.features must be distinct 'view:feature' references, "
-                             f"got {features!r}")
+            raise ValueError(
+                f"features.features must be distinct 'view:feature' references, got {features!r}"
+            )
         return cls(url.rstrip("/"), tuple(entities), tuple(features))
 
     @property
@@ -66,25 +67,34 @@ class FeatureLookup:
         """Whether a request's columns are entity keys, so its features must be looked up."""
         return bool(names) and set(names) <= set(self.entities)
 
-    async def enrich(self, session: aiohttp.ClientSession, names: list[str],
-                     rows: list[list[Any]]) -> tuple[list[str], list[list[Any]], bytes]:
+    async def enrich(
+        self, session: aiohttp.ClientSession, names: list[str], rows: list[list[Any]]
+    ) -> tuple[list[str], list[list[Any]], bytes]:
         """Entity key rows -> (feature names, feature rows, the request body to forward)."""
-        if set(names) != set(self.entities) or not isinstance(rows, list) or not all(
-                isinstance(row, list) and len(row) == len(names) for row in rows):
-            raise FeatureLookupError(400, f"expected rows of the entity keys {list(self.entities)}, "
-                                          f"got names {names} and rows {rows!r:.200}")
+        if (
+            set(names) != set(self.entities)
+            or not isinstance(rows, list)
+            or not all(isinstance(row, list) and len(row) == len(names) for row in rows)
+        ):
+            raise FeatureLookupError(
+                400,
+                f"expected rows of the entity keys {list(self.entities)}, "
+                f"got names {names} and rows {rows!r:.200}",
+            )
         keys = {name: [row[i] for row in rows] for i, name in enumerate(names)}
         request = {"features": list(self.features), "entities": keys}
         try:
             async with session.post(f"{self.url}/get-online-features", json=request) as answer:
                 text = await answer.text()
                 if answer.status != 200:
-                    raise FeatureLookupError(502, f"feature server {self.url} answered {answer.status}: "
-                                                  f"{text[:300]}")
+                    raise FeatureLookupError(
+                        502, f"feature server {self.url} answered {answer.status}: {text[:300]}"
+                    )
                 found = json.loads(text)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise FeatureLookupError(504 if isinstance(exc, TimeoutError) else 502,
-                                     f"feature server {self.url}: {exc!r}") from exc
+            raise FeatureLookupError(
+                504 if isinstance(exc, TimeoutError) else 502, f"feature server {self.url}: {exc!r}"
+            ) from exc
         feature_rows = self._rows(found, keys, len(rows))
         body = json.dumps({"data": {"names": self.names, "ndarray": feature_rows}}, separators=(",", ":"))
         return self.names, feature_rows, body.encode()
@@ -95,12 +105,17 @@ class FeatureLookup:
             columns = dict(zip(found["metadata"]["feature_names"], found["results"], strict=True))
             ordered = [columns[name] for name in self.names]
         except (KeyError, TypeError, ValueError) as exc:
-            raise FeatureLookupError(502, f"feature server {self.url} answered without the features "
-                                          f"{self.names}: {exc!r}") from exc
-        missing = sorted({i for column in ordered for i, status in enumerate(column["statuses"][:n])
-                          if status != PRESENT})
+            raise FeatureLookupError(
+                502, f"feature server {self.url} answered without the features {self.names}: {exc!r}"
+            ) from exc
+        missing = sorted(
+            {i for column in ordered for i, status in enumerate(column["statuses"][:n]) if status != PRESENT}
+        )
         if missing:
             where = [{name: values[i] for name, values in keys.items()} for i in missing[:5]]
-            raise FeatureLookupError(404, f"no online features for {len(missing)} of {n} rows, e.g. {where}: "
-                                          "unknown entities, or their feature views are not materialised")
+            raise FeatureLookupError(
+                404,
+                f"no online features for {len(missing)} of {n} rows, e.g. {where}: "
+                "unknown entities, or their feature views are not materialised",
+            )
         return [[column["values"][i] for column in ordered] for i in range(n)]

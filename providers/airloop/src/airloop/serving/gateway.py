@@ -29,7 +29,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -99,16 +99,19 @@ class RoutingTable:
         return shadow if shadow is not None and random.random() * 100 < shadow.weight else None
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
-        return {r.name: {"url": r.url, "model_version": r.model_version, "weight": r.weight,
-                         "shadow": r.shadow} for r in self.routes.values()}
+        return {
+            r.name: {"url": r.url, "model_version": r.model_version, "weight": r.weight, "shadow": r.shadow}
+            for r in self.routes.values()
+        }
 
 
 def parse_routes(table: dict[str, Any]) -> RoutingTable:
     """``{name: {"url", "model_version", "weight", "shadow"}}`` -> RoutingTable; ValueError names the
     problem."""
     if not isinstance(table, dict):
-        raise ValueError(f"predictors must be an object {{name: {{url, model_version, weight}}}}, "
-                         f"got {table!r}")
+        raise ValueError(
+            f"predictors must be an object {{name: {{url, model_version, weight}}}}, got {table!r}"
+        )
     routes = {}
     for name, spec in table.items():
         if not isinstance(spec, dict) or not {"url", "model_version", "weight"} <= spec.keys():
@@ -117,8 +120,9 @@ def parse_routes(table: dict[str, Any]) -> RoutingTable:
         if not isinstance(shadow, bool):
             raise ValueError(f"'shadow' of predictor {name!r} must be true or false, got {shadow!r}")
         (check_mirror if shadow else check_weight)(name, spec["weight"])
-        routes[name] = Route(name, str(spec["url"]).rstrip("/"), str(spec["model_version"]), spec["weight"],
-                             shadow)
+        routes[name] = Route(
+            name, str(spec["url"]).rstrip("/"), str(spec["model_version"]), spec["weight"], shadow
+        )
     if routes:
         check_traffic({name: {"weight": r.weight, "shadow": r.shadow} for name, r in routes.items()})
     return RoutingTable(routes)
@@ -151,9 +155,13 @@ class RequestLog:
     def write(self, records: list[dict[str, Any]]) -> str | None:
         if not records:
             return None
-        lines = [_COMPACT.encode({**r, "ts": datetime.fromtimestamp(r["ts"], timezone.utc).isoformat(
-            timespec="milliseconds")}) for r in records]
-        now = datetime.now(timezone.utc)
+        lines = [
+            _COMPACT.encode(
+                {**r, "ts": datetime.fromtimestamp(r["ts"], UTC).isoformat(timespec="milliseconds")}
+            )
+            for r in records
+        ]
+        now = datetime.now(UTC)
         folder = f"{self._dir}/{now:%Y%m%d}"
         path = f"{folder}/{now:%H%M%S}-{uuid.uuid4().hex}.jsonl"
         self._fs.create_dir(folder, recursive=True)
@@ -199,9 +207,18 @@ class _Recent:
 
 
 class Gateway:
-    def __init__(self, deployment: str, table: RoutingTable, *, artefact_root: str, log_batch: int = 500,
-                 log_interval_s: float = 5.0, timeout_s: float = 10.0, feedback_window: int = 20_000,
-                 features: FeatureLookup | None = None) -> None:
+    def __init__(
+        self,
+        deployment: str,
+        table: RoutingTable,
+        *,
+        artefact_root: str,
+        log_batch: int = 500,
+        log_interval_s: float = 5.0,
+        timeout_s: float = 10.0,
+        feedback_window: int = 20_000,
+        features: FeatureLookup | None = None,
+    ) -> None:
         self.deployment = deployment
         self.features = features  # looks up features for requests that carry only entity keys
         self.table = table
@@ -216,18 +233,40 @@ class Gateway:
         self.registry = CollectorRegistry()
         labels = ["deployment_name", "predictor_name", "predictor_version", "method", "code"]
         predictor = ["deployment_name", "predictor_name", "predictor_version"]
-        self.client_seconds = Histogram(CLIENT_METRIC, "Requests from the gateway to a predictor",
-                                        labels, buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.server_seconds = Histogram(SERVER_METRIC, "Requests to the gateway", labels,
-                                        buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.feedback = Counter(FEEDBACK_METRIC, "Feedback received per predictor", [*predictor, "outcome"],
-                                registry=self.registry)
-        self.predicted = Counter(PREDICTIONS_METRIC, "Answered rows per predicted class",
-                                 [*predictor, "class"], registry=self.registry)
-        self.shadow_pairs = Counter(SHADOW_METRIC, "Rows answered by the shadow and the live predictor",
-                                    [*predictor, "outcome"], registry=self.registry)
-        self.shadow_dropped = Counter("airloop_gateway_shadow_dropped", "Requests not mirrored: too many "
-                                      "mirrored requests in flight", predictor, registry=self.registry)
+        self.client_seconds = Histogram(
+            CLIENT_METRIC,
+            "Requests from the gateway to a predictor",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.server_seconds = Histogram(
+            SERVER_METRIC, "Requests to the gateway", labels, buckets=LATENCY_BUCKETS, registry=self.registry
+        )
+        self.feedback = Counter(
+            FEEDBACK_METRIC,
+            "Feedback received per predictor",
+            [*predictor, "outcome"],
+            registry=self.registry,
+        )
+        self.predicted = Counter(
+            PREDICTIONS_METRIC,
+            "Answered rows per predicted class",
+            [*predictor, "class"],
+            registry=self.registry,
+        )
+        self.shadow_pairs = Counter(
+            SHADOW_METRIC,
+            "Rows answered by the shadow and the live predictor",
+            [*predictor, "outcome"],
+            registry=self.registry,
+        )
+        self.shadow_dropped = Counter(
+            "airloop_gateway_shadow_dropped",
+            "Requests not mirrored: too many mirrored requests in flight",
+            predictor,
+            registry=self.registry,
+        )
         # Labelled children by label values: labels() costs more than the observation itself.
         self._children: dict[tuple[Any, ...], Any] = {}
         self._flushes: set[asyncio.Task] = set()
@@ -277,17 +316,23 @@ class Gateway:
         return child
 
     def app(self) -> Callable[..., Awaitable[None]]:
-        routes = Starlette(lifespan=self.lifespan, routes=[
-            HttpRoute("/api/v1.0/feedback", self.send_feedback, methods=["POST"]),
-            HttpRoute("/health/ping", lambda _: PlainTextResponse("pong")),
-            HttpRoute("/metrics", self.prometheus),
-            HttpRoute("/admin/state", self.get_state),
-            HttpRoute("/admin/stats", lambda _: JSONResponse(self.stats())),
-            HttpRoute("/admin/predictors", self.put_predictors, methods=["PUT"]),
-        ])
+        routes = Starlette(
+            lifespan=self.lifespan,
+            routes=[
+                HttpRoute("/api/v1.0/feedback", self.send_feedback, methods=["POST"]),
+                HttpRoute("/health/ping", lambda _: PlainTextResponse("pong")),
+                HttpRoute("/metrics", self.prometheus),
+                HttpRoute("/admin/state", self.get_state),
+                HttpRoute("/admin/stats", lambda _: JSONResponse(self.stats())),
+                HttpRoute("/admin/predictors", self.put_predictors, methods=["PUT"]),
+            ],
+        )
 
-        async def asgi(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
-                       send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        async def asgi(
+            scope: dict[str, Any],
+            receive: Callable[[], Awaitable[dict[str, Any]]],
+            send: Callable[[dict[str, Any]], Awaitable[None]],
+        ) -> None:
             # Predictions skip Starlette's routing, middleware and Request/Response objects: about a
             # tenth of the gateway's CPU time per request (docs/serving.md, "Overhead").
             if scope["type"] != "http" or scope["path"] != PREDICT_PATH or scope["method"] != "POST":
@@ -298,9 +343,17 @@ class Gateway:
                 body += message.get("body", b"")
                 more = message.get("more_body", False)
             code, payload, headers = await self.predict(body)
-            await send({"type": "http.response.start", "status": code, "headers": [
-                (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                *((k.encode(), v.encode()) for k, v in headers.items())]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": code,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(payload)).encode()),
+                        *((k.encode(), v.encode()) for k, v in headers.items()),
+                    ],
+                }
+            )
             await send({"type": "http.response.body", "body": payload})
 
         return asgi
@@ -313,8 +366,13 @@ class Gateway:
             payload = json.loads(body.decode())  # a str skips json's encoding detection
             names, rows = payload["data"].get("names"), payload["data"]["ndarray"]
         except (ValueError, KeyError, TypeError, AttributeError):
-            return 400, _encode(_status(400, "expected a JSON body {'data': {'names': [...], "
-                                             "'ndarray': [[...], ...]}}")), {}
+            return (
+                400,
+                _encode(
+                    _status(400, "expected a JSON body {'data': {'names': [...], 'ndarray': [[...], ...]}}")
+                ),
+                {},
+            )
         if self.features is not None and self.features.wants(names):
             try:
                 names, rows, body = await self.features.enrich(self.session, names, rows)
@@ -338,15 +396,25 @@ class Gateway:
         shadow = self.table.mirror()
         if shadow is not None:
             if len(self._mirrors) < MAX_MIRRORS:
-                self._spawn(self._mirror(shadow, body, request_id, route, code, probabilities, classes),
-                            self._mirrors)
+                self._spawn(
+                    self._mirror(shadow, body, request_id, route, code, probabilities, classes), self._mirrors
+                )
             else:
                 self._child(self.shadow_dropped, self.deployment, shadow.name, shadow.model_version).inc()
-        if self.log.add({
-            "request_id": request_id, "ts": time.time(), "deployment": self.deployment,
-            "predictor": route.name, "model_version": route.model_version, "names": names, "features": rows,
-            "prediction": probabilities, "latency_ms": round(latency * 1e3, 3), "status": code,
-        }):
+        if self.log.add(
+            {
+                "request_id": request_id,
+                "ts": time.time(),
+                "deployment": self.deployment,
+                "predictor": route.name,
+                "model_version": route.model_version,
+                "names": names,
+                "features": rows,
+                "prediction": probabilities,
+                "latency_ms": round(latency * 1e3, 3),
+                "status": code,
+            }
+        ):
             self._flush(self.log)
         self._child(self.server_seconds, *labels).observe(time.perf_counter() - start)
         return code, _encode(result), headers
@@ -364,35 +432,61 @@ class Gateway:
 
     def _count_predicted(self, route: Route, probabilities: list[list[float]], classes: list[str]) -> None:
         for row in probabilities:
-            self._child(self.predicted, self.deployment, route.name, route.model_version,
-                        predicted_class(row, classes)).inc()
+            self._child(
+                self.predicted,
+                self.deployment,
+                route.name,
+                route.model_version,
+                predicted_class(row, classes),
+            ).inc()
 
-    async def _mirror(self, shadow: Route, body: bytes, request_id: str, live: Route, live_code: int,
-                      live_answer: list[list[float]] | None, live_classes: list[str] | None) -> None:
+    async def _mirror(
+        self,
+        shadow: Route,
+        body: bytes,
+        request_id: str,
+        live: Route,
+        live_code: int,
+        live_answer: list[list[float]] | None,
+        live_classes: list[str] | None,
+    ) -> None:
         """Send a copy of a request to the shadow after the client has its answer; compare the answers."""
         code, result, latency = await self._forward(shadow, body)
-        self._child(self.client_seconds, self.deployment, shadow.name, shadow.model_version, "predictions",
-                    str(code)).observe(latency)
+        self._child(
+            self.client_seconds, self.deployment, shadow.name, shadow.model_version, "predictions", str(code)
+        ).observe(latency)
         answer = agreements = rows = None
         if code == 200:
             answer, classes = result["data"]["ndarray"], result["data"].get("names") or []
             self._count_predicted(shadow, answer, classes)
             if live_code == 200 and len(answer) == len(live_answer):
                 rows = len(answer)
-                agreements = sum(label_value(predicted_class(mine, classes))
-                                 == label_value(predicted_class(theirs, live_classes))
-                                 for mine, theirs in zip(answer, live_answer, strict=True))
+                agreements = sum(
+                    label_value(predicted_class(mine, classes))
+                    == label_value(predicted_class(theirs, live_classes))
+                    for mine, theirs in zip(answer, live_answer, strict=True)
+                )
                 labels = (self.deployment, shadow.name, shadow.model_version)
                 self._child(self.shadow_pairs, *labels, "agree").inc(agreements)
                 self._child(self.shadow_pairs, *labels, "disagree").inc(rows - agreements)
-        if self.shadow_log.add({
-            "request_id": request_id, "ts": time.time(), "deployment": self.deployment,
-            "predictor": live.name, "model_version": live.model_version, "status": live_code,
-            "prediction": live_answer,
-            "shadow": shadow.name, "shadow_version": shadow.model_version, "shadow_status": code,
-            "shadow_prediction": answer, "shadow_latency_ms": round(latency * 1e3, 3), "rows": rows,
-            "agreements": agreements,
-        }):
+        if self.shadow_log.add(
+            {
+                "request_id": request_id,
+                "ts": time.time(),
+                "deployment": self.deployment,
+                "predictor": live.name,
+                "model_version": live.model_version,
+                "status": live_code,
+                "prediction": live_answer,
+                "shadow": shadow.name,
+                "shadow_version": shadow.model_version,
+                "shadow_status": code,
+                "shadow_prediction": answer,
+                "shadow_latency_ms": round(latency * 1e3, 3),
+                "rows": rows,
+                "agreements": agreements,
+            }
+        ):
             self._flush(self.shadow_log)
 
     def _remember(self, request_id: str, recent: _Recent) -> None:
@@ -403,29 +497,39 @@ class Gateway:
     async def send_feedback(self, request: Request) -> Response:
         try:
             payload = await request.json()
-            request_id = (request.headers.get(REQUEST_ID_HEADER) or payload.get("request_id")
-                          or payload.get("response", {}).get("meta", {}).get("requestId"))
+            request_id = (
+                request.headers.get(REQUEST_ID_HEADER)
+                or payload.get("request_id")
+                or payload.get("response", {}).get("meta", {}).get("requestId")
+            )
             truth = _rows(payload["truth"])
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             return _failure(400, f"expected Seldon feedback with 'truth' and a request id: {exc}")
         recent = self.recent.get(request_id) if request_id else None
         if recent is None:
-            return _failure(404, f"unknown or expired request id {request_id!r} "
-                                 f"(the gateway remembers the last {self.feedback_window} predictions)")
+            return _failure(
+                404,
+                f"unknown or expired request id {request_id!r} "
+                f"(the gateway remembers the last {self.feedback_window} predictions)",
+            )
         if len(truth) != len(recent.probabilities):
             return _failure(400, f"{len(truth)} truth labels for {len(recent.probabilities)} predicted rows")
         del self.recent[request_id]  # one feedback per prediction
-        correct = sum(label_value(predicted_class(p, recent.classes)) == label_value(t)
-                      for p, t in zip(recent.probabilities, truth, strict=True))
+        correct = sum(
+            label_value(predicted_class(p, recent.classes)) == label_value(t)
+            for p, t in zip(recent.probabilities, truth, strict=True)
+        )
         route = recent.route
         labels = (self.deployment, route.name, route.model_version)
         self.feedback.labels(*labels, "correct").inc(correct)
         self.feedback.labels(*labels, "incorrect").inc(len(truth) - correct)
         # Seldon's model servers take feedback too (e.g. for online learning): pass it on.
-        forward = {"request": {"data": {"names": recent.names, "ndarray": recent.features}},
-                   "response": {"data": {"names": recent.classes, "ndarray": recent.probabilities}},
-                   "truth": {"data": {"ndarray": [[t] for t in truth]}},
-                   "reward": payload.get("reward", correct / len(truth))}
+        forward = {
+            "request": {"data": {"names": recent.names, "ndarray": recent.features}},
+            "response": {"data": {"names": recent.classes, "ndarray": recent.probabilities}},
+            "truth": {"data": {"ndarray": [[t] for t in truth]}},
+            "reward": payload.get("reward", correct / len(truth)),
+        }
         if recent.names is None:
             del forward["request"]["data"]["names"]
         headers = {PREDICTOR_HEADER: route.name, REQUEST_ID_HEADER: request_id}
@@ -436,8 +540,13 @@ class Gateway:
             accepted = False
         if not accepted:
             return _failure(502, f"feedback counted, but predictor {route.name} did not take it", headers)
-        return JSONResponse({"meta": {"requestId": request_id, "predictor": route.name},
-                             "jsonData": {"feedback": len(truth), "correct": correct}}, headers=headers)
+        return JSONResponse(
+            {
+                "meta": {"requestId": request_id, "predictor": route.name},
+                "jsonData": {"feedback": len(truth), "correct": correct},
+            },
+            headers=headers,
+        )
 
     # -- admin -------------------------------------------------------------------------------------
     async def get_state(self, request: Request) -> JSONResponse:
@@ -493,28 +602,50 @@ def _bound_ms(le: str) -> str:
 
 def _empty_stats() -> dict[str, Any]:
     # "pairs" is there for every predictor: this target records mirrored pairs, none yet is a count.
-    return {"requests": 0, "errors": 0, "latency_ms_sum": 0.0, "feedback": 0, "feedback_correct": 0,
-            "latency_ms_buckets": {_bound_ms(str(b)): 0 for b in (*LATENCY_BUCKETS, "+Inf")},
-            "predicted": {}, "pairs": 0, "agreements": 0}
+    return {
+        "requests": 0,
+        "errors": 0,
+        "latency_ms_sum": 0.0,
+        "feedback": 0,
+        "feedback_correct": 0,
+        "latency_ms_buckets": {_bound_ms(str(b)): 0 for b in (*LATENCY_BUCKETS, "+Inf")},
+        "predicted": {},
+        "pairs": 0,
+        "agreements": 0,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--state-dir", required=True, type=Path,
-                        help=f"folder holding the deployment's {STATE_FILE}")
+    parser.add_argument(
+        "--state-dir", required=True, type=Path, help=f"folder holding the deployment's {STATE_FILE}"
+    )
     parser.add_argument("--port", required=True, type=int)
     parser.add_argument("--log-batch", type=int, default=500, help="write the request log every N requests")
     parser.add_argument("--log-interval", type=float, default=5.0, help="... or every T seconds")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a predictor")
     args = parser.parse_args(argv)
     state = json.loads((args.state_dir / STATE_FILE).read_text())
-    gateway = Gateway(state["deployment"], parse_routes(routes_from_state(state)),
-                      artefact_root=settings.artefact_root(), log_batch=args.log_batch,
-                      log_interval_s=args.log_interval, timeout_s=args.timeout,
-                      features=FeatureLookup.from_config(state.get("features")))
+    gateway = Gateway(
+        state["deployment"],
+        parse_routes(routes_from_state(state)),
+        artefact_root=settings.artefact_root(),
+        log_batch=args.log_batch,
+        log_interval_s=args.log_interval,
+        timeout_s=args.timeout,
+        features=FeatureLookup.from_config(state.get("features")),
+    )
     # No Server and Date headers: nothing a client needs, and two header lines less to build per answer.
-    uvicorn.run(gateway.app(), host="127.0.0.1", port=args.port, log_level="warning", access_log=False,
-                server_header=False, date_header=False, timeout_graceful_shutdown=5)
+    uvicorn.run(
+        gateway.app(),
+        host="127.0.0.1",
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+        date_header=False,
+        timeout_graceful_shutdown=5,
+    )
 
 
 if __name__ == "__main__":

@@ -54,8 +54,15 @@ class LocalServingTarget(ServingTarget):
         (``{"url", "entities", "features"}``, see ``airloop.serving.features``).
     """
 
-    def __init__(self, home: str | None = None, *, threads: int = 2, startup_timeout_s: float = 60.0,
-                 model_class: str = MODEL_CLASS, features: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        home: str | None = None,
+        *,
+        threads: int = 2,
+        startup_timeout_s: float = 60.0,
+        model_class: str = MODEL_CLASS,
+        features: dict[str, Any] | None = None,
+    ) -> None:
         self.home = home
         self.features = features
         self.threads = threads
@@ -72,18 +79,24 @@ class LocalServingTarget(ServingTarget):
             if predictor["name"] in wanted:
                 raise ValueError(f"predictor {predictor['name']!r} is listed twice")
             if not Path(predictor["model_dir"]).is_absolute() or not Path(predictor["model_dir"]).is_dir():
-                raise ValueError(f"model_dir of predictor {predictor['name']!r} must be an existing absolute "
-                                 f"folder, got {predictor['model_dir']!r}")
+                raise ValueError(
+                    f"model_dir of predictor {predictor['name']!r} must be an existing absolute "
+                    f"folder, got {predictor['model_dir']!r}"
+                )
             wanted[predictor["name"]] = predictor
         with self._locked(deployment, create=True) as state:
             running = state["predictors"]
             for name, predictor in wanted.items():
                 old = running.get(name)
                 if old and (old["model_dir"], old["model_version"]) != (
-                        str(predictor["model_dir"]), str(predictor["model_version"])):
-                    raise ValueError(f"predictor {name!r} already serves model version "
-                                     f"{old['model_version']} from {old['model_dir']}: "
-                                     "remove it first or use another name")
+                    str(predictor["model_dir"]),
+                    str(predictor["model_version"]),
+                ):
+                    raise ValueError(
+                        f"predictor {name!r} already serves model version "
+                        f"{old['model_version']} from {old['model_dir']}: "
+                        "remove it first or use another name"
+                    )
             current = {**{n: {"weight": 0} for n in wanted}, **running}
             live = {n: p["weight"] for n, p in wanted.items() if not p.get("shadow")}
             shadow = {n: p["weight"] for n, p in wanted.items() if p.get("shadow")}
@@ -95,8 +108,11 @@ class LocalServingTarget(ServingTarget):
             started = self._start_predictors(deployment, to_start)
             for name, process in started.items():
                 spec = to_start[name]
-                running[name] = {"model_version": str(spec["model_version"]),
-                                 "model_dir": str(spec["model_dir"]), **process}
+                running[name] = {
+                    "model_version": str(spec["model_version"]),
+                    "model_dir": str(spec["model_dir"]),
+                    **process,
+                }
             for name, role in traffic.items():
                 running[name].update(role)
             if state.get("features") != self.features and state.get("gateway"):
@@ -106,8 +122,9 @@ class LocalServingTarget(ServingTarget):
             self._ensure_gateway(deployment, state)
             return self._describe(state)
 
-    def set_traffic(self, deployment: str, weights: dict[str, int], *,
-                    shadow: dict[str, int] | None = None) -> dict[str, Any]:
+    def set_traffic(
+        self, deployment: str, weights: dict[str, int], *, shadow: dict[str, int] | None = None
+    ) -> dict[str, Any]:
         with self._locked(deployment) as state:
             for name, role in merge_traffic(state["predictors"], weights, shadow).items():
                 state["predictors"][name].update(role)
@@ -119,12 +136,16 @@ class LocalServingTarget(ServingTarget):
     def remove(self, deployment: str, predictor: str) -> dict[str, Any]:
         with self._locked(deployment) as state:
             if predictor not in state["predictors"]:
-                raise ValueError(f"deployment {deployment!r} has no predictor {predictor!r}: "
-                                 f"it has {sorted(state['predictors'])}")
+                raise ValueError(
+                    f"deployment {deployment!r} has no predictor {predictor!r}: "
+                    f"it has {sorted(state['predictors'])}"
+                )
             weight = state["predictors"][predictor]["weight"]
             if weight != 0 and not state["predictors"][predictor].get("shadow"):
-                raise ValueError(f"predictor {predictor!r} still receives {weight}% of the traffic: "
-                                 "set its weight to 0 first")
+                raise ValueError(
+                    f"predictor {predictor!r} still receives {weight}% of the traffic: "
+                    "set its weight to 0 first"
+                )
             spec = state["predictors"].pop(predictor)
             self._admin(state, "PUT", "/admin/predictors", json=routes_from_state(state))
             _stop_group(spec["pid"])
@@ -177,8 +198,11 @@ class LocalServingTarget(ServingTarget):
         with open(folder / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             path = folder / STATE_FILE
-            yield (json.loads(path.read_text()) if path.exists()
-                   else {"deployment": deployment, "gateway": None, "predictors": {}})
+            yield (
+                json.loads(path.read_text())
+                if path.exists()
+                else {"deployment": deployment, "gateway": None, "predictors": {}}
+            )
 
     def _write_state(self, deployment: str, state: dict[str, Any]) -> None:
         path = self._dir(deployment) / STATE_FILE
@@ -191,8 +215,10 @@ class LocalServingTarget(ServingTarget):
             "deployment": state["deployment"],
             "endpoint": _endpoint(state),
             "gateway": {**state["gateway"], "healthy": _pings(state["gateway"])},
-            "predictors": {name: {**spec, "shadow": bool(spec.get("shadow")), "healthy": _pings(spec)}
-                           for name, spec in state["predictors"].items()},
+            "predictors": {
+                name: {**spec, "shadow": bool(spec.get("shadow")), "healthy": _pings(spec)}
+                for name, spec in state["predictors"].items()
+            },
         }
 
     # -- processes ---------------------------------------------------------------------------------
@@ -205,12 +231,29 @@ class LocalServingTarget(ServingTarget):
         for name, spec in predictors.items():
             port, metrics_port = _free_port(), _free_port()
             parameters = [{"name": "model_dir", "value": str(spec["model_dir"]), "type": "STRING"}]
-            command = [python, "-m", "airloop.serving.model", self.model_class, "--service-type", "MODEL",
-                       "--http-port", str(port), "--metrics-port", str(metrics_port),
-                       # the gateway speaks REST only: no gRPC server (one process and one model less)
-                       "--grpc-workers", "0", "--workers", "1", "--threads", str(self.threads),
-                       "--keepalive", str(SERVER_KEEPALIVE_S),
-                       "--parameters", json.dumps(parameters)]
+            command = [
+                python,
+                "-m",
+                "airloop.serving.model",
+                self.model_class,
+                "--service-type",
+                "MODEL",
+                "--http-port",
+                str(port),
+                "--metrics-port",
+                str(metrics_port),
+                # the gateway speaks REST only: no gRPC server (one process and one model less)
+                "--grpc-workers",
+                "0",
+                "--workers",
+                "1",
+                "--threads",
+                str(self.threads),
+                "--keepalive",
+                str(SERVER_KEEPALIVE_S),
+                "--parameters",
+                json.dumps(parameters),
+            ]
             pid = self._spawn(deployment, f"predictor-{name}", command)
             started[name] = {"pid": pid, "port": port, "metrics_port": metrics_port}
         try:
@@ -232,8 +275,15 @@ class LocalServingTarget(ServingTarget):
             _stop_group(current["pid"])
         # Keep the endpoint stable across restarts when the old port is still free.
         port = current["port"] if current and _port_is_free(current["port"]) else _free_port()
-        command = [sys.executable, "-m", "airloop.serving.gateway", "--state-dir", str(self._dir(deployment)),
-                   "--port", str(port)]
+        command = [
+            sys.executable,
+            "-m",
+            "airloop.serving.gateway",
+            "--state-dir",
+            str(self._dir(deployment)),
+            "--port",
+            str(port),
+        ]
         process = {"pid": self._spawn(deployment, "gateway", command), "port": port}
         self._wait_ready(deployment, "gateway", process)
         state["gateway"] = process
@@ -242,12 +292,24 @@ class LocalServingTarget(ServingTarget):
     def _spawn(self, deployment: str, name: str, command: list[str]) -> int:
         # Resolved here: the process runs in the state folder, where a relative AIRLOOP_HOME means
         # another place.
-        env = {**os.environ, "CI": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1",
-               "AIRLOOP_HOME": str(settings.home()), "AIRLOOP_ARTEFACTS": settings.artefact_root()}
+        env = {
+            **os.environ,
+            "CI": "true",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "PYTHONUNBUFFERED": "1",
+            "AIRLOOP_HOME": str(settings.home()),
+            "AIRLOOP_ARTEFACTS": settings.artefact_root(),
+        }
         with open(self._dir(deployment) / f"{name}.log", "ab") as log:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
-                                       stderr=subprocess.STDOUT, env=env, cwd=self._dir(deployment),
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self._dir(deployment),
+                start_new_session=True,
+            )
         return process.pid
 
     def _wait_ready(self, deployment: str, name: str, process: dict[str, Any]) -> None:
@@ -255,30 +317,41 @@ class LocalServingTarget(ServingTarget):
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if not _alive(process["pid"]):
-                raise RuntimeError(f"{name} of deployment {deployment!r} exited while starting: "
-                                   f"{_first_error(log)} (log: {log})")
+                raise RuntimeError(
+                    f"{name} of deployment {deployment!r} exited while starting: "
+                    f"{_first_error(log)} (log: {log})"
+                )
             if _pings(process):
                 return
             time.sleep(0.2)
         _stop_group(process["pid"])
-        raise RuntimeError(f"{name} of deployment {deployment!r} did not answer within "
-                           f"{self.startup_timeout_s} s (log: {log})")
+        raise RuntimeError(
+            f"{name} of deployment {deployment!r} did not answer within "
+            f"{self.startup_timeout_s} s (log: {log})"
+        )
 
     def _admin(self, state: dict[str, Any], method: str, path: str, **kwargs: Any) -> Any:
         try:
             answer = httpx.request(method, f"{_endpoint(state)}{path}", trust_env=False, timeout=10, **kwargs)
         except httpx.TransportError as exc:
-            raise RuntimeError(f"the gateway of deployment {state['deployment']!r} does not answer "
-                               f"({exc!r}): deploy() restarts it") from exc
+            raise RuntimeError(
+                f"the gateway of deployment {state['deployment']!r} does not answer "
+                f"({exc!r}): deploy() restarts it"
+            ) from exc
         return _checked(answer, state["deployment"])
-
 
 
 def routes_from_state(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The gateway's routing table for a deployment's state."""
-    return {name: {"url": f"http://127.0.0.1:{p['port']}", "model_version": p["model_version"],
-                   "weight": p["weight"], "shadow": bool(p.get("shadow"))}
-            for name, p in state.get("predictors", {}).items()}
+    return {
+        name: {
+            "url": f"http://127.0.0.1:{p['port']}",
+            "model_version": p["model_version"],
+            "weight": p["weight"],
+            "shadow": bool(p.get("shadow")),
+        }
+        for name, p in state.get("predictors", {}).items()
+    }
 
 
 def _endpoint(state: dict[str, Any]) -> str:
@@ -294,7 +367,8 @@ def _checked(answer: httpx.Response, deployment: str) -> Any:
         except (ValueError, KeyError, TypeError):
             info = answer.text or answer.reason_phrase
         raise (ValueError if answer.status_code < 500 else RuntimeError)(
-            f"gateway of deployment {deployment!r}: {info}")
+            f"gateway of deployment {deployment!r}: {info}"
+        )
     return answer.json()
 
 

@@ -144,8 +144,9 @@ class OpenVinoModel:
     def class_names(self) -> list[str]:
         return [str(c) for c in self._manifest["classes"]]
 
-    def predict(self, X: Any, features_names: list[str] | None = None,
-                meta: dict | None = None) -> np.ndarray:
+    def predict(
+        self, X: Any, features_names: list[str] | None = None, meta: dict | None = None
+    ) -> np.ndarray:
         start = time.perf_counter()
         probabilities = self._infer(X, features_names)
         elapsed_ms = (time.perf_counter() - start) * 1e3
@@ -154,8 +155,10 @@ class OpenVinoModel:
         self._local.pending = [
             {"type": "COUNTER", "key": "airloop_model_rows_total", "value": len(probabilities)},
             {"type": "TIMER", "key": "airloop_model_inference_ms", "value": elapsed_ms},
-            *({"type": "COUNTER", "key": PREDICTIONS_METRIC, "value": n, "tags": {"class": name}}
-              for name, n in sorted(predicted.items())),
+            *(
+                {"type": "COUNTER", "key": PREDICTIONS_METRIC, "value": n, "tags": {"class": name}}
+                for name, n in sorted(predicted.items())
+            ),
         ]
         return probabilities
 
@@ -186,11 +189,15 @@ class OpenVinoModel:
     def health_status(self) -> dict[str, Any]:
         if self._compiled is None:
             raise RuntimeError(f"model in {self.model_dir} is not loaded")
-        return {"model_dir": self.model_dir, "classes": self._manifest["classes"],
-                "feature_names": self._manifest["feature_names"]}
+        return {
+            "model_dir": self.model_dir,
+            "classes": self._manifest["classes"],
+            "feature_names": self._manifest["feature_names"],
+        }
 
-    def send_feedback(self, features: Any, feature_names: Any, reward: float, truth: Any,
-                      routing: int | None = None) -> list:
+    def send_feedback(
+        self, features: Any, feature_names: Any, reward: float, truth: Any, routing: int | None = None
+    ) -> list:
         """Count the feedback rows this model predicts correctly, as Seldon custom metrics.
 
         Seldon passes the request's features and the truth, not the answer that was given: the model
@@ -205,12 +212,18 @@ class OpenVinoModel:
         if len(labels) != len(probabilities):
             raise _bad_input(f"{len(labels)} truth labels for {len(probabilities)} rows of features")
         classes = self.class_names()
-        correct = sum(label_value(predicted_class(row, classes)) == label_value(label)
-                      for row, label in zip(probabilities, labels, strict=True))
+        correct = sum(
+            label_value(predicted_class(row, classes)) == label_value(label)
+            for row, label in zip(probabilities, labels, strict=True)
+        )
         self._local.pending = [
             {"type": "COUNTER", "key": FEEDBACK_METRIC, "value": correct, "tags": {"outcome": "correct"}},
-            {"type": "COUNTER", "key": FEEDBACK_METRIC, "value": len(labels) - correct,
-             "tags": {"outcome": "incorrect"}},
+            {
+                "type": "COUNTER",
+                "key": FEEDBACK_METRIC,
+                "value": len(labels) - correct,
+                "tags": {"outcome": "incorrect"},
+            },
         ]
         return []
 

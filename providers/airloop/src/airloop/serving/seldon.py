@@ -63,8 +63,9 @@ class KubernetesApiError(RuntimeError):
         self.status = status
 
 
-def render_predictor(deployment: str, predictor: dict[str, Any], *, image: str = DEFAULT_IMAGE,
-                     replicas: int = 1) -> dict[str, Any]:
+def render_predictor(
+    deployment: str, predictor: dict[str, Any], *, image: str = DEFAULT_IMAGE, replicas: int = 1
+) -> dict[str, Any]:
     """One SeldonDeployment predictor serving ``predictor["model_version"]`` with our model server.
 
     With ``model_uri`` in the predictor dict (the IR folder in the artefact store), Seldon's storage
@@ -73,24 +74,44 @@ def render_predictor(deployment: str, predictor: dict[str, Any], *, image: str =
     check_predictor(predictor)
     model_uri = predictor.get("model_uri")
     graph: dict[str, Any] = {
-        "name": CONTAINER, "type": "MODEL", "children": [],
-        "parameters": [{"name": "model_dir", "type": "STRING",
-                        "value": MOUNTED_MODEL_DIR if model_uri else str(predictor["model_dir"])}],
+        "name": CONTAINER,
+        "type": "MODEL",
+        "children": [],
+        "parameters": [
+            {
+                "name": "model_dir",
+                "type": "STRING",
+                "value": MOUNTED_MODEL_DIR if model_uri else str(predictor["model_dir"]),
+            }
+        ],
     }
     if model_uri:
         graph["modelUri"] = str(model_uri)
-    env = {"CI": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "MODEL_NAME": MODEL_CLASS,
-           "SERVICE_TYPE": "MODEL"}
+    env = {
+        "CI": "true",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MODEL_NAME": MODEL_CLASS,
+        "SERVICE_TYPE": "MODEL",
+    }
     rendered = {
         "name": predictor["name"],
         "replicas": replicas,
         "traffic": predictor["weight"],
         # Seldon labels its metrics' predictor_version with the predictor label "version".
         "labels": {"version": str(predictor["model_version"]), "app.kubernetes.io/part-of": deployment},
-        "componentSpecs": [{"spec": {"containers": [{
-            "name": CONTAINER, "image": image,
-            "env": [{"name": k, "value": v} for k, v in env.items()],
-        }]}}],
+        "componentSpecs": [
+            {
+                "spec": {
+                    "containers": [
+                        {
+                            "name": CONTAINER,
+                            "image": image,
+                            "env": [{"name": k, "value": v} for k, v in env.items()],
+                        }
+                    ]
+                }
+            }
+        ],
         "graph": graph,
     }
     if predictor.get("shadow"):
@@ -98,8 +119,14 @@ def render_predictor(deployment: str, predictor: dict[str, Any], *, image: str =
     return rendered
 
 
-def render_seldon_deployment(deployment: str, predictors: list[dict[str, Any]], *, namespace: str = "default",
-                             image: str = DEFAULT_IMAGE, replicas: int = 1) -> dict[str, Any]:
+def render_seldon_deployment(
+    deployment: str,
+    predictors: list[dict[str, Any]],
+    *,
+    namespace: str = "default",
+    image: str = DEFAULT_IMAGE,
+    replicas: int = 1,
+) -> dict[str, Any]:
     """The SeldonDeployment (machinelearning.seldon.io/v1) serving ``predictors`` with their weights."""
     check_deployment_name(deployment)
     names = [p.get("name") for p in predictors]
@@ -108,11 +135,18 @@ def render_seldon_deployment(deployment: str, predictors: list[dict[str, Any]], 
     manifest = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "SeldonDeployment",
-        "metadata": {"name": deployment, "namespace": namespace,
-                     "labels": {"app.kubernetes.io/managed-by": "airloop"}},
-        "spec": {"name": deployment, "protocol": "seldon",
-                 "predictors": [render_predictor(deployment, p, image=image, replicas=replicas)
-                                for p in predictors]},
+        "metadata": {
+            "name": deployment,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/managed-by": "airloop"},
+        },
+        "spec": {
+            "name": deployment,
+            "protocol": "seldon",
+            "predictors": [
+                render_predictor(deployment, p, image=image, replicas=replicas) for p in predictors
+            ],
+        },
     }
     check_traffic(_traffic(manifest["spec"]["predictors"]))
     return manifest
@@ -146,9 +180,17 @@ class SeldonKubernetesTarget(ServingTarget):
         another namespace is another deployment.
     """
 
-    def __init__(self, namespace: str = "default", kubernetes_conn_id: str = "kubernetes_default",
-                 prometheus_url: str | None = None, *, image: str = DEFAULT_IMAGE, replicas: int = 1,
-                 timeout_s: float = 10.0, namespace_label: str = "namespace") -> None:
+    def __init__(
+        self,
+        namespace: str = "default",
+        kubernetes_conn_id: str = "kubernetes_default",
+        prometheus_url: str | None = None,
+        *,
+        image: str = DEFAULT_IMAGE,
+        replicas: int = 1,
+        timeout_s: float = 10.0,
+        namespace_label: str = "namespace",
+    ) -> None:
         self.namespace = namespace
         self.kubernetes_conn_id = kubernetes_conn_id
         self.prometheus_url = prometheus_url
@@ -164,36 +206,48 @@ class SeldonKubernetesTarget(ServingTarget):
         for predictor in predictors:
             if predictor.get("name") in wanted:
                 raise ValueError(f"predictor {predictor['name']!r} is listed twice")
-            wanted[predictor.get("name")] = render_predictor(deployment, predictor, image=self.image,
-                                                             replicas=self.replicas)
+            wanted[predictor.get("name")] = render_predictor(
+                deployment, predictor, image=self.image, replicas=self.replicas
+            )
 
         def change(current: list[dict[str, Any]]) -> list[dict[str, Any]]:
             running = {p["name"]: p for p in current}
             for name, predictor in wanted.items():
                 old = running.get(name)
                 if old and (old.get("labels") or {}).get("version") != predictor["labels"]["version"]:
-                    raise ValueError(f"predictor {name!r} already serves model version "
-                                     f"{old['labels'].get('version')}: remove it first or use another name")
-            traffic = merge_traffic({**{n: {"weight": 0} for n in wanted}, **_traffic(current)},
-                                    {n: p["traffic"] for n, p in wanted.items() if not p.get("shadow")},
-                                    {n: p["traffic"] for n, p in wanted.items() if p.get("shadow")})
+                    raise ValueError(
+                        f"predictor {name!r} already serves model version "
+                        f"{old['labels'].get('version')}: remove it first or use another name"
+                    )
+            traffic = merge_traffic(
+                {**{n: {"weight": 0} for n in wanted}, **_traffic(current)},
+                {n: p["traffic"] for n, p in wanted.items() if not p.get("shadow")},
+                {n: p["traffic"] for n, p in wanted.items() if p.get("shadow")},
+            )
             merged = [*current, *(p for n, p in wanted.items() if n not in running)]
             return [_with_traffic(p, traffic[p["name"]]) for p in merged]
 
         if self._read(deployment) is None:
-            manifest = render_seldon_deployment(deployment, predictors, namespace=self.namespace,
-                                                image=self.image, replicas=self.replicas)
+            manifest = render_seldon_deployment(
+                deployment, predictors, namespace=self.namespace, image=self.image, replicas=self.replicas
+            )
             try:
-                created = self._call("create", deployment, lambda api: api.create_namespaced_custom_object(
-                    GROUP, VERSION, self.namespace, PLURAL, manifest, _request_timeout=self.timeout_s))
+                created = self._call(
+                    "create",
+                    deployment,
+                    lambda api: api.create_namespaced_custom_object(
+                        GROUP, VERSION, self.namespace, PLURAL, manifest, _request_timeout=self.timeout_s
+                    ),
+                )
                 return describe(created)
             except KubernetesApiError as exc:
                 if exc.status != 409:  # 409: created meanwhile by another writer, patch it instead
                     raise
         return self._update(deployment, change)
 
-    def set_traffic(self, deployment: str, weights: dict[str, int], *,
-                    shadow: dict[str, int] | None = None) -> dict[str, Any]:
+    def set_traffic(
+        self, deployment: str, weights: dict[str, int], *, shadow: dict[str, int] | None = None
+    ) -> dict[str, Any]:
         def change(current: list[dict[str, Any]]) -> list[dict[str, Any]]:
             traffic = merge_traffic(_traffic(current), weights, shadow)
             return [_with_traffic(p, traffic[p["name"]]) for p in current]
@@ -204,11 +258,14 @@ class SeldonKubernetesTarget(ServingTarget):
         def change(current: list[dict[str, Any]]) -> list[dict[str, Any]]:
             found = {p["name"]: p for p in current}
             if predictor not in found:
-                raise ValueError(f"deployment {deployment!r} has no predictor {predictor!r}: "
-                                 f"it has {sorted(found)}")
+                raise ValueError(
+                    f"deployment {deployment!r} has no predictor {predictor!r}: it has {sorted(found)}"
+                )
             if found[predictor].get("traffic", 0) != 0 and not found[predictor].get("shadow"):
-                raise ValueError(f"predictor {predictor!r} still receives {found[predictor]['traffic']}% of "
-                                 "the traffic: set its weight to 0 first")
+                raise ValueError(
+                    f"predictor {predictor!r} still receives {found[predictor]['traffic']}% of "
+                    "the traffic: set its weight to 0 first"
+                )
             return [p for p in current if p["name"] != predictor]
 
         return self._update(deployment, change)
@@ -219,23 +276,31 @@ class SeldonKubernetesTarget(ServingTarget):
     def metrics(self, deployment: str) -> dict[str, dict[str, Any]]:
         names = [p["name"] for p in self._required(deployment)["spec"]["predictors"]]
         with httpx.Client(trust_env=False, timeout=self.timeout_s) as client:
-            results = {key: self._query(client.get, query)
-                       for key, query in self._queries(deployment).items()}
+            results = {
+                key: self._query(client.get, query) for key, query in self._queries(deployment).items()
+            }
         return stats_from_prometheus(names, results)
 
     async def ametrics(self, deployment: str) -> dict[str, dict[str, Any]]:
         custom_object = await asyncio.to_thread(self._required, deployment)
         names = [p["name"] for p in custom_object["spec"]["predictors"]]
         async with httpx.AsyncClient(trust_env=False, timeout=self.timeout_s) as client:
-            results = {key: self._checked_query(await self._get(client, query), query)
-                       for key, query in self._queries(deployment).items()}
+            results = {
+                key: self._checked_query(await self._get(client, query), query)
+                for key, query in self._queries(deployment).items()
+            }
         return stats_from_prometheus(names, results)
 
     def delete(self, deployment: str) -> None:
         check_deployment_name(deployment)
         try:
-            self._call("delete", deployment, lambda api: api.delete_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, deployment))
+            self._call(
+                "delete",
+                deployment,
+                lambda api: api.delete_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURAL, deployment
+                ),
+            )
         except KubernetesApiError as exc:
             if exc.status != 404:
                 raise
@@ -256,18 +321,25 @@ class SeldonKubernetesTarget(ServingTarget):
         try:
             return request(self._api)
         except ApiException as exc:
-            raise KubernetesApiError(f"{action} {where}: HTTP {exc.status} {exc.reason}: "
-                                     f"{_message(exc.body)}",
-                                     exc.status) from exc
+            raise KubernetesApiError(
+                f"{action} {where}: HTTP {exc.status} {exc.reason}: {_message(exc.body)}", exc.status
+            ) from exc
         except HTTPError as exc:
-            raise KubernetesApiError(f"{action} {where}: the Kubernetes API does not answer "
-                                     f"(connection {self.kubernetes_conn_id!r}): {exc}") from exc
+            raise KubernetesApiError(
+                f"{action} {where}: the Kubernetes API does not answer "
+                f"(connection {self.kubernetes_conn_id!r}): {exc}"
+            ) from exc
 
     def _read(self, deployment: str) -> dict[str, Any] | None:
         check_deployment_name(deployment)
         try:
-            return self._call("get", deployment, lambda api: api.get_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, deployment, _request_timeout=self.timeout_s))
+            return self._call(
+                "get",
+                deployment,
+                lambda api: api.get_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURAL, deployment, _request_timeout=self.timeout_s
+                ),
+            )
         except KubernetesApiError as exc:
             if exc.status == 404:
                 return None
@@ -276,34 +348,52 @@ class SeldonKubernetesTarget(ServingTarget):
     def _required(self, deployment: str) -> dict[str, Any]:
         found = self._read(deployment)
         if found is None:
-            raise ValueError(f"deployment {deployment!r} is not deployed: no SeldonDeployment "
-                             f"{deployment!r} in namespace {self.namespace!r}")
+            raise ValueError(
+                f"deployment {deployment!r} is not deployed: no SeldonDeployment "
+                f"{deployment!r} in namespace {self.namespace!r}"
+            )
         return found
 
-    def _update(self, deployment: str, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
-                ) -> dict[str, Any]:
+    def _update(
+        self, deployment: str, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+    ) -> dict[str, Any]:
         """Merge-patch ``spec.predictors`` to ``change(current)``; recompute on a 409 conflict."""
         for _ in range(CONFLICT_RETRIES):
             current = self._required(deployment)
             predictors = change(copy.deepcopy(current["spec"]["predictors"]))
-            patch = {"metadata": {"resourceVersion": current["metadata"].get("resourceVersion")},
-                     "spec": {"predictors": predictors}}  # a merge patch replaces a list whole
+            patch = {
+                "metadata": {"resourceVersion": current["metadata"].get("resourceVersion")},
+                "spec": {"predictors": predictors},
+            }  # a merge patch replaces a list whole
             try:
-                updated = self._call("patch", deployment, functools.partial(
-                    _patch, namespace=self.namespace, name=deployment, body=patch, timeout_s=self.timeout_s))
+                updated = self._call(
+                    "patch",
+                    deployment,
+                    functools.partial(
+                        _patch,
+                        namespace=self.namespace,
+                        name=deployment,
+                        body=patch,
+                        timeout_s=self.timeout_s,
+                    ),
+                )
             except KubernetesApiError as exc:
                 if exc.status == 409:
                     continue  # another writer changed it since our read
                 raise
             return describe(updated)
-        raise KubernetesApiError(f"patch SeldonDeployment {self.namespace}/{deployment}: still conflicting "
-                                 f"after {CONFLICT_RETRIES} attempts (other writers keep changing it)")
+        raise KubernetesApiError(
+            f"patch SeldonDeployment {self.namespace}/{deployment}: still conflicting "
+            f"after {CONFLICT_RETRIES} attempts (other writers keep changing it)"
+        )
 
     # -- Prometheus --------------------------------------------------------------------------------
     def _queries(self, deployment: str) -> dict[str, str]:
         if not self.prometheus_url:
-            raise ValueError("metrics() of the Seldon target needs 'prometheus_url' (the Prometheus that "
-                             "scrapes Seldon's executors) in the serving connection's extra")
+            raise ValueError(
+                "metrics() of the Seldon target needs 'prometheus_url' (the Prometheus that "
+                "scrapes Seldon's executors) in the serving connection's extra"
+            )
         scope = f'deployment_name="{deployment}",{self.namespace_label}="{self.namespace}"'
         # Feedback calls go through the executor too; only predictions are requests to compare.
         requests = f'{scope},service!="feedback"'
@@ -324,8 +414,9 @@ class SeldonKubernetesTarget(ServingTarget):
 
     async def _get(self, client: httpx.AsyncClient, query: str) -> httpx.Response:
         try:
-            return await client.get(f"{self.prometheus_url.rstrip('/')}/api/v1/query",
-                                    params={"query": query})
+            return await client.get(
+                f"{self.prometheus_url.rstrip('/')}/api/v1/query", params={"query": query}
+            )
         except httpx.TransportError as exc:
             raise RuntimeError(f"Prometheus at {self.prometheus_url} does not answer: {exc!r}") from exc
 
@@ -335,16 +426,20 @@ class SeldonKubernetesTarget(ServingTarget):
         except ValueError:
             body = {}
         if answer.is_error or body.get("status") != "success":
-            raise RuntimeError(f"Prometheus at {self.prometheus_url} failed {query!r}: "
-                               f"HTTP {answer.status_code} {body.get('error') or answer.text[:200]}")
+            raise RuntimeError(
+                f"Prometheus at {self.prometheus_url} failed {query!r}: "
+                f"HTTP {answer.status_code} {body.get('error') or answer.text[:200]}"
+            )
         return body["data"]["result"]
 
 
-def _patch(api: CustomObjectsApi, *, namespace: str, name: str, body: dict[str, Any],
-           timeout_s: float) -> Any:
+def _patch(
+    api: CustomObjectsApi, *, namespace: str, name: str, body: dict[str, Any], timeout_s: float
+) -> Any:
     """A merge patch of one SeldonDeployment (a function, so a retry loop binds its own body)."""
-    return api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, body,
-                                              _request_timeout=timeout_s)
+    return api.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name, body, _request_timeout=timeout_s
+    )
 
 
 def describe(custom_object: dict[str, Any]) -> dict[str, Any]:
@@ -364,16 +459,23 @@ def describe(custom_object: dict[str, Any]) -> dict[str, Any]:
             "shadow": bool(predictor.get("shadow")),
             "replicas": predictor.get("replicas", 1),
             "model_uri": predictor["graph"].get("modelUri"),
-            "healthy": status.get("state") == "Available" and bool(own) and all(
-                s.get("availableReplicas", 0) >= max(s.get("replicas", 1), 1) for s in own),
+            "healthy": status.get("state") == "Available"
+            and bool(own)
+            and all(s.get("availableReplicas", 0) >= max(s.get("replicas", 1), 1) for s in own),
         }
-    return {"deployment": deployment, "namespace": custom_object["metadata"].get("namespace"),
-            "endpoint": (status.get("address") or {}).get("url"), "status": status.get("state"),
-            "description": status.get("description"), "predictors": predictors}
+    return {
+        "deployment": deployment,
+        "namespace": custom_object["metadata"].get("namespace"),
+        "endpoint": (status.get("address") or {}).get("url"),
+        "status": status.get("state"),
+        "description": status.get("description"),
+        "predictors": predictors,
+    }
 
 
-def stats_from_prometheus(names: list[str], results: dict[str, list[dict[str, Any]]]
-                          ) -> dict[str, dict[str, Any]]:
+def stats_from_prometheus(
+    names: list[str], results: dict[str, list[dict[str, Any]]]
+) -> dict[str, dict[str, Any]]:
     """Per-predictor counts in the shape of ``ServingTarget.metrics()`` from Prometheus instant vectors.
 
     ``results`` maps ``count``, ``sum``, ``bucket``, ``feedback`` and ``predicted`` to the
@@ -381,8 +483,18 @@ def stats_from_prometheus(names: list[str], results: dict[str, list[dict[str, An
     ``names`` are ignored. Mirrored pairs are not known here (Istio drops a shadow's answers), so
     there is no ``pairs`` key.
     """
-    stats = {name: {"requests": 0, "errors": 0, "latency_ms_sum": 0.0, "feedback": 0, "feedback_correct": 0,
-                    "latency_ms_buckets": {}, "predicted": {}} for name in names}
+    stats = {
+        name: {
+            "requests": 0,
+            "errors": 0,
+            "latency_ms_sum": 0.0,
+            "feedback": 0,
+            "feedback_correct": 0,
+            "latency_ms_buckets": {},
+            "predicted": {},
+        }
+        for name in names
+    }
 
     def samples(key: str) -> Any:
         for sample in results.get(key, []):

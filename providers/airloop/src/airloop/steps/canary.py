@@ -71,8 +71,13 @@ def analyse(request: dict[str, Any]) -> dict[str, Any]:
     reset = [names[r] for r, w in windows.items() if _went_down(w)]
     champion, challenger = summary["champion"], summary["challenger"]
     if reset:
-        tests = {"reset": {"status": "wait", "reason": f"counters of {reset} went down during the window "
-                                                       "(the gateway restarted): analyse the next window"}}
+        tests = {
+            "reset": {
+                "status": "wait",
+                "reason": f"counters of {reset} went down during the window "
+                "(the gateway restarted): analyse the next window",
+            }
+        }
     elif mode == "canary":
         tests = {
             "errors": _errors_test(champion, challenger, criteria),
@@ -90,8 +95,9 @@ def analyse(request: dict[str, Any]) -> dict[str, Any]:
     statuses = {t["status"] for t in tests.values()} - {"skipped"}
     verdict = "fail" if "fail" in statuses else "wait" if "wait" in statuses else "pass"
     # A pass explains every check; a fail or a wait names the checks that caused it.
-    reasons = [f"{name}: {t['reason']}" for name, t in tests.items()
-               if verdict == "pass" or t["status"] == verdict]
+    reasons = [
+        f"{name}: {t['reason']}" for name, t in tests.items() if verdict == "pass" or t["status"] == verdict
+    ]
     return {"verdict": verdict, "mode": mode, "reasons": reasons, **summary, "tests": tests}
 
 
@@ -121,8 +127,9 @@ def _window(request: dict[str, Any], name: str) -> dict[str, Any]:
     old, new = before.get(name) or {}, after[name]
     window = {k: new.get(k, 0) - old.get(k, 0) for k in _COUNTS}
     old_buckets = old.get("latency_ms_buckets") or {}
-    window["latency_ms_buckets"] = {le: n - old_buckets.get(le, 0)
-                                    for le, n in (new.get("latency_ms_buckets") or {}).items()}
+    window["latency_ms_buckets"] = {
+        le: n - old_buckets.get(le, 0) for le, n in (new.get("latency_ms_buckets") or {}).items()
+    }
     old_predicted = old.get("predicted") or {}
     window["predicted"] = {c: n - old_predicted.get(c, 0) for c, n in (new.get("predicted") or {}).items()}
     # None: the target records no mirrored pairs (not: none happened).
@@ -132,8 +139,11 @@ def _window(request: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def _went_down(window: dict[str, Any]) -> bool:
-    counts = [*(window[k] for k in _COUNTS), *window["predicted"].values(),
-              *(window[k] for k in ("pairs", "agreements") if window[k] is not None)]
+    counts = [
+        *(window[k] for k in _COUNTS),
+        *window["predicted"].values(),
+        *(window[k] for k in ("pairs", "agreements") if window[k] is not None),
+    ]
     return any(n < 0 for n in counts)
 
 
@@ -174,8 +184,9 @@ def histogram_quantile(q: float, buckets: dict[str, float]) -> float | None:
     return lower_bound
 
 
-def _one_sided_z(p_worse: float, n_worse: int, p_better: float, n_better: int,
-                 margin: float) -> tuple[float, float]:
+def _one_sided_z(
+    p_worse: float, n_worse: int, p_better: float, n_better: int, margin: float
+) -> tuple[float, float]:
     """z and p-value for H1: p_worse - p_better > margin (unpooled two-proportion z-test)."""
     se = math.sqrt(p_worse * (1 - p_worse) / n_worse + p_better * (1 - p_better) / n_better)
     excess = p_worse - p_better - margin
@@ -188,18 +199,31 @@ def _one_sided_z(p_worse: float, n_worse: int, p_better: float, n_better: int,
 def _errors_test(champion: dict, challenger: dict, criteria: dict) -> dict[str, Any]:
     minimum = criteria["min_requests"]
     if min(champion["requests"], challenger["requests"]) < minimum:
-        return {"status": "wait", "reason": f"fewer than {minimum:g} requests per predictor (champion "
-                                            f"{champion['requests']}, challenger {challenger['requests']})"}
+        return {
+            "status": "wait",
+            "reason": f"fewer than {minimum:g} requests per predictor (champion "
+            f"{champion['requests']}, challenger {challenger['requests']})",
+        }
     allowance = criteria["max_error_rate_increase"]
-    z, p = _one_sided_z(challenger["error_rate"], challenger["requests"], champion["error_rate"],
-                        champion["requests"], allowance)
+    z, p = _one_sided_z(
+        challenger["error_rate"],
+        challenger["requests"],
+        champion["error_rate"],
+        champion["requests"],
+        allowance,
+    )
     failed = p < criteria["alpha"]
     return {
-        "status": "fail" if failed else "pass", "z": _finite(z), "p_value": p, "allowance": allowance,
+        "status": "fail" if failed else "pass",
+        "z": _finite(z),
+        "p_value": p,
+        "allowance": allowance,
         "difference": challenger["error_rate"] - champion["error_rate"],
-        "reason": (f"error rate {challenger['error_rate']:.4f} vs champion {champion['error_rate']:.4f}: "
-                   f"{'significantly' if failed else 'not significantly'} more than {allowance:g} higher "
-                   f"(p={p:.3g})"),
+        "reason": (
+            f"error rate {challenger['error_rate']:.4f} vs champion {champion['error_rate']:.4f}: "
+            f"{'significantly' if failed else 'not significantly'} more than {allowance:g} higher "
+            f"(p={p:.3g})"
+        ),
     }
 
 
@@ -212,48 +236,76 @@ def _latency_test(champion: dict, challenger: dict, criteria: dict) -> dict[str,
     limit, slack = criteria["max_p99_latency_ratio"], criteria["min_p99_latency_increase_ms"]
     ratio = challenger["p99_ms"] / champion["p99_ms"] if champion["p99_ms"] > 0 else math.inf
     failed = ratio > limit and challenger["p99_ms"] - champion["p99_ms"] > slack
-    return {"status": "fail" if failed else "pass", "ratio": _finite(ratio), "limit": limit,
-            "reason": f"p99 {challenger['p99_ms']:.2f} ms vs champion {champion['p99_ms']:.2f} ms "
-                      f"(ratio {ratio:.2f}, limit {limit:g} and +{slack:g} ms)"}
+    return {
+        "status": "fail" if failed else "pass",
+        "ratio": _finite(ratio),
+        "limit": limit,
+        "reason": f"p99 {challenger['p99_ms']:.2f} ms vs champion {champion['p99_ms']:.2f} ms "
+        f"(ratio {ratio:.2f}, limit {limit:g} and +{slack:g} ms)",
+    }
 
 
 def _accuracy_test(champion: dict, challenger: dict, criteria: dict) -> dict[str, Any]:
     minimum = criteria["min_feedback"]
     if min(champion["feedback"], challenger["feedback"]) < minimum:
-        return {"status": "wait", "reason": f"fewer than {minimum:g} feedback labels per predictor (champion "
-                                            f"{champion['feedback']}, challenger {challenger['feedback']})"}
+        return {
+            "status": "wait",
+            "reason": f"fewer than {minimum:g} feedback labels per predictor (champion "
+            f"{champion['feedback']}, challenger {challenger['feedback']})",
+        }
     max_drop = criteria["max_accuracy_drop"]
     # A drop in accuracy is a rise in the error proportion 1 - accuracy.
-    z, p = _one_sided_z(1 - challenger["accuracy"], challenger["feedback"], 1 - champion["accuracy"],
-                        champion["feedback"], max_drop)
+    z, p = _one_sided_z(
+        1 - challenger["accuracy"],
+        challenger["feedback"],
+        1 - champion["accuracy"],
+        champion["feedback"],
+        max_drop,
+    )
     failed = p < criteria["alpha"]
     return {
-        "status": "fail" if failed else "pass", "z": _finite(z), "p_value": p, "max_drop": max_drop,
+        "status": "fail" if failed else "pass",
+        "z": _finite(z),
+        "p_value": p,
+        "max_drop": max_drop,
         "difference": challenger["accuracy"] - champion["accuracy"],
-        "reason": (f"accuracy {challenger['accuracy']:.4f} vs champion {champion['accuracy']:.4f}: "
-                   f"{'significantly' if failed else 'not significantly'} more than {max_drop:g} lower "
-                   f"(p={p:.3g})"),
+        "reason": (
+            f"accuracy {challenger['accuracy']:.4f} vs champion {champion['accuracy']:.4f}: "
+            f"{'significantly' if failed else 'not significantly'} more than {max_drop:g} lower "
+            f"(p={p:.3g})"
+        ),
     }
 
 
 def _agreement_test(challenger: dict, criteria: dict) -> dict[str, Any]:
     if challenger["pairs"] is None:
-        return {"status": "skipped", "reason": "the serving target records no mirrored pairs (on Kubernetes "
-                                               "Istio drops the shadow's answers): not measured"}
+        return {
+            "status": "skipped",
+            "reason": "the serving target records no mirrored pairs (on Kubernetes "
+            "Istio drops the shadow's answers): not measured",
+        }
     minimum = criteria["min_pairs"]
     if challenger["pairs"] < minimum:
-        return {"status": "wait", "reason": f"fewer than {minimum:g} mirrored rows answered by both "
-                                            f"({challenger['pairs']})"}
+        return {
+            "status": "wait",
+            "reason": f"fewer than {minimum:g} mirrored rows answered by both ({challenger['pairs']})",
+        }
     rate, floor, n = challenger["agreement"], criteria["min_agreement"], challenger["pairs"]
     # One-sided test of H1: the agreement rate is below the floor.
     se = math.sqrt(floor * (1 - floor) / n)
     z = (floor - rate) / se if se > 0 else (math.inf if rate < floor else -math.inf)
     p = 1 - NormalDist().cdf(z)
     failed = p < criteria["alpha"]
-    return {"status": "fail" if failed else "pass", "rate": rate, "pairs": n, "min_agreement": floor,
-            "p_value": p, "reason": f"agreement {rate:.4f} over {n} mirrored rows: "
-                                    f"{'significantly' if failed else 'not significantly'} below {floor:g} "
-                                    f"(p={p:.3g})"}
+    return {
+        "status": "fail" if failed else "pass",
+        "rate": rate,
+        "pairs": n,
+        "min_agreement": floor,
+        "p_value": p,
+        "reason": f"agreement {rate:.4f} over {n} mirrored rows: "
+        f"{'significantly' if failed else 'not significantly'} below {floor:g} "
+        f"(p={p:.3g})",
+    }
 
 
 def _distribution_test(champion: dict, challenger: dict, criteria: dict) -> dict[str, Any]:
@@ -261,8 +313,11 @@ def _distribution_test(champion: dict, challenger: dict, criteria: dict) -> dict
     n_ours, n_theirs = sum(ours.values()), sum(theirs.values())
     minimum = criteria["min_pairs"]
     if min(n_ours, n_theirs) < minimum:
-        return {"status": "wait", "reason": f"fewer than {minimum:g} predicted rows per predictor (champion "
-                                            f"{n_ours}, challenger {n_theirs})"}
+        return {
+            "status": "wait",
+            "reason": f"fewer than {minimum:g} predicted rows per predictor (champion "
+            f"{n_ours}, challenger {n_theirs})",
+        }
     classes = sorted(c for c in set(ours) | set(theirs) if ours.get(c, 0) + theirs.get(c, 0) > 0)
     distance = 0.5 * sum(abs(ours.get(c, 0) / n_ours - theirs.get(c, 0) / n_theirs) for c in classes)
     # Chi-square test of homogeneity of the 2 x classes table of counts.
@@ -275,11 +330,17 @@ def _distribution_test(champion: dict, challenger: dict, criteria: dict) -> dict
     p = chi2_sf(chi2, len(classes) - 1)
     limit = criteria["max_distribution_distance"]
     failed = distance > limit and p < criteria["alpha"]
-    return {"status": "fail" if failed else "pass", "distance": distance, "limit": limit, "chi2": chi2,
-            "p_value": p, "champion": {c: ours.get(c, 0) / n_ours for c in classes},
-            "challenger": {c: theirs.get(c, 0) / n_theirs for c in classes},
-            "reason": f"predicted classes differ by {distance:.3f} (total variation; limit {limit:g}, "
-                      f"chi-square p={p:.3g})"}
+    return {
+        "status": "fail" if failed else "pass",
+        "distance": distance,
+        "limit": limit,
+        "chi2": chi2,
+        "p_value": p,
+        "champion": {c: ours.get(c, 0) / n_ours for c in classes},
+        "challenger": {c: theirs.get(c, 0) / n_theirs for c in classes},
+        "reason": f"predicted classes differ by {distance:.3f} (total variation; limit {limit:g}, "
+        f"chi-square p={p:.3g})",
+    }
 
 
 def chi2_sf(x: float, dof: int) -> float:

@@ -143,8 +143,9 @@ def convert(request: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"holdout has no label column {label!r} (columns {list(holdout.columns)})")
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        source = load_source(tracking_uri, model_uri, tmp, holdout.drop(columns=[label]),
-                             request.get("classes"))
+        source = load_source(
+            tracking_uri, model_uri, tmp, holdout.drop(columns=[label]), request.get("classes")
+        )
         features = holdout[source.feature_names]
         calibration = None
         if "int8" in variants:
@@ -152,22 +153,43 @@ def convert(request: dict[str, Any]) -> dict[str, Any]:
             rows = int(request.get("calibration_rows", 300))
             calibration = read_data(tracking_uri, uri)[source.feature_names].to_numpy(dtype="float32")[:rows]
         report = optimise.optimise(
-            source.native, source.graph, features, _class_index(source.classes, holdout[label]), tmp,
-            native_input=source.native_input, onnx_path=source.onnx_path, variants=variants,
-            calibration=calibration, budget=budget, objective=objective,
-            calls=int(request.get("benchmark_calls", 200)), batch_rows=BATCH_ROWS,
+            source.native,
+            source.graph,
+            features,
+            _class_index(source.classes, holdout[label]),
+            tmp,
+            native_input=source.native_input,
+            onnx_path=source.onnx_path,
+            variants=variants,
+            calibration=calibration,
+            budget=budget,
+            objective=objective,
+            calls=int(request.get("benchmark_calls", 200)),
+            batch_rows=BATCH_ROWS,
         )
         fp32 = report["variants"]["fp32"]
-        parity = {"max_abs_diff": fp32["max_abs_diff"], "label_agreement": fp32["label_agreement"],
-                  "rows": int(len(holdout)), "tolerance": tolerance}
+        parity = {
+            "max_abs_diff": fp32["max_abs_diff"],
+            "label_agreement": fp32["label_agreement"],
+            "rows": int(len(holdout)),
+            "tolerance": tolerance,
+        }
         diff = parity["max_abs_diff"]
         parity_passed = diff is not None and diff <= tolerance and parity["label_agreement"] >= min_agreement
         if not parity_passed:
-            shown = (f"{diff:.3g}" if diff is not None
-                     else f"undefined ({fp32['non_finite_rows']} rows NaN or inf)")
-            report.update(variant=None, ratios={}, reason=(
-                f"fp32 IR failed the parity gate: max abs diff {shown} (tolerance {tolerance}), label "
-                f"agreement {parity['label_agreement']:.4f} (minimum {min_agreement})"))
+            shown = (
+                f"{diff:.3g}"
+                if diff is not None
+                else f"undefined ({fp32['non_finite_rows']} rows NaN or inf)"
+            )
+            report.update(
+                variant=None,
+                ratios={},
+                reason=(
+                    f"fp32 IR failed the parity gate: max abs diff {shown} (tolerance {tolerance}), label "
+                    f"agreement {parity['label_agreement']:.4f} (minimum {min_agreement})"
+                ),
+            )
         selected = report["variant"]
         passed = selected is not None
 
@@ -180,26 +202,49 @@ def convert(request: dict[str, Any]) -> dict[str, Any]:
             files = write_manifest(ir_dir, selected, source)["files"]
             client.log_artifacts(run_id, ir_dir, IR_PATH)
 
-    report = {**report, "objective": objective, "accuracy_budget": budget, "parity": parity,
-              "batch_rows": BATCH_ROWS, "flavour": source.flavour, "family": source.family,
-              "route": source.route, "native": source.native_name, "notes": source.notes}
+    report = {
+        **report,
+        "objective": objective,
+        "accuracy_budget": budget,
+        "parity": parity,
+        "batch_rows": BATCH_ROWS,
+        "flavour": source.flavour,
+        "family": source.family,
+        "route": source.route,
+        "native": source.native_name,
+        "notes": source.notes,
+    }
     client.log_dict(run_id, report, REPORT_PATH)
-    metrics = {"openvino.max_abs_diff": parity["max_abs_diff"],
-               "openvino.label_agreement": parity["label_agreement"],
-               "openvino.parity_passed": float(parity_passed), "openvino.passed": float(passed)}
+    metrics = {
+        "openvino.max_abs_diff": parity["max_abs_diff"],
+        "openvino.label_agreement": parity["label_agreement"],
+        "openvino.parity_passed": float(parity_passed),
+        "openvino.passed": float(passed),
+    }
     for variant, score in report["variants"].items():
         if "accuracy" in score:
-            metrics.update({f"openvino.{variant}.accuracy": score["accuracy"],
-                            f"openvino.{variant}.accuracy_drop": score["accuracy_drop"]})
+            metrics.update(
+                {
+                    f"openvino.{variant}.accuracy": score["accuracy"],
+                    f"openvino.{variant}.accuracy_drop": score["accuracy_drop"],
+                }
+            )
     for name, numbers in report["benchmark"].items():
         metrics.update({f"benchmark.{name}.{key}": value for key, value in numbers.items()})
     # A NaN output leaves max_abs_diff undefined (None): not logged.
     client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items() if v is not None])
     if passed:
         client.set_tag(run_id, "airloop.openvino.variant", selected)
-    return {"ir_uri": f"runs:/{run_id}/{IR_PATH}" if passed else None, "files": files, "passed": passed,
-            "report_uri": f"runs:/{run_id}/{REPORT_PATH}", "family": source.family, "route": source.route,
-            "notes": source.notes, **{k: report[k] for k in RESULT_KEYS}}
+    return {
+        "ir_uri": f"runs:/{run_id}/{IR_PATH}" if passed else None,
+        "files": files,
+        "passed": passed,
+        "report_uri": f"runs:/{run_id}/{REPORT_PATH}",
+        "family": source.family,
+        "route": source.route,
+        "notes": source.notes,
+        **{k: report[k] for k in RESULT_KEYS},
+    }
 
 
 def _model_location(request: dict[str, Any]) -> tuple[str, str]:
@@ -234,8 +279,11 @@ def _flavour(tracking_uri: str, model_uri: str, tmp: str) -> tuple[str, str]:
         if name in flavours:
             return name, local
     named = sorted(flavours)
-    hint = (" (a scikit-learn model saved with pickle: log it with serialization_format='skops')"
-            if "sklearn" in flavours else "")
+    hint = (
+        " (a scikit-learn model saved with pickle: log it with serialization_format='skops')"
+        if "sklearn" in flavours
+        else ""
+    )
     raise UnsupportedModelError(
         f"{model_uri} has MLflow flavours {named}, none that Airloop converts to OpenVINO{hint}: "
         f"supported are {SUPPORTED}"
@@ -253,8 +301,9 @@ def _route(flavour: str, family: str) -> str:
     return ROUTES[family]
 
 
-def load_source(tracking_uri: str, model_uri: str, work_dir: str, frame: pd.DataFrame,
-                classes: list[Any] | None = None) -> Source:
+def load_source(
+    tracking_uri: str, model_uri: str, work_dir: str, frame: pd.DataFrame, classes: list[Any] | None = None
+) -> Source:
     """Load the model behind ``model_uri`` and build its fp32 graph in ``work_dir``.
 
     ``frame`` holds holdout rows (features, no label): it names the columns of a model that does not,
@@ -273,9 +322,16 @@ def sklearn_source(estimator: Any, work_dir: str, frame: pd.DataFrame) -> Source
     """A fitted scikit-learn classifier's route and fp32 graph (``frame``: rows with its features)."""
     family = type(estimator).__name__
     route = _route("sklearn", family)
-    source = Source("sklearn", family, route, _feature_names(estimator),
-                    [value.item() if hasattr(value, "item") else value for value in estimator.classes_],
-                    estimator.predict_proba, "frame", "scikit-learn")
+    source = Source(
+        "sklearn",
+        family,
+        route,
+        _feature_names(estimator),
+        [value.item() if hasattr(value, "item") else value for value in estimator.classes_],
+        estimator.predict_proba,
+        "frame",
+        "scikit-learn",
+    )
     rows = _rows(frame, source.feature_names)
     onnx_path = os.path.join(work_dir, "model.onnx")
     if route == "skl2onnx":
@@ -287,8 +343,10 @@ def sklearn_source(estimator: Any, work_dir: str, frame: pd.DataFrame) -> Source
             _skl2onnx(estimator, onnx_path)
             source.onnx_path = onnx_path
         except Exception as exc:  # skl2onnx's own limits: the benchmark goes on without ONNX Runtime
-            source.notes.append(f"ONNX Runtime not benchmarked: skl2onnx cannot export this {family}: "
-                                f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            source.notes.append(
+                f"ONNX Runtime not benchmarked: skl2onnx cannot export this {family}: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            )
         _hummingbird_graph(estimator, rows, source, work_dir)
     return source
 
@@ -330,12 +388,16 @@ def _probabilities_graph(full: str, path: str) -> str:
 
     model = onnx.load(full)
     float_type = onnx.TensorProto.FLOAT
-    outputs = [output.name for output in model.graph.output
-               if output.type.tensor_type.elem_type == float_type
-               and len(output.type.tensor_type.shape.dim) == 2]
+    outputs = [
+        output.name
+        for output in model.graph.output
+        if output.type.tensor_type.elem_type == float_type and len(output.type.tensor_type.shape.dim) == 2
+    ]
     if not outputs:
-        raise UnsupportedModelError(f"the ONNX graph has no 2-D float output (class scores) to convert: "
-                                    f"outputs {[output.name for output in model.graph.output]}")
+        raise UnsupportedModelError(
+            f"the ONNX graph has no 2-D float output (class scores) to convert: "
+            f"outputs {[output.name for output in model.graph.output]}"
+        )
     onnx.utils.extract_model(full, path, [model.graph.input[0].name], [outputs[0]])
     ml_ops = sorted({node.op_type for node in onnx.load(path).graph.node if node.domain == ONNX_ML_DOMAIN})
     if ml_ops:
@@ -376,20 +438,26 @@ def _hummingbird_graph(estimator: Any, rows: np.ndarray, source: Source, work_di
             values = {self.executor._input_names[0]: batch}
             for operator in self.executor._operators:
                 outputs = operator(*(values[name] for name in operator.inputs))
-                values.update(zip(operator.outputs, outputs if len(operator.outputs) > 1 else (outputs,),
-                                  strict=True))
+                values.update(
+                    zip(operator.outputs, outputs if len(operator.outputs) > 1 else (outputs,), strict=True)
+                )
             result = values[self.executor._output_names[-1]]
             return result[-1] if isinstance(result, tuple) else result
 
     with torch.inference_mode():
-        model = openvino.convert_model(Probabilities().eval(), example_input=torch.from_numpy(rows[:2]),
-                                       input=[(-1, rows.shape[1])])
+        model = openvino.convert_model(
+            Probabilities().eval(), example_input=torch.from_numpy(rows[:2]), input=[(-1, rows.shape[1])]
+        )
     source.graph = os.path.join(work_dir, "source.xml")
     openvino.save_model(model, source.graph, compress_to_fp16=False)
-    if len(source.classes) > 2 and source.family in ("GradientBoostingClassifier",
-                                                     "HistGradientBoostingClassifier"):
-        source.notes.append("multiclass boosting: OpenVINO's CPU plugin has been seen to miscompute the "
-                            "fused sum + softmax of this graph; the parity gate decides")
+    if len(source.classes) > 2 and source.family in (
+        "GradientBoostingClassifier",
+        "HistGradientBoostingClassifier",
+    ):
+        source.notes.append(
+            "multiclass boosting: OpenVINO's CPU plugin has been seen to miscompute the "
+            "fused sum + softmax of this graph; the parity gate decides"
+        )
 
 
 def _pytorch_source(local: str, work_dir: str, frame: pd.DataFrame, classes: list[Any] | None) -> Source:
@@ -411,13 +479,23 @@ def _pytorch_source(local: str, work_dir: str, frame: pd.DataFrame, classes: lis
     feature_names = _signature_columns(local) or list(frame.columns)
     model = openvino.convert_model(program)
     model.reshape([-1, len(feature_names)])  # the export's batch dimension is dynamic; name the features
-    source = Source("pytorch", FLAVOUR_FAMILIES["pytorch"], "pytorch", feature_names, [],
-                    _torch_predictor(program), "array", "torch")
+    source = Source(
+        "pytorch",
+        FLAVOUR_FAMILIES["pytorch"],
+        "pytorch",
+        feature_names,
+        [],
+        _torch_predictor(program),
+        "array",
+        "torch",
+    )
     source.classes = classes or _class_range(source.native(_rows(frame, feature_names)[:2]))
     source.graph = os.path.join(work_dir, "source.xml")
     openvino.save_model(model, source.graph, compress_to_fp16=False)
-    source.notes.append("ONNX Runtime not benchmarked: torch's ONNX exporter for exported programs "
-                        "needs onnxscript, which this runtime does not hold")
+    source.notes.append(
+        "ONNX Runtime not benchmarked: torch's ONNX exporter for exported programs "
+        "needs onnxscript, which this runtime does not hold"
+    )
     return source
 
 
@@ -441,8 +519,17 @@ def _onnx_source(local: str, work_dir: str, frame: pd.DataFrame, classes: list[A
     _probabilities_graph(os.path.join(local, flavour.get("data", "model.onnx")), graph)
     feature_names = _signature_columns(local) or list(frame.columns)
     native = optimise.onnx_runtime_predictor(graph)
-    source = Source("onnx", FLAVOUR_FAMILIES["onnx"], "onnx", feature_names, [], native, "array",
-                    "onnxruntime", graph=graph)
+    source = Source(
+        "onnx",
+        FLAVOUR_FAMILIES["onnx"],
+        "onnx",
+        feature_names,
+        [],
+        native,
+        "array",
+        "onnxruntime",
+        graph=graph,
+    )
     source.classes = classes or _class_range(native(_rows(frame, feature_names)[:2]))
     source.notes.append("the native framework of an ONNX model is ONNX Runtime")
     return source
@@ -468,8 +555,9 @@ def _rows(frame: pd.DataFrame, feature_names: list[str]) -> np.ndarray:
 
 def _class_range(scores: np.ndarray) -> list[int]:
     if scores.ndim != 2:
-        raise UnsupportedModelError(f"the model returns an array of shape {list(scores.shape)}: "
-                                    "expected class scores [rows, classes]")
+        raise UnsupportedModelError(
+            f"the model returns an array of shape {list(scores.shape)}: expected class scores [rows, classes]"
+        )
     return list(range(scores.shape[1]))
 
 

@@ -211,8 +211,9 @@ class ParquetTable:
         if columns == []:
             return pd.DataFrame(index=pd.RangeIndex(self.rows))
         try:
-            table = self.file.read(columns=self.columns if columns is None else columns,
-                                   use_pandas_metadata=False)
+            table = self.file.read(
+                columns=self.columns if columns is None else columns, use_pandas_metadata=False
+            )
         except Exception as exc:
             raise ValueError(f"data file {self.uri} is not a readable parquet file: {exc}") from exc
         return self._frame(table, 0)
@@ -228,8 +229,9 @@ class ParquetTable:
 
         start = 0
         try:
-            for batch in self.file.iter_batches(batch_size=batch_rows, columns=self.columns,
-                                                use_pandas_metadata=False):
+            for batch in self.file.iter_batches(
+                batch_size=batch_rows, columns=self.columns, use_pandas_metadata=False
+            ):
                 frame = self._frame(pa.Table.from_batches([batch]), start)
                 start += len(frame)
                 yield frame

@@ -18,7 +18,13 @@ from great_expectations.expectations.metrics.map_metric_provider import (
 class ColumnPairValuesDiffer(ColumnPairMapMetricProvider):
     condition_metric_name = "column_pair_values.differ"
     condition_domain_keys = (
-        "batch_id", "table", "column_A", "column_B", "row_condition", "condition_parser", "ignore_row_if",
+        "batch_id",
+        "table",
+        "column_A",
+        "column_B",
+        "row_condition",
+        "condition_parser",
+        "ignore_row_if",
     )
     condition_value_keys = ()
 

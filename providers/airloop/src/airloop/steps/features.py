@@ -51,8 +51,11 @@ def embedded_config(home: Path) -> dict[str, Any]:
     }
 
 
-def store_config(repo_path: str | None = None, feature_store_yaml: str | None = None,
-                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def store_config(
+    repo_path: str | None = None,
+    feature_store_yaml: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """``{"repo_path", "config"}`` from a repo folder and/or its feature_store.yaml.
 
     The YAML defaults to ``<repo_path>/feature_store.yaml`` and the repo to the YAML's folder;
@@ -112,13 +115,20 @@ def apply(request: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="airloop-feast-") as tmp:
         config_file = Path(tmp) / "feature_store.yaml"  # mkdtemp's folder is private to this user
         config_file.write_text(yaml.safe_dump(store["config"]))
-        command = [str(feast), "--chdir", store["repo_path"], "--feature-store-yaml", str(config_file),
-                   "apply"]
+        command = [
+            str(feast),
+            "--chdir",
+            store["repo_path"],
+            "--feature-store-yaml",
+            str(config_file),
+            "apply",
+        ]
         done = subprocess.run(command, capture_output=True, text=True, timeout=request.get("timeout_s", 900))
     output = (done.stdout + done.stderr).strip()
     if done.returncode != 0:
-        raise RuntimeError(f"feast apply of {store['repo_path']} failed (exit {done.returncode}): "
-                           f"{output[-2000:]}")
+        raise RuntimeError(
+            f"feast apply of {store['repo_path']} failed (exit {done.returncode}): {output[-2000:]}"
+        )
     return {**_registered(feature_store(store)), "output": output[-4000:]}
 
 
@@ -153,16 +163,22 @@ def materialize(request: dict[str, Any]) -> dict[str, Any]:
     end = _timestamp(request.get("end"), "end") or datetime.now(UTC)
     views = request.get("feature_views") or [v.name for v in fs.list_feature_views() if v.online]
     if not views:
-        raise ValueError(f"Feast project {fs.project!r} has no online feature view to materialise: "
-                         "apply the feature repo first")
+        raise ValueError(
+            f"Feast project {fs.project!r} has no online feature view to materialise: "
+            "apply the feature repo first"
+        )
     if start is None:
         fs.materialize_incremental(end_date=end, feature_views=views)
     else:
         if start >= end:
             raise ValueError(f"start {start.isoformat()} must be before end {end.isoformat()}")
         fs.materialize(start_date=start, end_date=end, feature_views=views)
-    return {"mode": "incremental" if start is None else "range", "start": start and start.isoformat(),
-            "end": end.isoformat(), "feature_views": views}
+    return {
+        "mode": "incremental" if start is None else "range",
+        "start": start and start.isoformat(),
+        "end": end.isoformat(),
+        "feature_views": views,
+    }
 
 
 def _entity_rows(uri: str, timestamp: str, storage_options: dict[str, Any] | None) -> pd.DataFrame:
@@ -221,18 +237,29 @@ def training_set(request: dict[str, Any]) -> dict[str, Any]:
             f"of {uri}: {loss:.2%} lost, more than max_row_loss {max_loss:.2%} "
             f"({counts['rows_in'] - counts['rows_returned']} dropped: no feature value within the TTL or "
             f"{duplicates} with the same keys and timestamp as another; "
-            f"{counts['rows_returned'] - counts['rows_out']} returned without every feature)")
+            f"{counts['rows_returned'] - counts['rows_out']} returned without every feature)"
+        )
     dropped = [_ROW] if request.get("keep_entity_columns") else [_ROW, *keys, TIMESTAMP]
     table = complete.drop(columns=dropped).reset_index(drop=True)
     if request.get("keep_entity_columns"):
         table = table.rename(columns={TIMESTAMP: timestamp})
     write_table(table, request["output_uri"], request.get("storage_options"))
-    return {"uri": request["output_uri"], **counts, "row_loss": round(loss, 6), "features": names,
-            "fingerprint": fingerprint(table)}
+    return {
+        "uri": request["output_uri"],
+        **counts,
+        "row_loss": round(loss, 6),
+        "features": names,
+        "fingerprint": fingerprint(table),
+    }
 
 
-def reference_tables(n_rows: int, shift: float = 0.0, seed: int = 0, end: datetime | None = None,
-                     every: timedelta = timedelta(seconds=1)) -> tuple[pd.DataFrame, pd.DataFrame]:
+def reference_tables(
+    n_rows: int,
+    shift: float = 0.0,
+    seed: int = 0,
+    end: datetime | None = None,
+    every: timedelta = timedelta(seconds=1),
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The reference data set (``data.generate``) as the reference repo's feature rows and entity rows.
 
     Observation ``i`` gets id ``i`` and the timestamp ``end - (n_rows - i) * every``: its features
@@ -246,7 +273,10 @@ def reference_tables(n_rows: int, shift: float = 0.0, seed: int = 0, end: dateti
 
     frame = generate(n_rows, shift=shift, seed=seed)
     end = pd.Timestamp(end or datetime.now(UTC)).floor("s")
-    keys = pd.DataFrame({REFERENCE_ENTITY: np.arange(n_rows, dtype="int64"),
-                         TIMESTAMP: end - (n_rows - np.arange(n_rows)) * pd.Timedelta(every)})
-    return (pd.concat([keys, frame.drop(columns=[LABEL])], axis=1),
-            pd.concat([keys, frame[[LABEL]]], axis=1))
+    keys = pd.DataFrame(
+        {
+            REFERENCE_ENTITY: np.arange(n_rows, dtype="int64"),
+            TIMESTAMP: end - (n_rows - np.arange(n_rows)) * pd.Timedelta(every),
+        }
+    )
+    return (pd.concat([keys, frame.drop(columns=[LABEL])], axis=1), pd.concat([keys, frame[[LABEL]]], axis=1))

@@ -34,8 +34,14 @@ NATIVE, ONNX_RUNTIME = "native", "onnxruntime"
 COMPILE_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
 
 
-def write_variant(graph: str, variant: str, xml_path: str, calibration: np.ndarray | None = None,
-                  labels: np.ndarray | None = None, max_drop: float = 0.01) -> str:
+def write_variant(
+    graph: str,
+    variant: str,
+    xml_path: str,
+    calibration: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    max_drop: float = 0.01,
+) -> str:
     """Write the IR ``variant`` of ``graph`` (ONNX or IR, input ``[N, n_features]``) at ``xml_path``.
 
     ``int8`` needs ``calibration`` rows; with the native model's ``labels`` for them it is quantised
@@ -73,8 +79,10 @@ def _quantize(model: Any, rows: np.ndarray, labels: np.ndarray | None, max_drop:
     quantised = nncf.quantize_with_accuracy_control(
         model, calibration, validation, agreement, max_drop=max_drop, subset_size=len(rows)
     )
-    return quantised, (f"nncf.quantize_with_accuracy_control (max drop {max_drop:.4g} of agreement with "
-                       f"the native model on {len(rows)} calibration rows)")
+    return quantised, (
+        f"nncf.quantize_with_accuracy_control (max drop {max_drop:.4g} of agreement with "
+        f"the native model on {len(rows)} calibration rows)"
+    )
 
 
 def openvino_predictor(xml_path: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -113,9 +121,14 @@ def agreement(proba: np.ndarray, reference: np.ndarray, target_index: np.ndarray
     }
 
 
-def benchmark(predictors: dict[str, Callable[[Any], Any]], single_rows: dict[str, Sequence[Any]],
-              batch: dict[str, Any], batch_rows: int, calls: int = 200,
-              batch_calls: int = 5) -> dict[str, dict[str, float]]:
+def benchmark(
+    predictors: dict[str, Callable[[Any], Any]],
+    single_rows: dict[str, Sequence[Any]],
+    batch: dict[str, Any],
+    batch_rows: int,
+    calls: int = 200,
+    batch_calls: int = 5,
+) -> dict[str, dict[str, float]]:
     """Latency p50/p99 (ms) at batch 1 and throughput (rows/s) at ``batch_rows`` for each predictor.
 
     Predictors run one after another on the same inputs; ``single_rows`` and ``batch`` are given
@@ -147,14 +160,19 @@ def benchmark(predictors: dict[str, Callable[[Any], Any]], single_rows: dict[str
     return results
 
 
-def select(variants: dict[str, dict[str, Any]], speed: dict[str, dict[str, float]], budget: float,
-           objective: str) -> tuple[str | None, str]:
+def select(
+    variants: dict[str, dict[str, Any]], speed: dict[str, dict[str, float]], budget: float, objective: str
+) -> tuple[str | None, str]:
     """The fastest variant within the accuracy budget, and why; ``None`` when none is within it."""
     key = OBJECTIVES[objective]
     kept = [name for name, scores in variants.items() if scores["within_budget"]]
-    dropped = [f"{name} (not built: {scores['error']})" if "error" in scores
-               else f"{name} (accuracy drop {scores['accuracy_drop']:.2f} points)"
-               for name, scores in variants.items() if not scores["within_budget"]]
+    dropped = [
+        f"{name} (not built: {scores['error']})"
+        if "error" in scores
+        else f"{name} (accuracy drop {scores['accuracy_drop']:.2f} points)"
+        for name, scores in variants.items()
+        if not scores["within_budget"]
+    ]
     if not kept:
         return None, f"no OpenVINO variant meets the {budget:g}-point accuracy budget: {', '.join(dropped)}"
     # Higher rows/s is better, lower p50 is better.
@@ -182,15 +200,28 @@ def verdict(selected: str, speed: dict[str, dict[str, float]]) -> tuple[dict[str
     if not losses:
         return ratios, f"OpenVINO {selected} is faster than every peer at both batch sizes"
     detail = ", ".join(f"{name.replace('_', ' ')} {ratios[name]:.2f}x" for name in losses)
-    return ratios, (f"OpenVINO {selected} does not win everywhere for this model: {detail} "
-                    "(ratios < 1 mean the peer is faster)")
+    return ratios, (
+        f"OpenVINO {selected} does not win everywhere for this model: {detail} "
+        "(ratios < 1 mean the peer is faster)"
+    )
 
 
-def optimise(native: Callable[[Any], np.ndarray], graph: str, features: pd.DataFrame,
-             target_index: np.ndarray, work_dir: str, *, native_input: str = "frame",
-             onnx_path: str | None = None, variants: Sequence[str] = VARIANTS,
-             calibration: np.ndarray | None = None, budget: float = 1.0, objective: str = "throughput",
-             calls: int = 200, batch_rows: int = 1024) -> dict[str, Any]:
+def optimise(
+    native: Callable[[Any], np.ndarray],
+    graph: str,
+    features: pd.DataFrame,
+    target_index: np.ndarray,
+    work_dir: str,
+    *,
+    native_input: str = "frame",
+    onnx_path: str | None = None,
+    variants: Sequence[str] = VARIANTS,
+    calibration: np.ndarray | None = None,
+    budget: float = 1.0,
+    objective: str = "throughput",
+    calls: int = 200,
+    batch_rows: int = 1024,
+) -> dict[str, Any]:
     """Build, score and benchmark the variants of ``graph``; select one.
 
     ``native`` returns the native model's class scores for a DataFrame of ``features``' columns
@@ -228,21 +259,28 @@ def optimise(native: Callable[[Any], np.ndarray], graph: str, features: pd.DataF
         paths[variant] = path
         scores[variant] = agreement(openvino_predictor(path)(rows), reference, target_index)
         drop = (native_accuracy - scores[variant]["accuracy"]) * 100
-        scores[variant].update(accuracy_drop=drop, within_budget=drop <= budget + 1e-9,
-                               size_bytes=os.path.getsize(path.removesuffix(".xml") + ".bin"), method=method)
+        scores[variant].update(
+            accuracy_drop=drop,
+            within_budget=drop <= budget + 1e-9,
+            size_bytes=os.path.getsize(path.removesuffix(".xml") + ".bin"),
+            method=method,
+        )
 
     predictors = {NATIVE: native}
     if onnx_path is not None:
         predictors[ONNX_RUNTIME] = onnx_runtime_predictor(onnx_path)
-    predictors.update({variant: openvino_predictor(paths[variant]) for variant in variants
-                       if variant in paths})
+    predictors.update(
+        {variant: openvino_predictor(paths[variant]) for variant in variants if variant in paths}
+    )
     large = np.resize(rows, (batch_rows, rows.shape[1]))
     singles = range(min(len(rows), 50))
     # The native model takes its own input kind, the others float32 arrays.
     speed = benchmark(
         predictors,
-        {name: [as_input(rows[i : i + 1]) if name == NATIVE else rows[i : i + 1] for i in singles]
-         for name in predictors},
+        {
+            name: [as_input(rows[i : i + 1]) if name == NATIVE else rows[i : i + 1] for i in singles]
+            for name in predictors
+        },
         {name: as_input(large) if name == NATIVE else large for name in predictors},
         batch_rows,
         calls=calls,
@@ -252,5 +290,11 @@ def optimise(native: Callable[[Any], np.ndarray], graph: str, features: pd.DataF
     if selected is not None:
         ratios, summary = verdict(selected, speed)
         reason = f"{reason}. {summary}"
-    return {"native_accuracy": native_accuracy, "variants": scores, "benchmark": speed, "variant": selected,
-            "reason": reason, "ratios": ratios}
+    return {
+        "native_accuracy": native_accuracy,
+        "variants": scores,
+        "benchmark": speed,
+        "variant": selected,
+        "reason": reason,
+        "ratios": ratios,
+    }

@@ -15,8 +15,15 @@ ACTIONS = ("log", "retrain", "retrain_with_approval")
 SEVERITIES = ("none", "low", "medium", "high")
 DEFAULT_ACTIONS = {"none": "log", "low": "log", "medium": "retrain", "high": "retrain"}
 _VERDICTS = ("drift", "no_drift", "insufficient_data", "invalid_window")
-_KEYS = {"detection", "actions", "cooldown_minutes", "min_window_rows", "last_requested_at",
-         "retrain_running", "now"}
+_KEYS = {
+    "detection",
+    "actions",
+    "cooldown_minutes",
+    "min_window_rows",
+    "last_requested_at",
+    "retrain_running",
+    "now",
+}
 
 
 def decide(request: dict[str, Any]) -> dict[str, Any]:
@@ -42,38 +49,59 @@ def decide(request: dict[str, Any]) -> dict[str, Any]:
     detection, now = options["detection"], options["now"]
     verdict, severity = detection["verdict"], detection.get("severity") or "none"
 
-    def result(action: str, code: str, reason: str, wanted: str | None = None,
-               cooldown_until: float | None = None) -> dict[str, Any]:
-        return {"action": action, "code": code, "reason": reason, "verdict": verdict, "severity": severity,
-                "wanted": wanted, "decided_at": _iso(now),
-                "cooldown_until": None if cooldown_until is None else _iso(cooldown_until)}
+    def result(
+        action: str, code: str, reason: str, wanted: str | None = None, cooldown_until: float | None = None
+    ) -> dict[str, Any]:
+        return {
+            "action": action,
+            "code": code,
+            "reason": reason,
+            "verdict": verdict,
+            "severity": severity,
+            "wanted": wanted,
+            "decided_at": _iso(now),
+            "cooldown_until": None if cooldown_until is None else _iso(cooldown_until),
+        }
 
     if verdict == "no_drift":
         return result("none", "no_drift", "no feature drifted in the window")
     if verdict == "insufficient_data":
-        return result("none", "insufficient_data",
-                      f"too little data to test: {detection.get('message') or 'window below the minimum'}")
+        return result(
+            "none",
+            "insufficient_data",
+            f"too little data to test: {detection.get('message') or 'window below the minimum'}",
+        )
     if verdict == "invalid_window":
         # Not drift, but the served data no longer matches the model's schema: worth a record.
-        return result("log", "invalid_window",
-                      f"window not testable: {detection.get('message') or 'schema differs'}")
+        return result(
+            "log", "invalid_window", f"window not testable: {detection.get('message') or 'schema differs'}"
+        )
 
     wanted = options["actions"][severity]
     if wanted == "log":
         return result("log", "severity_maps_to_log", f"drift of severity {severity!r} maps to 'log'", wanted)
     rows, min_rows = detection.get("n_current"), options["min_window_rows"]
     if min_rows and (rows is None or int(rows) < min_rows):
-        return result("log", "window_too_small",
-                      f"drift of severity {severity!r} seen on {rows} rows; acting needs at least {min_rows}",
-                      wanted)
+        return result(
+            "log",
+            "window_too_small",
+            f"drift of severity {severity!r} seen on {rows} rows; acting needs at least {min_rows}",
+            wanted,
+        )
     if options["retrain_running"]:
-        return result("log", "retrain_running", "a retrain of this model is already queued or running",
-                      wanted)
+        return result(
+            "log", "retrain_running", "a retrain of this model is already queued or running", wanted
+        )
     last, cooldown = options["last_requested_at"], options["cooldown_minutes"] * 60
     if last is not None and now - last < cooldown:
-        return result("log", "cooldown",
-                      f"last retrain requested {now - last:.0f} s ago, within the "
-                      f"{options['cooldown_minutes']:g} min cooldown", wanted, cooldown_until=last + cooldown)
+        return result(
+            "log",
+            "cooldown",
+            f"last retrain requested {now - last:.0f} s ago, within the "
+            f"{options['cooldown_minutes']:g} min cooldown",
+            wanted,
+            cooldown_until=last + cooldown,
+        )
     return result(wanted, "retrain_requested", f"drift of severity {severity!r} maps to {wanted!r}", wanted)
 
 
@@ -83,11 +111,13 @@ def _parse(request: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown policy request keys: {sorted(unknown)}")
     detection = request.get("detection")
     if not isinstance(detection, dict) or detection.get("verdict") not in _VERDICTS:
-        raise ValueError(f"'detection' must be a drift result with a verdict in {list(_VERDICTS)}, "
-                         f"got {detection!r}")
+        raise ValueError(
+            f"'detection' must be a drift result with a verdict in {list(_VERDICTS)}, got {detection!r}"
+        )
     if detection["verdict"] == "drift" and (detection.get("severity") or "none") not in SEVERITIES:
-        raise ValueError(f"detection severity must be one of {list(SEVERITIES)}, "
-                         f"got {detection['severity']!r}")
+        raise ValueError(
+            f"detection severity must be one of {list(SEVERITIES)}, got {detection['severity']!r}"
+        )
     actions = {**DEFAULT_ACTIONS, **(request.get("actions") or {})}
     unknown = set(actions) - set(SEVERITIES)
     if unknown:

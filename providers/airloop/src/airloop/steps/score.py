@@ -75,9 +75,14 @@ def score(request: dict[str, Any]) -> dict[str, Any]:
             precision = json.load(handle)["precision"]
         features = model.health_status()["feature_names"]
         classes = model.class_names()
-        identity = {"model_name": name, "model_version": version, "ir_files": fetched["files"],
-                    "data_uri": request["data_uri"], "chunk_rows": chunk_rows,
-                    "data_version": _data_version(request["data_uri"], options)}
+        identity = {
+            "model_name": name,
+            "model_version": version,
+            "ir_files": fetched["files"],
+            "data_uri": request["data_uri"],
+            "chunk_rows": chunk_rows,
+            "data_version": _data_version(request["data_uri"], options),
+        }
         manifest = _resume(out_fs, out_dir, identity)
         scored = skipped = rows_in = chunks = 0
         for index, chunk in enumerate(_chunks(request["data_uri"], chunk_rows, options)):
@@ -90,8 +95,11 @@ def score(request: dict[str, Any]) -> dict[str, Any]:
             if missing:
                 raise ValueError(f"data set {request['data_uri']} lacks columns {missing}")
             probabilities = model.predict(chunk[features].to_numpy(dtype="float32"), features)
-            write_table(_predictions(chunk[passthrough], probabilities, classes, name, version),
-                        f"{output_uri}/{part}", options)
+            write_table(
+                _predictions(chunk[passthrough], probabilities, classes, name, version),
+                f"{output_uri}/{part}",
+                options,
+            )
             manifest["parts"][part] = len(chunk)
             _write_manifest(out_fs, out_dir, manifest)
             scored += 1
@@ -108,10 +116,19 @@ def score(request: dict[str, Any]) -> dict[str, Any]:
         )
     manifest.update(complete=True, rows=rows_in)
     _write_manifest(out_fs, out_dir, manifest)
-    return {"output_uri": request["output_uri"], "manifest_uri": f"{output_uri}/{MANIFEST}",
-            "model_name": name, "model_version": version, "ir_uri": ir_uri, "variant": precision,
-            "rows_in": rows_in, "rows_out": rows_out, "parts": chunks, "chunks_scored": scored,
-            "chunks_skipped": skipped}
+    return {
+        "output_uri": request["output_uri"],
+        "manifest_uri": f"{output_uri}/{MANIFEST}",
+        "model_name": name,
+        "model_version": version,
+        "ir_uri": ir_uri,
+        "variant": precision,
+        "rows_in": rows_in,
+        "rows_out": rows_out,
+        "parts": chunks,
+        "chunks_scored": scored,
+        "chunks_skipped": skipped,
+    }
 
 
 def _data_version(uri: str, options: dict[str, Any]) -> str:
@@ -146,8 +163,9 @@ def _chunks(uri: str, chunk_rows: int, options: dict[str, Any]) -> Iterator[pd.D
         yield from table.batches(chunk_rows)
 
 
-def _predictions(passthrough: pd.DataFrame, probabilities: Any, classes: list[str], name: str,
-                 version: str) -> pd.DataFrame:
+def _predictions(
+    passthrough: pd.DataFrame, probabilities: Any, classes: list[str], name: str, version: str
+) -> pd.DataFrame:
     frame = passthrough.reset_index(drop=True).copy()
     frame[PREDICTION] = [classes[i] for i in probabilities.argmax(axis=1)]
     for i, label in enumerate(classes):

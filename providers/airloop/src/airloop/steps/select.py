@@ -92,8 +92,12 @@ def _parent_run(
 
 
 def _record_search(
-    client: mlflow.MlflowClient, parent_id: str, metric: str, mode: str,
-    candidates: list[dict[str, Any]], best_run_id: str,
+    client: mlflow.MlflowClient,
+    parent_id: str,
+    metric: str,
+    mode: str,
+    candidates: list[dict[str, Any]],
+    best_run_id: str,
 ) -> None:
     from mlflow.entities import Metric, Param
 
@@ -107,7 +111,10 @@ def _record_search(
         params=[Param(k, v) for k, v in params.items() if k not in parent.data.params],
     )
     client.set_tag(parent_id, BEST_RUN_TAG, best_run_id)
-    client.log_dict(parent_id, {"metric": metric, "mode": mode, "best_run_id": best_run_id,
-                                "candidates": candidates}, "search/candidates.json")
+    client.log_dict(
+        parent_id,
+        {"metric": metric, "mode": mode, "best_run_id": best_run_id, "candidates": candidates},
+        "search/candidates.json",
+    )
     if parent.info.status != "FINISHED":
         client.set_terminated(parent_id, status="FINISHED")

@@ -40,8 +40,13 @@ HTTP_SETTINGS = {
     "backoff_jitter": ("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", float),
     "timeout": ("MLFLOW_HTTP_REQUEST_TIMEOUT", int),
 }
-S3_SETTINGS = ("endpoint_url", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
-               "region_name")
+S3_SETTINGS = (
+    "endpoint_url",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "region_name",
+)
 # Steps never send MLflow usage data.
 TELEMETRY_OFF = ("MLFLOW_DISABLE_TELEMETRY", "true")
 

@@ -382,9 +382,7 @@ def download(tracking_uri: str, uri: str, dst_dir: str) -> str:
     return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst_dir, tracking_uri=tracking_uri)
 
 
-def read_data(
-    tracking_uri: str, uri: str, storage_options: dict[str, Any] | None = None
-) -> pd.DataFrame:
+def read_data(tracking_uri: str, uri: str, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
     """A table from a ``runs:/`` / ``models:/`` artefact or any location ``read_table`` reads."""
     if uri.startswith(("runs:/", "models:/")):
         with tempfile.TemporaryDirectory() as tmp:
@@ -413,8 +411,10 @@ def resolve_model(client: mlflow.MlflowClient, model_uri: str) -> tuple[str, str
 
     run_id, _, name = model_uri.removeprefix("runs:/").partition("/")
     run = client.get_run(run_id)
-    outputs = [client.get_logged_model(output.model_id) for output in (run.outputs.model_outputs
-                                                                       if run.outputs else [])]
+    outputs = [
+        client.get_logged_model(output.model_id)
+        for output in (run.outputs.model_outputs if run.outputs else [])
+    ]
     # The newest complete one: a resumed run can hold the model of a try that died before finishing.
     ready = [logged for logged in outputs if logged.name == name and logged.status == LoggedModelStatus.READY]
     if ready:

@@ -39,12 +39,14 @@ _SAMPLE = 5
 AUTO_BATCH_ABOVE = 2_000_000
 AUTO_BATCH_ROWS = 1_000_000
 # Map expectations whose verdict on one row depends on other rows: run on whole columns, never in batches.
-_WHOLE_COLUMN = frozenset({
-    "expect_column_values_to_be_unique",
-    "expect_compound_columns_to_be_unique",
-    "expect_column_values_to_be_increasing",
-    "expect_column_values_to_be_decreasing",
-})
+_WHOLE_COLUMN = frozenset(
+    {
+        "expect_column_values_to_be_unique",
+        "expect_compound_columns_to_be_unique",
+        "expect_column_values_to_be_increasing",
+        "expect_column_values_to_be_decreasing",
+    }
+)
 # Table metrics that need the column names and dtypes only, not the rows.
 _SCHEMA_METRICS = frozenset({"table.columns", "table.column_count", "table.column_types"})
 _IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
@@ -59,14 +61,19 @@ def load_suite(source: Any) -> dict[str, Any]:
     """
     if isinstance(source, str):
         where = f"suite {source}"
-        suite = _from_code(source) if _IMPORT_PATH.fullmatch(source) and not os.path.exists(source) else (
-            _from_file(source))
+        suite = (
+            _from_code(source)
+            if _IMPORT_PATH.fullmatch(source) and not os.path.exists(source)
+            else (_from_file(source))
+        )
     else:
         where, suite = "suite", source
     if hasattr(suite, "to_json_dict"):  # a GX ExpectationSuite
         suite = suite.to_json_dict()
-        suite["expectations"] = [{key: item[key] for key in ("type", "kwargs", "meta") if item.get(key)}
-                                 for item in suite.get("expectations") or []]
+        suite["expectations"] = [
+            {key: item[key] for key in ("type", "kwargs", "meta") if item.get(key)}
+            for item in suite.get("expectations") or []
+        ]
     if (
         not isinstance(suite, dict)
         or not suite.get("name")
@@ -127,8 +134,11 @@ def validate(request: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"batch_rows needs a parquet file; {uri} is CSV")
         return validate_frame(read_table(uri, options), suite, **reporting)
     with parquet_table(uri, options) as table:
-        size = int(batch_rows) if batch_rows is not None else (
-            AUTO_BATCH_ROWS if table.rows > AUTO_BATCH_ABOVE else 0)
+        size = (
+            int(batch_rows)
+            if batch_rows is not None
+            else (AUTO_BATCH_ROWS if table.rows > AUTO_BATCH_ABOVE else 0)
+        )
         if not size or size >= table.rows:
             return validate_frame(table.frame(), suite, **reporting)
         return _validate_batches(table, suite, size, **reporting)
@@ -147,8 +157,15 @@ def validate_frame(
     gate = _Gate(load_suite(suite))
     results = gate.run(frame, range(len(gate.configs)))
     labels = collections.Counter(frame[label].value_counts().to_dict()) if label in frame.columns else None
-    return gate.finish(results, fingerprint(frame), labels, batches=1, docs_dir=docs_dir,
-                       expected_fingerprint=expected_fingerprint, data_name=data_name)
+    return gate.finish(
+        results,
+        fingerprint(frame),
+        labels,
+        batches=1,
+        docs_dir=docs_dir,
+        expected_fingerprint=expected_fingerprint,
+        data_name=data_name,
+    )
 
 
 def _validate_batches(
@@ -178,8 +195,13 @@ def _validate_batches(
         # A missing column is left for GX to report, as it does on the whole table.
         columns = None if needed is None else [name for name in table.columns if name in needed]
         results.update(zip(whole, gate.run(table.frame(columns), whole), strict=True))
-    return gate.finish([results[index] for index in range(len(gate.configs))], digest.result(), labels,
-                       batches=batches, **options)
+    return gate.finish(
+        [results[index] for index in range(len(gate.configs))],
+        digest.result(),
+        labels,
+        batches=batches,
+        **options,
+    )
 
 
 class _Gate:
@@ -195,8 +217,9 @@ class _Gate:
         self.name = suite["name"]
         try:
             self.configs = [
-                ExpectationConfiguration(type=item["type"], kwargs=item.get("kwargs") or {},
-                                         meta=item.get("meta"))
+                ExpectationConfiguration(
+                    type=item["type"], kwargs=item.get("kwargs") or {}, meta=item.get("meta")
+                )
                 for item in suite["expectations"]
             ]
             self.expectations = [config.to_domain_obj() for config in self.configs]
@@ -217,8 +240,9 @@ class _Gate:
         import great_expectations as gx
 
         indices = list(indices)
-        suite = gx.ExpectationSuite(name=self.name,
-                                    expectations=[self.configs[index].to_domain_obj() for index in indices])
+        suite = gx.ExpectationSuite(
+            name=self.name, expectations=[self.configs[index].to_domain_obj() for index in indices]
+        )
         batch = self.batch_definition.get_batch(batch_parameters={"dataframe": frame})
         result = batch.validate(suite, result_format="SUMMARY")
         if self.meta is None:
@@ -227,10 +251,13 @@ class _Gate:
         remaining, ordered = list(result.results), []
         for index in indices:
             config = self.expectations[index].configuration  # kwargs as GX keeps them (defaults left out)
-            found = next(position for position, item in enumerate(remaining)
-                         if item.expectation_config.type == config.type
-                         and {k: v for k, v in item.expectation_config.kwargs.items() if k != "batch_id"}
-                         == config.kwargs)
+            found = next(
+                position
+                for position, item in enumerate(remaining)
+                if item.expectation_config.type == config.type
+                and {k: v for k, v in item.expectation_config.kwargs.items() if k != "batch_id"}
+                == config.kwargs
+            )
             ordered.append(remaining.pop(found))
         return ordered
 
@@ -260,12 +287,14 @@ class _Gate:
         for index in indices:
             kwargs = self.configs[index].kwargs
             named = [kwargs.get(key) for key in ("column", "column_A", "column_B")] + list(
-                kwargs.get("column_list") or [])
+                kwargs.get("column_list") or []
+            )
             named = [name for name in named if isinstance(name, str)]
             if named:
                 needed.update(named)
             elif set(getattr(self.expectations[index], "metric_dependencies", ()) or ()) != {
-                    "table.row_count"}:
+                "table.row_count"
+            }:
                 return None
         return needed
 
@@ -293,12 +322,21 @@ class _Gate:
         }
         docs_index = None
         if docs_dir:
-            meta = {**(self.meta or {}), "airloop": {"data": data_name, "rows": data_print["rows"],
-                                                     "batches": batches}}
-            docs_index = self._docs(ExpectationSuiteValidationResult(
-                success=successful == len(results), results=results, suite_name=self.name,
-                statistics=statistics, meta=meta, batch_id=self.batch_id,
-            ), docs_dir)
+            meta = {
+                **(self.meta or {}),
+                "airloop": {"data": data_name, "rows": data_print["rows"], "batches": batches},
+            }
+            docs_index = self._docs(
+                ExpectationSuiteValidationResult(
+                    success=successful == len(results),
+                    results=results,
+                    suite_name=self.name,
+                    statistics=statistics,
+                    meta=meta,
+                    batch_id=self.batch_id,
+                ),
+                docs_dir,
+            )
         failed = [_failure(item) for item in results if not item.success]
         evaluated = len(results)
         if expected_fingerprint:
@@ -335,16 +373,20 @@ class _Gate:
         )
 
         folder = os.path.abspath(docs_dir)
-        self.context.add_data_docs_site(_SITE, {
-            "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": folder},
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        })
+        self.context.add_data_docs_site(
+            _SITE,
+            {
+                "class_name": "SiteBuilder",
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": folder},
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            },
+        )
         run_id = RunIdentifier(run_time=datetime.datetime.now(datetime.UTC))
         result.meta.update(run_id=run_id, validation_time=run_id.run_time)
         suite_id = ExpectationSuiteIdentifier(name=self.name)
-        key = ValidationResultIdentifier(expectation_suite_identifier=suite_id, run_id=run_id,
-                                         batch_identifier=result.batch_id)
+        key = ValidationResultIdentifier(
+            expectation_suite_identifier=suite_id, run_id=run_id, batch_identifier=result.batch_id
+        )
         self.context.validation_results_store.store_validation_results(result, key, suite_id)
         self.context.build_data_docs(site_names=[_SITE], resource_identifiers=[key])
         return os.path.join(folder, "index.html")
@@ -370,8 +412,11 @@ def _combine(parts: list[Any]) -> Any:
         return next((part for part in parts if not part.success), first)
     element = sum(item["element_count"] for item in results)
     unexpected = sum(item["unexpected_count"] for item in results)
-    nonnull = (element - sum(item["missing_count"] for item in results)
-               if all("missing_count" in item for item in results) else None)
+    nonnull = (
+        element - sum(item["missing_count"] for item in results)
+        if all("missing_count" in item for item in results)
+        else None
+    )
     considered = element if nonnull is None else nonnull
     mostly = first.expectation_config.kwargs.get("mostly", 1.0)
     success = considered == 0 or (considered - unexpected) / considered >= mostly
@@ -380,13 +425,21 @@ def _combine(parts: list[Any]) -> Any:
     has_indices = all("partial_unexpected_index_list" in item for item in results)
     # GX's own formatter: the combined result has exactly the shape and arithmetic of a whole-table one.
     combined = _format_map_output(
-        result_format=parse_result_format("SUMMARY"), success=success, element_count=element,
-        nonnull_count=nonnull, unexpected_count=unexpected, unexpected_list=samples,
+        result_format=parse_result_format("SUMMARY"),
+        success=success,
+        element_count=element,
+        nonnull_count=nonnull,
+        unexpected_count=unexpected,
+        unexpected_list=samples,
         unexpected_index_list=indices if has_indices else None,
     )
-    return ExpectationValidationResult(success=success, expectation_config=first.expectation_config,
-                                       result=combined["result"], exception_info=first.exception_info,
-                                       meta=first.meta)
+    return ExpectationValidationResult(
+        success=success,
+        expectation_config=first.expectation_config,
+        result=combined["result"],
+        exception_info=first.exception_info,
+        meta=first.meta,
+    )
 
 
 # Where the run a validation gates keeps the validation's summary.
@@ -404,10 +457,12 @@ def gated_run_tags(
         return {}
     validated = (validation.get("fingerprint") or {}).get("sha256")
     if validation.get("data_uri") == data_uri and validated and validated != data_print["sha256"]:
-        raise ValueError(f"{data_uri} changed since it was validated: sha256 {data_print['sha256']},"
-                         f" validated {validated}")
-    failed = ", ".join(f"{f.get('expectation')}({f.get('column') or 'table'})"
-                       for f in validation.get("failed") or [])
+        raise ValueError(
+            f"{data_uri} changed since it was validated: sha256 {data_print['sha256']}, validated {validated}"
+        )
+    failed = ", ".join(
+        f"{f.get('expectation')}({f.get('column') or 'table'})" for f in validation.get("failed") or []
+    )
     tags = {
         "airloop.validation.success": str(bool(validation.get("success"))).lower(),
         "airloop.validation.suite": str(validation.get("suite")),
@@ -421,14 +476,21 @@ def gated_run_tags(
 
 def _fingerprint_mismatch(expected: dict[str, Any] | str, actual: dict[str, Any]) -> dict[str, Any] | None:
     """A failure when the data is not what its producer fingerprinted (sha256, and rows when given)."""
-    wanted = {"sha256": expected} if isinstance(expected, str) else {
-        key: expected[key] for key in ("sha256", "rows") if key in expected}
+    wanted = (
+        {"sha256": expected}
+        if isinstance(expected, str)
+        else {key: expected[key] for key in ("sha256", "rows") if key in expected}
+    )
     if not wanted.get("sha256"):
         raise ValueError(f"expected_fingerprint needs a 'sha256', got {expected!r}")
     if all(actual[key] == value for key, value in wanted.items()):
         return None
-    return {"expectation": FINGERPRINT_CHECK, "column": None, "kwargs": wanted,
-            "observed": {"sha256": actual["sha256"], "rows": actual["rows"]}}
+    return {
+        "expectation": FINGERPRINT_CHECK,
+        "column": None,
+        "kwargs": wanted,
+        "observed": {"sha256": actual["sha256"], "rows": actual["rows"]},
+    }
 
 
 def _failure(item: Any) -> dict[str, Any]:
@@ -464,6 +526,7 @@ def _error(info: dict[str, Any]) -> str | None:
 
 
 # Profiling: a starter suite from a trusted reference table.
+
 
 def _expect(kind: str, **kwargs: Any) -> dict[str, Any]:
     return {"type": f"expect_{kind}", "kwargs": kwargs}
@@ -503,8 +566,11 @@ def profile_suite(
     rows = len(df)
     expectations = [
         _expect("table_columns_to_match_ordered_list", column_list=[str(c) for c in df.columns]),
-        _expect("table_row_count_to_be_between", min_value=max(1, math.floor(rows / row_factor)),
-                max_value=math.ceil(rows * row_factor)),
+        _expect(
+            "table_row_count_to_be_between",
+            min_value=max(1, math.floor(rows / row_factor)),
+            max_value=math.ceil(rows * row_factor),
+        ),
     ]
     for column_name, values in df.items():
         column = str(column_name)
@@ -513,8 +579,13 @@ def profile_suite(
             expectations.append(_expect("column_values_to_not_be_null", column=column))
         elif nulls < 1:
             allowed = min(1.0, nulls * (1 + margin))
-            expectations.append(_expect("column_values_to_not_be_null", column=column,
-                                        mostly=math.floor((1 - allowed) * 10_000) / 10_000))
+            expectations.append(
+                _expect(
+                    "column_values_to_not_be_null",
+                    column=column,
+                    mostly=math.floor((1 - allowed) * 10_000) / 10_000,
+                )
+            )
         present = values.dropna()
         # GX checks an object column value by value, against the values' Python types.
         if values.dtype == object:
@@ -522,23 +593,31 @@ def profile_suite(
         else:
             types = [str(values.dtype)]
         expectations.append(_expect("column_values_to_be_in_type_list", column=column, type_list=types))
-        categorical = not (pd.api.types.is_float_dtype(values)
-                           or pd.api.types.is_datetime64_any_dtype(values))
+        categorical = not (
+            pd.api.types.is_float_dtype(values) or pd.api.types.is_datetime64_any_dtype(values)
+        )
         if column == key:
             expectations.append(_expect("column_values_to_be_unique", column=column))
         elif categorical and 0 < present.nunique() <= max_categories:
             value_set = sorted((_plain(v) for v in present.unique()), key=lambda v: (str(type(v)), v))
             expectations.append(_expect("column_values_to_be_in_set", column=column, value_set=value_set))
-        elif (pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
-              and len(present)):
+        elif (
+            pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values) and len(present)
+        ):
             low, high = float(present.min()), float(present.max())
             pad = margin * (high - low) or 1.0
-            expectations.append(_expect("column_values_to_be_between", column=column, min_value=low - pad,
-                                        max_value=high + pad))
+            expectations.append(
+                _expect(
+                    "column_values_to_be_between", column=column, min_value=low - pad, max_value=high + pad
+                )
+            )
     if label is not None:
         expectations.extend(_leakage_guards(df, label))
-    return {"name": name, "expectations": expectations,
-            "meta": {"profiled_rows": rows, "notes": "Profiled from a reference table: review before use."}}
+    return {
+        "name": name,
+        "expectations": expectations,
+        "meta": {"profiled_rows": rows, "notes": "Profiled from a reference table: review before use."},
+    }
 
 
 # A feature that equals the label on 99% of the rows or more is the label.
@@ -553,10 +632,13 @@ def _leakage_guards(df: pd.DataFrame, label: str) -> list[dict[str, Any]]:
             continue
         differ = float((df[column_name] != df[label]).mean())
         if differ < _LEAK_MOSTLY:
-            raise ValueError(f"column {column!r} equals the label {label!r} on {1 - differ:.1%} of the"
-                             " reference rows: the reference leaks the label")
-        guards.append(_expect("column_pair_values_to_differ", column_A=column, column_B=label,
-                              mostly=_LEAK_MOSTLY))
+            raise ValueError(
+                f"column {column!r} equals the label {label!r} on {1 - differ:.1%} of the"
+                " reference rows: the reference leaks the label"
+            )
+        guards.append(
+            _expect("column_pair_values_to_differ", column_A=column, column_B=label, mostly=_LEAK_MOSTLY)
+        )
     return guards
 
 
@@ -573,8 +655,13 @@ def profile(request: dict[str, Any]) -> dict[str, Any]:
     out = request["out"]
     name = request.get("name") or os.path.splitext(os.path.basename(out))[0]
     frame = read_table(request["data_uri"], request.get("storage_options"))
-    suite = profile_suite(frame, name, key=request.get("key"), label=request.get("label"),
-                          margin=float(request.get("margin", 0.5)))
+    suite = profile_suite(
+        frame,
+        name,
+        key=request.get("key"),
+        label=request.get("label"),
+        margin=float(request.get("margin", 0.5)),
+    )
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp"
     with open(tmp, "w") as handle:
@@ -584,5 +671,9 @@ def profile(request: dict[str, Any]) -> dict[str, Any]:
             json.dump(suite, handle, indent=2)
             handle.write("\n")
     os.replace(tmp, out)
-    return {"suite_path": out, "name": name, "expectations": len(suite["expectations"]),
-            "rows": suite["meta"]["profiled_rows"]}
+    return {
+        "suite_path": out,
+        "name": name,
+        "expectations": len(suite["expectations"]),
+        "rows": suite["meta"]["profiled_rows"],
+    }

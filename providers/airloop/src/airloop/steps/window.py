@@ -40,5 +40,10 @@ def collect(request: dict[str, Any]) -> dict[str, Any]:
     out = Path(request["out_path"])
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(out)
-    return {"rows": len(frame), "path": str(out), "features": list(names or []), "files": len(files),
-            "skipped_lines": skipped}
+    return {
+        "rows": len(frame),
+        "path": str(out),
+        "features": list(names or []),
+        "files": len(files),
+        "skipped_lines": skipped,
+    }

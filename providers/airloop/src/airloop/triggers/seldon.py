@@ -79,15 +79,27 @@ class SeldonCanaryAnalysisTrigger(BaseTrigger):
             except Exception as e:
                 yield TriggerEvent({"status": "error", "message": f"cannot read metrics: {e}", "after": None})
                 return
-            verdict = analyse({"mode": self.mode, "before": self.before, "after": after,
-                               "champion": self.champion, "challenger": self.challenger,
-                               "criteria": self.criteria})
+            verdict = analyse(
+                {
+                    "mode": self.mode,
+                    "before": self.before,
+                    "after": after,
+                    "champion": self.champion,
+                    "challenger": self.challenger,
+                    "criteria": self.criteria,
+                }
+            )
             if verdict["verdict"] != "wait":
                 yield TriggerEvent({"status": "ready", "message": verdict["verdict"], "after": after})
                 return
             if time.monotonic() >= deadline:
-                yield TriggerEvent({"status": "timeout", "after": after,
-                                    "message": f"not enough data after {self.max_wait_seconds:.0f}s: "
-                                               + "; ".join(verdict["reasons"])})
+                yield TriggerEvent(
+                    {
+                        "status": "timeout",
+                        "after": after,
+                        "message": f"not enough data after {self.max_wait_seconds:.0f}s: "
+                        + "; ".join(verdict["reasons"]),
+                    }
+                )
                 return
             await asyncio.sleep(self.poll_interval)

@@ -20,9 +20,17 @@ if TYPE_CHECKING:
 __all__ = ["CORRECTIONS", "PER_FEATURE", "Detector", "available", "detect", "flag", "get", "register"]
 
 SEVERITY = {"low": 0.0, "medium": 0.25, "high": 0.5}
-_DEFAULTS: dict[str, Any] = {"features": None, "categorical": None, "backend": "scipy",
-                             "method": "ks", "p_val": 0.05, "correction": "bonferroni",
-                             "min_rows": 200, "report_dir": None, "severity": None}
+_DEFAULTS: dict[str, Any] = {
+    "features": None,
+    "categorical": None,
+    "backend": "scipy",
+    "method": "ks",
+    "p_val": 0.05,
+    "correction": "bonferroni",
+    "min_rows": 200,
+    "report_dir": None,
+    "severity": None,
+}
 _REQUIRED = ("reference_uri", "current_uri")
 
 
@@ -49,24 +57,40 @@ def detect(request: dict[str, Any]) -> dict[str, Any]:
     if absent:
         raise ValueError(f"features not in the reference data {options['reference_uri']!r}: {absent}")
     categorical = _categorical(reference, features, options["categorical"])
-    detector = detector_class(p_val=options["p_val"], correction=options["correction"],
-                              categorical=categorical, min_rows=options["min_rows"], method=options["method"])
+    detector = detector_class(
+        p_val=options["p_val"],
+        correction=options["correction"],
+        categorical=categorical,
+        min_rows=options["min_rows"],
+        method=options["method"],
+    )
     detector.check_params()  # a bad request fails whatever the window holds
     current = _read(options["current_uri"], features)
 
     result: dict[str, Any] = {
-        "verdict": "no_drift", "severity": "none", "backend": options["backend"], "method": options["method"],
-        "n_reference": len(reference), "n_current": len(current), "drifted_features": [],
-        "share_drifted": 0.0, "features": {}, "report_json": None, "report_html": None, "message": "",
+        "verdict": "no_drift",
+        "severity": "none",
+        "backend": options["backend"],
+        "method": options["method"],
+        "n_reference": len(reference),
+        "n_current": len(current),
+        "drifted_features": [],
+        "share_drifted": 0.0,
+        "features": {},
+        "report_json": None,
+        "report_html": None,
+        "message": "",
     }
     # An empty window has no schema to check: it is too small, not malformed.
     problem = _window_problem(reference, current, features) if len(current) else None
     if problem:
         result.update(verdict="invalid_window", message=problem)
     elif min(len(reference), len(current)) < options["min_rows"]:
-        result.update(verdict="insufficient_data",
-                      message=f"too few rows to judge drift: reference {len(reference)}, "
-                              f"current {len(current)}, at least {options['min_rows']} needed on each side")
+        result.update(
+            verdict="insufficient_data",
+            message=f"too few rows to judge drift: reference {len(reference)}, "
+            f"current {len(current)}, at least {options['min_rows']} needed on each side",
+        )
     else:
         result.update(_judge(detector.fit(reference).score(current), thresholds, options))
 
@@ -138,29 +162,51 @@ def _window_problem(reference: pd.DataFrame, current: pd.DataFrame, features: li
     if absent:
         return f"current window lacks the columns {absent}"
     # A column with no values at all has no type worth checking: it is reported as untested instead.
-    mistyped = [f"{f} ({reference[f].dtype} in the reference, {current[f].dtype} now)" for f in features
-                if not current[f].isna().all() and _is_numeric(current[f]) != _is_numeric(reference[f])]
+    mistyped = [
+        f"{f} ({reference[f].dtype} in the reference, {current[f].dtype} now)"
+        for f in features
+        if not current[f].isna().all() and _is_numeric(current[f]) != _is_numeric(reference[f])
+    ]
     return f"current window has columns of the wrong type: {', '.join(mistyped)}" if mistyped else ""
 
 
-def _judge(scores: dict[str, dict[str, Any]], thresholds: dict[str, float],
-           options: dict[str, Any]) -> dict[str, Any]:
+def _judge(
+    scores: dict[str, dict[str, Any]], thresholds: dict[str, float], options: dict[str, Any]
+) -> dict[str, Any]:
     tested = [f for f, s in scores.items() if s["tested"]]
     untested = [f for f, s in scores.items() if not s["tested"]]
-    note = (f"; untested (fewer than {options['min_rows']} non-missing values on a side): {untested}"
-            if untested else "")
+    note = (
+        f"; untested (fewer than {options['min_rows']} non-missing values on a side): {untested}"
+        if untested
+        else ""
+    )
     if not tested:
-        return {"verdict": "insufficient_data", "features": scores,
-                "message": f"no feature has {options['min_rows']} non-missing values on both sides{note}"}
+        return {
+            "verdict": "insufficient_data",
+            "features": scores,
+            "message": f"no feature has {options['min_rows']} non-missing values on both sides{note}",
+        }
     drifted = [f for f in tested if scores[f]["drift"]]
     share = len(drifted) / len(tested)
-    severity = max((level for level, t in thresholds.items() if drifted and share >= t),
-                   key=list(SEVERITY).index, default="none")
+    severity = max(
+        (level for level, t in thresholds.items() if drifted and share >= t),
+        key=list(SEVERITY).index,
+        default="none",
+    )
     if options["method"] in PER_FEATURE:
         test = f"p < {options['p_val']} with {options['correction']} correction"
     else:  # one test of all the features: they drift together or not at all
         test = f"tested together with {options['method']}, p = {scores[tested[0]]['p_value']:.3g}"
-    message = (f"{len(drifted)} of {len(tested)} features drifted ({test}): {drifted}" if drifted
-               else f"no drift in {len(tested)} features ({test})")
-    return {"verdict": "drift" if drifted else "no_drift", "severity": severity, "features": scores,
-            "drifted_features": drifted, "share_drifted": share, "message": message + note}
+    message = (
+        f"{len(drifted)} of {len(tested)} features drifted ({test}): {drifted}"
+        if drifted
+        else f"no drift in {len(tested)} features ({test})"
+    )
+    return {
+        "verdict": "drift" if drifted else "no_drift",
+        "severity": severity,
+        "features": scores,
+        "drifted_features": drifted,
+        "share_drifted": share,
+        "message": message + note,
+    }

@@ -67,9 +67,13 @@ class AlibiDetector(Detector):
         mean, scale = reference.mean(axis=0), reference.std(axis=0)
         scale[scale == 0] = 1.0
         sample = _sample(reference, MMD_MAX_ROWS)
-        detector = _detector("mmd", "MMDDrift")(((sample - mean) / scale).astype(np.float32),
-                                                backend="pytorch", device="cpu", p_val=self.p_val,
-                                                n_permutations=MMD_PERMUTATIONS)
+        detector = _detector("mmd", "MMDDrift")(
+            ((sample - mean) / scale).astype(np.float32),
+            backend="pytorch",
+            device="cpu",
+            p_val=self.p_val,
+            n_permutations=MMD_PERMUTATIONS,
+        )
         return detector, mean, scale
 
     def _test_joint(self, fitted: Any, current: np.ndarray) -> tuple[float, float]:

@@ -91,8 +91,15 @@ class Detector(ABC):
     name: ClassVar[str]
     joint_methods: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, *, p_val: float = 0.05, correction: str = "bonferroni",
-                 categorical: Sequence[str] = (), min_rows: int = 1, method: str = "ks") -> None:
+    def __init__(
+        self,
+        *,
+        p_val: float = 0.05,
+        correction: str = "bonferroni",
+        categorical: Sequence[str] = (),
+        min_rows: int = 1,
+        method: str = "ks",
+    ) -> None:
         self.p_val = p_val
         self.correction = correction
         self.categorical = categorical
@@ -100,8 +107,13 @@ class Detector(ABC):
         self.method = method
 
     def get_params(self) -> dict[str, Any]:
-        return {"p_val": self.p_val, "correction": self.correction,
-                "categorical": self.categorical, "min_rows": self.min_rows, "method": self.method}
+        return {
+            "p_val": self.p_val,
+            "correction": self.correction,
+            "categorical": self.categorical,
+            "min_rows": self.min_rows,
+            "method": self.method,
+        }
 
     def check_params(self) -> None:
         if not isinstance(self.p_val, (int, float)) or not 0 < self.p_val < 1:
@@ -112,12 +124,16 @@ class Detector(ABC):
         if isinstance(self.categorical, str):
             raise TypeError(f"categorical must be a list of column names, got {self.categorical!r}")
         if self.method not in (*PER_FEATURE, *self.joint_methods):
-            raise ValueError(f"the {self.name!r} drift backend has no method {self.method!r}: "
-                             f"choose one of {[*PER_FEATURE, *self.joint_methods]}")
+            raise ValueError(
+                f"the {self.name!r} drift backend has no method {self.method!r}: "
+                f"choose one of {[*PER_FEATURE, *self.joint_methods]}"
+            )
         if self.method in self.joint_methods and self.categorical:
-            raise ValueError(f"method {self.method!r} compares numeric features only, and "
-                             f"{list(self.categorical)} are categorical: leave them out of the features, "
-                             f"or use a per-feature method {list(PER_FEATURE)}")
+            raise ValueError(
+                f"method {self.method!r} compares numeric features only, and "
+                f"{list(self.categorical)} are categorical: leave them out of the features, "
+                f"or use a per-feature method {list(PER_FEATURE)}"
+            )
 
     def fit(self, reference: pd.DataFrame) -> Detector:
         """Learn the reference distribution of every column of ``reference``."""
@@ -133,8 +149,10 @@ class Detector(ABC):
         for feature in self.features_:
             column = reference[feature]
             values = column.dropna().to_numpy()
-            summary: dict[str, Any] = {"n": len(values),
-                                       "nan_fraction": _fraction(column.isna().sum(), len(column))}
+            summary: dict[str, Any] = {
+                "n": len(values),
+                "nan_fraction": _fraction(column.isna().sum(), len(column)),
+            }
             if feature in self.categorical:
                 import pandas as pd
 
@@ -175,9 +193,14 @@ class Detector(ABC):
             entry: dict[str, Any] = {
                 "kind": "categorical" if categorical else "numeric",
                 "test": "chi2" if categorical else self.method,
-                "tested": False, "statistic": None, "p_value": None, "drift": False,
-                "ref_mean": ref.get("mean"), "cur_mean": None,
-                "n_ref": ref["n"], "n_cur": len(values),
+                "tested": False,
+                "statistic": None,
+                "p_value": None,
+                "drift": False,
+                "ref_mean": ref.get("mean"),
+                "cur_mean": None,
+                "n_ref": ref["n"],
+                "n_cur": len(values),
                 "nan_fraction_ref": ref["nan_fraction"],
                 "nan_fraction_cur": _fraction(column.isna().sum(), len(column)),
             }
@@ -193,14 +216,16 @@ class Detector(ABC):
         if self._joint is not None:
             complete = current[self.features_].dropna()
             if len(complete) >= self.min_rows:
-                tests.append((self.features_, partial(self._test_joint, self._joint,
-                                                      complete.to_numpy(float))))
+                tests.append(
+                    (self.features_, partial(self._test_joint, self._joint, complete.to_numpy(float)))
+                )
         outcomes = _run([test for _, test in tests], parallel=len(current) >= _PARALLEL_ROWS)
         flags = flag([p_value for _, p_value in outcomes], self.p_val, self.correction)
         for (features, _), (statistic, p_value), drift in zip(tests, outcomes, flags, strict=True):
             for feature in features:
-                scores[feature].update(tested=True, statistic=float(statistic), p_value=float(p_value),
-                                       drift=drift)
+                scores[feature].update(
+                    tested=True, statistic=float(statistic), p_value=float(p_value), drift=drift
+                )
         return scores
 
     def _encode(self, feature: str, values: np.ndarray) -> np.ndarray:

@@ -21,11 +21,14 @@ _WIDTH, _HEIGHT, _PAD = 360, 130, 18
 _COLOURS = {"reference": "#4c78a8", "current": "#f58518"}
 
 
-def distributions(reference: pd.DataFrame, current: pd.DataFrame, features: Sequence[str],
-                  categorical: Collection[str]) -> dict[str, dict[str, Any]]:
+def distributions(
+    reference: pd.DataFrame, current: pd.DataFrame, features: Sequence[str], categorical: Collection[str]
+) -> dict[str, dict[str, Any]]:
     """Per feature, the share of non-missing values in each bin (numeric) or category, on both sides."""
-    return {f: (_categories if f in categorical else _histogram)(reference[f].dropna(), current[f].dropna())
-            for f in features}
+    return {
+        f: (_categories if f in categorical else _histogram)(reference[f].dropna(), current[f].dropna())
+        for f in features
+    }
 
 
 def _histogram(reference: pd.Series, current: pd.Series) -> dict[str, Any]:
@@ -53,9 +56,13 @@ def _categories(reference: pd.Series, current: pd.Series) -> dict[str, Any]:
     cur = current.astype(str).value_counts(normalize=True)
     shares = ref.add(cur, fill_value=0).sort_values(ascending=False)
     names = shares.index[:TOP_CATEGORIES].tolist()
-    return {"kind": "categorical", "categories": names, "other": len(shares) > TOP_CATEGORIES,
-            "reference": [float(ref.get(n, 0.0)) for n in names],
-            "current": [float(cur.get(n, 0.0)) for n in names]}
+    return {
+        "kind": "categorical",
+        "categories": names,
+        "other": len(shares) > TOP_CATEGORIES,
+        "reference": [float(ref.get(n, 0.0)) for n in names],
+        "current": [float(cur.get(n, 0.0)) for n in names],
+    }
 
 
 def write(result: dict[str, Any], plots: dict[str, dict[str, Any]], report_dir: str) -> dict[str, Any]:
@@ -65,10 +72,14 @@ def write(result: dict[str, Any], plots: dict[str, dict[str, Any]], report_dir: 
     """
     folder = Path(report_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    result = {**result, "report_json": str(folder / "report.json"),
-              "report_html": str(folder / "report.html")}
-    Path(result["report_json"]).write_text(json.dumps({**result, "distributions": plots}, indent=2,
-                                                      allow_nan=False))
+    result = {
+        **result,
+        "report_json": str(folder / "report.json"),
+        "report_html": str(folder / "report.html"),
+    }
+    Path(result["report_json"]).write_text(
+        json.dumps({**result, "distributions": plots}, indent=2, allow_nan=False)
+    )
     Path(result["report_html"]).write_text(render(result, plots), encoding="utf-8")
     return result
 
@@ -77,22 +88,39 @@ def render(result: dict[str, Any], plots: dict[str, dict[str, Any]]) -> str:
     """The HTML page for one drift result."""
     summary = "".join(
         f"<tr><th>{escape(label)}</th><td>{escape(str(result.get(key)))}</td></tr>"
-        for label, key in [("Verdict", "verdict"), ("Severity", "severity"), ("Backend", "backend"),
-                           ("Reference rows", "n_reference"), ("Current rows", "n_current"),
-                           ("Share of features drifted", "share_drifted")]
+        for label, key in [
+            ("Verdict", "verdict"),
+            ("Severity", "severity"),
+            ("Backend", "backend"),
+            ("Reference rows", "n_reference"),
+            ("Current rows", "n_current"),
+            ("Share of features drifted", "share_drifted"),
+        ]
     )
     rows, figures = [], []
     for name, score in result.get("features", {}).items():
         status = "drift" if score["drift"] else ("ok" if score["tested"] else "untested")
-        cells = [name, score["kind"], score["test"], _number(score["statistic"]), _number(score["p_value"]),
-                 status, _number(score["ref_mean"]), _number(score["cur_mean"]),
-                 f"{score['nan_fraction_ref']:.1%}", f"{score['nan_fraction_cur']:.1%}"]
+        cells = [
+            name,
+            score["kind"],
+            score["test"],
+            _number(score["statistic"]),
+            _number(score["p_value"]),
+            status,
+            _number(score["ref_mean"]),
+            _number(score["cur_mean"]),
+            f"{score['nan_fraction_ref']:.1%}",
+            f"{score['nan_fraction_cur']:.1%}",
+        ]
         rows.append(f'<tr class="{status}">' + "".join(f"<td>{escape(str(c))}</td>" for c in cells) + "</tr>")
         if name in plots:
-            figures.append(f'<figure><figcaption>{escape(name)} ({escape(status)})</figcaption>'
-                           f"{_svg(plots[name])}</figure>")
-    legend = " ".join(f'<span style="color:{colour}">&#9632; {side}</span>'
-                      for side, colour in _COLOURS.items())
+            figures.append(
+                f"<figure><figcaption>{escape(name)} ({escape(status)})</figcaption>"
+                f"{_svg(plots[name])}</figure>"
+            )
+    legend = " ".join(
+        f'<span style="color:{colour}">&#9632; {side}</span>' for side, colour in _COLOURS.items()
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
@@ -135,17 +163,23 @@ def _svg(plot: dict[str, Any]) -> str:
         offset = bar if plot["kind"] == "categorical" and side == "current" else 0.0
         for i, share in enumerate(shares):
             height = plot_height * share / top
-            shapes.append(f'<rect x="{_PAD + i * width + offset:.1f}" y="{_PAD + plot_height - height:.1f}" '
-                          f'width="{bar:.1f}" height="{height:.1f}" fill="{_COLOURS[side]}" '
-                          f'fill-opacity="0.55"><title>{side}: {share:.2%}</title></rect>')
+            shapes.append(
+                f'<rect x="{_PAD + i * width + offset:.1f}" y="{_PAD + plot_height - height:.1f}" '
+                f'width="{bar:.1f}" height="{height:.1f}" fill="{_COLOURS[side]}" '
+                f'fill-opacity="0.55"><title>{side}: {share:.2%}</title></rect>'
+            )
     if plot["kind"] == "categorical":
         labels = [(_PAD + (i + 0.5) * width, name[:10]) for i, name in enumerate(plot["categories"])]
     else:
         labels = [(_PAD, f"{plot['edges'][0]:.3g}"), (_WIDTH - _PAD, f"{plot['edges'][-1]:.3g}")]
-    text = "".join(f'<text x="{x:.1f}" y="{_HEIGHT - 4}" font-size="9" text-anchor="middle">'
-                   f"{escape(label)}</text>" for x, label in labels)
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{_WIDTH}" height="{_HEIGHT}" '
-            f'viewBox="0 0 {_WIDTH} {_HEIGHT}" role="img">'
-            f'<line x1="{_PAD}" y1="{_HEIGHT - _PAD}" x2="{_WIDTH - _PAD}" y2="{_HEIGHT - _PAD}" '
-            'stroke="#999"/>'
-            f"{''.join(shapes)}{text}</svg>")
+    text = "".join(
+        f'<text x="{x:.1f}" y="{_HEIGHT - 4}" font-size="9" text-anchor="middle">{escape(label)}</text>'
+        for x, label in labels
+    )
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{_WIDTH}" height="{_HEIGHT}" '
+        f'viewBox="0 0 {_WIDTH} {_HEIGHT}" role="img">'
+        f'<line x1="{_PAD}" y1="{_HEIGHT - _PAD}" x2="{_WIDTH - _PAD}" y2="{_HEIGHT - _PAD}" '
+        'stroke="#999"/>'
+        f"{''.join(shapes)}{text}</svg>"
+    )

@@ -18,8 +18,9 @@ class ScipyDetector(Detector):
     def _fit_feature(self, reference: np.ndarray, categorical: bool) -> np.ndarray:
         return reference
 
-    def _test_feature(self, reference: np.ndarray, current: np.ndarray,
-                      categorical: bool) -> tuple[float, float]:
+    def _test_feature(
+        self, reference: np.ndarray, current: np.ndarray, categorical: bool
+    ) -> tuple[float, float]:
         import numpy as np
         from scipy.stats import chi2_contingency, cramervonmises_2samp, ks_2samp
 
