@@ -68,10 +68,14 @@ class MlflowTrainModelOperator(_MlflowOperator):
     reference sample and the loop's audit record to one MLflow run. Retrying the task reuses that run.
 
     :param data_uri: the training set (parquet or CSV).
-    :param estimator: import path of a scikit-learn classifier (``package.module.Class``), or of a
+    :param estimator: import path of a scikit-learn classifier (``package.module.Class``), of a
         training function (``package.module:function``) called as ``function(features, target, seed=...,
-        **estimator_params)`` that returns a fitted scikit-learn-compatible classifier.
-    :param estimator_params: the estimator's (or the training function's) parameters.
+        **estimator_params)`` that returns a fitted scikit-learn-compatible classifier, or of a PyTorch
+        module prefixed ``torch:`` (``"torch:airloop.steps.torch_models.MLPClassifier"``), trained on CPU
+        and logged as a ``torch.export`` program; torch needs ``runtime="torch"``.
+    :param estimator_params: the estimator's (or the training function's) parameters; for a PyTorch
+        module, its constructor's and the training loop's (``epochs``, ``lr``, ``batch_size``,
+        ``weight_decay``, ``standardize``; see ``airloop.steps.train_torch``).
     :param label_column: the target column.
     :param experiment: MLflow experiment name.
     :param validation: the data gate's result (usually the validation task's XCom), kept in the audit record

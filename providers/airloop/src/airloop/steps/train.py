@@ -1,14 +1,16 @@
 """Train a classifier and record it as one MLflow run.
 
 The model comes from a scikit-learn classifier's import path (``package.module.Class``, built with
-the request's params) or from a training function (``package.module:function``) that returns a
-fitted scikit-learn-compatible classifier; see ``trainer``.
+the request's params), from a training function (``package.module:function``) that returns a
+fitted scikit-learn-compatible classifier, or from a PyTorch module's import path
+(``torch:package.module.Class``, ``airloop.steps.train_torch``); see ``trainer``.
 
-The run holds everything later steps need: params, holdout metrics, the model (skops format), the
-holdout split (``data/holdout.parquet``, for the offline gate and the conversion parity check), a
-sample of training features (``drift/reference.parquet``, for the drift monitor) and tags that tie
-it to its DAG run and its data. Every MLflow call goes through an ``MlflowClient`` bound to the
-request's tracking URI: steps share Airflow workers, so the global tracking URI stays untouched.
+The run holds everything later steps need: params, holdout metrics, the model (skops format, or a
+``torch.export`` program), the holdout split (``data/holdout.parquet``, for the offline gate and the
+conversion parity check), a sample of training features (``drift/reference.parquet``, for the drift
+monitor) and tags that tie it to its DAG run and its data. Every MLflow call goes through an
+``MlflowClient`` bound to the request's tracking URI: steps share Airflow workers, so the global
+tracking URI stays untouched.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 MODEL_NAME = "model"
+DEFAULT_ESTIMATOR = "sklearn.neural_network.MLPClassifier"
+TORCH_PREFIX = "torch:"
 HOLDOUT_PATH = "data/holdout.parquet"
 REFERENCE_PATH = "drift/reference.parquet"
 FINGERPRINT_PATH = "data/fingerprint.json"
@@ -80,7 +84,7 @@ def train(request: dict[str, Any]) -> dict[str, Any]:
     validation = request.get("validation") or {}
     validation_tags = gated_run_tags(validation, data_uri, data_print)
     fit = trainer(
-        request.get("estimator", "sklearn.neural_network.MLPClassifier"),
+        request.get("estimator", DEFAULT_ESTIMATOR),
         request.get("params") or {},
         int(request.get("seed", 0)),
     )
@@ -113,7 +117,7 @@ def train(request: dict[str, Any]) -> dict[str, Any]:
 def _request_params(request: dict[str, Any]) -> dict[str, str]:
     """The run params the request fixes before training, as MLflow stores them."""
     params = {
-        "estimator": request.get("estimator", "sklearn.neural_network.MLPClassifier"),
+        "estimator": request.get("estimator", DEFAULT_ESTIMATOR),
         "test_size": request.get("test_size", 0.25),
         "seed": int(request.get("seed", 0)),
         **(request.get("params") or {}),
@@ -177,6 +181,9 @@ def _fit_and_log(
     estimator = fit(x_train, y_train)
     metrics = holdout_metrics(estimator, x_test, y_test)
     metrics.update({"train_rows": float(len(x_train)), "holdout_rows": float(len(x_test))})
+    # A model that reports its loss per epoch (the torch route's): one ``train_loss`` step per epoch.
+    losses = getattr(estimator, "epoch_losses_", [])
+    curve = [Metric("train_loss", loss, 0, epoch) for epoch, loss in enumerate(losses, 1)]
 
     run_id = run.info.run_id
     params = {
@@ -191,7 +198,16 @@ def _fit_and_log(
         # A resumed run keeps the params its first try logged (MLflow's cannot change).
         params=[Param(k, str(v)[:6000]) for k, v in params.items() if k not in run.data.params],
     )
-    log_sklearn_model(client, run, estimator, x_train)
+    for start in range(0, len(curve), 1000):  # MLflow takes at most 1000 metrics a batch
+        client.log_batch(run_id, metrics=curve[start : start + 1000])
+    if curve:
+        metrics["train_loss"] = curve[-1].value  # what the run reports as its latest value
+    if request.get("estimator", DEFAULT_ESTIMATOR).startswith(TORCH_PREFIX):
+        from airloop.steps.train_torch import log_torch_model
+
+        log_torch_model(client, run, estimator, x_train)
+    else:
+        log_sklearn_model(client, run, estimator, x_train)
 
     reference_rows = min(int(request.get("reference_rows", 2000)), len(x_train))
     reference = x_train.sample(n=reference_rows, random_state=seed)
@@ -277,9 +293,16 @@ def trainer(path: str, params: dict[str, Any], seed: int) -> Callable[[pd.DataFr
       ``function(features, target, seed=seed, **params)``; it returns a fitted classifier that
       scikit-learn recognises (``is_classifier``, ``predict_proba``, ``classes_``), e.g. a
       ``Pipeline`` with preprocessing, which is logged like any scikit-learn model.
+    - ``torch:package.module.Class``: a PyTorch module trained on CPU; ``params`` hold its constructor's
+      and the training loop's arguments (``airloop.steps.train_torch``). Needs torch: the ``torch``
+      runtime.
 
-    Both are checked before any data is read where they can be: the import and the parameters.
+    Each is checked before it trains where it can be: the import and the parameters.
     """
+    if path.startswith(TORCH_PREFIX):
+        from airloop.steps.train_torch import torch_trainer
+
+        return torch_trainer(path.removeprefix(TORCH_PREFIX), params, seed)
     is_function = ":" in path
     module_name, _, name = path.rpartition(":" if is_function else ".")
     try:
@@ -330,35 +353,52 @@ def holdout_metrics(estimator: Any, features: pd.DataFrame, target: pd.Series) -
     }
 
 
+def log_logged_model(
+    client: mlflow.MlflowClient, run: mlflow.entities.Run, save: Callable[[str, mlflow.models.Model], None]
+) -> str:
+    """Log the MLflow model that ``save(path, mlflow_model)`` writes (a flavour's ``save_model``) as
+    the logged model ``model`` of ``run``; returns its model id.
+
+    The steps of a flavour's ``log_model`` done through ``client``: ``log_model`` itself resolves the
+    process-wide tracking URI, which a shared worker must not change.
+    """
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+
+    run_id = run.info.run_id
+    logged = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, MODEL_NAME)
+        save(path, Model(run_id=run_id, model_id=logged.model_id, model_uuid=logged.model_id))
+        client.log_model_artifacts(logged.model_id, path)
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    return logged.model_id
+
+
 def log_sklearn_model(
     client: mlflow.MlflowClient, run: mlflow.entities.Run, estimator: Any, example: pd.DataFrame
 ) -> str:
-    """Log ``estimator`` as the MLflow logged model ``model`` of ``run``; returns its model id.
-
-    The steps of ``mlflow.sklearn.log_model`` done through ``client``: ``log_model`` itself
-    resolves the process-wide tracking URI, which a shared worker must not change.
-    """
+    """Log ``estimator`` as the MLflow logged model ``model`` of ``run`` (sklearn flavour, skops);
+    returns its model id."""
     import mlflow
     import numpy
     import sklearn
     import skops
     import skops.io
-    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
-    from mlflow.models import Model, infer_signature
+    from mlflow.models import infer_signature
 
     untrusted = skops.io.get_untrusted_types(data=skops.io.dumps(estimator))
     unknown = sorted(set(untrusted) - SKOPS_TRUSTED_TYPES)
     if unknown:
         raise ValueError(f"estimator holds types outside Airloop's skops allow-list: {unknown}")
-    run_id = run.info.run_id
-    logged = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id)
     signature = infer_signature(example, estimator.predict_proba(example.head(5)))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, MODEL_NAME)
+
+    def save(path: str, mlflow_model: mlflow.models.Model) -> None:
         mlflow.sklearn.save_model(
             estimator,
             path,
-            mlflow_model=Model(run_id=run_id, model_id=logged.model_id, model_uuid=logged.model_id),
+            mlflow_model=mlflow_model,
             serialization_format="skops",
             skops_trusted_types=untrusted,
             signature=signature,
@@ -369,10 +409,8 @@ def log_sklearn_model(
                 f"numpy=={numpy.__version__}",
             ],
         )
-        client.log_model_artifacts(logged.model_id, path)
-    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
-    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
-    return logged.model_id
+
+    return log_logged_model(client, run, save)
 
 
 def download(tracking_uri: str, uri: str, dst_dir: str) -> str:
@@ -425,7 +463,8 @@ def resolve_model(client: mlflow.MlflowClient, model_uri: str) -> tuple[str, str
 
 
 def load_model(tracking_uri: str, model_uri: str) -> Any:
-    """Load a scikit-learn model that ``train`` logged, trusting only ``SKOPS_TRUSTED_TYPES``.
+    """Load a scikit-learn model that ``train`` logged, trusting only ``SKOPS_TRUSTED_TYPES``, or a
+    PyTorch one (a ``TorchClassifier``; needs torch, so the ``torch`` runtime).
 
     Reads the skops file directly instead of ``mlflow.sklearn.load_model``: the latter takes its
     allow-list from the model's own MLmodel file and needs a process-wide opt-in to do so.
@@ -437,7 +476,12 @@ def load_model(tracking_uri: str, model_uri: str) -> Any:
     location, _ = resolve_model(mlflow.MlflowClient(tracking_uri=tracking_uri), model_uri)
     with tempfile.TemporaryDirectory() as tmp:
         local = download(tracking_uri, location, tmp)
-        flavor = Model.load(os.path.join(local, "MLmodel")).flavors.get("sklearn")
+        flavors = Model.load(os.path.join(local, "MLmodel")).flavors
+        if "pytorch" in flavors:
+            from airloop.steps.train_torch import load_torch_model
+
+            return load_torch_model(local, model_uri)
+        flavor = flavors.get("sklearn")
         if flavor is None or flavor.get("serialization_format") != "skops":
             raise ValueError(f"{model_uri} is not a scikit-learn model saved in the skops format")
         path = os.path.join(local, flavor["pickled_model"])

@@ -1,0 +1,274 @@
+"""The PyTorch route of ``airloop.steps.train``: ``estimator="torch:package.module.Class"``.
+
+``Class`` is a ``torch.nn.Module`` (``airloop.steps.torch_models.MLPClassifier`` to start with) built as
+``Class(n_features=..., n_classes=..., **module_params)``; its ``forward`` maps float32 rows
+``[N, n_features]`` to class logits. The request's ``params`` hold both kinds of argument: the keys of
+``TRAINING_DEFAULTS`` drive the training loop, every other key goes to the constructor. The request's
+``seed`` seeds the weights, dropout and batch order, so a re-run trains the same model.
+
+Training runs on CPU: Adam on cross-entropy in shuffled mini-batches, the inputs standardised with the
+training split's mean and spread (``standardize``). The fitted ``TorchClassifier`` answers the calls
+``train`` and ``evaluate`` make of a scikit-learn classifier (``classes_``, ``predict_proba``,
+``predict``, ``get_params``) and carries its per-epoch loss (``epoch_losses_``), so the holdout
+metrics and the evaluation gate are the same as for scikit-learn models.
+
+The model is logged in MLflow's ``pytorch`` flavour as a ``torch.export`` program (``data/model.pt2``;
+never pickle, whose loading runs code) with a dynamic batch dimension: standardisation, the module
+and a softmax, so it takes the raw features and returns class probabilities, as the conversion's
+``pytorch`` route expects. The MLmodel ``metadata`` keeps the class labels and feature names.
+
+torch is in the ``torch`` runtime, not in Airflow's environment: run the training, the evaluation and
+the conversion of such a model with ``runtime="torch"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import mlflow
+    import pandas as pd
+
+# The training loop's params and their defaults; any other param is the module's.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "epochs": 30,
+    "lr": 1e-3,
+    "batch_size": 32,
+    "weight_decay": 0.0,
+    "standardize": True,
+}
+PROGRAM_FILE = "model.pt2"
+EXAMPLE_ROWS = 5  # more than one, so that torch.export keeps the batch dimension dynamic
+
+
+def import_torch(what: str) -> Any:
+    """``torch``, or an ImportError that says where ``what`` can run."""
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(
+            f"{what} needs PyTorch, which this environment lacks ({error}): run the task in the 'torch' "
+            "runtime (the operator's runtime='torch'), built with `airloop runtimes build torch`"
+        ) from None
+    return torch
+
+
+class TorchClassifier:
+    """A fitted (or loaded) torch module that returns class probabilities, with the scikit-learn calls
+    the steps make. ``feature_names_in_`` are the columns it reads, in order."""
+
+    def __init__(
+        self,
+        module: Any,
+        classes: list[Any],
+        feature_names: list[str],
+        params: dict[str, Any] | None = None,
+        epoch_losses: list[float] | None = None,
+    ) -> None:
+        self.module = module
+        self.classes_ = np.asarray(classes)
+        self.feature_names_in_ = np.asarray(feature_names, dtype=object)
+        self.params = params or {}
+        self.epoch_losses_ = epoch_losses or []
+
+    def predict_proba(self, features: pd.DataFrame) -> np.ndarray:
+        import torch
+
+        names = list(self.feature_names_in_)
+        missing = sorted(set(names) - set(features.columns))
+        if missing:
+            raise ValueError(f"the data lacks the model's features {missing}")
+        with torch.inference_mode():
+            return self.module(torch.from_numpy(features[names].to_numpy(np.float32))).numpy()
+
+    def predict(self, features: pd.DataFrame) -> np.ndarray:
+        return self.classes_[self.predict_proba(features).argmax(axis=1)]
+
+    def get_params(self, deep: bool = False) -> dict[str, Any]:
+        """What ``train`` logs as params: ``model_class`` (the module's class), the constructor's
+        arguments with their defaults, and the training loop's."""
+        return dict(self.params)
+
+
+def torch_trainer(path: str, params: dict[str, Any], seed: int) -> Callable[[pd.DataFrame, pd.Series], Any]:
+    """A function ``(features, target) -> TorchClassifier`` for the module class at ``path``.
+
+    The import, the training params and the constructor's arguments are checked here, before training.
+    """
+    torch = import_torch(f"the estimator 'torch:{path}'")
+    module_name, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"estimator 'torch:{path}' cannot be imported: {exc}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise ValueError(f"estimator 'torch:{path}' must be a torch.nn.Module class, got {cls!r}")
+    training = {**TRAINING_DEFAULTS, **{k: v for k, v in params.items() if k in TRAINING_DEFAULTS}}
+    _check_training(training)
+    module_params = {k: v for k, v in params.items() if k not in TRAINING_DEFAULTS}
+    signature = inspect.signature(cls)
+    try:
+        signature.bind(n_features=1, n_classes=2, **module_params)
+    except TypeError as exc:
+        raise ValueError(
+            f"estimator 'torch:{path}' must take n_features, n_classes and {sorted(module_params)} "
+            f"(the training params are {sorted(TRAINING_DEFAULTS)}): {exc}"
+        ) from exc
+    defaults = {
+        key: parameter.default
+        for key, parameter in signature.parameters.items()
+        if parameter.default is not parameter.empty and key not in ("n_features", "n_classes")
+    }
+    logged = {"model_class": f"{cls.__module__}.{cls.__qualname__}", **defaults, **module_params, **training}
+
+    def fit(features: pd.DataFrame, target: pd.Series) -> TorchClassifier:
+        return _fit(cls, module_params, training, seed, features, target, logged)
+
+    return fit
+
+
+def _check_training(training: dict[str, Any]) -> None:
+    problems = []
+    for key in ("epochs", "batch_size"):
+        if not isinstance(training[key], int) or isinstance(training[key], bool) or training[key] < 1:
+            problems.append(f"{key} must be a whole number >= 1, got {training[key]!r}")
+    if not isinstance(training["lr"], int | float) or not training["lr"] > 0:
+        problems.append(f"lr must be a number > 0, got {training['lr']!r}")
+    if not isinstance(training["weight_decay"], int | float) or training["weight_decay"] < 0:
+        problems.append(f"weight_decay must be a number >= 0, got {training['weight_decay']!r}")
+    if not isinstance(training["standardize"], bool):
+        problems.append(f"standardize must be true or false, got {training['standardize']!r}")
+    if problems:
+        raise ValueError("bad torch training params: " + "; ".join(problems))
+
+
+def _fit(
+    cls: type,
+    module_params: dict[str, Any],
+    training: dict[str, Any],
+    seed: int,
+    features: pd.DataFrame,
+    target: pd.Series,
+    params: dict[str, Any],
+) -> TorchClassifier:
+    import torch
+
+    from airloop.steps.torch_models import Standardize
+
+    rows = torch.from_numpy(_float_rows(features))
+    classes, labels = np.unique(target.to_numpy(), return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(f"the training split holds a single class ({classes[0]!r}): nothing to learn")
+    labels = torch.from_numpy(labels.astype(np.int64))
+    standardize: torch.nn.Module = torch.nn.Identity()
+    if training["standardize"]:
+        scale = rows.std(dim=0, correction=0)
+        # A constant column keeps its scale: dividing by zero would make every input NaN.
+        standardize = Standardize(rows.mean(dim=0), torch.where(scale > 0, scale, torch.ones_like(scale)))
+    inputs = standardize(rows)
+    # Seeded on a fork of the global generator: the same weights, dropout masks and batch order every
+    # run, without changing the random state of the process the step runs in.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = cls(n_features=rows.shape[1], n_classes=len(classes), **module_params)
+        order = torch.Generator().manual_seed(seed)
+        optimiser = torch.optim.Adam(
+            net.parameters(), lr=float(training["lr"]), weight_decay=float(training["weight_decay"])
+        )
+        loss_function = torch.nn.CrossEntropyLoss()
+        losses: list[float] = []
+        net.train()
+        for epoch in range(1, training["epochs"] + 1):
+            total = 0.0
+            for batch in torch.randperm(len(labels), generator=order).split(training["batch_size"]):
+                optimiser.zero_grad()
+                loss = loss_function(net(inputs[batch]), labels[batch])
+                loss.backward()
+                optimiser.step()
+                total += loss.item() * len(batch)
+            losses.append(total / len(labels))
+            if not np.isfinite(losses[-1]):
+                raise ValueError(f"training diverged at epoch {epoch} (loss {losses[-1]}): lower lr")
+    model = torch.nn.Sequential(standardize, net, torch.nn.Softmax(dim=1)).eval()
+    return TorchClassifier(model, classes.tolist(), [str(c) for c in features.columns], params, losses)
+
+
+def _float_rows(features: pd.DataFrame) -> np.ndarray:
+    from pandas.api.types import is_numeric_dtype
+
+    other = [str(column) for column in features.columns if not is_numeric_dtype(features[column])]
+    if other:
+        raise ValueError(
+            f"the torch route takes numeric features only: encode {other} first, or train with a "
+            "training function (package.module:function) that does"
+        )
+    rows = features.to_numpy(np.float32)
+    if not np.isfinite(rows).all():
+        raise ValueError("the training features hold NaN or infinite values: impute or drop them first")
+    return rows
+
+
+def log_torch_model(
+    client: mlflow.MlflowClient, run: mlflow.entities.Run, classifier: TorchClassifier, example: pd.DataFrame
+) -> str:
+    """Log ``classifier`` as the run's logged model ``model``: MLflow's ``pytorch`` flavour in the pt2
+    format, with a tensor signature ``[-1, n_features] -> [-1, n_classes]``; returns its model id."""
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from airloop.steps.train import log_logged_model
+
+    names = [str(name) for name in classifier.feature_names_in_]
+    rows = example[names].head(EXAMPLE_ROWS).to_numpy(np.float32)
+    # pt2 needs a tensor signature; unnamed, so the conversion takes the feature names from the data.
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(names)))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(classifier.classes_)))]),
+    )
+
+    def save(path: str, mlflow_model: Any) -> None:
+        mlflow.pytorch.save_model(
+            classifier.module,
+            path,
+            mlflow_model=mlflow_model,
+            serialization_format="pt2",
+            input_example=rows,
+            signature=signature,
+            metadata={"classes": classifier.classes_.tolist(), "feature_names": names},
+            # Explicit, as for scikit-learn models; torch's release without its build tag (+cpu), which
+            # pip finds on any index.
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+        )
+
+    return log_logged_model(client, run, save)
+
+
+def load_torch_model(local: str, model_uri: str) -> TorchClassifier:
+    """The classifier in the MLflow ``pytorch`` model folder ``local`` that ``log_torch_model`` wrote."""
+    from mlflow.models import Model
+
+    torch = import_torch(f"loading the PyTorch model {model_uri}")
+    mlmodel = Model.load(os.path.join(local, "MLmodel"))
+    program = os.path.join(local, mlmodel.flavors["pytorch"].get("model_data", "data"), PROGRAM_FILE)
+    if not os.path.isfile(program):
+        raise ValueError(
+            f"{model_uri} is a PyTorch model saved with pickle, which runs code when loaded: "
+            "log it with serialization_format='pt2' (a torch.export program)"
+        )
+    metadata = mlmodel.metadata or {}
+    if not {"classes", "feature_names"} <= metadata.keys():
+        raise ValueError(
+            f"{model_uri} has no 'classes' and 'feature_names' in its MLmodel metadata: Airloop scores "
+            "the PyTorch models its train step logged (estimator='torch:package.module.Class')"
+        )
+    return TorchClassifier(
+        torch.export.load(program).module(), metadata["classes"], metadata["feature_names"]
+    )
