@@ -171,29 +171,9 @@ def faulty_proxy(server):
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    import boto3
-
-    root = tmp_path_factory.mktemp("moto")
-    endpoint = f"http://127.0.0.1:{_free_port()}"
-    port = endpoint.rsplit(":", 1)[1]
-    process = _start(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", port],
-        AWS,
-        f"{endpoint}/moto-api/",
-        root / "moto.log",
-    )
-    # Credentials passed to this one client, never set in the test process's environment.
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    client.create_bucket(Bucket=BUCKET)
-    yield {"endpoint": endpoint, "client": client}
-    _stop(process)
+def s3(moto_s3: dict) -> dict:
+    moto_s3["client"].create_bucket(Bucket=BUCKET)
+    return moto_s3
 
 
 @pytest.fixture(scope="module")

@@ -17,19 +17,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-import httpx
 import pytest
 from airflow.sdk.exceptions import AirflowException
 
@@ -263,42 +259,12 @@ def test_a_step_operator_starts_its_step_as_a_pod_through_kubernetes_pod_operato
 
 
 @pytest.fixture
-def s3(tmp_path) -> Iterator[dict[str, Any]]:
-    import boto3
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    endpoint = f"http://127.0.0.1:{port}"
-    command = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
-    with open(tmp_path / "moto.log", "wb") as out:
-        # A process group of its own, stopped as a whole.
-        server = subprocess.Popen(
-            command, env={**os.environ, **AWS}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                httpx.get(f"{endpoint}/moto-api/", timeout=2)
-                break
-            except httpx.TransportError as error:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    log = (tmp_path / "moto.log").read_text()
-                    raise RuntimeError(f"moto_server did not start: {log}") from error
-                time.sleep(0.2)
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-        client.create_bucket(Bucket=BUCKET)
-        yield {"endpoint": endpoint, "client": client}
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+def s3(moto_s3: dict) -> Iterator[dict]:
+    moto_s3["client"].create_bucket(Bucket=BUCKET)
+    yield moto_s3
+    for item in moto_s3["client"].list_objects_v2(Bucket=BUCKET).get("Contents", []):
+        moto_s3["client"].delete_object(Bucket=BUCKET, Key=item["Key"])
+    moto_s3["client"].delete_bucket(Bucket=BUCKET)
 
 
 def _keys(s3: dict[str, Any], prefix: str) -> list[str]:

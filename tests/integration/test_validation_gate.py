@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import mlflow
 import numpy as np
 import pytest
@@ -60,47 +57,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    import boto3
-
-    endpoint = f"http://127.0.0.1:{_free_port()}"
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "ab") as out:
-        process = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "moto_server"),
-                "-H",
-                "127.0.0.1",
-                "-p",
-                endpoint.rsplit(":", 1)[1],
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{endpoint}/moto-api/", timeout=2).status_code < 500:
-                    break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}") from None
-            time.sleep(0.3)
-        # Credentials for this one client, never set in the test process's environment.
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-        client.create_bucket(Bucket=BUCKET)
-        yield {"endpoint": endpoint, "client": client}
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
+def s3(moto_s3: dict) -> dict:
+    moto_s3["client"].create_bucket(Bucket=BUCKET)
+    return moto_s3
 
 
 @pytest.fixture
