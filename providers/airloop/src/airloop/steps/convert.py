@@ -468,7 +468,10 @@ def _pytorch_source(local: str, work_dir: str, frame: pd.DataFrame, classes: lis
     import openvino
     from mlflow.models import Model
 
-    flavour = Model.load(os.path.join(local, "MLmodel")).flavors["pytorch"]
+    mlmodel = Model.load(os.path.join(local, "MLmodel"))
+    flavour = mlmodel.flavors["pytorch"]
+    # Models trained by Airloop carry their class labels and feature order (steps/train_torch.py).
+    metadata = mlmodel.metadata or {}
     program_path = os.path.join(local, flavour.get("model_data", "data"), "model.pt2")
     if not os.path.isfile(program_path):
         raise UnsupportedModelError(
@@ -476,7 +479,7 @@ def _pytorch_source(local: str, work_dir: str, frame: pd.DataFrame, classes: lis
             "mlflow.pytorch.log_model(..., serialization_format='pt2') (a torch.export program)"
         )
     program = torch.export.load(program_path)
-    feature_names = _signature_columns(local) or list(frame.columns)
+    feature_names = metadata.get("feature_names") or _signature_columns(local) or list(frame.columns)
     model = openvino.convert_model(program)
     model.reshape([-1, len(feature_names)])  # the export's batch dimension is dynamic; name the features
     source = Source(
@@ -489,7 +492,9 @@ def _pytorch_source(local: str, work_dir: str, frame: pd.DataFrame, classes: lis
         "array",
         "torch",
     )
-    source.classes = classes or _class_range(source.native(_rows(frame, feature_names)[:2]))
+    source.classes = (
+        classes or metadata.get("classes") or _class_range(source.native(_rows(frame, feature_names)[:2]))
+    )
     source.graph = os.path.join(work_dir, "source.xml")
     openvino.save_model(model, source.graph, compress_to_fp16=False)
     source.notes.append(
