@@ -4,13 +4,17 @@ For three models, a 4-layer 1024-wide MLP (trained briefly on synthetic data), t
 tiny MLP and a random forest (100 trees, depth 8) on the reference data, runs the conversion step's
 own route and optimisation (fp32 / fp16 / int8 within a 1-point accuracy budget, then the fastest) and
 prints, side by side from one run: p50 / p99 latency at batch 1, rows/s at batch 1024, and the
-selected variant's ratios against both peers (> 1 favours OpenVINO). The forest goes through
-hummingbird-ml, so its case runs in the torch runtime (this script, re-run by that interpreter).
+selected variant's ratios against both peers (> 1 favours OpenVINO). The runtimes take turns (see
+``optimise.benchmark``) and each case prints the load average before and after it: the numbers are
+only comparable within a case. The forest goes through hummingbird-ml, so its case runs in the torch
+runtime (this script, re-run by that interpreter).
 
-    python benchmarks/openvino_speed.py [--calls 300] [--objective throughput|latency] [--cases ...]
+    python benchmarks/openvino_speed.py [--calls 300] [--batch-seconds 2] [--objective throughput|latency]
+        [--cases ...]
 
 Targets (issue 5): at batch 1024 the selected variant is >= 3x the native model and >= 2x ONNX
-Runtime; at batch 1 it is no slower than the fastest peer. Tiny models are expected to miss them.
+Runtime; at batch 1 it is no slower than the fastest peer. Each is printed as met or NOT met, with
+its numbers; tiny models are expected to miss them (OpenVINO's per-call cost outweighs their work).
 """
 
 from __future__ import annotations
@@ -71,9 +75,38 @@ TITLES = {
 }
 
 
+def targets(report: dict[str, Any]) -> list[str]:
+    """Each target of the selected variant, met or not, with the numbers that decide it."""
+    speed = report["benchmark"]
+    ours = speed[report["variant"]]
+    lines = []
+    for peer, floor in ((optimise.NATIVE, 3), (optimise.ONNX_RUNTIME, 2)):
+        if peer not in speed:
+            lines.append(f">= {floor}x {peer} rows/s at batch 1024: not measured ({peer} did not run)")
+            continue
+        ratio = ours["rows_per_s"] / speed[peer]["rows_per_s"]
+        lines.append(
+            f">= {floor}x {peer} rows/s at batch 1024: {'met' if ratio >= floor else 'NOT met'} "
+            f"({ratio:.2f}x: {ours['rows_per_s']:,.0f} vs {speed[peer]['rows_per_s']:,.0f})"
+        )
+    peers = [peer for peer in (optimise.NATIVE, optimise.ONNX_RUNTIME) if peer in speed]
+    fastest = min(peers, key=lambda peer: speed[peer]["p50_ms"])
+    ratio = speed[fastest]["p50_ms"] / ours["p50_ms"]
+    lines.append(
+        f"batch 1 p50 no slower than the fastest peer ({fastest}): {'met' if ratio >= 1 else 'NOT met'} "
+        f"({ratio:.2f}x: {ours['p50_ms']:.4f} vs {speed[fastest]['p50_ms']:.4f} ms)"
+    )
+    return lines
+
+
+def load() -> str:
+    return "/".join(f"{value:.2f}" for value in os.getloadavg())
+
+
 def run(
     name: str, model: Any, train: pd.DataFrame, holdout: pd.DataFrame, target: pd.Series, args: Any
 ) -> None:
+    before = load()
     with tempfile.TemporaryDirectory() as tmp:
         source = sklearn_source(model, tmp, holdout)
         index = target.map({label: i for i, label in enumerate(model.classes_)}).to_numpy()
@@ -87,8 +120,10 @@ def run(
             calibration=train.to_numpy(dtype="float32")[:300],
             objective=args.objective,
             calls=args.calls,
+            batch_seconds=args.batch_seconds,
         )
     print(f"\n== {name}: native accuracy {report['native_accuracy']:.4f} ({source.route} route)")
+    print(f"load average (1/5/15 min) {before} before, {load()} after, on {os.cpu_count()} cores")
     print(f"{'runtime':<12}{'p50 ms b1':>12}{'p99 ms b1':>12}{'rows/s b1024':>15}{'acc drop pts':>14}")
     for runtime, numbers in report["benchmark"].items():
         drop = report["variants"].get(runtime, {}).get("accuracy_drop")
@@ -107,20 +142,14 @@ def run(
             f"{report['variant']} vs {peer}: batch 1024 throughput {ratios[f'throughput_vs_{peer}']:.2f}x, "
             f"batch 1 latency {ratios[f'latency_vs_{peer}']:.2f}x"
         )
-    met = (
-        ratios["throughput_vs_native"] >= 3
-        and ratios.get("throughput_vs_onnxruntime", 0) >= 2
-        and min(ratios["latency_vs_native"], ratios.get("latency_vs_onnxruntime", 0)) >= 1
-    )
-    print(
-        f"target (>=3x native, >=2x ONNX Runtime at batch 1024; no slower at batch 1): "
-        f"{'met' if met else 'not met'}"
-    )
+    for line in targets(report):
+        print(f"target {line}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=300, help="batch-1 calls per runtime")
+    parser.add_argument("--batch-seconds", type=float, default=2.0, help="batch-1024 time per runtime")
     parser.add_argument("--objective", choices=sorted(optimise.OBJECTIVES), default="throughput")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--here", action="store_true", help="run every case in this interpreter")
@@ -142,6 +171,8 @@ def main() -> None:
                 name,
                 "--calls",
                 str(args.calls),
+                "--batch-seconds",
+                str(args.batch_seconds),
                 "--objective",
                 args.objective,
             ],

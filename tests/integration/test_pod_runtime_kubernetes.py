@@ -294,8 +294,9 @@ def test_the_entrypoint_publishes_to_s3_and_the_worker_collects_through_its_conn
     local = write_table(generate(300, seed=4), str(tmp_path / "data.parquet"))
     s3["client"].upload_file(local, BUCKET, "data/train.parquet")
     folder = tmp_path / "worker" / "data_docs"
-    # Data on S3; the suite in the DAGs folder, which the Airflow image has at the same path.
-    request = {"data_uri": f"s3://{BUCKET}/data/train.parquet", "suite_path": SUITE, "docs_dir": str(folder)}
+    # Data on S3; the suite travels in the request, as the operator sends it (read on the worker).
+    suite = json.loads(Path(SUITE).read_text())
+    request = {"data_uri": f"s3://{BUCKET}/data/train.parquet", "suite": suite, "docs_dir": str(folder)}
     envelope = pod.pod_request(
         "airloop.steps.validate:validate", request, "pods/loop/manual__1/validate/try-1"
     )
