@@ -262,3 +262,19 @@ def test_chi2_sf_matches_scipy():
         for x in (0.05, 1.0, 3.84, 12.0, 40.0):
             assert chi2_sf(x, dof) == pytest.approx(chi2.sf(x, dof), rel=1e-9, abs=1e-15)
     assert chi2_sf(5.0, 0) == 1.0
+
+
+def test_one_slow_request_of_a_small_window_does_not_decide_the_latency_check():
+    # 55 challenger requests, one of them 50 ms slower: that one is the window's p99.
+    slow = _add(_stats(54, 0, 40, 36, latency_ms=3), _stats(1, latency_ms=45))
+    result = analyse(_request(_stats(800, 0, 400, 360, latency_ms=3), slow))
+    latency = result["tests"]["latency"]
+    assert latency["status"] == "pass" and latency["quantile"] == pytest.approx(1 - 5 / 55)
+    assert "55 requests are too few for a p99" in latency["reason"]
+    # the same stall in ten of them is a tail the window does show
+    slower = _add(_stats(45, 0, 40, 36, latency_ms=3), _stats(10, latency_ms=45))
+    assert analyse(_request(_stats(800, 0, 400, 360, latency_ms=3), slower))["tests"]["latency"][
+        "status"
+    ] == ("fail")
+    # with enough requests the check is a p99 again
+    assert analyse(_request(_stats(800), _stats(600)))["tests"]["latency"]["quantile"] == 0.99

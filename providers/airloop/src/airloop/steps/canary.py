@@ -50,6 +50,10 @@ DEFAULT_CRITERIA: dict[str, float] = {
 }
 MODES = ("canary", "shadow")
 _COUNTS = ("requests", "errors", "latency_ms_sum", "feedback", "feedback_correct")
+# Requests a latency quantile must leave above it. The p99 of 55 requests is their slowest one, so a
+# single stall would decide a 10% canary step: with fewer than 100 x this many requests the check
+# compares the highest quantile the window supports (p91 for 55 requests) and says which.
+_LATENCY_TAIL = 5
 
 
 def analyse(request: dict[str, Any]) -> dict[str, Any]:
@@ -154,6 +158,7 @@ def _summary(window: dict[str, Any]) -> dict[str, Any]:
         "errors": window["errors"],
         "error_rate": window["errors"] / requests if requests > 0 else None,
         "p99_ms": histogram_quantile(0.99, window["latency_ms_buckets"]),
+        "latency_ms_buckets": window["latency_ms_buckets"],
         "feedback": feedback,
         "accuracy": window["feedback_correct"] / feedback if feedback > 0 else None,
         "predicted": window["predicted"],
@@ -229,19 +234,25 @@ def _errors_test(champion: dict, challenger: dict, criteria: dict) -> dict[str, 
 
 def _latency_test(champion: dict, challenger: dict, criteria: dict) -> dict[str, Any]:
     minimum = criteria["min_requests"]
-    if min(champion["requests"], challenger["requests"]) < minimum:
+    requests = min(champion["requests"], challenger["requests"])
+    if requests < minimum:
         return {"status": "wait", "reason": f"fewer than {minimum:g} requests per predictor for a p99"}
-    if champion["p99_ms"] is None or challenger["p99_ms"] is None:
+    q = min(0.99, 1 - _LATENCY_TAIL / requests)
+    old = histogram_quantile(q, champion["latency_ms_buckets"])
+    new = histogram_quantile(q, challenger["latency_ms_buckets"])
+    if old is None or new is None:
         return {"status": "wait", "reason": "no latency histogram in the snapshots"}
     limit, slack = criteria["max_p99_latency_ratio"], criteria["min_p99_latency_increase_ms"]
-    ratio = challenger["p99_ms"] / champion["p99_ms"] if champion["p99_ms"] > 0 else math.inf
-    failed = ratio > limit and challenger["p99_ms"] - champion["p99_ms"] > slack
+    ratio = new / old if old > 0 else math.inf
+    failed = ratio > limit and new - old > slack
+    name = f"p{100 * q:.3g}"
     return {
         "status": "fail" if failed else "pass",
+        "quantile": q,
         "ratio": _finite(ratio),
         "limit": limit,
-        "reason": f"p99 {challenger['p99_ms']:.2f} ms vs champion {champion['p99_ms']:.2f} ms "
-        f"(ratio {ratio:.2f}, limit {limit:g} and +{slack:g} ms)",
+        "reason": f"{name} {new:.2f} ms vs champion {old:.2f} ms (ratio {ratio:.2f}, limit {limit:g} and "
+        f"+{slack:g} ms)" + ("" if q == 0.99 else f"; {requests} requests are too few for a p99"),
     }
 
 
