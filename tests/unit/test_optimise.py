@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from sklearn.neural_network import MLPClassifier
@@ -41,11 +43,18 @@ def test_variants_shrink_the_weights_and_stay_close_to_the_native_model(onnx_mod
         methods[variant] = optimise.write_variant(onnx_model["path"], variant, xml, calibration=rows[:100])
         sizes[variant] = (tmp_path / f"{variant}.bin").stat().st_size
         scores[variant] = optimise.agreement(optimise.openvino_predictor(xml)(rows), native, target)
-    assert methods == {"fp32": "fp32", "fp16": "fp16 weights", "int8": "nncf.quantize"}
+    assert methods == {
+        "fp32": "fp32",
+        "fp16": "fp16 weights",
+        "int8": "nncf.quantize",
+        "int8-weights": "nncf.compress_weights INT8_SYM (int8 weights, f32 compute)",
+    }
     assert sizes["fp16"] < 0.6 * sizes["fp32"] and sizes["int8"] < 0.5 * sizes["fp32"]
+    assert sizes["int8-weights"] < 0.5 * sizes["fp32"]
     assert scores["fp32"]["max_abs_diff"] < 1e-5 and scores["fp32"]["accuracy"] == 1.0
     assert scores["fp16"]["max_abs_diff"] < 1e-2 and scores["fp16"]["label_agreement"] > 0.99
     assert scores["int8"]["label_agreement"] > 0.9
+    assert scores["int8-weights"]["max_abs_diff"] < 0.05 and scores["int8-weights"]["label_agreement"] > 0.97
     ort = optimise.onnx_runtime_predictor(onnx_model["path"])(rows)
     assert np.abs(ort - native).max() < 1e-5
 
@@ -55,6 +64,12 @@ def test_bad_variants_are_refused(onnx_model, tmp_path):
         optimise.write_variant(onnx_model["path"], "int4", str(tmp_path / "m.xml"))
     with pytest.raises(ValueError, match="int8 variant needs calibration rows"):
         optimise.write_variant(onnx_model["path"], "int8", str(tmp_path / "m.xml"))
+    import openvino
+
+    openvino.save_model(_matmul_chain(4, 0), str(tmp_path / "relu.xml"))  # no weights to compress
+    with pytest.raises(ValueError, match="compresses MatMul and Convolution weights; this graph has none"):
+        optimise.write_variant(str(tmp_path / "relu.xml"), "int8-weights", str(tmp_path / "w.xml"))
+    assert not (tmp_path / "w.xml").exists()
 
 
 def test_int8_with_the_native_labels_is_quantised_with_accuracy_control(onnx_model, tmp_path):
@@ -105,7 +120,7 @@ def test_select_takes_the_fastest_variant_within_budget():
     variant, reason = optimise.select(_scores(fp32=0.0, fp16=0.0, int8=2.5), speed, 1.0, "throughput")
     assert variant == "fp16"
     assert reason.startswith("fp16: best throughput within the 1-point accuracy budget")
-    assert "over budget: int8 (accuracy drop 2.50 points)" in reason
+    assert "not candidates: int8 (accuracy drop 2.50 points)" in reason
 
 
 def test_select_by_latency_takes_the_lowest_p50():
@@ -115,6 +130,23 @@ def test_select_by_latency_takes_the_lowest_p50():
     }
     variant, _ = optimise.select(_scores(fp32=0.0, int8=0.0), speed, 1.0, "latency")
     assert variant == "fp32"
+
+
+def test_select_breaks_a_near_tie_by_the_other_batch_size():
+    speed = {
+        "fp32": {"p50_ms": 0.34, "p99_ms": 1.0, "rows_per_s": 26_200.0},
+        "fp16": {"p50_ms": 0.23, "p99_ms": 1.0, "rows_per_s": 26_500.0},
+        "int8-weights": {"p50_ms": 0.15, "p99_ms": 1.0, "rows_per_s": 25_100.0},  # 5.3 % behind
+        "int8": {"p50_ms": 0.22, "p99_ms": 1.0, "rows_per_s": 26_100.0},
+    }
+    scores = _scores(fp32=0.0, fp16=0.0, int8=0.0, **{"int8-weights": 0.0})
+    variant, reason = optimise.select(scores, speed, 1.0, "throughput")
+    assert variant == "int8"  # fastest at batch 1 of the three within 5 % of fp16's throughput
+    assert "fp32, fp16, int8 within 5% of the best" in reason
+    assert "p50 ms at batch 1: fp32 0.34, fp16 0.23, int8 0.22" in reason
+    # By latency: int8-weights leads alone (the next is 47 % slower), whatever its throughput.
+    variant, reason = optimise.select(scores, speed, 1.0, "latency")
+    assert variant == "int8-weights" and "within 5%" not in reason
 
 
 def test_select_reports_every_drop_when_no_variant_meets_the_budget():
@@ -131,7 +163,9 @@ def test_select_falls_back_past_a_variant_that_could_not_be_built():
     failed = {"error": "RuntimeError: no quantisable layer", "within_budget": False}
     scores = {**_scores(fp32=0.0), "int8": failed}
     variant, reason = optimise.select(scores, _speed(fp32=1.0), 1.0, "throughput")
-    assert variant == "fp32" and "over budget: int8 (not built: RuntimeError: no quantisable layer)" in reason
+    assert (
+        variant == "fp32" and "not candidates: int8 (not built: RuntimeError: no quantisable layer)" in reason
+    )
 
 
 def test_verdict_says_when_openvino_loses_with_the_numbers():
@@ -144,3 +178,48 @@ def test_verdict_says_when_openvino_loses_with_the_numbers():
     # No ONNX graph (a PyTorch module, or an ONNX model whose native framework is ONNX Runtime).
     ratios, _ = optimise.verdict("int8", _speed(native=100.0, int8=500.0))
     assert set(ratios) == {"throughput_vs_native", "latency_vs_native"}
+
+
+def _matmul_chain(width: int, layers: int):
+    import openvino
+    from openvino import opset13 as ops
+
+    rows = ops.parameter([-1, width], np.float32)
+    out = ops.relu(rows)
+    for _ in range(layers):
+        out = ops.relu(ops.matmul(out, ops.constant(np.eye(width, dtype=np.float32)), False, False))
+    return openvino.Model([out], [rows])
+
+
+def test_compile_ir_keeps_the_one_row_copy_that_answers_sooner_and_both_agree_with_the_model(onnx_model):
+    import openvino
+
+    from airloop.serving.model import compile_ir, fastest, infer_rows
+
+    core = openvino.Core()
+    one_row, batch = compile_ir(core, core.read_model(onnx_model["path"]))
+    assert one_row.input(0).get_partial_shape().to_shape() == [1, len(FEATURES)]
+    assert int(one_row.get_property("INFERENCE_NUM_THREADS")) in {
+        1,
+        int(batch.get_property("INFERENCE_NUM_THREADS")),
+    }
+    rows = onnx_model["rows"][:5]
+    expected = infer_rows(batch.create_infer_request(), rows)
+    single = one_row.create_infer_request()
+    assert np.abs(np.vstack([infer_rows(single, row[None]) for row in rows]) - expected).max() < 1e-6
+
+    # A row through 8 2048-wide layers takes about 100 times one through a 4-wide layer: the latter wins.
+    one_row_of = []
+    for width, layers in ((2048, 8), (4, 1)):
+        model = _matmul_chain(width, layers)
+        model.reshape([1, width])
+        one_row_of.append(core.compile_model(model, "CPU"))
+    assert fastest(one_row_of) is one_row_of[1]
+
+
+def test_cpu_names_the_int8_instructions_it_has():
+    machine = optimise.cpu()
+    with open("/proc/cpuinfo") as cpuinfo:
+        flags = set(next(line for line in cpuinfo if line.startswith("flags")).split(":")[1].split())
+    assert machine["int8_instructions"] == [name for name in optimise.INT8_INSTRUCTIONS if name in flags]
+    assert machine["cores"] == len(os.sched_getaffinity(0)) and machine["name"]
