@@ -84,10 +84,12 @@ def torch_mlp() -> Case:
     model = torch.nn.Sequential(net, torch.nn.Softmax(dim=1)).eval()
 
     def source(work_dir: str) -> Source:
-        path = Path(work_dir, "mlflow-model")
+        # Saved next to, not in, the folder that the conversion downloads the model into.
+        saved, loaded = Path(work_dir, "saved"), Path(work_dir, "loaded")
         example = frame.to_numpy(np.float32)[:5]
-        mlflow.pytorch.save_model(model, path, serialization_format="pt2", input_example=example)
-        return load_source(f"sqlite:///{work_dir}/mlflow.db", path.as_uri(), work_dir, frame[3000:])
+        mlflow.pytorch.save_model(model, saved, serialization_format="pt2", input_example=example)
+        loaded.mkdir()
+        return load_source(f"sqlite:///{work_dir}/mlflow.db", saved.as_uri(), str(loaded), frame[3000:])
 
     return source, frame[:3000], frame[3000:], y[3000:]
 

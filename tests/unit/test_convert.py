@@ -14,6 +14,7 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.tree import DecisionTreeClassifier
 
 from airloop.serving.model import ModelIntegrityError
+from airloop.steps import optimise
 from airloop.steps.convert import UnsupportedModelError, convert, export_onnx, fetch_ir, plan
 from airloop.steps.data import FEATURES, generate, write_table
 from airloop.steps.train import train
@@ -112,8 +113,8 @@ def test_the_selected_variant_is_the_fastest_within_budget_and_is_what_gets_serv
     speed = converted["benchmark"]
     kept = [name for name, scores in converted["variants"].items() if scores["within_budget"]]
     leader = max(speed[name]["rows_per_s"] for name in kept)
-    # Of the variants within 5 % of the best throughput, the fastest at batch 1.
-    tied = [name for name in kept if speed[name]["rows_per_s"] >= 0.95 * leader]
+    # Of the variants within 10 % of the best throughput, the fastest at batch 1.
+    tied = [name for name in kept if speed[name]["rows_per_s"] >= 0.9 * leader]
     fastest = min(tied, key=lambda name: speed[name]["p50_ms"])
     assert converted["variant"] == fastest and converted["reason"].startswith(f"{fastest}: best throughput")
     ratios = converted["ratios"]
@@ -141,7 +142,7 @@ def test_fetched_ir_matches_its_manifest(trained, tmp_path):
     model_dir = Path(fetched["model_dir"])
     manifest = json.loads((model_dir / "manifest.json").read_text())
     assert set(manifest) == {"format", "files", "feature_names", "classes", "precision"}
-    assert manifest["format"] == "openvino-ir" and manifest["precision"] in {"fp32", "fp16", "int8"}
+    assert manifest["format"] == "openvino-ir" and manifest["precision"] in optimise.VARIANTS
     assert manifest["feature_names"] == FEATURES and manifest["classes"] == [0, 1]
     assert manifest["files"] == fetched["files"] == trained["converted"]["files"]
     assert all(_sha256(model_dir / name) == digest for name, digest in manifest["files"].items())

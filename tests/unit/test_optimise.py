@@ -136,17 +136,17 @@ def test_select_breaks_a_near_tie_by_the_other_batch_size():
     speed = {
         "fp32": {"p50_ms": 0.34, "p99_ms": 1.0, "rows_per_s": 26_200.0},
         "fp16": {"p50_ms": 0.23, "p99_ms": 1.0, "rows_per_s": 26_500.0},
-        "int8-weights": {"p50_ms": 0.15, "p99_ms": 1.0, "rows_per_s": 25_100.0},  # 5.3 % behind
+        "int8-weights": {"p50_ms": 0.15, "p99_ms": 1.0, "rows_per_s": 23_500.0},  # 11.3 % behind
         "int8": {"p50_ms": 0.22, "p99_ms": 1.0, "rows_per_s": 26_100.0},
     }
     scores = _scores(fp32=0.0, fp16=0.0, int8=0.0, **{"int8-weights": 0.0})
     variant, reason = optimise.select(scores, speed, 1.0, "throughput")
-    assert variant == "int8"  # fastest at batch 1 of the three within 5 % of fp16's throughput
-    assert "fp32, fp16, int8 within 5% of the best" in reason
+    assert variant == "int8"  # fastest at batch 1 of the three within 10 % of fp16's throughput
+    assert "fp32, fp16, int8 within 10% of the best" in reason
     assert "p50 ms at batch 1: fp32 0.34, fp16 0.23, int8 0.22" in reason
     # By latency: int8-weights leads alone (the next is 47 % slower), whatever its throughput.
     variant, reason = optimise.select(scores, speed, 1.0, "latency")
-    assert variant == "int8-weights" and "within 5%" not in reason
+    assert variant == "int8-weights" and "within 10%" not in reason
 
 
 def test_select_reports_every_drop_when_no_variant_meets_the_budget():

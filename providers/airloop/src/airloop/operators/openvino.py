@@ -16,7 +16,7 @@ from airloop.operators.mlflow import _MlflowOperator
 
 class OpenvinoConvertModelOperator(_MlflowOperator):
     """
-    Convert the run's model to OpenVINO IR (fp32, fp16 and int8 variants), check fp32 parity on
+    Convert the run's model to OpenVINO IR (fp32, fp16, int8, int8-weights variants), check fp32 parity on
     held-out rows (max abs difference of probabilities, label agreement), keep the variants whose
     accuracy is within the budget, benchmark them against the native model and ONNX Runtime, and
     store the fastest as the run's ``openvino/`` artefacts with a SHA-256 manifest. The report goes
@@ -26,7 +26,8 @@ class OpenvinoConvertModelOperator(_MlflowOperator):
     :param holdout_uri: held-out rows (features and label) for the parity and accuracy checks.
     :param tolerance: largest allowed absolute difference of fp32 probabilities.
     :param min_label_agreement: smallest allowed share of identical predicted labels (fp32).
-    :param variants: candidate variants, a subset of ``["fp32", "fp16", "int8"]`` (default: all).
+    :param variants: candidate variants, a subset of ``["fp32", "fp16", "int8", "int8-weights"]``
+        (default: all).
     :param accuracy_budget: largest allowed holdout accuracy drop vs the native model, in points.
     :param objective: ``"throughput"`` (rows/s at batch 1024) or ``"latency"`` (p50 at batch 1).
     :param calibration_uri: rows for int8 calibration (default: the run's training sample).

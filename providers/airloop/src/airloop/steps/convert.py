@@ -11,7 +11,8 @@ The route depends on the model's MLflow flavour and, for scikit-learn, on its fa
   ``[-1, n_features]``. skl2onnx's graph of the same model (``ai.onnx.ml`` operators included) is
   what ONNX Runtime runs in the benchmark. hummingbird-ml downgrades onnx, so it lives in that runtime.
 - ``pytorch`` (MLflow ``pytorch`` flavour saved as ``pt2``, ``torch`` runtime): the ``torch.export``
-  program -> ``openvino.convert_model``. The pickle format is refused (loading it runs code).
+  program -> ``openvino.convert_model``. The pickle format is refused (loading it runs code). ONNX
+  Runtime runs torch's TorchScript ONNX export of the program's module in the benchmark, when it exports.
 - ``onnx`` (MLflow ``onnx`` flavour): the first 2-D float output's subgraph -> OpenVINO; a graph that
   still needs ``ai.onnx.ml`` operators is refused. ONNX Runtime is then the native framework.
 
@@ -29,6 +30,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +77,7 @@ SUPPORTED = (
 ONNX_ML_DOMAIN = "ai.onnx.ml"
 BATCH_ROWS = 1024
 # The optimisation report's keys that also go in the result (and so in XCom and the audit record).
-RESULT_KEYS = ("parity", "variant", "reason", "native_accuracy", "variants", "benchmark", "ratios")
+RESULT_KEYS = ("parity", "variant", "reason", "native_accuracy", "variants", "benchmark", "ratios", "cpu")
 
 
 class UnsupportedModelError(ValueError):
@@ -344,11 +346,15 @@ def sklearn_source(estimator: Any, work_dir: str, frame: pd.DataFrame) -> Source
             source.onnx_path = onnx_path
         except Exception as exc:  # skl2onnx's own limits: the benchmark goes on without ONNX Runtime
             source.notes.append(
-                f"ONNX Runtime not benchmarked: skl2onnx cannot export this {family}: "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                f"ONNX Runtime not benchmarked: skl2onnx cannot export this {family}: {_error_line(exc)}"
             )
         _hummingbird_graph(estimator, rows, source, work_dir)
     return source
+
+
+def _error_line(exc: Exception) -> str:
+    """The exception's type and the first line of its message, for a note."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
 
 def export_onnx(estimator: Any, onnx_path: str) -> None:
@@ -497,11 +503,41 @@ def _pytorch_source(local: str, work_dir: str, frame: pd.DataFrame, classes: lis
     )
     source.graph = os.path.join(work_dir, "source.xml")
     openvino.save_model(model, source.graph, compress_to_fp16=False)
-    source.notes.append(
-        "ONNX Runtime not benchmarked: torch's ONNX exporter for exported programs "
-        "needs onnxscript, which this runtime does not hold"
-    )
+    onnx_path = os.path.join(work_dir, "model.onnx")
+    try:
+        _torch_onnx(program, _rows(frame, feature_names)[:2], onnx_path)
+        source.onnx_path = onnx_path
+    except Exception as exc:  # an operator without an ONNX symbolic: the benchmark goes on without it
+        source.notes.append(
+            f"ONNX Runtime not benchmarked: torch's ONNX exporter cannot export this module: "
+            f"{_error_line(exc)}"
+        )
     return source
+
+
+def _torch_onnx(program: Any, example: np.ndarray, path: str) -> None:
+    """Write the ONNX graph of an exported program's module (input ``input``: ``[N, n_features]``,
+    output ``probabilities``: what the module returns).
+
+    torch's exporter for exported programs needs onnxscript, which needs a newer onnx than hummingbird-ml
+    allows in this runtime, so the TorchScript exporter traces the module; ``TrainingMode.PRESERVE``
+    because the module refuses ``.train()`` (its graph already holds the eval-mode operators).
+    """
+    import torch
+
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated and its tracer warns; it is the one that runs here.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            program.module(),
+            (torch.from_numpy(example),),
+            path,
+            dynamo=False,
+            training=torch.onnx.TrainingMode.PRESERVE,
+            input_names=["input"],
+            output_names=["probabilities"],
+            dynamic_axes={"input": {0: "n"}, "probabilities": {0: "n"}},
+        )
 
 
 def _torch_predictor(program: Any) -> Callable[[np.ndarray], np.ndarray]:

@@ -17,7 +17,7 @@ Every variant is compiled and called as the model server compiles and calls it
 here are the ones served. A variant is a candidate only when its holdout accuracy is within
 ``budget`` points of the native model's; the fastest candidate (by throughput at a large batch, or
 latency at batch 1) is selected, and among candidates within ``TIE`` of the fastest, the one that is
-fastest at the other batch size (a 2 % lead is noise on a shared machine; the other number is not).
+fastest at the other batch size (a 5 % lead is noise on a shared machine; a 40 % one is not).
 The benchmark also runs the native model and ONNX Runtime (when there is an ONNX graph), and says
 plainly when OpenVINO loses.
 """
@@ -37,8 +37,9 @@ if TYPE_CHECKING:
 VARIANTS = ("fp32", "fp16", "int8", "int8-weights")
 OBJECTIVES = {"throughput": "rows_per_s", "latency": "p50_ms"}
 NATIVE, ONNX_RUNTIME = "native", "onnxruntime"
-# Candidates this close to the best on the objective count as tied (see ``select``).
-TIE = 0.05
+# Candidates this close to the best on the objective count as tied (see ``select``): rows/s at
+# batch 1024 moves by 5-10 % between runs on a shared machine.
+TIE = 0.10
 # x86 instructions that make int8 inference faster than f32; without them ``int8`` runs at f32 speed.
 INT8_INSTRUCTIONS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
