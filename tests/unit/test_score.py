@@ -1,8 +1,11 @@
-"""Batch scoring with a model version's OpenVINO IR: chunks, resume, the row count check, bad input."""
+"""Batch scoring with a model version's OpenVINO IR: chunks, resume, the row count check, bad input;
+local files and S3 (moto) through an aws connection."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +22,8 @@ from airloop.steps.data import FEATURES, generate, write_table
 from airloop.steps.train import train
 
 MODEL = "airloop-score"
+BUCKET = "airloop-score"
+SECRET = "score-secret-7f3a"  # the connection's; found nowhere in os.environ but its AIRFLOW_CONN_ variable
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +77,11 @@ def _request(version: dict, output: Path, **extra) -> dict:
 
 def _manifest(output: Path) -> dict:
     return json.loads((output / "_manifest.json").read_text())
+
+
+def _execute(operator) -> tuple[dict, SimpleNamespace]:
+    ti = SimpleNamespace(xcom={}, xcom_push=lambda key, value: ti.xcom.__setitem__(key, value))
+    return operator.execute({"ti": ti}), ti
 
 
 def _stored_ir(version: dict) -> Path:
@@ -214,19 +224,150 @@ def test_the_operator_scores_through_the_mlflow_connection(version, tmp_path, mo
     monkeypatch.setenv(
         "AIRFLOW_CONN_MLFLOW_SCORE", json.dumps({"conn_type": "mlflow", "host": version["tracking_uri"]})
     )
-    ti = SimpleNamespace(xcom={}, xcom_push=lambda key, value: ti.xcom.__setitem__(key, value))
-    operator = OpenvinoScoreDatasetOperator(
-        task_id="score",
-        mlflow_conn_id="mlflow_score",
-        model_name=MODEL,
-        model_version=version["version"],
-        data_uri=version["data_uri"],
-        output_uri=str(tmp_path / "predictions"),
-        chunk_rows=1000,
-        passthrough_columns=["customer_id"],
+    result, ti = _execute(
+        OpenvinoScoreDatasetOperator(
+            task_id="score",
+            mlflow_conn_id="mlflow_score",
+            model_name=MODEL,
+            model_version=version["version"],
+            data_uri=version["data_uri"],
+            output_uri=str(tmp_path / "predictions"),
+            chunk_rows=1000,
+            passthrough_columns=["customer_id"],
+        )
     )
-    result = operator.execute({"ti": ti})
     assert result["rows_out"] == 2500 and result["chunks_scored"] == 3
     assert json.loads(json.dumps(result)) == result
     assert ti.xcom["airloop_mlflow_model_version"]["version"] == version["version"]
     assert FEATURES[0] not in pd.read_parquet(tmp_path / "predictions").columns  # features are not copied
+
+
+@pytest.fixture(scope="module")
+def s3(moto_s3: dict, version: dict) -> dict:
+    """A versioned bucket holding the data set: each object's versions tell which parts a run wrote."""
+    client = moto_s3["client"]
+    client.create_bucket(Bucket=BUCKET)
+    client.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    client.upload_file(version["data_uri"], BUCKET, "data/rows.parquet")
+    return {**moto_s3, "data_uri": f"s3://{BUCKET}/data/rows.parquet"}
+
+
+@pytest.fixture
+def s3_operator(version, s3, monkeypatch):
+    """An operator factory scoring the S3 data set into ``s3://<bucket>/<prefix>/`` through connections."""
+    from airloop.operators.openvino import OpenvinoScoreDatasetOperator
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLFLOW_SCORE", json.dumps({"conn_type": "mlflow", "host": version["tracking_uri"]})
+    )
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_S3_SCORE",
+        json.dumps(
+            {
+                "conn_type": "aws",
+                "login": "score-key",
+                "password": SECRET,
+                "extra": {"endpoint_url": s3["endpoint"], "region_name": "us-east-1"},
+            }
+        ),
+    )
+    return lambda prefix: OpenvinoScoreDatasetOperator(
+        task_id="score_s3",
+        mlflow_conn_id="mlflow_score",
+        conn_id="s3_score",
+        model_name=MODEL,
+        model_version=version["version"],
+        data_uri=s3["data_uri"],
+        output_uri=f"s3://{BUCKET}/{prefix}/",
+        chunk_rows=1000,
+        passthrough_columns=["customer_id"],
+    )
+
+
+def _s3_manifest(s3: dict, prefix: str) -> dict:
+    return json.loads(s3["client"].get_object(Bucket=BUCKET, Key=f"{prefix}/_manifest.json")["Body"].read())
+
+
+def _s3_predictions(s3: dict, prefix: str) -> pd.DataFrame:
+    listed = s3["client"].list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/part-")["Contents"]
+    parts = [
+        pd.read_parquet(io.BytesIO(s3["client"].get_object(Bucket=BUCKET, Key=key)["Body"].read()))
+        for key in sorted(item["Key"] for item in listed)
+    ]
+    return pd.concat(parts, ignore_index=True)
+
+
+def _writes(s3: dict, prefix: str) -> dict[str, int]:
+    """How many times each object under ``prefix`` was written (its versions, delete markers aside)."""
+    listed = s3["client"].list_object_versions(Bucket=BUCKET, Prefix=f"{prefix}/").get("Versions", [])
+    keys = [item["Key"].removeprefix(f"{prefix}/") for item in listed]
+    return {key: keys.count(key) for key in sorted(set(keys))}
+
+
+def test_the_operator_scores_s3_data_into_s3_through_an_aws_connection(version, s3, s3_operator, tmp_path):
+    result, _ = _execute(s3_operator("scores/v1"))
+    assert result["output_uri"] == f"s3://{BUCKET}/scores/v1/"
+    assert result["manifest_uri"] == f"s3://{BUCKET}/scores/v1/_manifest.json"
+    assert result["rows_in"] == result["rows_out"] == 2500 and result["chunks_scored"] == 3
+    listed = s3["client"].list_objects_v2(Bucket=BUCKET, Prefix="scores/v1/")["Contents"]
+    assert sorted(item["Key"] for item in listed) == [
+        "scores/v1/_manifest.json",
+        "scores/v1/part-00000.parquet",
+        "scores/v1/part-00001.parquet",
+        "scores/v1/part-00002.parquet",
+    ]
+    manifest = _s3_manifest(s3, "scores/v1")
+    assert manifest["complete"] is True and manifest["rows"] == 2500
+    assert manifest["data_uri"] == s3["data_uri"]
+    assert manifest["parts"] == {
+        "part-00000.parquet": 1000,
+        "part-00001.parquet": 1000,
+        "part-00002.parquet": 500,
+    }
+    local = tmp_path / "predictions"
+    score_step.score(_request(version, local))
+    pd.testing.assert_frame_equal(_s3_predictions(s3, "scores/v1"), pd.read_parquet(local))
+    # The credentials went to the step as fsspec options, not through the environment, and as plain
+    # values: a request any runtime (another interpreter, a pod) can take as JSON.
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(os.environ)
+    assert not [key for key, value in os.environ.items() if SECRET in value and "AIRFLOW_CONN_" not in key]
+    options = s3_operator("scores/v1")._storage_options()
+    assert json.loads(json.dumps(options)) == options
+    assert options == {
+        "key": "score-key",
+        "secret": SECRET,
+        "endpoint_url": s3["endpoint"],
+        "client_kwargs": {"region_name": "us-east-1"},
+    }
+
+
+def test_a_connection_that_is_not_aws_is_refused_by_name(s3_operator, monkeypatch):
+    operator = s3_operator("scores/other")
+    monkeypatch.setenv("AIRFLOW_CONN_S3_SCORE", json.dumps({"conn_type": "sqlite", "host": "/tmp/x.db"}))
+    with pytest.raises(ValueError, match="conn_id 's3_score' is a 'sqlite' connection: batch scoring reads"):
+        _execute(operator)
+
+
+def test_an_interrupted_run_on_s3_resumes_where_it_stopped(s3, s3_operator):
+    prefix = "scores/resume"
+    _execute(s3_operator(prefix))
+    first = _s3_predictions(s3, prefix)
+    # The state a crash after the second chunk leaves (its manifest lists two parts, the third upload never
+    # completed), with the second part's object lost since: the manifest alone is not trusted.
+    manifest = _s3_manifest(s3, prefix)
+    manifest.update(complete=False, parts={"part-00000.parquet": 1000, "part-00001.parquet": 1000})
+    s3["client"].put_object(Bucket=BUCKET, Key=f"{prefix}/_manifest.json", Body=json.dumps(manifest))
+    for part in ("part-00001.parquet", "part-00002.parquet"):
+        s3["client"].delete_object(Bucket=BUCKET, Key=f"{prefix}/{part}")
+    before = _writes(s3, prefix)
+
+    result, _ = _execute(s3_operator(prefix))
+    assert result["chunks_skipped"] == 1 and result["chunks_scored"] == 2 and result["rows_out"] == 2500
+    after = _writes(s3, prefix)
+    assert after["part-00000.parquet"] == before["part-00000.parquet"] == 1  # left as it was
+    assert after["part-00001.parquet"] == after["part-00002.parquet"] == 2  # scored again
+    pd.testing.assert_frame_equal(_s3_predictions(s3, prefix), first)
+    assert _s3_manifest(s3, prefix)["complete"] is True
+
+    again, _ = _execute(s3_operator(prefix))
+    assert again["chunks_skipped"] == 3 and again["chunks_scored"] == 0

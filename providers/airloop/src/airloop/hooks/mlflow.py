@@ -90,28 +90,9 @@ class MlflowHook(EmbeddedDefaultHook):
 
     def _s3(self, aws_conn_id: str) -> dict[str, str]:
         """Plain values for the ``s3`` request key from an ``aws`` connection (Amazon provider)."""
-        try:
-            from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
-        except ImportError as exc:
-            raise ValueError(
-                f"connection {self.mlflow_conn_id!r} names aws_conn_id {aws_conn_id!r}, which needs the"
-                " Amazon provider: pip install 'airflow-provider-airloop[s3]'"
-            ) from exc
-        from airflow.sdk.log import mask_secret
+        from airloop.hooks.aws import s3_settings
 
-        aws = AwsBaseHook(aws_conn_id=aws_conn_id, client_type="s3")
-        s3 = {"endpoint_url": aws.conn_config.get_service_endpoint_url("s3"), "region_name": aws.region_name}
-        credentials = aws.get_credentials()
-        if credentials is not None:
-            s3.update(
-                aws_access_key_id=credentials.access_key,
-                aws_secret_access_key=credentials.secret_key,
-                aws_session_token=credentials.token,
-            )
-            for secret in (credentials.secret_key, credentials.token):
-                if secret:
-                    mask_secret(secret)
-        return {key: value for key, value in s3.items() if value}
+        return s3_settings(aws_conn_id, f"connection {self.mlflow_conn_id!r}")
 
     @property
     def tracking_uri(self) -> str:

@@ -178,12 +178,21 @@ class OpenvinoScoreDatasetOperator(_MlflowOperator):
         self.passthrough_columns = passthrough_columns
 
     def _storage_options(self) -> dict[str, Any]:
-        """The connection's fsspec options (credentials): handed to the step, never to os.environ."""
+        """The ``aws`` connection's s3fs options (plain values, JSON like every step request): handed
+        to the step, never to os.environ."""
         if not self.conn_id:
             return {}
-        from airflow.sdk import ObjectStoragePath
+        from airflow.sdk import BaseHook
 
-        return dict(ObjectStoragePath(self.data_uri, conn_id=self.conn_id).fs.storage_options)
+        from airloop.hooks.aws import fsspec_options, s3_settings
+
+        conn_type = BaseHook.get_connection(self.conn_id).conn_type
+        if conn_type != "aws":
+            raise ValueError(
+                f"conn_id {self.conn_id!r} is a {conn_type!r} connection: batch scoring reads and writes "
+                "S3 through an 'aws' connection (other stores: the worker's own credentials, no conn_id)"
+            )
+        return fsspec_options(s3_settings(self.conn_id, f"conn_id {self.conn_id!r}"))
 
     def execute(self, context: Context) -> dict[str, Any]:
         MlflowModelVersionLink.persist(
