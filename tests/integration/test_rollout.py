@@ -33,7 +33,9 @@ from airloop.steps.registry import REJECTED_TAG, aliases, read_audit
 MODEL, DEPLOYMENT = "rollout-faults", "rollout-faults"
 # Small windows: the shuffled-label model is ~50% accurate against ~90%, visible in a few dozen labels;
 # it agrees with the champion about half the time, visible in a hundred mirrored rows.
-CRITERIA = {"min_requests": 30, "min_feedback": 30, "min_pairs": 100, "min_agreement": 0.7}
+# Small windows keep the tests short; alpha 0.001 keeps a good challenger's unlucky window (about 60
+# feedback rows) from failing a test about something else, while the faults here stand out at p < 1e-5.
+CRITERIA = {"min_requests": 30, "min_feedback": 30, "min_pairs": 100, "min_agreement": 0.7, "alpha": 0.001}
 HERE = Path(__file__).resolve().parent
 
 
