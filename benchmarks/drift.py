@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from airloop import runtimes
-from airloop.steps import drift
+from airloop.steps.drift import detect as drift
 
 TARGET_S = 2.0
 P_VAL = 0.05
@@ -58,7 +58,7 @@ def detect(request, whole_package=False):
         from airloop.steps.drift.alibi import _detector
         _detector("ks", "KSDrift"), _detector("chisquare", "ChiSquareDrift")
     imported = _mark()
-    from airloop.steps.drift import detect
+    from airloop.steps.drift.detect import detect
     detect(request)
     return {"entered": entered, "imported": imported, "checked": _mark()}
 

@@ -39,9 +39,9 @@ from sklearn.datasets import make_classification  # noqa: E402
 from sklearn.ensemble import RandomForestClassifier  # noqa: E402
 from sklearn.neural_network import MLPClassifier  # noqa: E402
 
-from airloop.steps import optimise  # noqa: E402
-from airloop.steps.convert import Source, load_source, sklearn_source  # noqa: E402
-from airloop.steps.data import FEATURES, generate  # noqa: E402
+from airloop.embedded.demo import FEATURES, generate  # noqa: E402
+from airloop.steps.conversion import optimise  # noqa: E402
+from airloop.steps.conversion.routes import Source, load_source, sklearn_source  # noqa: E402
 
 # A case: its conversion source (built in a work folder), training rows, holdout rows, class index.
 Case = tuple[Callable[[str], Source], pd.DataFrame, pd.DataFrame, np.ndarray]
@@ -69,7 +69,7 @@ def torch_mlp() -> Case:
     import mlflow.pytorch
     import torch
 
-    from airloop.steps.torch_models import MLPClassifier as TorchMLP
+    from airloop.torch_models import MLPClassifier as TorchMLP
 
     frame, y = wide_data()
     rows = torch.from_numpy(frame.to_numpy(np.float32)[:3000])

@@ -29,9 +29,10 @@ os.environ.setdefault("AIRLOOP_RUNTIMES", str(REPO / ".airloop" / "runtimes"))
 os.environ["AIRLOOP_HOME"] = str(WORK / "home")
 
 from airloop import artefacts  # noqa: E402
-from airloop.operators.seldon import SeldonRolloutChallengerOperator  # noqa: E402
+from airloop.embedded.demo import generate  # noqa: E402
+from airloop.operators.rollout import SeldonRolloutChallengerOperator  # noqa: E402
 from airloop.serving.base import get_target  # noqa: E402
-from airloop.steps.data import generate, write_table  # noqa: E402
+from airloop.tables import write_table  # noqa: E402
 
 
 def _tests() -> object:

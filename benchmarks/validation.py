@@ -27,8 +27,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from airloop.steps.data import fingerprint, generate, read_table, write_table
-from airloop.steps.validate import profile_suite, validate, validate_frame
+from airloop.embedded.demo import generate
+from airloop.steps.data.profile import profile_suite
+from airloop.steps.data.validate import validate, validate_frame
+from airloop.tables import fingerprint, read_table, write_table
 
 TARGET = 1.2
 # Peak RSS from /proc (VmHWM): getrusage's ru_maxrss survives exec on Linux, so a child would report
@@ -36,7 +38,7 @@ TARGET = 1.2
 _IN_CHILD = """
 import json, sys, time
 request = json.loads(sys.argv[1])
-from airloop.steps.validate import validate
+from airloop.steps.data.validate import validate
 import great_expectations, pandas, pyarrow.parquet
 def peak_mb():
     with open("/proc/self/status") as status:
@@ -63,7 +65,7 @@ def _bare_gx(frame, suite: dict, docs_dir: str | None = None) -> bool:
     from great_expectations.data_context.types.base import ProgressBarsConfig
     from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 
-    import airloop.steps.expectations  # noqa: F401 (the leakage guard, so both sides run the same suite)
+    import airloop.expectations  # noqa: F401 (the leakage guard, so both sides run the same suite)
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)

@@ -29,7 +29,7 @@ from airloop.operators.mlflow import (
     MlflowTrainModelOperator,
 )
 from airloop.operators.openvino import OpenvinoConvertModelOperator
-from airloop.operators.seldon import SeldonFinishRolloutOperator, SeldonRolloutChallengerOperator
+from airloop.operators.rollout import SeldonFinishRolloutOperator, SeldonRolloutChallengerOperator
 
 MODEL_NAME = os.environ.get("AIRLOOP_MODEL_NAME", "airloop-classifier")
 DEPLOYMENT = os.environ.get("AIRLOOP_DEPLOYMENT", "airloop")

@@ -98,7 +98,7 @@ def _name_filter(name: str) -> str:
 def _version_record(client: Any, version: Any, aliases: dict[str, str]) -> dict[str, Any]:
     from mlflow.exceptions import MlflowException
 
-    from airloop.steps.registry import REJECTED_TAG
+    from airloop.tracking.registry import REJECTED_TAG
 
     metrics: dict[str, float] = {}
     if version.run_id:
@@ -121,7 +121,7 @@ def _version_record(client: Any, version: Any, aliases: dict[str, str]) -> dict[
 
 def registry(config: dict[str, Any]) -> list[dict[str, Any]]:
     """Every registered model with its versions, newest first, each with aliases, run metrics and tags."""
-    from airloop.steps.tracking import SessionClient
+    from airloop.tracking.session import SessionClient
 
     client = SessionClient(config)
     models = []
@@ -146,7 +146,7 @@ def registry(config: dict[str, Any]) -> list[dict[str, Any]]:
 def model_version(config: dict[str, Any], name: str, version: str) -> dict[str, Any]:
     from mlflow.exceptions import MlflowException
 
-    from airloop.steps.tracking import SessionClient
+    from airloop.tracking.session import SessionClient
 
     client = SessionClient(config)
     try:
@@ -161,8 +161,8 @@ def model_version(config: dict[str, Any], name: str, version: str) -> dict[str, 
 
 def audit(config: dict[str, Any], name: str, version: str) -> tuple[list[dict[str, Any]], str]:
     """The stages of a version's loop audit record, or none and the reason."""
-    from airloop.steps.registry import read_audit
-    from airloop.steps.tracking import mlflow_calls
+    from airloop.tracking.registry import read_audit
+    from airloop.tracking.session import mlflow_calls
 
     try:
         with mlflow_calls(config):

@@ -11,8 +11,8 @@ from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueT
 from feast.types import Float64
 
 from airloop import settings
-from airloop.steps.data import FEATURES
-from airloop.steps.features import REFERENCE_ENTITY, REFERENCE_FEATURES, TIMESTAMP
+from airloop.embedded.demo import FEATURES
+from airloop.steps.data.features import REFERENCE_ENTITY, REFERENCE_FEATURES, TIMESTAMP
 
 observation = Entity(
     name="observation",

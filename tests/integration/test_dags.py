@@ -45,7 +45,8 @@ def first_turn(dagbag, tmp_path_factory):
         runtimes.python("serving")
     except runtimes.RuntimeMissingError as e:
         pytest.skip(str(e))
-    from airloop.steps.data import generate, write_table
+    from airloop.embedded.demo import generate
+    from airloop.tables import write_table
 
     data = tmp_path_factory.mktemp("data")
     good = write_table(generate(2000, shift=0.0, seed=3), str(data / "good.parquet"))
@@ -71,10 +72,10 @@ def test_first_turn_makes_and_serves_the_champion(first_turn):
     run, _ = first_turn
     assert str(run.state) == "success", _states(run)
     from airloop.serving.base import get_target
-    from airloop.steps.registry import aliases
+    from airloop.tracking.registry import aliases
 
     assert aliases(settings.mlflow_tracking_uri(), MODEL) == {"champion": "1"}
-    from airloop.steps.registry import read_audit
+    from airloop.tracking.registry import read_audit
 
     audit = read_audit(settings.mlflow_tracking_uri(), MODEL, "1")
     assert [s["stage"] for s in audit["stages"]] == [
@@ -92,7 +93,8 @@ def test_first_turn_makes_and_serves_the_champion(first_turn):
 
 def test_bad_data_stops_at_the_gate(first_turn, dagbag, capsys):
     _, data = first_turn
-    from airloop.steps.data import generate, write_table
+    from airloop.embedded.demo import generate
+    from airloop.tables import write_table
 
     bad = generate(2000, shift=0.0, seed=4).drop(columns=["f3"])
     run = dagbag.get_dag("airloop_loop").test(
@@ -113,8 +115,8 @@ def test_bad_data_stops_at_the_gate(first_turn, dagbag, capsys):
 
 
 def test_drift_monitor_detects_shift_and_emits_the_asset_event(first_turn, dagbag):
+    from airloop.embedded.demo import generate
     from airloop.serving.base import get_target
-    from airloop.steps.data import generate
 
     endpoint = get_target("local").state(DEPLOYMENT)["endpoint"]
     shifted = generate(400, shift=1.0, seed=5)

@@ -18,7 +18,7 @@ import pytest
 
 from airloop import artefacts, settings
 from airloop.operators.drift import RETRAIN_REQUESTED_TAG
-from airloop.steps.registry import read_audit
+from airloop.tracking.registry import read_audit
 
 MODELS = ("policy-storm", "policy-approval", "policy-dedupe", "policy-quiet")
 WINDOW_MODEL = "window-data"
@@ -104,7 +104,7 @@ def window_champion(tmp_path_factory):
     """A champion whose training run holds the drift reference sample where training stores it."""
     from mlflow import MlflowClient
 
-    from airloop.steps.train import REFERENCE_PATH
+    from airloop.tracking.artifacts import REFERENCE_PATH
 
     client = MlflowClient(settings.mlflow_tracking_uri())
     experiment = client.create_experiment(WINDOW_MODEL, artifact_location=settings.mlflow_artifact_root())

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from airloop import runtimes
-from airloop.steps import drift
+from airloop.steps.drift import detect as drift
 
-STEP = "airloop.steps.drift:detect"
+STEP = "airloop.steps.drift.detect:detect"
 _HOP = """
 import json, sys, warnings
 warnings.simplefilter("ignore")
@@ -86,7 +86,7 @@ def test_both_backends_in_the_runtime_match_the_worker(serving_python: str, tmp_
 _LEAN = """
 import json, sys, warnings
 warnings.simplefilter("ignore")
-from airloop.steps.drift import detect
+from airloop.steps.drift.detect import detect
 detect(json.loads(sys.argv[1]))
 heavy = sorted(m for m in ("transformers", "alibi_detect.saving", "alibi_detect.od", "alibi_detect.cd.mmd")
                if m in sys.modules)

@@ -29,11 +29,12 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from airloop import settings
+from airloop.embedded.demo import FEATURES, generate
 from airloop.hooks.feast import FeastHook
 from airloop.serving.features import FeatureLookup
 from airloop.serving.gateway import Gateway, parse_routes
-from airloop.steps.data import FEATURES, generate, read_table, write_table
-from airloop.steps.features import REFERENCE_ENTITY, REFERENCE_FEATURES, reference_tables
+from airloop.steps.data.features import REFERENCE_ENTITY, REFERENCE_FEATURES, reference_tables
+from airloop.tables import read_table, write_table
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = 300

@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 
 from airloop import runtimes, settings
+from airloop.openvino_ir import ModelIntegrityError
 from airloop.serving.base import get_target
 from airloop.serving.local import LocalServingTarget
-from airloop.serving.model import FEEDBACK_METRIC, PREDICTIONS_METRIC, ModelIntegrityError, OpenVinoModel
+from airloop.serving.model import FEEDBACK_METRIC, PREDICTIONS_METRIC, OpenVinoModel
 
 FEATURES = ["f0", "f1", "f2", "f3"]
 DEPLOYMENT = "churn"

@@ -30,11 +30,14 @@ import httpx
 import mlflow
 import pytest
 
+from airloop.embedded.demo import generate
 from airloop.hooks.mlflow import MlflowHook
-from airloop.steps import registry
-from airloop.steps.data import generate, write_table
-from airloop.steps.tracking import MlflowUnavailableError
-from airloop.steps.train import load_model, train
+from airloop.steps.training.register import register
+from airloop.steps.training.train import train
+from airloop.tables import write_table
+from airloop.tracking import registry
+from airloop.tracking.models import load_model
+from airloop.tracking.session import MlflowUnavailableError
 
 BIN = Path(sys.executable).parent
 BUCKET = "airloop-artefacts"
@@ -204,7 +207,7 @@ def _train(server: MlflowServer, data: str, tags: dict[str, str]) -> dict:
 
 
 def _register(server: MlflowServer, trained: dict, uri: str | None = None) -> dict:
-    return registry.register(
+    return register(
         {
             "tracking_uri": uri or server.uri,
             "model_name": MODEL,

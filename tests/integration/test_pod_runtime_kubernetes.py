@@ -29,9 +29,10 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from airflow.sdk.exceptions import AirflowException
 
+from airloop.embedded.demo import generate
 from airloop.operators.great_expectations import GreatExpectationsValidateDataOperator
 from airloop.runtimes import pod
-from airloop.steps.data import generate, write_table
+from airloop.tables import write_table
 
 TOKEN, NAMESPACE = "pod-test-token", "ml-steps"
 SUITE = str(Path(__file__).resolve().parents[2] / "dags" / "expectations" / "training_data.json")
@@ -236,7 +237,7 @@ def test_a_step_operator_starts_its_step_as_a_pod_through_kubernetes_pod_operato
     assert step["image"] == "registry.example/airloop/airflow:0.1.0"
     assert step["command"] == ["python", "-m", "airloop.runtimes.pod"]
     request = json.loads(step["args"][0])
-    assert request["step"] == "airloop.steps.validate:validate"
+    assert request["step"] == "airloop.steps.data.validate:validate"
     assert request["request"]["data_uri"] == "s3://airloop/data/train.parquet"
     # The operator's local Data Docs folder is not in the pod's request: the pod publishes it here.
     assert "docs_dir" not in request["request"]
@@ -298,7 +299,7 @@ def test_the_entrypoint_publishes_to_s3_and_the_worker_collects_through_its_conn
     suite = json.loads(Path(SUITE).read_text())
     request = {"data_uri": f"s3://{BUCKET}/data/train.parquet", "suite": suite, "docs_dir": str(folder)}
     envelope = pod.pod_request(
-        "airloop.steps.validate:validate", request, "pods/loop/manual__1/validate/try-1"
+        "airloop.steps.data.validate:validate", request, "pods/loop/manual__1/validate/try-1"
     )
 
     # The pod: credentials and endpoint from its own environment (a Secret, pod_settings["env"]).

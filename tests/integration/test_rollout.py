@@ -26,9 +26,9 @@ import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
 from airloop import artefacts, runtimes, settings
-from airloop.operators.seldon import SeldonFinishRolloutOperator, SeldonRolloutChallengerOperator
+from airloop.operators.rollout import SeldonFinishRolloutOperator, SeldonRolloutChallengerOperator
 from airloop.serving.base import get_target
-from airloop.steps.registry import REJECTED_TAG, aliases, read_audit
+from airloop.tracking.registry import REJECTED_TAG, aliases, read_audit
 
 MODEL, DEPLOYMENT = "rollout-faults", "rollout-faults"
 # Small windows: the shuffled-label model is ~50% accurate against ~90%, visible in a few dozen labels;
@@ -55,9 +55,9 @@ class StubTaskInstance:
 
 def register_version(data_uri: str, seed: int) -> str:
     """Train, convert and register a version of MODEL with the real steps; its version number."""
-    from airloop.steps.convert import convert
-    from airloop.steps.registry import register
-    from airloop.steps.train import train
+    from airloop.steps.conversion.convert import convert
+    from airloop.steps.training.register import register
+    from airloop.steps.training.train import train
 
     tracking_uri = settings.mlflow_tracking_uri()
     trained = train(
@@ -87,7 +87,8 @@ def versions(tmp_path_factory) -> Iterator[dict[str, str]]:
         runtimes.python("serving")
     except runtimes.RuntimeMissingError as e:
         pytest.skip(str(e))
-    from airloop.steps.data import generate, write_table
+    from airloop.embedded.demo import generate
+    from airloop.tables import write_table
 
     folder = tmp_path_factory.mktemp("data")
     good = generate(800, seed=3)
@@ -385,7 +386,8 @@ def _answer(option: str) -> dict[str, Any]:
 
 
 def test_a_promotion_interrupted_between_traffic_and_alias_is_finished_on_retry(versions, seen, tmp_path):
-    from airloop.steps.data import generate, write_table
+    from airloop.embedded.demo import generate
+    from airloop.tables import write_table
 
     champion = _champion()
     good = register_version(write_table(generate(800, seed=6), str(tmp_path / "good.parquet")), seed=5)

@@ -30,7 +30,7 @@ from airloop.serving.seldon import (
     render_seldon_deployment,
     stats_from_prometheus,
 )
-from airloop.steps.canary import analyse
+from airloop.steps.rollout.canary import analyse
 
 # CI has ../shared beside the checkout; a user's clone does not.
 SHARED_SCHEMAS = Path(__file__).resolve().parents[3] / "shared" / "schemas"

@@ -23,9 +23,10 @@ import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
 from airloop import artefacts, runtimes, settings
+from airloop.embedded.demo import generate
 from airloop.operators.great_expectations import GreatExpectationsValidateDataOperator
-from airloop.steps.data import generate, write_table
-from airloop.steps.validate import VALIDATION_ARTIFACT
+from airloop.tables import write_table
+from airloop.validation import VALIDATION_ARTIFACT
 
 REPO = Path(__file__).resolve().parents[2]
 SUITE = str(REPO / "dags" / "expectations" / "training_data.json")
@@ -188,7 +189,7 @@ def test_the_gate_in_the_validation_runtime(tmp_path):
 
 
 def test_the_gated_mlflow_run_carries_the_validation(tmp_path):
-    from airloop.steps.train import train
+    from airloop.steps.training.train import train
 
     uri = write_table(generate(600, seed=5), str(tmp_path / "train.parquet"))
     summary, _ = _execute(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from airloop.steps.canary import analyse, histogram_quantile
+from airloop.steps.rollout.canary import analyse, histogram_quantile
 
 BOUNDS = ["1", "2", "5", "10", "20", "50", "+Inf"]
 
@@ -256,7 +256,7 @@ def test_shadow_window_subtracts_before_and_bad_modes_are_named():
 def test_chi2_sf_matches_scipy():
     from scipy.stats import chi2
 
-    from airloop.steps.canary import chi2_sf
+    from airloop.steps.rollout.canary import chi2_sf
 
     for dof in (1, 2, 3, 4, 7):
         for x in (0.05, 1.0, 3.84, 12.0, 40.0):

@@ -13,11 +13,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 from sklearn.tree import DecisionTreeClassifier
 
-from airloop.serving.model import ModelIntegrityError
-from airloop.steps import optimise
-from airloop.steps.convert import UnsupportedModelError, convert, export_onnx, fetch_ir, plan
-from airloop.steps.data import FEATURES, generate, write_table
-from airloop.steps.train import train
+from airloop.embedded.demo import FEATURES, generate
+from airloop.openvino_ir import ModelIntegrityError, fetch_ir
+from airloop.steps.conversion import optimise
+from airloop.steps.conversion.convert import convert, plan
+from airloop.steps.conversion.routes import UnsupportedModelError, export_onnx
+from airloop.steps.training.train import train
+from airloop.tables import write_table
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,10 @@ import mlflow
 import pytest
 
 from airloop import runtimes
-from airloop.steps.data import generate, write_table
-from airloop.steps.optimise import VARIANTS
-from airloop.steps.train import train
+from airloop.embedded.demo import generate
+from airloop.steps.conversion.optimise import VARIANTS
+from airloop.steps.training.train import train
+from airloop.tables import write_table
 
 TREES = {
     "DecisionTreeClassifier": ("sklearn.tree.DecisionTreeClassifier", {"max_depth": 5}),
@@ -75,7 +76,7 @@ def _train(store: dict, family: str) -> dict:
 
 def _in_torch_runtime(store: dict, request: dict) -> dict:
     return runtimes.run_step(
-        "airloop.steps.convert:convert",
+        "airloop.steps.conversion.convert:convert",
         {"tracking_uri": store["tracking_uri"], "benchmark_calls": 20, **request},
         runtime="torch",
         context=_context(),
@@ -171,11 +172,11 @@ _ORT_VS_TORCH = textwrap.dedent("""
     import numpy as np
     import pandas as pd
 
-    from airloop.steps import convert, optimise
+    from airloop.steps.conversion import optimise, routes
 
     rows = np.random.default_rng(1).standard_normal((200, 8)).astype("float32")
     frame = pd.DataFrame(rows, columns=[f"x{i}" for i in range(8)])
-    source = convert.load_source(sys.argv[1], sys.argv[2], sys.argv[3], frame)
+    source = routes.load_source(sys.argv[1], sys.argv[2], sys.argv[3], frame)
     print(np.abs(optimise.onnx_runtime_predictor(source.onnx_path)(rows) - source.native(rows)).max())
 """)
 

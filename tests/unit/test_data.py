@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 from sklearn.neural_network import MLPClassifier
 
-from airloop.steps.data import FEATURES, LABEL, fingerprint, generate, read_table, write_table
+from airloop.embedded.demo import FEATURES, LABEL, generate
+from airloop.tables import fingerprint, read_table, write_table
 
 
 def _fit(frame: pd.DataFrame) -> MLPClassifier:

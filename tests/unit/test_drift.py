@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 
 from airloop import runtimes
-from airloop.steps import drift
+from airloop.steps.drift import detect as drift
 
 BACKENDS = ["scipy", "alibi"]
 NULL_WINDOWS = 60  # per backend, through the whole step (files, and the runtime hop for alibi)
@@ -137,7 +137,7 @@ def _request(case: dict[str, Any], backend: str, reports: Path, name: str) -> di
 _RUN_IN_RUNTIME = """
 import json, sys, warnings
 warnings.simplefilter("ignore")
-from airloop.steps.drift import detect
+from airloop.steps.drift.detect import detect
 requests = json.load(open(sys.argv[1]))
 json.dump({name: detect(request) for name, request in requests.items()}, open(sys.argv[2], "w"))
 """
@@ -530,7 +530,8 @@ def test_mmd_without_torch_names_the_runtime_to_use(serving_python: str, cases: 
         [
             serving_python,
             "-c",
-            "import json, sys; from airloop.steps.drift import detect; detect(json.loads(sys.argv[1]))",
+            "import json, sys; from airloop.steps.drift.detect import detect; "
+            "detect(json.loads(sys.argv[1]))",
             json.dumps(request),
         ],
         capture_output=True,

@@ -20,10 +20,11 @@ import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
 from airloop import artefacts, settings
+from airloop.feast_store import store_config
 from airloop.hooks.feast import FeastHook
 from airloop.operators.feast import FeastBuildTrainingSetOperator
-from airloop.steps import features as steps
-from airloop.steps.data import fingerprint, read_table, write_table
+from airloop.steps.data import features as steps
+from airloop.tables import fingerprint, read_table, write_table
 
 T0 = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
 DEFINITIONS = """
@@ -269,8 +270,8 @@ def test_hook_configuration(repo, monkeypatch):
     ok, message = FeastHook(feast_conn_id="feast_nowhere").test_connection()
     assert not ok and "nowhere" in message
     with pytest.raises(ValueError, match="only online_store and offline_store"):
-        steps.store_config(str(repo["root"] / "repo"), overrides={"registry": "elsewhere.db"})
-    yaml_only = steps.store_config(feature_store_yaml=str(repo["root"] / "repo" / "feature_store.yaml"))
+        store_config(str(repo["root"] / "repo"), overrides={"registry": "elsewhere.db"})
+    yaml_only = store_config(feature_store_yaml=str(repo["root"] / "repo" / "feature_store.yaml"))
     assert yaml_only["repo_path"] == str(repo["root"] / "repo") and yaml_only["config"]["project"] == "tests"
 
 

@@ -10,7 +10,7 @@ import pytest
 from airloop import settings
 from airloop.hooks.mlflow import MlflowHook
 from airloop.hooks.serving import ServingHook
-from airloop.steps.tracking import Settings
+from airloop.tracking.session import Settings
 
 
 def test_mlflow_hook_reads_its_connection(monkeypatch):

@@ -10,9 +10,11 @@ import mlflow
 import pytest
 
 from airloop import settings
-from airloop.steps.data import generate, write_table
-from airloop.steps.select import BEST_RUN_TAG, select_best
-from airloop.steps.train import PARENT_RUN_TAG, train
+from airloop.embedded.demo import generate
+from airloop.steps.training.select import BEST_RUN_TAG, select_best
+from airloop.steps.training.train import train
+from airloop.tables import write_table
+from airloop.tracking.artifacts import PARENT_RUN_TAG
 
 REPO = Path(__file__).resolve().parents[2]
 SEARCH_TAGS = {"airflow.dag_id": "hpo", "airflow.run_id": "manual__1", "airflow.task_id": "select"}
@@ -115,7 +117,7 @@ def hpo_dag():
 
 
 def test_hpo_dag_fans_out_one_run_per_candidate_and_registers_the_best(hpo_dag, tmp_path):
-    from airloop.steps.registry import aliases
+    from airloop.tracking.registry import aliases
 
     data = write_table(generate(1200, seed=11), str(tmp_path / "train.parquet"))
     run = hpo_dag.test(run_conf={"data_uri": data})

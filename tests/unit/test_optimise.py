@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from sklearn.neural_network import MLPClassifier
 
-from airloop.steps import optimise
-from airloop.steps.convert import export_onnx
-from airloop.steps.data import FEATURES, generate
+from airloop.embedded.demo import FEATURES, generate
+from airloop.steps.conversion import optimise
+from airloop.steps.conversion.routes import export_onnx
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,7 @@ def _matmul_chain(width: int, layers: int):
 def test_compile_ir_keeps_the_one_row_copy_that_answers_sooner_and_both_agree_with_the_model(onnx_model):
     import openvino
 
-    from airloop.serving.model import compile_ir, fastest, infer_rows
+    from airloop.openvino_ir import compile_ir, fastest, infer_rows
 
     core = openvino.Core()
     one_row, batch = compile_ir(core, core.read_model(onnx_model["path"]))

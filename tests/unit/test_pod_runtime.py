@@ -21,12 +21,13 @@ from typing import Any
 import pytest
 
 from airloop import runtimes, settings
+from airloop.embedded.demo import generate
 from airloop.runtimes import pod
-from airloop.steps.data import generate, write_table
-from airloop.steps.validate import validate
+from airloop.steps.data.validate import validate
+from airloop.tables import write_table
 
 SUITE = str(Path(__file__).resolve().parents[2] / "dags" / "expectations" / "training_data.json")
-STEP = "airloop.steps.validate:validate"
+STEP = "airloop.steps.data.validate:validate"
 SECRET = "worker-only-secret-value"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from airloop.steps.policy import DEFAULT_ACTIONS, decide
+from airloop.steps.drift.policy import DEFAULT_ACTIONS, decide
 
 NOW = 1_700_000_000.0
 

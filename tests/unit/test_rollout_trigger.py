@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from airloop.serving.base import ServingTarget, register_target
-from airloop.triggers.seldon import SeldonCanaryAnalysisTrigger
+from airloop.triggers.rollout import SeldonCanaryAnalysisTrigger
 
 BUCKETS = (
     "0.5",
@@ -104,7 +104,7 @@ def test_serialize_mirrors_init():
     module, _, name = path.rpartition(".")
     rebuilt = getattr(importlib.import_module(module), name)(**kwargs)
     assert rebuilt.serialize() == (path, kwargs)
-    assert path == "airloop.triggers.seldon.SeldonCanaryAnalysisTrigger"
+    assert path == "airloop.triggers.rollout.SeldonCanaryAnalysisTrigger"
     assert kwargs["mode"] == "shadow"
 
 

@@ -15,11 +15,12 @@ import mlflow
 import pandas as pd
 import pytest
 
-from airloop.serving.model import ModelIntegrityError
-from airloop.steps import score as score_step
-from airloop.steps.convert import convert
-from airloop.steps.data import FEATURES, generate, write_table
-from airloop.steps.train import train
+from airloop.embedded.demo import FEATURES, generate
+from airloop.openvino_ir import ModelIntegrityError
+from airloop.steps.conversion import score as score_step
+from airloop.steps.conversion.convert import convert
+from airloop.steps.training.train import train
+from airloop.tables import write_table
 
 MODEL = "airloop-score"
 BUCKET = "airloop-score"

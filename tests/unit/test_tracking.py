@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import mlflow
 import pytest
 
-from airloop.steps.select import select_best
-from airloop.steps.tracking import ACTIVE, MlflowUnavailableError, Settings, mlflow_calls
+from airloop.steps.training.select import select_best
+from airloop.tracking.session import ACTIVE, MlflowUnavailableError, Settings, mlflow_calls
 
 TOKEN = "tok-3f9a"
 

@@ -15,10 +15,14 @@ from types import SimpleNamespace
 import mlflow
 import pytest
 
-from airloop.steps import registry
-from airloop.steps.data import FEATURES, generate, write_table
-from airloop.steps.evaluate import evaluate, mcnemar_mid_p
-from airloop.steps.train import load_model, read_data, train
+from airloop.embedded.demo import FEATURES, generate
+from airloop.steps.training.evaluate import evaluate, mcnemar_mid_p
+from airloop.steps.training.register import register
+from airloop.steps.training.train import train
+from airloop.tables import write_table
+from airloop.tracking import registry
+from airloop.tracking.artifacts import read_data
+from airloop.tracking.models import load_model
 
 MODEL = "airloop-test"
 MLP = {"hidden_layer_sizes": [16], "max_iter": 300, "early_stopping": True}
@@ -64,7 +68,7 @@ def _evaluate(store: dict, run_id: str) -> dict:
 
 
 def _register(store: dict, trained: dict, **extra: object) -> dict:
-    return registry.register(
+    return register(
         {
             "tracking_uri": store["tracking_uri"],
             "model_name": MODEL,

@@ -21,10 +21,13 @@ import yaml
 
 import airloop
 from airloop import runtimes
-from airloop.steps.data import FEATURES, generate, write_table
-from airloop.steps.train import download, read_data, resolve_model, train
+from airloop.embedded.demo import FEATURES, generate
+from airloop.steps.training.train import train
+from airloop.tables import write_table
+from airloop.tracking.artifacts import download, read_data
+from airloop.tracking.models import resolve_model
 
-MODULE = "torch:airloop.steps.torch_models.MLPClassifier"
+MODULE = "torch:airloop.torch_models.MLPClassifier"
 PARAMS = {"hidden_sizes": [32, 16], "epochs": 12, "lr": 0.005}
 CONNECTION = "mlflow_torch"
 TORCH_HERE = importlib.util.find_spec("torch") is not None
@@ -94,7 +97,7 @@ def test_the_operator_trains_a_torch_module_in_the_torch_runtime(store):
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["estimator"] == MODULE
-    assert params["model_class"] == "airloop.steps.torch_models.MLPClassifier"
+    assert params["model_class"] == "airloop.torch_models.MLPClassifier"
     assert params["hidden_sizes"] == "[32, 16]" and params["dropout"] == "0.0"  # the constructor's default
     assert (params["epochs"], params["lr"], params["batch_size"]) == ("12", "0.005", "32")
     assert params["standardize"] == "True" and params["seed"] == "0"
@@ -142,7 +145,7 @@ def test_a_retry_reuses_the_run_and_a_new_task_trains_the_same_model(store):
 
     # Seeded: another task instance trains its own run, with the same weights, loss and metrics.
     other = runtimes.run_step(
-        "airloop.steps.train:train",
+        "airloop.steps.training.train:train",
         {
             "tracking_uri": store["tracking_uri"],
             "experiment": "torch",
@@ -170,7 +173,7 @@ def test_the_offline_gate_scores_the_torch_model_in_the_torch_runtime(store):
         "challenger_run_id": trained["run_id"],
     }
     verdict = runtimes.run_step(
-        "airloop.steps.evaluate:evaluate",
+        "airloop.steps.training.evaluate:evaluate",
         request,
         runtime="torch",
         context=_context("evaluate"),
@@ -179,7 +182,7 @@ def test_the_offline_gate_scores_the_torch_model_in_the_torch_runtime(store):
     assert verdict["verdict"] == "pass" and verdict["rule"] == "no_champion"
     assert verdict["challenger"]["accuracy"] == pytest.approx(trained["metrics"]["accuracy"])
     if not TORCH_HERE:
-        from airloop.steps.evaluate import evaluate
+        from airloop.steps.training.evaluate import evaluate
 
         with pytest.raises(ImportError, match=r"'torch' runtime \(the operator's runtime='torch'\)"):
             evaluate(request)
@@ -201,14 +204,14 @@ def test_a_torch_estimator_without_torch_names_the_runtime(store):
 _BAD_ESTIMATORS = textwrap.dedent("""
     import json
 
-    from airloop.steps.train import trainer
+    from airloop.steps.training.train import trainer
 
     messages = []
     for path, params in [
-        ("torch:airloop.steps.torch_models.Missing", {}),
+        ("torch:airloop.torch_models.Missing", {}),
         ("torch:sklearn.neural_network.MLPClassifier", {}),
-        ("torch:airloop.steps.torch_models.MLPClassifier", {"hidden": [8]}),
-        ("torch:airloop.steps.torch_models.MLPClassifier", {"epochs": 0, "lr": -1}),
+        ("torch:airloop.torch_models.MLPClassifier", {"hidden": [8]}),
+        ("torch:airloop.torch_models.MLPClassifier", {"epochs": 0, "lr": -1}),
     ]:
         try:
             trainer(path, params, 0)
@@ -223,7 +226,7 @@ def test_bad_torch_estimators_are_refused_before_training():
         [runtimes.python("torch"), "-c", _BAD_ESTIMATORS], capture_output=True, text=True, check=True
     )
     missing, not_torch, unknown, training = json.loads(probe.stdout)
-    assert "'torch:airloop.steps.torch_models.Missing' cannot be imported" in missing
+    assert "'torch:airloop.torch_models.Missing' cannot be imported" in missing
     assert "must be a torch.nn.Module class" in not_torch
     assert "must take n_features, n_classes and ['hidden']" in unknown and "'epochs'" in unknown
     assert "epochs must be a whole number >= 1" in training and "lr must be a number > 0" in training

@@ -46,7 +46,7 @@ def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A registry with two models: aliases champion/challenger/previous, a rejected version, a hostile tag."""
     from mlflow import MlflowClient
 
-    from airloop.steps.registry import append_audit
+    from airloop.tracking.registry import append_audit
 
     folder = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{folder / 'mlflow.db'}"

@@ -16,16 +16,12 @@ import pytest
 import yaml
 
 from airloop.cli import main as cli
-from airloop.steps import validate as step
-from airloop.steps.data import fingerprint, generate, read_table, write_table
-from airloop.steps.validate import (
-    FINGERPRINT_CHECK,
-    gated_run_tags,
-    load_suite,
-    profile_suite,
-    validate,
-    validate_frame,
-)
+from airloop.embedded.demo import generate
+from airloop.steps.data import validate as step
+from airloop.steps.data.profile import profile_suite
+from airloop.steps.data.validate import FINGERPRINT_CHECK, load_suite, validate, validate_frame
+from airloop.tables import fingerprint, read_table, write_table
+from airloop.validation import gated_run_tags
 
 COLUMNS = "expect_table_columns_to_match_set"
 ORDERED = "expect_table_columns_to_match_ordered_list"

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"building runtime {name!r} at {rt.build(name, force=args.force)}")
         return 0
     if args.command == "suites":
-        from airloop.steps.validate import profile as profile_step
+        from airloop.steps.data.profile import profile as profile_step
 
         made = profile_step(
             {

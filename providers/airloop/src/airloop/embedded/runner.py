@@ -45,7 +45,8 @@ def _fresh_home(home: Path) -> None:
 
 
 def _write_world(home: Path, rows: int, shift: float, seed: int) -> Path:
-    from airloop.steps.data import generate, write_table
+    from airloop.embedded.demo import generate
+    from airloop.tables import write_table
 
     path = home / "incoming" / "training.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -208,7 +209,7 @@ def run_loop(dags: str, rows: int, report: str | None, keep_running: bool = Fals
 
 
 def _champion() -> str | None:
-    from airloop.steps.registry import aliases
+    from airloop.tracking.registry import aliases
 
     return aliases(settings.mlflow_tracking_uri(), MODEL_NAME).get("champion")
 

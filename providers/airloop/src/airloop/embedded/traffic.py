@@ -30,7 +30,7 @@ async def run(
 ) -> None:
     import httpx
 
-    from airloop.steps.data import generate
+    from airloop.embedded.demo import generate
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

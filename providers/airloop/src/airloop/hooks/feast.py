@@ -45,7 +45,7 @@ class FeastHook(EmbeddedDefaultHook):
     @cached_property
     def store_config(self) -> dict[str, Any]:
         """``{"repo_path", "config"}``: what a step needs to open the store, as plain values."""
-        from airloop.steps.features import embedded_config, store_config
+        from airloop.feast_store import embedded_config, store_config
 
         conn = self.connection_or_none(self.feast_conn_id)
         if conn is None:
@@ -61,7 +61,7 @@ class FeastHook(EmbeddedDefaultHook):
 
     @cached_property
     def store(self) -> FeatureStore:
-        from airloop.steps.features import feature_store
+        from airloop.feast_store import feature_store
 
         return feature_store(self.store_config)
 

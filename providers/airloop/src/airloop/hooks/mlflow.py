@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 from airloop import settings
 from airloop.hooks.base import EmbeddedDefaultHook
-from airloop.steps.tracking import HTTP_SETTINGS
+from airloop.tracking.session import HTTP_SETTINGS
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
-    from airloop.steps.tracking import SessionClient
+    from airloop.tracking.session import SessionClient
 
 # For the Test button: MLflow's own default backs off for minutes.
 TEST_HTTP = {"max_retries": 1, "backoff_factor": 0, "timeout": 10}
@@ -34,7 +34,7 @@ class MlflowHook(EmbeddedDefaultHook):
     - extra ``ui_url`` (where people open runs) and ``artifact_root`` (for new experiments).
 
     Credentials stay in the hook and in the requests it builds for steps (``step_config()``), which
-    apply them to MLflow's clients per call (``airloop.steps.tracking``): never in ``os.environ``.
+    apply them to MLflow's clients per call (``airloop.tracking.session``): never in ``os.environ``.
     Without a ``mlflow_default`` connection the hook uses the embedded MLflow under ``AIRLOOP_HOME``.
 
     :param mlflow_conn_id: Airflow connection of type ``mlflow``.
@@ -126,7 +126,7 @@ class MlflowHook(EmbeddedDefaultHook):
     @cached_property
     def client(self) -> SessionClient:
         """An ``MlflowClient`` (tracking and registry) whose calls use the connection's settings."""
-        from airloop.steps.tracking import SessionClient
+        from airloop.tracking.session import SessionClient
 
         return SessionClient(self.step_config())
 
@@ -136,12 +136,12 @@ class MlflowHook(EmbeddedDefaultHook):
     def session(self) -> AbstractContextManager[None]:
         """A block in which this process's MLflow calls (plain ``MlflowClient`` objects, the helpers of
         ``airloop.steps`` that take a tracking URI) use the connection's settings."""
-        from airloop.steps.tracking import mlflow_calls
+        from airloop.tracking.session import mlflow_calls
 
         return mlflow_calls(self.step_config())
 
     def test_connection(self) -> tuple[bool, str]:
-        from airloop.steps.tracking import MlflowUnavailableError, SessionClient
+        from airloop.tracking.session import MlflowUnavailableError, SessionClient
 
         try:
             config = self.step_config()

@@ -71,8 +71,8 @@ class _DriftDetectOperator(StepOperator):
         raise NotImplementedError
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from airloop.steps.registry import aliases
-        from airloop.steps.train import download
+        from airloop.tracking.artifacts import download
+        from airloop.tracking.registry import aliases
 
         hook = MlflowHook(mlflow_conn_id=self.mlflow_conn_id)
         with hook.session():
@@ -89,7 +89,7 @@ class _DriftDetectOperator(StepOperator):
             window, source = self._window(Path(folder), Path(tmp))
             self.log.info("window: %s", source)
             result = self.run_step(
-                "airloop.steps.drift:detect",
+                "airloop.steps.drift.detect:detect",
                 {
                     "reference_uri": reference,
                     "current_uri": window,
@@ -142,7 +142,7 @@ class DriftDetectRequestsOperator(_DriftDetectOperator):
         self.window_minutes = window_minutes
 
     def _window(self, folder: Path, scratch: Path) -> tuple[str, dict[str, Any]]:
-        from airloop.steps.window import collect
+        from airloop.steps.drift.window import collect
 
         end = time.time()
         window = collect(
@@ -207,7 +207,7 @@ class DriftDetectDataOperator(_DriftDetectOperator):
     def _query(self, scratch: Path) -> str:
         from airflow.sdk import BaseHook
 
-        from airloop.steps.data import write_table
+        from airloop.tables import write_table
 
         if not self.window_conn_id:
             raise ValueError("window_sql needs window_conn_id: the database connection to run it on")
@@ -249,7 +249,7 @@ class DriftDetectDataOperator(_DriftDetectOperator):
 
 class DriftDecideRetrainOperator(BaseOperator):
     """
-    Turn a drift verdict into an action with the retraining policy (``airloop.steps.policy.decide``), so
+    Turn a drift verdict into an action with the retraining policy (``airloop.steps.drift.policy.decide``), so
     one shift does not start ten retrains: severities map to ``log``, ``retrain`` or
     ``retrain_with_approval``; nothing is requested on a window smaller than ``min_window_rows``, while a
     run of ``retrain_dag_id`` is queued or running, or within ``cooldown_minutes`` of the last request
@@ -263,7 +263,7 @@ class DriftDecideRetrainOperator(BaseOperator):
 
     :param detection: the result of ``DriftDetectRequestsOperator`` or ``DriftDetectDataOperator``
         (usually its XCom).
-    :param actions: ``{severity: action}`` over ``airloop.steps.policy.DEFAULT_ACTIONS``.
+    :param actions: ``{severity: action}`` over ``airloop.steps.drift.policy.DEFAULT_ACTIONS``.
     :param cooldown_minutes: no retrain is requested within this long after the last request.
     :param min_window_rows: fewest requests in the window to act on a drift verdict.
     :param retrain_dag_id: the DAG that retrains (scheduled on the outlets); while a run of it is queued
@@ -298,7 +298,7 @@ class DriftDecideRetrainOperator(BaseOperator):
         self.mlflow_conn_id = mlflow_conn_id
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from airloop.steps.policy import decide
+        from airloop.steps.drift.policy import decide
 
         detection = self.detection
         model_name = detection.get("model_name")
@@ -351,7 +351,7 @@ class DriftDecideRetrainOperator(BaseOperator):
         self, hook: MlflowHook, detection: dict[str, Any], decision: dict[str, Any], context: Context
     ) -> None:
         """Append the decision to the ``drift`` stage of the champion's audit record (the newest kept)."""
-        from airloop.steps.registry import MAX_AUDIT_RECORD_BYTES, append_audit, read_audit
+        from airloop.tracking.registry import MAX_AUDIT_RECORD_BYTES, append_audit, read_audit
 
         keys = ("decided_at", "action", "code", "severity", "wanted")
         entry = {

@@ -12,7 +12,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from airloop import artefacts
 from airloop.hooks.feast import FeastHook
 from airloop.operators.base import StepOperator
-from airloop.steps.features import RowLossError
+from airloop.steps.data.features import RowLossError
 
 
 class _FeastOperator(StepOperator):
@@ -35,7 +35,9 @@ class FeastApplyRepoOperator(_FeastOperator):
     """
 
     def execute(self, context: Context) -> dict[str, Any]:
-        result = self.run_step("airloop.steps.features:apply", {"store": self.hook.store_config}, context)
+        result = self.run_step(
+            "airloop.steps.data.features:apply", {"store": self.hook.store_config}, context
+        )
         self.log.info("feast apply:\n%s", result.pop("output"))
         return result
 
@@ -71,7 +73,7 @@ class FeastMaterializeFeaturesOperator(_FeastOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         result = self.run_step(
-            "airloop.steps.features:materialize",
+            "airloop.steps.data.features:materialize",
             {
                 "store": self.hook.store_config,
                 "start": self.start,
@@ -159,7 +161,7 @@ class FeastBuildTrainingSetOperator(_FeastOperator):
                 "output_uri": str(folder / "training_set.parquet"),
             }
             try:
-                result = self.run_step("airloop.steps.features:training_set", request, context)
+                result = self.run_step("airloop.steps.data.features:training_set", request, context)
             except RowLossError as exc:
                 raise AirflowFailException(str(exc)) from exc
         if not artefacts.is_local():
@@ -179,7 +181,7 @@ class FeastBuildTrainingSetOperator(_FeastOperator):
 
     def _query_entity_rows(self, uri: str) -> str:
         """Run ``entity_sql`` and keep its result next to the training set: what went in, on record."""
-        from airloop.steps.data import write_table
+        from airloop.tables import write_table
 
         if not self.sql_conn_id:
             raise ValueError("entity_sql needs sql_conn_id, the database connection to run it on")

@@ -82,7 +82,7 @@ class GreatExpectationsValidateDataOperator(StepOperator):
         self.fail_on_error = fail_on_error
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from airloop.steps.validate import load_suite
+        from airloop.steps.data.validate import load_suite
 
         if bool(self.data_uri) == bool(self.sql):
             raise ValueError("give either data_uri or sql")
@@ -99,7 +99,7 @@ class GreatExpectationsValidateDataOperator(StepOperator):
         suite = load_suite(self.suite_path)
         with self._local_data() as (data_uri, name), artefacts.staging(prefix) as folder:
             result = self.run_step(
-                "airloop.steps.validate:validate",
+                "airloop.steps.data.validate:validate",
                 {
                     "data_uri": data_uri,
                     "data_name": name,

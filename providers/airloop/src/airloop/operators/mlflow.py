@@ -57,7 +57,7 @@ class _MlflowOperator(StepOperator):
 
     def audit(self, run_id: str, stage: str, record: dict[str, Any]) -> None:
         """Add this turn's ``stage`` to the audit record kept in the training run."""
-        from airloop.steps.registry import append_audit
+        from airloop.tracking.registry import append_audit
 
         append_audit({**self.hook.step_config(), "run_id": run_id, "stage": stage, "record": record})
 
@@ -71,11 +71,11 @@ class MlflowTrainModelOperator(_MlflowOperator):
     :param estimator: import path of a scikit-learn classifier (``package.module.Class``), of a
         training function (``package.module:function``) called as ``function(features, target, seed=...,
         **estimator_params)`` that returns a fitted scikit-learn-compatible classifier, or of a PyTorch
-        module prefixed ``torch:`` (``"torch:airloop.steps.torch_models.MLPClassifier"``), trained on CPU
+        module prefixed ``torch:`` (``"torch:airloop.torch_models.MLPClassifier"``), trained on CPU
         and logged as a ``torch.export`` program; torch needs ``runtime="torch"``.
     :param estimator_params: the estimator's (or the training function's) parameters; for a PyTorch
         module, its constructor's and the training loop's (``epochs``, ``lr``, ``batch_size``,
-        ``weight_decay``, ``standardize``; see ``airloop.steps.train_torch``).
+        ``weight_decay``, ``standardize``; see ``airloop.steps.training.train_torch``).
     :param label_column: the target column.
     :param experiment: MLflow experiment name.
     :param validation: the data gate's result (usually the validation task's XCom), kept in the audit record
@@ -125,7 +125,7 @@ class MlflowTrainModelOperator(_MlflowOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         result = self.run_step(
-            "airloop.steps.train:train",
+            "airloop.steps.training.train:train",
             {
                 **self.hook.step_config(),
                 "experiment": self.experiment,
@@ -178,7 +178,7 @@ class MlflowSelectBestRunOperator(_MlflowOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         result = self.run_step(
-            "airloop.steps.select:select_best",
+            "airloop.steps.training.select:select_best",
             # A mapped upstream's XCom arrives as a lazy sequence: make it a JSON-able list.
             {
                 **self.hook.step_config(),
@@ -234,7 +234,7 @@ class MlflowEvaluateChallengerOperator(_MlflowOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         self.persist_run_link(context, self.run_id)
         verdict = self.run_step(
-            "airloop.steps.evaluate:evaluate",
+            "airloop.steps.training.evaluate:evaluate",
             {
                 **self.hook.step_config(),
                 "model_name": self.model_name,
@@ -276,7 +276,7 @@ class MlflowRegisterModelOperator(_MlflowOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         result = self.run_step(
-            "airloop.steps.registry:register",
+            "airloop.steps.training.register:register",
             {
                 **self.hook.step_config(),
                 "model_name": self.model_name,

@@ -98,7 +98,7 @@ class OpenvinoConvertModelOperator(_MlflowOperator):
         runtime = self.runtime
         if runtime is None:
             route = runtimes.run_step(
-                "airloop.steps.convert:plan",
+                "airloop.steps.conversion.convert:plan",
                 request,
                 runtime=runtimes.WORKER,
                 context=context,
@@ -113,7 +113,11 @@ class OpenvinoConvertModelOperator(_MlflowOperator):
                 runtime,
             )
         result = runtimes.run_step(
-            "airloop.steps.convert:convert", request, runtime=runtime, context=context, task_id=self.task_id
+            "airloop.steps.conversion.convert:convert",
+            request,
+            runtime=runtime,
+            context=context,
+            task_id=self.task_id,
         )
         self.audit(self.run_id, "conversion", result)
         parity = result["parity"]
@@ -133,7 +137,7 @@ class OpenvinoScoreDatasetOperator(_MlflowOperator):
     Score a data set with a registered model version's OpenVINO IR (the variant its conversion
     selected, checksums verified first), in chunks, into parquet parts with the model name and version
     on every row. Resumable: a retry or re-run skips the parts already written whole and scores the
-    rest; the run ends with a row count check (rows in == rows out). See ``airloop.steps.score``.
+    rest; the run ends with a row count check (rows in == rows out). See ``airloop.steps.conversion.score``.
 
     :param model_name: the registered model.
     :param model_version: its version (a number, or a template such as ``{{ ti.xcom_pull(...) }}``).
@@ -199,7 +203,7 @@ class OpenvinoScoreDatasetOperator(_MlflowOperator):
             context, ui_url=self.hook.ui_url, model_name=self.model_name, version=str(self.model_version)
         )
         result = self.run_step(
-            "airloop.steps.score:score",
+            "airloop.steps.conversion.score:score",
             {
                 **self.hook.step_config(),
                 "model_name": self.model_name,

@@ -15,8 +15,6 @@ step): ``{"format": "openvino-ir", "files": {name: sha256}, "feature_names": [..
 
 from __future__ import annotations
 
-import hashlib
-import json
 import queue
 import threading
 import time
@@ -27,121 +25,16 @@ from typing import Any
 
 import numpy as np
 
-MANIFEST = "manifest.json"
+from airloop.openvino_ir import compile_ir, infer_rows, read_verified_manifest
+
 # Infer requests per compiled model (one-row, batch) shared by the server's threads (Seldon's --threads);
 # more threads wait for a free one.
 INFER_REQUESTS = 4
-MANIFEST_FORMAT = "openvino-ir"
 # Custom metrics, on Seldon's metrics port with its labels (deployment_name, predictor_name, ...);
 # Seldon exposes counters with a "_total" suffix. On Kubernetes they are what Prometheus knows of
 # a predictor's answers and of their quality.
 PREDICTIONS_METRIC = "airloop_model_predictions"  # rows per predicted class (tag "class")
 FEEDBACK_METRIC = "airloop_model_feedback"  # feedback rows, tag "outcome": "correct" | "incorrect"
-
-
-class ModelIntegrityError(RuntimeError):
-    """The model folder does not match its manifest: a file is missing, altered or outside the folder."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def read_verified_manifest(model_dir: Path) -> dict[str, Any]:
-    """The manifest, after checking every file it lists against its SHA-256."""
-    manifest_path = model_dir / MANIFEST
-    if not manifest_path.is_file():
-        raise ModelIntegrityError(f"{manifest_path} is missing: refusing to load an unverified model")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ModelIntegrityError(
-            f"{manifest_path}: format is {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}"
-        )
-    files = manifest.get("files") or {}
-    if "model.xml" not in files:
-        raise ModelIntegrityError(f"{manifest_path} does not list model.xml")
-    root = model_dir.resolve()
-    for name, expected in files.items():
-        path = (root / name).resolve()
-        if not path.is_relative_to(root):
-            raise ModelIntegrityError(f"{manifest_path} lists {name!r}, which is outside {root}")
-        if not path.is_file():
-            raise ModelIntegrityError(f"model file {name!r} listed in {manifest_path} is missing")
-        actual = file_sha256(path)
-        if actual != expected:
-            raise ModelIntegrityError(
-                f"checksum mismatch for model file {name!r} in {root}: manifest says {expected}, "
-                f"file has {actual}"
-            )
-    for key in ("feature_names", "classes"):
-        if not isinstance(manifest.get(key), list) or not manifest[key]:
-            raise ModelIntegrityError(f"{manifest_path}: {key!r} must be a non-empty list")
-    return manifest
-
-
-def compile_ir(core: Any, model: Any, precision_hint: str = "f32") -> tuple[Any, Any]:
-    """The IR ``model`` (input ``[?, n]``) compiled on CPU twice: for one row, and for batches.
-
-    The one-row copy has a static input shape ``[1, n]``: OpenVINO then skips a dynamic graph's
-    per-call shape work, which costs more than a small model's inference. It runs on one thread or on
-    every core, whichever answers a row sooner on this machine (``fastest``): a small model's row costs
-    less than handing work to a second thread (the reference MLP on 2 cores: 22 us on one thread, 34 us
-    on two), a wide one's is split profitably. The batch copy runs one stream over every core
-    (``LATENCY``): on 2 cores one request scores a large batch as fast as ``THROUGHPUT``'s streams do
-    (docs/openvino.md). f32 keeps the served outputs those that the parity gate checked.
-    """
-    config = {"INFERENCE_PRECISION_HINT": precision_hint, "PERFORMANCE_HINT": "LATENCY"}
-    one_row, shape = model.clone(), model.input(0).get_partial_shape()
-    shape[0] = 1
-    one_row.reshape(shape)
-    every_core = core.compile_model(one_row, "CPU", config)
-    candidates = [every_core]
-    if int(every_core.get_property("INFERENCE_NUM_THREADS")) > 1:
-        candidates.append(core.compile_model(one_row, "CPU", {**config, "INFERENCE_NUM_THREADS": 1}))
-    return fastest(candidates), core.compile_model(model, "CPU", config)
-
-
-def fastest(candidates: Sequence[Any], calls: int = 30, budget_s: float = 0.25) -> Any:
-    """The compiled model (static input shape) that infers a row of zeros soonest: median of up to
-    ``calls`` calls each, taking turns, within about ``budget_s`` seconds but at least 3 calls each."""
-    if len(candidates) == 1:
-        return candidates[0]
-    requests = [compiled.create_infer_request() for compiled in candidates]
-    rows = [np.zeros(compiled.input(0).get_shape(), dtype=np.float32) for compiled in candidates]
-    times: list[list[float]] = [[] for _ in candidates]
-    for request, row in zip(requests, rows, strict=True):  # warm-up: the first call allocates buffers
-        infer_rows(request, row)
-    start = time.perf_counter()
-    for turn in range(calls):
-        if turn >= 3 and time.perf_counter() - start > budget_s:
-            break
-        for request, row, seconds in zip(requests, rows, times, strict=True):
-            began = time.perf_counter()
-            infer_rows(request, row)
-            seconds.append(time.perf_counter() - began)
-    medians = [float(np.median(seconds)) for seconds in times]
-    return candidates[medians.index(min(medians))]
-
-
-def infer_rows(request: Any, rows: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
-    """The first output of the infer ``request`` for float32 ``rows``, as a new array of ``dtype``.
-
-    The rows are copied into the request's own input tensor, which keeps its buffer while the batch
-    size stays: ``request.infer({0: rows})`` wraps every call in dicts, a new input tensor and an
-    output copy, and costs more than a small model's whole inference.
-    """
-    tensor = request.get_input_tensor()
-    buffer = tensor.data  # its numpy shape: reading tensor.shape element by element costs ~20 us
-    if buffer.shape != rows.shape:
-        tensor.shape = rows.shape
-        buffer = tensor.data
-    buffer[...] = rows
-    request.infer()
-    return np.array(request.get_output_tensor().data, dtype=dtype)
 
 
 def label_value(value: Any) -> Any:

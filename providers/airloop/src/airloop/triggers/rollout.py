@@ -15,7 +15,7 @@ class SeldonCanaryAnalysisTrigger(BaseTrigger):
     Wait ``window_seconds`` after a traffic change, then poll the serving target's metrics until the
     window holds enough data for a verdict, or ``max_wait_seconds`` pass.
 
-    ``mode`` is the analysis (``airloop.steps.canary.analyse``): ``canary`` for a challenger taking a
+    ``mode`` is the analysis (``airloop.steps.rollout.canary.analyse``): ``canary`` for a challenger taking a
     share of the traffic, ``shadow`` for one receiving mirrored requests.
 
     Yields one event: ``{"status": "ready" | "timeout" | "error", "message", "after": metrics}``;
@@ -67,7 +67,7 @@ class SeldonCanaryAnalysisTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from airloop.serving.base import get_target
-        from airloop.steps.canary import analyse
+        from airloop.steps.rollout.canary import analyse
 
         options = dict(self.target_config)
         target = get_target(options.pop("target"), **options)

@@ -17,8 +17,8 @@ from airloop import artefacts, settings
 from airloop.hooks.mlflow import MlflowHook
 from airloop.hooks.serving import ServingHook
 from airloop.links.reports import RolloutReportLink
-from airloop.steps.canary import DEFAULT_CRITERIA, MODES
-from airloop.triggers.seldon import SeldonCanaryAnalysisTrigger
+from airloop.steps.rollout.canary import DEFAULT_CRITERIA, MODES
+from airloop.triggers.rollout import SeldonCanaryAnalysisTrigger
 
 
 def _now() -> str:
@@ -82,7 +82,7 @@ class _RolloutOperator(BaseOperator):
         return json.loads(path.read_text()) if path.exists() else None
 
     def _audit(self, report: dict[str, Any]) -> None:
-        from airloop.steps.registry import append_audit
+        from airloop.tracking.registry import append_audit
 
         run_id = self.mlflow.client.get_model_version(self.model_name, str(self.version)).run_id
         summary = {
@@ -94,7 +94,7 @@ class _RolloutOperator(BaseOperator):
 
     def _finish(self, report: dict[str, Any]) -> dict[str, Any]:
         """Promote or roll back. Each write is idempotent, so a retry can redo the whole sequence."""
-        from airloop.steps.registry import promote, reject
+        from airloop.tracking.registry import promote, reject
 
         self._save(report)  # the phase is on record before the first write
         target = self.serving.target
@@ -165,7 +165,7 @@ class SeldonRolloutChallengerOperator(_RolloutOperator):
     :param approval: stop before the promotion for a person's approval.
     :param analysis_seconds: minimum length of each analysis window.
     :param max_wait_seconds: how long a window may wait for enough data before rolling back.
-    :param criteria: overrides of ``DEFAULT_CRITERIA`` (see ``airloop.steps.canary.analyse``).
+    :param criteria: overrides of ``DEFAULT_CRITERIA`` (see ``airloop.steps.rollout.canary.analyse``).
     """
 
     template_fields: Sequence[str] = (
@@ -243,7 +243,7 @@ class SeldonRolloutChallengerOperator(_RolloutOperator):
 
     def _predictor(self, version: str) -> dict[str, Any]:
         """Fetch the version's OpenVINO IR (checksums verified) into the serving folder."""
-        from airloop.steps.convert import fetch_ir
+        from airloop.openvino_ir import fetch_ir
 
         client = self.mlflow.client
         run_id = client.get_model_version(self.model_name, str(version)).run_id
@@ -274,7 +274,7 @@ class SeldonRolloutChallengerOperator(_RolloutOperator):
             self.log.info("resuming the interrupted %s of v%s", previous["phase"], self.version)
             return self._finish(previous)
 
-        from airloop.steps.registry import aliases
+        from airloop.tracking.registry import aliases
 
         with self.mlflow.session():
             current = aliases(self.mlflow.tracking_uri, self.model_name)
@@ -376,7 +376,7 @@ class SeldonRolloutChallengerOperator(_RolloutOperator):
     def execute_complete(
         self, context: Context, event: dict[str, Any], report: dict[str, Any], index: int
     ) -> dict[str, Any]:
-        from airloop.steps.canary import analyse
+        from airloop.steps.rollout.canary import analyse
 
         step = report["steps"][index]
         step["ended"] = _now()

@@ -3,7 +3,7 @@
 The model comes from a scikit-learn classifier's import path (``package.module.Class``, built with
 the request's params), from a training function (``package.module:function``) that returns a
 fitted scikit-learn-compatible classifier, or from a PyTorch module's import path
-(``torch:package.module.Class``, ``airloop.steps.train_torch``); see ``trainer``.
+(``torch:package.module.Class``, ``airloop.steps.training.train_torch``); see ``trainer``.
 
 The run holds everything later steps need: params, holdout metrics, the model (skops format, or a
 ``torch.export`` program), the holdout split (``data/holdout.parquet``, for the offline gate and the
@@ -16,47 +16,33 @@ tracking URI stays untouched.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import airloop
-from airloop import settings
-from airloop.steps.data import fingerprint, read_table
-from airloop.steps.tracking import mlflow_step
-from airloop.steps.validate import VALIDATION_ARTIFACT, gated_run_tags
+from airloop.tables import fingerprint
+from airloop.tracking.artifacts import (
+    FINGERPRINT_PATH,
+    HOLDOUT_PATH,
+    PARENT_RUN_TAG,
+    REFERENCE_PATH,
+    ensure_experiment,
+    read_data,
+    read_json_artifact,
+    task_run,
+)
+from airloop.tracking.models import MODEL_NAME, log_sklearn_model
+from airloop.tracking.session import mlflow_step
+from airloop.validation import VALIDATION_ARTIFACT, gated_run_tags
 
 if TYPE_CHECKING:
     import mlflow
     import pandas as pd
 
-MODEL_NAME = "model"
 DEFAULT_ESTIMATOR = "sklearn.neural_network.MLPClassifier"
 TORCH_PREFIX = "torch:"
-HOLDOUT_PATH = "data/holdout.parquet"
-REFERENCE_PATH = "drift/reference.parquet"
-FINGERPRINT_PATH = "data/fingerprint.json"
-# Tags that identify one Airflow task instance: a finished run carrying the same values is reused.
-IDEMPOTENCY_TAGS = ("airflow.dag_id", "airflow.run_id", "airflow.task_id", "airflow.map_index")
-# MLflow marks a nested (child) run with this tag; its UI groups children under the parent.
-PARENT_RUN_TAG = "mlflow.parentRunId"
-# Types outside skops' built-in safe set that Airloop agrees to load. The allow-list lives here, in
-# the loader, not in the model's own MLmodel file, so a crafted artefact cannot widen it.
-SKOPS_TRUSTED_TYPES = frozenset(
-    {
-        "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
-        "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
-        "sklearn.tree._tree.Tree",
-        "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
-        "sklearn._loss.link.Interval",
-        "sklearn._loss.link.LogitLink",
-        "sklearn._loss.link.MultinomialLogit",
-        "sklearn._loss.loss.HalfBinomialLoss",
-        "sklearn._loss.loss.HalfMultinomialLoss",
-    }
-)
 
 
 @mlflow_step
@@ -203,7 +189,7 @@ def _fit_and_log(
     if curve:
         metrics["train_loss"] = curve[-1].value  # what the run reports as its latest value
     if request.get("estimator", DEFAULT_ESTIMATOR).startswith(TORCH_PREFIX):
-        from airloop.steps.train_torch import log_torch_model
+        from airloop.tracking.models import log_torch_model
 
         log_torch_model(client, run, estimator, x_train)
     else:
@@ -241,49 +227,6 @@ def _required(request: dict[str, Any], key: str) -> Any:
     return request[key]
 
 
-def task_run(
-    client: mlflow.MlflowClient, experiment_id: str, tags: dict[str, str], finished: bool = True
-) -> mlflow.entities.Run | None:
-    """The newest (finished, unless ``finished=False``) run of the Airflow task instance the tags name."""
-    key = {name: tags[name] for name in IDEMPOTENCY_TAGS if name in tags}
-    if not {"airflow.dag_id", "airflow.run_id", "airflow.task_id"} <= key.keys():
-        return None
-    clauses = [f"tags.`{name}` = {_quote(value)}" for name, value in key.items()]
-    if finished:
-        clauses.append("attributes.status = 'FINISHED'")
-    runs = client.search_runs(
-        [experiment_id], " AND ".join(clauses), order_by=["attributes.start_time DESC"], max_results=1
-    )
-    return runs[0] if runs else None
-
-
-def _quote(value: str) -> str:
-    """A search-filter string literal (MLflow's filter grammar has no escapes)."""
-    if "'" not in value:
-        return f"'{value}'"
-    if '"' not in value:
-        return f'"{value}"'
-    raise ValueError(f"tag value {value!r} holds both quote characters and cannot be searched for")
-
-
-def ensure_experiment(client: mlflow.MlflowClient, name: str, artifact_root: str | None) -> str:
-    """The id of experiment ``name``, created with artefacts under ``artifact_root/name`` if new."""
-    from mlflow.exceptions import MlflowException
-
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    root = (artifact_root or settings.mlflow_artifact_root()).rstrip("/")
-    try:
-        return client.create_experiment(name, artifact_location=f"{root}/{name}")
-    except MlflowException:
-        # Another task created it between our lookup and create.
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
-
-
 def trainer(path: str, params: dict[str, Any], seed: int) -> Callable[[pd.DataFrame, pd.Series], Any]:
     """A function ``(features, target) -> fitted classifier`` from the request's ``estimator``.
 
@@ -294,13 +237,13 @@ def trainer(path: str, params: dict[str, Any], seed: int) -> Callable[[pd.DataFr
       scikit-learn recognises (``is_classifier``, ``predict_proba``, ``classes_``), e.g. a
       ``Pipeline`` with preprocessing, which is logged like any scikit-learn model.
     - ``torch:package.module.Class``: a PyTorch module trained on CPU; ``params`` hold its constructor's
-      and the training loop's arguments (``airloop.steps.train_torch``). Needs torch: the ``torch``
+      and the training loop's arguments (``airloop.steps.training.train_torch``). Needs torch: the ``torch``
       runtime.
 
     Each is checked before it trains where it can be: the import and the parameters.
     """
     if path.startswith(TORCH_PREFIX):
-        from airloop.steps.train_torch import torch_trainer
+        from airloop.steps.training.train_torch import torch_trainer
 
         return torch_trainer(path.removeprefix(TORCH_PREFIX), params, seed)
     is_function = ":" in path
@@ -351,141 +294,3 @@ def holdout_metrics(estimator: Any, features: pd.DataFrame, target: pd.Series) -
             else roc_auc_score(target, proba, multi_class="ovr", labels=estimator.classes_)
         ),
     }
-
-
-def log_logged_model(
-    client: mlflow.MlflowClient, run: mlflow.entities.Run, save: Callable[[str, mlflow.models.Model], None]
-) -> str:
-    """Log the MLflow model that ``save(path, mlflow_model)`` writes (a flavour's ``save_model``) as
-    the logged model ``model`` of ``run``; returns its model id.
-
-    The steps of a flavour's ``log_model`` done through ``client``: ``log_model`` itself resolves the
-    process-wide tracking URI, which a shared worker must not change.
-    """
-    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
-    from mlflow.models import Model
-
-    run_id = run.info.run_id
-    logged = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, MODEL_NAME)
-        save(path, Model(run_id=run_id, model_id=logged.model_id, model_uuid=logged.model_id))
-        client.log_model_artifacts(logged.model_id, path)
-    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
-    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
-    return logged.model_id
-
-
-def log_sklearn_model(
-    client: mlflow.MlflowClient, run: mlflow.entities.Run, estimator: Any, example: pd.DataFrame
-) -> str:
-    """Log ``estimator`` as the MLflow logged model ``model`` of ``run`` (sklearn flavour, skops);
-    returns its model id."""
-    import mlflow
-    import numpy
-    import sklearn
-    import skops
-    import skops.io
-    from mlflow.models import infer_signature
-
-    untrusted = skops.io.get_untrusted_types(data=skops.io.dumps(estimator))
-    unknown = sorted(set(untrusted) - SKOPS_TRUSTED_TYPES)
-    if unknown:
-        raise ValueError(f"estimator holds types outside Airloop's skops allow-list: {unknown}")
-    signature = infer_signature(example, estimator.predict_proba(example.head(5)))
-
-    def save(path: str, mlflow_model: mlflow.models.Model) -> None:
-        mlflow.sklearn.save_model(
-            estimator,
-            path,
-            mlflow_model=mlflow_model,
-            serialization_format="skops",
-            skops_trusted_types=untrusted,
-            signature=signature,
-            # Explicit requirements: inferring them re-imports the model in a subprocess (seconds).
-            pip_requirements=[
-                f"scikit-learn=={sklearn.__version__}",
-                f"skops=={skops.__version__}",
-                f"numpy=={numpy.__version__}",
-            ],
-        )
-
-    return log_logged_model(client, run, save)
-
-
-def download(tracking_uri: str, uri: str, dst_dir: str) -> str:
-    """Download an MLflow artefact URI (``runs:/``, ``models:/``, ``file://``...) into ``dst_dir``."""
-    import mlflow
-
-    return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst_dir, tracking_uri=tracking_uri)
-
-
-def read_data(tracking_uri: str, uri: str, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
-    """A table from a ``runs:/`` / ``models:/`` artefact or any location ``read_table`` reads."""
-    if uri.startswith(("runs:/", "models:/")):
-        with tempfile.TemporaryDirectory() as tmp:
-            return read_table(download(tracking_uri, uri, tmp))
-    return read_table(uri, storage_options)
-
-
-def read_json_artifact(client: mlflow.MlflowClient, run_id: str, path: str) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(client.download_artifacts(run_id, path, tmp)) as handle:
-            return json.load(handle)
-
-
-def resolve_model(client: mlflow.MlflowClient, model_uri: str) -> tuple[str, str | None]:
-    """The artefact location and logged-model id behind ``runs:/<run_id>/<name>`` or ``models:/<id>``.
-
-    Resolved here because MLflow's own ``runs:/`` lookup of a logged model falls back to the
-    process-wide tracking URI; other URIs are returned unchanged with no model id.
-    """
-    if model_uri.startswith("models:/m-"):
-        model_id = model_uri.removeprefix("models:/").split("/")[0]
-        return client.get_logged_model(model_id).artifact_location, model_id
-    if not model_uri.startswith("runs:/"):
-        return model_uri, None
-    from mlflow.entities import LoggedModelStatus
-
-    run_id, _, name = model_uri.removeprefix("runs:/").partition("/")
-    run = client.get_run(run_id)
-    outputs = [
-        client.get_logged_model(output.model_id)
-        for output in (run.outputs.model_outputs if run.outputs else [])
-    ]
-    # The newest complete one: a resumed run can hold the model of a try that died before finishing.
-    ready = [logged for logged in outputs if logged.name == name and logged.status == LoggedModelStatus.READY]
-    if ready:
-        newest = max(ready, key=lambda logged: logged.creation_timestamp)
-        return newest.artifact_location, newest.model_id
-    # A model stored as plain run artefacts (mlflow 2 style).
-    return f"{run.info.artifact_uri.rstrip('/')}/{name}", None
-
-
-def load_model(tracking_uri: str, model_uri: str) -> Any:
-    """Load a scikit-learn model that ``train`` logged, trusting only ``SKOPS_TRUSTED_TYPES``, or a
-    PyTorch one (a ``TorchClassifier``; needs torch, so the ``torch`` runtime).
-
-    Reads the skops file directly instead of ``mlflow.sklearn.load_model``: the latter takes its
-    allow-list from the model's own MLmodel file and needs a process-wide opt-in to do so.
-    """
-    import mlflow
-    import skops.io
-    from mlflow.models import Model
-
-    location, _ = resolve_model(mlflow.MlflowClient(tracking_uri=tracking_uri), model_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = download(tracking_uri, location, tmp)
-        flavors = Model.load(os.path.join(local, "MLmodel")).flavors
-        if "pytorch" in flavors:
-            from airloop.steps.train_torch import load_torch_model
-
-            return load_torch_model(local, model_uri)
-        flavor = flavors.get("sklearn")
-        if flavor is None or flavor.get("serialization_format") != "skops":
-            raise ValueError(f"{model_uri} is not a scikit-learn model saved in the skops format")
-        path = os.path.join(local, flavor["pickled_model"])
-        unknown = sorted(set(skops.io.get_untrusted_types(file=path)) - SKOPS_TRUSTED_TYPES)
-        if unknown:
-            raise ValueError(f"{model_uri} holds types outside Airloop's skops allow-list: {unknown}")
-        return skops.io.load(path, trusted=sorted(SKOPS_TRUSTED_TYPES))

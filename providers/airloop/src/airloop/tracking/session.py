@@ -11,7 +11,7 @@ A request names the server (``tracking_uri``) and may carry the connection's set
 
 ``mlflow_calls(request)`` applies them while a block runs. Credentials never go to ``os.environ``
 (where MLflow looks for them by default): two MLflow plugins that Airloop registers through entry
-points (``airloop.steps.tracking_plugins``) read them from this module while a block is open, one
+points (``airloop.tracking.plugins``) read them from this module while a block is open, one
 adding the ``Authorization`` header to MLflow's REST requests, the other giving the S3 artefact
 repository its credentials. The retry settings are not secrets, and MLflow reads them only from its
 ``MLFLOW_HTTP_REQUEST_*`` variables: they are set for the block and restored afterwards, together

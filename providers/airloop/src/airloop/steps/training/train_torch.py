@@ -1,6 +1,6 @@
-"""The PyTorch route of ``airloop.steps.train``: ``estimator="torch:package.module.Class"``.
+"""The PyTorch route of ``airloop.steps.training.train``: ``estimator="torch:package.module.Class"``.
 
-``Class`` is a ``torch.nn.Module`` (``airloop.steps.torch_models.MLPClassifier`` to start with) built as
+``Class`` is a ``torch.nn.Module`` (``airloop.torch_models.MLPClassifier`` to start with) built as
 ``Class(n_features=..., n_classes=..., **module_params)``; its ``forward`` maps float32 rows
 ``[N, n_features]`` to class logits. The request's ``params`` hold both kinds of argument: the keys of
 ``TRAINING_DEFAULTS`` drive the training loop, every other key goes to the constructor. The request's
@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from airloop.tracking.models import TorchClassifier, import_torch
+
 if TYPE_CHECKING:
-    import mlflow
     import pandas as pd
 
 # The training loop's params and their defaults; any other param is the module's.
@@ -43,57 +43,6 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,
     "standardize": True,
 }
-PROGRAM_FILE = "model.pt2"
-EXAMPLE_ROWS = 5  # more than one, so that torch.export keeps the batch dimension dynamic
-
-
-def import_torch(what: str) -> Any:
-    """``torch``, or an ImportError that says where ``what`` can run."""
-    try:
-        import torch
-    except ImportError as error:
-        raise ImportError(
-            f"{what} needs PyTorch, which this environment lacks ({error}): run the task in the 'torch' "
-            "runtime (the operator's runtime='torch'), built with `airloop runtimes build torch`"
-        ) from None
-    return torch
-
-
-class TorchClassifier:
-    """A fitted (or loaded) torch module that returns class probabilities, with the scikit-learn calls
-    the steps make. ``feature_names_in_`` are the columns it reads, in order."""
-
-    def __init__(
-        self,
-        module: Any,
-        classes: list[Any],
-        feature_names: list[str],
-        params: dict[str, Any] | None = None,
-        epoch_losses: list[float] | None = None,
-    ) -> None:
-        self.module = module
-        self.classes_ = np.asarray(classes)
-        self.feature_names_in_ = np.asarray(feature_names, dtype=object)
-        self.params = params or {}
-        self.epoch_losses_ = epoch_losses or []
-
-    def predict_proba(self, features: pd.DataFrame) -> np.ndarray:
-        import torch
-
-        names = list(self.feature_names_in_)
-        missing = sorted(set(names) - set(features.columns))
-        if missing:
-            raise ValueError(f"the data lacks the model's features {missing}")
-        with torch.inference_mode():
-            return self.module(torch.from_numpy(features[names].to_numpy(np.float32))).numpy()
-
-    def predict(self, features: pd.DataFrame) -> np.ndarray:
-        return self.classes_[self.predict_proba(features).argmax(axis=1)]
-
-    def get_params(self, deep: bool = False) -> dict[str, Any]:
-        """What ``train`` logs as params: ``model_class`` (the module's class), the constructor's
-        arguments with their defaults, and the training loop's."""
-        return dict(self.params)
 
 
 def torch_trainer(path: str, params: dict[str, Any], seed: int) -> Callable[[pd.DataFrame, pd.Series], Any]:
@@ -159,7 +108,7 @@ def _fit(
 ) -> TorchClassifier:
     import torch
 
-    from airloop.steps.torch_models import Standardize
+    from airloop.torch_models import Standardize
 
     rows = torch.from_numpy(_float_rows(features))
     classes, labels = np.unique(target.to_numpy(), return_inverse=True)
@@ -212,63 +161,3 @@ def _float_rows(features: pd.DataFrame) -> np.ndarray:
     if not np.isfinite(rows).all():
         raise ValueError("the training features hold NaN or infinite values: impute or drop them first")
     return rows
-
-
-def log_torch_model(
-    client: mlflow.MlflowClient, run: mlflow.entities.Run, classifier: TorchClassifier, example: pd.DataFrame
-) -> str:
-    """Log ``classifier`` as the run's logged model ``model``: MLflow's ``pytorch`` flavour in the pt2
-    format, with a tensor signature ``[-1, n_features] -> [-1, n_classes]``; returns its model id."""
-    import mlflow.pytorch
-    import torch
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    from airloop.steps.train import log_logged_model
-
-    names = [str(name) for name in classifier.feature_names_in_]
-    rows = example[names].head(EXAMPLE_ROWS).to_numpy(np.float32)
-    # pt2 needs a tensor signature; unnamed, so the conversion takes the feature names from the data.
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(names)))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(classifier.classes_)))]),
-    )
-
-    def save(path: str, mlflow_model: Any) -> None:
-        mlflow.pytorch.save_model(
-            classifier.module,
-            path,
-            mlflow_model=mlflow_model,
-            serialization_format="pt2",
-            input_example=rows,
-            signature=signature,
-            metadata={"classes": classifier.classes_.tolist(), "feature_names": names},
-            # Explicit, as for scikit-learn models; torch's release without its build tag (+cpu), which
-            # pip finds on any index.
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
-        )
-
-    return log_logged_model(client, run, save)
-
-
-def load_torch_model(local: str, model_uri: str) -> TorchClassifier:
-    """The classifier in the MLflow ``pytorch`` model folder ``local`` that ``log_torch_model`` wrote."""
-    from mlflow.models import Model
-
-    torch = import_torch(f"loading the PyTorch model {model_uri}")
-    mlmodel = Model.load(os.path.join(local, "MLmodel"))
-    program = os.path.join(local, mlmodel.flavors["pytorch"].get("model_data", "data"), PROGRAM_FILE)
-    if not os.path.isfile(program):
-        raise ValueError(
-            f"{model_uri} is a PyTorch model saved with pickle, which runs code when loaded: "
-            "log it with serialization_format='pt2' (a torch.export program)"
-        )
-    metadata = mlmodel.metadata or {}
-    if not {"classes", "feature_names"} <= metadata.keys():
-        raise ValueError(
-            f"{model_uri} has no 'classes' and 'feature_names' in its MLmodel metadata: Airloop scores "
-            "the PyTorch models its train step logged (estimator='torch:package.module.Class')"
-        )
-    return TorchClassifier(
-        torch.export.load(program).module(), metadata["classes"], metadata["feature_names"]
-    )

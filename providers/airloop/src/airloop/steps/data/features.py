@@ -13,7 +13,6 @@ threshold, so a model never trains on fewer rows than asked for without anyone n
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airloop.steps.data import fingerprint, read_table, write_table
+from airloop.feast_store import feature_store
+from airloop.tables import fingerprint, read_table, write_table
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -37,68 +37,6 @@ _ROW = "__airloop_row"  # carries each entity row's position through the join
 
 class RowLossError(ValueError):
     """More entity rows were lost in the point-in-time join than the threshold allows."""
-
-
-def embedded_config(home: Path) -> dict[str, Any]:
-    """The embedded default: Feast's local provider, file offline store, SQLite online store in ``home``."""
-    return {
-        "project": "airloop",
-        "provider": "local",
-        "registry": str(home / "registry.db"),
-        "online_store": {"type": "sqlite", "path": str(home / "online.db")},
-        "offline_store": {"type": "file"},
-        "entity_key_serialization_version": 3,
-    }
-
-
-def store_config(
-    repo_path: str | None = None,
-    feature_store_yaml: str | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """``{"repo_path", "config"}`` from a repo folder and/or its feature_store.yaml.
-
-    The YAML defaults to ``<repo_path>/feature_store.yaml`` and the repo to the YAML's folder;
-    ``${VAR}`` in it expands as Feast itself does. ``overrides`` (``online_store``, ``offline_store``)
-    replace those blocks whole: a Redis online store shares no option with a SQLite one.
-    """
-    import yaml
-
-    if not repo_path and not feature_store_yaml:
-        raise ValueError("a Feast store needs repo_path (the feature repo folder) or feature_store_yaml")
-    yaml_path = Path(feature_store_yaml) if feature_store_yaml else Path(repo_path) / "feature_store.yaml"
-    repo = Path(repo_path) if repo_path else yaml_path.parent
-    if not repo.is_dir():
-        raise ValueError(f"Feast repo_path {repo} is not a folder")
-    if not yaml_path.is_file():
-        raise ValueError(f"Feast configuration {yaml_path} does not exist")
-    try:
-        config = yaml.safe_load(os.path.expandvars(yaml_path.read_text()))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"Feast configuration {yaml_path} is not valid YAML: {exc}") from exc
-    if not isinstance(config, dict) or "project" not in config:
-        raise ValueError(f"Feast configuration {yaml_path} must be a mapping with a 'project'")
-    return {"repo_path": str(repo.resolve()), "config": _merged(config, overrides)}
-
-
-def _merged(config: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
-    unknown = sorted(set(overrides or {}) - {"online_store", "offline_store"})
-    if unknown:
-        raise ValueError(f"only online_store and offline_store can be overridden, not {unknown}")
-    return {**config, **(overrides or {})}
-
-
-def feature_store(store: dict[str, Any]) -> FeatureStore:
-    """A FeatureStore for ``{"repo_path", "config"}``; ValueError names a configuration Feast rejects."""
-    from feast import FeatureStore, RepoConfig
-    from pydantic import ValidationError
-
-    try:
-        config = RepoConfig(**store["config"])
-    except ValidationError as exc:
-        raise ValueError(f"invalid Feast configuration for repo {store['repo_path']}: {exc}") from exc
-    config.repo_path = Path(store["repo_path"])  # relative source and registry paths resolve against it
-    return FeatureStore(repo_path=store["repo_path"], config=config)
 
 
 def apply(request: dict[str, Any]) -> dict[str, Any]:
@@ -269,7 +207,7 @@ def reference_tables(
     import numpy as np
     import pandas as pd
 
-    from airloop.steps.data import LABEL, generate
+    from airloop.embedded.demo import LABEL, generate
 
     frame = generate(n_rows, shift=shift, seed=seed)
     end = pd.Timestamp(end or datetime.now(UTC)).floor("s")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from mlflow.store.artifact.s3_artifact_repo import S3ArtifactRepository, _get_s3_client
 from mlflow.tracking.request_header.abstract_request_header_provider import RequestHeaderProvider
 
-from airloop.steps.tracking import ACTIVE
+from airloop.tracking.session import ACTIVE
 
 
 class ConnectionAuthHeaderProvider(RequestHeaderProvider):

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from airloop.steps.tracking import mlflow_step
+from airloop.tracking.session import mlflow_step
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -46,9 +46,10 @@ def score(request: dict[str, Any]) -> dict[str, Any]:
     import fsspec
     import mlflow
 
+    from airloop.openvino_ir import fetch_ir
     from airloop.serving.model import OpenVinoModel
-    from airloop.steps.convert import IR_PATH, fetch_ir
-    from airloop.steps.data import write_table
+    from airloop.steps.conversion.convert import IR_PATH
+    from airloop.tables import write_table
 
     for key in ("tracking_uri", "model_name", "model_version", "data_uri", "output_uri"):
         if not request.get(key):
@@ -151,7 +152,7 @@ def _chunks(uri: str, chunk_rows: int, options: dict[str, Any]) -> Iterator[pd.D
     import fsspec
     import pandas as pd
 
-    from airloop.steps.data import is_csv, parquet_table
+    from airloop.tables import is_csv, parquet_table
 
     if is_csv(uri):
         fs, path = fsspec.core.url_to_fs(uri, **options)

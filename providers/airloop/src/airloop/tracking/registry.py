@@ -13,8 +13,7 @@ import os
 import tempfile
 from typing import TYPE_CHECKING, Any
 
-from airloop.steps.tracking import mlflow_step
-from airloop.steps.train import resolve_model
+from airloop.tracking.session import mlflow_step
 
 if TYPE_CHECKING:
     import mlflow
@@ -31,7 +30,7 @@ AUDIT_STAGES = ("trigger", "data", "validation", "training", "evaluation", "conv
 MAX_AUDIT_RECORD_BYTES = 16_384
 
 
-def _client(tracking_uri: str) -> mlflow.MlflowClient:
+def registry_client(tracking_uri: str) -> mlflow.MlflowClient:
     import mlflow
 
     if not tracking_uri:
@@ -50,70 +49,16 @@ def aliases(tracking_uri: str, model_name: str) -> dict[str, str]:
     from mlflow.exceptions import MlflowException
 
     try:
-        return _aliases(_client(tracking_uri), model_name)
+        return current_aliases(registry_client(tracking_uri), model_name)
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return {}
         raise
 
 
-def _aliases(client: mlflow.MlflowClient, model_name: str) -> dict[str, str]:
+def current_aliases(client: mlflow.MlflowClient, model_name: str) -> dict[str, str]:
     # MLflow returns version numbers here as ints and everywhere else as strings.
     return {alias: str(version) for alias, version in client.get_registered_model(model_name).aliases.items()}
-
-
-@mlflow_step
-def register(request: dict[str, Any]) -> dict[str, Any]:
-    """Register the run's model as a new version and give it ``champion`` (first) or ``challenger``.
-
-    Request ``{"tracking_uri", "model_name", "run_id", "model_uri", "tags", "http"}`` ->
-    ``{"version", "alias", "reused"}``; a version from the same run is reused, not duplicated.
-
-    Order of writes: the version is created with its tags in one request, and the alias moves only
-    after that. A failure before the create leaves the registry as it was; one after it leaves a
-    complete version that no alias points at, which the retry finds by its run and completes. A
-    create that the server committed but answered with a 5xx is retried by MLflow's HTTP client and
-    can commit twice: the extra versions of the run, which no alias points at, are deleted.
-    """
-    from mlflow.exceptions import MlflowException
-
-    name, run_id = request.get("model_name"), request.get("run_id")
-    if not name or not run_id:
-        raise ValueError("request needs 'model_name' and 'run_id'")
-    client = _client(request.get("tracking_uri", ""))
-    try:
-        client.create_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    versions = _run_versions(client, name, run_id)
-    reused = bool(versions)
-    if not reused:
-        location, model_id = resolve_model(client, request.get("model_uri") or f"runs:/{run_id}/model")
-        tags = {**{str(k): str(v) for k, v in (request.get("tags") or {}).items()}, RUN_TAG: run_id}
-        client.create_model_version(name, location, run_id=run_id, tags=tags, model_id=model_id)
-        versions = _run_versions(client, name, run_id)  # read back: the create may have committed twice
-    version, *duplicates = versions
-    number = str(version.version)
-    current = _aliases(client, name)
-    for duplicate in duplicates:
-        if duplicate.tags.get(RUN_TAG) == run_id and str(duplicate.version) not in current.values():
-            client.delete_model_version(name, str(duplicate.version))
-    held = [alias for alias in (CHAMPION, CHALLENGER) if current.get(alias) == number]
-    if held:
-        alias: str | None = held[0]
-    elif version.tags.get(REJECTED_TAG) == "true":
-        alias = None
-    else:
-        alias = CHALLENGER if CHAMPION in current else CHAMPION
-        client.set_registered_model_alias(name, alias, number)
-    return {"version": number, "alias": alias, "reused": reused}
-
-
-def _run_versions(client: mlflow.MlflowClient, name: str, run_id: str) -> list[Any]:
-    """The model's versions made from ``run_id``, oldest first."""
-    found = client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'")
-    return sorted(found, key=lambda mv: int(mv.version))
 
 
 @mlflow_step
@@ -124,16 +69,16 @@ def promote(request: dict[str, Any]) -> dict[str, Any]:
     """
     version = _version(request)
     name = request["model_name"]
-    client = _client(request.get("tracking_uri", ""))
+    client = registry_client(request.get("tracking_uri", ""))
     client.get_model_version(name, version)  # a clear error for an unknown version
-    current = _aliases(client, name)
+    current = current_aliases(client, name)
     old = current.get(CHAMPION)
     if old != version:
         # Set "previous" before moving "champion": a crash in between leaves the rollback target.
         if old is not None:
             client.set_registered_model_alias(name, PREVIOUS, old)
         client.set_registered_model_alias(name, CHAMPION, version)
-        current = _aliases(client, name)
+        current = current_aliases(client, name)
     if current.get(CHALLENGER) == version:
         client.delete_registered_model_alias(name, CHALLENGER)
     return {"champion": version, "previous": current.get(PREVIOUS)}
@@ -148,8 +93,8 @@ def reject(request: dict[str, Any]) -> dict[str, Any]:
     """
     version = _version(request)
     name = request["model_name"]
-    client = _client(request.get("tracking_uri", ""))
-    current = _aliases(client, name)
+    client = registry_client(request.get("tracking_uri", ""))
+    current = current_aliases(client, name)
     if current.get(CHAMPION) == version:
         raise ValueError(f"version {version} of {name!r} is the champion; promote another version instead")
     removed = current.get(CHALLENGER) == version
@@ -179,7 +124,7 @@ def append_audit(request: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(
             f"audit record for stage {stage!r} is {size} bytes; the limit is {MAX_AUDIT_RECORD_BYTES}"
         )
-    client = _client(request.get("tracking_uri", ""))
+    client = registry_client(request.get("tracking_uri", ""))
     if request.get("run_id"):
         header: dict[str, Any] = {"run_id": request["run_id"]}
     else:
@@ -202,7 +147,7 @@ def append_audit(request: dict[str, Any]) -> dict[str, Any]:
 
 def read_audit(tracking_uri: str, model_name: str, version: str | int) -> dict[str, Any]:
     """``{"model_name", "version", "run_id", "stages": [{"stage", "at", "record"}, ...]}``, loop order."""
-    client = _client(tracking_uri)
+    client = registry_client(tracking_uri)
     run_id = _source_run(client, model_name, str(version))
     stages = _stages(client, run_id)
     return {"model_name": model_name, "version": str(version), "run_id": run_id, "stages": stages}

@@ -1,6 +1,6 @@
 """Pick the best of a hyperparameter search's training runs and nest them under one parent run.
 
-Each candidate is a run that ``airloop.steps.train.train`` logged (one per mapped Airflow task).
+Each candidate is a run that ``airloop.steps.training.train.train`` logged (one per mapped Airflow task).
 The search itself is recorded as a parent run: the candidates carry its id in ``mlflow.parentRunId``
 (MLflow's UI shows them as its children), and it holds the metric, the mode, every candidate's
 score and the winner.
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from airloop.steps.tracking import mlflow_step
-from airloop.steps.train import PARENT_RUN_TAG, run_result, task_run
+from airloop.steps.training.train import run_result
+from airloop.tracking.artifacts import PARENT_RUN_TAG, task_run
+from airloop.tracking.session import mlflow_step
 
 if TYPE_CHECKING:
     import mlflow

@@ -13,7 +13,7 @@ Variants, all from the same fp32 graph (an ONNX file or an IR that a conversion 
   faster than f32 only on CPUs with VNNI or AMX).
 
 Every variant is compiled and called as the model server compiles and calls it
-(``airloop.serving.model.compile_ir`` and ``infer_rows``), so the accuracy and the speed measured
+(``airloop.openvino_ir.compile_ir`` and ``infer_rows``), so the accuracy and the speed measured
 here are the ones served. A variant is a candidate only when its holdout accuracy is within
 ``budget`` points of the native model's; the fastest candidate (by throughput at a large batch, or
 latency at batch 1) is selected, and among candidates within ``TIE`` of the fastest, the one that is
@@ -128,7 +128,7 @@ def openvino_predictor(xml_path: str) -> Callable[[np.ndarray], np.ndarray]:
     request of the one-row model for single rows, one of the batch model for batches."""
     import openvino
 
-    from airloop.serving.model import compile_ir, infer_rows
+    from airloop.openvino_ir import compile_ir, infer_rows
 
     core = openvino.Core()
     one_row, batch = (

@@ -15,9 +15,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from airloop.steps.registry import CHAMPION, aliases
-from airloop.steps.tracking import mlflow_step
-from airloop.steps.train import HOLDOUT_PATH, MODEL_NAME, load_model, read_data
+from airloop.tracking.artifacts import HOLDOUT_PATH, read_data
+from airloop.tracking.models import MODEL_NAME, load_model
+from airloop.tracking.registry import CHAMPION, aliases
+from airloop.tracking.session import mlflow_step
 
 if TYPE_CHECKING:
     import numpy as np

@@ -1,4 +1,4 @@
-"""PyTorch modules for the ``torch:`` estimators of ``airloop.steps.train``.
+"""PyTorch modules for the ``torch:`` estimators of ``airloop.steps.training.train``.
 
 Imports torch: only the ``torch`` runtime (or an environment with torch) imports this module.
 A module for ``torch:package.module.Class`` is built as ``Class(n_features=..., n_classes=...,

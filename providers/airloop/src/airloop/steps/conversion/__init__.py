@@ -1,0 +1,1 @@
+"""Conversion steps: convert to OpenVINO IR (one route per model family), optimise, batch-score."""

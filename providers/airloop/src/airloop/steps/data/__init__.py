@@ -1,0 +1,1 @@
+"""Data steps: the validation gate, suite profiling, Feast features."""

@@ -1,0 +1,212 @@
+"""Detect drift between a reference data set and a current window of serving data.
+
+``detect(request) -> result`` is a step: plain Python, JSON-able request in, JSON-able result out,
+no Airflow import. The window is checked before any test: a window with too few rows is
+``insufficient_data`` (never ``no_drift``), one with missing or mistyped columns is
+``invalid_window``. Backends: ``scipy`` (default, runs anywhere) and ``alibi`` (alibi-detect, in
+the ``serving`` runtime, or the ``torch`` runtime for its ``mmd`` method); see docs/drift.md.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from airloop.steps.drift import alibi, scipy  # noqa: F401  (each registers its backend)
+from airloop.steps.drift.base import CORRECTIONS, PER_FEATURE, Detector, available, flag, get, register
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["CORRECTIONS", "PER_FEATURE", "Detector", "available", "detect", "flag", "get", "register"]
+
+SEVERITY = {"low": 0.0, "medium": 0.25, "high": 0.5}
+_DEFAULTS: dict[str, Any] = {
+    "features": None,
+    "categorical": None,
+    "backend": "scipy",
+    "method": "ks",
+    "p_val": 0.05,
+    "correction": "bonferroni",
+    "min_rows": 200,
+    "report_dir": None,
+    "severity": None,
+}
+_REQUIRED = ("reference_uri", "current_uri")
+
+
+def detect(request: dict[str, Any]) -> dict[str, Any]:
+    """Compare ``current_uri`` with ``reference_uri`` (Parquet or CSV files, Parquet folders; local or URIs
+    pyarrow reads).
+
+    Request: ``reference_uri``, ``current_uri``; optional ``features`` (default: every reference column),
+    ``categorical`` (default: the reference columns that are not numeric), ``backend`` ("scipy"),
+    ``method`` ("ks" or "cvm": one test per feature, Kolmogorov-Smirnov or Cramer-von Mises on numeric
+    features and chi-squared on categorical ones; "mmd": one test of all features, alibi only),
+    ``p_val`` (0.05), ``correction`` ("bonferroni" or "fdr"), ``min_rows`` (200, also the fewest
+    non-missing values a feature needs on each side to be tested), ``report_dir`` (where to write
+    report.json and report.html; none written without it) and ``severity`` (thresholds on the share of
+    tested features that drifted, default ``SEVERITY``).
+    """
+    options = _parse(request)
+    detector_class = get(options["backend"])
+    thresholds = _severity_thresholds(options["severity"])
+
+    reference = _read(options["reference_uri"], options["features"])
+    features = options["features"] or list(reference.columns)
+    absent = [f for f in features if f not in reference.columns]
+    if absent:
+        raise ValueError(f"features not in the reference data {options['reference_uri']!r}: {absent}")
+    categorical = _categorical(reference, features, options["categorical"])
+    detector = detector_class(
+        p_val=options["p_val"],
+        correction=options["correction"],
+        categorical=categorical,
+        min_rows=options["min_rows"],
+        method=options["method"],
+    )
+    detector.check_params()  # a bad request fails whatever the window holds
+    current = _read(options["current_uri"], features)
+
+    result: dict[str, Any] = {
+        "verdict": "no_drift",
+        "severity": "none",
+        "backend": options["backend"],
+        "method": options["method"],
+        "n_reference": len(reference),
+        "n_current": len(current),
+        "drifted_features": [],
+        "share_drifted": 0.0,
+        "features": {},
+        "report_json": None,
+        "report_html": None,
+        "message": "",
+    }
+    # An empty window has no schema to check: it is too small, not malformed.
+    problem = _window_problem(reference, current, features) if len(current) else None
+    if problem:
+        result.update(verdict="invalid_window", message=problem)
+    elif min(len(reference), len(current)) < options["min_rows"]:
+        result.update(
+            verdict="insufficient_data",
+            message=f"too few rows to judge drift: reference {len(reference)}, "
+            f"current {len(current)}, at least {options['min_rows']} needed on each side",
+        )
+    else:
+        result.update(_judge(detector.fit(reference).score(current), thresholds, options))
+
+    if options["report_dir"]:
+        from airloop.steps.drift import report
+
+        plots = {} if problem else report.distributions(reference, current, features, categorical)
+        result = report.write(result, plots, options["report_dir"])
+    return result
+
+
+def _parse(request: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(request, dict):
+        raise TypeError(f"a drift request is a dict, got {type(request).__name__}")
+    unknown = sorted(set(request) - set(_DEFAULTS) - set(_REQUIRED))
+    if unknown:
+        raise ValueError(f"unknown drift request keys {unknown}: expected {sorted([*_REQUIRED, *_DEFAULTS])}")
+    missing = [key for key in _REQUIRED if not request.get(key)]
+    if missing:
+        raise ValueError(f"drift request lacks {missing}")
+    options = {**_DEFAULTS, **request}
+    for key in ("features", "categorical"):
+        if options[key] is not None and (isinstance(options[key], str) or not isinstance(options[key], list)):
+            raise ValueError(f"{key!r} must be a list of column names, got {options[key]!r}")
+    if options["features"] == []:
+        raise ValueError("'features' is empty: leave it out to use every reference column")
+    return options
+
+
+def _severity_thresholds(given: dict[str, float] | None) -> dict[str, float]:
+    thresholds = {**SEVERITY, **(given or {})}
+    if set(thresholds) != set(SEVERITY):
+        raise ValueError(f"severity takes the levels {list(SEVERITY)}, got {sorted(given or {})}")
+    levels = [thresholds[level] for level in SEVERITY]
+    if not all(0 <= t <= 1 for t in levels) or levels != sorted(levels):
+        raise ValueError(f"severity thresholds must rise from low to high within [0, 1], got {thresholds}")
+    return thresholds
+
+
+def _read(uri: str, columns: list[str] | None) -> pd.DataFrame:
+    """Read the wanted columns that exist (all when ``columns`` is None); absent ones are judged later."""
+    import pyarrow.dataset as ds
+
+    from airloop.tables import is_csv
+
+    dataset = ds.dataset(uri, format="csv" if is_csv(uri) else "parquet")
+    present = None if columns is None else [c for c in columns if c in dataset.schema.names]
+    return dataset.to_table(columns=present).to_pandas()
+
+
+def _is_numeric(column: pd.Series) -> bool:
+    from pandas.api import types
+
+    return types.is_numeric_dtype(column) and not types.is_bool_dtype(column)
+
+
+def _categorical(reference: pd.DataFrame, features: list[str], given: list[str] | None) -> list[str]:
+    """The requested categorical features, plus every feature whose reference values are not numbers."""
+    given = given or []
+    unknown = [f for f in given if f not in features]
+    if unknown:
+        raise ValueError(f"categorical features not among the features: {unknown}")
+    return [f for f in features if f in given or not _is_numeric(reference[f])]
+
+
+def _window_problem(reference: pd.DataFrame, current: pd.DataFrame, features: list[str]) -> str:
+    """Why the current window cannot be compared with the reference, or "" when it can."""
+    absent = [f for f in features if f not in current.columns]
+    if absent:
+        return f"current window lacks the columns {absent}"
+    # A column with no values at all has no type worth checking: it is reported as untested instead.
+    mistyped = [
+        f"{f} ({reference[f].dtype} in the reference, {current[f].dtype} now)"
+        for f in features
+        if not current[f].isna().all() and _is_numeric(current[f]) != _is_numeric(reference[f])
+    ]
+    return f"current window has columns of the wrong type: {', '.join(mistyped)}" if mistyped else ""
+
+
+def _judge(
+    scores: dict[str, dict[str, Any]], thresholds: dict[str, float], options: dict[str, Any]
+) -> dict[str, Any]:
+    tested = [f for f, s in scores.items() if s["tested"]]
+    untested = [f for f, s in scores.items() if not s["tested"]]
+    note = (
+        f"; untested (fewer than {options['min_rows']} non-missing values on a side): {untested}"
+        if untested
+        else ""
+    )
+    if not tested:
+        return {
+            "verdict": "insufficient_data",
+            "features": scores,
+            "message": f"no feature has {options['min_rows']} non-missing values on both sides{note}",
+        }
+    drifted = [f for f in tested if scores[f]["drift"]]
+    share = len(drifted) / len(tested)
+    severity = max(
+        (level for level, t in thresholds.items() if drifted and share >= t),
+        key=list(SEVERITY).index,
+        default="none",
+    )
+    if options["method"] in PER_FEATURE:
+        test = f"p < {options['p_val']} with {options['correction']} correction"
+    else:  # one test of all the features: they drift together or not at all
+        test = f"tested together with {options['method']}, p = {scores[tested[0]]['p_value']:.3g}"
+    message = (
+        f"{len(drifted)} of {len(tested)} features drifted ({test}): {drifted}"
+        if drifted
+        else f"no drift in {len(tested)} features ({test})"
+    )
+    return {
+        "verdict": "drift" if drifted else "no_drift",
+        "severity": severity,
+        "features": scores,
+        "drifted_features": drifted,
+        "share_drifted": share,
+        "message": message + note,
+    }

@@ -1,0 +1,1 @@
+"""Rollout steps: the rollout state machine and the canary analysis of each window."""

@@ -1,0 +1,1 @@
+"""MLflow as the system of record: client sessions, artefacts, models, the registry and audit."""
