@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,8 +28,6 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["CI"] = "true"  # OpenVINO telemetry off
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
-SHARED_SCHEMAS = REPO.parent / "shared" / "schemas"
-
 
 @pytest.fixture(scope="session")
 def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
@@ -42,9 +39,9 @@ def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     import boto3
     import httpx
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from airloop.ports import free_port
+
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     with open(log, "ab") as out:

@@ -1,25 +1,17 @@
-"""The Seldon serving target against a Kubernetes API and a Prometheus served by this test on 127.0.0.1.
+"""The Seldon serving target against the Kubernetes API and the Prometheus of ``tests.fakes``.
 
-The API implements the custom-objects endpoints for seldondeployments the way the API server does:
-create, get, JSON merge patch and delete, a resourceVersion that changes on every write, 409 when a
-patch carries a stale one, and validation against the CRD's schema when ``../shared/schemas`` has it.
-The client side is the real one: the cncf-kubernetes provider's KubernetesHook with an Airflow
-``kubernetes`` connection holding a kubeconfig.
+The API implements the custom-objects endpoints for seldondeployments the way the API server does
+(see ``tests.fakes.kubernetes``); the client side is the real one: the cncf-kubernetes provider's
+KubernetesHook with an Airflow ``kubernetes`` connection holding a kubeconfig.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
-import functools
 import json
-import re
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 
@@ -31,11 +23,10 @@ from airloop.serving.seldon import (
     stats_from_prometheus,
 )
 from airloop.steps.rollout.canary import analyse
+from tests.fakes.kubernetes import SHARED_SCHEMAS, FakeKubernetes, crd_validator, serving
+from tests.fakes.prometheus import FakePrometheus, sample
 
-# CI has ../shared beside the checkout; a user's clone does not.
-SHARED_SCHEMAS = Path(__file__).resolve().parents[3] / "shared" / "schemas"
 NAMESPACE, DEPLOYMENT, TOKEN = "models", "churn", "test-token"
-PATH = re.compile(r"^/apis/machinelearning\.seldon\.io/v1/namespaces/([^/]+)/seldondeployments(?:/([^/]+))?$")
 
 
 def predictor(version: int, weight: int) -> dict[str, Any]:
@@ -48,240 +39,18 @@ def predictor(version: int, weight: int) -> dict[str, Any]:
     }
 
 
-@functools.cache
-def crd_validator() -> Any:
-    """A validator of the CRD's schema, or None without ../shared (checking the schema takes seconds)."""
-    path = SHARED_SCHEMAS / "seldondeployment-v1.json"
-    if not path.exists():
-        return None
-    import jsonschema
-
-    schema = json.loads(path.read_text())["openAPIV3Schema"]
-    return jsonschema.validators.validator_for(schema)(schema)
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch."""
-    if not isinstance(patch, dict):
-        return patch
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
-
-
-class FakeKubernetes(ThreadingHTTPServer):
-    """Just enough of the Kubernetes API for SeldonDeployment custom objects."""
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _KubernetesHandler)
-        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
-        self.version = 0
-        self.lock = threading.Lock()
-        self.validator = crd_validator()
-        self.conflicts_to_inject = 0  # writes by "someone else" right before the next patches
-        self.served: list[tuple[str, int]] = []
-        self.authorizations: set[str] = set()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def bump(self, obj: dict[str, Any]) -> None:
-        self.version += 1
-        obj["metadata"]["resourceVersion"] = str(self.version)
-        obj["metadata"]["generation"] = obj["metadata"].get("generation", 0) + 1
-
-    def set_status(self, name: str, status: dict[str, Any]) -> None:
-        """What Seldon's operator does once it has reconciled the resource."""
-        with self.lock:
-            obj = self.objects[(NAMESPACE, name)]
-            obj["status"] = status
-            self.bump(obj)
-
-
-class _KubernetesHandler(BaseHTTPRequestHandler):
-    server: FakeKubernetes
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def _answer(self, code: int, body: dict[str, Any]) -> None:
-        self.server.served.append((self.command, code))  # before answering: the client goes on at once
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _status(self, code: int, reason: str, message: str) -> None:
-        self._answer(
-            code,
-            {
-                "kind": "Status",
-                "apiVersion": "v1",
-                "status": "Failure",
-                "message": message,
-                "reason": reason,
-                "code": code,
-            },
-        )
-
-    def _body(self) -> Any:
-        return json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"null")
-
-    def _route(self) -> tuple[str, str | None] | None:
-        self.server.authorizations.add(self.headers.get("Authorization", ""))
-        match = PATH.match(urlparse(self.path).path)
-        if not match:
-            self._status(404, "NotFound", f"no route {self.path}")
-            return None
-        return match.group(1), match.group(2)
-
-    def _invalid(self, obj: dict[str, Any]) -> str | None:
-        if self.server.validator is None:
-            return None
-        error = next(iter(self.server.validator.iter_errors(obj)), None)
-        return error and error.message
-
-    def do_POST(self) -> None:
-        route = self._route()
-        if route is None:
-            return
-        namespace, _ = route
-        obj = self._body()
-        name = obj["metadata"]["name"]
-        with self.server.lock:
-            if (namespace, name) in self.server.objects:
-                return self._status(409, "AlreadyExists", f'seldondeployments "{name}" already exists')
-            problem = self._invalid(obj)
-            if problem:
-                return self._status(422, "Invalid", problem)
-            obj["metadata"].update(namespace=namespace, uid=f"uid-{name}")
-            self.server.bump(obj)
-            self.server.objects[(namespace, name)] = obj
-            self._answer(201, obj)
-
-    def do_GET(self) -> None:
-        route = self._route()
-        if route is None:
-            return
-        with self.server.lock:
-            obj = self.server.objects.get(route)
-            if obj is None:
-                return self._status(404, "NotFound", f'seldondeployments "{route[1]}" not found')
-            self._answer(200, obj)
-
-    def do_PATCH(self) -> None:
-        route = self._route()
-        if route is None:
-            return
-        if self.headers.get("Content-Type") != "application/merge-patch+json":
-            return self._status(415, "UnsupportedMediaType", self.headers.get("Content-Type", ""))
-        patch = self._body()
-        with self.server.lock:
-            obj = self.server.objects.get(route)
-            if obj is None:
-                return self._status(404, "NotFound", f'seldondeployments "{route[1]}" not found')
-            if self.server.conflicts_to_inject:
-                self.server.conflicts_to_inject -= 1
-                self.server.bump(obj)  # another writer got there first
-            wanted = (patch.get("metadata") or {}).get("resourceVersion")
-            if wanted and wanted != obj["metadata"]["resourceVersion"]:
-                return self._status(
-                    409,
-                    "Conflict",
-                    "the object has been modified; please apply your changes "
-                    "to the latest version and try again",
-                )
-            updated = merge_patch(obj, patch)
-            problem = self._invalid(updated)
-            if problem:
-                return self._status(422, "Invalid", problem)
-            self.server.bump(updated)
-            self.server.objects[route] = updated
-            self._answer(200, updated)
-
-    def do_DELETE(self) -> None:
-        route = self._route()
-        if route is None:
-            return
-        with self.server.lock:
-            if self.server.objects.pop(route, None) is None:
-                return self._status(404, "NotFound", f'seldondeployments "{route[1]}" not found')
-            self._answer(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
-
-
-class FakePrometheus(ThreadingHTTPServer):
-    """``/api/v1/query`` answering each query by the metric it names, from ``self.series``."""
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _PrometheusHandler)
-        self.series: dict[str, list[dict[str, Any]]] = {}
-        self.queries: list[str] = []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _PrometheusHandler(BaseHTTPRequestHandler):
-    server: FakePrometheus
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        query = parse_qs(urlparse(self.path).query)["query"][0]
-        self.server.queries.append(query)
-        metric = re.search(r"\(([a-z_]+)\{", query).group(1)
-        body = {
-            "status": "success",
-            "data": {"resultType": "vector", "result": self.server.series.get(metric, [])},
-        }
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-
-def _serve(server: ThreadingHTTPServer) -> Iterator[ThreadingHTTPServer]:
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.fixture
 def kube(monkeypatch) -> Iterator[FakeKubernetes]:
     server = FakeKubernetes()
-    kubeconfig = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "current-context": "test",
-        "clusters": [{"name": "test", "cluster": {"server": server.url}}],
-        "users": [{"name": "test", "user": {"token": TOKEN}}],
-        "contexts": [
-            {"name": "test", "context": {"cluster": "test", "user": "test", "namespace": NAMESPACE}}
-        ],
-    }
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_KUBERNETES_DEFAULT",
-        json.dumps({"conn_type": "kubernetes", "extra": {"kube_config": kubeconfig}}),
-    )
-    yield from _serve(server)
+    monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT", server.connection(TOKEN, NAMESPACE))
+    with serving(server):
+        yield server
 
 
 @pytest.fixture
 def prometheus() -> Iterator[FakePrometheus]:
-    yield from _serve(FakePrometheus())
+    with serving(FakePrometheus()) as server:
+        yield server
 
 
 @pytest.fixture
@@ -396,6 +165,7 @@ def test_deploy_set_traffic_status_and_remove_through_the_kubernetes_api(kube, t
     assert [p["traffic"] for p in kube.objects[(NAMESPACE, DEPLOYMENT)]["spec"]["predictors"]] == [90, 10]
 
     kube.set_status(
+        NAMESPACE,
         DEPLOYMENT,
         {
             "state": "Available",
@@ -457,7 +227,7 @@ def test_a_conflicting_write_is_retried_from_a_fresh_read(kube, target):
     target.deploy(DEPLOYMENT, [predictor(3, 50), predictor(4, 50)])
     kube.conflicts_to_inject = 2
     target.set_traffic(DEPLOYMENT, {"v3": 25, "v4": 75})
-    patches = [code for method, code in kube.served if method == "PATCH"]
+    patches = [code for method, _, code in kube.served if method == "PATCH"]
     assert patches == [409, 409, 200]
     assert [p["traffic"] for p in kube.objects[(NAMESPACE, DEPLOYMENT)]["spec"]["predictors"]] == [25, 75]
 
@@ -496,37 +266,33 @@ def test_a_refused_manifest_names_the_api_servers_reason(kube, target):
 # -- metrics from Prometheus --------------------------------------------------------------------------------
 
 
-def _vector(labels: dict[str, str], value: float) -> dict[str, Any]:
-    return {"metric": labels, "value": [1700000000.0, str(value)]}
-
-
 def test_metrics_come_from_prometheus_in_the_local_targets_shape(kube, prometheus, target):
     target.deploy(DEPLOYMENT, [predictor(3, 90), predictor(4, 10)])
     m = "seldon_api_executor_client_requests_seconds"
     prometheus.series = {
         f"{m}_count": [
-            _vector({"predictor_name": "v3", "code": "200"}, 900),
-            _vector({"predictor_name": "v4", "code": "200"}, 80),
-            _vector({"predictor_name": "v4", "code": "500"}, 20),
-            _vector({"predictor_name": "old", "code": "200"}, 5),
+            sample({"predictor_name": "v3", "code": "200"}, 900),
+            sample({"predictor_name": "v4", "code": "200"}, 80),
+            sample({"predictor_name": "v4", "code": "500"}, 20),
+            sample({"predictor_name": "old", "code": "200"}, 5),
         ],
-        f"{m}_sum": [_vector({"predictor_name": "v3"}, 1.8), _vector({"predictor_name": "v4"}, 0.5)],
+        f"{m}_sum": [sample({"predictor_name": "v3"}, 1.8), sample({"predictor_name": "v4"}, 0.5)],
         f"{m}_bucket": [
-            _vector({"predictor_name": p, "le": le}, n)
+            sample({"predictor_name": p, "le": le}, n)
             for p, counts in {"v3": (800, 900, 900), "v4": (50, 90, 100)}.items()
             for le, n in zip(("0.002", "0.01", "+Inf"), counts, strict=True)
         ],
         # The model server's own counters (airloop.serving.model): no gateway on Kubernetes.
         "airloop_model_feedback_total": [
-            _vector({"predictor_name": "v3", "outcome": "correct"}, 95),
-            _vector({"predictor_name": "v3", "outcome": "incorrect"}, 5),
-            _vector({"predictor_name": "v4", "outcome": "correct"}, 30),
-            _vector({"predictor_name": "v4", "outcome": "incorrect"}, 20),
+            sample({"predictor_name": "v3", "outcome": "correct"}, 95),
+            sample({"predictor_name": "v3", "outcome": "incorrect"}, 5),
+            sample({"predictor_name": "v4", "outcome": "correct"}, 30),
+            sample({"predictor_name": "v4", "outcome": "incorrect"}, 20),
         ],
         "airloop_model_predictions_total": [
-            _vector({"predictor_name": "v3", "class": "0"}, 450),
-            _vector({"predictor_name": "v3", "class": "1"}, 450),
-            _vector({"predictor_name": "v4", "class": "1"}, 80),
+            sample({"predictor_name": "v3", "class": "0"}, 450),
+            sample({"predictor_name": "v3", "class": "1"}, 450),
+            sample({"predictor_name": "v4", "class": "1"}, 80),
         ],
     }
     stats = target.metrics(DEPLOYMENT)
@@ -568,7 +334,7 @@ def test_the_namespace_label_is_the_prometheus_setups(kube, prometheus):
     )
     target.deploy(DEPLOYMENT, [predictor(3, 100)])
     prometheus.series = {
-        "airloop_model_feedback_total": [_vector({"predictor_name": "v3", "outcome": "correct"}, 7)]
+        "airloop_model_feedback_total": [sample({"predictor_name": "v3", "outcome": "correct"}, 7)]
     }
     assert target.metrics(DEPLOYMENT)["v3"]["feedback_correct"] == 7
     assert all(

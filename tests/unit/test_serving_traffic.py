@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,6 +17,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+from airloop.ports import free_port
 from airloop.serving.base import check_predictor, merge_traffic
 from airloop.serving.gateway import Gateway, parse_routes
 
@@ -86,12 +86,6 @@ def test_the_routing_table_never_picks_the_shadow_and_mirrors_its_share():
 # -- the gateway mirroring over HTTP ----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def _model_server(answer: Any, delay_s: float = 0.0) -> tuple[web.AppRunner, str]:
     """A model server answering every prediction with ``answer(row)`` probabilities after ``delay_s``."""
 
@@ -106,7 +100,7 @@ async def _model_server(answer: Any, delay_s: float = 0.0) -> tuple[web.AppRunne
     app.router.add_post("/api/v1.0/predictions", predict)
     runner = web.AppRunner(app)
     await runner.setup()
-    port = _free_port()
+    port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return runner, f"http://127.0.0.1:{port}"
 
@@ -203,7 +197,7 @@ async def test_a_shadow_that_is_down_costs_the_clients_nothing(tmp_path: Path):
             {
                 "v3": {"url": live_url, "model_version": "3", "weight": 100},
                 "v4": {
-                    "url": f"http://127.0.0.1:{_free_port()}",
+                    "url": f"http://127.0.0.1:{free_port()}",
                     "model_version": "4",
                     "weight": 50,
                     "shadow": True,

@@ -18,7 +18,9 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Backends of one kind, by name: ``Registry(ServingTarget, "serving target")``."""
 
-    def __init__(self, base: type[T], kind: str, entries: dict[str, type[T] | str] | None = None) -> None:
+    # ``base`` is a plain ``type``: the bases are abstract, which ``type[T]`` would refuse (mypy's
+    # type-abstract); declare the registry's type instead (``TARGETS: Registry[ServingTarget]``).
+    def __init__(self, base: type, kind: str, entries: dict[str, type[T] | str] | None = None) -> None:
         self.base = base
         self.kind = kind
         self._entries: dict[str, type[T] | str] = dict(entries or {})
@@ -40,13 +42,14 @@ class Registry(Generic[T]):
         if name not in self._entries:
             raise ValueError(f"unknown {self.kind} {name!r}: choose one of {self.available()}")
         entry = self._entries[name]
-        if isinstance(entry, str):
-            module, _, attribute = entry.partition(":")
-            cls = getattr(importlib.import_module(module), attribute)
-            if not (isinstance(cls, type) and issubclass(cls, self.base)):
-                raise TypeError(f"{entry} registered as {self.kind} {name!r} is not a {self.base.__name__}")
-            self._entries[name] = entry = cls
-        return entry
+        if not isinstance(entry, str):
+            return entry
+        module, _, attribute = entry.partition(":")
+        cls: type[T] = getattr(importlib.import_module(module), attribute)
+        if not (isinstance(cls, type) and issubclass(cls, self.base)):
+            raise TypeError(f"{entry} registered as {self.kind} {name!r} is not a {self.base.__name__}")
+        self._entries[name] = cls
+        return cls
 
 
 def _path(entry: type | str) -> str:

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from airloop import runtimes, settings
-from airloop.embedded.standalone import Standalone, airflow_env, free_port
+from airloop.embedded.standalone import Standalone, airflow_env
 from airloop.embedded.traffic import read_stats
+from airloop.ports import free_port
 
 LOOP, MONITOR = "airloop_loop", "airloop_drift_monitor"
 MODEL_NAME, DEPLOYMENT = "airloop-classifier", "airloop"
@@ -112,14 +113,14 @@ def run_loop(dags: str, rows: int, report: str | None, keep_running: bool = Fals
     os.environ["AIRLOOP_HOME"] = str(home)  # absolute, for every process Airflow starts
     # Short canary windows: the simulated clients send enough requests in a few seconds.
     os.environ.setdefault("AIRLOOP_ANALYSIS_SECONDS", "4")
-    dags_dir, plugins_dir = Path(dags).resolve(), Path(dags).resolve().parent / "plugins"
+    dags_dir = Path(dags).resolve()
     stages: dict[str, float] = {}
     summary: dict[str, Any] = {"home": str(home), "runs": {}}
     runtimes.python("serving")  # fail now, with how to build it, rather than mid-loop
     _fresh_home(home)
     _write_world(home, rows, shift=0.0, seed=1)
     port = free_port()
-    airflow = Standalone(airflow_env(home / "airflow", dags_dir, plugins_dir, port), home / "airflow.log")
+    airflow = Standalone(airflow_env(home / "airflow", dags_dir, port), home / "airflow.log")
     traffic = None
     stats_path = home / "traffic.json"
     try:

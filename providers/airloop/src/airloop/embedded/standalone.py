@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,21 +15,17 @@ import httpx
 TERMINAL = {"success", "failed"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def airflow_env(home: Path, dags: Path, port: int) -> dict[str, str]:
+    """Settings for a laptop: SQLite, LocalExecutor with few workers, loopback only, no login.
 
-
-def airflow_env(home: Path, dags: Path, plugins: Path, port: int) -> dict[str, str]:
-    """Settings for a laptop: SQLite, LocalExecutor with few workers, loopback only, no login."""
+    No plugins folder: the Airloop pages come with the installed provider.
+    """
     return {
         **os.environ,
         # standalone starts its components as `airflow ...` from the PATH: this environment's.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(plugins),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         # The default (32) forks 32 workers; 2 cores gain nothing past a few.

@@ -4,17 +4,19 @@ A deployment (e.g. ``churn``) holds predictors named after model versions (``v3`
 is champion or challenger lives in MLflow aliases, not here. A target only starts predictors,
 splits traffic by weight and reports cumulative metrics per predictor.
 
-Implementations register themselves under a kind (``register_target("local", LocalServingTarget)``)
-and are built by ``get_target(kind, **config)``; constructors only store their parameters.
+Implementations are registered under a kind (``register_target("local", LocalServingTarget)``, the
+``airloop.backends`` idiom) and built by ``get_target(kind, **config)``; constructors only store their
+parameters. ``airloop.serving.checks.check_target`` is the contract every implementation must pass.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import re
 from abc import ABC, abstractmethod
 from typing import Any
+
+from airloop.backends import Registry
 
 # Kubernetes object names (DNS-1123 labels), so a deployment name is valid on every target.
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -148,27 +150,23 @@ def merge_traffic(
     return merged
 
 
-# kind -> class, or "module:Class" imported on first use (the local target needs httpx, which the
-# serving runtime, importing this package for the model class, does not have).
-_TARGETS: dict[str, type[ServingTarget] | str] = {
-    "local": "airloop.serving.local:LocalServingTarget",
-    "seldon": "airloop.serving.seldon:SeldonKubernetesTarget",
-}
+# By path, imported on first use: the local target needs httpx, which the serving runtime (importing
+# this package for the model class) does not have.
+TARGETS: Registry[ServingTarget] = Registry(
+    ServingTarget,
+    "serving target",
+    {
+        "local": "airloop.serving.local:LocalServingTarget",
+        "seldon": "airloop.serving.seldon:SeldonKubernetesTarget",
+    },
+)
 
 
 def register_target(kind: str, cls: type[ServingTarget] | str) -> None:
-    if not isinstance(cls, str) and not (isinstance(cls, type) and issubclass(cls, ServingTarget)):
-        raise TypeError(f"{cls!r} is neither a ServingTarget subclass nor a 'module:Class' path")
-    _TARGETS[kind] = cls
+    """Make ``get_target(kind)`` build ``cls`` (a ServingTarget subclass or its ``"module:Class"``)."""
+    TARGETS.register(kind, cls)
 
 
 def get_target(kind: str, **config: Any) -> ServingTarget:
-    if kind not in _TARGETS:
-        raise ValueError(f"unknown serving target {kind!r}: registered are {sorted(_TARGETS)}")
-    cls = _TARGETS[kind]
-    if isinstance(cls, str):
-        module, _, name = cls.partition(":")
-        cls = _TARGETS[kind] = getattr(importlib.import_module(module), name)
-        if not issubclass(cls, ServingTarget):
-            raise TypeError(f"{module}:{name} registered as {kind!r} is not a ServingTarget subclass")
-    return cls(**config)
+    """The target registered as ``kind``, built with ``config`` (its constructor's arguments)."""
+    return TARGETS.get(kind)(**config)

@@ -65,7 +65,7 @@ class FeatureLookup:
 
     def wants(self, names: list[str] | None) -> bool:
         """Whether a request's columns are entity keys, so its features must be looked up."""
-        return bool(names) and set(names) <= set(self.entities)
+        return bool(names) and set(names or ()) <= set(self.entities)
 
     async def enrich(
         self, session: aiohttp.ClientSession, names: list[str], rows: list[list[Any]]

@@ -41,6 +41,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route as HttpRoute
+from starlette.types import Receive, Scope, Send
 
 from airloop import settings
 from airloop.serving.base import check_mirror, check_traffic, check_weight
@@ -328,11 +329,7 @@ class Gateway:
             ],
         )
 
-        async def asgi(
-            scope: dict[str, Any],
-            receive: Callable[[], Awaitable[dict[str, Any]]],
-            send: Callable[[dict[str, Any]], Awaitable[None]],
-        ) -> None:
+        async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
             # Predictions skip Starlette's routing, middleware and Request/Response objects: about a
             # tenth of the gateway's CPU time per request (docs/serving.md, "Overhead").
             if scope["type"] != "http" or scope["path"] != PREDICT_PATH or scope["method"] != "POST":
@@ -459,11 +456,11 @@ class Gateway:
         if code == 200:
             answer, classes = result["data"]["ndarray"], result["data"].get("names") or []
             self._count_predicted(shadow, answer, classes)
-            if live_code == 200 and len(answer) == len(live_answer):
+            if live_code == 200 and live_answer is not None and len(answer) == len(live_answer):
                 rows = len(answer)
                 agreements = sum(
                     label_value(predicted_class(mine, classes))
-                    == label_value(predicted_class(theirs, live_classes))
+                    == label_value(predicted_class(theirs, live_classes or []))
                     for mine, theirs in zip(answer, live_answer, strict=True)
                 )
                 labels = (self.deployment, shadow.name, shadow.model_version)

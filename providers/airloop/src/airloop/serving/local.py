@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from typing import Any
 import httpx
 
 from airloop import runtimes, settings
+from airloop.ports import free_port, port_is_free
 from airloop.serving.base import (
     ServingTarget,
     check_deployment_name,
@@ -229,7 +229,7 @@ class LocalServingTarget(ServingTarget):
         python = runtimes.python("serving")  # raises RuntimeMissingError with how to build it
         started = {}
         for name, spec in predictors.items():
-            port, metrics_port = _free_port(), _free_port()
+            port, metrics_port = free_port(), free_port()
             parameters = [{"name": "model_dir", "value": str(spec["model_dir"]), "type": "STRING"}]
             command = [
                 python,
@@ -274,7 +274,7 @@ class LocalServingTarget(ServingTarget):
         if current:
             _stop_group(current["pid"])
         # Keep the endpoint stable across restarts when the old port is still free.
-        port = current["port"] if current and _port_is_free(current["port"]) else _free_port()
+        port = current["port"] if current and port_is_free(current["port"]) else free_port()
         command = [
             sys.executable,
             "-m",
@@ -414,21 +414,6 @@ def _stop_group(pid: int, timeout_s: float = 10.0) -> None:
             except ProcessLookupError:
                 return
             time.sleep(0.05)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def _first_error(log: Path) -> str:

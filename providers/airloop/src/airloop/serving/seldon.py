@@ -132,7 +132,7 @@ def render_seldon_deployment(
     names = [p.get("name") for p in predictors]
     if not predictors or len(set(names)) != len(names):
         raise ValueError(f"a SeldonDeployment needs predictors with distinct names, got {names}")
-    manifest = {
+    manifest: dict[str, Any] = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "SeldonDeployment",
         "metadata": {
@@ -204,11 +204,10 @@ class SeldonKubernetesTarget(ServingTarget):
         check_deployment_name(deployment)
         wanted: dict[str, dict[str, Any]] = {}
         for predictor in predictors:
-            if predictor.get("name") in wanted:
-                raise ValueError(f"predictor {predictor['name']!r} is listed twice")
-            wanted[predictor.get("name")] = render_predictor(
-                deployment, predictor, image=self.image, replicas=self.replicas
-            )
+            rendered = render_predictor(deployment, predictor, image=self.image, replicas=self.replicas)
+            if rendered["name"] in wanted:
+                raise ValueError(f"predictor {rendered['name']!r} is listed twice")
+            wanted[rendered["name"]] = rendered
 
         def change(current: list[dict[str, Any]]) -> list[dict[str, Any]]:
             running = {p["name"]: p for p in current}
@@ -388,12 +387,15 @@ class SeldonKubernetesTarget(ServingTarget):
         )
 
     # -- Prometheus --------------------------------------------------------------------------------
-    def _queries(self, deployment: str) -> dict[str, str]:
+    def _query_url(self) -> str:
         if not self.prometheus_url:
             raise ValueError(
                 "metrics() of the Seldon target needs 'prometheus_url' (the Prometheus that "
                 "scrapes Seldon's executors) in the serving connection's extra"
             )
+        return f"{self.prometheus_url.rstrip('/')}/api/v1/query"
+
+    def _queries(self, deployment: str) -> dict[str, str]:
         scope = f'deployment_name="{deployment}",{self.namespace_label}="{self.namespace}"'
         # Feedback calls go through the executor too; only predictions are requests to compare.
         requests = f'{scope},service!="feedback"'
@@ -407,16 +409,14 @@ class SeldonKubernetesTarget(ServingTarget):
 
     def _query(self, get: Callable[..., httpx.Response], query: str) -> list[dict[str, Any]]:
         try:
-            answer = get(f"{self.prometheus_url.rstrip('/')}/api/v1/query", params={"query": query})
+            answer = get(self._query_url(), params={"query": query})
         except httpx.TransportError as exc:
             raise RuntimeError(f"Prometheus at {self.prometheus_url} does not answer: {exc!r}") from exc
         return self._checked_query(answer, query)
 
     async def _get(self, client: httpx.AsyncClient, query: str) -> httpx.Response:
         try:
-            return await client.get(
-                f"{self.prometheus_url.rstrip('/')}/api/v1/query", params={"query": query}
-            )
+            return await client.get(self._query_url(), params={"query": query})
         except httpx.TransportError as exc:
             raise RuntimeError(f"Prometheus at {self.prometheus_url} does not answer: {exc!r}") from exc
 
