@@ -46,12 +46,12 @@ test: setup lint
 	.venv/bin/python -m pytest -q
 
 # Airflow's own UI on the reference DAGs (the admin password is printed once, and kept in
-# .airloop/airflow/simple_auth_manager_passwords.json.generated).
+# .airloop/airflow/simple_auth_manager_passwords.json.generated). The Airloop pages come with the
+# installed provider (its airflow.plugins entry point): no plugins folder.
 airflow: setup
 	PATH=$(CURDIR)/.venv/bin:$$PATH AIRFLOW_HOME=$(CURDIR)/.airloop/airflow AIRLOOP_HOME=$(CURDIR)/.airloop \
-	AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins \
-	AIRFLOW__CORE__LOAD_EXAMPLES=False AIRFLOW__CORE__PARALLELISM=4 AIRFLOW__API__HOST=127.0.0.1 \
-	.venv/bin/airflow standalone
+	AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags AIRFLOW__CORE__LOAD_EXAMPLES=False AIRFLOW__CORE__PARALLELISM=4 \
+	AIRFLOW__API__HOST=127.0.0.1 .venv/bin/airflow standalone
 
 clean:
 	rm -rf .venv .tools .airloop

@@ -55,6 +55,21 @@ def test_extra_links_resolve():
         assert name.endswith("Link") and link.name
 
 
+def test_plugin_is_registered_by_provider_yaml_and_the_entry_point():
+    from airflow.plugins_manager import AirflowPlugin
+    from airflow.providers_manager import ProvidersManager
+
+    (entry,) = INFO["plugins"]
+    module, _, name = entry["plugin-class"].rpartition(".")
+    plugin = getattr(importlib.import_module(module), name)
+    assert issubclass(plugin, AirflowPlugin) and plugin.name == entry["name"]
+    # Airflow loads entry-point plugins by default, provider.yaml's only with lazy discovery off.
+    (ep,) = [ep for ep in entry_points(group="airflow.plugins") if ep.value.startswith("airloop.")]
+    assert ep.load() is plugin
+    listed = {(p.name, p.plugin_class, p.provider_name) for p in ProvidersManager().plugins}
+    assert (entry["name"], entry["plugin-class"], "airflow-provider-airloop") in listed
+
+
 def test_class_names_follow_airflow_conventions():
     suffix = {"operators": "Operator", "hooks": "Hook", "triggers": "Trigger"}
     for kind, end in suffix.items():

@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from airflow.plugins_manager import AirflowPlugin
 from fastapi import FastAPI
 from starlette.testclient import TestClient
 
-REPO = Path(__file__).resolve().parents[2]
+from airloop.plugins.ui import URL_PREFIX
+from airloop.plugins.ui.app import FILE_CSP, PAGE_CSP, create_app
+from airloop.plugins.ui.plugin import AirloopPlugin, base_path
+
 SCRIPT = "<script>alert(1)</script>"
-
-
-def _load_plugin() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("airloop_ui", REPO / "plugins" / "airloop_ui.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ui = _load_plugin()
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +79,7 @@ def client(token: str, tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> It
     )
     # Mounted the way the API server mounts plugin apps, so links carry the prefix.
     server = FastAPI()
-    server.mount(ui.URL_PREFIX, ui.app)
+    server.mount(URL_PREFIX, create_app())
     with TestClient(server, cookies={"_token": token}) as test_client:
         yield test_client
 
@@ -99,24 +90,28 @@ def _write(path: Path, data: dict | str) -> None:
 
 
 def test_plugin_declares_app_and_nav_entry() -> None:
-    plugin = ui.AirloopPlugin
+    plugin = AirloopPlugin
     assert plugin.name == "airloop"
-    assert plugin.fastapi_apps == [{"app": ui.app, "url_prefix": "/airloop", "name": "Airloop"}]
+    [mounted] = plugin.fastapi_apps
+    assert isinstance(mounted["app"], FastAPI)
+    assert mounted["url_prefix"] == "/airloop" and mounted["name"] == "Airloop"
     [view] = plugin.external_views
     assert view["href"] == "/airloop/models"
     assert view["destination"] == "nav"
     assert view["name"] == "Airloop"
+    # Its lists are its own: the base class's, shared by every plugin, are left empty.
+    assert AirflowPlugin.fastapi_apps == [] and AirflowPlugin.external_views == []
 
 
 def test_hrefs_follow_api_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AIRFLOW__API__BASE_URL", "https://airflow.example.com/team-a/")
-    assert ui._base_path() == "/team-a"
+    assert base_path() == "/team-a"
 
 
 @pytest.mark.usefixtures("token")  # the API server's auth manager is up; this client just has no token
 def test_pages_require_an_airflow_login() -> None:
     server = FastAPI()
-    server.mount(ui.URL_PREFIX, ui.app)
+    server.mount(URL_PREFIX, create_app())
     with TestClient(server) as anonymous:
         assert anonymous.get("/airloop/models").status_code == 401
         assert anonymous.get("/airloop/api/models").status_code == 401
@@ -126,7 +121,7 @@ def test_pages_require_an_airflow_login() -> None:
 def test_models_page_lists_versions_aliases_metrics_and_escapes(client: TestClient) -> None:
     response = client.get("/airloop/models")
     assert response.status_code == 200
-    assert response.headers["content-security-policy"] == ui.PAGE_CSP
+    assert response.headers["content-security-policy"] == PAGE_CSP
     assert response.headers["x-content-type-options"] == "nosniff"
     page = response.text
     assert "<h2>churn</h2>" in page and "<h2>fraud</h2>" in page
@@ -206,7 +201,7 @@ def test_rollouts_page_shows_latest_reports_first(client: TestClient, artefacts:
     assert 'href="/airloop/files/rollouts/churn/b.json"' in page
     served = client.get("/airloop/files/rollouts/churn/b.json")
     assert served.json()["decision"] == "rolled_back"
-    assert served.headers["content-security-policy"] == ui.FILE_CSP
+    assert served.headers["content-security-policy"] == FILE_CSP
     assert SCRIPT not in page and "&lt;script&gt;" in page
 
 
@@ -234,7 +229,7 @@ def test_drift_page_and_report(client: TestClient, artefacts: Path) -> None:
     served = client.get(link)
     assert served.status_code == 200 and "drift report" in served.text
     assert served.headers["content-type"].startswith("text/html")
-    assert served.headers["content-security-policy"] == ui.FILE_CSP
+    assert served.headers["content-security-policy"] == FILE_CSP
 
 
 def test_files_outside_the_artefact_root_are_refused(client: TestClient, artefacts: Path) -> None:
@@ -273,16 +268,84 @@ finally:
 """
 
 
-def test_airflow_loads_the_plugin_without_importing_mlflow(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "AIRFLOW_HOME": str(tmp_path),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-    }
+def test_airflow_loads_the_installed_plugin_without_importing_mlflow(tmp_path: Path) -> None:
+    # No plugins folder: the provider's entry point brings the plugin.
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path)}
+    env.pop("AIRFLOW__CORE__PLUGINS_FOLDER", None)
     listed = subprocess.run(
         [sys.executable, "-c", LIST_PLUGINS], env=env, capture_output=True, text=True, timeout=120
     )
     assert listed.returncode == 0, listed.stderr
     plugins = {plugin["name"]: plugin for plugin in json.loads(listed.stdout[listed.stdout.index("[") :])}
     assert plugins["airloop"]["external_views"][0]["href"] == "/airloop/models"
+    assert "airflow-provider-airloop" in plugins["airloop"]["source"]
     assert "mlflow imported: False" in listed.stderr
+
+
+# A task whose links have a good value, a value missing a field, a value of the wrong type, or none.
+LINKS_DAG = """
+from airflow.sdk import DAG, BaseOperator
+
+from airloop.links.mlflow import MlflowModelVersionLink, MlflowRunLink
+from airloop.links.reports import DataDocsLink, DriftReportLink, RolloutReportLink
+
+
+class ProbeOperator(BaseOperator):
+    operator_extra_links = (
+        MlflowRunLink(), MlflowModelVersionLink(), DataDocsLink(), DriftReportLink(), RolloutReportLink()
+    )
+
+    def execute(self, context):
+        DataDocsLink.persist(context, path="validation/docs/index.html")
+        MlflowRunLink.persist(context, ui_url="http://mlflow:5000")  # no experiment or run id
+        context["ti"].xcom_push(key=DriftReportLink.key, value="not a mapping")
+
+
+with DAG("links_probe", schedule=None):
+    ProbeOperator(task_id="probe")
+"""
+
+# Runs the task with dag.test(), then prints its state and the link URLs the UI would be given.
+RUN_LINKS_DAG = """
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+from airflow.models.xcom import XComModel
+from airflow.utils.db import initdb
+from airflow.utils.session import create_session
+from sqlalchemy import select
+
+initdb()
+run = DagBag(dag_folder=sys.argv[1]).get_dag("links_probe").test()
+with create_session() as session:
+    links = dict(session.execute(
+        select(XComModel.key, XComModel.value).where(XComModel.key.like("_link_%"))
+    ).all())
+print(json.dumps({"state": str(run.state), "links": links}))
+"""
+
+
+def test_links_without_a_usable_value_are_hidden_not_errors(tmp_path: Path) -> None:
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    (dags / "links_probe.py").write_text(LINKS_DAG)
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+        "AIRFLOW__API__BASE_URL": "http://airflow.example",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_LINKS_DAG, str(dags)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["state"] == "success"
+    # Airflow pushes each link's URL when the task ends; "" is shown as no link at all.
+    assert result["links"] == {
+        "_link_DataDocsLink": "http://airflow.example/airloop/files/validation/docs/index.html",
+        "_link_MlflowRunLink": "",
+        "_link_MlflowModelVersionLink": "",
+        "_link_DriftReportLink": "",
+        "_link_RolloutReportLink": "",
+    }
+    assert "Failed to push an xcom for task operator extra link" not in done.stdout + done.stderr
