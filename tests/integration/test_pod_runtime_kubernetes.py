@@ -171,3 +171,46 @@ def test_the_entrypoint_publishes_to_s3_and_the_worker_collects_through_its_conn
     assert result["docs_index"] == str(folder / "index.html")
     assert "training_data" in (folder / "index.html").read_text()
     assert _keys(s3, "artefacts/") == []  # the transfer copy is gone once the worker has the files
+
+
+def test_killing_the_task_deletes_its_pod(kube, monkeypatch):
+    import threading
+    import time
+
+    from airloop.operators.base import StepOperator
+
+    monkeypatch.setenv("AIRLOOP_ARTEFACTS", "s3://airloop/artefacts")
+    operator = StepOperator(
+        task_id="validate",
+        runtime="kubernetes",
+        # Long enough that only on_kill ends the wait for a node.
+        pod_settings={
+            "namespace": NAMESPACE,
+            "schedule_timeout_seconds": 300,
+            "startup_check_interval_seconds": 1,
+        },
+    )
+    context = task_context("validate", dag_id="airloop_loop")
+    outcome: dict[str, Any] = {}
+
+    def execute() -> None:
+        try:
+            outcome["result"] = operator.run_step(
+                "airloop.steps.data.validate:validate",
+                {"data_uri": "s3://airloop/data/train.parquet"},
+                context,
+            )
+        except Exception as error:  # what the task sees once its pod is gone
+            outcome["error"] = error
+
+    task = threading.Thread(target=execute)
+    task.start()
+    deadline = time.monotonic() + 60
+    while not kube.pods and task.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    ((namespace, name),) = kube.pods
+    operator.on_kill()
+    assert ("DELETE", f"/api/v1/namespaces/{namespace}/pods/{name}", 200) in kube.served
+    assert kube.pods == {}
+    task.join(timeout=120)
+    assert not task.is_alive() and "result" not in outcome

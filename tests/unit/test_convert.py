@@ -31,7 +31,7 @@ def trained(tmp_path_factory):
             "tracking_uri": tracking_uri,
             "artifact_root": (root / "artefacts").as_uri(),
             "data_uri": write_table(generate(1200, seed=0), str(root / "data.parquet")),
-            "params": {"hidden_layer_sizes": [16, 8], "max_iter": 300, "early_stopping": True},
+            "estimator_params": {"hidden_layer_sizes": [16, 8], "max_iter": 300, "early_stopping": True},
         }
     )
     converted = convert({"tracking_uri": tracking_uri, "run_id": result["run_id"], "benchmark_calls": 50})
@@ -194,7 +194,7 @@ def test_a_budget_no_variant_meets_fails_with_each_drop(trained, tmp_path):
         ({"variants": ["int4"]}, r"unknown OpenVINO variants \['int4'\]"),
         ({"objective": "size"}, "objective 'size' is not one of"),
         ({"accuracy_budget": -1}, "accuracy_budget must be >= 0"),
-        ({"label": "target"}, "holdout has no label column 'target'"),
+        ({"label_column": "target"}, "holdout has no label column 'target'"),
     ],
 )
 def test_bad_requests_name_the_problem(trained, extra, message):
@@ -240,7 +240,7 @@ def test_plan_picks_the_route_and_runtime_per_family(trained, tmp_path):
             "tracking_uri": trained["tracking_uri"],
             "data_uri": data_uri,
             "estimator": "sklearn.tree.DecisionTreeClassifier",
-            "params": {"max_depth": 3},
+            "estimator_params": {"max_depth": 3},
         }
     )
     assert plan(_request(trained, run_id=tree["run_id"])) == {
@@ -334,3 +334,31 @@ def test_an_onnx_graph_with_onnx_ml_operators_is_refused_naming_them(trained, tm
     with pytest.raises(UnsupportedModelError, match=r"ai.onnx.ml operators \['LinearClassifier'.*cannot"):
         convert(_request(trained, model_uri=_onnx_model(tmp_path, linear, False)))
     assert registry_state(trained["tracking_uri"]) == registry
+
+
+def test_a_conversion_resolves_and_downloads_the_model_once(trained, monkeypatch):
+    from airloop.tracking import models
+
+    client = mlflow.MlflowClient(trained["tracking_uri"])
+    location, _ = models.resolve_model(client, trained["run"]["model_uri"])
+    downloads: list[str] = []
+    resolves: list[str] = []
+    download_artifacts, resolve_model = mlflow.artifacts.download_artifacts, models.resolve_model
+
+    def counted_download(artifact_uri: str, **kwargs):
+        downloads.append(artifact_uri)
+        return download_artifacts(artifact_uri=artifact_uri, **kwargs)
+
+    def counted_resolve(client, model_uri: str):
+        resolves.append(model_uri)
+        return resolve_model(client, model_uri)
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", counted_download)
+    monkeypatch.setattr(models, "resolve_model", counted_resolve)
+    assert plan(_request(trained))["route"] == "skl2onnx"
+    # The plan reads the MLmodel file alone: the model's class is in its metadata.
+    assert downloads == [f"{location}/MLmodel"] and len(resolves) == 1
+    downloads.clear()
+    resolves.clear()
+    assert convert(_request(trained, variants=["fp32"], benchmark_calls=5))["passed"] is True
+    assert [uri for uri in downloads if uri.startswith(location)] == [location] and len(resolves) == 1

@@ -10,7 +10,6 @@ import json
 import subprocess
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlflow
 import pytest
@@ -20,6 +19,7 @@ from airloop.embedded.demo import generate
 from airloop.steps.conversion.optimise import VARIANTS
 from airloop.steps.training.train import train
 from airloop.tables import write_table
+from tests.fakes.context import task_context
 
 TREES = {
     "DecisionTreeClassifier": ("sklearn.tree.DecisionTreeClassifier", {"max_depth": 5}),
@@ -32,21 +32,8 @@ TREES = {
 }
 
 
-class _TaskInstance:
-    def __init__(self, task_id: str) -> None:
-        self.dag_id, self.run_id, self.task_id = "airloop_convert", "manual__convert", task_id
-        self.map_index, self.try_number, self.xcom, self.bundle_instance = -1, 1, {}, None
-
-    def xcom_push(self, key: str, value: object) -> None:
-        self.xcom[key] = value
-
-
 def _context(task_id: str = "convert") -> dict:
-    return {
-        "ti": _TaskInstance(task_id),
-        "dag_run": SimpleNamespace(run_type="manual"),
-        "dag": SimpleNamespace(fileloc=__file__),
-    }
+    return task_context(task_id, dag_id="airloop_convert", run_id="manual__convert", dag_file=__file__)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +56,7 @@ def _train(store: dict, family: str) -> dict:
             "artifact_root": store["artifact_root"],
             "data_uri": store["data_uri"],
             "estimator": estimator,
-            "params": params,
+            "estimator_params": params,
         }
     )
 
@@ -172,12 +159,13 @@ _ORT_VS_TORCH = textwrap.dedent("""
     import numpy as np
     import pandas as pd
 
-    from airloop.steps.conversion import optimise, routes
+    from airloop.onnx_runtime import onnx_runtime_predictor
+    from airloop.steps.conversion import routes
 
     rows = np.random.default_rng(1).standard_normal((200, 8)).astype("float32")
     frame = pd.DataFrame(rows, columns=[f"x{i}" for i in range(8)])
     source = routes.load_source(sys.argv[1], sys.argv[2], sys.argv[3], frame)
-    print(np.abs(optimise.onnx_runtime_predictor(source.onnx_path)(rows) - source.native(rows)).max())
+    print(np.abs(onnx_runtime_predictor(source.onnx_path)(rows) - source.native(rows)).max())
 """)
 
 

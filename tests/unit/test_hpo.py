@@ -19,9 +19,9 @@ from airloop.tracking.artifacts import PARENT_RUN_TAG
 REPO = Path(__file__).resolve().parents[2]
 SEARCH_TAGS = {"airflow.dag_id": "hpo", "airflow.run_id": "manual__1", "airflow.task_id": "select"}
 CANDIDATES = [
-    {"estimator": "sklearn.dummy.DummyClassifier", "params": {"strategy": "prior"}},
-    {"estimator": "sklearn.linear_model.LogisticRegression", "params": {"C": 1.0}},
-    {"estimator": "sklearn.linear_model.LogisticRegression", "params": {"C": 1e-4}},
+    {"estimator": "sklearn.dummy.DummyClassifier", "estimator_params": {"strategy": "prior"}},
+    {"estimator": "sklearn.linear_model.LogisticRegression", "estimator_params": {"C": 1.0}},
+    {"estimator": "sklearn.linear_model.LogisticRegression", "estimator_params": {"C": 1e-4}},
 ]
 
 

@@ -7,6 +7,8 @@ import pytest
 from sklearn.neural_network import MLPClassifier
 
 from airloop.embedded.demo import FEATURES, generate
+from airloop.onnx_runtime import onnx_runtime_predictor
+from airloop.openvino_ir import ir_predictor
 from airloop.steps.conversion import optimise
 from airloop.steps.conversion.routes import export_onnx
 
@@ -42,7 +44,7 @@ def test_variants_shrink_the_weights_and_stay_close_to_the_native_model(onnx_mod
         xml = str(tmp_path / f"{variant}.xml")
         methods[variant] = optimise.write_variant(onnx_model["path"], variant, xml, calibration=rows[:100])
         sizes[variant] = (tmp_path / f"{variant}.bin").stat().st_size
-        scores[variant] = optimise.agreement(optimise.openvino_predictor(xml)(rows), native, target)
+        scores[variant] = optimise.agreement(ir_predictor(xml)(rows), native, target)
     assert methods == {
         "fp32": "fp32",
         "fp16": "fp16 weights",
@@ -55,7 +57,7 @@ def test_variants_shrink_the_weights_and_stay_close_to_the_native_model(onnx_mod
     assert scores["fp16"]["max_abs_diff"] < 1e-2 and scores["fp16"]["label_agreement"] > 0.99
     assert scores["int8"]["label_agreement"] > 0.9
     assert scores["int8-weights"]["max_abs_diff"] < 0.05 and scores["int8-weights"]["label_agreement"] > 0.97
-    ort = optimise.onnx_runtime_predictor(onnx_model["path"])(rows)
+    ort = onnx_runtime_predictor(onnx_model["path"])(rows)
     assert np.abs(ort - native).max() < 1e-5
 
 
@@ -85,7 +87,7 @@ def test_int8_with_the_native_labels_is_quantised_with_accuracy_control(onnx_mod
         max_drop=0.01,
     )
     assert method.startswith("nncf.quantize_with_accuracy_control (max drop 0.01")
-    scores = optimise.agreement(optimise.openvino_predictor(xml)(rows), native, native.argmax(axis=1))
+    scores = optimise.agreement(ir_predictor(xml)(rows), native, native.argmax(axis=1))
     assert scores["label_agreement"] > 0.97
 
 

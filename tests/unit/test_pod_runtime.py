@@ -15,9 +15,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
+import airflow.sdk.log  # noqa: F401  # configures logging on first import: here, not mid-test under caplog
 import pytest
 
 from airloop import runtimes, settings
@@ -25,6 +25,7 @@ from airloop.embedded.demo import generate
 from airloop.runtimes import pod
 from airloop.steps.data.validate import validate
 from airloop.tables import write_table
+from tests.fakes.context import task_context
 
 SUITE = str(Path(__file__).resolve().parents[2] / "dags" / "expectations" / "training_data.json")
 STEP = "airloop.steps.data.validate:validate"
@@ -40,13 +41,6 @@ def _entrypoint(envelope: dict[str, Any], store: Path, xcom: Path) -> subprocess
         text=True,
         timeout=600,
     )
-
-
-def _context() -> dict[str, Any]:
-    ti = SimpleNamespace(
-        dag_id="airloop_loop", task_id="validate", run_id="manual__1", map_index=-1, try_number=2
-    )
-    return {"ti": ti, "run_id": ti.run_id, "dag": None}
 
 
 @pytest.fixture
@@ -153,7 +147,7 @@ def cluster(monkeypatch) -> None:
 
 
 def _pod(pod_settings: dict[str, Any] | None) -> dict[str, Any]:
-    context = _context()
+    context = task_context("validate", dag_id="airloop_loop", try_number=2)
     request = {
         "data_uri": "s3://airloop/data.parquet",
         "suite_path": "/opt/airflow/dags/suite.json",

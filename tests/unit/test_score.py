@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 from urllib.parse import urlparse
 
 import mlflow
@@ -21,6 +20,7 @@ from airloop.steps.conversion import score as score_step
 from airloop.steps.conversion.convert import convert
 from airloop.steps.training.train import train
 from airloop.tables import write_table
+from tests.fakes.context import TaskInstance, task_context
 
 MODEL = "airloop-score"
 BUCKET = "airloop-score"
@@ -36,7 +36,7 @@ def version(tmp_path_factory):
             "tracking_uri": tracking_uri,
             "artifact_root": (root / "artefacts").as_uri(),
             "data_uri": write_table(generate(1200, seed=0), str(root / "train.parquet")),
-            "params": {"hidden_layer_sizes": [16], "max_iter": 300},
+            "estimator_params": {"hidden_layer_sizes": [16], "max_iter": 300},
         }
     )
     converted = convert(
@@ -80,9 +80,9 @@ def _manifest(output: Path) -> dict:
     return json.loads((output / "_manifest.json").read_text())
 
 
-def _execute(operator) -> tuple[dict, SimpleNamespace]:
-    ti = SimpleNamespace(xcom={}, xcom_push=lambda key, value: ti.xcom.__setitem__(key, value))
-    return operator.execute({"ti": ti}), ti
+def _execute(operator) -> tuple[dict, TaskInstance]:
+    context = task_context(operator.task_id)
+    return operator.execute(context), context["ti"]
 
 
 def _stored_ir(version: dict) -> Path:
@@ -372,3 +372,18 @@ def test_an_interrupted_run_on_s3_resumes_where_it_stopped(s3, s3_operator):
 
     again, _ = _execute(s3_operator(prefix))
     assert again["chunks_skipped"] == 3 and again["chunks_scored"] == 0
+
+
+def test_the_ir_is_verified_once_per_scoring_run(version, tmp_path, monkeypatch):
+    from airloop import openvino_ir
+
+    verified: list[Path] = []
+    read_verified_manifest = openvino_ir.read_verified_manifest
+
+    def counted(model_dir: Path) -> dict:
+        verified.append(model_dir)
+        return read_verified_manifest(model_dir)
+
+    monkeypatch.setattr(openvino_ir, "read_verified_manifest", counted)
+    assert score_step.score(_request(version, tmp_path / "predictions"))["rows_out"] == 2500
+    assert len(verified) == 1

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import re
-from types import SimpleNamespace
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -23,6 +23,7 @@ from airloop.tables import write_table
 from airloop.tracking import registry
 from airloop.tracking.artifacts import read_data
 from airloop.tracking.models import load_model
+from tests.fakes.context import task_context
 
 MODEL = "airloop-test"
 MLP = {"hidden_layer_sizes": [16], "max_iter": 300, "early_stopping": True}
@@ -55,7 +56,7 @@ def _train(store: dict, data: str, tags: dict, **extra: object) -> dict:
         "artifact_root": store["artifact_root"],
         "experiment": "airloop-test",
         "data_uri": store["data"][data],
-        "params": MLP,
+        "estimator_params": MLP,
         "tags": tags,
         "reference_rows": 300,
         **extra,
@@ -64,7 +65,7 @@ def _train(store: dict, data: str, tags: dict, **extra: object) -> dict:
 
 
 def _evaluate(store: dict, run_id: str) -> dict:
-    return evaluate({"tracking_uri": store["tracking_uri"], "model_name": MODEL, "challenger_run_id": run_id})
+    return evaluate({"tracking_uri": store["tracking_uri"], "model_name": MODEL, "run_id": run_id})
 
 
 def _register(store: dict, trained: dict, **extra: object) -> dict:
@@ -142,7 +143,7 @@ def test_train_rejects_bad_estimators(store):
     with pytest.raises(ValueError, match="cannot be imported"):
         _train(store, "before", {}, estimator="sklearn.nope.Missing")
     with pytest.raises(ValueError, match="classifier with predict_proba"):
-        _train(store, "before", {}, estimator="sklearn.linear_model.LinearRegression", params={})
+        _train(store, "before", {}, estimator="sklearn.linear_model.LinearRegression", estimator_params={})
 
 
 def test_first_model_becomes_champion_and_passes_by_rule(store):
@@ -157,7 +158,7 @@ def test_first_model_becomes_champion_and_passes_by_rule(store):
 
 
 def test_worse_challenger_fails_and_is_rejected(store):
-    dummy = {"estimator": "sklearn.dummy.DummyClassifier", "params": {"strategy": "uniform"}}
+    dummy = {"estimator": "sklearn.dummy.DummyClassifier", "estimator_params": {"strategy": "uniform"}}
     worse = _train(store, "after", {}, **dummy)
     registered = _register(store, worse)
     assert registered["alias"] == "challenger"
@@ -211,6 +212,15 @@ def test_audit_record_round_trip_in_loop_order(store):
     with pytest.raises(ValueError, match="stage must be one of"):
         registry.append_audit({**base, "stage": "lunch", "record": {}})
     assert registry.read_audit(store["tracking_uri"], MODEL, 1)["stages"] == []
+    # Several stages of one task in one write; those already there stay, in loop order.
+    records = {"validation": {"success": True}, "data": {"rows": 1600}}
+    both = registry.append_audit({**by_run, "records": records})
+    assert [s["stage"] for s in both["stages"]] == ["trigger", "data", "validation", "evaluation"]
+    assert both["stages"][1]["record"] == {"rows": 1600}
+    with pytest.raises(ValueError, match="either 'records' or 'stage' and 'record'"):
+        registry.append_audit({**by_run, "records": records, "stage": "data"})
+    with pytest.raises(ValueError, match="stage must be one of"):
+        registry.append_audit({**by_run, "records": {"lunch": {}}})
 
 
 def test_mcnemar_mid_p_matches_hand_computed_values():
@@ -239,7 +249,9 @@ def fit_scaled_logistic(features, target, *, seed, C=1.0):
 
 
 def test_train_from_a_user_function_logs_the_pipeline_it_returns(store):
-    trained = _train(store, "before", {}, estimator=f"{__name__}:fit_scaled_logistic", params={"C": 0.5})
+    trained = _train(
+        store, "before", {}, estimator=f"{__name__}:fit_scaled_logistic", estimator_params={"C": 0.5}
+    )
     model = load_model(store["tracking_uri"], trained["model_uri"])
     assert [name for name, _ in model.steps] == ["standardscaler", "logisticregression"]
     assert model.steps[1][1].C == 0.5 and trained["metrics"]["accuracy"] > 0.8
@@ -249,7 +261,7 @@ def test_train_from_a_user_function_logs_the_pipeline_it_returns(store):
     with pytest.raises(ValueError, match="is not a function"):
         _train(store, "before", {}, estimator=f"{__name__}:SEEN_ENVIRON")
     with pytest.raises(ValueError, match="fit_regressor' returned must be a scikit-learn classifier"):
-        _train(store, "before", {}, estimator=f"{__name__}:fit_regressor", params={})
+        _train(store, "before", {}, estimator=f"{__name__}:fit_regressor", estimator_params={})
 
 
 def fit_regressor(features, target, *, seed):
@@ -258,21 +270,10 @@ def fit_regressor(features, target, *, seed):
     return LinearRegression().fit(features, target)
 
 
-class _TaskInstance:
-    def __init__(self, try_number: int) -> None:
-        self.dag_id, self.run_id, self.task_id = "airloop_ops", "manual__ops", "train"
-        self.map_index, self.try_number, self.xcom = -1, try_number, {}
-
-    def xcom_push(self, key: str, value: object) -> None:
-        self.xcom[key] = value
-
-
 def _context(try_number: int) -> dict:
-    return {
-        "ti": _TaskInstance(try_number),
-        "dag_run": SimpleNamespace(run_type="manual"),
-        "dag": SimpleNamespace(fileloc=__file__),
-    }
+    return task_context(
+        "train", dag_id="airloop_ops", run_id="manual__ops", try_number=try_number, dag_file=__file__
+    )
 
 
 def test_train_operator_tags_code_and_task_keeps_secrets_out_of_the_environment(store, monkeypatch):
@@ -319,3 +320,46 @@ def test_train_operator_tags_code_and_task_keeps_secrets_out_of_the_environment(
     # The same task instance run again (a retry, or a cleared task): the same run, nothing trained.
     again = operator.execute(_context(try_number=2))
     assert again["run_id"] == first["run_id"] and again["reused"] is True and len(SEEN_ENVIRON) == 1
+
+
+def test_the_train_operator_writes_its_stages_of_the_audit_record_at_once(store, monkeypatch, tmp_path):
+    from airloop.operators.mlflow import MlflowTrainModelOperator
+    from airloop.tracking.registry import AUDIT_PATH
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLFLOW_AUDIT",
+        json.dumps(
+            {
+                "conn_type": "mlflow",
+                "host": store["tracking_uri"],
+                "extra": {"artifact_root": store["artifact_root"]},
+            }
+        ),
+    )
+    writes: list[str] = []
+    log_dict = mlflow.MlflowClient.log_dict
+
+    def counted(self, run_id, dictionary, artifact_file):
+        if artifact_file == AUDIT_PATH:
+            writes.append(run_id)
+        return log_dict(self, run_id, dictionary, artifact_file)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_dict", counted)
+    trained = MlflowTrainModelOperator(
+        task_id="train",
+        mlflow_conn_id="mlflow_audit",
+        data_uri=store["data"]["before"],
+        experiment="audit",
+        estimator="sklearn.linear_model.LogisticRegression",
+        validation={"success": True, "suite": "training_data"},
+    ).execute(_context(try_number=1))
+    assert writes == [trained["run_id"]]  # one read-modify-write for trigger, validation and training
+    client = mlflow.MlflowClient(store["tracking_uri"])
+    stages = json.loads(
+        Path(client.download_artifacts(trained["run_id"], AUDIT_PATH, str(tmp_path))).read_text()
+    )
+    stages = stages["stages"]
+    assert [s["stage"] for s in stages] == ["trigger", "validation", "training"]
+    assert (
+        stages[1]["record"]["suite"] == "training_data" and stages[2]["record"]["run_id"] == trained["run_id"]
+    )

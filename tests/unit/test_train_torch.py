@@ -13,7 +13,6 @@ import json
 import subprocess
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlflow
 import pytest
@@ -26,6 +25,7 @@ from airloop.steps.training.train import train
 from airloop.tables import write_table
 from airloop.tracking.artifacts import download, read_data
 from airloop.tracking.models import resolve_model
+from tests.fakes.context import task_context
 
 MODULE = "torch:airloop.torch_models.MLPClassifier"
 PARAMS = {"hidden_sizes": [32, 16], "epochs": 12, "lr": 0.005}
@@ -33,21 +33,10 @@ CONNECTION = "mlflow_torch"
 TORCH_HERE = importlib.util.find_spec("torch") is not None
 
 
-class _TaskInstance:
-    def __init__(self, task_id: str, try_number: int) -> None:
-        self.dag_id, self.run_id, self.task_id = "airloop_torch", "manual__torch", task_id
-        self.map_index, self.try_number, self.xcom, self.bundle_instance = -1, try_number, {}, None
-
-    def xcom_push(self, key: str, value: object) -> None:
-        self.xcom[key] = value
-
-
 def _context(task_id: str = "train", try_number: int = 1) -> dict:
-    return {
-        "ti": _TaskInstance(task_id, try_number),
-        "dag_run": SimpleNamespace(run_type="manual"),
-        "dag": SimpleNamespace(fileloc=__file__),
-    }
+    return task_context(
+        task_id, dag_id="airloop_torch", run_id="manual__torch", try_number=try_number, dag_file=__file__
+    )
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +140,7 @@ def test_a_retry_reuses_the_run_and_a_new_task_trains_the_same_model(store):
             "experiment": "torch",
             "data_uri": store["data_uri"],
             "estimator": MODULE,
-            "params": PARAMS,
+            "estimator_params": PARAMS,
             "tags": {
                 "airflow.dag_id": "airloop_torch",
                 "airflow.run_id": "manual__other",
@@ -170,7 +159,7 @@ def test_the_offline_gate_scores_the_torch_model_in_the_torch_runtime(store):
     request = {
         "tracking_uri": store["tracking_uri"],
         "model_name": "torch-test",
-        "challenger_run_id": trained["run_id"],
+        "run_id": trained["run_id"],
     }
     verdict = runtimes.run_step(
         "airloop.steps.training.evaluate:evaluate",

@@ -1,9 +1,11 @@
 """The OpenVINO IR artefact in one place: its manifest (format, SHA-256 of each file, feature names,
-classes, precision), fetching and verifying it, compiling it for serving, and inferring rows.
+classes, precision), fetching and verifying it, compiling it as served, and inferring rows.
 
 The model folder holds ``model.xml``, ``model.bin`` and ``manifest.json``: ``{"format": "openvino-ir",
-"files": {name: sha256}, "feature_names": [...], "classes": [...], "precision": "fp32"}``. Nothing
-compiles an IR unless every listed file matches its checksum."""
+"files": {name: sha256}, "feature_names": [...], "classes": [...], "precision": "fp32"}``; a conversion
+stores it as the run's ``openvino/`` artefacts (``IR_PATH``). Nothing compiles an IR unless every listed
+file matches its checksum, checked once per load: by ``fetch_ir`` (which hands the verified manifest on)
+or by the model server's ``load()``."""
 
 from __future__ import annotations
 
@@ -11,9 +13,9 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -21,9 +23,16 @@ from airloop.tracking.artifacts import download
 from airloop.tracking.session import mlflow_step
 
 MANIFEST = "manifest.json"
-
-
 MANIFEST_FORMAT = "openvino-ir"
+IR_FILES = ("model.xml", "model.bin")
+# Where a conversion stores the selected IR in its run: ``runs:/<run_id>/openvino``.
+IR_PATH = "openvino"
+
+
+class FetchedIR(TypedDict):
+    model_dir: str
+    files: dict[str, str]
+    manifest: dict[str, Any]
 
 
 class ModelIntegrityError(RuntimeError):
@@ -131,7 +140,17 @@ def infer_rows(request: Any, rows: np.ndarray, dtype: Any = np.float32) -> np.nd
     return np.array(request.get_output_tensor().data, dtype=dtype)
 
 
-IR_FILES = ("model.xml", "model.bin")
+def ir_predictor(xml_path: str, dtype: Any = np.float32) -> Callable[[np.ndarray], np.ndarray]:
+    """Probabilities (as ``dtype``) from the IR at ``xml_path``, compiled and called as the model server
+    does: one reused infer request of the one-row copy for single rows, one of the batch copy for batches.
+    It checks no manifest: verify the folder first (``fetch_ir``, ``verify_ir``)."""
+    import openvino
+
+    core = openvino.Core()
+    one_row, batch = (
+        compiled.create_infer_request() for compiled in compile_ir(core, core.read_model(xml_path))
+    )
+    return lambda rows: infer_rows(one_row if len(rows) == 1 else batch, rows, dtype)
 
 
 def write_manifest(
@@ -151,18 +170,19 @@ def write_manifest(
 
 
 @mlflow_step
-def fetch_ir(request: dict[str, Any]) -> dict[str, Any]:
+def fetch_ir(request: dict[str, Any]) -> FetchedIR:
     """Download an IR folder and verify it against its manifest.
 
-    Request ``{"tracking_uri", "ir_uri", "dst_dir"}`` -> ``{"model_dir", "files"}``; a missing or
-    altered file raises ``ModelIntegrityError`` naming it.
+    Request ``{"tracking_uri", "ir_uri", "dst_dir"}`` -> ``{"model_dir", "files", "manifest"}`` (the
+    verified manifest); a missing or altered file raises ``ModelIntegrityError`` naming it.
     """
     for key in ("tracking_uri", "ir_uri", "dst_dir"):
         if not request.get(key):
             raise ValueError(f"request is missing {key!r}")
     os.makedirs(request["dst_dir"], exist_ok=True)
     model_dir = download(request["tracking_uri"], request["ir_uri"], request["dst_dir"])
-    return {"model_dir": model_dir, "files": verify_ir(model_dir)}
+    manifest = read_verified_manifest(Path(model_dir))
+    return {"model_dir": model_dir, "files": manifest["files"], "manifest": manifest}
 
 
 def verify_ir(model_dir: str) -> dict[str, str]:

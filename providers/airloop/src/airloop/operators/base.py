@@ -1,12 +1,15 @@
-"""What every Airloop operator shares: running a step in its runtime, and tagging what it writes."""
+"""What every Airloop operator shares: running a step in its runtime (and stopping it when the task is
+killed), and tagging what it writes."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 
 from airloop import runtimes
+from airloop.requests import StepRequest
 
 
 class StepOperator(BaseOperator):
@@ -19,6 +22,9 @@ class StepOperator(BaseOperator):
     :param pod_settings: for ``runtime="kubernetes"``: ``image`` (default ``$AIRLOOP_POD_IMAGE``),
         ``resources``, ``env``, and any KubernetesPodOperator argument (``namespace``,
         ``kubernetes_conn_id``, ``service_account_name``, ...).
+
+    A killed task stops the step's remote work: ``on_kill`` stops the runtime's interpreter, or deletes
+    the pod, through the operator that hopped there.
     """
 
     def __init__(
@@ -29,16 +35,33 @@ class StepOperator(BaseOperator):
         super().__init__(**kwargs)
         self.runtime = runtime
         self.pod_settings = pod_settings
+        self._hop: BaseOperator | None = None
 
-    def run_step(self, step: str, request: dict[str, Any], context: Context) -> Any:
+    def run_step(
+        self,
+        step: str,
+        request: StepRequest | Mapping[str, Any],
+        context: Context,
+        runtime: str | None = None,
+    ) -> Any:
+        """Run ``step`` with the request (sent as a dict) in ``runtime``, by default the operator's."""
         return runtimes.run_step(
             step,
-            request,
-            runtime=self.runtime,
+            request.to_dict() if isinstance(request, StepRequest) else dict(request),
+            runtime=runtime or self.runtime,
             context=context,
             task_id=self.task_id,
             pod_settings=self.pod_settings,
+            hold=self._hold,
         )
+
+    def _hold(self, hop: BaseOperator) -> None:
+        self._hop = hop
+
+    def on_kill(self) -> None:
+        """Stop the step's hop (the runtime's interpreter, or the pod); a worker step ends with the task."""
+        if self._hop is not None:
+            self._hop.on_kill()
 
 
 def airflow_tags(context: Context) -> dict[str, str]:

@@ -15,6 +15,16 @@ from airflow.sdk.exceptions import AirflowFailException
 from airloop.hooks.mlflow import MlflowHook
 from airloop.links.mlflow import MlflowModelVersionLink, MlflowRunLink
 from airloop.operators.base import StepOperator, airflow_tags, loop_trigger
+from airloop.steps.training.requests import (
+    EvaluateRequest,
+    EvaluationResult,
+    RegisterRequest,
+    RegisterResult,
+    SelectBestRequest,
+    SelectResult,
+    TrainRequest,
+)
+from airloop.tracking.requests import TrainedRun
 
 
 def code_version(context: Context) -> dict[str, str]:
@@ -55,11 +65,12 @@ class _MlflowOperator(StepOperator):
             context, ui_url=self.hook.ui_url, experiment_id=run.info.experiment_id, run_id=run_id
         )
 
-    def audit(self, run_id: str, stage: str, record: dict[str, Any]) -> None:
-        """Add this turn's ``stage`` to the audit record kept in the training run."""
+    def audit(self, run_id: str, records: dict[str, Any]) -> None:
+        """Add this task's stages (``{stage: record}``) to the audit record kept in the training run,
+        in one write."""
         from airloop.tracking.registry import append_audit
 
-        append_audit({**self.hook.step_config(), "run_id": run_id, "stage": stage, "record": record})
+        append_audit({**self.hook.step_config(), "run_id": run_id, "records": records})
 
 
 class MlflowTrainModelOperator(_MlflowOperator):
@@ -78,13 +89,15 @@ class MlflowTrainModelOperator(_MlflowOperator):
         ``weight_decay``, ``standardize``; see ``airloop.steps.training.train_torch``).
     :param label_column: the target column.
     :param experiment: MLflow experiment name.
+    :param test_size: the share of rows held out for the metrics, the offline gate and the parity check.
+    :param seed: seeds the split, the estimator's ``random_state`` and the drift reference sample.
     :param validation: the data gate's result (usually the validation task's XCom), kept in the audit record
         and on the run (tags ``airloop.validation.*``, artefact ``validation/summary.json``).
     :param parent_run_id: an MLflow run to nest this run under (tag ``mlflow.parentRunId``).
 
     A hyperparameter search maps it over candidates, one task and one run each:
     ``MlflowTrainModelOperator.partial(task_id="train", data_uri=...).expand(estimator_params=[...])``,
-    then ``MlflowSelectBestRunOperator`` picks the winner.
+    then ``MlflowSelectBestRunOperator`` picks the winner. Defaults: ``TrainRequest``.
     """
 
     template_fields: Sequence[str] = (
@@ -102,12 +115,12 @@ class MlflowTrainModelOperator(_MlflowOperator):
         self,
         *,
         data_uri: str,
-        estimator: str = "sklearn.neural_network.MLPClassifier",
+        estimator: str = TrainRequest.estimator,
         estimator_params: dict[str, Any] | None = None,
-        label_column: str = "label",
-        experiment: str = "airloop",
-        test_size: float = 0.25,
-        seed: int = 0,
+        label_column: str = TrainRequest.label_column,
+        experiment: str = TrainRequest.experiment,
+        test_size: float = TrainRequest.test_size,
+        seed: int = TrainRequest.seed,
         validation: dict[str, Any] | None = None,
         parent_run_id: str | None = None,
         **kwargs: Any,
@@ -123,31 +136,29 @@ class MlflowTrainModelOperator(_MlflowOperator):
         self.validation = validation
         self.parent_run_id = parent_run_id
 
-    def execute(self, context: Context) -> dict[str, Any]:
-        result = self.run_step(
-            "airloop.steps.training.train:train",
-            {
-                **self.hook.step_config(),
-                "experiment": self.experiment,
-                "data_uri": self.data_uri,
-                "label": self.label_column,
-                "estimator": self.estimator,
-                "params": self.estimator_params or {},
-                "test_size": self.test_size,
-                "seed": self.seed,
-                "tags": {**airflow_tags(context), **code_version(context)},
-                "parent_run_id": self.parent_run_id,
-                "validation": self.validation,
-            },
-            context,
+    def execute(self, context: Context) -> TrainedRun:
+        request = TrainRequest(
+            **self.hook.step_config(),
+            data_uri=self.data_uri,
+            estimator=self.estimator,
+            estimator_params=self.estimator_params or {},
+            label_column=self.label_column,
+            experiment=self.experiment,
+            test_size=self.test_size,
+            seed=self.seed,
+            validation=self.validation,
+            parent_run_id=self.parent_run_id,
+            tags={**airflow_tags(context), **code_version(context)},
         )
+        result: TrainedRun = self.run_step("airloop.steps.training.train:train", request, context)
         self.persist_run_link(context, result["run_id"])
-        self.audit(result["run_id"], "trigger", loop_trigger(context))
-        self.audit(result["run_id"], "validation", self.validation or {})
         self.audit(
             result["run_id"],
-            "training",
-            {key: result[key] for key in ("run_id", "model_uri", "metrics", "fingerprint")},
+            {
+                "trigger": loop_trigger(context),
+                "validation": self.validation or {},
+                "training": {key: result[key] for key in ("run_id", "model_uri", "metrics", "fingerprint")},
+            },
         )
         self.log.info("run %s: %s", result["run_id"], result["metrics"])
         return result
@@ -169,26 +180,28 @@ class MlflowSelectBestRunOperator(_MlflowOperator):
     operator_extra_links = (MlflowRunLink(),)
 
     def __init__(
-        self, *, run_ids: Sequence[str], metric: str = "accuracy", mode: str = "max", **kwargs: Any
+        self,
+        *,
+        run_ids: Sequence[str],
+        metric: str = SelectBestRequest.metric,
+        mode: str = SelectBestRequest.mode,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.run_ids = run_ids
         self.metric = metric
         self.mode = mode
 
-    def execute(self, context: Context) -> dict[str, Any]:
-        result = self.run_step(
-            "airloop.steps.training.select:select_best",
+    def execute(self, context: Context) -> SelectResult:
+        request = SelectBestRequest(
+            **self.hook.step_config(),
             # A mapped upstream's XCom arrives as a lazy sequence: make it a JSON-able list.
-            {
-                **self.hook.step_config(),
-                "run_ids": list(self.run_ids),
-                "metric": self.metric,
-                "mode": self.mode,
-                "tags": airflow_tags(context),
-            },
-            context,
+            run_ids=list(self.run_ids),
+            metric=self.metric,
+            mode=self.mode,
+            tags=airflow_tags(context),
         )
+        result: SelectResult = self.run_step("airloop.steps.training.select:select_best", request, context)
         self.persist_run_link(context, result["run_id"])
         self.log.info(
             "best of %d runs by %s (%s): %s",
@@ -205,6 +218,14 @@ class MlflowEvaluateChallengerOperator(_MlflowOperator):
     The offline gate: compare the candidate with the registered model's ``champion`` on the same
     held-out data. Fails unless the candidate is better by ``margin`` and the difference is significant;
     the first model (no champion yet) passes by that explicit rule.
+
+    :param model_name: the registered model whose champion the candidate must beat.
+    :param run_id: the candidate's training run.
+    :param data_uri: the rows both models score (default: the candidate run's holdout split).
+    :param label_column: the target column.
+    :param metric: ``"accuracy"`` (the paired tests need it).
+    :param margin: how much better (a share, 0.01 = one point) the candidate must be.
+    :param alpha: the significance level of McNemar's test; 1 turns the test off.
     """
 
     template_fields: Sequence[str] = ("model_name", "run_id", "data_uri", "metric", "margin", "alpha")
@@ -216,10 +237,10 @@ class MlflowEvaluateChallengerOperator(_MlflowOperator):
         model_name: str,
         run_id: str,
         data_uri: str | None = None,
-        label_column: str = "label",
-        metric: str = "accuracy",
-        margin: float = 0.0,
-        alpha: float = 0.05,
+        label_column: str = EvaluateRequest.label_column,
+        metric: str = EvaluateRequest.metric,
+        margin: float = EvaluateRequest.margin,
+        alpha: float = EvaluateRequest.alpha,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -231,23 +252,22 @@ class MlflowEvaluateChallengerOperator(_MlflowOperator):
         self.margin = margin
         self.alpha = alpha
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def execute(self, context: Context) -> EvaluationResult:
         self.persist_run_link(context, self.run_id)
-        verdict = self.run_step(
-            "airloop.steps.training.evaluate:evaluate",
-            {
-                **self.hook.step_config(),
-                "model_name": self.model_name,
-                "challenger_run_id": self.run_id,
-                "data_uri": self.data_uri,
-                "label": self.label_column,
-                "metric": self.metric,
-                "margin": self.margin,
-                "alpha": self.alpha,
-            },
-            context,
+        request = EvaluateRequest(
+            **self.hook.step_config(),
+            model_name=self.model_name,
+            run_id=self.run_id,
+            data_uri=self.data_uri,
+            label_column=self.label_column,
+            metric=self.metric,
+            margin=self.margin,
+            alpha=self.alpha,
         )
-        self.audit(self.run_id, "evaluation", verdict)
+        verdict: EvaluationResult = self.run_step(
+            "airloop.steps.training.evaluate:evaluate", request, context
+        )
+        self.audit(self.run_id, {"evaluation": verdict})
         self.log.info("evaluation verdict %s (%s): %s", verdict["verdict"], verdict["rule"], verdict)
         if verdict["verdict"] != "pass":
             raise AirflowFailException(
@@ -263,6 +283,10 @@ class MlflowRegisterModelOperator(_MlflowOperator):
     """
     Register the run's model as a new version; it becomes ``champion`` when the model has none yet,
     else ``challenger``. Re-running the task returns the same version.
+
+    :param model_name: the registered model.
+    :param run_id: the training run.
+    :param model_uri: the model to register (default: the run's logged model).
     """
 
     template_fields: Sequence[str] = ("model_name", "run_id", "model_uri")
@@ -274,18 +298,15 @@ class MlflowRegisterModelOperator(_MlflowOperator):
         self.run_id = run_id
         self.model_uri = model_uri
 
-    def execute(self, context: Context) -> dict[str, Any]:
-        result = self.run_step(
-            "airloop.steps.training.register:register",
-            {
-                **self.hook.step_config(),
-                "model_name": self.model_name,
-                "run_id": self.run_id,
-                "model_uri": self.model_uri or f"runs:/{self.run_id}/model",
-                "tags": airflow_tags(context),
-            },
-            context,
+    def execute(self, context: Context) -> RegisterResult:
+        request = RegisterRequest(
+            **self.hook.step_config(),
+            model_name=self.model_name,
+            run_id=self.run_id,
+            model_uri=self.model_uri,
+            tags=airflow_tags(context),
         )
+        result: RegisterResult = self.run_step("airloop.steps.training.register:register", request, context)
         MlflowModelVersionLink.persist(
             context, ui_url=self.hook.ui_url, model_name=self.model_name, version=str(result["version"])
         )

@@ -12,6 +12,13 @@ from airflow.sdk.exceptions import AirflowFailException
 from airloop import runtimes
 from airloop.links.mlflow import MlflowModelVersionLink, MlflowRunLink
 from airloop.operators.mlflow import _MlflowOperator
+from airloop.steps.conversion.requests import (
+    ConversionPlan,
+    ConversionResult,
+    ConvertRequest,
+    ScoreRequest,
+    ScoreResult,
+)
 
 
 class OpenvinoConvertModelOperator(_MlflowOperator):
@@ -34,6 +41,8 @@ class OpenvinoConvertModelOperator(_MlflowOperator):
     :param classes: class labels of a PyTorch or ONNX model's output columns (default ``0..k-1``).
     :param runtime: where the conversion runs; ``None`` (default) picks the route's runtime: ``"torch"``
         for scikit-learn tree models (hummingbird-ml) and PyTorch modules, the worker otherwise.
+
+    Defaults: ``ConvertRequest``.
     """
 
     template_fields: Sequence[str] = (
@@ -55,12 +64,12 @@ class OpenvinoConvertModelOperator(_MlflowOperator):
         run_id: str,
         holdout_uri: str,
         model_uri: str | None = None,
-        label_column: str = "label",
-        tolerance: float = 1e-4,
-        min_label_agreement: float = 0.999,
+        label_column: str = ConvertRequest.label_column,
+        tolerance: float = ConvertRequest.tolerance,
+        min_label_agreement: float = ConvertRequest.min_label_agreement,
         variants: Sequence[str] | None = None,
-        accuracy_budget: float = 1.0,
-        objective: str = "throughput",
+        accuracy_budget: float = ConvertRequest.accuracy_budget,
+        objective: str = ConvertRequest.objective,
         calibration_uri: str | None = None,
         classes: Sequence[Any] | None = None,
         runtime: str | None = None,
@@ -79,30 +88,26 @@ class OpenvinoConvertModelOperator(_MlflowOperator):
         self.calibration_uri = calibration_uri
         self.classes = classes
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def execute(self, context: Context) -> ConversionResult:
         self.persist_run_link(context, self.run_id)
-        request = {
+        request = ConvertRequest(
             **self.hook.step_config(),
-            "run_id": self.run_id,
-            "model_uri": self.model_uri or f"runs:/{self.run_id}/model",
-            "holdout_uri": self.holdout_uri,
-            "label": self.label_column,
-            "tolerance": self.tolerance,
-            "min_label_agreement": self.min_label_agreement,
-            "variants": list(self.variants) if self.variants else None,
-            "accuracy_budget": self.accuracy_budget,
-            "objective": self.objective,
-            "calibration_uri": self.calibration_uri,
-            "classes": list(self.classes) if self.classes else None,
-        }
+            run_id=self.run_id,
+            model_uri=self.model_uri,
+            holdout_uri=self.holdout_uri,
+            label_column=self.label_column,
+            tolerance=self.tolerance,
+            min_label_agreement=self.min_label_agreement,
+            variants=list(self.variants) if self.variants else None,
+            accuracy_budget=self.accuracy_budget,
+            objective=self.objective,
+            calibration_uri=self.calibration_uri,
+            classes=list(self.classes) if self.classes else None,
+        )
         runtime = self.runtime
         if runtime is None:
-            route = runtimes.run_step(
-                "airloop.steps.conversion.convert:plan",
-                request,
-                runtime=runtimes.WORKER,
-                context=context,
-                task_id=self.task_id,
+            route: ConversionPlan = self.run_step(
+                "airloop.steps.conversion.convert:plan", request, context, runtime=runtimes.WORKER
             )
             runtime = route["runtime"]
             self.log.info(
@@ -112,14 +117,10 @@ class OpenvinoConvertModelOperator(_MlflowOperator):
                 route["route"],
                 runtime,
             )
-        result = runtimes.run_step(
-            "airloop.steps.conversion.convert:convert",
-            request,
-            runtime=runtime,
-            context=context,
-            task_id=self.task_id,
+        result: ConversionResult = self.run_step(
+            "airloop.steps.conversion.convert:convert", request, context, runtime=runtime
         )
-        self.audit(self.run_id, "conversion", result)
+        self.audit(self.run_id, {"conversion": result})
         parity = result["parity"]
         self.log.info(
             "OpenVINO fp32 parity: max abs diff %.3g, label agreement %.4f",
@@ -168,7 +169,7 @@ class OpenvinoScoreDatasetOperator(_MlflowOperator):
         data_uri: str,
         output_uri: str,
         conn_id: str | None = None,
-        chunk_rows: int = 100_000,
+        chunk_rows: int = ScoreRequest.chunk_rows,
         passthrough_columns: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -198,24 +199,22 @@ class OpenvinoScoreDatasetOperator(_MlflowOperator):
             )
         return fsspec_options(s3_settings(self.conn_id, f"conn_id {self.conn_id!r}"))
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def execute(self, context: Context) -> ScoreResult:
         MlflowModelVersionLink.persist(
             context, ui_url=self.hook.ui_url, model_name=self.model_name, version=str(self.model_version)
         )
-        result = self.run_step(
-            "airloop.steps.conversion.score:score",
-            {
-                **self.hook.step_config(),
-                "model_name": self.model_name,
-                "model_version": str(self.model_version),
-                "data_uri": self.data_uri,
-                "output_uri": self.output_uri,
-                "chunk_rows": int(self.chunk_rows),
-                "passthrough_columns": list(self.passthrough_columns or []),
-                "storage_options": self._storage_options(),
-            },
-            context,
+        request = ScoreRequest(
+            **self.hook.step_config(),
+            model_name=self.model_name,
+            model_version=str(self.model_version),
+            data_uri=self.data_uri,
+            output_uri=self.output_uri,
+            # Template fields: a rendered template is a string.
+            chunk_rows=int(self.chunk_rows),
+            passthrough_columns=list(self.passthrough_columns or []),
+            storage_options=self._storage_options(),
         )
+        result: ScoreResult = self.run_step("airloop.steps.conversion.score:score", request, context)
         self.log.info(
             "%s v%s (%s): %d rows scored into %s (%d chunks scored, %d already written)",
             self.model_name,

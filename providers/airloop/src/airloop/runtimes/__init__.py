@@ -2,8 +2,9 @@
 
 A runtime is a virtualenv built with uv from a requirements file shipped here (``<name>.txt``) plus
 Airloop itself installed without dependencies, so steps import the same code in both places.
-Operators hand a step to a runtime through Airflow's ExternalPythonOperator, or to a Kubernetes pod
-through KubernetesPodOperator (``runtime="kubernetes"``, see ``airloop.runtimes.pod``); see ``run_step``.
+Operators hand a step to a runtime through Airflow's ExternalPythonOperator (``airloop.runtimes.hop``),
+or to a Kubernetes pod through KubernetesPodOperator (``runtime="kubernetes"``, see
+``airloop.runtimes.pod``); see ``run_step``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -151,27 +153,33 @@ def run_step(
     context: Any,
     task_id: str,
     pod_settings: dict[str, Any] | None = None,
+    hold: Callable[[Any], None] | None = None,
 ) -> Any:
     """Run ``module:function`` with a JSON-able request in the named runtime and return its result.
 
-    ``pod_settings`` configure the pod of the ``kubernetes`` runtime (``airloop.runtimes.pod``).
+    ``pod_settings`` configure the pod of the ``kubernetes`` runtime (``airloop.runtimes.pod``). ``hold``
+    receives the operator that makes the hop (ExternalPythonOperator, KubernetesPodOperator) before it
+    starts, so that the caller's ``on_kill`` can stop it through that operator's ``on_kill``.
     """
     if pod_settings and runtime != POD:
         raise ValueError(f"pod_settings apply to runtime={POD!r} only, not {runtime!r}")
     if runtime == POD:
         from airloop.runtimes import pod
 
-        return pod.run_step(step, request, pod_settings=pod_settings, context=context, task_id=task_id)
+        return pod.run_step(
+            step, request, pod_settings=pod_settings, context=context, task_id=task_id, hold=hold
+        )
     if runtime == WORKER:
         return call_step(step, request)
-    from airflow.providers.standard.operators.python import ExternalPythonOperator
     from airflow.sdk import DAG
+
+    from airloop.runtimes.hop import RuntimeHopOperator
 
     # The hop is an operator of its own, outside the user's DAG: it needs a DAG to belong to, whose
     # file is not where the callable lives (else Airflow would re-import that module under a new name).
     holder = DAG(dag_id=f"airloop_runtime_hop__{runtime}", schedule=None)
     holder.fileloc = getattr(context.get("dag"), "fileloc", None) or "<airloop runtime hop>"
-    hop = ExternalPythonOperator(
+    hop = RuntimeHopOperator(
         task_id=f"{task_id}__{runtime}",
         dag=holder,
         python=python(runtime),
@@ -181,4 +189,6 @@ def run_step(
         serializer="pickle",
         show_return_value_in_logs=False,
     )
+    if hold is not None:
+        hold(hop)
     return hop.execute(context)

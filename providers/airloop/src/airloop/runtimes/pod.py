@@ -31,6 +31,7 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -252,10 +253,19 @@ def pod_operator(
 
 
 def run_step(
-    step: str, request: dict[str, Any], *, pod_settings: dict[str, Any] | None, context: Any, task_id: str
+    step: str,
+    request: dict[str, Any],
+    *,
+    pod_settings: dict[str, Any] | None,
+    context: Any,
+    task_id: str,
+    hold: Callable[[Any], None] | None = None,
 ) -> Any:
-    """Run ``module:function`` in a pod through KubernetesPodOperator and return its result."""
+    """Run ``module:function`` in a pod through KubernetesPodOperator and return its result; ``hold``
+    receives that operator first (its ``on_kill`` deletes the pod)."""
     hop = pod_operator(step, request, pod_settings=pod_settings, context=context, task_id=task_id)
+    if hold is not None:
+        hold(hop)
     return collect(hop.execute(context), request)
 
 

@@ -1,5 +1,6 @@
 """MLflow artefacts and runs: download and read what a run holds, find the run of an Airflow task
-instance, create experiments. Every call goes through a client bound to the request's tracking URI."""
+instance, create experiments, describe a training run. Every call goes through a client bound to the
+request's tracking URI."""
 
 from __future__ import annotations
 
@@ -9,25 +10,21 @@ from typing import TYPE_CHECKING, Any
 
 from airloop import settings
 from airloop.tables import read_table
+from airloop.tracking.requests import TrainedRun
 
 if TYPE_CHECKING:
     import mlflow
     import pandas as pd
 
-
+# The logged model of a training run: ``runs:/<run_id>/model``.
+MODEL_NAME = "model"
 HOLDOUT_PATH = "data/holdout.parquet"
-
-
 REFERENCE_PATH = "drift/reference.parquet"
-
-
 FINGERPRINT_PATH = "data/fingerprint.json"
 
 
 # Tags that identify one Airflow task instance: a finished run carrying the same values is reused.
 IDEMPOTENCY_TAGS = ("airflow.dag_id", "airflow.run_id", "airflow.task_id", "airflow.map_index")
-
-
 # MLflow marks a nested (child) run with this tag; its UI groups children under the parent.
 PARENT_RUN_TAG = "mlflow.parentRunId"
 
@@ -94,3 +91,24 @@ def read_json_artifact(client: mlflow.MlflowClient, run_id: str, path: str) -> d
     with tempfile.TemporaryDirectory() as tmp:
         with open(client.download_artifacts(run_id, path, tmp)) as handle:
             return json.load(handle)
+
+
+def trained_run(
+    run_id: str, metrics: dict[str, float], data_print: dict[str, Any], reused: bool
+) -> TrainedRun:
+    """A training run as the later steps name it: its model, metrics, splits and data fingerprint."""
+    return {
+        "run_id": run_id,
+        "model_uri": f"runs:/{run_id}/{MODEL_NAME}",
+        "metrics": metrics,
+        "holdout_uri": f"runs:/{run_id}/{HOLDOUT_PATH}",
+        "reference_uri": f"runs:/{run_id}/{REFERENCE_PATH}",
+        "fingerprint": data_print,
+        "reused": reused,
+    }
+
+
+def run_result(client: mlflow.MlflowClient, run: mlflow.entities.Run, reused: bool) -> TrainedRun:
+    """``trained_run`` of a run that the train step logged earlier."""
+    data_print = read_json_artifact(client, run.info.run_id, FINGERPRINT_PATH)
+    return trained_run(run.info.run_id, dict(run.data.metrics), data_print, reused=reused)

@@ -1,5 +1,10 @@
-"""Models in MLflow: log, resolve and load the scikit-learn (skops) and PyTorch (``torch.export``)
-models that the train step makes.
+"""Models in MLflow: log, resolve, download and load the scikit-learn (skops) and PyTorch
+(``torch.export``) models that the train step makes.
+
+A step that needs the model's files more than once (the conversion reads the MLmodel file, loads the
+estimator and converts its graph) resolves and downloads it once, with ``download_model``, and hands the
+local copy on: ``load_model(..., local=folder)``. The MLmodel file alone (flavours and ``metadata``, which
+names a scikit-learn model's class) is read without the model, with ``read_mlmodel``.
 
 A PyTorch model is logged in MLflow's ``pytorch`` flavour as a ``torch.export`` program
 (``data/model.pt2``; never pickle, whose loading runs code) with a dynamic batch dimension; the MLmodel
@@ -15,14 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from airloop.tracking.artifacts import download
+from airloop.tracking.artifacts import MODEL_NAME, download
 
 if TYPE_CHECKING:
     import mlflow
+    import mlflow.models
     import pandas as pd
 
-
-MODEL_NAME = "model"
+# The MLmodel ``metadata`` key naming a scikit-learn model's class (``package.module.Class``).
+MODEL_CLASS = "model_class"
 
 
 # Types outside skops' built-in safe set that Airloop agrees to load. The allow-list lives here, in
@@ -82,6 +88,7 @@ def log_sklearn_model(
     if unknown:
         raise ValueError(f"estimator holds types outside Airloop's skops allow-list: {unknown}")
     signature = infer_signature(example, estimator.predict_proba(example.head(5)))
+    cls = type(estimator)
 
     def save(path: str, mlflow_model: mlflow.models.Model) -> None:
         mlflow.sklearn.save_model(
@@ -91,6 +98,8 @@ def log_sklearn_model(
             serialization_format="skops",
             skops_trusted_types=untrusted,
             signature=signature,
+            # The class, so that a conversion plans its route from the MLmodel file alone.
+            metadata={MODEL_CLASS: f"{cls.__module__}.{cls.__qualname__}"},
             # Explicit requirements: inferring them re-imports the model in a subprocess (seconds).
             pip_requirements=[
                 f"scikit-learn=={sklearn.__version__}",
@@ -130,31 +139,54 @@ def resolve_model(client: mlflow.MlflowClient, model_uri: str) -> tuple[str, str
     return f"{run.info.artifact_uri.rstrip('/')}/{name}", None
 
 
-def load_model(tracking_uri: str, model_uri: str) -> Any:
-    """Load a scikit-learn model that ``train`` logged, trusting only ``SKOPS_TRUSTED_TYPES``, or a
-    PyTorch one (a ``TorchClassifier``; needs torch, so the ``torch`` runtime).
-
-    Reads the skops file directly instead of ``mlflow.sklearn.load_model``: the latter takes its
-    allow-list from the model's own MLmodel file and needs a process-wide opt-in to do so.
-    """
+def download_model(tracking_uri: str, model_uri: str, dst_dir: str) -> str:
+    """Resolve ``model_uri`` and download the model folder into ``dst_dir``; returns the local folder."""
     import mlflow
-    import skops.io
+
+    location, _ = resolve_model(mlflow.MlflowClient(tracking_uri=tracking_uri), model_uri)
+    return download(tracking_uri, location, dst_dir)
+
+
+def read_mlmodel(tracking_uri: str, model_uri: str) -> mlflow.models.Model:
+    """The model's MLmodel file (flavours, signature, ``metadata``), without downloading the model."""
+    import mlflow
     from mlflow.models import Model
 
     location, _ = resolve_model(mlflow.MlflowClient(tracking_uri=tracking_uri), model_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        local = download(tracking_uri, location, tmp)
-        flavors = Model.load(os.path.join(local, "MLmodel")).flavors
-        if "pytorch" in flavors:
-            return load_torch_model(local, model_uri)
-        flavor = flavors.get("sklearn")
-        if flavor is None or flavor.get("serialization_format") != "skops":
-            raise ValueError(f"{model_uri} is not a scikit-learn model saved in the skops format")
-        path = os.path.join(local, flavor["pickled_model"])
-        unknown = sorted(set(skops.io.get_untrusted_types(file=path)) - SKOPS_TRUSTED_TYPES)
-        if unknown:
-            raise ValueError(f"{model_uri} holds types outside Airloop's skops allow-list: {unknown}")
-        return skops.io.load(path, trusted=sorted(SKOPS_TRUSTED_TYPES))
+        return Model.load(download(tracking_uri, f"{location.rstrip('/')}/MLmodel", tmp))
+
+
+def load_model(tracking_uri: str, model_uri: str, *, local: str | None = None) -> Any:
+    """Load a scikit-learn model that ``train`` logged, trusting only ``SKOPS_TRUSTED_TYPES``, or a
+    PyTorch one (a ``TorchClassifier``; needs torch, so the ``torch`` runtime).
+
+    ``local`` is the model folder when the caller downloaded it already (``download_model``); otherwise
+    the model is resolved and downloaded here. Reads the skops file directly instead of
+    ``mlflow.sklearn.load_model``: the latter takes its allow-list from the model's own MLmodel file and
+    needs a process-wide opt-in to do so.
+    """
+    if local is not None:
+        return _load_local(local, model_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        return _load_local(download_model(tracking_uri, model_uri, tmp), model_uri)
+
+
+def _load_local(local: str, model_uri: str) -> Any:
+    import skops.io
+    from mlflow.models import Model
+
+    flavors = Model.load(os.path.join(local, "MLmodel")).flavors
+    if "pytorch" in flavors:
+        return load_torch_model(local, model_uri)
+    flavor = flavors.get("sklearn")
+    if flavor is None or flavor.get("serialization_format") != "skops":
+        raise ValueError(f"{model_uri} is not a scikit-learn model saved in the skops format")
+    path = os.path.join(local, flavor["pickled_model"])
+    unknown = sorted(set(skops.io.get_untrusted_types(file=path)) - SKOPS_TRUSTED_TYPES)
+    if unknown:
+        raise ValueError(f"{model_uri} holds types outside Airloop's skops allow-list: {unknown}")
+    return skops.io.load(path, trusted=sorted(SKOPS_TRUSTED_TYPES))
 
 
 PROGRAM_FILE = "model.pt2"

@@ -11,7 +11,8 @@ import datetime
 import json
 import os
 import tempfile
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 from airloop.tracking.session import mlflow_step
 
@@ -30,6 +31,23 @@ AUDIT_STAGES = ("trigger", "data", "validation", "training", "evaluation", "conv
 MAX_AUDIT_RECORD_BYTES = 16_384
 
 
+class AuditEntry(TypedDict):
+    """One stage of a loop turn: when it was recorded and its summary."""
+
+    stage: str
+    at: str
+    record: dict[str, Any]
+
+
+class AuditRecord(TypedDict):
+    """The audit record of one training run (a model version's, once registered), in loop order."""
+
+    run_id: str
+    model_name: NotRequired[str]
+    version: NotRequired[str]
+    stages: list[AuditEntry]
+
+
 def registry_client(tracking_uri: str) -> mlflow.MlflowClient:
     import mlflow
 
@@ -38,7 +56,7 @@ def registry_client(tracking_uri: str) -> mlflow.MlflowClient:
     return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
-def _version(request: dict[str, Any]) -> str:
+def _version(request: Mapping[str, Any]) -> str:
     if not request.get("model_name") or not request.get("version"):
         raise ValueError("request needs 'model_name' and 'version'")
     return str(request["version"])
@@ -107,45 +125,77 @@ def reject(request: dict[str, Any]) -> dict[str, Any]:
 
 
 @mlflow_step
-def append_audit(request: dict[str, Any]) -> dict[str, Any]:
-    """Add (or replace) one stage's record in ``audit/loop.json`` of a training run.
+def append_audit(request: Mapping[str, Any]) -> AuditRecord:
+    """Add (or replace) stage records in ``audit/loop.json`` of a training run, in one read-modify-write.
 
-    Request ``{"tracking_uri", "model_name", "version", "stage", "record": {...}}``, or ``"run_id"``
-    instead of model name and version for the stages before a version exists (trigger, data,
-    validation, training). Returns the record as ``read_audit`` does. Read-modify-write: one writer
-    per run at a time, which a DAG run's sequential stages give.
+    Request ``{"tracking_uri", "model_name", "version", "stage", "record": {...}}``, or ``"records":
+    {stage: record, ...}`` instead of ``stage`` and ``record`` for the stages one task records together;
+    ``"run_id"`` instead of model name and version for the stages before a version exists (trigger,
+    data, validation, training). ``"append": {key: n}`` grows the lists under ``key`` of a stage's
+    stored record (the newest ``n`` entries kept, fewer if the record would pass its size limit).
+    Returns the record as ``read_audit`` does. One writer per run at a time, which a DAG run's
+    sequential stages give.
     """
-    stage = request.get("stage")
-    if stage not in AUDIT_STAGES:
-        raise ValueError(f"stage must be one of {list(AUDIT_STAGES)}, got {stage!r}")
-    record = request.get("record") or {}
-    size = len(json.dumps(record, default=str))
-    if size > MAX_AUDIT_RECORD_BYTES:
-        raise ValueError(
-            f"audit record for stage {stage!r} is {size} bytes; the limit is {MAX_AUDIT_RECORD_BYTES}"
-        )
+    records = _records(request)
     client = registry_client(request.get("tracking_uri", ""))
+    header: AuditRecord
     if request.get("run_id"):
-        header: dict[str, Any] = {"run_id": request["run_id"]}
+        header = {"run_id": request["run_id"], "stages": []}
     else:
         version = _version(request)
         header = {
             "model_name": request["model_name"],
             "version": version,
             "run_id": _source_run(client, request["model_name"], version),
+            "stages": [],
         }
-    entry = {
-        "stage": stage,
-        "at": datetime.datetime.now(datetime.UTC).isoformat(),
-        "record": json.loads(json.dumps(record, default=str)),
-    }
-    stages = [item for item in _stages(client, header["run_id"]) if item["stage"] != stage] + [entry]
+    stored = _stages(client, header["run_id"])
+    for key, keep in (request.get("append") or {}).items():
+        records = {stage: _appended(record, stored, stage, key, keep) for stage, record in records.items()}
+    at = datetime.datetime.now(datetime.UTC).isoformat()
+    entries: list[AuditEntry] = [
+        {"stage": stage, "at": at, "record": json.loads(json.dumps(record, default=str))}
+        for stage, record in records.items()
+    ]
+    stages = [item for item in stored if item["stage"] not in records] + entries
     stages.sort(key=lambda item: AUDIT_STAGES.index(item["stage"]))
     client.log_dict(header["run_id"], {"stages": stages}, AUDIT_PATH)
     return {**header, "stages": stages}
 
 
-def read_audit(tracking_uri: str, model_name: str, version: str | int) -> dict[str, Any]:
+def _records(request: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{stage: record}`` from the request's ``records``, or from its ``stage`` and ``record``; checked."""
+    if "records" in request:
+        if "stage" in request or "record" in request:
+            raise ValueError("give either 'records' or 'stage' and 'record', not both")
+        records = dict(request["records"] or {})
+        if not records:
+            raise ValueError("'records' names no stage")
+    else:
+        records = {request.get("stage"): request.get("record") or {}}
+    for stage, record in records.items():
+        if stage not in AUDIT_STAGES:
+            raise ValueError(f"stage must be one of {list(AUDIT_STAGES)}, got {stage!r}")
+        size = len(json.dumps(record, default=str))
+        if size > MAX_AUDIT_RECORD_BYTES:
+            raise ValueError(
+                f"audit record for stage {stage!r} is {size} bytes; the limit is {MAX_AUDIT_RECORD_BYTES}"
+            )
+    return records
+
+
+def _appended(
+    record: dict[str, Any], stored: list[AuditEntry], stage: str, key: str, keep: int
+) -> dict[str, Any]:
+    """``record`` with its ``key`` list after the stored one's: the newest ``keep``, within the size limit."""
+    earlier = next((item["record"].get(key) or [] for item in stored if item["stage"] == stage), [])
+    items = [*earlier, *(record.get(key) or [])][-keep:]
+    while len(items) > 1 and len(json.dumps({**record, key: items}, default=str)) > MAX_AUDIT_RECORD_BYTES:
+        items.pop(0)
+    return {**record, key: items}
+
+
+def read_audit(tracking_uri: str, model_name: str, version: str | int) -> AuditRecord:
     """``{"model_name", "version", "run_id", "stages": [{"stage", "at", "record"}, ...]}``, loop order."""
     client = registry_client(tracking_uri)
     run_id = _source_run(client, model_name, str(version))
@@ -160,7 +210,7 @@ def _source_run(client: mlflow.MlflowClient, model_name: str, version: str) -> s
     return run_id
 
 
-def _stages(client: mlflow.MlflowClient, run_id: str) -> list[dict[str, Any]]:
+def _stages(client: mlflow.MlflowClient, run_id: str) -> list[AuditEntry]:
     names = {info.path for info in client.list_artifacts(run_id, os.path.dirname(AUDIT_PATH))}
     if AUDIT_PATH not in names:
         return []

@@ -31,7 +31,9 @@ import os
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
+
+from airloop.requests import StepRequest
 
 # The request's "http" settings and the MLflow variables that carry them.
 HTTP_SETTINGS = {
@@ -49,6 +51,11 @@ S3_SETTINGS = (
 )
 # Steps never send MLflow usage data.
 TELEMETRY_OFF = ("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+# A step's request: a dict, as it crosses a runtime hop, or the step's typed request.
+Request = TypeVar("Request", bound="Mapping[str, Any] | StepRequest")
+Result = TypeVar("Result")
 
 
 class MlflowUnavailableError(RuntimeError):
@@ -148,12 +155,14 @@ ACTIVE = _Active()
 
 
 @contextlib.contextmanager
-def mlflow_calls(request: Mapping[str, Any]) -> Iterator[None]:
+def mlflow_calls(request: Mapping[str, Any] | StepRequest) -> Iterator[None]:
     """Apply the request's ``auth``, ``s3`` and ``http`` settings to MLflow calls made inside the block.
 
     A server that stays unreachable, or keeps failing with 5xx, after the retries becomes
     ``MlflowUnavailableError`` naming it and the number of tries.
     """
+    if isinstance(request, StepRequest):
+        request = request.to_dict()
     settings = Settings.from_request(request)
     with ACTIVE.use(settings):
         # Imported inside the block: MLflow decides at import whether to start its telemetry.
@@ -175,11 +184,11 @@ def mlflow_calls(request: Mapping[str, Any]) -> Iterator[None]:
             ) from exc
 
 
-def mlflow_step(function: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
+def mlflow_step(function: Callable[[Request], Result]) -> Callable[[Request], Result]:
     """Run a step (request in, result out) inside ``mlflow_calls(request)``."""
 
     @functools.wraps(function)
-    def step(request: dict[str, Any]) -> Any:
+    def step(request: Request) -> Result:
         with mlflow_calls(request):
             return function(request)
 

@@ -16,8 +16,9 @@ The route depends on the model's MLflow flavour and, for scikit-learn, on its fa
 - ``onnx`` (MLflow ``onnx`` flavour): the first 2-D float output's subgraph -> OpenVINO; a graph that
   still needs ``ai.onnx.ml`` operators is refused. ONNX Runtime is then the native framework.
 
-From that one fp32 graph come the fp32, fp16 and int8 variants (``airloop.steps.conversion.optimise``). The fp32
-IR is the parity gate: compiled with f32 inference precision (this CPU defaults to bf16), its outputs
+From that one fp32 graph come the fp32, fp16 and int8 variants (``airloop.steps.conversion.optimise``).
+The model is resolved and downloaded once (``routes.load_source``); ``plan`` reads its MLmodel file only.
+The fp32 IR is the parity gate: compiled with f32 inference precision (this CPU defaults to bf16), its outputs
 must match the native model's on the holdout split. The selected variant is logged as ``openvino/``
 with ``manifest.json`` (SHA-256 of each IR file, precision); the model server, batch scoring and
 ``fetch_ir`` check it. Nothing is logged as ``openvino/`` when a gate fails, and the model registry is
@@ -29,56 +30,56 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
-from airloop.openvino_ir import IR_FILES, write_manifest
+from airloop.openvino_ir import IR_FILES, IR_PATH, write_manifest
 from airloop.steps.conversion import optimise
+from airloop.steps.conversion.requests import (
+    ConversionPlan,
+    ConversionResult,
+    ConvertRequest,
+    Parity,
+    PlanRequest,
+)
 from airloop.steps.conversion.routes import ROUTE_RUNTIMES, class_index, identify, load_source, route_for
-from airloop.tracking.artifacts import HOLDOUT_PATH, REFERENCE_PATH, read_data
-from airloop.tracking.models import MODEL_NAME
+from airloop.tracking.artifacts import HOLDOUT_PATH, MODEL_NAME, REFERENCE_PATH, read_data
 from airloop.tracking.session import mlflow_step
 
-if TYPE_CHECKING:
-    pass
-
-IR_PATH = "openvino"
 REPORT_PATH = "openvino_report.json"
 BATCH_ROWS = 1024
-# The optimisation report's keys that also go in the result (and so in XCom and the audit record).
-RESULT_KEYS = ("parity", "variant", "reason", "native_accuracy", "variants", "benchmark", "ratios", "cpu")
 
 
 @mlflow_step
-def plan(request: dict[str, Any]) -> dict[str, Any]:
-    """Which route converts the model and which runtime it needs, without converting it.
+def plan(request: PlanRequest | Mapping[str, Any]) -> ConversionPlan:
+    """Which route converts the model and which runtime it needs, without converting it: reads the
+    model's MLmodel file, not the model. -> ``{"flavour", "family", "route", "runtime"}``.
 
-    Request ``{"tracking_uri", "run_id", "model_uri"?}`` -> ``{"flavour", "family", "route", "runtime"}``.
-    An unsupported flavour or family raises ``UnsupportedModelError`` naming it and the supported ones.
+    The request is the conversion's own (a ``ConvertRequest``, of which plan reads the ``PlanRequest``
+    fields). An unsupported flavour or family raises ``UnsupportedModelError`` naming it and the
+    supported ones.
     """
-    tracking_uri, model_uri = _model_location(request)
-    with tempfile.TemporaryDirectory() as tmp:
-        flavour, family = identify(tracking_uri, model_uri, tmp)
+    request = request if isinstance(request, PlanRequest) else ConvertRequest.parse(request)
+    flavour, family = identify(request.tracking_uri, _model_uri(request))
     route = route_for(flavour, family)
     return {"flavour": flavour, "family": family, "route": route, "runtime": ROUTE_RUNTIMES[route]}
 
 
 @mlflow_step
-def convert(request: dict[str, Any]) -> dict[str, Any]:
-    """Request ``{"tracking_uri", "run_id", "model_uri"?, "holdout_uri"?, "calibration_uri"?, "label",
-    "tolerance", "min_label_agreement", "variants", "accuracy_budget", "objective", "calibration_rows",
-    "benchmark_calls", "classes"?}`` -> ``{"ir_uri", "files", "parity", "passed", "variant", "reason",
+def convert(request: ConvertRequest | Mapping[str, Any]) -> ConversionResult:
+    """The run's model as OpenVINO IR -> ``{"ir_uri", "files", "parity", "passed", "variant", "reason",
     "route", ...}``; see docs/openvino.md."""
     import mlflow
     from mlflow.entities import Metric
 
-    tracking_uri, model_uri = _model_location(request)
-    run_id = request["run_id"]
-    label = request.get("label", "label")
-    tolerance = float(request.get("tolerance", 1e-4))
-    min_agreement = float(request.get("min_label_agreement", 0.999))
-    budget = float(request.get("accuracy_budget", 1.0))
-    objective = request.get("objective", "throughput")
-    variants = list(request.get("variants") or optimise.VARIANTS)
+    request = ConvertRequest.parse(request)
+    tracking_uri, run_id, label = request.tracking_uri, request.run_id, request.label_column
+    # Template fields: a rendered template is a string.
+    tolerance = float(request.tolerance)
+    min_agreement = float(request.min_label_agreement)
+    budget = float(request.accuracy_budget)
+    objective = request.objective
+    variants = list(request.variants or optimise.VARIANTS)
     unknown = sorted(set(variants) - set(optimise.VARIANTS))
     if unknown:
         raise ValueError(f"unknown OpenVINO variants {unknown}: choose from {list(optimise.VARIANTS)}")
@@ -87,19 +88,19 @@ def convert(request: dict[str, Any]) -> dict[str, Any]:
     if budget < 0:
         raise ValueError(f"accuracy_budget must be >= 0 points, got {budget}")
 
-    holdout = read_data(tracking_uri, request.get("holdout_uri") or f"runs:/{run_id}/{HOLDOUT_PATH}")
+    holdout = read_data(tracking_uri, request.holdout_uri or f"runs:/{run_id}/{HOLDOUT_PATH}")
     if label not in holdout.columns:
         raise ValueError(f"holdout has no label column {label!r} (columns {list(holdout.columns)})")
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         source = load_source(
-            tracking_uri, model_uri, tmp, holdout.drop(columns=[label]), request.get("classes")
+            tracking_uri, _model_uri(request), tmp, holdout.drop(columns=[label]), request.classes
         )
         features = holdout[source.feature_names]
         calibration = None
         if "int8" in variants:
-            uri = request.get("calibration_uri") or f"runs:/{run_id}/{REFERENCE_PATH}"
-            rows = int(request.get("calibration_rows", 300))
+            uri = request.calibration_uri or f"runs:/{run_id}/{REFERENCE_PATH}"
+            rows = request.calibration_rows
             calibration = read_data(tracking_uri, uri)[source.feature_names].to_numpy(dtype="float32")[:rows]
         report = optimise.optimise(
             source.native,
@@ -113,11 +114,11 @@ def convert(request: dict[str, Any]) -> dict[str, Any]:
             calibration=calibration,
             budget=budget,
             objective=objective,
-            calls=int(request.get("benchmark_calls", 200)),
+            calls=request.benchmark_calls,
             batch_rows=BATCH_ROWS,
         )
         fp32 = report["variants"]["fp32"]
-        parity = {
+        parity: Parity = {
             "max_abs_diff": fp32["max_abs_diff"],
             "label_agreement": fp32["label_agreement"],
             "rows": int(len(holdout)),
@@ -192,12 +193,16 @@ def convert(request: dict[str, Any]) -> dict[str, Any]:
         "family": source.family,
         "route": source.route,
         "notes": source.notes,
-        **{k: report[k] for k in RESULT_KEYS},
+        "parity": parity,
+        "variant": selected,
+        "reason": report["reason"],
+        "native_accuracy": report["native_accuracy"],
+        "variants": report["variants"],
+        "benchmark": report["benchmark"],
+        "ratios": report["ratios"],
+        "cpu": report["cpu"],
     }
 
 
-def _model_location(request: dict[str, Any]) -> tuple[str, str]:
-    tracking_uri, run_id = request.get("tracking_uri"), request.get("run_id")
-    if not tracking_uri or not run_id:
-        raise ValueError("request needs 'tracking_uri' and 'run_id'")
-    return tracking_uri, request.get("model_uri") or f"runs:/{run_id}/{MODEL_NAME}"
+def _model_uri(request: PlanRequest) -> str:
+    return request.model_uri or f"runs:/{request.run_id}/{MODEL_NAME}"

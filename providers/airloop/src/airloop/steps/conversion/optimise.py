@@ -13,7 +13,7 @@ Variants, all from the same fp32 graph (an ONNX file or an IR that a conversion 
   faster than f32 only on CPUs with VNNI or AMX).
 
 Every variant is compiled and called as the model server compiles and calls it
-(``airloop.openvino_ir.compile_ir`` and ``infer_rows``), so the accuracy and the speed measured
+(``airloop.openvino_ir.ir_predictor``), so the accuracy and the speed measured
 here are the ones served. A variant is a candidate only when its holdout accuracy is within
 ``budget`` points of the native model's; the fastest candidate (by throughput at a large batch, or
 latency at batch 1) is selected, and among candidates within ``TIE`` of the fastest, the one that is
@@ -30,6 +30,9 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from airloop.onnx_runtime import onnx_runtime_predictor
+from airloop.openvino_ir import ir_predictor
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -123,32 +126,7 @@ def _quantize(model: Any, rows: np.ndarray, labels: np.ndarray | None, max_drop:
     )
 
 
-def openvino_predictor(xml_path: str) -> Callable[[np.ndarray], np.ndarray]:
-    """Probabilities from the IR at ``xml_path``, compiled and called as served: one reused infer
-    request of the one-row model for single rows, one of the batch model for batches."""
-    import openvino
-
-    from airloop.openvino_ir import compile_ir, infer_rows
-
-    core = openvino.Core()
-    one_row, batch = (
-        compiled.create_infer_request() for compiled in compile_ir(core, core.read_model(xml_path))
-    )
-    return lambda rows: infer_rows(one_row if len(rows) == 1 else batch, rows)
-
-
-def onnx_runtime_predictor(onnx_path: str) -> Callable[[np.ndarray], np.ndarray]:
-    """The ``probabilities`` output (else the first) of the ONNX graph, through ONNX Runtime."""
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    outputs = [output.name for output in session.get_outputs()]
-    wanted = ["probabilities"] if "probabilities" in outputs else outputs[:1]
-    return lambda rows: session.run(wanted, {name: rows})[0]
-
-
-def agreement(proba: np.ndarray, reference: np.ndarray, target_index: np.ndarray) -> dict[str, float]:
+def agreement(proba: np.ndarray, reference: np.ndarray, target_index: np.ndarray) -> dict[str, Any]:
     """Accuracy of ``proba`` and how far it is from the native model's ``reference`` probabilities.
 
     A row with a NaN or infinite output counts as wrong; ``max_abs_diff`` is then ``None`` (JSON has
@@ -316,7 +294,8 @@ def optimise(
     labels = None
     if calibration is not None and len(calibration):
         labels = np.asarray(native(as_input(np.asarray(calibration, dtype=np.float32)))).argmax(axis=1)
-    scores, paths = {}, {}
+    scores: dict[str, dict[str, Any]] = {}
+    paths: dict[str, str] = {}
     for variant in dict.fromkeys(["fp32", *variants]):
         path = os.path.join(work_dir, variant, "model.xml")
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -328,7 +307,7 @@ def optimise(
             scores[variant] = {"error": f"{type(exc).__name__}: {exc}"[:300], "within_budget": False}
             continue
         paths[variant] = path
-        scores[variant] = agreement(openvino_predictor(path)(rows), reference, target_index)
+        scores[variant] = agreement(ir_predictor(path)(rows), reference, target_index)
         drop = (native_accuracy - scores[variant]["accuracy"]) * 100
         scores[variant].update(
             accuracy_drop=drop,
@@ -340,9 +319,7 @@ def optimise(
     predictors = {NATIVE: native}
     if onnx_path is not None:
         predictors[ONNX_RUNTIME] = onnx_runtime_predictor(onnx_path)
-    predictors.update(
-        {variant: openvino_predictor(paths[variant]) for variant in variants if variant in paths}
-    )
+    predictors.update({variant: ir_predictor(paths[variant]) for variant in variants if variant in paths})
     large = np.resize(rows, (batch_rows, rows.shape[1]))
     singles = range(min(len(rows), 50))
     # The native model takes its own input kind, the others float32 arrays.

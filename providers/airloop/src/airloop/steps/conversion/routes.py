@@ -1,5 +1,9 @@
 """The conversion routes, one per model family: each loads the model and builds its fp32 graph
-(``Source``) for OpenVINO, with the native predictor the parity gate compares against."""
+(``Source``) for OpenVINO, with the native predictor the parity gate compares against.
+
+The model is resolved and downloaded once per conversion (``load_source``) and every route reads that
+copy; planning a route reads the MLmodel file alone (``identify``).
+"""
 
 from __future__ import annotations
 
@@ -12,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from airloop.steps.conversion import optimise
-from airloop.tracking.artifacts import download
-from airloop.tracking.models import load_model, resolve_model
+from airloop.onnx_runtime import onnx_runtime_predictor
+from airloop.tracking.models import MODEL_CLASS, download_model, load_model, read_mlmodel
 
 if TYPE_CHECKING:
+    import mlflow.models
     import pandas as pd
 
 
@@ -69,30 +73,27 @@ class Source:
     notes: list[str] = field(default_factory=list)
 
 
-def identify(tracking_uri: str, model_uri: str, tmp: str) -> tuple[str, str]:
-    """The model's flavour and family; a scikit-learn model is loaded (skops, allow-listed) to name it."""
-    flavour, _ = _flavour(tracking_uri, model_uri, tmp)
-    if flavour == "sklearn":
-        return flavour, type(load_model(tracking_uri, model_uri)).__name__
-    return flavour, FLAVOUR_FAMILIES[flavour]
+def identify(tracking_uri: str, model_uri: str) -> tuple[str, str]:
+    """The model's flavour and family, from its MLmodel file: a scikit-learn model that ``train``
+    logged names its class there; any other is downloaded and loaded (skops, allow-listed) to name it."""
+    mlmodel = read_mlmodel(tracking_uri, model_uri)
+    flavour = _flavour(mlmodel, model_uri)
+    if flavour != "sklearn":
+        return flavour, FLAVOUR_FAMILIES[flavour]
+    model_class = (mlmodel.metadata or {}).get(MODEL_CLASS)
+    if model_class:
+        return flavour, str(model_class).rpartition(".")[2]
+    return flavour, type(load_model(tracking_uri, model_uri)).__name__
 
 
-def _flavour(tracking_uri: str, model_uri: str, tmp: str) -> tuple[str, str]:
-    """The supported MLflow flavour of the model (``sklearn`` in skops format, ``pytorch``, ``onnx``)
-    and the local folder it was downloaded to."""
-    import mlflow
-    from mlflow.models import Model
-
-    location, _ = resolve_model(mlflow.MlflowClient(tracking_uri=tracking_uri), model_uri)
-    local = download(tracking_uri, location, tmp)
-    if not os.path.isfile(os.path.join(local, "MLmodel")):
-        raise UnsupportedModelError(f"{model_uri} is not an MLflow model (no MLmodel file)")
-    flavours = Model.load(os.path.join(local, "MLmodel")).flavors
+def _flavour(mlmodel: mlflow.models.Model, model_uri: str) -> str:
+    """The supported MLflow flavour of the model: ``sklearn`` in skops format, ``pytorch`` or ``onnx``."""
+    flavours = mlmodel.flavors
     if flavours.get("sklearn", {}).get("serialization_format") == "skops":
-        return "sklearn", local
+        return "sklearn"
     for name in ("pytorch", "onnx"):
         if name in flavours:
-            return name, local
+            return name
     named = sorted(flavours)
     hint = (
         " (a scikit-learn model saved with pickle: log it with serialization_format='skops')"
@@ -119,15 +120,20 @@ def route_for(flavour: str, family: str) -> str:
 def load_source(
     tracking_uri: str, model_uri: str, work_dir: str, frame: pd.DataFrame, classes: list[Any] | None = None
 ) -> Source:
-    """Load the model behind ``model_uri`` and build its fp32 graph in ``work_dir``.
+    """Download the model behind ``model_uri`` into ``work_dir`` and build its fp32 graph there.
 
     ``frame`` holds holdout rows (features, no label): it names the columns of a model that does not,
     and gives the example input torch graphs are traced with. ``classes`` names the output columns of a
     PyTorch or ONNX model (default ``0..k-1``).
     """
-    flavour, local = _flavour(tracking_uri, model_uri, work_dir)
+    from mlflow.models import Model
+
+    local = download_model(tracking_uri, model_uri, work_dir)
+    if not os.path.isfile(os.path.join(local, "MLmodel")):
+        raise UnsupportedModelError(f"{model_uri} is not an MLflow model (no MLmodel file)")
+    flavour = _flavour(Model.load(os.path.join(local, "MLmodel")), model_uri)
     if flavour == "sklearn":
-        return sklearn_source(load_model(tracking_uri, model_uri), work_dir, frame)
+        return sklearn_source(load_model(tracking_uri, model_uri, local=local), work_dir, frame)
     if flavour == "pytorch":
         return _pytorch_source(local, work_dir, frame, classes)
     return _onnx_source(local, work_dir, frame, classes)
@@ -372,7 +378,7 @@ def _onnx_source(local: str, work_dir: str, frame: pd.DataFrame, classes: list[A
     graph = os.path.join(work_dir, "model.onnx")
     _probabilities_graph(os.path.join(local, flavour.get("data", "model.onnx")), graph)
     feature_names = _signature_columns(local) or list(frame.columns)
-    native = optimise.onnx_runtime_predictor(graph)
+    native = onnx_runtime_predictor(graph)
     source = Source(
         "onnx",
         FLAVOUR_FAMILIES["onnx"],

@@ -1,8 +1,8 @@
 """Batch scoring: a data set scored in chunks by a model version's OpenVINO IR, resumably.
 
 The IR is the one the conversion step selected and stored with the version's run (``openvino/``);
-its files are checked against their SHA-256 before it is compiled, and it is run by the model
-server's own class (``airloop.serving.model.OpenVinoModel``), so a batch score equals a served one.
+its files are checked against their SHA-256 once, as it is fetched, and it is compiled and called as
+the model server does (``airloop.openvino_ir.ir_predictor``), so a batch score equals a served one.
 
 The data set is a parquet file (read one record batch of ``chunk_rows`` at a time) or a CSV file
 (read in chunks of ``chunk_rows``), local or at any fsspec URL (``s3://...``) with ``storage_options``.
@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from airloop.openvino_ir import IR_PATH, fetch_ir, ir_predictor
+from airloop.steps.conversion.requests import ScoreRequest, ScoreResult
+from airloop.tables import is_csv, parquet_table, write_table
 from airloop.tracking.session import mlflow_step
 
 if TYPE_CHECKING:
@@ -38,55 +41,51 @@ class RowCountError(RuntimeError):
 
 
 @mlflow_step
-def score(request: dict[str, Any]) -> dict[str, Any]:
-    """Request ``{"tracking_uri", "model_name", "model_version", "data_uri", "output_uri", "ir_uri"?,
-    "chunk_rows": 100000, "passthrough_columns": [], "storage_options"?}`` -> ``{"output_uri",
-    "manifest_uri", "model_name", "model_version", "variant", "rows_in", "rows_out", "parts",
-    "chunks_scored", "chunks_skipped"}``; see docs/openvino.md."""
+def score(request: ScoreRequest | Mapping[str, Any]) -> ScoreResult:
+    """The data set scored into ``output_uri`` -> ``{"output_uri", "manifest_uri", "model_name",
+    "model_version", "variant", "rows_in", "rows_out", "parts", "chunks_scored", "chunks_skipped"}``;
+    see docs/openvino.md."""
     import fsspec
     import mlflow
+    import numpy as np
 
-    from airloop.openvino_ir import fetch_ir
-    from airloop.serving.model import OpenVinoModel
-    from airloop.steps.conversion.convert import IR_PATH
-    from airloop.tables import write_table
-
-    for key in ("tracking_uri", "model_name", "model_version", "data_uri", "output_uri"):
-        if not request.get(key):
+    request = ScoreRequest.parse(request)
+    for key in ("model_name", "model_version", "data_uri", "output_uri"):
+        if not getattr(request, key):
             raise ValueError(f"request is missing {key!r}")
-    name, version = str(request["model_name"]), str(request["model_version"])
-    chunk_rows = int(request.get("chunk_rows", 100_000))
+    name, version = str(request.model_name), str(request.model_version)
+    chunk_rows = int(request.chunk_rows)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
-    passthrough = list(request.get("passthrough_columns") or [])
-    options = request.get("storage_options") or {}
-    ir_uri = request.get("ir_uri")
+    passthrough = list(request.passthrough_columns)
+    options = request.storage_options
+    ir_uri = request.ir_uri
     if not ir_uri:
-        client = mlflow.MlflowClient(tracking_uri=request["tracking_uri"])
+        client = mlflow.MlflowClient(tracking_uri=request.tracking_uri)
         run_id = client.get_model_version(name, version).run_id
         ir_uri = f"runs:/{run_id}/{IR_PATH}"
 
-    output_uri = request["output_uri"].rstrip("/")
+    output_uri = request.output_uri.rstrip("/")
     out_fs, out_dir = fsspec.core.url_to_fs(output_uri, **options)
     with tempfile.TemporaryDirectory() as tmp:
-        fetched = fetch_ir({"tracking_uri": request["tracking_uri"], "ir_uri": ir_uri, "dst_dir": tmp})
-        model = OpenVinoModel(fetched["model_dir"])
-        model.load()
-        with open(f"{fetched['model_dir']}/manifest.json") as handle:
-            precision = json.load(handle)["precision"]
-        features = model.health_status()["feature_names"]
-        classes = model.class_names()
+        # The request's MLflow settings too: the block this step runs in has them.
+        fetched = fetch_ir({**request.to_dict(), "ir_uri": ir_uri, "dst_dir": tmp})
+        manifest_of_ir = fetched["manifest"]
+        # Probabilities as the server returns them (float64), from the IR verified just now.
+        predict = ir_predictor(f"{fetched['model_dir']}/model.xml", np.float64)
+        features = list(manifest_of_ir["feature_names"])
+        classes = [str(c) for c in manifest_of_ir["classes"]]
         identity = {
             "model_name": name,
             "model_version": version,
             "ir_files": fetched["files"],
-            "data_uri": request["data_uri"],
+            "data_uri": request.data_uri,
             "chunk_rows": chunk_rows,
-            "data_version": _data_version(request["data_uri"], options),
+            "data_version": _data_version(request.data_uri, options),
         }
         manifest = _resume(out_fs, out_dir, identity)
         scored = skipped = rows_in = chunks = 0
-        for index, chunk in enumerate(_chunks(request["data_uri"], chunk_rows, options)):
+        for index, chunk in enumerate(_chunks(request.data_uri, chunk_rows, options)):
             rows_in, chunks = rows_in + len(chunk), index + 1
             part = _part(index)
             if _part_rows(out_fs, f"{out_dir}/{part}") == manifest["parts"].get(part, -1) == len(chunk):
@@ -94,8 +93,8 @@ def score(request: dict[str, Any]) -> dict[str, Any]:
                 continue
             missing = sorted(set(features + passthrough) - set(chunk.columns))
             if missing:
-                raise ValueError(f"data set {request['data_uri']} lacks columns {missing}")
-            probabilities = model.predict(chunk[features].to_numpy(dtype="float32"), features)
+                raise ValueError(f"data set {request.data_uri} lacks columns {missing}")
+            probabilities = predict(chunk[features].to_numpy(dtype="float32"))
             write_table(
                 _predictions(chunk[passthrough], probabilities, classes, name, version),
                 f"{output_uri}/{part}",
@@ -110,7 +109,7 @@ def score(request: dict[str, Any]) -> dict[str, Any]:
     rows_out = sum(_part_rows(out_fs, f"{out_dir}/{_part(i)}") or 0 for i in range(chunks))
     if stale or rows_out != rows_in:
         raise RowCountError(
-            f"row count check failed for {request['output_uri']}: {rows_in} rows in {request['data_uri']}, "
+            f"row count check failed for {request.output_uri}: {rows_in} rows in {request.data_uri}, "
             f"{rows_out} rows in its {chunks} prediction parts on storage"
             + (f", and parts beyond the data set {stale}" if stale else "")
             + "; the output is not marked complete"
@@ -118,12 +117,12 @@ def score(request: dict[str, Any]) -> dict[str, Any]:
     manifest.update(complete=True, rows=rows_in)
     _write_manifest(out_fs, out_dir, manifest)
     return {
-        "output_uri": request["output_uri"],
+        "output_uri": request.output_uri,
         "manifest_uri": f"{output_uri}/{MANIFEST}",
         "model_name": name,
         "model_version": version,
         "ir_uri": ir_uri,
-        "variant": precision,
+        "variant": manifest_of_ir["precision"],
         "rows_in": rows_in,
         "rows_out": rows_out,
         "parts": chunks,
@@ -151,8 +150,6 @@ def _chunks(uri: str, chunk_rows: int, options: dict[str, Any]) -> Iterator[pd.D
     each chunk is indexed by its row numbers."""
     import fsspec
     import pandas as pd
-
-    from airloop.tables import is_csv, parquet_table
 
     if is_csv(uri):
         fs, path = fsspec.core.url_to_fs(uri, **options)

@@ -13,10 +13,12 @@ exactly one model is right gives the p-value. The verdict follows one named rule
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from airloop.tracking.artifacts import HOLDOUT_PATH, read_data
-from airloop.tracking.models import MODEL_NAME, load_model
+from airloop.steps.training.requests import EvaluateRequest, EvaluationResult, Scored
+from airloop.tracking.artifacts import HOLDOUT_PATH, MODEL_NAME, read_data
+from airloop.tracking.models import load_model
 from airloop.tracking.registry import CHAMPION, aliases
 from airloop.tracking.session import mlflow_step
 
@@ -27,36 +29,34 @@ BOOTSTRAP_SAMPLES = 2000
 
 
 @mlflow_step
-def evaluate(request: dict[str, Any]) -> dict[str, Any]:
-    """Request ``{"tracking_uri", "model_name", "challenger_run_id", "data_uri"?, "label", "metric",
-    "margin", "alpha"}`` -> ``{"verdict", "rule", "challenger", "champion", "difference", "ci",
-    "p_value", "n"}``; see docs/steps.md."""
+def evaluate(request: EvaluateRequest | Mapping[str, Any]) -> EvaluationResult:
+    """The challenger run ``run_id`` against the champion of ``model_name`` -> ``{"verdict", "rule",
+    "challenger", "champion", "difference", "ci", "p_value", "n"}``; see docs/steps.md."""
     import mlflow
 
-    tracking_uri, name = request.get("tracking_uri"), request.get("model_name")
-    run_id = request.get("challenger_run_id")
-    if not tracking_uri or not name or not run_id:
-        raise ValueError("request needs 'tracking_uri', 'model_name' and 'challenger_run_id'")
-    if request.get("metric", "accuracy") != "accuracy":
-        raise ValueError(f"metric {request['metric']!r} is not supported; the paired tests need 'accuracy'")
-    label = request.get("label", "label")
-    margin = float(request.get("margin", 0.0))
-    alpha = float(request.get("alpha", 0.05))
+    request = EvaluateRequest.parse(request)
+    tracking_uri, name, run_id = request.tracking_uri, request.model_name, request.run_id
+    if not name or not run_id:
+        raise ValueError("request needs 'model_name' and 'run_id'")
+    if request.metric != "accuracy":
+        raise ValueError(f"metric {request.metric!r} is not supported; the paired tests need 'accuracy'")
+    # Template fields: a rendered template is a string.
+    label, margin, alpha = request.label_column, float(request.margin), float(request.alpha)
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
-    data = read_data(tracking_uri, request.get("data_uri") or f"runs:/{run_id}/{HOLDOUT_PATH}")
+    data = read_data(tracking_uri, request.data_uri or f"runs:/{run_id}/{HOLDOUT_PATH}")
     if label not in data.columns:
         raise ValueError(f"label column {label!r} not in evaluation data columns {list(data.columns)}")
     features, target = data.drop(columns=[label]), data[label].to_numpy()
     challenger_right = _correct(load_model(tracking_uri, f"runs:/{run_id}/{MODEL_NAME}"), features, target)
-    challenger: dict[str, Any] = {"accuracy": float(challenger_right.mean())}
+    challenger: Scored = {"accuracy": float(challenger_right.mean())}
     versions = client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'")
     if versions:
         challenger["version"] = str(min(int(v.version) for v in versions))
 
     champion_version = aliases(tracking_uri, name).get(CHAMPION)
     if champion_version is None or champion_version == challenger.get("version"):
-        result: dict[str, Any] = {
+        result: EvaluationResult = {
             "verdict": "pass",
             "rule": "no_champion",
             "challenger": challenger,
@@ -74,7 +74,7 @@ def evaluate(request: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"champion version {champion_version} of {name!r} has no model source")
     champion_right = _correct(load_model(tracking_uri, champion_mv.source), features, target)
     difference = float(challenger_right.mean() - champion_right.mean())
-    ci = paired_bootstrap_ci(challenger_right, champion_right, alpha, seed=int(request.get("seed", 0)))
+    ci = paired_bootstrap_ci(challenger_right, champion_right, alpha, seed=request.seed)
     p_value = mcnemar_mid_p(challenger_right, champion_right)
     if difference <= margin:
         rule = "not_better"
@@ -127,24 +127,24 @@ def mcnemar_mid_p(a: np.ndarray, b: np.ndarray) -> float:
     return float(max(0.0, exact - binom.pmf(smaller, discordant, 0.5)))
 
 
-def _log(client: Any, result: dict[str, Any], challenger_run: str, champion_run: str | None) -> None:
+def _log(client: Any, result: EvaluationResult, challenger_run: str, champion_run: str | None) -> None:
     """Record the verdict on the challenger run and, as a dated entry, on the champion's run."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     metrics = [Metric("eval.passed", float(result["verdict"] == "pass"), now, 0)]
     metrics.append(Metric("eval.accuracy", result["challenger"]["accuracy"], now, 0))
-    if result["champion"] is not None:
+    champion, difference, p_value = result["champion"], result["difference"], result["p_value"]
+    if champion is not None and difference is not None and p_value is not None:
         metrics += [
-            Metric("eval.champion_accuracy", result["champion"]["accuracy"], now, 0),
-            Metric("eval.difference", result["difference"], now, 0),
-            Metric("eval.p_value", result["p_value"], now, 0),
+            Metric("eval.champion_accuracy", champion["accuracy"], now, 0),
+            Metric("eval.difference", difference, now, 0),
+            Metric("eval.p_value", p_value, now, 0),
         ]
     client.log_batch(challenger_run, metrics=metrics)
     client.log_dict(challenger_run, result, "evaluation.json")
-    if champion_run is not None and champion_run != challenger_run:
+    if champion is not None and champion_run is not None and champion_run != challenger_run:
         client.log_batch(
-            champion_run,
-            metrics=[Metric("eval.as_champion.accuracy", result["champion"]["accuracy"], now, 0)],
+            champion_run, metrics=[Metric("eval.as_champion.accuracy", champion["accuracy"], now, 0)]
         )
         client.log_dict(champion_run, result, f"evaluations/{challenger_run}.json")

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from airloop.steps.training.requests import RegisterRequest, RegisterResult
+from airloop.tracking.artifacts import MODEL_NAME
 from airloop.tracking.models import resolve_model
 from airloop.tracking.registry import (
     CHALLENGER,
@@ -21,11 +24,10 @@ if TYPE_CHECKING:
 
 
 @mlflow_step
-def register(request: dict[str, Any]) -> dict[str, Any]:
+def register(request: RegisterRequest | Mapping[str, Any]) -> RegisterResult:
     """Register the run's model as a new version and give it ``champion`` (first) or ``challenger``.
 
-    Request ``{"tracking_uri", "model_name", "run_id", "model_uri", "tags", "http"}`` ->
-    ``{"version", "alias", "reused"}``; a version from the same run is reused, not duplicated.
+    -> ``{"version", "alias", "reused"}``; a version from the same run is reused, not duplicated.
 
     Order of writes: the version is created with its tags in one request, and the alias moves only
     after that. A failure before the create leaves the registry as it was; one after it leaves a
@@ -35,10 +37,11 @@ def register(request: dict[str, Any]) -> dict[str, Any]:
     """
     from mlflow.exceptions import MlflowException
 
-    name, run_id = request.get("model_name"), request.get("run_id")
+    request = RegisterRequest.parse(request)
+    name, run_id = request.model_name, request.run_id
     if not name or not run_id:
         raise ValueError("request needs 'model_name' and 'run_id'")
-    client = registry_client(request.get("tracking_uri", ""))
+    client = registry_client(request.tracking_uri)
     try:
         client.create_registered_model(name)
     except MlflowException as exc:
@@ -47,8 +50,8 @@ def register(request: dict[str, Any]) -> dict[str, Any]:
     versions = _run_versions(client, name, run_id)
     reused = bool(versions)
     if not reused:
-        location, model_id = resolve_model(client, request.get("model_uri") or f"runs:/{run_id}/model")
-        tags = {**{str(k): str(v) for k, v in (request.get("tags") or {}).items()}, RUN_TAG: run_id}
+        location, model_id = resolve_model(client, request.model_uri or f"runs:/{run_id}/{MODEL_NAME}")
+        tags = {**{str(k): str(v) for k, v in request.tags.items()}, RUN_TAG: run_id}
         client.create_model_version(name, location, run_id=run_id, tags=tags, model_id=model_id)
         versions = _run_versions(client, name, run_id)  # read back: the create may have committed twice
     version, *duplicates = versions

@@ -1,6 +1,7 @@
 """Pick the best of a hyperparameter search's training runs and nest them under one parent run.
 
-Each candidate is a run that ``airloop.steps.training.train.train`` logged (one per mapped Airflow task).
+The request is a ``SelectBestRequest`` (``airloop.steps.training.requests``). Each candidate is a run
+that ``airloop.steps.training.train.train`` logged (one per mapped Airflow task).
 The search itself is recorded as a parent run: the candidates carry its id in ``mlflow.parentRunId``
 (MLflow's UI shows them as its children), and it holds the metric, the mode, every candidate's
 score and the winner.
@@ -8,10 +9,11 @@ score and the winner.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from airloop.steps.training.train import run_result
-from airloop.tracking.artifacts import PARENT_RUN_TAG, task_run
+from airloop.steps.training.requests import Candidate, SelectBestRequest, SelectResult
+from airloop.tracking.artifacts import PARENT_RUN_TAG, run_result, task_run
 from airloop.tracking.session import mlflow_step
 
 if TYPE_CHECKING:
@@ -23,25 +25,20 @@ SEARCH_TAG = "airloop.search"
 
 
 @mlflow_step
-def select_best(request: dict[str, Any]) -> dict[str, Any]:
-    """The candidate run with the best ``metric``; see docs/steps.md.
-
-    Request ``{"tracking_uri", "run_ids", "metric": "accuracy", "mode": "max", "tags", "http"}`` ->
-    the ``train`` result of the best run plus ``{"parent_run_id", "metric", "mode", "candidates":
-    [{"run_id", "value"}, ...]}``. Ties go to the earliest candidate in ``run_ids``.
-    """
+def select_best(request: SelectBestRequest | Mapping[str, Any]) -> SelectResult:
+    """The candidate run with the best ``metric``: the ``train`` result of the best run plus
+    ``{"parent_run_id", "metric", "mode", "candidates": [{"run_id", "value"}, ...]}``. Ties go to the
+    earliest candidate in ``run_ids``; see docs/steps.md."""
     import mlflow
 
-    if not request.get("tracking_uri"):
-        raise ValueError("request is missing 'tracking_uri'")
-    run_ids = [str(run_id) for run_id in request.get("run_ids") or []]
+    request = SelectBestRequest.parse(request)
+    run_ids = [str(run_id) for run_id in request.run_ids]
     if not run_ids:
         raise ValueError("request needs 'run_ids': the candidate runs to choose from")
-    metric = request.get("metric", "accuracy")
-    mode = request.get("mode", "max")
+    metric, mode = request.metric, request.mode
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
-    client = mlflow.MlflowClient(tracking_uri=request["tracking_uri"])
+    client = mlflow.MlflowClient(tracking_uri=request.tracking_uri)
     runs = [client.get_run(run_id) for run_id in run_ids]
     unfinished = [run.info.run_id for run in runs if run.info.status != "FINISHED"]
     if unfinished:
@@ -56,10 +53,10 @@ def select_best(request: dict[str, Any]) -> dict[str, Any]:
     scores = [run.data.metrics[metric] for run in runs]
     pick = max if mode == "max" else min
     best = runs[scores.index(pick(scores))]
-    candidates = [
+    candidates: list[Candidate] = [
         {"run_id": run.info.run_id, "value": value} for run, value in zip(runs, scores, strict=True)
     ]
-    tags = {str(k): str(v) for k, v in (request.get("tags") or {}).items()}
+    tags = {str(k): str(v) for k, v in request.tags.items()}
     parent, reused = _parent_run(client, experiments.pop(), runs, tags)
     parent_id = parent.info.run_id
     for run in runs:
@@ -84,8 +81,9 @@ def _parent_run(
     run this select task made on an earlier try (running or finished); else a new one.
     """
     parents = {run.data.tags.get(PARENT_RUN_TAG) for run in runs}
-    if len(parents) == 1 and None not in parents:
-        return client.get_run(parents.pop()), True
+    common = parents.pop() if len(parents) == 1 else None
+    if common is not None:
+        return client.get_run(common), True
     previous = task_run(client, experiment_id, tags, finished=False)
     if previous is not None and previous.data.tags.get(SEARCH_TAG) == "true":
         return previous, True
@@ -97,7 +95,7 @@ def _record_search(
     parent_id: str,
     metric: str,
     mode: str,
-    candidates: list[dict[str, Any]],
+    candidates: list[Candidate],
     best_run_id: str,
 ) -> None:
     from mlflow.entities import Metric, Param

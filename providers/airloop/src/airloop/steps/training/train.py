@@ -1,7 +1,8 @@
 """Train a classifier and record it as one MLflow run.
 
-The model comes from a scikit-learn classifier's import path (``package.module.Class``, built with
-the request's params), from a training function (``package.module:function``) that returns a
+The request is a ``TrainRequest`` (``airloop.steps.training.requests``, every default there). The model
+comes from a scikit-learn classifier's import path (``package.module.Class``, built with
+``estimator_params``), from a training function (``package.module:function``) that returns a
 fitted scikit-learn-compatible classifier, or from a PyTorch module's import path
 (``torch:package.module.Class``, ``airloop.steps.training.train_torch``); see ``trainer``.
 
@@ -18,10 +19,11 @@ from __future__ import annotations
 import importlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import airloop
+from airloop.steps.training.requests import TrainRequest
 from airloop.tables import fingerprint
 from airloop.tracking.artifacts import (
     FINGERPRINT_PATH,
@@ -30,10 +32,12 @@ from airloop.tracking.artifacts import (
     REFERENCE_PATH,
     ensure_experiment,
     read_data,
-    read_json_artifact,
+    run_result,
     task_run,
+    trained_run,
 )
-from airloop.tracking.models import MODEL_NAME, log_sklearn_model
+from airloop.tracking.models import log_sklearn_model
+from airloop.tracking.requests import TrainedRun
 from airloop.tracking.session import mlflow_step
 from airloop.validation import VALIDATION_ARTIFACT, gated_run_tags
 
@@ -41,49 +45,41 @@ if TYPE_CHECKING:
     import mlflow
     import pandas as pd
 
-DEFAULT_ESTIMATOR = "sklearn.neural_network.MLPClassifier"
 TORCH_PREFIX = "torch:"
 
 
 @mlflow_step
-def train(request: dict[str, Any]) -> dict[str, Any]:
+def train(request: TrainRequest | Mapping[str, Any]) -> TrainedRun:
     """Fit ``estimator`` on a train split of ``data_uri`` and log the run; see docs/steps.md."""
     import mlflow
 
-    tracking_uri = _required(request, "tracking_uri")
-    data_uri = _required(request, "data_uri")
-    label = request.get("label", "label")
-    tags = {str(k): str(v) for k, v in (request.get("tags") or {}).items()}
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    experiment_id = ensure_experiment(
-        client, request.get("experiment", "airloop"), request.get("artifact_root")
-    )
+    request = TrainRequest.parse(request)
+    tags = {str(k): str(v) for k, v in request.tags.items()}
+    client = mlflow.MlflowClient(tracking_uri=request.tracking_uri)
+    experiment_id = ensure_experiment(client, request.experiment, request.artifact_root)
 
     previous = task_run(client, experiment_id, tags, finished=False)
     if previous is not None and previous.info.status == "FINISHED":
         return run_result(client, previous, reused=True)
 
-    frame = read_data(tracking_uri, data_uri, request.get("storage_options"))
+    label = request.label_column
+    frame = read_data(request.tracking_uri, request.data_uri, request.storage_options)
     if label not in frame.columns:
         raise ValueError(f"label column {label!r} not in data columns {list(frame.columns)}")
     data_print = fingerprint(frame)
-    validation = request.get("validation") or {}
-    validation_tags = gated_run_tags(validation, data_uri, data_print)
-    fit = trainer(
-        request.get("estimator", DEFAULT_ESTIMATOR),
-        request.get("params") or {},
-        int(request.get("seed", 0)),
-    )
+    validation = request.validation or {}
+    validation_tags = gated_run_tags(validation, request.data_uri, data_print)
+    fit = trainer(request.estimator, request.estimator_params, request.seed)
     run_tags = {
         **tags,
         "airloop.code_version": airloop.__version__,
-        "airloop.data_uri": data_uri,
+        "airloop.data_uri": request.data_uri,
         "airloop.data.sha256": data_print["sha256"],
         "airloop.data.rows": str(data_print["rows"]),
         **validation_tags,
     }
-    if request.get("parent_run_id"):
-        run_tags[PARENT_RUN_TAG] = str(request["parent_run_id"])
+    if request.parent_run_id:
+        run_tags[PARENT_RUN_TAG] = request.parent_run_id
     if previous is not None and _resumable(previous, request):
         run = _resume(client, previous, run_tags)
     else:
@@ -92,26 +88,26 @@ def train(request: dict[str, Any]) -> dict[str, Any]:
     try:
         if validation:
             client.log_dict(run_id, validation, VALIDATION_ARTIFACT)
-        metrics = _fit_and_log(client, run, fit, frame, label, data_print, request)
+        metrics = _fit_and_log(client, run, fit, frame, data_print, request)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
-    return _result(run_id, metrics, data_print, reused=False)
+    return trained_run(run_id, metrics, data_print, reused=False)
 
 
-def _request_params(request: dict[str, Any]) -> dict[str, str]:
+def _request_params(request: TrainRequest) -> dict[str, str]:
     """The run params the request fixes before training, as MLflow stores them."""
     params = {
-        "estimator": request.get("estimator", DEFAULT_ESTIMATOR),
-        "test_size": request.get("test_size", 0.25),
-        "seed": int(request.get("seed", 0)),
-        **(request.get("params") or {}),
+        "estimator": request.estimator,
+        "test_size": request.test_size,
+        "seed": request.seed,
+        **request.estimator_params,
     }
     return {key: str(value)[:6000] for key, value in params.items()}
 
 
-def _resumable(run: mlflow.entities.Run, request: dict[str, Any]) -> bool:
+def _resumable(run: mlflow.entities.Run, request: TrainRequest) -> bool:
     """Whether this try can train into the run an earlier try of the task instance left unfinished
     (a killed worker, a failure): MLflow params cannot change, so only if those logged agree."""
     logged = run.data.params
@@ -135,33 +131,25 @@ def _resume(
     return client.get_run(run_id)
 
 
-def run_result(client: mlflow.MlflowClient, run: mlflow.entities.Run, reused: bool) -> dict[str, Any]:
-    """The result ``train`` returns, for a run that ``train`` logged earlier."""
-    run_id = run.info.run_id
-    data_print = read_json_artifact(client, run_id, FINGERPRINT_PATH)
-    return _result(run_id, dict(run.data.metrics), data_print, reused=reused)
-
-
 def _fit_and_log(
     client: mlflow.MlflowClient,
     run: mlflow.entities.Run,
     fit: Callable[[pd.DataFrame, pd.Series], Any],
     frame: pd.DataFrame,
-    label: str,
     data_print: dict[str, Any],
-    request: dict[str, Any],
+    request: TrainRequest,
 ) -> dict[str, float]:
     from mlflow.entities import Metric, Param
     from sklearn.model_selection import train_test_split
 
-    seed = int(request.get("seed", 0))
+    label = request.label_column
     features = frame.drop(columns=[label])
     target = frame[label]
     x_train, x_test, y_train, y_test = train_test_split(
         features,
         target,
-        test_size=float(request.get("test_size", 0.25)),
-        random_state=seed,
+        test_size=float(request.test_size),
+        random_state=request.seed,
         stratify=target,
     )
     estimator = fit(x_train, y_train)
@@ -188,15 +176,15 @@ def _fit_and_log(
         client.log_batch(run_id, metrics=curve[start : start + 1000])
     if curve:
         metrics["train_loss"] = curve[-1].value  # what the run reports as its latest value
-    if request.get("estimator", DEFAULT_ESTIMATOR).startswith(TORCH_PREFIX):
+    if request.estimator.startswith(TORCH_PREFIX):
         from airloop.tracking.models import log_torch_model
 
         log_torch_model(client, run, estimator, x_train)
     else:
         log_sklearn_model(client, run, estimator, x_train)
 
-    reference_rows = min(int(request.get("reference_rows", 2000)), len(x_train))
-    reference = x_train.sample(n=reference_rows, random_state=seed)
+    reference_rows = min(request.reference_rows, len(x_train))
+    reference = x_train.sample(n=reference_rows, random_state=request.seed)
     holdout = x_test.assign(**{label: y_test})
     with tempfile.TemporaryDirectory() as tmp:
         for table, path in ((holdout, HOLDOUT_PATH), (reference, REFERENCE_PATH)):
@@ -205,26 +193,6 @@ def _fit_and_log(
             client.log_artifact(run_id, local, os.path.dirname(path))
     client.log_dict(run_id, data_print, FINGERPRINT_PATH)
     return metrics
-
-
-def _result(
-    run_id: str, metrics: dict[str, float], data_print: dict[str, Any], reused: bool
-) -> dict[str, Any]:
-    return {
-        "run_id": run_id,
-        "model_uri": f"runs:/{run_id}/{MODEL_NAME}",
-        "metrics": metrics,
-        "holdout_uri": f"runs:/{run_id}/{HOLDOUT_PATH}",
-        "reference_uri": f"runs:/{run_id}/{REFERENCE_PATH}",
-        "fingerprint": data_print,
-        "reused": reused,
-    }
-
-
-def _required(request: dict[str, Any], key: str) -> Any:
-    if not request.get(key):
-        raise ValueError(f"request is missing {key!r}")
-    return request[key]
 
 
 def trainer(path: str, params: dict[str, Any], seed: int) -> Callable[[pd.DataFrame, pd.Series], Any]:

@@ -2,9 +2,9 @@
 
 ``Class`` is a ``torch.nn.Module`` (``airloop.torch_models.MLPClassifier`` to start with) built as
 ``Class(n_features=..., n_classes=..., **module_params)``; its ``forward`` maps float32 rows
-``[N, n_features]`` to class logits. The request's ``params`` hold both kinds of argument: the keys of
-``TRAINING_DEFAULTS`` drive the training loop, every other key goes to the constructor. The request's
-``seed`` seeds the weights, dropout and batch order, so a re-run trains the same model.
+``[N, n_features]`` to class logits. The request's ``estimator_params`` hold both kinds of argument:
+the keys of ``TRAINING_DEFAULTS`` drive the training loop, every other key goes to the constructor. The
+request's ``seed`` seeds the weights, dropout and batch order, so a re-run trains the same model.
 
 Training runs on CPU: Adam on cross-entropy in shuffled mini-batches, the inputs standardised with the
 training split's mean and spread (``standardize``). The fitted ``TorchClassifier`` answers the calls

@@ -1,0 +1,109 @@
+"""The training steps' requests and results: train, select_best, evaluate, register.
+
+Each field carries the name of the operator argument that sets it (``airloop.operators.mlflow``) and
+its one default. Standard library only: operator modules import this at the top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
+
+from airloop.tracking.requests import MlflowRequest, TrainedRun
+
+DEFAULT_ESTIMATOR = "sklearn.neural_network.MLPClassifier"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainRequest(MlflowRequest):
+    """``train``: fit ``estimator`` on a split of ``data_uri``, log one MLflow run (see the step)."""
+
+    data_uri: str
+    estimator: str = DEFAULT_ESTIMATOR
+    estimator_params: dict[str, Any] = field(default_factory=dict)
+    label_column: str = "label"
+    experiment: str = "airloop"
+    test_size: float = 0.25
+    seed: int = 0
+    # The data gate's summary, kept on the run and in the audit record.
+    validation: dict[str, Any] | None = None
+    parent_run_id: str | None = None
+    # Tags of the run; the Airflow ones (``airflow.dag_id``, ...) find a task instance's run again.
+    tags: dict[str, str] = field(default_factory=dict)
+    # Training rows kept as the drift monitor's reference sample.
+    reference_rows: int = 2000
+    storage_options: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectBestRequest(MlflowRequest):
+    """``select_best``: the best of ``run_ids`` by ``metric``; ties go to the earliest candidate."""
+
+    run_ids: list[str]
+    metric: str = "accuracy"
+    mode: str = "max"
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateRequest(MlflowRequest):
+    """``evaluate``: the challenger run ``run_id`` against the ``champion`` of ``model_name``."""
+
+    model_name: str
+    run_id: str
+    # Rows both models score; default: the challenger run's holdout split.
+    data_uri: str | None = None
+    label_column: str = "label"
+    metric: str = "accuracy"
+    margin: float = 0.0
+    alpha: float = 0.05
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegisterRequest(MlflowRequest):
+    """``register``: the run's model as a new version of ``model_name`` (``champion`` first)."""
+
+    model_name: str
+    run_id: str
+    # Default: the run's logged model, ``runs:/<run_id>/model``.
+    model_uri: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+class Candidate(TypedDict):
+    run_id: str
+    value: float
+
+
+class SelectResult(TrainedRun):
+    """The winner's ``TrainedRun`` and the search that chose it."""
+
+    parent_run_id: str
+    metric: str
+    mode: str
+    candidates: list[Candidate]
+
+
+class Scored(TypedDict, total=False):
+    accuracy: float
+    version: str
+
+
+class EvaluationResult(TypedDict):
+    """The offline gate's verdict; ``rule`` names why (see ``airloop.steps.training.evaluate``)."""
+
+    verdict: str
+    rule: str
+    challenger: Scored
+    champion: Scored | None
+    difference: float | None
+    ci: list[float] | None
+    p_value: float | None
+    n: int
+
+
+class RegisterResult(TypedDict):
+    version: str
+    alias: str | None
+    reused: bool
