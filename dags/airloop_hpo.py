@@ -4,12 +4,13 @@ Hyperparameter search: validate -> train (one mapped task per candidate) -> sele
 Each candidate trains in its own task instance (Airflow dynamic task mapping) and its own MLflow run;
 the select task nests them under one parent run and returns the winner in the shape the train task
 returns, so the offline gate and registration follow as in ``airloop_loop``. Retrying any task reuses
-its MLflow run (the map index is part of the run's identity).
+its MLflow run (the map index is part of the run's identity), so every task declares retries.
 """
 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 from airflow.sdk import Param, dag
@@ -34,6 +35,7 @@ CANDIDATES = [
     {"hidden_layer_sizes": [32, 16], "max_iter": 300, "alpha": 1e-4},
     {"hidden_layer_sizes": [32, 16], "max_iter": 300, "alpha": 1e-2},
 ]
+RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=30)}
 
 
 @dag(
@@ -54,15 +56,16 @@ def airloop_hpo():
         data_uri="{{ params.data_uri }}",
         estimator="sklearn.neural_network.MLPClassifier",
         validation=validate.output,
+        **RETRIES,
     ).expand(estimator_params=CANDIDATES)
     select = MlflowSelectBestRunOperator(
-        task_id="select", run_ids=train.output["run_id"], metric="accuracy", mode="max"
+        task_id="select", run_ids=train.output["run_id"], metric="accuracy", mode="max", **RETRIES
     )
     evaluate = MlflowEvaluateChallengerOperator(
-        task_id="evaluate", model_name=MODEL_NAME, run_id=select.output["run_id"]
+        task_id="evaluate", model_name=MODEL_NAME, run_id=select.output["run_id"], **RETRIES
     )
     register = MlflowRegisterModelOperator(
-        task_id="register", model_name=MODEL_NAME, run_id=select.output["run_id"]
+        task_id="register", model_name=MODEL_NAME, run_id=select.output["run_id"], **RETRIES
     )
     evaluate >> register
 

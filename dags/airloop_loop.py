@@ -42,6 +42,10 @@ ANALYSIS_SECONDS = float(os.environ.get("AIRLOOP_ANALYSIS_SECONDS", 30))
 SUITE = str(Path(__file__).parent / "expectations" / "training_data.json")
 # "file": train on data_uri; "feast": build the training set from Feast's offline store first.
 SOURCE = os.environ.get("AIRLOOP_TRAINING_SOURCE", "file")
+# Training, evaluation, conversion and registration are safe to retry: a retry reuses the task's MLflow
+# run (nothing is trained twice), recomputes the same verdict, converts again into the same run, and
+# returns the same registered version.
+RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=30)}
 ENTITY_ROWS = os.environ.get("AIRLOOP_ENTITY_ROWS", str(settings.feast_dir() / "entity_rows.parquet"))
 # The training set of this run: Feast's when the training_set task ran, else data_uri.
 DATA_URI = "{{ ti.xcom_pull(task_ids='training_set', key='uri') or params.data_uri }}"
@@ -94,15 +98,19 @@ def airloop_loop():
         estimator="sklearn.neural_network.MLPClassifier",
         estimator_params={"hidden_layer_sizes": [32, 16], "max_iter": 300, "random_state": 0},
         validation=validate.output,
+        **RETRIES,
     )
     evaluate = MlflowEvaluateChallengerOperator(
-        task_id="evaluate", model_name=MODEL_NAME, run_id=train.output["run_id"]
+        task_id="evaluate", model_name=MODEL_NAME, run_id=train.output["run_id"], **RETRIES
     )
     convert = OpenvinoConvertModelOperator(
-        task_id="convert", run_id=train.output["run_id"], holdout_uri=train.output["holdout_uri"]
+        task_id="convert",
+        run_id=train.output["run_id"],
+        holdout_uri=train.output["holdout_uri"],
+        **RETRIES,
     )
     register = MlflowRegisterModelOperator(
-        task_id="register", model_name=MODEL_NAME, run_id=train.output["run_id"]
+        task_id="register", model_name=MODEL_NAME, run_id=train.output["run_id"], **RETRIES
     )
     rollout = SeldonRolloutChallengerOperator(
         task_id="rollout",
