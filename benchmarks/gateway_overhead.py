@@ -7,15 +7,15 @@ request (from /proc: unlike latency, it hardly moves with the machine's other lo
 
     python benchmarks/gateway_overhead.py [--model-dir IR_DIR] [--requests 1000] [--rounds 3]
 
-Without ``--model-dir`` it builds a small MLP IR like the integration tests do.
+Without ``--model-dir`` it builds the integration tests' small MLP IR (``tests.fakes.models``).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -77,12 +77,10 @@ def main() -> None:
     os.environ.setdefault("AIRLOOP_HOME", str(work / "home"))
     model_dir = args.model_dir
     if model_dir is None:
-        spec = importlib.util.spec_from_file_location(
-            "test_local_serving", REPO / "tests" / "integration" / "test_local_serving.py"
-        )
-        tests = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(tests)
-        model_dir = tests.build_ir(work / "ir", seed=1)
+        sys.path.insert(0, str(REPO))
+        from tests.fakes.models import build_ir
+
+        model_dir = build_ir(work / "ir", seed=1)
 
     target = LocalServingTarget(home=str(work / "serving"))
     predictor = {"name": "v1", "model_version": "1", "model_dir": str(model_dir.resolve()), "weight": 100}

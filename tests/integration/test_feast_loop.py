@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ from starlette.routing import Route
 from airloop import settings
 from airloop.embedded.demo import FEATURES, generate
 from airloop.hooks.feast import FeastHook
+from airloop.ports import free_port
 from airloop.serving.features import FeatureLookup
 from airloop.serving.gateway import Gateway, parse_routes
 from airloop.steps.data.features import REFERENCE_ENTITY, REFERENCE_FEATURES, reference_tables
@@ -38,12 +38,6 @@ from airloop.tables import read_table, write_table
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +120,7 @@ def feature_server(features_run, tmp_path_factory) -> Iterator[str]:
     store = FeastHook().store_config
     config = tmp_path_factory.mktemp("feast_serve") / "feature_store.yaml"
     config.write_text(yaml.safe_dump(store["config"]))
-    port = _free_port()
+    port = free_port()
     log = open(config.parent / "serve.log", "wb")
     process = subprocess.Popen(
         [
@@ -169,7 +163,7 @@ def feature_server(features_run, tmp_path_factory) -> Iterator[str]:
 
 @contextlib.contextmanager
 def _serving(app) -> Iterator[str]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

@@ -17,14 +17,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import mlflow
@@ -32,12 +30,14 @@ import pytest
 
 from airloop.embedded.demo import generate
 from airloop.hooks.mlflow import MlflowHook
+from airloop.ports import free_port
 from airloop.steps.training.register import register
 from airloop.steps.training.train import train
 from airloop.tables import write_table
 from airloop.tracking import registry
 from airloop.tracking.models import load_model
 from airloop.tracking.session import MlflowUnavailableError
+from tests.fakes.context import task_context
 
 BIN = Path(sys.executable).parent
 BUCKET = "airloop-artefacts"
@@ -53,12 +53,6 @@ FAST_FAIL = {"max_retries": 2, "backoff_factor": 1, "backoff_jitter": 0, "timeou
 # Generous: a loaded 2-core CI machine has needed minutes to import MLflow twice (CLI, then uvicorn).
 STARTUP_SECONDS = 300
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _start(args: list[str], env: dict[str, str], health: str, log: Path) -> subprocess.Popen:
@@ -94,7 +88,7 @@ def _stop(process: subprocess.Popen) -> None:
 
 class MlflowServer:
     def __init__(self, root: Path, artefacts: str, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.args = [
             str(BIN / "mlflow"),
@@ -361,16 +355,6 @@ authorization_function = mlflow.server.auth:authenticate_request_basic_auth
     mlflow_server.stop()
 
 
-class _TaskInstance:
-    def __init__(self, task_id: str) -> None:
-        self.dag_id, self.run_id, self.task_id = "auth", "manual__1", task_id
-        self.map_index, self.try_number = -1, 1
-        self.xcom: dict[str, object] = {}
-
-    def xcom_push(self, key: str, value: object) -> None:
-        self.xcom[key] = value
-
-
 def test_operators_reach_a_basic_auth_server_with_the_connections_login(auth_server, tmp_path, monkeypatch):
     from mlflow.exceptions import MlflowException
 
@@ -405,13 +389,13 @@ def test_operators_reach_a_basic_auth_server_with_the_connections_login(auth_ser
         data_uri=data,
         experiment="auth-test",
         estimator="sklearn.linear_model.LogisticRegression",
-    ).execute({"ti": _TaskInstance("train"), "dag_run": SimpleNamespace(run_type="manual")})
+    ).execute(task_context("train", dag_id="auth"))
     registered = MlflowRegisterModelOperator(
         task_id="register",
         mlflow_conn_id="mlflow_auth",
         model_name="auth-model",
         run_id=trained["run_id"],
-    ).execute({"ti": _TaskInstance("register")})
+    ).execute(task_context("register", dag_id="auth"))
     assert registered == {"version": "1", "alias": "champion", "reused": False}
     assert {k: v for k, v in os.environ.items() if k.startswith(watched)} == before
     # The password is in the variables that define the connections here, and nowhere else.

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
@@ -27,34 +25,16 @@ from airloop.embedded.demo import generate
 from airloop.operators.great_expectations import GreatExpectationsValidateDataOperator
 from airloop.tables import write_table
 from airloop.validation import VALIDATION_ARTIFACT
+from tests.fakes.context import TaskInstance, task_context
 
 REPO = Path(__file__).resolve().parents[2]
 SUITE = str(REPO / "dags" / "expectations" / "training_data.json")
 BUCKET = "airloop-gate"
 
 
-class _TaskInstance:
-    """What ``execute`` needs of a task instance here: its identity and somewhere to push the link."""
-
-    dag_id, run_id, map_index, try_number = "gate", "manual__1", -1, 1
-
-    def __init__(self, task_id: str) -> None:
-        self.task_id = task_id
-        self.xcom: dict[str, Any] = {}
-
-    def xcom_push(self, key: str, value: Any) -> None:
-        self.xcom[key] = value
-
-
-def _execute(operator: GreatExpectationsValidateDataOperator) -> tuple[dict, _TaskInstance]:
-    ti = _TaskInstance(operator.task_id)
-    return operator.execute({"ti": ti, "run_id": ti.run_id, "dag": None}), ti
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _execute(operator: GreatExpectationsValidateDataOperator) -> tuple[dict, TaskInstance]:
+    context = task_context(operator.task_id, dag_id="gate")
+    return operator.execute(context), context["ti"]
 
 
 @pytest.fixture(scope="module")
