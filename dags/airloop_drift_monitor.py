@@ -39,11 +39,13 @@ WINDOW_CONN_ID = os.environ.get("AIRLOOP_DRIFT_WINDOW_CONN_ID")
     doc_md=__doc__,
 )
 def airloop_drift_monitor():
+    # alibi-detect lives in the runtimes: the serving one, or torch for its MMD (on PyTorch).
     common = {
         "model_name": MODEL_NAME,
+        "backend": "alibi",
         "method": METHOD,
         "runtime": "torch" if METHOD == "mmd" else "serving",
-    }  # alibi-detect's MMD runs on PyTorch
+    }
     if WINDOW_URI:
         detect = DriftDetectDataOperator(
             task_id="detect", window_uri=WINDOW_URI, window_conn_id=WINDOW_CONN_ID, **common

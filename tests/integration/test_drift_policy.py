@@ -20,7 +20,7 @@ from airloop import artefacts, settings
 from airloop.operators.drift import RETRAIN_REQUESTED_TAG
 from airloop.tracking.registry import read_audit
 
-MODELS = ("policy-storm", "policy-approval", "policy-dedupe", "policy-quiet")
+MODELS = ("policy-storm", "policy-approval", "policy-dedupe", "policy-quiet", "policy-audit")
 WINDOW_MODEL = "window-data"
 # One monitor DAG per model, each with its own drift Asset; a run's conf sets the operator's arguments.
 DAG_FILE = f"""
@@ -294,3 +294,25 @@ def test_suppressed_and_quiet_windows(dagbag):
     audit = decisions(model)
     assert [d["code"] for d in audit] == ["severity_maps_to_log", "window_too_small"]
     assert "50 rows" in audit[1]["reason"]
+
+
+def test_the_drift_stage_keeps_the_newest_decisions_within_its_size_limit():
+    """What the operator's one audit call per task relies on: the stored decisions grow in place."""
+    from airloop.tracking.registry import MAX_AUDIT_RECORD_BYTES, append_audit
+
+    model = "policy-audit"
+    request = {
+        "tracking_uri": settings.mlflow_tracking_uri(),
+        "model_name": model,
+        "version": "1",
+        "stage": "drift",
+        "append": {"decisions": 3},
+    }
+    for n in range(5):
+        append_audit({**request, "record": {"decisions": [{"n": n}]}})
+    assert [d["n"] for d in decisions(model)] == [2, 3, 4]
+    long = "x" * (MAX_AUDIT_RECORD_BYTES // 2)
+    append_audit({**request, "record": {"decisions": [{"n": 5, "reason": long}]}})
+    assert [d["n"] for d in decisions(model)] == [3, 4, 5]
+    append_audit({**request, "record": {"decisions": [{"n": 6, "reason": long}]}})
+    assert [d["n"] for d in decisions(model)] == [6]  # two long reasons pass the limit: the newest stays

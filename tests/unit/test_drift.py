@@ -203,11 +203,13 @@ def test_both_backends_are_registered() -> None:
     assert drift.available() == sorted(BACKENDS)
 
 
-def test_importing_the_step_loads_no_heavy_library() -> None:
-    # Operators and DAG files import steps; the numerical libraries load only when a check runs.
+def test_importing_the_step_loads_no_heavy_library_and_no_backend() -> None:
+    # Operators and DAG files import steps; the numerical libraries load only when a check runs, and a
+    # backend's module only when a request names it (the registry holds "module:Class" paths).
     check = (
-        "import sys, airloop.steps.drift; "
-        "print(sorted({'numpy', 'pandas', 'scipy', 'alibi_detect'} & set(sys.modules)))"
+        "import sys, airloop.steps.drift.detect; "
+        "print(sorted({'numpy', 'pandas', 'scipy', 'alibi_detect', 'airloop.steps.drift.scipy', "
+        "'airloop.steps.drift.alibi'} & set(sys.modules)))"
     )
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
@@ -253,7 +255,10 @@ def test_unknown_backend_lists_the_known_ones() -> None:
 
 def test_a_name_registers_once() -> None:
     with pytest.raises(ValueError, match="already registered"):
-        drift.register("scipy")(drift.get("alibi"))
+        drift.register("scipy", drift.get("alibi"))
+    drift.register("scipy", "airloop.steps.drift.scipy:ScipyDetector")  # the same class again: no change
+    with pytest.raises(TypeError, match="neither a Detector subclass"):
+        drift.register("odd", dict)
 
 
 def test_bonferroni_and_benjamini_hochberg() -> None:
@@ -570,7 +575,7 @@ def test_mmd_samples_at_most_its_cap_of_rows() -> None:
         ({"categorical": ["zz"]}, "zz"),
         ({"severity": {"low": 0.5, "high": 0.1}}, "severity"),
         ({"severity": {"extreme": 0.9}}, "severity"),
-        ({"p_vals": 0.1}, "unknown drift request keys"),
+        ({"p_vals": 0.1}, r"DetectRequest: unknown field\(s\) \['p_vals'\]"),
         ({"current_uri": ""}, "current_uri"),
         ({"features": "x0"}, "list"),
         ({"method": "mmd"}, r"'scipy' drift backend has no method 'mmd'.*\['ks', 'cvm'\]"),

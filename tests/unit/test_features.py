@@ -23,8 +23,10 @@ from airloop import artefacts, settings
 from airloop.feast_store import store_config
 from airloop.hooks.feast import FeastHook
 from airloop.operators.feast import FeastBuildTrainingSetOperator
+from airloop.ports import free_port
 from airloop.steps.data import features as steps
 from airloop.tables import fingerprint, read_table, write_table
+from tests.fakes.context import task_context
 
 T0 = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
 DEFINITIONS = """
@@ -72,14 +74,8 @@ def frame(rows: list[tuple], columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-PREFIX = "features/features_test/manual__1"  # the artefact folder of the operators' task instances
-
-
-class _TaskInstance:
-    dag_id, run_id, map_index = "features_test", "manual__1", -1
-
-    def __init__(self, task_id: str) -> None:
-        self.task_id = task_id
+DAG_ID = "features_test"
+PREFIX = f"features/{DAG_ID}/manual__1"  # the artefact folder of the operators' task instances
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +108,7 @@ def entity_file(repo, rows=ENTITY_ROWS, name="entities.parquet", **columns) -> s
 
 
 def training_set(repo, tmp_path, **request) -> dict[str, Any]:
-    request.setdefault("entity_rows_uri", entity_file(repo))
+    request.setdefault("entity_rows", entity_file(repo))
     output = str(tmp_path / "set.parquet")
     return steps.training_set({"store": repo["hook"].store_config, "output_uri": output, **request})
 
@@ -154,7 +150,7 @@ def test_row_loss_over_the_threshold_fails_with_the_counts_and_writes_nothing(re
     duplicated = [*ENTITY_ROWS, ENTITY_ROWS[2]]  # Feast keeps one of two rows with the same keys and time
     uri = entity_file(repo, duplicated, name="duplicated.parquet")
     with pytest.raises(steps.RowLossError) as failure:
-        training_set(repo, tmp_path, entity_rows_uri=uri, features=["stats:x"], max_row_loss=0.4)
+        training_set(repo, tmp_path, entity_rows=uri, features=["stats:x"], max_row_loss=0.4)
     message = str(failure.value)
     assert "3 complete rows for 6 entity rows" in message and "50.00% lost" in message
     assert "2 dropped" in message and "1 with the same keys and timestamp" in message
@@ -177,11 +173,11 @@ def test_bad_requests_name_the_problem(repo, tmp_path):
         training_set(repo, tmp_path, features=["stats:x"], max_row_loss=5)
     no_time = entity_file(repo, name="no_time.parquet", event_timestamp="when")
     with pytest.raises(ValueError, match="no 'event_timestamp' column"):
-        training_set(repo, tmp_path, entity_rows_uri=no_time, features=["stats:x"])
+        training_set(repo, tmp_path, entity_rows=no_time, features=["stats:x"])
     garbage = repo["root"] / "garbage.csv"
     garbage.write_text("customer_id,event_timestamp,label\n1,yesterday,0\n")
     with pytest.raises(ValueError, match="is not a timestamp"):
-        training_set(repo, tmp_path, entity_rows_uri=str(garbage), features=["stats:x"])
+        training_set(repo, tmp_path, entity_rows=str(garbage), features=["stats:x"])
 
 
 def _operator(**kwargs) -> FeastBuildTrainingSetOperator:
@@ -194,7 +190,7 @@ def test_operator_reads_entity_rows_from_csv_with_their_own_timestamp_column(rep
     uri = entity_file(repo, name="entities.csv", event_timestamp="seen_at")  # timestamps as text
     result = _operator(
         task_id="from_csv", entity_rows=uri, timestamp_column="seen_at", max_row_loss=0.4
-    ).execute({"ti": _TaskInstance("from_csv")})
+    ).execute(task_context("from_csv", dag_id=DAG_ID))
     assert result["uri"] == str(artefacts.local_path(f"{PREFIX}/from_csv/training_set.parquet"))
     assert read_table(result["uri"])["x"].tolist() == [1.0, 2.0, 3.0]
     assert result["entity_rows"] == uri and result["fingerprint"]["rows"] == 3
@@ -213,7 +209,7 @@ def test_operator_runs_an_entity_query_and_keeps_its_result(repo, monkeypatch):
         sql_conn_id="labels_db",
         entity_sql="SELECT * FROM labels WHERE customer_id < 3 ORDER BY event_timestamp",
     )
-    result = operator.execute({"ti": _TaskInstance("from_sql")})
+    result = operator.execute(task_context("from_sql", dag_id=DAG_ID))
     assert (result["rows_in"], result["rows_out"], result["row_loss"]) == (3, 3, 0.0)
     assert read_table(result["uri"])["x"].tolist() == [3.0, 1.0, 2.0]  # the query's order
     assert read_table(result["entity_rows"])["customer_id"].tolist() == [2, 1, 1]
@@ -221,11 +217,13 @@ def test_operator_runs_an_entity_query_and_keeps_its_result(repo, monkeypatch):
 
 def test_operator_fails_over_the_threshold_and_checks_its_arguments(repo):
     with pytest.raises(AirflowFailException, match="3 complete rows for 5 entity rows"):
-        _operator(task_id="lossy", entity_rows=entity_file(repo)).execute({"ti": _TaskInstance("lossy")})
+        _operator(task_id="lossy", entity_rows=entity_file(repo)).execute(
+            task_context("lossy", dag_id=DAG_ID)
+        )
     assert not artefacts.local_path(f"{PREFIX}/lossy/training_set.parquet").exists()
-    with pytest.raises(ValueError, match="either entity_rows"):
+    with pytest.raises(ValueError, match="exactly one of entity_rows and entity_sql"):
         _operator(task_id="both", entity_rows="x.parquet", entity_sql="SELECT 1").execute(
-            {"ti": _TaskInstance("both")}
+            task_context("both", dag_id=DAG_ID)
         )
 
 
@@ -280,9 +278,7 @@ def redis_port():
     server = shutil.which("redis-server")
     if server is None:
         pytest.skip("redis-server is not installed")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen(
         [server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,

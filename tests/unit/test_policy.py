@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from airloop.steps.drift.policy import DEFAULT_ACTIONS, decide
+from airloop.steps.drift.requests import DecideRequest
 
 NOW = 1_700_000_000.0
 
@@ -148,7 +149,7 @@ def test_the_same_inputs_give_the_same_decision():
         ({"cooldown_minutes": "soon"}, "'cooldown_minutes' must be a number"),
         ({"min_window_rows": float("nan")}, "'min_window_rows' must be a finite number"),
         ({"last_requested_at": "yesterday"}, "'last_requested_at' must be a number"),
-        ({"window": 5}, "unknown policy request keys: \\['window'\\]"),
+        ({"window": 5}, "DecideRequest: unknown field\\(s\\) \\['window'\\]"),
     ],
 )
 def test_bad_requests_name_the_problem(overrides, message):
@@ -157,7 +158,7 @@ def test_bad_requests_name_the_problem(overrides, message):
 
 
 def test_now_is_required():
-    with pytest.raises(ValueError, match="missing 'now'"):
+    with pytest.raises(ValueError, match=r"missing required field\(s\) \['now'\]"):
         decide({k: v for k, v in request().items() if k != "now"})
 
 
@@ -165,3 +166,11 @@ def test_templated_numbers_are_accepted():
     # Operator arguments rendered from Jinja arrive as strings.
     decision = decide(request(cooldown_minutes="60", min_window_rows="200", last_requested_at=NOW - 30))
     assert decision["code"] == "cooldown"
+
+
+def test_the_typed_request_and_its_dict_decide_alike():
+    typed = DecideRequest(detection=drift(rows=199), now=NOW)
+    assert decide(typed) == decide(typed.to_dict())
+    # The defaults are the operator's: a 200-row minimum window, a 60-minute cooldown.
+    assert decide(typed)["code"] == "window_too_small"
+    assert decide(typed.replace(detection=drift(), last_requested_at=NOW - 59 * 60))["code"] == "cooldown"

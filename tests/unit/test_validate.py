@@ -19,6 +19,7 @@ from airloop.cli import main as cli
 from airloop.embedded.demo import generate
 from airloop.steps.data import validate as step
 from airloop.steps.data.profile import profile_suite
+from airloop.steps.data.requests import ValidateRequest
 from airloop.steps.data.validate import FINGERPRINT_CHECK, load_suite, validate, validate_frame
 from airloop.tables import fingerprint, read_table, write_table
 from airloop.validation import gated_run_tags
@@ -420,3 +421,13 @@ def test_the_gated_run_refuses_data_that_changed_after_validation(tmp_path):
     with pytest.raises(ValueError, match="changed since it was validated"):
         gated_run_tags(summary, uri, fingerprint(frame.head(299)))
     assert gated_run_tags(None, uri, fingerprint(frame)) == {}
+
+
+def test_the_typed_request_and_its_dict_validate_alike(tmp_path):
+    uri = write_table(generate(300, seed=8), str(tmp_path / "data.parquet"))
+    typed = ValidateRequest(data_uri=uri, suite_path=SUITE, label_column="f0", data_name="lake/t.parquet")
+    result = validate(typed)
+    assert result == validate(typed.to_dict()) and result["data"] == "lake/t.parquet"
+    assert len(result["statistics"]["label_counts"]) == 300  # counted per value of the label_column
+    with pytest.raises(ValueError, match=r"ValidateRequest: unknown field\(s\) \['label'\]"):
+        validate({"data_uri": uri, "suite_path": SUITE, "label": "f0"})

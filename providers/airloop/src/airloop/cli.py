@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from airloop.steps.data.requests import ProfileRequest
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="airloop")
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     profile.add_argument(
         "--margin",
         type=float,
-        default=0.5,
+        default=ProfileRequest.margin,
         help="numeric ranges widened by this fraction of the observed span on each side",
     )
 
@@ -57,14 +59,14 @@ def main(argv: list[str] | None = None) -> int:
         from airloop.steps.data.profile import profile as profile_step
 
         made = profile_step(
-            {
-                "data_uri": args.data,
-                "out": args.out,
-                "key": args.key,
-                "label": args.label,
-                "name": args.name,
-                "margin": args.margin,
-            }
+            ProfileRequest(
+                data_uri=args.data,
+                out=args.out,
+                key=args.key,
+                label=args.label,
+                name=args.name,
+                margin=args.margin,
+            )
         )
         print(
             f"wrote suite {made['name']!r} ({made['expectations']} expectations, profiled from"

@@ -1,14 +1,21 @@
-"""A Feast store as plain values, ``{"repo_path", "config"}``, and the FeatureStore built from them:
-shared by the feast hook and the Feast steps."""
+"""A Feast store as plain values (``StoreConfig``) and the FeatureStore built from them: shared by the
+feast hook and the Feast steps."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
     from feast import FeatureStore
+
+
+class StoreConfig(TypedDict):
+    """What a step needs to open a store: the feature repo's folder and feature_store.yaml as a dict."""
+
+    repo_path: str
+    config: dict[str, Any]
 
 
 def embedded_config(home: Path) -> dict[str, Any]:
@@ -27,8 +34,8 @@ def store_config(
     repo_path: str | None = None,
     feature_store_yaml: str | None = None,
     overrides: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """``{"repo_path", "config"}`` from a repo folder and/or its feature_store.yaml.
+) -> StoreConfig:
+    """The store from a repo folder and/or its feature_store.yaml.
 
     The YAML defaults to ``<repo_path>/feature_store.yaml`` and the repo to the YAML's folder;
     ``${VAR}`` in it expands as Feast itself does. ``overrides`` (``online_store``, ``offline_store``)
@@ -36,10 +43,14 @@ def store_config(
     """
     import yaml
 
-    if not repo_path and not feature_store_yaml:
+    if feature_store_yaml:
+        yaml_path = Path(feature_store_yaml)
+        repo = Path(repo_path) if repo_path else yaml_path.parent
+    elif repo_path:
+        repo = Path(repo_path)
+        yaml_path = repo / "feature_store.yaml"
+    else:
         raise ValueError("a Feast store needs repo_path (the feature repo folder) or feature_store_yaml")
-    yaml_path = Path(feature_store_yaml) if feature_store_yaml else Path(repo_path) / "feature_store.yaml"
-    repo = Path(repo_path) if repo_path else yaml_path.parent
     if not repo.is_dir():
         raise ValueError(f"Feast repo_path {repo} is not a folder")
     if not yaml_path.is_file():
@@ -60,8 +71,8 @@ def _merged(config: dict[str, Any], overrides: dict[str, Any] | None) -> dict[st
     return {**config, **(overrides or {})}
 
 
-def feature_store(store: dict[str, Any]) -> FeatureStore:
-    """A FeatureStore for ``{"repo_path", "config"}``; ValueError names a configuration Feast rejects."""
+def feature_store(store: StoreConfig) -> FeatureStore:
+    """A FeatureStore for ``store``; ValueError names a configuration Feast rejects."""
     from feast import FeatureStore, RepoConfig
     from pydantic import ValidationError
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from airflow.sdk import conf
 
@@ -13,6 +13,8 @@ from airloop.hooks.base import EmbeddedDefaultHook
 
 if TYPE_CHECKING:
     from feast import FeatureStore
+
+    from airloop.feast_store import StoreConfig
 
 # The reference feature repo, next to the reference DAGs.
 EMBEDDED_REPO = "features"
@@ -43,8 +45,8 @@ class FeastHook(EmbeddedDefaultHook):
         self.feast_conn_id = feast_conn_id
 
     @cached_property
-    def store_config(self) -> dict[str, Any]:
-        """``{"repo_path", "config"}``: what a step needs to open the store, as plain values."""
+    def store_config(self) -> StoreConfig:
+        """What a step needs to open the store, as plain values."""
         from airloop.feast_store import embedded_config, store_config
 
         conn = self.connection_or_none(self.feast_conn_id)

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowSkipException
 
-from airloop import artefacts
+from airloop import artefacts, runtimes
 from airloop.hooks.mlflow import MlflowHook
 from airloop.links.reports import DriftReportLink
 from airloop.operators.base import StepOperator
+from airloop.steps.drift.requests import (
+    CollectRequest,
+    DecideRequest,
+    Decision,
+    Detection,
+    DetectRequest,
+    DriftResult,
+)
 
 RETRAIN_REQUESTED_TAG = "airloop.retrain_requested_at"
 # Drift decisions kept in the champion's audit record (hourly monitoring: about a day's worth).
@@ -31,11 +38,12 @@ class _DriftDetectOperator(StepOperator):
     task. Subclasses say where the window comes from (``_window``).
 
     :param model_name: registered model whose ``champion`` is monitored.
-    :param backend: ``"alibi"`` (alibi-detect, in the ``serving`` or ``torch`` runtime) or ``"scipy"``.
+    :param backend: ``"scipy"`` (runs in the worker) or ``"alibi"`` (alibi-detect, in the ``serving``
+        runtime, or ``torch`` for mmd: set ``runtime`` to match).
     :param method: ``"ks"`` or ``"cvm"`` (a Kolmogorov-Smirnov or Cramer-von Mises test per numeric
         feature, chi-squared per categorical one) or ``"mmd"`` (one test of all the features, alibi
-        backend in the ``torch`` runtime); see docs/drift.md.
-    :param runtime: where detection runs; alibi-detect needs the ``serving`` runtime (``torch`` for mmd).
+        backend in the ``torch`` runtime); see docs/drift.md for these and ``p_val``, ``correction``
+        and ``min_rows``.
     """
 
     template_fields: Sequence[str] = ("model_name", "backend", "method", "p_val", "correction", "min_rows")
@@ -45,16 +53,15 @@ class _DriftDetectOperator(StepOperator):
         self,
         *,
         model_name: str,
-        backend: str = "alibi",
-        method: str = "ks",
-        p_val: float = 0.05,
-        correction: str = "bonferroni",
-        min_rows: int = 200,
+        backend: str = DetectRequest.backend,
+        method: str = DetectRequest.method,
+        p_val: float = DetectRequest.p_val,
+        correction: str = DetectRequest.correction,
+        min_rows: int = DetectRequest.min_rows,
         mlflow_conn_id: str = MlflowHook.default_conn_name,
-        runtime: str = "serving",
         **kwargs: Any,
     ) -> None:
-        super().__init__(runtime=runtime, **kwargs)
+        super().__init__(**kwargs)
         self.model_name = model_name
         self.backend = backend
         self.method = method
@@ -70,7 +77,7 @@ class _DriftDetectOperator(StepOperator):
         """
         raise NotImplementedError
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def execute(self, context: Context) -> Detection:
         from airloop.tracking.artifacts import download
         from airloop.tracking.registry import aliases
 
@@ -88,19 +95,18 @@ class _DriftDetectOperator(StepOperator):
                 reference = download(hook.tracking_uri, f"runs:/{run_id}/drift/reference.parquet", tmp)
             window, source = self._window(Path(folder), Path(tmp))
             self.log.info("window: %s", source)
-            result = self.run_step(
-                "airloop.steps.drift.detect:detect",
-                {
-                    "reference_uri": reference,
-                    "current_uri": window,
-                    "backend": self.backend,
-                    "method": self.method,
-                    "p_val": float(self.p_val),
-                    "correction": self.correction,
-                    "min_rows": int(self.min_rows),
-                    "report_dir": str(folder),
-                },
-                context,
+            request = DetectRequest(
+                reference_uri=reference,
+                current_uri=window,
+                backend=self.backend,
+                method=self.method,
+                p_val=float(self.p_val),
+                correction=self.correction,
+                min_rows=int(self.min_rows),
+                report_dir=str(folder),
+            )
+            result: DriftResult = self.run_step(
+                "airloop.steps.drift.detect:detect", request.to_dict(), context
             )
         hook.client.log_metric(run_id, "drift_share", float(result.get("share_drifted") or 0.0))
         hook.client.log_metric(run_id, "drift_detected", float(result["verdict"] == "drift"))
@@ -146,12 +152,12 @@ class DriftDetectRequestsOperator(_DriftDetectOperator):
 
         end = time.time()
         window = collect(
-            {
-                "log_dir": str(artefacts.local_path(f"requests/{self.deployment}")),
-                "start": end - float(self.window_minutes) * 60,
-                "end": end,
-                "out_path": f"{folder}/window.parquet",
-            }
+            CollectRequest(
+                log_dir=str(artefacts.local_path(f"requests/{self.deployment}")),
+                start=end - float(self.window_minutes) * 60,
+                end=end,
+                out_path=f"{folder}/window.parquet",
+            )
         )
         return window["path"], {
             "deployment": self.deployment,
@@ -195,56 +201,18 @@ class DriftDetectDataOperator(_DriftDetectOperator):
         self.window_conn_id = window_conn_id
 
     def _window(self, folder: Path, scratch: Path) -> tuple[str, dict[str, Any]]:
-        if bool(self.window_uri) == bool(self.window_sql):
-            raise ValueError(
-                "give the data window as exactly one of window_uri and window_sql, "
-                f"got window_uri={self.window_uri!r}, window_sql={self.window_sql!r}"
-            )
-        if self.window_sql:
-            return self._query(scratch), {"sql": self.window_sql, "conn_id": self.window_conn_id}
-        return self._copy(scratch), {"uri": self.window_uri, "conn_id": self.window_conn_id}
+        from airloop.staging import Arguments, stage
 
-    def _query(self, scratch: Path) -> str:
-        from airflow.sdk import BaseHook
-
-        from airloop.tables import write_table
-
-        if not self.window_conn_id:
-            raise ValueError("window_sql needs window_conn_id: the database connection to run it on")
-        hook = BaseHook.get_connection(self.window_conn_id).get_hook()
-        if not hasattr(hook, "get_df"):
-            raise ValueError(
-                f"connection {self.window_conn_id!r} has a {type(hook).__name__}, which "
-                "cannot run SQL: give a database connection (its hook a DbApiHook)"
-            )
-        return write_table(hook.get_df(self.window_sql, df_type="pandas"), str(scratch / "window.parquet"))
-
-    def _copy(self, scratch: Path) -> str:
-        """A local path to the window: the file itself when local, else a copy of it (or of the folder)."""
-        import shutil
-
-        from airflow.sdk import ObjectStoragePath
-
-        source = ObjectStoragePath(self.window_uri, conn_id=self.window_conn_id)
-        if not source.exists():
-            raise ValueError(f"data window {self.window_uri} does not exist")
-        if source.protocol in ("", "file", "local"):
-            return source.path
-        # The runtime reads a local copy: the connection's credentials stay in this process.
-        target = scratch / "window" / source.name
-        if source.is_file():
-            copies = [(source, target)]
-        else:
-            copies = [
-                (file, target / PurePosixPath(file.path).relative_to(source.path))
-                for file in source.rglob("*")
-                if file.is_file()
-            ]
-        for file, local in copies:
-            local.parent.mkdir(parents=True, exist_ok=True)
-            with file.open("rb") as remote, local.open("wb") as copy:
-                shutil.copyfileobj(remote, copy)
-        return str(target)
+        staged = stage(
+            scratch,
+            uri=self.window_uri,
+            sql=self.window_sql,
+            conn_id=self.window_conn_id,
+            arguments=Arguments("data window", "window_uri", "window_sql", "window_conn_id"),
+            pod=self.runtime == runtimes.POD,
+        )
+        given = {"sql": self.window_sql} if self.window_sql else {"uri": self.window_uri}
+        return staged.path, {**given, "conn_id": self.window_conn_id}
 
 
 class DriftDecideRetrainOperator(BaseOperator):
@@ -281,10 +249,10 @@ class DriftDecideRetrainOperator(BaseOperator):
     def __init__(
         self,
         *,
-        detection: dict[str, Any],
-        actions: dict[str, str] | None = None,
-        cooldown_minutes: float = 60,
-        min_window_rows: int = 200,
+        detection: Detection,
+        actions: dict[str, str] | None = DecideRequest.actions,
+        cooldown_minutes: float = DecideRequest.cooldown_minutes,
+        min_window_rows: int = DecideRequest.min_window_rows,
         retrain_dag_id: str | None = None,
         mlflow_conn_id: str = MlflowHook.default_conn_name,
         **kwargs: Any,
@@ -308,15 +276,15 @@ class DriftDecideRetrainOperator(BaseOperator):
         last = hook.client.get_registered_model(model_name).tags.get(RETRAIN_REQUESTED_TAG)
         now = time.time()
         decision = decide(
-            {
-                "detection": detection,
-                "actions": self.actions,
-                "cooldown_minutes": self.cooldown_minutes,
-                "min_window_rows": self.min_window_rows,
-                "last_requested_at": None if last is None else float(last),
-                "retrain_running": self._retrain_running(context),
-                "now": now,
-            }
+            DecideRequest(
+                detection=detection,
+                actions=self.actions,
+                cooldown_minutes=self.cooldown_minutes,
+                min_window_rows=self.min_window_rows,
+                last_requested_at=None if last is None else float(last),
+                retrain_running=self._retrain_running(context),
+                now=now,
+            )
         )
         self.log.info(
             "drift decision for %s: %s (%s) - %s",
@@ -331,9 +299,12 @@ class DriftDecideRetrainOperator(BaseOperator):
             raise AirflowSkipException(decision["reason"])
         # Last, so a task that failed before this point and is retried is not held back by its own cooldown.
         hook.client.set_registered_model_tag(model_name, RETRAIN_REQUESTED_TAG, str(now))
-        extra = {
-            key: detection[key]
-            for key in ("model_name", "champion", "severity", "drifted_features", "report")
+        extra: dict[str, Any] = {
+            "model_name": detection["model_name"],
+            "champion": detection["champion"],
+            "severity": detection["severity"],
+            "drifted_features": detection["drifted_features"],
+            "report": detection["report"],
         }
         if decision["action"] == "retrain_with_approval":
             extra["approval_required"] = True
@@ -347,32 +318,29 @@ class DriftDecideRetrainOperator(BaseOperator):
             return False
         return context["ti"].get_dr_count(dag_id=self.retrain_dag_id, states=["queued", "running"]) > 0
 
-    def _audit(
-        self, hook: MlflowHook, detection: dict[str, Any], decision: dict[str, Any], context: Context
-    ) -> None:
-        """Append the decision to the ``drift`` stage of the champion's audit record (the newest kept)."""
-        from airloop.tracking.registry import MAX_AUDIT_RECORD_BYTES, append_audit, read_audit
+    def _audit(self, hook: MlflowHook, detection: Detection, decision: Decision, context: Context) -> None:
+        """Append the decision to the ``drift`` stage of the champion's audit record, in one call that
+        keeps the newest ``AUDIT_DECISIONS`` (a stage's record has a size limit: long reasons, a window
+        naming many columns, push out old ones)."""
+        from airloop.tracking.registry import append_audit
 
-        keys = ("decided_at", "action", "code", "severity", "wanted")
         entry = {
-            **{key: decision[key] for key in keys},
+            "decided_at": decision["decided_at"],
+            "action": decision["action"],
+            "code": decision["code"],
+            "severity": decision["severity"],
+            "wanted": decision["wanted"],
             "reason": decision["reason"][:1000],
             "report": detection.get("report"),
             "dag_run_id": context["run_id"],
         }
-        with hook.session():
-            stages = read_audit(hook.tracking_uri, detection["model_name"], detection["champion"])["stages"]
-        earlier = next((s["record"]["decisions"] for s in stages if s["stage"] == "drift"), [])
-        decisions = [*earlier, entry][-AUDIT_DECISIONS:]
-        # A stage's record has a size limit: long reasons (a window naming many columns) push out old ones.
-        while len(decisions) > 1 and len(json.dumps({"decisions": decisions})) > MAX_AUDIT_RECORD_BYTES:
-            decisions.pop(0)
         append_audit(
             {
                 **hook.step_config(),
                 "model_name": detection["model_name"],
                 "version": detection["champion"],
                 "stage": "drift",
-                "record": {"decisions": decisions},
+                "record": {"decisions": [entry]},
+                "append": {"decisions": AUDIT_DECISIONS},
             }
         )

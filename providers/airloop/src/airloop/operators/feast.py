@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
-from airflow.sdk import BaseHook, Context
+from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowFailException
 
-from airloop import artefacts
+from airloop import artefacts, runtimes
 from airloop.hooks.feast import FeastHook
 from airloop.operators.base import StepOperator
 from airloop.steps.data.features import RowLossError
+from airloop.steps.data.requests import ApplyRequest, MaterializeRequest, TrainingSetRequest
 
 
 class _FeastOperator(StepOperator):
@@ -35,9 +37,8 @@ class FeastApplyRepoOperator(_FeastOperator):
     """
 
     def execute(self, context: Context) -> dict[str, Any]:
-        result = self.run_step(
-            "airloop.steps.data.features:apply", {"store": self.hook.store_config}, context
-        )
+        request = ApplyRequest(store=self.hook.store_config)
+        result = self.run_step("airloop.steps.data.features:apply", request.to_dict(), context)
         self.log.info("feast apply:\n%s", result.pop("output"))
         return result
 
@@ -61,9 +62,9 @@ class FeastMaterializeFeaturesOperator(_FeastOperator):
     def __init__(
         self,
         *,
-        start: str | None = None,
-        end: str | None = None,
-        feature_views: list[str] | None = None,
+        start: str | None = MaterializeRequest.start,
+        end: str | None = MaterializeRequest.end,
+        feature_views: list[str] | None = MaterializeRequest.feature_views,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -72,16 +73,10 @@ class FeastMaterializeFeaturesOperator(_FeastOperator):
         self.feature_views = feature_views
 
     def execute(self, context: Context) -> dict[str, Any]:
-        result = self.run_step(
-            "airloop.steps.data.features:materialize",
-            {
-                "store": self.hook.store_config,
-                "start": self.start,
-                "end": self.end,
-                "feature_views": self.feature_views,
-            },
-            context,
+        request = MaterializeRequest(
+            store=self.hook.store_config, start=self.start, end=self.end, feature_views=self.feature_views
         )
+        result = self.run_step("airloop.steps.data.features:materialize", request.to_dict(), context)
         self.log.info("materialised %s (%s) up to %s", result["feature_views"], result["mode"], result["end"])
         return result
 
@@ -98,10 +93,12 @@ class FeastBuildTrainingSetOperator(_FeastOperator):
     are lost: none is written, and when more than ``max_row_loss`` of the rows are lost the task fails
     with the counts instead of training on fewer rows.
 
-    :param entity_rows: a parquet or CSV file (path or fsspec URL, e.g. ``s3://``) of entity rows: the
-        join keys, ``timestamp_column`` and any other column to keep, such as the label.
+    :param entity_rows: a parquet or CSV file of entity rows (a local path or any URI Airflow's
+        ObjectStoragePath opens, e.g. ``s3://``, read with the worker's credentials): the join keys,
+        ``timestamp_column`` and any other column to keep, such as the label.
     :param entity_sql: instead of ``entity_rows``, a query that returns them ...
-    :param sql_conn_id: ... through this Airflow database connection (any ``DbApiHook``).
+    :param sql_conn_id: ... through this Airflow database connection (any ``DbApiHook``); its result is
+        kept next to the training set (``entity_rows.parquet``), so what went in stays on record.
     :param features: feature references (``"view:feature"``), in the order the model takes them ...
     :param feature_service: ... or the name of a FeatureService.
     :param max_row_loss: the fraction of entity rows that may be lost (default 0: none).
@@ -127,11 +124,11 @@ class FeastBuildTrainingSetOperator(_FeastOperator):
         entity_rows: str | None = None,
         entity_sql: str | None = None,
         sql_conn_id: str | None = None,
-        features: list[str] | None = None,
-        feature_service: str | None = None,
-        max_row_loss: float = 0.0,
-        timestamp_column: str = "event_timestamp",
-        keep_entity_columns: bool = False,
+        features: list[str] | None = TrainingSetRequest.features,
+        feature_service: str | None = TrainingSetRequest.feature_service,
+        max_row_loss: float = TrainingSetRequest.max_row_loss,
+        timestamp_column: str = TrainingSetRequest.timestamp_column,
+        keep_entity_columns: bool = TrainingSetRequest.keep_entity_columns,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -145,30 +142,38 @@ class FeastBuildTrainingSetOperator(_FeastOperator):
         self.keep_entity_columns = keep_entity_columns
 
     def execute(self, context: Context) -> dict[str, Any]:
-        if bool(self.entity_rows) == bool(self.entity_sql):
-            raise ValueError("give either entity_rows (a file) or entity_sql with sql_conn_id, not both")
+        from airloop.staging import Arguments, stage
+
         prefix = artefacts.task_prefix(context, "features")
         with artefacts.staging(prefix) as folder:
-            entity_rows = self.entity_rows or self._query_entity_rows(str(folder / "entity_rows.parquet"))
-            request = {
-                "store": self.hook.store_config,
-                "entity_rows_uri": entity_rows,
-                "features": self.features,
-                "feature_service": self.feature_service,
-                "max_row_loss": float(self.max_row_loss),
-                "timestamp_column": self.timestamp_column,
-                "keep_entity_columns": self.keep_entity_columns,
-                "output_uri": str(folder / "training_set.parquet"),
-            }
+            entity_rows = stage(
+                folder,
+                uri=self.entity_rows,
+                sql=self.entity_sql,
+                conn_id=self.sql_conn_id,
+                arguments=Arguments("entity rows", "entity_rows", "entity_sql", "sql_conn_id"),
+                pod=self.runtime == runtimes.POD,
+            )
+            request = TrainingSetRequest(
+                store=self.hook.store_config,
+                entity_rows=entity_rows.path,
+                features=self.features,
+                feature_service=self.feature_service,
+                max_row_loss=float(self.max_row_loss),
+                timestamp_column=self.timestamp_column,
+                keep_entity_columns=self.keep_entity_columns,
+                output_uri=str(folder / "training_set.parquet"),
+            )
             try:
-                result = self.run_step("airloop.steps.data.features:training_set", request, context)
+                result = self.run_step("airloop.steps.data.features:training_set", request.to_dict(), context)
             except RowLossError as exc:
                 raise AirflowFailException(str(exc)) from exc
+        # What went in: the file named, or the query's result where the artefact store keeps it.
+        recorded = entity_rows.path
         if not artefacts.is_local():
             result["uri"] = str(artefacts.root() / prefix / "training_set.parquet")
-            if self.entity_sql:
-                entity_rows = str(artefacts.root() / prefix / "entity_rows.parquet")
-        result["entity_rows"] = entity_rows
+            recorded = str(artefacts.root() / prefix / Path(recorded).name)
+        result["entity_rows"] = self.entity_rows or recorded
         self.log.info(
             "training set %s: %d of %d entity rows (loss %.2f%%), features %s",
             result["uri"],
@@ -178,17 +183,3 @@ class FeastBuildTrainingSetOperator(_FeastOperator):
             result["features"],
         )
         return result
-
-    def _query_entity_rows(self, uri: str) -> str:
-        """Run ``entity_sql`` and keep its result next to the training set: what went in, on record."""
-        from airloop.tables import write_table
-
-        if not self.sql_conn_id:
-            raise ValueError("entity_sql needs sql_conn_id, the database connection to run it on")
-        hook = BaseHook.get_connection(self.sql_conn_id).get_hook()
-        if not hasattr(hook, "get_df"):
-            raise ValueError(
-                f"connection {self.sql_conn_id!r} ({type(hook).__name__}) is not a database "
-                "connection that returns query results"
-            )
-        return write_table(hook.get_df(self.entity_sql, df_type="pandas"), uri)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import Context
@@ -15,9 +12,8 @@ from airflow.sdk.exceptions import AirflowFailException
 from airloop import artefacts, runtimes
 from airloop.links.reports import DataDocsLink
 from airloop.operators.base import StepOperator
-
-# Copy size when staging an object through its connection: constant memory whatever the file's size.
-_COPY_BUFFER = 8 * 2**20
+from airloop.steps.data.requests import ValidateRequest
+from airloop.validation import ValidationResult, ValidationSummary
 
 
 class GreatExpectationsValidateDataOperator(StepOperator):
@@ -26,9 +22,11 @@ class GreatExpectationsValidateDataOperator(StepOperator):
     naming each one with its observed value. Data Docs are built for every run (the task's "Data Docs"
     link) and the task returns a compact summary (pass it to ``MlflowTrainModelOperator(validation=...)``).
 
-    The data: ``data_uri`` (parquet or CSV on a local path or an fsspec URL such as ``s3://``), read with
-    the worker's own credentials, or through the Airflow connection ``conn_id`` (``ObjectStoragePath``,
-    e.g. an ``aws`` connection); or the result of ``sql`` on the database connection ``conn_id``.
+    The data: ``data_uri`` (parquet or CSV, a local path or any URI Airflow's ObjectStoragePath opens,
+    such as ``s3://``), read with the worker's own credentials or through the Airflow connection
+    ``conn_id`` (e.g. an ``aws`` connection); or the result of ``sql`` on the database connection
+    ``conn_id``. Either is staged in a local file first (``airloop.staging``), so the step reads a file
+    in whichever runtime it runs; in a pod, the pod reads ``data_uri`` itself.
 
     :param suite_path: the suite: a JSON or YAML file (kept next to the DAGs) or ``package.module:function``
         returning a suite dict or a GX ``ExpectationSuite``. Resolved in the worker, so the step gets the
@@ -65,9 +63,9 @@ class GreatExpectationsValidateDataOperator(StepOperator):
         data_uri: str | None = None,
         sql: str | None = None,
         conn_id: str | None = None,
-        expected_fingerprint: dict[str, Any] | str | None = None,
-        batch_rows: int | None = None,
-        label_column: str = "label",
+        expected_fingerprint: dict[str, Any] | str | None = ValidateRequest.expected_fingerprint,
+        batch_rows: int | None = ValidateRequest.batch_rows,
+        label_column: str = ValidateRequest.label_column,
         fail_on_error: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -81,52 +79,50 @@ class GreatExpectationsValidateDataOperator(StepOperator):
         self.label_column = label_column
         self.fail_on_error = fail_on_error
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def execute(self, context: Context) -> ValidationSummary:
+        from airloop.staging import stage
         from airloop.steps.data.validate import load_suite
 
-        if bool(self.data_uri) == bool(self.sql):
-            raise ValueError("give either data_uri or sql")
-        if self.sql and not self.conn_id:
-            raise ValueError("sql needs conn_id, the database connection to run it on")
-        if self.conn_id and self.runtime == runtimes.POD:
-            raise ValueError(
-                "data read through conn_id is staged on the worker, where a pod cannot read it:"
-                " give the pod a data_uri it can read itself"
-            )
         prefix = artefacts.task_prefix(context, "validation")
         docs = f"{prefix}/data_docs/index.html"
         DataDocsLink.persist(context, path=docs)
-        suite = load_suite(self.suite_path)
-        with self._local_data() as (data_uri, name), artefacts.staging(prefix) as folder:
-            result = self.run_step(
-                "airloop.steps.data.validate:validate",
-                {
-                    "data_uri": data_uri,
-                    "data_name": name,
-                    "suite": suite,
-                    "docs_dir": str(folder / "data_docs"),
-                    "label": self.label_column,
-                    "expected_fingerprint": self.expected_fingerprint,
-                    "batch_rows": self.batch_rows,
-                },
-                context,
+        with tempfile.TemporaryDirectory(prefix="airloop-gate-") as scratch:
+            data = stage(
+                scratch,
+                uri=self.data_uri,
+                sql=self.sql,
+                conn_id=self.conn_id,
+                pod=self.runtime == runtimes.POD,
             )
-        summary = {
-            key: result[key]
-            for key in (
-                "success",
-                "evaluated",
-                "successful",
-                "failed",
-                "fingerprint",
-                "suite",
-                "rows",
-                "batches",
-            )
+            suite = load_suite(self.suite_path)
+            with artefacts.staging(prefix) as folder:
+                request = ValidateRequest(
+                    data_uri=data.path,
+                    data_name=data.name,
+                    suite_path=self.suite_path,
+                    suite=suite,
+                    docs_dir=str(folder / "data_docs"),
+                    label_column=self.label_column,
+                    expected_fingerprint=self.expected_fingerprint,
+                    batch_rows=self.batch_rows,
+                )
+                result: ValidationResult = self.run_step(
+                    "airloop.steps.data.validate:validate", request.to_dict(), context
+                )
+        summary: ValidationSummary = {
+            "success": result["success"],
+            "evaluated": result["evaluated"],
+            "successful": result["successful"],
+            "failed": result["failed"],
+            "fingerprint": result["fingerprint"],
+            "suite": result["suite"],
+            "rows": result["rows"],
+            "batches": result["batches"],
+            "data_uri": data.name,
+            "docs": docs,
+            "docs_uri": f"{artefacts.root() / docs}",
         }
-        summary["data_uri"] = name
-        summary["docs"] = docs
-        summary["docs_uri"] = f"{artefacts.root() / docs}"
+        name = data.name
         if result["success"]:
             self.log.info("%s passed %d expectations of suite %s", name, result["evaluated"], result["suite"])
             return summary
@@ -144,47 +140,3 @@ class GreatExpectationsValidateDataOperator(StepOperator):
             raise AirflowFailException(message)
         self.log.warning("%s; continuing because fail_on_error=False", message)
         return summary
-
-    @contextmanager
-    def _local_data(self) -> Iterator[tuple[str, str]]:
-        """``(uri the step reads, name to report)``: data behind a connection is staged in a local file.
-
-        Connection credentials stay in the worker: the step, whichever runtime it runs in, reads a file.
-        """
-        if not self.conn_id:
-            yield self.data_uri, self.data_uri
-            return
-        folder = Path(tempfile.mkdtemp(prefix="airloop-gate-"))
-        try:
-            if self.sql:
-                yield str(self._query(folder / "query.parquet")), f"sql on {self.conn_id}: {self.sql}"
-            else:
-                yield str(self._copy(folder)), self.data_uri
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-
-    def _copy(self, folder: Path) -> Path:
-        from airflow.sdk import ObjectStoragePath
-
-        source = ObjectStoragePath(self.data_uri, conn_id=self.conn_id)
-        if not source.is_file():
-            raise ValueError(
-                f"data file {self.data_uri} does not exist (read through connection {self.conn_id})"
-            )
-        target = folder / source.name
-        with source.open("rb") as reader, open(target, "wb") as writer:
-            shutil.copyfileobj(reader, writer, _COPY_BUFFER)
-        return target
-
-    def _query(self, target: Path) -> Path:
-        from airflow.providers.common.sql.hooks.sql import DbApiHook
-        from airflow.sdk import BaseHook
-
-        hook = BaseHook.get_connection(self.conn_id).get_hook()
-        if not isinstance(hook, DbApiHook):
-            raise ValueError(
-                f"connection {self.conn_id} ({type(hook).__name__}) is not a database connection"
-            )
-        frame = hook.get_df(self.sql, df_type="pandas")
-        frame.to_parquet(target, index=False)
-        return target

@@ -21,14 +21,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airloop.feast_store import feature_store
+from airloop.steps.data.requests import TIMESTAMP, ApplyRequest, MaterializeRequest, TrainingSetRequest
 from airloop.tables import fingerprint, read_table, write_table
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import pandas as pd
     from feast import FeatureStore
 
-# Feast's own name for the entity rows' timestamp column.
-TIMESTAMP = "event_timestamp"
+__all__ = ["TIMESTAMP", "RowLossError", "apply", "materialize", "reference_tables", "training_set"]
 # The reference repo (dags/features) reads its feature rows from this file under settings.feast_dir().
 REFERENCE_FEATURES = "observations.parquet"
 REFERENCE_ENTITY = "observation_id"
@@ -39,7 +41,7 @@ class RowLossError(ValueError):
     """More entity rows were lost in the point-in-time join than the threshold allows."""
 
 
-def apply(request: dict[str, Any]) -> dict[str, Any]:
+def apply(request: ApplyRequest | Mapping[str, Any]) -> dict[str, Any]:
     """``feast apply`` on the repo; returns the registered project, entities, views and services.
 
     Feast's CLI runs in a child process: it imports the repo's modules fresh each time, changes the
@@ -48,7 +50,8 @@ def apply(request: dict[str, Any]) -> dict[str, Any]:
     """
     import yaml
 
-    store = request["store"]
+    request = ApplyRequest.parse(request)
+    store = request.store
     feast = Path(sys.executable).parent / "feast"
     with tempfile.TemporaryDirectory(prefix="airloop-feast-") as tmp:
         config_file = Path(tmp) / "feature_store.yaml"  # mkdtemp's folder is private to this user
@@ -61,7 +64,7 @@ def apply(request: dict[str, Any]) -> dict[str, Any]:
             str(config_file),
             "apply",
         ]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=request.get("timeout_s", 900))
+        done = subprocess.run(command, capture_output=True, text=True, timeout=request.timeout_s)
     output = (done.stdout + done.stderr).strip()
     if done.returncode != 0:
         raise RuntimeError(
@@ -89,17 +92,18 @@ def _timestamp(value: str | datetime | None, name: str) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def materialize(request: dict[str, Any]) -> dict[str, Any]:
+def materialize(request: MaterializeRequest | Mapping[str, Any]) -> dict[str, Any]:
     """Load feature values into the online store.
 
-    ``{"store", "start"?, "end"?, "feature_views"?}``: with ``start``, the range [start, end);
-    without, incrementally from where the last run of each view ended (or ``end`` minus the view's
-    TTL on its first run) to ``end`` (default: now). ``feature_views`` defaults to every online view.
+    With ``start``, the range [start, end); without, incrementally from where the last run of each
+    view ended (or ``end`` minus the view's TTL on its first run) to ``end`` (default: now).
+    ``feature_views`` defaults to every online view.
     """
-    fs = feature_store(request["store"])
-    start = _timestamp(request.get("start"), "start")
-    end = _timestamp(request.get("end"), "end") or datetime.now(UTC)
-    views = request.get("feature_views") or [v.name for v in fs.list_feature_views() if v.online]
+    request = MaterializeRequest.parse(request)
+    fs = feature_store(request.store)
+    start = _timestamp(request.start, "start")
+    end = _timestamp(request.end, "end") or datetime.now(UTC)
+    views = request.feature_views or [v.name for v in fs.list_feature_views() if v.online]
     if not views:
         raise ValueError(
             f"Feast project {fs.project!r} has no online feature view to materialise: "
@@ -138,31 +142,31 @@ def _entity_rows(uri: str, timestamp: str, storage_options: dict[str, Any] | Non
     return rows.rename(columns={timestamp: TIMESTAMP})
 
 
-def training_set(request: dict[str, Any]) -> dict[str, Any]:
+def training_set(request: TrainingSetRequest | Mapping[str, Any]) -> dict[str, Any]:
     """Join features onto entity rows as of each row's timestamp; write the complete rows as parquet.
 
-    Request: ``{"store", "entity_rows_uri", "features": ["view:feature", ...] | "feature_service": name,
-    "output_uri", "max_row_loss": 0.0, "timestamp_column": "event_timestamp",
-    "keep_entity_columns": false, "storage_options"?}``. Entity rows carry the join keys, a timestamp
-    and anything else the training set needs (the label); the join keys and the timestamp are dropped
-    unless ``keep_entity_columns``. Raises RowLossError, writing nothing, when more than
-    ``max_row_loss`` (a fraction) of the entity rows come back missing or incomplete.
+    ``features`` (``["view:feature", ...]``) or ``feature_service`` name what is joined. Entity rows
+    carry the join keys, a timestamp and anything else the training set needs (the label); the join
+    keys and the timestamp are dropped unless ``keep_entity_columns``. Raises RowLossError, writing
+    nothing, when more than ``max_row_loss`` (a fraction) of the entity rows come back missing or
+    incomplete.
     """
-    features, service = request.get("features"), request.get("feature_service")
+    request = TrainingSetRequest.parse(request)
+    features, service = request.features, request.feature_service
     if bool(features) == bool(service):
         raise ValueError("give either features (a list of 'view:feature') or feature_service, not both")
     if isinstance(features, str):
         raise ValueError(f"features must be a list of 'view:feature', got the string {features!r}")
-    max_loss = float(request.get("max_row_loss", 0.0))
+    max_loss = float(request.max_row_loss)
     if not 0.0 <= max_loss <= 1.0:
         raise ValueError(f"max_row_loss is a fraction within [0, 1], got {max_loss}")
-    timestamp = request.get("timestamp_column") or TIMESTAMP
-    uri = request["entity_rows_uri"]
-    rows = _entity_rows(uri, timestamp, request.get("storage_options"))
-    fs = feature_store(request["store"])
+    timestamp = request.timestamp_column or TIMESTAMP
+    uri = request.entity_rows
+    rows = _entity_rows(uri, timestamp, request.storage_options)
+    fs = feature_store(request.store)
     keys = sorted({e.join_key for e in fs.list_entities()} & set(rows.columns))
     rows[_ROW] = range(len(rows))
-    wanted = fs.get_feature_service(service) if service else list(features)
+    wanted = fs.get_feature_service(service) if service else list(features or [])
     joined = fs.get_historical_features(entity_df=rows, features=wanted).to_df()
     names = [c for c in joined.columns if c not in rows.columns]
     complete = joined[joined[names].notna().all(axis=1)].sort_values(_ROW)
@@ -177,13 +181,13 @@ def training_set(request: dict[str, Any]) -> dict[str, Any]:
             f"{duplicates} with the same keys and timestamp as another; "
             f"{counts['rows_returned'] - counts['rows_out']} returned without every feature)"
         )
-    dropped = [_ROW] if request.get("keep_entity_columns") else [_ROW, *keys, TIMESTAMP]
+    dropped = [_ROW] if request.keep_entity_columns else [_ROW, *keys, TIMESTAMP]
     table = complete.drop(columns=dropped).reset_index(drop=True)
-    if request.get("keep_entity_columns"):
+    if request.keep_entity_columns:
         table = table.rename(columns={TIMESTAMP: timestamp})
-    write_table(table, request["output_uri"], request.get("storage_options"))
+    write_table(table, request.output_uri, request.storage_options)
     return {
-        "uri": request["output_uri"],
+        "uri": request.output_uri,
         **counts,
         "row_loss": round(loss, 6),
         "features": names,

@@ -5,12 +5,23 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TypedDict
 
+from airloop.steps.data.requests import ProfileRequest
 from airloop.tables import read_table
 
 if TYPE_CHECKING:
     import pandas as pd
+
+
+class Profiled(TypedDict):
+    """The suite ``profile`` wrote: where, its name, how many expectations, from how many rows."""
+
+    suite_path: str
+    name: str
+    expectations: int
+    rows: int
 
 
 def _expect(kind: str, **kwargs: Any) -> dict[str, Any]:
@@ -28,7 +39,7 @@ def profile_suite(
     *,
     key: str | None = None,
     label: str | None = None,
-    margin: float = 0.5,
+    margin: float = ProfileRequest.margin,
     max_categories: int = 20,
     row_factor: float = 10.0,
 ) -> dict[str, Any]:
@@ -127,26 +138,18 @@ def _leakage_guards(df: pd.DataFrame, label: str) -> list[dict[str, Any]]:
     return guards
 
 
-def profile(request: dict[str, Any]) -> dict[str, Any]:
-    """Request ``{"data_uri", "out", "name"?, "key"?, "label"?, "margin"?, "storage_options"?}``.
-
-    Writes the profiled suite to ``out`` (YAML for ``.yml``/``.yaml``, else JSON); returns
-    ``{"suite_path", "name", "expectations", "rows"}``.
-    """
+def profile(request: ProfileRequest | Mapping[str, Any]) -> Profiled:
+    """Write the suite ``profile_suite`` drafts from ``data_uri`` to ``out`` (YAML for ``.yml``/``.yaml``,
+    else JSON)."""
     import yaml
 
-    if not request.get("data_uri") or not request.get("out"):
+    request = ProfileRequest.parse(request)
+    if not request.data_uri or not request.out:
         raise ValueError("request needs 'data_uri' and 'out'")
-    out = request["out"]
-    name = request.get("name") or os.path.splitext(os.path.basename(out))[0]
-    frame = read_table(request["data_uri"], request.get("storage_options"))
-    suite = profile_suite(
-        frame,
-        name,
-        key=request.get("key"),
-        label=request.get("label"),
-        margin=float(request.get("margin", 0.5)),
-    )
+    out = request.out
+    name = request.name or os.path.splitext(os.path.basename(out))[0]
+    frame = read_table(request.data_uri, request.storage_options)
+    suite = profile_suite(frame, name, key=request.key, label=request.label, margin=float(request.margin))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp"
     with open(tmp, "w") as handle:

@@ -21,10 +21,12 @@ import importlib
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from airloop.steps.data.requests import ValidateRequest
 from airloop.tables import Fingerprint, fingerprint, is_csv, parquet_table, read_table
+from airloop.validation import Failure, ValidationResult
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -106,26 +108,21 @@ def _from_code(path: str) -> Any:
         raise ValueError(f"suite {path} cannot be loaded: {type(exc).__name__}: {exc}") from exc
 
 
-def validate(request: dict[str, Any]) -> dict[str, Any]:
-    """Validate ``data_uri`` (parquet or CSV; path, ``file://`` or fsspec URL); see docs/validation.md.
-
-    Request: ``{"data_uri", "suite" | "suite_path", "docs_dir"?, "label"?, "storage_options"?,
-    "expected_fingerprint"?, "batch_rows"?, "data_name"?}``. Result: ``{"success", "evaluated",
-    "successful", "failed": [{"expectation", "column", "kwargs", "observed"}], "statistics",
-    "fingerprint", "rows", "batches", "docs_index", "suite", "data"}``.
-    """
-    source = request.get("suite") or request.get("suite_path")
-    if not request.get("data_uri") or not source:
+def validate(request: ValidateRequest | Mapping[str, Any]) -> ValidationResult:
+    """Validate ``data_uri`` (parquet or CSV; path, ``file://`` or fsspec URL); see docs/validation.md."""
+    request = ValidateRequest.parse(request)
+    source = request.suite or request.suite_path
+    if not request.data_uri or not source:
         raise ValueError("request needs 'data_uri' and 'suite' (or 'suite_path')")
     suite = load_suite(source)
-    uri, options = request["data_uri"], request.get("storage_options")
-    reporting = {
-        "docs_dir": request.get("docs_dir"),
-        "label": request.get("label", "label"),
-        "expected_fingerprint": request.get("expected_fingerprint"),
-        "data_name": request.get("data_name") or uri,
+    uri, options = request.data_uri, request.storage_options
+    reporting: dict[str, Any] = {
+        "docs_dir": request.docs_dir,
+        "label": request.label_column,
+        "expected_fingerprint": request.expected_fingerprint,
+        "data_name": request.data_name or uri,
     }
-    batch_rows = request.get("batch_rows")
+    batch_rows = request.batch_rows
     if batch_rows is not None and (isinstance(batch_rows, bool) or int(batch_rows) < 0):
         raise ValueError(f"batch_rows must be a whole number >= 0, got {batch_rows!r}")
     if is_csv(uri):
@@ -151,7 +148,7 @@ def validate_frame(
     label: str = "label",
     expected_fingerprint: dict[str, Any] | str | None = None,
     data_name: str = "dataframe",
-) -> dict[str, Any]:
+) -> ValidationResult:
     """Validate an in-memory DataFrame; ``suite`` is anything ``load_suite`` takes. Result as ``validate``."""
     gate = _Gate(load_suite(suite))
     results = gate.run(frame, range(len(gate.configs)))
@@ -169,7 +166,7 @@ def validate_frame(
 
 def _validate_batches(
     table: ParquetTable, suite: dict[str, Any], batch_rows: int, *, label: str, **options: Any
-) -> dict[str, Any]:
+) -> ValidationResult:
     gate = _Gate(suite)
     rowwise, schema, whole = gate.split()
     schema_frame = table.schema_frame()
@@ -247,7 +244,9 @@ class _Gate:
         if self.meta is None:
             self.meta, self.batch_id = dict(result.meta), result.batch_id
         # GX returns the results grouped by column: put them back in the suite's order.
-        remaining, ordered = list(result.results), []
+        # Each result carries its expectation's configuration (GX types it optional).
+        remaining: list[Any] = list(result.results)
+        ordered = []
         for index in indices:
             config = self.expectations[index].configuration  # kwargs as GX keeps them (defaults left out)
             found = next(
@@ -285,10 +284,10 @@ class _Gate:
         needed: set[str] = set()
         for index in indices:
             kwargs = self.configs[index].kwargs
-            named = [kwargs.get(key) for key in ("column", "column_A", "column_B")] + list(
+            given = [kwargs.get(key) for key in ("column", "column_A", "column_B")] + list(
                 kwargs.get("column_list") or []
             )
-            named = [name for name in named if isinstance(name, str)]
+            named = [name for name in given if isinstance(name, str)]
             if named:
                 needed.update(named)
             elif set(getattr(self.expectations[index], "metric_dependencies", ()) or ()) != {
@@ -307,7 +306,7 @@ class _Gate:
         docs_dir: str | None,
         expected_fingerprint: dict[str, Any] | str | None,
         data_name: str,
-    ) -> dict[str, Any]:
+    ) -> ValidationResult:
         from great_expectations.core.expectation_validation_result import ExpectationSuiteValidationResult
 
         for item in results:
@@ -441,9 +440,9 @@ def _combine(parts: list[Any]) -> Any:
     )
 
 
-def _fingerprint_mismatch(expected: dict[str, Any] | str, actual: dict[str, Any]) -> dict[str, Any] | None:
+def _fingerprint_mismatch(expected: dict[str, Any] | str, actual: dict[str, Any]) -> Failure | None:
     """A failure when the data is not what its producer fingerprinted (sha256, and rows when given)."""
-    wanted = (
+    wanted: dict[str, Any] = (
         {"sha256": expected}
         if isinstance(expected, str)
         else {key: expected[key] for key in ("sha256", "rows") if key in expected}
@@ -460,7 +459,7 @@ def _fingerprint_mismatch(expected: dict[str, Any] | str, actual: dict[str, Any]
     }
 
 
-def _failure(item: Any) -> dict[str, Any]:
+def _failure(item: Any) -> Failure:
     kwargs = {k: v for k, v in item.expectation_config.kwargs.items() if k != "batch_id"}
     result = item.result or {}
     error = _error(item.exception_info or {})

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from airloop.steps.drift.base import Detector, register
+from airloop.steps.drift.base import Detector
 
 if TYPE_CHECKING:
     import numpy as np
@@ -30,11 +30,11 @@ MMD_PERMUTATIONS = 100
 _SEED = 0  # fixed, so the same data always gets the same subsample and permutations
 
 
-@register("alibi")
 class AlibiDetector(Detector):
     """alibi-detect's ``KSDrift`` or ``CVMDrift`` / ``ChiSquareDrift`` per feature, or ``MMDDrift`` on
     all of them at once."""
 
+    name = "alibi"
     joint_methods = (MMD,)
 
     def check_params(self) -> None:

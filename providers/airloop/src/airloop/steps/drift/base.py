@@ -9,8 +9,10 @@ complete in every feature. The multiple-testing correction across
 tests lives here, once, so every backend flags drift the same way; a backend only supplies the tests.
 
 Shaped after scikit-learn estimators: the constructor only stores its parameters, ``fit`` learns
-from the reference, ``score`` judges a window. Backends register under a name (``register``) and
-are looked up with ``get``.
+from the reference, ``score`` judges a window. Backends are registered by name in ``DETECTORS``
+(``airloop.backends.Registry``: lazy ``"module:Class"`` paths, so neither SciPy's nor alibi-detect's
+backend module loads until a detection asks for it) and every one passes the conformance suite
+``airloop.steps.drift.checks.check_detector``.
 """
 
 from __future__ import annotations
@@ -21,39 +23,17 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from airloop.backends import Registry
+
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
+    from airloop.steps.drift.requests import FeatureScore
+
 CORRECTIONS = ("bonferroni", "fdr")
 PER_FEATURE = ("ks", "cvm")  # the test of numeric features; categorical ones always get chi-squared
 _PARALLEL_ROWS = 20_000  # windows from this size test their features on several threads
-
-_BACKENDS: dict[str, type[Detector]] = {}
-
-
-def register(name: str) -> Callable[[type[Detector]], type[Detector]]:
-    """Class decorator: make a detector available under ``name``."""
-
-    def add(cls: type[Detector]) -> type[Detector]:
-        if name in _BACKENDS:
-            raise ValueError(f"drift backend {name!r} is already registered by {_BACKENDS[name].__name__}")
-        cls.name = name
-        _BACKENDS[name] = cls
-        return cls
-
-    return add
-
-
-def available() -> list[str]:
-    return sorted(_BACKENDS)
-
-
-def get(name: str) -> type[Detector]:
-    try:
-        return _BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"unknown drift backend {name!r}: choose one of {available()}") from None
 
 
 def flag(p_values: Sequence[float], p_val: float, correction: str) -> list[bool]:
@@ -86,6 +66,8 @@ class Detector(ABC):
     multivariate method: the fewest complete rows); a feature below it is reported with
     ``"tested": False`` instead of a p-value. ``method`` is one of the backend's ``methods``.
     ``check_params`` (also run by ``fit``) raises ``ValueError`` naming a bad parameter.
+
+    ``name`` is what the backend is registered as; error messages use it.
     """
 
     name: ClassVar[str]
@@ -170,19 +152,17 @@ class Detector(ABC):
                 self._joint = self._fit_joint(complete.to_numpy(float))
         return self
 
-    def score(self, current: pd.DataFrame) -> dict[str, dict[str, Any]]:
-        """Test every fitted feature of ``current`` (extra columns are ignored).
+    def score(self, current: pd.DataFrame) -> dict[str, FeatureScore]:
+        """Test every fitted feature of ``current`` (extra columns are ignored), in the reference's order.
 
-        Returns ``{feature: {"kind", "test", "tested", "statistic", "p_value", "drift",
-        "ref_mean", "cur_mean", "n_ref", "n_cur", "nan_fraction_ref", "nan_fraction_cur"}}``; with a
-        multivariate method every feature carries the one joint test's statistic, p-value and flag.
+        With a multivariate method every feature carries the one joint test's statistic, p-value and flag.
         """
         if not hasattr(self, "features_"):
             raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(reference) first")
         missing = [f for f in self.features_ if f not in current.columns]
         if missing:
             raise ValueError(f"current window lacks the features {missing}")
-        scores: dict[str, dict[str, Any]] = {}
+        scores: dict[str, FeatureScore] = {}
         # One entry per test: (the features it covers, a call returning (statistic, p_value)).
         tests: list[tuple[list[str], Callable[[], tuple[float, float]]]] = []
         for feature in self.features_:
@@ -190,7 +170,7 @@ class Detector(ABC):
             values = column.dropna().to_numpy()
             categorical = feature in self.categorical
             ref = self.reference_[feature]
-            entry: dict[str, Any] = {
+            entry: FeatureScore = {
                 "kind": "categorical" if categorical else "numeric",
                 "test": "chi2" if categorical else self.method,
                 "tested": False,
@@ -224,7 +204,7 @@ class Detector(ABC):
         for (features, _), (statistic, p_value), drift in zip(tests, outcomes, flags, strict=True):
             for feature in features:
                 scores[feature].update(
-                    tested=True, statistic=float(statistic), p_value=float(p_value), drift=drift
+                    {"tested": True, "statistic": float(statistic), "p_value": float(p_value), "drift": drift}
                 )
         return scores
 
@@ -256,6 +236,28 @@ class Detector(ABC):
     def _test_joint(self, fitted: Any, current: np.ndarray) -> tuple[float, float]:
         """``(statistic, p_value)`` of the multivariate test, given what ``_fit_joint`` kept."""
         raise NotImplementedError(f"{type(self).__name__} has no multivariate method")
+
+
+# By path, imported on first use: alibi-detect lives only in the runtimes and costs seconds to import.
+DETECTORS: Registry[Detector] = Registry(
+    Detector,
+    "drift backend",
+    {"scipy": "airloop.steps.drift.scipy:ScipyDetector", "alibi": "airloop.steps.drift.alibi:AlibiDetector"},
+)
+
+
+def register(name: str, cls: type[Detector] | str) -> None:
+    """Make ``get(name)`` return ``cls`` (a Detector subclass or its ``"module:Class"`` path)."""
+    DETECTORS.register(name, cls)
+
+
+def available() -> list[str]:
+    return DETECTORS.available()
+
+
+def get(name: str) -> type[Detector]:
+    """The detector class registered as ``name``; ValueError lists the known ones."""
+    return DETECTORS.get(name)
 
 
 def _run(tests: list[Callable[[], tuple[float, float]]], parallel: bool) -> list[tuple[float, float]]:

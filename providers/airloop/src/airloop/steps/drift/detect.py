@@ -4,15 +4,17 @@
 no Airflow import. The window is checked before any test: a window with too few rows is
 ``insufficient_data`` (never ``no_drift``), one with missing or mistyped columns is
 ``invalid_window``. Backends: ``scipy`` (default, runs anywhere) and ``alibi`` (alibi-detect, in
-the ``serving`` runtime, or the ``torch`` runtime for its ``mmd`` method); see docs/drift.md.
+the ``serving`` runtime, or the ``torch`` runtime for its ``mmd`` method), registered in
+``base.DETECTORS`` and imported when a request names them; see docs/drift.md.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, cast
 
-from airloop.steps.drift import alibi, scipy  # noqa: F401  (each registers its backend)
 from airloop.steps.drift.base import CORRECTIONS, PER_FEATURE, Detector, available, flag, get, register
+from airloop.steps.drift.requests import DetectRequest, DriftResult, FeatureScore, Severity
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -20,58 +22,41 @@ if TYPE_CHECKING:
 __all__ = ["CORRECTIONS", "PER_FEATURE", "Detector", "available", "detect", "flag", "get", "register"]
 
 SEVERITY = {"low": 0.0, "medium": 0.25, "high": 0.5}
-_DEFAULTS: dict[str, Any] = {
-    "features": None,
-    "categorical": None,
-    "backend": "scipy",
-    "method": "ks",
-    "p_val": 0.05,
-    "correction": "bonferroni",
-    "min_rows": 200,
-    "report_dir": None,
-    "severity": None,
-}
-_REQUIRED = ("reference_uri", "current_uri")
 
 
-def detect(request: dict[str, Any]) -> dict[str, Any]:
+def detect(request: DetectRequest | Mapping[str, Any]) -> DriftResult:
     """Compare ``current_uri`` with ``reference_uri`` (Parquet or CSV files, Parquet folders; local or URIs
-    pyarrow reads).
+    pyarrow reads); the request's fields are described in docs/drift.md and ``DetectRequest``.
 
-    Request: ``reference_uri``, ``current_uri``; optional ``features`` (default: every reference column),
-    ``categorical`` (default: the reference columns that are not numeric), ``backend`` ("scipy"),
-    ``method`` ("ks" or "cvm": one test per feature, Kolmogorov-Smirnov or Cramer-von Mises on numeric
-    features and chi-squared on categorical ones; "mmd": one test of all features, alibi only),
-    ``p_val`` (0.05), ``correction`` ("bonferroni" or "fdr"), ``min_rows`` (200, also the fewest
-    non-missing values a feature needs on each side to be tested), ``report_dir`` (where to write
-    report.json and report.html; none written without it) and ``severity`` (thresholds on the share of
-    tested features that drifted, default ``SEVERITY``).
+    ``method`` "ks" or "cvm" runs one test per feature (Kolmogorov-Smirnov or Cramer-von Mises on
+    numeric features, chi-squared on categorical ones); "mmd" one test of all features (alibi only).
+    ``min_rows`` is also the fewest non-missing values a feature needs on each side to be tested.
     """
     options = _parse(request)
-    detector_class = get(options["backend"])
-    thresholds = _severity_thresholds(options["severity"])
+    detector_class = get(options.backend)
+    thresholds = _severity_thresholds(options.severity)
 
-    reference = _read(options["reference_uri"], options["features"])
-    features = options["features"] or list(reference.columns)
+    reference = _read(options.reference_uri, options.features)
+    features = options.features or list(reference.columns)
     absent = [f for f in features if f not in reference.columns]
     if absent:
-        raise ValueError(f"features not in the reference data {options['reference_uri']!r}: {absent}")
-    categorical = _categorical(reference, features, options["categorical"])
+        raise ValueError(f"features not in the reference data {options.reference_uri!r}: {absent}")
+    categorical = _categorical(reference, features, options.categorical)
     detector = detector_class(
-        p_val=options["p_val"],
-        correction=options["correction"],
+        p_val=options.p_val,
+        correction=options.correction,
         categorical=categorical,
-        min_rows=options["min_rows"],
-        method=options["method"],
+        min_rows=options.min_rows,
+        method=options.method,
     )
     detector.check_params()  # a bad request fails whatever the window holds
-    current = _read(options["current_uri"], features)
+    current = _read(options.current_uri, features)
 
-    result: dict[str, Any] = {
+    result: DriftResult = {
         "verdict": "no_drift",
         "severity": "none",
-        "backend": options["backend"],
-        "method": options["method"],
+        "backend": options.backend,
+        "method": options.method,
         "n_reference": len(reference),
         "n_current": len(current),
         "drifted_features": [],
@@ -84,50 +69,46 @@ def detect(request: dict[str, Any]) -> dict[str, Any]:
     # An empty window has no schema to check: it is too small, not malformed.
     problem = _window_problem(reference, current, features) if len(current) else None
     if problem:
-        result.update(verdict="invalid_window", message=problem)
-    elif min(len(reference), len(current)) < options["min_rows"]:
-        result.update(
-            verdict="insufficient_data",
-            message=f"too few rows to judge drift: reference {len(reference)}, "
-            f"current {len(current)}, at least {options['min_rows']} needed on each side",
+        result["verdict"], result["message"] = "invalid_window", problem
+    elif min(len(reference), len(current)) < options.min_rows:
+        result["verdict"] = "insufficient_data"
+        result["message"] = (
+            f"too few rows to judge drift: reference {len(reference)}, "
+            f"current {len(current)}, at least {options.min_rows} needed on each side"
         )
     else:
-        result.update(_judge(detector.fit(reference).score(current), thresholds, options))
+        _judge(result, detector.fit(reference).score(current), thresholds, options)
 
-    if options["report_dir"]:
+    if options.report_dir:
         from airloop.steps.drift import report
 
         plots = {} if problem else report.distributions(reference, current, features, categorical)
-        result = report.write(result, plots, options["report_dir"])
+        result = report.write(result, plots, options.report_dir)
     return result
 
 
-def _parse(request: dict[str, Any]) -> dict[str, Any]:
-    if not isinstance(request, dict):
-        raise TypeError(f"a drift request is a dict, got {type(request).__name__}")
-    unknown = sorted(set(request) - set(_DEFAULTS) - set(_REQUIRED))
-    if unknown:
-        raise ValueError(f"unknown drift request keys {unknown}: expected {sorted([*_REQUIRED, *_DEFAULTS])}")
-    missing = [key for key in _REQUIRED if not request.get(key)]
-    if missing:
-        raise ValueError(f"drift request lacks {missing}")
-    options = {**_DEFAULTS, **request}
+def _parse(request: DetectRequest | Mapping[str, Any]) -> DetectRequest:
+    options = DetectRequest.parse(request)
+    empty = [name for name in ("reference_uri", "current_uri") if not getattr(options, name)]
+    if empty:
+        raise ValueError(f"drift request lacks {empty}")
     for key in ("features", "categorical"):
-        if options[key] is not None and (isinstance(options[key], str) or not isinstance(options[key], list)):
-            raise ValueError(f"{key!r} must be a list of column names, got {options[key]!r}")
-    if options["features"] == []:
+        value = getattr(options, key)
+        if value is not None and not isinstance(value, list):
+            raise ValueError(f"{key!r} must be a list of column names, got {value!r}")
+    if options.features == []:
         raise ValueError("'features' is empty: leave it out to use every reference column")
     return options
 
 
-def _severity_thresholds(given: dict[str, float] | None) -> dict[str, float]:
+def _severity_thresholds(given: dict[str, float] | None) -> dict[Severity, float]:
     thresholds = {**SEVERITY, **(given or {})}
     if set(thresholds) != set(SEVERITY):
         raise ValueError(f"severity takes the levels {list(SEVERITY)}, got {sorted(given or {})}")
     levels = [thresholds[level] for level in SEVERITY]
     if not all(0 <= t <= 1 for t in levels) or levels != sorted(levels):
         raise ValueError(f"severity thresholds must rise from low to high within [0, 1], got {thresholds}")
-    return thresholds
+    return cast("dict[Severity, float]", thresholds)  # the levels were checked above
 
 
 def _read(uri: str, columns: list[str] | None) -> pd.DataFrame:
@@ -171,42 +152,46 @@ def _window_problem(reference: pd.DataFrame, current: pd.DataFrame, features: li
 
 
 def _judge(
-    scores: dict[str, dict[str, Any]], thresholds: dict[str, float], options: dict[str, Any]
-) -> dict[str, Any]:
+    result: DriftResult,
+    scores: dict[str, FeatureScore],
+    thresholds: dict[Severity, float],
+    options: DetectRequest,
+) -> None:
+    """Fill in ``result``'s verdict on the tested features."""
+    result["features"] = scores
     tested = [f for f, s in scores.items() if s["tested"]]
     untested = [f for f, s in scores.items() if not s["tested"]]
     note = (
-        f"; untested (fewer than {options['min_rows']} non-missing values on a side): {untested}"
+        f"; untested (fewer than {options.min_rows} non-missing values on a side): {untested}"
         if untested
         else ""
     )
     if not tested:
-        return {
-            "verdict": "insufficient_data",
-            "features": scores,
-            "message": f"no feature has {options['min_rows']} non-missing values on both sides{note}",
-        }
+        result["verdict"] = "insufficient_data"
+        result["message"] = f"no feature has {options.min_rows} non-missing values on both sides{note}"
+        return
     drifted = [f for f in tested if scores[f]["drift"]]
     share = len(drifted) / len(tested)
-    severity = max(
+    severity: Severity = max(
         (level for level, t in thresholds.items() if drifted and share >= t),
         key=list(SEVERITY).index,
         default="none",
     )
-    if options["method"] in PER_FEATURE:
-        test = f"p < {options['p_val']} with {options['correction']} correction"
+    if options.method in PER_FEATURE:
+        test = f"p < {options.p_val} with {options.correction} correction"
     else:  # one test of all the features: they drift together or not at all
-        test = f"tested together with {options['method']}, p = {scores[tested[0]]['p_value']:.3g}"
+        test = f"tested together with {options.method}, p = {scores[tested[0]]['p_value']:.3g}"
     message = (
         f"{len(drifted)} of {len(tested)} features drifted ({test}): {drifted}"
         if drifted
         else f"no drift in {len(tested)} features ({test})"
     )
-    return {
-        "verdict": "drift" if drifted else "no_drift",
-        "severity": severity,
-        "features": scores,
-        "drifted_features": drifted,
-        "share_drifted": share,
-        "message": message + note,
-    }
+    result.update(
+        {
+            "verdict": "drift" if drifted else "no_drift",
+            "severity": severity,
+            "drifted_features": drifted,
+            "share_drifted": share,
+            "message": message + note,
+        }
+    )

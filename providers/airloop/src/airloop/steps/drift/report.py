@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pandas as pd
 
+    from airloop.steps.drift.requests import DriftResult
+
 BINS = 30
 TOP_CATEGORIES = 12
 _WIDTH, _HEIGHT, _PAD = 360, 130, 18
@@ -65,26 +67,22 @@ def _categories(reference: pd.Series, current: pd.Series) -> dict[str, Any]:
     }
 
 
-def write(result: dict[str, Any], plots: dict[str, dict[str, Any]], report_dir: str) -> dict[str, Any]:
+def write(result: DriftResult, plots: dict[str, dict[str, Any]], report_dir: str) -> DriftResult:
     """Write ``report.json`` (the result plus the distributions) and ``report.html``.
 
     Returns the result with the two paths filled in, as both files record it.
     """
     folder = Path(report_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    result = {
-        **result,
-        "report_json": str(folder / "report.json"),
-        "report_html": str(folder / "report.html"),
-    }
-    Path(result["report_json"]).write_text(
-        json.dumps({**result, "distributions": plots}, indent=2, allow_nan=False)
-    )
-    Path(result["report_html"]).write_text(render(result, plots), encoding="utf-8")
+    result = result.copy()
+    data, page = folder / "report.json", folder / "report.html"
+    result["report_json"], result["report_html"] = str(data), str(page)
+    data.write_text(json.dumps({**result, "distributions": plots}, indent=2, allow_nan=False))
+    page.write_text(render(result, plots), encoding="utf-8")
     return result
 
 
-def render(result: dict[str, Any], plots: dict[str, dict[str, Any]]) -> str:
+def render(result: DriftResult, plots: dict[str, dict[str, Any]]) -> str:
     """The HTML page for one drift result."""
     summary = "".join(
         f"<tr><th>{escape(label)}</th><td>{escape(str(result.get(key)))}</td></tr>"

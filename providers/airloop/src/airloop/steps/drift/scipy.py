@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from airloop.steps.drift.base import Detector, register
+from airloop.steps.drift.base import Detector
 
 if TYPE_CHECKING:
     import numpy as np
 
 
-@register("scipy")
 class ScipyDetector(Detector):
     """Kolmogorov-Smirnov or Cramer-von Mises for numeric features, chi-squared on category counts for
     categorical ones."""
+
+    name = "scipy"
 
     def _fit_feature(self, reference: np.ndarray, categorical: bool) -> np.ndarray:
         return reference

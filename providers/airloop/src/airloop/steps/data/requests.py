@@ -1,0 +1,85 @@
+"""The data steps' requests: the validation gate, suite profiling and the three Feast steps.
+
+Standard library only, so the operators import them at the top without slowing DAG parsing; each
+default is written here once, and an operator argument of the same name reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from airloop.requests import StepRequest
+
+if TYPE_CHECKING:
+    from airloop.feast_store import StoreConfig
+
+# Feast's own name for the entity rows' timestamp column, and the default of ``timestamp_column``.
+TIMESTAMP = "event_timestamp"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidateRequest(StepRequest):
+    """``validate``: ``data_uri`` (parquet or CSV) against a suite.
+
+    ``suite`` is the suite itself (a dict); without it the step loads ``suite_path`` (a JSON or YAML
+    file, or ``package.module:function``). The operator loads the suite in the worker and sends both,
+    so the step gets the suite whichever runtime it runs in.
+    """
+
+    data_uri: str
+    suite_path: str | None = None
+    suite: dict[str, Any] | None = None
+    # The name results and Data Docs give the data (default: data_uri), e.g. the URI a copy came from.
+    data_name: str | None = None
+    docs_dir: str | None = None
+    label_column: str = "label"
+    expected_fingerprint: dict[str, Any] | str | None = None
+    batch_rows: int | None = None
+    storage_options: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileRequest(StepRequest):
+    """``profile``: draft a suite from the trusted table at ``data_uri`` into ``out`` (YAML or JSON)."""
+
+    data_uri: str
+    out: str
+    name: str | None = None
+    key: str | None = None
+    label: str | None = None
+    margin: float = 0.5
+    storage_options: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApplyRequest(StepRequest):
+    """``apply``: ``feast apply`` on the store's repo."""
+
+    store: StoreConfig
+    timeout_s: float = 900
+
+
+@dataclass(frozen=True, kw_only=True)
+class MaterializeRequest(StepRequest):
+    """``materialize``: ISO 8601 ``start`` (unset: incremental) to ``end`` (unset: now)."""
+
+    store: StoreConfig
+    start: str | None = None
+    end: str | None = None
+    feature_views: list[str] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingSetRequest(StepRequest):
+    """``training_set``: join ``features`` (or ``feature_service``) onto ``entity_rows``."""
+
+    store: StoreConfig
+    entity_rows: str
+    output_uri: str
+    features: list[str] | None = None
+    feature_service: str | None = None
+    max_row_loss: float = 0.0
+    timestamp_column: str = TIMESTAMP
+    keep_entity_columns: bool = False
+    storage_options: dict[str, Any] | None = None

@@ -1,0 +1,137 @@
+"""The drift steps' requests and results: detect, collect a request window, decide on a retrain.
+
+Standard library only, so the operators import them at the top without slowing DAG parsing; each
+default is written here once, and an operator argument of the same name reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, TypedDict
+
+from airloop.requests import StepRequest
+
+Verdict = Literal["drift", "no_drift", "insufficient_data", "invalid_window"]
+Severity = Literal["none", "low", "medium", "high"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetectRequest(StepRequest):
+    """``detect``: the window at ``current_uri`` against the reference at ``reference_uri``.
+
+    See docs/drift.md: ``features`` defaults to every reference column, ``categorical`` to the
+    non-numeric ones, ``severity`` to ``detect.SEVERITY``; no report is written without ``report_dir``.
+    """
+
+    reference_uri: str
+    current_uri: str
+    features: list[str] | None = None
+    categorical: list[str] | None = None
+    backend: str = "scipy"
+    method: str = "ks"
+    p_val: float = 0.05
+    correction: str = "bonferroni"
+    min_rows: int = 200
+    report_dir: str | None = None
+    severity: dict[str, float] | None = None
+
+
+class FeatureScore(TypedDict):
+    """One feature's test: a p-value and a flag when tested, the two sides' sizes and means."""
+
+    kind: Literal["numeric", "categorical"]
+    test: str
+    tested: bool
+    statistic: float | None
+    p_value: float | None
+    drift: bool
+    ref_mean: float | None
+    cur_mean: float | None
+    n_ref: int
+    n_cur: int
+    nan_fraction_ref: float
+    nan_fraction_cur: float
+
+
+class DriftResult(TypedDict):
+    """``detect``'s verdict on a window and why: the drifted features, each feature's test, the report."""
+
+    verdict: Verdict
+    severity: Severity
+    backend: str
+    method: str
+    n_reference: int
+    n_current: int
+    drifted_features: list[str]
+    share_drifted: float
+    features: dict[str, FeatureScore]
+    report_json: str | None
+    report_html: str | None
+    message: str
+
+
+class Detection(TypedDict):
+    """What a drift detect operator returns and ``decide`` judges: the verdict on the champion's window."""
+
+    model_name: str
+    champion: str
+    verdict: Verdict
+    severity: Severity
+    drifted_features: list[str]
+    share_drifted: float | None
+    n_current: int
+    n_reference: int
+    message: str | None
+    # The report's path in the artefact store, and where the window came from.
+    report: str
+    window: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CollectRequest(StepRequest):
+    """``window.collect``: the gateway's request logs under ``log_dir`` in [start, end) (epoch seconds)."""
+
+    log_dir: str
+    start: float
+    end: float
+    out_path: str
+
+
+class Window(TypedDict):
+    """The collected window: its rows, the parquet file, the feature names, log files and bad lines."""
+
+    rows: int
+    path: str
+    features: list[str]
+    files: int
+    skipped_lines: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecideRequest(StepRequest):
+    """``policy.decide``: what ``detection`` leads to, given the last request and the time ``now``.
+
+    ``actions`` (``{severity: action}``) goes over ``policy.DEFAULT_ACTIONS``; numbers may come as
+    strings (rendered templates).
+    """
+
+    detection: Detection
+    now: float
+    actions: dict[str, str] | None = None
+    cooldown_minutes: float = 60
+    min_window_rows: int = 200
+    last_requested_at: float | None = None
+    retrain_running: bool = False
+
+
+class Decision(TypedDict):
+    """``decide``'s answer: the action, why (``code``, ``reason``) and what the severity asked for."""
+
+    action: str  # "none", "log", or a retrain action: "retrain", "retrain_with_approval"
+    code: str
+    reason: str
+    verdict: Verdict
+    severity: Severity
+    wanted: str | None
+    decided_at: str
+    cooldown_until: str | None
