@@ -16,6 +16,7 @@ import argparse
 import importlib.util
 import json
 import os
+import sys
 import tempfile
 import time
 from datetime import datetime
@@ -27,12 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 WORK = Path(tempfile.mkdtemp(prefix="airloop-rollout-bench-"))
 os.environ.setdefault("AIRLOOP_RUNTIMES", str(REPO / ".airloop" / "runtimes"))
 os.environ["AIRLOOP_HOME"] = str(WORK / "home")
+sys.path.insert(0, str(REPO))  # the test helpers (tests.fakes), which test_rollout imports too
 
 from airloop import artefacts  # noqa: E402
 from airloop.embedded.demo import generate  # noqa: E402
 from airloop.operators.rollout import SeldonRolloutChallengerOperator  # noqa: E402
 from airloop.serving.base import get_target  # noqa: E402
 from airloop.tables import write_table  # noqa: E402
+from tests.fakes.context import task_context  # noqa: E402
 
 
 def _tests() -> object:
@@ -70,7 +73,7 @@ def main() -> None:
             **kwargs,
         )
 
-    operator(champion).execute({"ti": tests.StubTaskInstance()})
+    operator(champion).execute(task_context("rollout"))
     clients = tests.Clients(get_target("local").state("bench")["endpoint"], WORK, rate=args.rate)
     try:
         runs = [
@@ -83,7 +86,7 @@ def main() -> None:
         )
         print(f"{'rollout':8s} {'step':18s} {'wall s':>7s} {'window s':>9s} {'wall/window':>12s}")
         for name, rollout in runs:
-            result = rollout.execute({"ti": tests.StubTaskInstance()})
+            result = rollout.execute(task_context("rollout"))
             report = json.loads((artefacts.root() / rollout.report_path).read_text())
             steps = report["steps"]
             deploy = _seconds(report["started"], steps[0]["started"])

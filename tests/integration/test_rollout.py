@@ -29,6 +29,7 @@ from airloop import artefacts, runtimes, settings
 from airloop.operators.rollout import SeldonFinishRolloutOperator, SeldonRolloutChallengerOperator
 from airloop.serving.base import get_target
 from airloop.tracking.registry import REJECTED_TAG, aliases, read_audit
+from tests.fakes.context import TaskInstance, task_context
 
 MODEL, DEPLOYMENT = "rollout-faults", "rollout-faults"
 # Small windows: the shuffled-label model is ~50% accurate against ~90%, visible in a few dozen labels;
@@ -37,20 +38,6 @@ MODEL, DEPLOYMENT = "rollout-faults", "rollout-faults"
 # feedback rows) from failing a test about something else, while the faults here stand out at p < 1e-5.
 CRITERIA = {"min_requests": 30, "min_feedback": 30, "min_pairs": 100, "min_agreement": 0.7, "alpha": 0.001}
 HERE = Path(__file__).resolve().parent
-
-
-class StubTaskInstance:
-    """What the operators need of a task instance here: XComs pushed and pulled."""
-
-    def __init__(self, pulled: dict[str, Any] | None = None) -> None:
-        self.xcom: dict[str, Any] = {}
-        self.pulled = pulled or {}
-
-    def xcom_push(self, key: str, value: Any) -> None:
-        self.xcom[key] = value
-
-    def xcom_pull(self, task_ids: str) -> Any:
-        return self.pulled.get(task_ids)
 
 
 def register_version(data_uri: str, seed: int) -> str:
@@ -144,7 +131,7 @@ class Clients:
 @pytest.fixture(scope="module")
 def clients(versions, tmp_path_factory) -> Iterator[Clients]:
     operator = _operator(versions["champion"])
-    assert operator.execute({"ti": StubTaskInstance()})["decision"] == "deployed"
+    assert operator.execute(task_context())["decision"] == "deployed"
     running = Clients(get_target("local").state(DEPLOYMENT)["endpoint"], tmp_path_factory.mktemp("clients"))
     try:
         yield running
@@ -225,7 +212,7 @@ def _only_failures_of(seen: dict[str, Any], faulty: str | None = None) -> None:
 def test_a_challenger_with_wrong_predictions_is_rolled_back_within_one_window(versions, seen):
     champion, wrong = versions["champion"], versions["wrong"]
     operator = _operator(wrong)
-    ti = StubTaskInstance()
+    ti = TaskInstance()
     with pytest.raises(
         AirflowFailException, match=f"v{wrong} rolled back at canary 50% \\(fail\\).*accuracy"
     ):
@@ -251,7 +238,7 @@ def test_a_wrong_shadow_is_rolled_back_before_any_client_sees_its_answers(versio
     with pytest.raises(
         AirflowFailException, match=f"v{wrong} rolled back at shadow 0% \\(fail\\).*agreement"
     ):
-        operator.execute({"ti": StubTaskInstance()})
+        operator.execute(task_context())
     report = _report(operator)
     (step,) = report["steps"]
     assert (step["kind"], step["mirror"], step["verdict"]) == ("shadow", 100, "fail")
@@ -297,7 +284,7 @@ def test_a_faulty_challenger_is_rolled_back_within_one_window(versions, seen, mo
     monkeypatch.setenv("AIRLOOP_TEST_FAULT", json.dumps({**fault, "model_dir": model_dir}))
     started = time.monotonic()
     with pytest.raises(AirflowFailException, match=f"v{good} rolled back at canary 50% \\(fail\\): {check}:"):
-        operator.execute({"ti": StubTaskInstance()})
+        operator.execute(task_context())
     (step,) = _report(operator)["steps"]  # the first window decided
     assert step["tests"][check]["status"] == "fail"
     assert time.monotonic() - started < 60
@@ -314,7 +301,7 @@ def test_a_rejected_approval_rolls_back(versions, seen):
     from airflow.providers.standard.operators.hitl import ApprovalOperator
 
     champion, good = versions["champion"], versions["good"]
-    result = _operator(good, approval=True).execute({"ti": StubTaskInstance()})
+    result = _operator(good, approval=True).execute(task_context())
     assert (result["decision"], result["challenger"]) == ("awaiting_approval", good)
     # Held at the last window's traffic, aliases unmoved: what is served and what is recorded agree.
     assert _weights() == {f"v{champion}": 50, f"v{good}": 50}
@@ -327,7 +314,7 @@ def test_a_rejected_approval_rolls_back(versions, seen):
         approve.execute_complete({}, _answer("Reject"))
     # A failed approval task leaves no XCom: the finish task rolls back.
     with pytest.raises(AirflowFailException, match=f"v{good} rolled back at approval 50% \\(rejected\\)"):
-        finish.execute({"ti": StubTaskInstance()})
+        finish.execute(task_context())
     report = _report(finish)
     assert [(s["kind"], s["verdict"]) for s in report["steps"]] == [
         ("canary", "pass"),
@@ -337,7 +324,7 @@ def test_a_rejected_approval_rolls_back(versions, seen):
     _only_failures_of(seen())
     # A retry of the finished task gives the same outcome and writes nothing.
     with pytest.raises(AirflowFailException, match="rolled back"):
-        finish.execute({"ti": StubTaskInstance()})
+        finish.execute(task_context())
 
 
 def test_a_shadow_then_canary_held_for_approval_is_promoted_when_approved(versions, seen):
@@ -346,9 +333,7 @@ def test_a_shadow_then_canary_held_for_approval_is_promoted_when_approved(versio
     champion, better = versions["champion"], versions["better"]
     # This test is about the approval: a loaded machine's p99 jitter must not decide it.
     lenient = {**CRITERIA, "min_p99_latency_increase_ms": 250.0}
-    result = _operator(better, mode="shadow", approval="True", criteria=lenient).execute(
-        {"ti": StubTaskInstance()}
-    )
+    result = _operator(better, mode="shadow", approval="True", criteria=lenient).execute(task_context())
     assert result["decision"] == "awaiting_approval"
     assert [(s["kind"], s["verdict"]) for s in result["steps"]] == [
         ("shadow", "pass"),
@@ -360,7 +345,7 @@ def test_a_shadow_then_canary_held_for_approval_is_promoted_when_approved(versio
     approve = ApprovalOperator(task_id="approve", subject="Promote?", fail_on_reject=True)
     answer = approve.execute_complete({}, _answer("Approve"))
     finish = _finish(better)
-    done = finish.execute({"ti": StubTaskInstance({"approve": answer})})
+    done = finish.execute(task_context(pulled={"approve": answer}))
 
     assert (done["decision"], done["champion"], done["previous"]) == ("promoted", better, champion)
     assert aliases(settings.mlflow_tracking_uri(), MODEL) == {"champion": better, "previous": champion}
@@ -419,7 +404,7 @@ def test_a_promotion_interrupted_between_traffic_and_alias_is_finished_on_retry(
         )
     )
 
-    result = operator.execute({"ti": StubTaskInstance()})
+    result = operator.execute(task_context())
 
     assert (result["decision"], result["champion"], result["previous"]) == ("promoted", good, champion)
     assert aliases(settings.mlflow_tracking_uri(), MODEL) == {"champion": good, "previous": champion}
