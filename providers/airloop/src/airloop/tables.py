@@ -1,11 +1,8 @@
-"""Tabular data: the synthetic reference set, content fingerprints, and safe table I/O.
+"""Tabular data: content fingerprints and safe table I/O (the demo's data set is
+``airloop.embedded.demo.generate``).
 
 Parquet files can also be read in parts (``parquet_table``: whole columns, row batches) that put
 together equal a whole read, and fingerprinted batch by batch (``Fingerprint``).
-
-``generate`` is the data set the reference DAGs and tests run the loop on. Its ``shift`` knob moves
-both the covariates and the concept, so a drift monitor sees the change and a model trained before
-it measurably loses accuracy, while a model retrained on shifted data regains it.
 """
 
 from __future__ import annotations
