@@ -362,3 +362,25 @@ def test_a_conversion_resolves_and_downloads_the_model_once(trained, monkeypatch
     resolves.clear()
     assert convert(_request(trained, variants=["fp32"], benchmark_calls=5))["passed"] is True
     assert [uri for uri in downloads if uri.startswith(location)] == [location] and len(resolves) == 1
+
+
+def test_plan_loads_a_model_whose_mlmodel_does_not_name_its_class(trained, tmp_path):
+    import mlflow.sklearn
+
+    frame = generate(300)
+    tree = DecisionTreeClassifier(max_depth=2).fit(frame[FEATURES], frame["label"])
+    # Logged outside Airloop's train step: no model_class in the MLmodel metadata.
+    mlflow.sklearn.save_model(
+        tree,
+        str(tmp_path / "model"),
+        serialization_format="skops",
+        skops_trusted_types=["sklearn.tree._tree.Tree"],
+        pip_requirements=["scikit-learn"],
+    )
+    request = _request(trained, model_uri=(tmp_path / "model").as_uri())
+    assert plan(request) == {
+        "flavour": "sklearn",
+        "family": "DecisionTreeClassifier",
+        "route": "hummingbird",
+        "runtime": "torch",
+    }
