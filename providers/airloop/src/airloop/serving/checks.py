@@ -90,7 +90,7 @@ class _Run:
 
     def roles(self) -> Roles:
         """``{predictor: (model_version, weight, shadow)}`` as a new instance reads it."""
-        return roles(self.target().state(self.deployment), f"{self.name}.state()")
+        return _roles(self.target().state(self.deployment), f"{self.name}.state()")
 
     def roles_if_deployed(self) -> Roles | None:
         """``roles()``, or None where ``state()`` says (ValueError) that nothing is deployed."""
@@ -107,13 +107,13 @@ class _Run:
 
     def changed(self, call: str, state: dict[str, Any], expected: Roles) -> None:
         """The state a change returned, and the one read afterwards, are ``expected``."""
-        got = roles(state, f"{self.name}.{call}")
-        expect(got == expected, f"{self.name}.{call} returned predictors {got}, expected {expected}")
+        got = _roles(state, f"{self.name}.{call}")
+        _expect(got == expected, f"{self.name}.{call} returned predictors {got}, expected {expected}")
         try:
             read = self.roles()
         except ValueError as exc:
             raise AssertionError(f"after {self.name}.{call}, a new instance cannot read it: {exc}") from exc
-        expect(read == expected, f"after {self.name}.{call}, state() reads {read}, expected {expected}")
+        _expect(read == expected, f"after {self.name}.{call}, state() reads {read}, expected {expected}")
 
     def refused(self, why: str, says: str | None, method: str, *args: Any, **kwargs: Any) -> None:
         """``target.method(*args, **kwargs)`` raises ValueError saying ``says`` and leaves the deployment
@@ -132,19 +132,19 @@ class _Run:
         else:
             raise AssertionError(f"{call} was accepted; expected a ValueError saying {says!r}")
         after = self.roles_if_deployed()
-        expect(after == before, f"{call} was refused but changed the deployment: {before} -> {after}")
+        _expect(after == before, f"{call} was refused but changed the deployment: {before} -> {after}")
 
 
-def roles(state: dict[str, Any], where: str) -> Roles:
+def _roles(state: dict[str, Any], where: str) -> Roles:
     """A state's predictors as ``{name: (model_version, weight, shadow)}``, checking its shape."""
-    expect(
+    _expect(
         isinstance(state, dict) and {"deployment", "endpoint", "predictors"} <= state.keys(),
         f"{where} returned {state!r}: a state has 'deployment', 'endpoint' and 'predictors'",
     )
     found: Roles = {}
     for name, predictor in state["predictors"].items():
         for key, kind in (("model_version", str), ("weight", int), ("shadow", bool), ("healthy", bool)):
-            expect(
+            _expect(
                 isinstance(predictor.get(key), kind),
                 f"{where}: predictor {name!r} has {key}={predictor.get(key)!r}, expected a {kind.__name__}",
             )
@@ -152,7 +152,7 @@ def roles(state: dict[str, Any], where: str) -> Roles:
     return found
 
 
-def expect(condition: bool, message: str) -> None:
+def _expect(condition: bool, message: str) -> None:
     # Not ``assert``: the suite must hold under ``python -O`` too.
     if not condition:
         raise AssertionError(message)
@@ -202,7 +202,7 @@ def _check_deploy(run: _Run) -> None:
     d, p = run.deployment, run.predictor
     state = run.target().deploy(d, [p(1, 100)])
     run.changed("deploy(v1 at 100)", state, {"v1": ("1", 100, False)})
-    expect(state["deployment"] == d, f"{run.name}.deploy() returned the state of {state['deployment']!r}")
+    _expect(state["deployment"] == d, f"{run.name}.deploy() returned the state of {state['deployment']!r}")
     # Predictors not listed keep running with their weight.
     state = run.target().deploy(d, [p(2, 0)])
     run.changed("deploy(v2 at 0)", state, {"v1": ("1", 100, False), "v2": ("2", 0, False)})
@@ -268,36 +268,36 @@ def _check_shadow(run: _Run) -> None:
 def _check_metrics(run: _Run, send: Callable[[dict[str, Any], int], None] | None) -> None:
     d = run.deployment
     state = run.target().state(d)
-    before = metrics(run, state)
+    before = _metrics(run, state)
     again = asyncio.run(run.target().ametrics(d))
-    expect(again == before, f"{run.name}.ametrics() returned {again}, metrics() {before}")
+    _expect(again == before, f"{run.name}.ametrics() returned {again}, metrics() {before}")
     if send is None:
         return
     send(state, REQUESTS)
-    after = metrics(run, state)
+    after = _metrics(run, state)
     sent = {name: after[name]["requests"] - before[name]["requests"] for name in state["predictors"]}
-    expect(
+    _expect(
         sum(sent.values()) == REQUESTS,
         f"{run.name}.metrics() counted {sent} requests after {REQUESTS} were sent",
     )
     for name, predictor in state["predictors"].items():
         served = sent[name] > 0
-        expect(
+        _expect(
             served == (predictor["weight"] > 0),
             f"{run.name}.metrics(): predictor {name!r} at weight {predictor['weight']} served {sent[name]}",
         )
         for key in COUNTS:
-            expect(
+            _expect(
                 after[name][key] >= before[name][key],
                 f"{run.name}.metrics(): {name}.{key} went from {before[name][key]} to {after[name][key]}",
             )
-        expect(
+        _expect(
             after[name]["errors"] == before[name]["errors"],
             f"{run.name}.metrics(): {name} counted errors for healthy requests",
         )
 
 
-def metrics(run: _Run, state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _metrics(run: _Run, state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """``metrics()`` from a new instance, checking its shape for every predictor in ``state``."""
     stats = run.target().metrics(run.deployment)
     where = f"{run.name}.metrics()"
@@ -307,35 +307,35 @@ def metrics(run: _Run, state: dict[str, Any]) -> dict[str, dict[str, Any]]:
             raise AssertionError(f"{where} has no entry for predictor {name!r}: {stats}")
         for key in COUNTS:
             value = entry.get(key)
-            expect(
+            _expect(
                 isinstance(value, int) and not isinstance(value, bool) and value >= 0,
                 f"{where}: {name}.{key} is {value!r}",
             )
-        expect(entry["errors"] <= entry["requests"], f"{where}: {name} has more errors than requests")
-        expect(
+        _expect(entry["errors"] <= entry["requests"], f"{where}: {name} has more errors than requests")
+        _expect(
             entry["feedback_correct"] <= entry["feedback"],
             f"{where}: {name} has more correct feedback than feedback",
         )
         total = entry.get("latency_ms_sum")
-        expect(isinstance(total, int | float) and total >= 0, f"{where}: {name}.latency_ms_sum is {total!r}")
+        _expect(isinstance(total, int | float) and total >= 0, f"{where}: {name}.latency_ms_sum is {total!r}")
         buckets = entry.get("latency_ms_buckets")
         if not isinstance(buckets, dict):
             raise AssertionError(f"{where}: {name}.latency_ms_buckets is {buckets!r}")
         if buckets:  # cumulative counts by upper bound (ms), "+Inf" counting every request
             counts = [n for _, n in sorted(buckets.items(), key=lambda item: float(item[0]))]
-            expect(
+            _expect(
                 counts == sorted(counts), f"{where}: {name}.latency_ms_buckets are not cumulative: {buckets}"
             )
-            expect(
+            _expect(
                 buckets.get("+Inf") == entry["requests"],
                 f"{where}: {name}.latency_ms_buckets['+Inf'] is not its {entry['requests']} requests",
             )
-            expect(
+            _expect(
                 all(math.isfinite(float(bound)) for bound in buckets if bound != "+Inf"),
                 f"{where}: {name}.latency_ms_buckets has bounds that are not numbers: {sorted(buckets)}",
             )
         predicted = entry.get("predicted")
-        expect(
+        _expect(
             isinstance(predicted, dict) and all(isinstance(n, int) for n in predicted.values()),
             f"{where}: {name}.predicted is {predicted!r}, expected rows per class",
         )
