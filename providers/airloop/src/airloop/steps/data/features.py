@@ -21,14 +21,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airloop.feast_store import feature_store
-from airloop.steps.data.requests import TIMESTAMP, ApplyRequest, MaterializeRequest, TrainingSetRequest
+from airloop.steps.data.requests import (
+    TIMESTAMP,
+    Applied,
+    ApplyRequest,
+    Materialized,
+    MaterializeRequest,
+    TrainingSet,
+    TrainingSetRequest,
+)
 from airloop.tables import fingerprint, read_table, write_table
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     import pandas as pd
-    from feast import FeatureStore
 
 __all__ = ["TIMESTAMP", "RowLossError", "apply", "materialize", "reference_tables", "training_set"]
 # The reference repo (dags/features) reads its feature rows from this file under settings.feast_dir().
@@ -41,7 +48,7 @@ class RowLossError(ValueError):
     """More entity rows were lost in the point-in-time join than the threshold allows."""
 
 
-def apply(request: ApplyRequest | Mapping[str, Any]) -> dict[str, Any]:
+def apply(request: ApplyRequest | Mapping[str, Any]) -> Applied:
     """``feast apply`` on the repo; returns the registered project, entities, views and services.
 
     Feast's CLI runs in a child process: it imports the repo's modules fresh each time, changes the
@@ -70,15 +77,13 @@ def apply(request: ApplyRequest | Mapping[str, Any]) -> dict[str, Any]:
         raise RuntimeError(
             f"feast apply of {store['repo_path']} failed (exit {done.returncode}): {output[-2000:]}"
         )
-    return {**_registered(feature_store(store)), "output": output[-4000:]}
-
-
-def _registered(fs: FeatureStore) -> dict[str, Any]:
+    fs = feature_store(store)
     return {
         "project": fs.project,
         "entities": sorted(e.name for e in fs.list_entities()),
         "feature_views": sorted(v.name for v in fs.list_feature_views()),
         "feature_services": sorted(s.name for s in fs.list_feature_services()),
+        "output": output[-4000:],
     }
 
 
@@ -92,7 +97,7 @@ def _timestamp(value: str | datetime | None, name: str) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def materialize(request: MaterializeRequest | Mapping[str, Any]) -> dict[str, Any]:
+def materialize(request: MaterializeRequest | Mapping[str, Any]) -> Materialized:
     """Load feature values into the online store.
 
     With ``start``, the range [start, end); without, incrementally from where the last run of each
@@ -117,7 +122,7 @@ def materialize(request: MaterializeRequest | Mapping[str, Any]) -> dict[str, An
         fs.materialize(start_date=start, end_date=end, feature_views=views)
     return {
         "mode": "incremental" if start is None else "range",
-        "start": start and start.isoformat(),
+        "start": None if start is None else start.isoformat(),
         "end": end.isoformat(),
         "feature_views": views,
     }
@@ -142,7 +147,7 @@ def _entity_rows(uri: str, timestamp: str, storage_options: dict[str, Any] | Non
     return rows.rename(columns={timestamp: TIMESTAMP})
 
 
-def training_set(request: TrainingSetRequest | Mapping[str, Any]) -> dict[str, Any]:
+def training_set(request: TrainingSetRequest | Mapping[str, Any]) -> TrainingSet:
     """Join features onto entity rows as of each row's timestamp; write the complete rows as parquet.
 
     ``features`` (``["view:feature", ...]``) or ``feature_service`` name what is joined. Entity rows
@@ -170,16 +175,16 @@ def training_set(request: TrainingSetRequest | Mapping[str, Any]) -> dict[str, A
     joined = fs.get_historical_features(entity_df=rows, features=wanted).to_df()
     names = [c for c in joined.columns if c not in rows.columns]
     complete = joined[joined[names].notna().all(axis=1)].sort_values(_ROW)
-    counts = {"rows_in": len(rows), "rows_returned": len(joined), "rows_out": len(complete)}
-    loss = 1.0 - counts["rows_out"] / counts["rows_in"]
+    rows_in, rows_returned, rows_out = len(rows), len(joined), len(complete)
+    loss = 1.0 - rows_out / rows_in
     if loss > max_loss:
         duplicates = int(rows.duplicated(subset=[*keys, TIMESTAMP]).sum())
         raise RowLossError(
-            f"Feast returned {counts['rows_out']} complete rows for {counts['rows_in']} entity rows "
+            f"Feast returned {rows_out} complete rows for {rows_in} entity rows "
             f"of {uri}: {loss:.2%} lost, more than max_row_loss {max_loss:.2%} "
-            f"({counts['rows_in'] - counts['rows_returned']} dropped: no feature value within the TTL or "
+            f"({rows_in - rows_returned} dropped: no feature value within the TTL or "
             f"{duplicates} with the same keys and timestamp as another; "
-            f"{counts['rows_returned'] - counts['rows_out']} returned without every feature)"
+            f"{rows_returned - rows_out} returned without every feature)"
         )
     dropped = [_ROW] if request.keep_entity_columns else [_ROW, *keys, TIMESTAMP]
     table = complete.drop(columns=dropped).reset_index(drop=True)
@@ -188,7 +193,9 @@ def training_set(request: TrainingSetRequest | Mapping[str, Any]) -> dict[str, A
     write_table(table, request.output_uri, request.storage_options)
     return {
         "uri": request.output_uri,
-        **counts,
+        "rows_in": rows_in,
+        "rows_returned": rows_returned,
+        "rows_out": rows_out,
         "row_loss": round(loss, 6),
         "features": names,
         "fingerprint": fingerprint(table),

@@ -1,4 +1,5 @@
-"""The data steps' requests: the validation gate, suite profiling and the three Feast steps.
+"""The data steps' requests (the validation gate, suite profiling, the three Feast steps) and the Feast
+steps' results.
 
 Standard library only, so the operators import them at the top without slowing DAG parsing; each
 default is written here once, and an operator argument of the same name reads it.
@@ -7,7 +8,7 @@ default is written here once, and an operator argument of the same name reads it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from airloop.requests import StepRequest
 
@@ -83,3 +84,37 @@ class TrainingSetRequest(StepRequest):
     timestamp_column: str = TIMESTAMP
     keep_entity_columns: bool = False
     storage_options: dict[str, Any] | None = None
+
+
+class Applied(TypedDict):
+    """What ``apply`` registered, and the end of ``feast apply``'s output."""
+
+    project: str
+    entities: list[str]
+    feature_views: list[str]
+    feature_services: list[str]
+    output: str
+
+
+class Materialized(TypedDict):
+    """What ``materialize`` loaded: ``incremental`` or ``range``, up to ``end`` (ISO 8601)."""
+
+    mode: str
+    start: str | None
+    end: str
+    feature_views: list[str]
+
+
+class TrainingSet(TypedDict):
+    """The training set ``training_set`` wrote, its row counts and content fingerprint.
+
+    ``rows_in`` entity rows, ``rows_returned`` by Feast's join, ``rows_out`` complete and written.
+    """
+
+    uri: str
+    rows_in: int
+    rows_returned: int
+    rows_out: int
+    row_loss: float
+    features: list[str]
+    fingerprint: dict[str, Any]

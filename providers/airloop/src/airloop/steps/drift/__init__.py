@@ -1,1 +1,2 @@
-"""Drift steps: detect (over pluggable detectors), reports, request windows, the retraining policy."""
+"""Drift steps: detect (over pluggable detectors, with their conformance suite in ``checks``), reports,
+request windows, the retraining policy."""
