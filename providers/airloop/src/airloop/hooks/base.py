@@ -11,6 +11,8 @@ from airflow.sdk.exceptions import AirflowNotFoundException
 class EmbeddedDefaultHook(BaseHook):
     """A hook whose default connection may be absent: then the embedded default is used."""
 
+    default_conn_name: str  # each hook names its own, as Airflow hooks do
+
     def connection_or_none(self, conn_id: str) -> Any:
         """The connection, or None when the default one is not defined (any other missing id raises)."""
         try:

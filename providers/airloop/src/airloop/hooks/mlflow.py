@@ -84,9 +84,10 @@ class MlflowHook(EmbeddedDefaultHook):
             raise ValueError(f"connection {self.mlflow_conn_id!r} has a login but no password")
         if token or password:
             mask_secret(token or password)
-        if login:
+        if login and password:
             return {"username": login, "password": password}
-        return {"token": token or password} if token or password else None
+        secret = token or password
+        return {"token": secret} if secret else None
 
     def _s3(self, aws_conn_id: str) -> dict[str, str]:
         """Plain values for the ``s3`` request key from an ``aws`` connection (Amazon provider)."""
@@ -114,7 +115,7 @@ class MlflowHook(EmbeddedDefaultHook):
     @cached_property
     def _step_config(self) -> dict[str, Any]:
         # Cached: resolving the AWS connection can mean an STS call.
-        config = {"tracking_uri": self.tracking_uri, "artifact_root": self.artifact_root}
+        config: dict[str, Any] = {"tracking_uri": self.tracking_uri, "artifact_root": self.artifact_root}
         if self._settings.get("auth"):
             config["auth"] = self._settings["auth"]
         if self._settings.get("http"):
