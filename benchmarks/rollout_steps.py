@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))  # the test helpers (tests.fakes), which test_roll
 
 from airloop import artefacts  # noqa: E402
 from airloop.embedded.demo import generate  # noqa: E402
-from airloop.operators.rollout import SeldonRolloutChallengerOperator  # noqa: E402
+from airloop.operators.rollout import RolloutChallengerOperator  # noqa: E402
 from airloop.serving.base import get_target  # noqa: E402
 from airloop.tables import write_table  # noqa: E402
 from tests.fakes.context import task_context  # noqa: E402
@@ -61,8 +61,8 @@ def main() -> None:
     champion, canary, shadow = (tests.register_version(data, seed=seed) for seed in (1, 2, 3))
     print(f"3 versions trained, converted and registered in {time.perf_counter() - started:.1f} s")
 
-    def operator(version: str, **kwargs: object) -> SeldonRolloutChallengerOperator:
-        return SeldonRolloutChallengerOperator(
+    def operator(version: str, **kwargs: object) -> RolloutChallengerOperator:
+        return RolloutChallengerOperator(
             task_id="rollout",
             model_name=tests.MODEL,
             version=version,

@@ -29,7 +29,7 @@ from airloop.operators.mlflow import (
     MlflowTrainModelOperator,
 )
 from airloop.operators.openvino import OpenvinoConvertModelOperator
-from airloop.operators.rollout import SeldonFinishRolloutOperator, SeldonRolloutChallengerOperator
+from airloop.operators.rollout import RolloutChallengerOperator, RolloutFinishOperator
 
 MODEL_NAME = os.environ.get("AIRLOOP_MODEL_NAME", "airloop-classifier")
 DEPLOYMENT = os.environ.get("AIRLOOP_DEPLOYMENT", "airloop")
@@ -74,6 +74,12 @@ FEAST_SHA256 = "{{ (ti.xcom_pull(task_ids='training_set', key='fingerprint') or 
             type="boolean",
             description="hold the challenger at its last canary step until a person approves",
         ),
+        # A rolled-back version stays rejected: only a person lifts that, for one run.
+        "allow_rejected": Param(
+            False,
+            type="boolean",
+            description="roll out the version even though an earlier rollout rejected it",
+        ),
     },
     doc_md=__doc__,
 )
@@ -112,13 +118,18 @@ def airloop_loop():
     register = MlflowRegisterModelOperator(
         task_id="register", model_name=MODEL_NAME, run_id=train.output["run_id"], **RETRIES
     )
-    rollout = SeldonRolloutChallengerOperator(
+    # Retries are safe: a retry continues the rollout from its report (or after an abort, runs it
+    # again), and never rolls a rejected version out again.
+    rollout = RolloutChallengerOperator(
         task_id="rollout",
         model_name=MODEL_NAME,
         version=register.output["version"],
         deployment=DEPLOYMENT,
         analysis_seconds="{{ params.analysis_seconds }}",
         approval="{{ params.approval }}",
+        allow_rejected="{{ params.allow_rejected }}",
+        retries=2,
+        retry_delay=timedelta(seconds=30),
     )
 
     # Nothing to approve (approval off, or a first champion): skip the approval and the finish.
@@ -136,13 +147,15 @@ def airloop_loop():
         response_timeout=timedelta(days=1),
     )
     # Runs after the approval whatever its outcome: promotes on Approve, otherwise rolls back.
-    finish = SeldonFinishRolloutOperator(
+    finish = RolloutFinishOperator(
         task_id="finish",
         model_name=MODEL_NAME,
         version=register.output["version"],
         deployment=DEPLOYMENT,
         approval_task_id="approve",
         trigger_rule="all_done_min_one_success",
+        retries=2,  # a retry completes an interrupted promotion or rollback
+        retry_delay=timedelta(seconds=30),
     )
     choose_source() >> training_set >> validate >> train >> evaluate >> convert >> register >> rollout
     gate >> approve >> finish

@@ -7,12 +7,15 @@ embedded loop (``python -m airloop.embedded.traffic``, a second process) send pr
 true labels to the gateway throughout; every test checks what they saw.
 
 Faults come from ``faulty_model.FaultyModel`` (next to this file), which Seldon's wrapper runs in the
-serving runtime: the challenger's server crashes, answers 500 or answers slowly.
+serving runtime: the challenger's server crashes, answers 500 or answers slowly. Kills come from
+``killed_rollout.py`` (next to this file): a rollout task in another process, SIGKILLed right after a
+chosen write to the serving target, then retried here.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -23,10 +26,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
 
 from airloop import artefacts, runtimes, settings
-from airloop.operators.rollout import SeldonFinishRolloutOperator, SeldonRolloutChallengerOperator
+from airloop.operators.rollout import RolloutChallengerOperator, RolloutFinishOperator
 from airloop.serving.base import get_target
 from airloop.tracking.registry import REJECTED_TAG, aliases, read_audit
 from tests.fakes.context import TaskInstance, task_context
@@ -150,34 +153,41 @@ def seen(clients) -> Callable[[], dict[str, dict[str, int]]]:
     }
 
 
-def _operator(version: str, **kwargs: Any) -> SeldonRolloutChallengerOperator:
-    return SeldonRolloutChallengerOperator(
-        task_id="rollout",
-        model_name=MODEL,
-        version=version,
-        deployment=DEPLOYMENT,
-        **{
-            "steps": (50, 100),
-            "analysis_seconds": 2,
-            "max_wait_seconds": 30,
-            "poll_interval": 0.5,
-            "criteria": CRITERIA,
-            **kwargs,
-        },
-    )
+def _kwargs(version: str, **kwargs: Any) -> dict[str, Any]:
+    return {
+        "model_name": MODEL,
+        "version": version,
+        "deployment": DEPLOYMENT,
+        "steps": (50, 100),
+        "analysis_seconds": 2,
+        "max_wait_seconds": 30,
+        "poll_interval": 0.5,
+        "criteria": CRITERIA,
+        **kwargs,
+    }
 
 
-def _finish(version: str) -> SeldonFinishRolloutOperator:
-    return SeldonFinishRolloutOperator(
-        task_id="finish", model_name=MODEL, version=version, deployment=DEPLOYMENT
-    )
+def _operator(version: str, **kwargs: Any) -> RolloutChallengerOperator:
+    return RolloutChallengerOperator(task_id="rollout", **_kwargs(version, **kwargs))
+
+
+def _finish(version: str) -> RolloutFinishOperator:
+    return RolloutFinishOperator(task_id="finish", model_name=MODEL, version=version, deployment=DEPLOYMENT)
+
+
+def _killed(version: str, kill: dict[str, Any], **kwargs: Any) -> None:
+    """Roll ``version`` out in another process, SIGKILLed right after the serving target's write ``kill``."""
+    spec = json.dumps({"operator": _kwargs(version, **kwargs), "kill": kill})
+    command = [sys.executable, "-m", "tests.integration.killed_rollout", spec]
+    done = subprocess.run(command, cwd=HERE.parents[1], timeout=180)
+    assert done.returncode == -signal.SIGKILL
 
 
 def _weights() -> dict[str, int]:
     return {name: p["weight"] for name, p in get_target("local").state(DEPLOYMENT)["predictors"].items()}
 
 
-def _report(operator: SeldonRolloutChallengerOperator) -> dict[str, Any]:
+def _report(operator: RolloutChallengerOperator | RolloutFinishOperator) -> dict[str, Any]:
     return json.loads((artefacts.root() / operator.report_path).read_text())
 
 
@@ -234,7 +244,8 @@ def test_a_challenger_with_wrong_predictions_is_rolled_back_within_one_window(ve
 
 def test_a_wrong_shadow_is_rolled_back_before_any_client_sees_its_answers(versions, seen):
     champion, wrong = versions["champion"], versions["wrong"]
-    operator = _operator(wrong, mode="shadow", shadow_percent=100)
+    # Rejected by the last test: rolled out again only because a person says so.
+    operator = _operator(wrong, mode="shadow", shadow_percent=100, allow_rejected=True)
     with pytest.raises(
         AirflowFailException, match=f"v{wrong} rolled back at shadow 0% \\(fail\\).*agreement"
     ):
@@ -268,7 +279,7 @@ def test_a_wrong_shadow_is_rolled_back_before_any_client_sees_its_answers(versio
 )
 def test_a_faulty_challenger_is_rolled_back_within_one_window(versions, seen, monkeypatch, fault, check):
     champion, good = versions["champion"], versions["good"]
-    operator = _operator(good)
+    operator = _operator(good, allow_rejected=True)  # each fault rejects it
     # The challenger's server is the test's faulty class, for this model folder only.
     monkeypatch.setenv(
         "AIRFLOW_CONN_AIRLOOP_SERVING_DEFAULT",
@@ -280,7 +291,7 @@ def test_a_faulty_challenger_is_rolled_back_within_one_window(versions, seen, mo
         ),
     )
     monkeypatch.setenv("PYTHONPATH", str(HERE))
-    model_dir = operator._predictor(good)["model_dir"]
+    model_dir = operator.rollout.predictor(good)["model_dir"]
     monkeypatch.setenv("AIRLOOP_TEST_FAULT", json.dumps({**fault, "model_dir": model_dir}))
     started = time.monotonic()
     with pytest.raises(AirflowFailException, match=f"v{good} rolled back at canary 50% \\(fail\\): {check}:"):
@@ -301,7 +312,7 @@ def test_a_rejected_approval_rolls_back(versions, seen):
     from airflow.providers.standard.operators.hitl import ApprovalOperator
 
     champion, good = versions["champion"], versions["good"]
-    result = _operator(good, approval=True).execute(task_context())
+    result = _operator(good, approval=True, allow_rejected=True).execute(task_context())
     assert (result["decision"], result["challenger"]) == ("awaiting_approval", good)
     # Held at the last window's traffic, aliases unmoved: what is served and what is recorded agree.
     assert _weights() == {f"v{champion}": 50, f"v{good}": 50}
@@ -370,46 +381,133 @@ def _answer(option: str) -> dict[str, Any]:
     }
 
 
-def test_a_promotion_interrupted_between_traffic_and_alias_is_finished_on_retry(versions, seen, tmp_path):
+def _rejected_tag(version: str) -> str | None:
+    from mlflow import MlflowClient
+
+    return (
+        MlflowClient(settings.mlflow_tracking_uri()).get_model_version(MODEL, version).tags.get(REJECTED_TAG)
+    )
+
+
+def test_a_rollout_killed_in_each_phase_resumes_from_its_report(versions, seen, tmp_path):
     from airloop.embedded.demo import generate
     from airloop.tables import write_table
 
     champion = _champion()
     good = register_version(write_table(generate(800, seed=6), str(tmp_path / "good.parquet")), seed=5)
     assert aliases(settings.mlflow_tracking_uri(), MODEL)["challenger"] == good
-    operator = _operator(good)
-    target = get_target("local")
     champ, chal = f"v{champion}", f"v{good}"
-    # The state a task killed right after its traffic write leaves: challenger at 100%, alias unmoved.
-    target.deploy(DEPLOYMENT, [{**operator._predictor(good), "weight": 0}])
-    target.set_traffic(DEPLOYMENT, {champ: 0, chal: 100})
-    (artefacts.root() / operator.report_path).parent.mkdir(parents=True, exist_ok=True)
-    (artefacts.root() / operator.report_path).write_text(
-        json.dumps(
-            {
-                "deployment": DEPLOYMENT,
-                "model_name": MODEL,
-                "champion": champion,
-                "challenger": good,
-                "started": "2026-01-01T00:00:00+00:00",
-                "ended": None,
-                "phase": "promoting",
-                "decision": None,
-                "criteria": CRITERIA,
-                "steps": [
-                    {"kind": "canary", "weight": 50, "verdict": "pass", "reasons": []},
-                    {"kind": "promotion", "weight": 100, "verdict": "promoted", "reasons": []},
-                ],
-            }
-        )
-    )
+    operator = _operator(good, steps=(25, 100))
+
+    # Killed right after the challenger started, before any traffic moved.
+    _killed(good, {"method": "deploy", "weights": {chal: 0}}, steps=(25, 100))
+    assert _report(operator)["phase"] == "deploying"
+    assert _weights() == {champ: 100, chal: 0}
+    # The retry killed one second into its window at 75/25 (the split a kill used to leave for good).
+    _killed(good, {"method": "set_traffic", "weights": {chal: 25}, "delay_s": 1}, steps=(25, 100))
+    report = _report(operator)
+    assert report["phase"] == "analysing" and "ended" not in report["steps"][-1]
+    assert _weights() == {champ: 75, chal: 25}
+    # The next retry killed between the promotion's traffic write and the alias move.
+    _killed(good, {"method": "set_traffic", "weights": {chal: 100}}, steps=(25, 100))
+    assert _report(operator)["phase"] == "promoting"
+    assert _weights() == {champ: 0, chal: 100}
+    assert aliases(settings.mlflow_tracking_uri(), MODEL)["champion"] == champion
 
     result = operator.execute(task_context())
 
     assert (result["decision"], result["champion"], result["previous"]) == ("promoted", good, champion)
     assert aliases(settings.mlflow_tracking_uri(), MODEL) == {"champion": good, "previous": champion}
     assert _weights() == {chal: 100}  # traffic and the champion alias agree
-    assert _report(operator)["decision"] == "promoted"
+    report = _report(operator)
+    assert report["decision"] == "promoted" and operator.report_path.endswith(f"-v{good}.json")
+    # One report for the one attempt: the interrupted window on record, then the one that decided.
+    assert [(s["kind"], s["weight"], s["verdict"]) for s in report["steps"]] == [
+        ("canary", 25, "interrupted"),
+        ("canary", 25, "pass"),
+        ("promotion", 100, "promoted"),
+    ]
+    assert _audit(good)["rollout"]["decision"] == "promoted"
+    _only_failures_of(seen())
+
+
+def test_a_killed_rollout_is_aborted_by_the_finish_task_and_runs_again_when_cleared(versions, seen):
+    champion, good = _champion(), versions["good"]
+    champ, chal = f"v{champion}", f"v{good}"
+    # The issue's reproduction: killed one second after the gateway moved to 75/25.
+    kill = {"method": "set_traffic", "weights": {chal: 25}, "delay_s": 1}
+    _killed(good, kill, steps=(25, 100), allow_rejected=True)  # rejected by the approval test
+    assert _weights() == {champ: 75, chal: 25}
+    finish = _finish(good)
+    first_path = finish.report_path
+
+    # The finish task (run after the failed rollout) puts all traffic back on the champion.
+    with pytest.raises(AirflowFailException, match=f"v{good} was aborted at canary 25%: .*'analysing'"):
+        finish.execute(task_context())
+    assert _weights() == {champ: 100}
+    current = aliases(settings.mlflow_tracking_uri(), MODEL)
+    assert current["champion"] == champion and _rejected_tag(good) is None  # not a verdict: not rejected
+    first = _report(finish)
+    assert (first["phase"], first["decision"]) == ("done", "aborted")
+    assert "before a decision" in first["reason"]
+    assert first["steps"][-1]["verdict"] == "aborted"
+    audit = _audit(good)["rollout"]
+    assert (audit["decision"], audit["reason"]) == ("aborted", first["reason"])
+
+    # Cleared, the rollout runs again as a new attempt; the first attempt's report stays as it was.
+    result = _operator(good, steps=(25, 100)).execute(task_context())
+    assert result["decision"] == "promoted" and result["report"] != first_path
+    assert json.loads((artefacts.root() / first_path).read_text()) == first
+    assert _weights() == {chal: 100}
+    audit = _audit(good)["rollout"]
+    assert audit["decision"] == "promoted"
+    assert [(e["report"], e["decision"]) for e in audit["earlier"]][-1] == (first_path, "aborted")
+    _only_failures_of(seen())
+
+
+def test_a_rollback_killed_before_the_rejection_is_finished_and_never_deployed_again(versions, seen):
+    champion, wrong = _champion(), versions["wrong"]
+    champ, chal = f"v{champion}", f"v{wrong}"
+    # Killed between the rollback's traffic write and the rejection.
+    _killed(wrong, {"method": "set_traffic", "weights": {chal: 0}}, allow_rejected=True)
+    operator = _operator(wrong)
+    assert _report(operator)["phase"] == "rolling_back"
+    assert _weights() == {champ: 100, chal: 0}
+
+    with pytest.raises(AirflowFailException, match=f"v{wrong} rolled back at canary 50% \\(fail\\)"):
+        operator.execute(task_context())
+    _rolled_back(wrong, champion)
+    path, report, audit = operator.report_path, _report(operator), _audit(wrong)
+
+    # Cleared: the rejected version is not deployed again, and nothing is overwritten.
+    with pytest.raises(AirflowFailException, match=f"v{wrong} of {MODEL} is rejected .*allow_rejected"):
+        _operator(wrong).execute(task_context())
+    assert _weights() == {champ: 100}
+    assert (operator.report_path, _report(operator), _audit(wrong)) == (path, report, audit)
+    _only_failures_of(seen())
+
+
+def test_on_kill_puts_all_traffic_back_on_the_champion(versions, seen):
+    champion, wrong = _champion(), versions["wrong"]
+    champ, chal = f"v{champion}", f"v{wrong}"
+    operator = _operator(wrong, allow_rejected=True, deferrable=True)
+    with pytest.raises(TaskDeferred) as deferred:
+        operator.execute(task_context())
+    assert _weights() == {champ: 50, chal: 50}
+
+    operator.on_kill()
+
+    assert _weights() == {champ: 100}
+    assert aliases(settings.mlflow_tracking_uri(), MODEL)["champion"] == champion
+    report = _report(operator)
+    assert (report["decision"], report["reason"]) == ("aborted", "task rollout was killed")
+    audit = _audit(wrong)["rollout"]
+    assert (audit["decision"], audit["reason"]) == ("aborted", "task rollout was killed")
+    # The window's event arriving after the kill changes nothing.
+    event = {"status": "ready", "message": "pass", "after": {}, "verdict": None}
+    with pytest.raises(AirflowFailException, match="aborted at canary 50%: task rollout was killed"):
+        _operator(wrong).execute_complete({}, event, **deferred.value.kwargs)
+    assert _weights() == {champ: 100} and _report(operator) == report
     _only_failures_of(seen())
 
 
@@ -425,3 +523,6 @@ def test_the_loop_dag_holds_approval_behind_an_opt_in_param():
     assert type(approve).__name__ == "ApprovalOperator" and approve.fail_on_reject
     assert gate.downstream_task_ids == {"approve", "finish"} and approve.downstream_task_ids == {"finish"}
     assert finish.trigger_rule == "all_done_min_one_success"
+    # Both resume from the report, so both retry; a rejected version needs a person's say-so.
+    assert (rollout.retries, finish.retries) == (2, 2)
+    assert rollout.allow_rejected == "{{ params.allow_rejected }}" and dag.params["allow_rejected"] is False

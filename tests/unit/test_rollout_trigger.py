@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from airloop.serving.base import ServingTarget, register_target
-from airloop.triggers.rollout import SeldonCanaryAnalysisTrigger
+from airloop.triggers.rollout import RolloutTrigger
 
 BUCKETS = (
     "0.5",
@@ -77,7 +77,7 @@ register_target("scripted", ScriptedTarget)
 BEFORE = {"v1": snapshot(0, 0), "v2": snapshot(0, 0)}
 
 
-def trigger(deployment: str, script: list, **overrides: Any) -> SeldonCanaryAnalysisTrigger:
+def trigger(deployment: str, script: list, **overrides: Any) -> RolloutTrigger:
     kwargs = dict(
         target_config={"target": "scripted", "script": script},
         deployment=deployment,
@@ -89,10 +89,10 @@ def trigger(deployment: str, script: list, **overrides: Any) -> SeldonCanaryAnal
         max_wait_seconds=0.3,
         poll_interval=0.02,
     )
-    return SeldonCanaryAnalysisTrigger(**{**kwargs, **overrides})
+    return RolloutTrigger(**{**kwargs, **overrides})
 
 
-async def first(t: SeldonCanaryAnalysisTrigger) -> dict[str, Any]:
+async def first(t: RolloutTrigger) -> dict[str, Any]:
     events = [event.payload async for event in t.run()]
     assert len(events) == 1
     return events[0]
@@ -104,8 +104,20 @@ def test_serialize_mirrors_init():
     module, _, name = path.rpartition(".")
     rebuilt = getattr(importlib.import_module(module), name)(**kwargs)
     assert rebuilt.serialize() == (path, kwargs)
-    assert path == "airloop.triggers.rollout.SeldonCanaryAnalysisTrigger"
+    assert path == "airloop.triggers.rollout.RolloutTrigger"
     assert kwargs["mode"] == "shadow"
+
+
+def test_a_trigger_built_by_its_deprecated_name_serializes_under_the_new_one():
+    import airloop.triggers.rollout as module
+
+    with pytest.warns(DeprecationWarning, match="use RolloutTrigger"):
+        old = module.SeldonCanaryAnalysisTrigger
+    assert old is RolloutTrigger
+    assert (
+        old(**trigger("d", [BEFORE]).serialize()[1]).serialize()[0]
+        == "airloop.triggers.rollout.RolloutTrigger"
+    )
 
 
 @pytest.mark.asyncio
@@ -118,6 +130,10 @@ async def test_waits_until_the_window_holds_enough_data():
     event = await first(trigger("enough", script))
     assert event["status"] == "ready" and event["message"] == "pass"
     assert event["after"]["v2"]["requests"] == 100
+    # The whole verdict travels with the event: the operator records it without analysing again.
+    verdict = event["verdict"]
+    assert verdict["verdict"] == "pass" and verdict["challenger"]["requests"] == 100
+    assert {t["status"] for t in verdict["tests"].values()} == {"pass"}
     assert ScriptedTarget.calls["enough"] == 3  # polled until the data sufficed
 
 
@@ -133,12 +149,21 @@ async def test_too_little_data_times_out_instead_of_passing():
     event = await first(trigger("idle", [{"v1": snapshot(10, 9), "v2": snapshot(2, 2)}]))
     assert event["status"] == "timeout"
     assert "not enough data" in event["message"]
+    assert event["verdict"]["verdict"] == "wait" and event["verdict"]["challenger"]["requests"] == 2
 
 
 @pytest.mark.asyncio
 async def test_an_unreachable_target_is_an_error_event():
     event = await first(trigger("down", [], target_config={"target": "scripted", "fail": True}))
     assert event["status"] == "error" and "gateway down" in event["message"]
+    assert event["verdict"] is None
+
+
+@pytest.mark.asyncio
+async def test_a_challenger_gone_from_the_metrics_is_an_error_event():
+    # e.g. the rollout was aborted (on_kill) while the window waited in the worker
+    event = await first(trigger("gone", [{"v1": snapshot(400, 360)}]))
+    assert event["status"] == "error" and "'v2' is not in the 'after' snapshot" in event["message"]
 
 
 @pytest.mark.asyncio

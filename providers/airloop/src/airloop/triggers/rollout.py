@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from airloop.steps.rollout.requests import AnalysisRequest, WindowEvent
 
-class SeldonCanaryAnalysisTrigger(BaseTrigger):
+
+class RolloutTrigger(BaseTrigger):
     """
     Wait ``window_seconds`` after a traffic change, then poll the serving target's metrics until the
     window holds enough data for a verdict, or ``max_wait_seconds`` pass.
@@ -18,8 +21,10 @@ class SeldonCanaryAnalysisTrigger(BaseTrigger):
     ``mode`` is the analysis (``airloop.steps.rollout.canary.analyse``): ``canary`` for a challenger taking a
     share of the traffic, ``shadow`` for one receiving mirrored requests.
 
-    Yields one event: ``{"status": "ready" | "timeout" | "error", "message", "after": metrics}``;
-    "timeout" means the data stayed insufficient, which the operator treats as a failed step.
+    Yields one event (``WindowEvent``): ``{"status": "ready" | "timeout" | "error", "message",
+    "after": metrics, "verdict": the analysis}``. It carries the whole verdict, so the window is
+    analysed once, here; "timeout" means the data stayed insufficient (the last "wait" verdict),
+    which the rollout treats as a failed step.
     """
 
     def __init__(
@@ -49,8 +54,9 @@ class SeldonCanaryAnalysisTrigger(BaseTrigger):
         self.mode = mode
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
+        # The class's own path, also when built through a deprecated alias.
         return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
+            f"{RolloutTrigger.__module__}.{RolloutTrigger.__qualname__}",
             {
                 "target_config": self.target_config,
                 "deployment": self.deployment,
@@ -66,6 +72,10 @@ class SeldonCanaryAnalysisTrigger(BaseTrigger):
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        yield TriggerEvent(await self.wait())
+
+    async def wait(self) -> WindowEvent:
+        """The window's event: what ``run`` yields, and what the worker awaits when not deferring."""
         from airloop.serving.base import get_target
         from airloop.steps.rollout.canary import analyse
 
@@ -77,29 +87,46 @@ class SeldonCanaryAnalysisTrigger(BaseTrigger):
             try:
                 after = await target.ametrics(self.deployment)
             except Exception as e:
-                yield TriggerEvent({"status": "error", "message": f"cannot read metrics: {e}", "after": None})
-                return
-            verdict = analyse(
-                {
-                    "mode": self.mode,
-                    "before": self.before,
-                    "after": after,
-                    "champion": self.champion,
-                    "challenger": self.challenger,
-                    "criteria": self.criteria,
+                return {
+                    "status": "error",
+                    "message": f"cannot read metrics: {e}",
+                    "after": None,
+                    "verdict": None,
                 }
-            )
-            if verdict["verdict"] != "wait":
-                yield TriggerEvent({"status": "ready", "message": verdict["verdict"], "after": after})
-                return
-            if time.monotonic() >= deadline:
-                yield TriggerEvent(
-                    {
-                        "status": "timeout",
-                        "after": after,
-                        "message": f"not enough data after {self.max_wait_seconds:.0f}s: "
-                        + "; ".join(verdict["reasons"]),
-                    }
+            try:
+                verdict = analyse(
+                    AnalysisRequest(
+                        mode=self.mode,
+                        before=self.before,
+                        after=after,
+                        champion=self.champion,
+                        challenger=self.challenger,
+                        criteria=self.criteria,
+                    )
                 )
-                return
+            except ValueError as e:  # e.g. a predictor no longer deployed
+                return {
+                    "status": "error",
+                    "message": f"cannot analyse the window: {e}",
+                    "after": after,
+                    "verdict": None,
+                }
+            if verdict["verdict"] != "wait":
+                return {"status": "ready", "message": verdict["verdict"], "after": after, "verdict": verdict}
+            if time.monotonic() >= deadline:
+                message = f"not enough data after {self.max_wait_seconds:.0f}s: " + "; ".join(
+                    verdict["reasons"]
+                )
+                return {"status": "timeout", "message": message, "after": after, "verdict": verdict}
             await asyncio.sleep(self.poll_interval)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SeldonCanaryAnalysisTrigger":
+        warnings.warn(
+            "SeldonCanaryAnalysisTrigger is deprecated: use RolloutTrigger (it waits on any serving target)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return RolloutTrigger
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Rollout analysis: is the challenger at least as good as the champion over one window?
 
-Request::
+Request (``AnalysisRequest``, or the same fields in a dict)::
 
     {"mode": "canary" | "shadow", "before": metrics_snapshot, "after": metrics_snapshot,
      "champion": "v3", "challenger": "v4",
@@ -10,7 +10,7 @@ Request::
                   "max_distribution_distance": 0.1, "alpha": 0.05}}
 
 Snapshots have the shape of ``ServingTarget.metrics()``; the window is ``after - before``.
-Result: ``{"verdict": "pass" | "fail" | "wait", "reasons": [...], "champion": {...},
+Result (``Verdict``): ``{"verdict": "pass" | "fail" | "wait", "reasons": [...], "champion": {...},
 "challenger": {...}, "tests": {name: {"status", "reason", ...}}}``.
 
 ``canary`` (the challenger answers a share of the clients): errors, p99 latency and accuracy from
@@ -27,8 +27,11 @@ a check waits. Checks fail only when the challenger is significantly worse (one-
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from statistics import NormalDist
-from typing import Any
+from typing import Any, cast
+
+from airloop.steps.rollout.requests import AnalysisRequest, PredictorStats, Verdict
 
 DEFAULT_CRITERIA: dict[str, float] = {
     "min_requests": 50,
@@ -56,24 +59,21 @@ _COUNTS = ("requests", "errors", "latency_ms_sum", "feedback", "feedback_correct
 _LATENCY_TAIL = 5
 
 
-def analyse(request: dict[str, Any]) -> dict[str, Any]:
-    mode = request.get("mode", "canary")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
-    criteria = _criteria(request.get("criteria") or {})
-    names: dict[str, str] = {}
-    for role in ("champion", "challenger"):
-        name = request.get(role)
+def analyse(request: Mapping[str, Any] | AnalysisRequest) -> Verdict:
+    request = AnalysisRequest.parse(request)
+    if request.mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {request.mode!r}")
+    criteria = check_criteria(request.criteria)
+    for role, name in (("champion", request.champion), ("challenger", request.challenger)):
         if not isinstance(name, str) or not name:
             raise ValueError(f"{role!r} must name a predictor, got {name!r}")
-        names[role] = name
-    if names["champion"] == names["challenger"]:
-        raise ValueError(f"champion and challenger are the same predictor {names['champion']!r}")
+    if request.champion == request.challenger:
+        raise ValueError(f"champion and challenger are the same predictor {request.champion!r}")
+    names = {"champion": request.champion, "challenger": request.challenger}
     windows = {role: _window(request, name) for role, name in names.items()}
-    summary = {role: _summary(window) for role, window in windows.items()}
+    champion, challenger = _summary(windows["champion"]), _summary(windows["challenger"])
 
     reset = [names[r] for r, w in windows.items() if _went_down(w)]
-    champion, challenger = summary["champion"], summary["challenger"]
     if reset:
         tests = {
             "reset": {
@@ -82,7 +82,7 @@ def analyse(request: dict[str, Any]) -> dict[str, Any]:
                 "(the gateway restarted): analyse the next window",
             }
         }
-    elif mode == "canary":
+    elif request.mode == "canary":
         tests = {
             "errors": _errors_test(champion, challenger, criteria),
             "latency": _latency_test(champion, challenger, criteria),
@@ -102,10 +102,18 @@ def analyse(request: dict[str, Any]) -> dict[str, Any]:
     reasons = [
         f"{name}: {t['reason']}" for name, t in tests.items() if verdict == "pass" or t["status"] == verdict
     ]
-    return {"verdict": verdict, "mode": mode, "reasons": reasons, **summary, "tests": tests}
+    return {
+        "verdict": verdict,
+        "mode": request.mode,
+        "reasons": reasons,
+        "champion": cast(PredictorStats, champion),
+        "challenger": cast(PredictorStats, challenger),
+        "tests": tests,
+    }
 
 
-def _criteria(given: dict[str, Any]) -> dict[str, float]:
+def check_criteria(given: Mapping[str, Any]) -> dict[str, float]:
+    """The criteria with the defaults filled in; ValueError names an unknown or invalid one."""
     unknown = sorted(set(given) - set(DEFAULT_CRITERIA))
     if unknown:
         raise ValueError(f"unknown canary criteria {unknown}: known are {sorted(DEFAULT_CRITERIA)}")
@@ -121,9 +129,9 @@ def _criteria(given: dict[str, Any]) -> dict[str, float]:
     return criteria
 
 
-def _window(request: dict[str, Any], name: str) -> dict[str, Any]:
+def _window(request: AnalysisRequest, name: str) -> dict[str, Any]:
     """``after - before`` for one predictor; absent before means it started during the window."""
-    before, after = request.get("before"), request.get("after")
+    before, after = request.before, request.after
     if not isinstance(before, dict) or not isinstance(after, dict):
         raise ValueError("'before' and 'after' must be metrics snapshots {predictor: {...}}")
     if name not in after:

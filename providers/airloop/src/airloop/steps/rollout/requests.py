@@ -1,0 +1,219 @@
+"""The rollout's types: its request, the analysis request and verdict, the trigger's event, the report,
+the task's result and the audit record. The standard library only, so operator and trigger modules
+import them at the top without slowing DAG parsing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, NotRequired, TypedDict
+
+from airloop.requests import StepRequest
+from airloop.tracking.requests import MlflowRequest
+
+# Metrics snapshots as ``ServingTarget.metrics()`` returns them: ``{predictor: {"requests", ...}}``.
+Metrics = dict[str, dict[str, Any]]
+
+
+def flag(name: str, value: Any) -> bool:
+    """A boolean, also as the string a template renders (``"{{ params.approval }}"`` gives ``"True"``)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutRequest(MlflowRequest):
+    """One rollout of ``version`` next to the champion (``airloop.steps.rollout.rollout``); the rollout
+    operators take the same arguments under the same names."""
+
+    model_name: str
+    version: str
+    deployment: str = "airloop"
+    steps: Sequence[int] = (10, 25, 50, 100)
+    mode: str = "canary"
+    shadow_percent: int = 100
+    approval: bool = False
+    analysis_seconds: float = 30.0
+    max_wait_seconds: float = 300.0
+    criteria: dict[str, Any] = field(default_factory=dict)
+    poll_interval: float = 1.0
+    # A rejected version is never rolled out again unless a person says so here.
+    allow_rejected: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Rendered templates are strings ("True", "30.0"): the request holds the values they stand for.
+        set_ = object.__setattr__
+        set_(self, "version", str(self.version))
+        set_(self, "steps", tuple(self.steps))
+        if isinstance(self.shadow_percent, str):
+            set_(self, "shadow_percent", int(self.shadow_percent))
+        for name in ("approval", "allow_rejected"):
+            set_(self, name, flag(name, getattr(self, name)))
+        for name in ("analysis_seconds", "max_wait_seconds", "poll_interval"):
+            set_(self, name, float(getattr(self, name)))
+        set_(self, "criteria", dict(self.criteria or {}))
+
+    def mlflow(self) -> dict[str, Any]:
+        """The MLflow part, as ``airloop.tracking`` functions take it (credentials included: never log it)."""
+        values = {f.name: getattr(self, f.name) for f in fields(MlflowRequest)}
+        return {key: value for key, value in values.items() if value is not None}
+
+
+@dataclass(frozen=True)
+class AnalysisRequest(StepRequest):
+    """One analysis window (``airloop.steps.rollout.canary.analyse``); the window is ``after - before``."""
+
+    before: Metrics
+    after: Metrics
+    champion: str
+    challenger: str
+    mode: str = "canary"
+    criteria: dict[str, Any] = field(default_factory=dict)
+
+
+class PredictorStats(TypedDict):
+    """One predictor over one window."""
+
+    requests: int
+    errors: int
+    error_rate: float | None
+    p99_ms: float | None
+    latency_ms_buckets: dict[str, float]
+    feedback: int
+    accuracy: float | None
+    predicted: dict[str, int]
+    pairs: int | None
+    agreement: float | None
+
+
+class Verdict(TypedDict):
+    """What ``analyse`` decides about one window: ``pass``, ``fail`` or ``wait`` (too little data)."""
+
+    verdict: str
+    mode: str
+    reasons: list[str]
+    champion: PredictorStats
+    challenger: PredictorStats
+    tests: dict[str, dict[str, Any]]
+
+
+class WindowEvent(TypedDict):
+    """The rollout trigger's one event. ``verdict`` is the analysis of the window (``None`` with
+    ``status="error"``): the operator records it as it is, it never analyses the window again."""
+
+    status: str  # "ready" (a pass or fail verdict), "timeout" (still "wait"), "error"
+    message: str
+    after: Metrics | None
+    verdict: Verdict | None
+
+
+class Stage(TypedDict):
+    """A stage of the plan: the challenger as shadow (``mirror`` percent mirrored) or at ``weight`` %."""
+
+    kind: str  # "shadow" | "canary"
+    weight: int
+    mirror: NotRequired[int]
+
+
+class RolloutStep(TypedDict):
+    """An entry of the report's timeline: an analysis window, the approval hold, or the promotion."""
+
+    kind: str  # "shadow" | "canary" | "approval" | "promotion"
+    weight: int
+    started: str
+    mirror: NotRequired[int]
+    stage: NotRequired[int]  # the window's index in the plan
+    ended: NotRequired[str]
+    before: NotRequired[Metrics]  # while the window is open
+    verdict: NotRequired[
+        str
+    ]  # pass fail inconclusive error interrupted | awaiting approved rejected | promoted
+    reasons: NotRequired[list[str]]
+    champion_stats: NotRequired[PredictorStats]
+    challenger_stats: NotRequired[PredictorStats]
+    tests: NotRequired[dict[str, dict[str, Any]]]
+    by: NotRequired[str | None]
+
+
+class RolloutReport(TypedDict):
+    """``<artefacts>/rollouts/<deployment>/<model>-v<version>[-attempt-<n>].json``, one per attempt.
+
+    ``phase`` is on record before each write: ``deploying``, ``analysing``, ``awaiting_approval``,
+    ``promoting``, ``rolling_back``, ``aborting``, ``done``. ``decision`` once done: ``deployed``,
+    ``promoted``, ``rolled_back`` (the version is rejected) or ``aborted`` (stopped before a verdict:
+    the champion serves everything, the version is not rejected, ``reason`` says why).
+    """
+
+    attempt: int
+    deployment: str
+    model_name: str
+    champion: str | None
+    challenger: str
+    mode: str
+    approval: bool
+    started: str
+    ended: str | None
+    phase: str
+    decision: str | None
+    reason: str | None
+    rejection_lifted: bool
+    plan: list[Stage]
+    steps: list[RolloutStep]
+    criteria: dict[str, float]
+
+
+class ResultStep(TypedDict):
+    kind: str
+    weight: int | None
+    verdict: str | None
+
+
+class RolloutResult(TypedDict):
+    """The task's result. ``message`` explains a decision that fails the task: ``rolled_back``,
+    ``aborted``, or ``refused`` (a rejected version, not rolled out again)."""
+
+    decision: str
+    report: str
+    champion: NotRequired[str]
+    challenger: NotRequired[str]
+    previous: NotRequired[str]
+    steps: NotRequired[list[ResultStep]]
+    message: NotRequired[str]
+
+
+class AuditStep(TypedDict):
+    kind: str
+    weight: NotRequired[int]
+    mirror: NotRequired[int]
+    verdict: NotRequired[str]
+    reasons: NotRequired[list[str]]
+    by: NotRequired[str | None]
+    diff: NotRequired[dict[str, Any]]  # a shadow window: agreement, pairs, distance, both p99s
+
+
+class EarlierAttempt(TypedDict):
+    attempt: int
+    report: str
+    decision: str | None
+    reason: str | None
+
+
+class RolloutAuditRecord(TypedDict):
+    """Stage ``rollout`` of the loop's audit record: the latest attempt, and the earlier ones."""
+
+    decision: str | None
+    mode: str
+    champion: str | None
+    challenger: str
+    started: str
+    ended: str | None
+    attempt: int
+    reason: str | None
+    steps: list[AuditStep]
+    report: str
+    earlier: list[EarlierAttempt]
