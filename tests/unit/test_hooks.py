@@ -163,6 +163,17 @@ def test_serving_hook_picks_the_target_from_its_connection(monkeypatch):
     assert not ok and "nowhere" in message
 
 
+def test_the_serving_connections_password_is_the_local_gateways_admin_token(monkeypatch):
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_SERVING_TOKEN",
+        json.dumps({"conn_type": "airloop_serving", "password": "s3cret", "extra": {"target": "local"}}),
+    )
+    hook = ServingHook(serving_conn_id="serving_token")
+    assert hook.target.admin_token == "s3cret"
+    # Kept out of the options a rollout trigger serialises into Airflow's database.
+    assert "s3cret" not in json.dumps(hook.target_config)
+
+
 def test_serving_connection_form_fields_left_empty_keep_the_targets_defaults(monkeypatch):
     from airflow.providers_manager import ProvidersManager
 

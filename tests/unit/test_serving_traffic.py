@@ -11,15 +11,14 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from aiohttp import web
 
 from airloop.ports import free_port
 from airloop.serving.base import check_predictor, merge_traffic
 from airloop.serving.gateway import Gateway, parse_routes
+from tests.fakes.predictors import Predictor, champion, contrarian
 
 LIVE, SHADOW = {"weight": 100, "shadow": False}, {"weight": 0, "shadow": False}
 
@@ -64,8 +63,8 @@ def test_a_predictor_dict_may_be_a_shadow():
 def test_the_routing_table_never_picks_the_shadow_and_mirrors_its_share():
     table = parse_routes(
         {
-            "v3": {"url": "http://a", "model_version": "3", "weight": 100},
-            "v4": {"url": "http://b", "model_version": "4", "weight": 30, "shadow": True},
+            "v3": {"url": "http://127.0.0.1:9001", "model_version": "3", "weight": 100},
+            "v4": {"url": "http://127.0.0.1:9002", "model_version": "4", "weight": 30, "shadow": True},
         }
     )
     assert {table.pick().name for _ in range(200)} == {"v3"}
@@ -76,42 +75,14 @@ def test_the_routing_table_never_picks_the_shadow_and_mirrors_its_share():
     with pytest.raises(ValueError, match="at most one shadow"):
         parse_routes(
             {
-                "v3": {"url": "http://a", "model_version": "3", "weight": 100},
-                "v4": {"url": "http://b", "model_version": "4", "weight": 30, "shadow": True},
-                "v5": {"url": "http://c", "model_version": "5", "weight": 30, "shadow": True},
+                "v3": {"url": "http://127.0.0.1:9001", "model_version": "3", "weight": 100},
+                "v4": {"url": "http://127.0.0.1:9002", "model_version": "4", "weight": 30, "shadow": True},
+                "v5": {"url": "http://127.0.0.1:9003", "model_version": "5", "weight": 30, "shadow": True},
             }
         )
 
 
 # -- the gateway mirroring over HTTP ----------------------------------------------------------------------
-
-
-async def _model_server(answer: Any, delay_s: float = 0.0) -> tuple[web.AppRunner, str]:
-    """A model server answering every prediction with ``answer(row)`` probabilities after ``delay_s``."""
-
-    async def predict(request: web.Request) -> web.Response:
-        rows = (await request.json())["data"]["ndarray"]
-        await asyncio.sleep(delay_s)
-        return web.json_response(
-            {"data": {"names": ["0", "1"], "ndarray": [answer(row) for row in rows]}, "meta": {}}
-        )
-
-    app = web.Application()
-    app.router.add_post("/api/v1.0/predictions", predict)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, f"http://127.0.0.1:{port}"
-
-
-def _champion(row: list[float]) -> list[float]:
-    return [0.2, 0.8] if row[0] > 0 else [0.9, 0.1]
-
-
-def _contrarian(row: list[float]) -> list[float]:
-    """Agrees with the champion on rows with a positive second feature only."""
-    return _champion(row) if row[1] > 0 else _champion(row)[::-1]
 
 
 async def _send(client: httpx.AsyncClient, rows: list[list[float]]) -> tuple[Counter, list[float]]:
@@ -130,15 +101,15 @@ def _rows(n: int) -> list[list[float]]:
 
 @pytest.mark.asyncio
 async def test_mirrored_requests_are_compared_but_never_slow_or_fail_the_client(tmp_path: Path):
-    live_runner, live_url = await _model_server(_champion)
+    live = await Predictor(champion).start()
     # A slow shadow that disagrees on half the rows.
-    shadow_runner, shadow_url = await _model_server(_contrarian, delay_s=0.3)
+    shadow = await Predictor(contrarian, delay_s=0.3).start()
     gateway = Gateway(
         "churn",
         parse_routes(
             {
-                "v3": {"url": live_url, "model_version": "3", "weight": 100},
-                "v4": {"url": shadow_url, "model_version": "4", "weight": 100, "shadow": True},
+                "v3": {"url": live.url, "model_version": "3", "weight": 100},
+                "v4": {"url": shadow.url, "model_version": "4", "weight": 100, "shadow": True},
             }
         ),
         artefact_root=tmp_path.as_uri(),
@@ -184,18 +155,18 @@ async def test_mirrored_requests_are_compared_but_never_slow_or_fail_the_client(
         ]
         assert len(requests) == 40
     finally:
-        await live_runner.cleanup()
-        await shadow_runner.cleanup()
+        await live.down()
+        await shadow.down()
 
 
 @pytest.mark.asyncio
 async def test_a_shadow_that_is_down_costs_the_clients_nothing(tmp_path: Path):
-    live_runner, live_url = await _model_server(_champion)
+    live = await Predictor(champion).start()
     gateway = Gateway(
         "churn",
         parse_routes(
             {
-                "v3": {"url": live_url, "model_version": "3", "weight": 100},
+                "v3": {"url": live.url, "model_version": "3", "weight": 100},
                 "v4": {
                     "url": f"http://127.0.0.1:{free_port()}",
                     "model_version": "4",
@@ -220,4 +191,4 @@ async def test_a_shadow_that_is_down_costs_the_clients_nothing(tmp_path: Path):
         assert 0 < stats["v4"]["requests"] == stats["v4"]["errors"] < 60
         assert stats["v4"]["pairs"] == 0 and stats["v3"]["errors"] == 0
     finally:
-        await live_runner.cleanup()
+        await live.down()

@@ -15,8 +15,9 @@ class ServingHook(EmbeddedDefaultHook):
     """
     Gives operators and triggers a serving target (``airloop.serving.base.ServingTarget``).
 
-    ``extra`` holds ``{"target": "local" | "seldon", ...target options}``; without an
-    ``airloop_serving_default`` connection the hook uses the local target under ``AIRLOOP_HOME``.
+    ``extra`` holds ``{"target": "local" | "seldon", ...target options}``; the password is the
+    local gateway's admin token. Without an ``airloop_serving_default`` connection the hook uses the
+    local target under ``AIRLOOP_HOME``.
 
     :param serving_conn_id: Airflow connection of type ``airloop_serving``.
     """
@@ -45,7 +46,12 @@ class ServingHook(EmbeddedDefaultHook):
         from airloop.serving.base import get_target
 
         options = dict(self.target_config)
-        return get_target(options.pop("target"), **options)
+        kind = options.pop("target")
+        conn = self.connection_or_none(self.serving_conn_id)
+        if kind == "local" and conn is not None and conn.password:
+            # Not in target_config, which a trigger serialises into Airflow's database.
+            options["admin_token"] = conn.password
+        return get_target(kind, **options)
 
     def get_conn(self) -> ServingTarget:
         return self.target

@@ -8,10 +8,15 @@ drift monitor reads.
 
     python -m airloop.serving.gateway --state-dir DIR --port N
 
-Endpoints: ``POST /api/v1.0/predictions`` and ``/api/v1.0/feedback`` (Seldon's protocol),
-``GET /metrics`` (Prometheus), ``GET /health/ping``, ``GET /admin/state``, ``GET /admin/stats``
-and ``PUT /admin/predictors`` (``{name: {"url", "model_version", "weight", "shadow"}}``, the whole
-routing table).
+Endpoints: ``POST /api/v1.0/predictions`` and ``/api/v1.0/feedback`` (Seldon's protocol, as
+seldon-core's ``SeldonClient`` speaks it), ``GET /metrics`` (Prometheus), ``GET /health/ping``,
+``GET /admin/state``, ``GET /admin/stats`` and ``PUT /admin/predictors`` (``{name: {"url",
+"model_version", "weight", "shadow"}}``, the whole routing table). The admin endpoints need
+``Authorization: Bearer <token>``, the token in ``$AIRLOOP_GATEWAY_TOKEN`` when the gateway started.
+
+A client's mistake (a body that is not JSON, too deep or too large, ragged rows, a feature value that
+is not a finite number, feedback that names no class of the model) is answered with a 4xx here,
+before any predictor sees it, so it never counts against one.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import hmac
 import itertools
 import json
+import math
 import os
 import random
 import time
@@ -32,6 +39,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import uvicorn
@@ -46,10 +54,15 @@ from starlette.types import Receive, Scope, Send
 from airloop import settings
 from airloop.serving.base import check_mirror, check_traffic, check_weight
 from airloop.serving.features import FeatureLookup, FeatureLookupError
-from airloop.serving.local import SERVER_KEEPALIVE_S, STATE_FILE, routes_from_state
-from airloop.serving.model import label_rows, label_value, predicted_class
+from airloop.serving.local import MAX_BODY_BYTES, SERVER_KEEPALIVE_S, STATE_FILE, TOKEN_ENV, routes_from_state
+from airloop.serving.model import label_value, predicted_class
 
 PREDICT_PATH = "/api/v1.0/predictions"
+FEEDBACK_PATH = "/api/v1.0/feedback"
+# Predictors are processes of this machine: a routing table pointing elsewhere is refused.
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+# The largest float32: feature values beyond it are infinite for the model.
+_FLOAT32_MAX = 3.4028234663852886e38
 PREDICTOR_HEADER = "X-Airloop-Predictor"
 REQUEST_ID_HEADER = "X-Airloop-Request-Id"
 # Drop idle connections before the model servers do, so that no request goes out on a connection
@@ -94,6 +107,12 @@ class RoutingTable:
             return self._live[0] if self._live else None
         return self._live[bisect.bisect(self._cumulative, random.random() * self._cumulative[-1])]
 
+    def fallback(self, failed: Route) -> Route | None:
+        """Where a request that failed on ``failed`` is retried: the other live predictor with the
+        largest weight (the champion, during a canary); None when there is no other."""
+        others = [r for r in self._live if r is not failed]
+        return max(others, key=lambda r: r.weight) if others else None
+
     def mirror(self) -> Route | None:
         """The shadow, for the share of requests it mirrors; None for the others."""
         shadow = self.shadow
@@ -106,9 +125,9 @@ class RoutingTable:
         }
 
 
-def parse_routes(table: dict[str, Any]) -> RoutingTable:
+def parse_routes(table: dict[str, Any], hosts: frozenset[str] = LOOPBACK) -> RoutingTable:
     """``{name: {"url", "model_version", "weight", "shadow"}}`` -> RoutingTable; ValueError names the
-    problem."""
+    problem. A predictor's URL must be ``http(s)://host:port`` with a host in ``hosts``."""
     if not isinstance(table, dict):
         raise ValueError(
             f"predictors must be an object {{name: {{url, model_version, weight}}}}, got {table!r}"
@@ -122,11 +141,35 @@ def parse_routes(table: dict[str, Any]) -> RoutingTable:
             raise ValueError(f"'shadow' of predictor {name!r} must be true or false, got {shadow!r}")
         (check_mirror if shadow else check_weight)(name, spec["weight"])
         routes[name] = Route(
-            name, str(spec["url"]).rstrip("/"), str(spec["model_version"]), spec["weight"], shadow
+            name, _predictor_url(name, spec["url"], hosts), str(spec["model_version"]), spec["weight"], shadow
         )
     if routes:
         check_traffic({name: {"weight": r.weight, "shadow": r.shadow} for name, r in routes.items()})
     return RoutingTable(routes)
+
+
+def _predictor_url(name: str, url: Any, hosts: frozenset[str]) -> str:
+    try:
+        parts = urlsplit(url) if isinstance(url, str) else None
+        port = parts.port if parts else None
+    except ValueError:
+        parts = port = None
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or parts.hostname not in hosts
+        or port is None
+        or parts.username is not None
+        or parts.password is not None
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
+        raise ValueError(
+            f"url of predictor {name!r} must be http(s)://HOST:PORT with HOST one of {sorted(hosts)}, "
+            f"got {url!r}"
+        )
+    return url.rstrip("/")
 
 
 class RequestLog:
@@ -176,13 +219,120 @@ class RequestLog:
         return path
 
 
-def _rows(value: Any) -> list[Any]:
-    """Truth labels as a flat list: ``{"data": {"ndarray": [[1], [0]]}}``, ``[1, 0]`` or ``1``."""
+class BadRequest(ValueError):
+    """A client's mistake: answered with ``code`` (a 4xx), never counted against a predictor."""
+
+    def __init__(self, message: str, code: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_EXPECTED = (
+    "expected {'data': {'names': [...], 'ndarray': [[...], ...]}}, "
+    "{'data': {'names': [...], 'tensor': {'shape': [rows, columns], 'values': [...]}}} "
+    "or {'jsonData': {name: value, ...} or [{name: value, ...}, ...]}"
+)
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body.decode())  # a str skips json's encoding detection
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than json can parse
+        raise BadRequest(
+            f"the body is not JSON the gateway can read: {type(exc).__name__}: {exc}"[:300]
+        ) from None
+
+
+def _datadef_rows(data: Any, what: str) -> tuple[list[list[Any]], str]:
+    """Seldon's ``data`` (``ndarray`` or ``tensor``) -> (rectangular rows, the kind it came as)."""
+    if isinstance(data, dict) and "ndarray" in data:
+        rows, kind = data["ndarray"], "ndarray"
+    elif isinstance(data, dict) and isinstance(data.get("tensor"), dict):
+        shape, values = data["tensor"].get("shape"), data["tensor"].get("values")
+        if (
+            not isinstance(shape, list)
+            or len(shape) != 2
+            or not all(type(n) is int and n > 0 for n in shape)
+            or not isinstance(values, list)
+            or len(values) != shape[0] * shape[1]
+        ):
+            raise BadRequest(f"{what}: a tensor needs shape [rows, columns] and rows x columns values")
+        width = shape[1]
+        rows, kind = [values[i : i + width] for i in range(0, len(values), width)], "tensor"
+    else:
+        raise BadRequest(f"{what}: {_EXPECTED}")
+    if not isinstance(rows, list) or not rows or not all(isinstance(row, list) for row in rows):
+        raise BadRequest(f"{what}: rows must be a non-empty list of lists")
+    width = len(rows[0])
+    ragged = next((i for i, row in enumerate(rows) if len(row) != width), None)
+    if ragged is not None or width == 0:
+        raise BadRequest(
+            f"{what}: every row needs the same number of columns ({width}); row {ragged} differs"
+        )
+    return rows, kind
+
+
+def parse_prediction(payload: Any) -> tuple[list[str] | None, list[list[Any]], str]:
+    """A prediction request -> (column names or None, rows, the kind of payload it came as)."""
+    if isinstance(payload, dict) and "jsonData" in payload:
+        records = payload["jsonData"]
+        records = [records] if isinstance(records, dict) else records
+        if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
+            raise BadRequest(f"jsonData must be an object or a list of objects: {_EXPECTED}")
+        keys = list(records[0])
+        if not all(list(r) == keys for r in records):
+            raise BadRequest(f"every jsonData record needs the same keys, in the same order: {keys}")
+        return keys, [list(r.values()) for r in records], "jsonData"
+    if not isinstance(payload, dict):
+        raise BadRequest(_EXPECTED)
+    rows, kind = _datadef_rows(payload.get("data"), "data")
+    names = payload["data"].get("names") or None
+    if names is not None and (
+        not isinstance(names, list)
+        or not all(isinstance(n, str) for n in names)
+        or len(names) != len(rows[0])
+    ):
+        raise BadRequest(f"names must be {len(rows[0])} strings, one per column, got {names!r:.200}")
+    return names, rows, kind
+
+
+def check_features(names: list[str] | None, rows: list[list[Any]]) -> None:
+    """Every feature value a finite number (float32 range): null, NaN, Infinity and 1e400 are refused,
+    naming the column, rather than answered with made-up probabilities."""
+    for i, row in enumerate(rows):
+        for j, value in enumerate(row):
+            # One comparison refuses NaN, infinities and values beyond float32 (ints of any size too).
+            if type(value) not in (int, float) or not -_FLOAT32_MAX <= value <= _FLOAT32_MAX:
+                column = repr(names[j]) if names else str(j)
+                raise BadRequest(
+                    f"feature {column} of row {i} must be a finite number, got {json.dumps(value)[:50]}"
+                    " (the model declares no handling of missing values)"
+                )
+
+
+def _label(value: Any, allowed: dict[Any, str]) -> Any:
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (str, int, float))
+        or (isinstance(value, float) and not math.isfinite(value))
+    ):
+        raise BadRequest(
+            f"a truth label must be one of the model's classes {sorted(allowed.values())}, got {value!r:.50}"
+        )
+    key = label_value(value)
+    if key not in allowed:
+        raise BadRequest(f"truth {value!r:.50} is not one of the model's classes {sorted(allowed.values())}")
+    return key
+
+
+def _truth(value: Any) -> list[Any]:
+    """Truth labels, one per row: Seldon's ``{"data": {"ndarray" | "tensor": ...}}``, ``[1, 0]`` or ``1``."""
     if isinstance(value, dict):
-        value = (value.get("data") or {}).get("ndarray")
-        if value is None:
-            raise ValueError("truth must be {'data': {'ndarray': [[label], ...]}} or a list of labels")
-    return label_rows(value)
+        rows, _ = _datadef_rows(value.get("data"), "truth")
+        return rows
+    return value if isinstance(value, list) else [value]
 
 
 def _status(code: int, info: str) -> dict[str, Any]:
@@ -219,8 +369,16 @@ class Gateway:
         timeout_s: float = 10.0,
         feedback_window: int = 20_000,
         features: FeatureLookup | None = None,
+        admin_token: str | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        hosts: frozenset[str] = LOOPBACK,
     ) -> None:
+        """``admin_token``: what the admin endpoints need (without one they answer nobody);
+        ``hosts``: where predictors may be (``PUT /admin/predictors`` refuses others)."""
         self.deployment = deployment
+        self._admin_header = f"Bearer {admin_token}".encode() if admin_token else None
+        self.max_body_bytes = max_body_bytes
+        self.hosts = hosts
         self.features = features  # looks up features for requests that carry only entity keys
         self.table = table
         self.log = RequestLog(artefact_root, deployment, log_batch)
@@ -260,6 +418,13 @@ class Gateway:
             SHADOW_METRIC,
             "Rows answered by the shadow and the live predictor",
             [*predictor, "outcome"],
+            registry=self.registry,
+        )
+        self.rewards = Histogram(
+            "airloop_gateway_feedback_reward",
+            "Rewards sent with feedback per predictor (Seldon's reward)",
+            predictor,
+            buckets=(0.0, 0.25, 0.5, 0.75, 1.0),
             registry=self.registry,
         )
         self.shadow_dropped = Counter(
@@ -320,7 +485,6 @@ class Gateway:
         routes = Starlette(
             lifespan=self.lifespan,
             routes=[
-                HttpRoute("/api/v1.0/feedback", self.send_feedback, methods=["POST"]),
                 HttpRoute("/health/ping", lambda _: PlainTextResponse("pong")),
                 HttpRoute("/metrics", self.prometheus),
                 HttpRoute("/admin/state", self.get_state),
@@ -328,68 +492,98 @@ class Gateway:
                 HttpRoute("/admin/predictors", self.put_predictors, methods=["PUT"]),
             ],
         )
+        handlers = {PREDICT_PATH: self.predict, FEEDBACK_PATH: self.send_feedback}
 
         async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
-            # Predictions skip Starlette's routing, middleware and Request/Response objects: about a
-            # tenth of the gateway's CPU time per request (docs/serving.md, "Overhead").
-            if scope["type"] != "http" or scope["path"] != PREDICT_PATH or scope["method"] != "POST":
+            if scope["type"] != "http":
                 return await routes(scope, receive, send)
-            body, more = b"", True
+            path = scope["path"]
+            if path.startswith("/admin/") and not self._authorised(scope):
+                return await _answer(
+                    send, 401, _encode(_status(401, "the admin API needs the gateway's token"))
+                )
+            length = _content_length(scope)
+            if length is not None and length > self.max_body_bytes:
+                return await _answer(send, 413, _encode(_status(413, self._too_large())))
+            handler = handlers.get(path) if scope["method"] == "POST" else None
+            if handler is None:
+                return await routes(scope, receive, send)
+            # Predictions and feedback skip Starlette's routing, middleware and Request/Response
+            # objects: about a tenth of the gateway's CPU time per request (docs/serving.md, "Overhead").
+            chunks, size, more = [], 0, True
             while more:
                 message = await receive()
-                body += message.get("body", b"")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body_bytes:  # a body sent without its length
+                    return await _answer(send, 413, _encode(_status(413, self._too_large())))
+                chunks.append(chunk)
                 more = message.get("more_body", False)
-            code, payload, headers = await self.predict(body)
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": code,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(payload)).encode()),
-                        *((k.encode(), v.encode()) for k, v in headers.items()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": payload})
+            headers = dict(scope["headers"])
+            await _answer(send, *await handler(b"".join(chunks), headers))
 
         return asgi
 
+    def _authorised(self, scope: Scope) -> bool:
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        return self._admin_header is not None and hmac.compare_digest(given, self._admin_header)
+
+    def _too_large(self) -> str:
+        return f"request bodies are limited to {self.max_body_bytes} bytes (the target's max_body_bytes)"
+
     # -- traffic -----------------------------------------------------------------------------------
-    async def predict(self, body: bytes) -> tuple[int, bytes, dict[str, str]]:
+    async def predict(self, body: bytes, headers: dict[bytes, bytes]) -> tuple[int, bytes, dict[str, str]]:
         """One prediction request's body -> (status, response body, headers)."""
         start = time.perf_counter()
         try:
-            payload = json.loads(body.decode())  # a str skips json's encoding detection
-            names, rows = payload["data"].get("names"), payload["data"]["ndarray"]
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return (
-                400,
-                _encode(
-                    _status(400, "expected a JSON body {'data': {'names': [...], 'ndarray': [[...], ...]}}")
-                ),
-                {},
-            )
-        if self.features is not None and self.features.wants(names):
-            try:
-                names, rows, body = await self.features.enrich(self.session, names, rows)
-            except FeatureLookupError as exc:
-                return exc.code, _encode(_status(exc.code, str(exc))), {}
+            names, rows, kind = parse_prediction(_json(body))
+            if self.features is not None and self.features.wants(names):
+                names, rows, body = await self.features.enrich(self.session, names or [], rows)
+            elif kind != "ndarray":  # the predictors take ndarray only
+                data: dict[str, Any] = (
+                    {"ndarray": rows} if names is None else {"names": names, "ndarray": rows}
+                )
+                body = _encode({"data": data})
+            check_features(names, rows)
+        except BadRequest as exc:
+            return exc.code, _encode(_status(exc.code, str(exc))), {}
+        except FeatureLookupError as exc:
+            return exc.code, _encode(_status(exc.code, str(exc))), {}
         route = self.table.pick()
         if route is None:
             info = f"deployment {self.deployment!r} has no predictor with traffic"
             return 503, _encode(_status(503, info)), {}
         request_id = os.urandom(16).hex()  # what uuid4().hex holds, without building a UUID
-        headers = {PREDICTOR_HEADER: route.name, REQUEST_ID_HEADER: request_id}
         code, result, latency = await self._forward(route, body)
         labels = (self.deployment, route.name, route.model_version, "predictions", str(code))
         self._child(self.client_seconds, *labels).observe(latency)
+        failed = None
+        if code >= 500 and (fallback := self.table.fallback(route)) is not None:
+            # Counted against the predictor that failed, answered by the champion: no client sees a
+            # canary crash.
+            failed, route = route, fallback
+            code, result, latency = await self._forward(route, body)
+            labels = (self.deployment, route.name, route.model_version, "predictions", str(code))
+            self._child(self.client_seconds, *labels).observe(latency)
         probabilities = classes = None
         if code == 200:
-            result.setdefault("meta", {}).update({"requestId": request_id, "predictor": route.name})
+            meta = result.setdefault("meta", {})
+            # Seldon's fields only (SeldonClient parses answers into its protobuf): puid correlates
+            # feedback, the tags name the predictor.
+            meta["puid"] = request_id
+            meta.setdefault("tags", {}).update(
+                {"predictor": route.name, "model_version": route.model_version}
+            )
             probabilities, classes = result["data"]["ndarray"], result["data"].get("names") or []
             self._count_predicted(route, probabilities, classes)
             self._remember(request_id, _Recent(route, names, rows, classes, probabilities))
+            if kind == "tensor":  # answered as asked
+                width = len(probabilities[0]) if probabilities else 0
+                values = [p for row in probabilities for p in row]
+                result["data"] = {
+                    "names": classes,
+                    "tensor": {"shape": [len(probabilities), width], "values": values},
+                }
         shadow = self.table.mirror()
         if shadow is not None:
             if len(self._mirrors) < MAX_MIRRORS:
@@ -410,11 +604,12 @@ class Gateway:
                 "prediction": probabilities,
                 "latency_ms": round(latency * 1e3, 3),
                 "status": code,
+                "failed_on": failed.name if failed else None,
             }
         ):
             self._flush(self.log)
         self._child(self.server_seconds, *labels).observe(time.perf_counter() - start)
-        return code, _encode(result), headers
+        return code, _encode(result), {PREDICTOR_HEADER: route.name, REQUEST_ID_HEADER: request_id}
 
     async def _forward(self, route: Route, body: bytes) -> tuple[int, dict[str, Any], float]:
         """POST a prediction request to a predictor: (status, answer, seconds); failures become 502/504."""
@@ -491,59 +686,77 @@ class Gateway:
         if len(self.recent) > self.feedback_window:
             self.recent.popitem(last=False)
 
-    async def send_feedback(self, request: Request) -> Response:
+    async def send_feedback(
+        self, body: bytes, headers: dict[bytes, bytes]
+    ) -> tuple[int, bytes, dict[str, str]]:
+        """Seldon's feedback (``truth`` and/or ``reward``, the prediction named by the response's
+        ``meta.puid``, a ``request_id`` or the request id header) -> (status, body, headers)."""
         try:
-            payload = await request.json()
-            request_id = (
-                request.headers.get(REQUEST_ID_HEADER)
-                or payload.get("request_id")
-                or payload.get("response", {}).get("meta", {}).get("requestId")
-            )
-            truth = _rows(payload["truth"])
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            return _failure(400, f"expected Seldon feedback with 'truth' and a request id: {exc}")
-        recent = self.recent.get(request_id) if request_id else None
-        if recent is None:
-            return _failure(
-                404,
-                f"unknown or expired request id {request_id!r} "
-                f"(the gateway remembers the last {self.feedback_window} predictions)",
-            )
-        if len(truth) != len(recent.probabilities):
-            return _failure(400, f"{len(truth)} truth labels for {len(recent.probabilities)} predicted rows")
+            payload = _json(body)
+            if not isinstance(payload, dict):
+                raise BadRequest("feedback must be an object {'response': ..., 'truth': ..., 'reward': ...}")
+            request_id = _request_id(payload, headers)
+            reward = payload.get("reward")
+            if reward is not None and (type(reward) not in (int, float) or not math.isfinite(reward)):
+                raise BadRequest(f"reward must be a finite number, got {reward!r:.50}")
+            if payload.get("truth") is None and reward is None:
+                raise BadRequest("feedback needs a truth, a reward or both")
+            recent = self.recent.get(request_id)
+            if recent is None:
+                raise BadRequest(
+                    f"unknown or expired request id {request_id!r} "
+                    f"(the gateway remembers the last {self.feedback_window} predictions)",
+                    404,
+                )
+            truth = None
+            if payload.get("truth") is not None:
+                width = len(recent.probabilities[0])
+                classes = recent.classes or [str(i) for i in range(width)]
+                allowed = {label_value(c): str(c) for c in classes}
+                truth = [_label(t, allowed) for t in _truth(payload["truth"])]
+                if len(truth) != len(recent.probabilities):
+                    raise BadRequest(
+                        f"{len(truth)} truth labels for {len(recent.probabilities)} predicted rows"
+                    )
+        except BadRequest as exc:
+            return exc.code, _encode(_status(exc.code, str(exc))), {}
         del self.recent[request_id]  # one feedback per prediction
-        correct = sum(
-            label_value(predicted_class(p, recent.classes)) == label_value(t)
-            for p, t in zip(recent.probabilities, truth, strict=True)
-        )
         route = recent.route
         labels = (self.deployment, route.name, route.model_version)
-        self.feedback.labels(*labels, "correct").inc(correct)
-        self.feedback.labels(*labels, "incorrect").inc(len(truth) - correct)
-        # Seldon's model servers take feedback too (e.g. for online learning): pass it on.
-        forward = {
+        forward: dict[str, Any] = {
             "request": {"data": {"names": recent.names, "ndarray": recent.features}},
             "response": {"data": {"names": recent.classes, "ndarray": recent.probabilities}},
-            "truth": {"data": {"ndarray": [[t] for t in truth]}},
-            "reward": payload.get("reward", correct / len(truth)),
         }
         if recent.names is None:
             del forward["request"]["data"]["names"]
-        headers = {PREDICTOR_HEADER: route.name, REQUEST_ID_HEADER: request_id}
+        correct = None
+        if truth is not None:
+            correct = sum(
+                label_value(predicted_class(p, recent.classes)) == t
+                for p, t in zip(recent.probabilities, truth, strict=True)
+            )
+            self._child(self.feedback, *labels, "correct").inc(correct)
+            self._child(self.feedback, *labels, "incorrect").inc(len(truth) - correct)
+            forward["truth"] = {"data": {"ndarray": [[_class_of(t, recent.classes)] for t in truth]}}
+            forward["reward"] = correct / len(truth)
+        if reward is not None:
+            self._child(self.rewards, *labels).observe(reward)
+            forward["reward"] = reward
+        answer_headers = {PREDICTOR_HEADER: route.name, REQUEST_ID_HEADER: request_id}
+        # Seldon's model servers take feedback too (e.g. for online learning): pass it on.
         try:
-            async with self.session.post(f"{route.url}/api/v1.0/feedback", json=forward) as answer:
+            async with self.session.post(f"{route.url}{FEEDBACK_PATH}", json=forward) as answer:
                 accepted = answer.ok
         except (aiohttp.ClientError, TimeoutError):
             accepted = False
         if not accepted:
-            return _failure(502, f"feedback counted, but predictor {route.name} did not take it", headers)
-        return JSONResponse(
-            {
-                "meta": {"requestId": request_id, "predictor": route.name},
-                "jsonData": {"feedback": len(truth), "correct": correct},
-            },
-            headers=headers,
-        )
+            info = f"feedback counted, but predictor {route.name} did not take it"
+            return 502, _encode(_status(502, info)), answer_headers
+        done = {
+            "meta": {"puid": request_id, "tags": {"predictor": route.name}},
+            "jsonData": {"feedback": len(truth or ()), "correct": correct, "reward": reward},
+        }
+        return 200, _encode(done), answer_headers
 
     # -- admin -------------------------------------------------------------------------------------
     async def get_state(self, request: Request) -> JSONResponse:
@@ -551,7 +764,7 @@ class Gateway:
 
     async def put_predictors(self, request: Request) -> JSONResponse:
         try:
-            self.table = parse_routes(await request.json())
+            self.table = parse_routes(await request.json(), self.hosts)
         except ValueError as exc:
             return _failure(400, str(exc))
         return await self.get_state(request)
@@ -593,6 +806,52 @@ class Gateway:
         return stats
 
 
+def _request_id(payload: dict[str, Any], headers: dict[bytes, bytes]) -> str:
+    response = payload.get("response")
+    meta = response.get("meta") if isinstance(response, dict) else None
+    request_id = (
+        headers.get(REQUEST_ID_HEADER.lower().encode(), b"").decode(errors="replace")
+        or payload.get("request_id")
+        or (meta.get("puid") if isinstance(meta, dict) else None)
+    )
+    if not isinstance(request_id, str) or not 0 < len(request_id) <= 64:
+        raise BadRequest(
+            "feedback needs the prediction's id: the response's meta.puid, 'request_id' or the "
+            f"{REQUEST_ID_HEADER} header (a string), got {request_id!r:.50}"
+        )
+    return request_id
+
+
+def _class_of(label: Any, classes: list[str]) -> Any:
+    """A truth label as the model names its class (``1.0`` -> ``"1"``), for the model server."""
+    return next((c for c in classes if label_value(c) == label), label)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _answer(send: Send, code: int, payload: bytes, headers: dict[str, str] | None = None) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": code,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *((k.encode(), v.encode()) for k, v in (headers or {}).items()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
 def _bound_ms(le: str) -> str:
     return le if le == "+Inf" else format(float(le) * 1e3, "g")
 
@@ -622,6 +881,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-interval", type=float, default=5.0, help="... or every T seconds")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a predictor")
     args = parser.parse_args(argv)
+    token = os.environ.pop(TOKEN_ENV, None)  # not passed on to anything the gateway runs
+    if not token:
+        parser.error(f"set {TOKEN_ENV}: the admin API's token (the serving target passes it)")
     state = json.loads((args.state_dir / STATE_FILE).read_text())
     gateway = Gateway(
         state["deployment"],
@@ -631,6 +893,8 @@ def main(argv: list[str] | None = None) -> None:
         log_interval_s=args.log_interval,
         timeout_s=args.timeout,
         features=FeatureLookup.from_config(state.get("features")),
+        admin_token=token,
+        max_body_bytes=state.get("max_body_bytes", MAX_BODY_BYTES),
     )
     # No Server and Date headers: nothing a client needs, and two header lines less to build per answer.
     uvicorn.run(

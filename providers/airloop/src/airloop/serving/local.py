@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -36,6 +38,14 @@ from airloop.serving.features import FeatureLookup
 
 MODEL_CLASS = "airloop.serving.model.OpenVinoModel"
 STATE_FILE = "state.json"
+# The gateway's admin token, readable by this user only: the target's calls from any process (an
+# Airflow task, the triggerer) read it here when the serving connection holds none.
+TOKEN_FILE = "admin-token"
+# Request bodies larger than this are answered 413 by the gateway before they are read (a 100 MB
+# body once took it from 319 MB to 1.29 GB); the serving connection's ``max_body_bytes`` changes it.
+MAX_BODY_BYTES = 4 << 20
+# Where the gateway finds its admin token when it starts (its command line is public).
+TOKEN_ENV = "AIRLOOP_GATEWAY_TOKEN"
 # Model servers keep idle connections this long (Seldon's ``--keepalive``, default 2 s), so the
 # gateway's connection pool is reused between requests.
 SERVER_KEEPALIVE_S = 30
@@ -52,6 +62,9 @@ class LocalServingTarget(ServingTarget):
         the serving runtime, taking the ``model_dir`` parameter).
     :param features: where the gateway looks up features for requests that carry only entity keys
         (``{"url", "entities", "features"}``, see ``airloop.serving.features``).
+    :param admin_token: the token of the gateway's admin API (the serving connection's password);
+        without one, each deployment gets a random token in a file only this user can read.
+    :param max_body_bytes: larger request bodies are answered 413 before they are read.
     """
 
     def __init__(
@@ -62,9 +75,13 @@ class LocalServingTarget(ServingTarget):
         startup_timeout_s: float = 60.0,
         model_class: str = MODEL_CLASS,
         features: dict[str, Any] | None = None,
+        admin_token: str | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         self.home = home
         self.features = features
+        self.admin_token = admin_token
+        self.max_body_bytes = max_body_bytes
         self.threads = threads
         self.startup_timeout_s = startup_timeout_s
         self.model_class = model_class
@@ -115,9 +132,15 @@ class LocalServingTarget(ServingTarget):
                 }
             for name, role in traffic.items():
                 running[name].update(role)
-            if state.get("features") != self.features and state.get("gateway"):
-                _stop_group(state["gateway"]["pid"])  # the gateway reads the feature lookup when it starts
-            state["features"] = self.features
+            token = self._token(deployment)
+            gateway_config = {
+                "features": self.features,
+                "max_body_bytes": self.max_body_bytes,
+                "admin_token_sha256": hashlib.sha256(token.encode()).hexdigest(),
+            }
+            if any(state.get(k) != v for k, v in gateway_config.items()) and state.get("gateway"):
+                _stop_group(state["gateway"]["pid"])  # the gateway reads these when it starts
+            state.update(gateway_config)
             self._write_state(deployment, state)
             self._ensure_gateway(deployment, state)
             return self._describe(state)
@@ -161,7 +184,7 @@ class LocalServingTarget(ServingTarget):
     async def ametrics(self, deployment: str) -> dict[str, dict[str, Any]]:
         state = self._read_state(deployment)
         async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
-            answer = await client.get(f"{_endpoint(state)}/admin/stats")
+            answer = await client.get(f"{_endpoint(state)}/admin/stats", headers=self._headers(deployment))
         return _checked(answer, deployment)
 
     def delete(self, deployment: str) -> None:
@@ -284,12 +307,15 @@ class LocalServingTarget(ServingTarget):
             "--port",
             str(port),
         ]
-        process = {"pid": self._spawn(deployment, "gateway", command), "port": port}
+        env = {TOKEN_ENV: self._token(deployment)}
+        process = {"pid": self._spawn(deployment, "gateway", command, env), "port": port}
         self._wait_ready(deployment, "gateway", process)
         state["gateway"] = process
         self._write_state(deployment, state)
 
-    def _spawn(self, deployment: str, name: str, command: list[str]) -> int:
+    def _spawn(
+        self, deployment: str, name: str, command: list[str], extra_env: dict[str, str] | None = None
+    ) -> int:
         # Resolved here: the process runs in the state folder, where a relative AIRLOOP_HOME means
         # another place.
         env = {
@@ -299,6 +325,7 @@ class LocalServingTarget(ServingTarget):
             "PYTHONUNBUFFERED": "1",
             "AIRLOOP_HOME": str(settings.home()),
             "AIRLOOP_ARTEFACTS": settings.artefact_root(),
+            **(extra_env or {}),
         }
         with open(self._dir(deployment) / f"{name}.log", "ab") as log:
             process = subprocess.Popen(
@@ -330,9 +357,35 @@ class LocalServingTarget(ServingTarget):
             f"{self.startup_timeout_s} s (log: {log})"
         )
 
+    def _token(self, deployment: str) -> str:
+        """The connection's token, else the deployment's own (made on first use); kept in the token
+        file either way, so that calls without the connection (a new target in a trigger) have it."""
+        path = self._dir(deployment) / TOKEN_FILE
+        if self.admin_token is None and path.exists():
+            return path.read_text()
+        token = self.admin_token or secrets.token_urlsafe(32)
+        if not path.exists() or path.read_text() != token:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staging = path.with_suffix(".tmp")
+            staging.unlink(missing_ok=True)
+            with os.fdopen(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+                out.write(token)
+            staging.replace(path)
+        return token
+
+    def _headers(self, deployment: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._token(deployment)}"}
+
     def _admin(self, state: dict[str, Any], method: str, path: str, **kwargs: Any) -> Any:
         try:
-            answer = httpx.request(method, f"{_endpoint(state)}{path}", trust_env=False, timeout=10, **kwargs)
+            answer = httpx.request(
+                method,
+                f"{_endpoint(state)}{path}",
+                trust_env=False,
+                timeout=10,
+                headers=self._headers(state["deployment"]),
+                **kwargs,
+            )
         except httpx.TransportError as exc:
             raise RuntimeError(
                 f"the gateway of deployment {state['deployment']!r} does not answer "

@@ -134,6 +134,10 @@ class OpenVinoModel:
             raise _bad_input(f"features must be numbers: {exc}") from None
         if rows.ndim != 2 or rows.shape[1] != len(expected):
             raise _bad_input(f"expected rows of {len(expected)} features, got shape {list(rows.shape)}")
+        finite = np.isfinite(rows)
+        if not finite.all():  # null (NaN here), NaN, Infinity, 1e400: no made-up probabilities
+            row, column = np.argwhere(~finite)[0]
+            raise _bad_input(f"feature {expected[column]!r} of row {row} must be a finite number")
         pool = self._requests[len(rows) == 1]
         request = pool.get()  # waits while every request is busy
         try:
