@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import quote
 
+import httpx
 import pytest
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import FastAPI
@@ -17,8 +25,14 @@ from starlette.testclient import TestClient
 from airloop.plugins.ui import URL_PREFIX
 from airloop.plugins.ui.app import FILE_CSP, PAGE_CSP, create_app
 from airloop.plugins.ui.plugin import AirloopPlugin, base_path
+from airloop.plugins.ui.sources import UI_HTTP
+from airloop.ports import free_port
+from airloop.serving.local import TOKEN_ENV
 
 SCRIPT = "<script>alert(1)</script>"
+# The DAG run that registered version 2 (Airflow's tags on the version).
+DAG_RUN = {"airflow.dag_id": "airloop_loop", "airflow.run_id": "manual__2026-01-01T00:00:00+00:00"}
+LONG_FLOAT = 0.0360234998879605
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +47,16 @@ def token() -> str:
 
 
 @pytest.fixture(scope="module")
+def expired_token(token: str) -> str:
+    """The admin's session cookie of yesterday."""
+    from airflow.api_fastapi.app import create_auth_manager
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    user = SimpleAuthManagerUser(username="admin", role="admin")
+    return create_auth_manager().generate_jwt(user, expiration_time_in_seconds=-3600)
+
+
+@pytest.fixture(scope="module")
 def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A registry with two models: aliases champion/challenger/previous, a rejected version, a hostile tag."""
     from mlflow import MlflowClient
@@ -44,10 +68,15 @@ def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("airloop", artifact_location=(folder / "artefacts").as_uri())
     client.create_registered_model("churn", tags={"owner": SCRIPT}, description="Churn classifier")
-    for accuracy in (0.91, 0.93, 0.95, 0.89):
+    for number, accuracy in enumerate((0.91, 0.93, 0.95, 0.89), start=1):
         run = client.create_run(experiment)
         client.log_metric(run.info.run_id, "accuracy", accuracy)
-        client.create_model_version("churn", f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+        if number == 3:
+            client.log_metric(run.info.run_id, "log_loss", LONG_FLOAT)
+        tags = DAG_RUN if number == 2 else {}
+        client.create_model_version(
+            "churn", f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags
+        )
     client.set_model_version_tag("churn", "4", "airloop.rejected", "true")
     append_audit(
         {
@@ -56,6 +85,23 @@ def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
             "version": "2",
             "stage": "training",
             "record": {"accuracy": 0.93, "note": SCRIPT},
+        }
+    )
+    # Paths the plugin serves (when the files exist), and one it does not.
+    append_audit(
+        {
+            "tracking_uri": uri,
+            "model_name": "churn",
+            "version": "1",
+            "records": {
+                "validation": {"docs": "validation/airloop_loop/run/validate/data_docs/index.html"},
+                "rollout": {
+                    "decision": "promoted",
+                    "report": "rollouts/churn/a.json",
+                    "started": "2026-01-01T00:00:00+00:00",
+                    "earlier": [{"attempt": 1, "report": "rollouts/churn/gone.json", "decision": "aborted"}],
+                },
+            },
         }
     )
     client.set_registered_model_alias("churn", "previous", "1")
@@ -71,16 +117,23 @@ def artefacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-@pytest.fixture
-def client(token: str, tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+def _mlflow_connection(monkeypatch: pytest.MonkeyPatch, host: str, **extra: str) -> None:
     monkeypatch.setenv(
-        "AIRFLOW_CONN_MLFLOW_DEFAULT",
-        json.dumps({"conn_type": "mlflow", "host": tracking_uri}),
+        "AIRFLOW_CONN_MLFLOW_DEFAULT", json.dumps({"conn_type": "mlflow", "host": host, "extra": extra})
     )
-    # Mounted the way the API server mounts plugin apps, so links carry the prefix.
+
+
+def _server() -> FastAPI:
+    """The app mounted the way the API server mounts plugin apps, so links carry the prefix."""
     server = FastAPI()
     server.mount(URL_PREFIX, create_app())
-    with TestClient(server, cookies={"_token": token}) as test_client:
+    return server
+
+
+@pytest.fixture
+def client(token: str, tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    _mlflow_connection(monkeypatch, tracking_uri)
+    with TestClient(_server(), cookies={"_token": token}) as test_client:
         yield test_client
 
 
@@ -108,14 +161,35 @@ def test_hrefs_follow_api_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
     assert base_path() == "/team-a"
 
 
+LOGIN = "/api/v2/auth/login?next="
+
+
 @pytest.mark.usefixtures("token")  # the API server's auth manager is up; this client just has no token
-def test_pages_require_an_airflow_login() -> None:
-    server = FastAPI()
-    server.mount(URL_PREFIX, create_app())
-    with TestClient(server) as anonymous:
-        assert anonymous.get("/airloop/models").status_code == 401
-        assert anonymous.get("/airloop/api/models").status_code == 401
-        assert anonymous.get("/airloop/models", headers={"Authorization": "Bearer forged"}).status_code == 403
+def test_pages_send_a_browser_to_airflows_login_and_the_api_answers_json() -> None:
+    with TestClient(_server(), follow_redirects=False) as anonymous:
+        page = anonymous.get("/airloop/models?sort=name")
+        assert page.status_code == 303
+        assert page.headers["location"] == LOGIN + quote("/airloop/models?sort=name", safe="")
+        forged = anonymous.get("/airloop/models", headers={"Authorization": "Bearer forged"})
+        assert forged.status_code == 303 and forged.headers["location"].startswith(LOGIN)
+        api = anonymous.get("/airloop/api/models")
+        assert api.status_code == 401 and api.json() == {"detail": "Not authenticated"}
+        api = anonymous.get("/airloop/api/models", headers={"Authorization": "Bearer forged"})
+        assert api.status_code == 403 and api.json() == {"detail": "Invalid JWT token"}
+
+
+def test_an_expired_session_goes_to_the_login_of_airflow_under_its_base_url(
+    expired_token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "https://airflow.example.com/team-a/")
+    with TestClient(_server(), cookies={"_token": expired_token}, follow_redirects=False) as expired:
+        page = expired.get("/airloop/models/churn/versions/2")
+        assert page.status_code == 303
+        assert page.headers["location"] == "/team-a" + LOGIN + quote(
+            "/airloop/models/churn/versions/2", safe=""
+        )
+        api = expired.get("/airloop/api/models")
+        assert api.status_code == 401 and api.json() == {"detail": "Token Expired"}
 
 
 def test_models_page_lists_versions_aliases_metrics_and_escapes(client: TestClient) -> None:
@@ -128,7 +202,8 @@ def test_models_page_lists_versions_aliases_metrics_and_escapes(client: TestClie
     for alias in ("champion", "challenger", "previous"):
         assert f'<span class="alias">{alias}</span>' in page
     assert 'href="/airloop/models/churn/versions/3"' in page
-    assert "accuracy = 0.95" in page
+    assert "accuracy = 95.0 %" in page  # a rate, as a percentage
+    assert "log_loss = 0.0360" in page and str(LONG_FLOAT) not in page  # three significant figures
     assert '<span class="bad">rejected</span>' in page
     assert SCRIPT not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
@@ -148,13 +223,19 @@ def test_api_models_returns_the_registry(client: TestClient) -> None:
     assert by_version["4"]["rejected"] is True and by_version["3"]["rejected"] is False
     assert churn["tags"] == {"owner": SCRIPT}  # JSON carries raw values; escaping is the HTML's job
     assert models["fraud"]["versions"] == []
+    assert by_version["2"]["dag_run"] == {"dag_id": "airloop_loop", "run_id": DAG_RUN["airflow.run_id"]}
+    assert by_version["3"]["dag_run"] is None
+    assert by_version["2"]["mlflow_run_url"].startswith("http://127.0.0.1:5000/#/experiments/")
+    assert by_version["2"]["mlflow_run_url"].endswith(f"/runs/{by_version['2']['run_id']}")
+    assert by_version["2"]["mlflow_version_url"] == "http://127.0.0.1:5000/#/models/churn/versions/2"
+    assert isinstance(by_version["2"]["created"], int)
 
 
 def test_version_page_shows_the_loop_audit_record(client: TestClient) -> None:
     page = client.get("/airloop/models/churn/versions/2").text
     assert "churn version 2" in page
     assert '<span class="alias">champion</span>' in page
-    assert "<h3>training <small>" in page and "&quot;accuracy&quot;: 0.93" in page
+    assert "<h3>training <small><time datetime=" in page and "<td>accuracy</td><td>93.0 %</td>" in page
     assert SCRIPT not in page
     assert "No audit record" in client.get("/airloop/models/churn/versions/3").text
     assert client.get("/airloop/models/churn/versions/99").status_code == 404
@@ -199,6 +280,9 @@ def test_rollouts_page_shows_latest_reports_first(client: TestClient, artefacts:
     assert "unreadable report broken.json" in page
     assert "<td>shadow</td><td>0</td><td>37</td>" in page and "<td>canary</td><td>10</td><td></td>" in page
     assert 'href="/airloop/files/rollouts/churn/b.json"' in page
+    assert "<td>2026-02-01 00:00:00 UTC</td>" not in page  # times are <time> elements, not raw strings
+    assert '<time datetime="2026-02-01T00:00:00+00:00">2026-02-01 00:00:00 UTC</time>' in page
+    assert "2026-02-01T00:00:00<" not in page
     served = client.get("/airloop/files/rollouts/churn/b.json")
     assert served.json()["decision"] == "rolled_back"
     assert served.headers["content-security-policy"] == FILE_CSP
@@ -221,7 +305,8 @@ def test_drift_page_and_report(client: TestClient, artefacts: Path) -> None:
     _write(artefacts / "drift/churn/20260201T000000/report.json", latest)
     _write(artefacts / "drift/churn/20260201T000000/report.html", "<html><body>drift report</body></html>")
     page = client.get("/airloop/drift").text
-    assert "<h2>churn</h2>" in page and "Features at 20260201T000000" in page
+    assert "<h2>churn</h2>" in page
+    assert 'Features at <time datetime="2026-02-01T00:00:00+00:00">2026-02-01 00:00:00 UTC</time>' in page
     assert "tenure" in page and "500" in page
     link = "/airloop/files/drift/churn/20260201T000000/report.html"
     assert f'href="{link}"' in page
@@ -255,6 +340,255 @@ def test_remote_artefact_root_is_a_clear_error(client: TestClient, monkeypatch: 
     response = client.get("/airloop/drift")
     assert response.status_code == 500
     assert "file:// roots only" in response.text
+
+
+def test_version_page_links_what_the_plugin_serves_and_the_runs(client: TestClient, artefacts: Path) -> None:
+    _write(artefacts / "rollouts/churn/a.json", {"decision": "promoted"})
+    _write(artefacts / "validation/airloop_loop/run/validate/data_docs/index.html", "<p>docs</p>")
+    page = client.get("/airloop/models/churn/versions/1").text
+    assert 'href="/airloop/files/rollouts/churn/a.json"' in page
+    assert 'href="/airloop/files/validation/airloop_loop/run/validate/data_docs/index.html"' in page
+    # A report that is not on disk stays text.
+    assert "rollouts/churn/gone.json" in page and "/airloop/files/rollouts/churn/gone.json" not in page
+    assert '<time datetime="2026-01-01T00:00:00+00:00">2026-01-01 00:00:00 UTC</time>' in page
+    view = client.get("/airloop/api/models/churn/versions/1").json()
+    assert view["audit"]["files"] == {
+        "rollouts/churn/a.json": "rollouts/churn/a.json",
+        "validation/airloop_loop/run/validate/data_docs/index.html": (
+            "validation/airloop_loop/run/validate/data_docs/index.html"
+        ),
+    }
+    assert [stage["stage"] for stage in view["audit"]["stages"]] == ["validation", "rollout"]
+    # The MLflow run, in a tab of its own, and the DAG run that registered the version, out of the frame.
+    page = client.get("/airloop/models/churn/versions/2").text
+    dag_run = quote(DAG_RUN["airflow.run_id"], safe="")
+    assert f'<a href="/dags/airloop_loop/runs/{dag_run}" target="_top">DAG run</a>' in page
+    assert 'href="http://127.0.0.1:5000/#/experiments/' in page and 'target="_blank"' in page
+
+
+@pytest.fixture
+def refused() -> str:
+    """An MLflow that is stopped: nothing listens on its port."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def test_mlflow_stopped_is_a_banner_on_the_pages_and_a_503_from_the_api(
+    client: TestClient, refused: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _mlflow_connection(monkeypatch, refused)
+    for path in ("/airloop/models", "/airloop/models/churn/versions/2"):
+        response = client.get(path)
+        assert response.status_code == 503, path
+        assert response.headers["content-type"].startswith("text/html")
+        assert (
+            '<div class="banner" role="alert"><strong>MLflow</strong>: MLflow at ' + refused in response.text
+        )
+        # The UI's own retry settings, not MLflow's default chain of 8 tries.
+        assert f"unavailable after {UI_HTTP['max_retries'] + 1} tries" in response.text
+        assert "Traceback" not in response.text and 'href="/airloop/rollouts"' in response.text
+    api = client.get("/airloop/api/models")
+    assert api.status_code == 503
+    assert api.json()["service"] == "MLflow" and refused in api.json()["detail"]
+    assert client.get("/airloop/api/models/churn/versions/2").json()["service"] == "MLflow"
+
+
+@pytest.fixture
+def silent() -> Iterator[tuple[str, list[socket.socket]]]:
+    """An MLflow that accepts connections and never answers (a hung server); the connections it got."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    accepted: list[socket.socket] = []
+    done = threading.Event()
+
+    def accept() -> None:
+        while not done.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except TimeoutError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}", accepted
+    done.set()
+    thread.join()
+    for connection in [*accepted, listener]:
+        connection.close()
+
+
+def test_a_hung_mlflow_gets_short_timeouts_and_one_retry(
+    client: TestClient, silent: tuple[str, list[socket.socket]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, accepted = silent
+    _mlflow_connection(monkeypatch, url, max_retries="8", timeout="120")  # the steps' settings
+    response = client.get("/airloop/api/models")
+    assert response.status_code == 503
+    assert "timed out" in response.json()["detail"]
+    # One try and one retry: MLflow's defaults made 8, each waiting 120 s.
+    assert len(accepted) == UI_HTTP["max_retries"] + 1
+
+
+def test_a_name_with_both_quote_characters_is_shown(
+    token: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    name = """it's "odd\""""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registry = MlflowClient(tracking_uri=uri)
+    experiment = registry.create_experiment("quotes", artifact_location=(tmp_path / "artefacts").as_uri())
+    run = registry.create_run(experiment)
+    registry.create_registered_model(name)
+    registry.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    _mlflow_connection(monkeypatch, uri)
+    with TestClient(_server(), cookies={"_token": token}) as client:
+        page = client.get("/airloop/models")
+        assert page.status_code == 200
+        assert f"<h2>{html.escape(name)}</h2>" in page.text
+        link = f"/airloop/models/{quote(name, safe='')}/versions/1"
+        assert f'href="{html.escape(link)}"' in page.text
+        [model] = client.get("/airloop/api/models").json()
+        assert model["name"] == name and [v["version"] for v in model["versions"]] == ["1"]
+        assert client.get(link).status_code == 200
+
+
+def test_an_object_store_that_does_not_answer_is_a_banner_next_to_the_version(
+    token: str, tmp_path: Path, refused: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registry = MlflowClient(tracking_uri=uri)
+    experiment = registry.create_experiment("s3", artifact_location="s3://airloop-ui/mlflow")
+    run = registry.create_run(experiment)
+    registry.create_registered_model("churn")
+    registry.create_model_version("churn", f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    # MLflow's artefacts in S3, through an aws connection to an S3 endpoint that is down.
+    _mlflow_connection(monkeypatch, uri, aws_conn_id="s3_down")
+    aws = {"endpoint_url": refused, "region_name": "us-east-1"}
+    connection = {"conn_type": "aws", "login": "key", "password": "secret", "extra": aws}
+    monkeypatch.setenv("AIRFLOW_CONN_S3_DOWN", json.dumps(connection))
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # boto3's retries of a refused connection: seconds
+    with TestClient(_server(), cookies={"_token": token}) as client:
+        page = client.get("/airloop/models/churn/versions/1")
+        assert page.status_code == 200
+        assert "<h2>Loop audit</h2>" in page.text and '<span class="alias">' not in page.text
+        assert '<div class="banner" role="alert"><strong>object store</strong>: ' in page.text
+        assert refused in page.text and "Traceback" not in page.text
+        audit = client.get("/airloop/api/models/churn/versions/1").json()["audit"]
+        assert audit["problem"]["service"] == "object store" and audit["stages"] == []
+
+
+class _Predictor(BaseHTTPRequestHandler):
+    """A model server that answers its health check."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(200 if self.path == "/health/ping" else 404)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[subprocess.Popen]:
+    """Deployment ``churn`` on the local serving target: a real gateway in front of one predictor
+    (a server in this process); yields the gateway's process."""
+    predictor = ThreadingHTTPServer(("127.0.0.1", 0), _Predictor)
+    threading.Thread(target=predictor.serve_forever, daemon=True).start()
+    folder = tmp_path / "serving" / "churn"
+    folder.mkdir(parents=True)
+    state = {
+        "deployment": "churn",
+        "features": None,
+        "predictors": {
+            "v2": {
+                "model_version": "2",
+                "model_dir": str(tmp_path),
+                "pid": os.getpid(),
+                "port": predictor.server_port,
+                "weight": 100,
+                "shadow": False,
+            }
+        },
+    }
+    (folder / "state.json").write_text(json.dumps(state))
+    port = free_port()
+    token = "gateway-admin-token"  # the admin API's, given as the serving connection's password
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "airloop.serving.gateway", "--state-dir", str(folder), "--port", str(port)],
+        env={**os.environ, TOKEN_ENV: token},
+        stdout=(tmp_path / "gateway.log").open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health/ping", timeout=2).is_success:
+                    break
+            except httpx.TransportError:
+                assert gateway.poll() is None and time.monotonic() < deadline, (
+                    tmp_path / "gateway.log"
+                ).read_text()
+            time.sleep(0.2)
+        (folder / "state.json").write_text(
+            json.dumps({**state, "gateway": {"pid": gateway.pid, "port": port}})
+        )
+        serving = {
+            "conn_type": "airloop_serving",
+            "password": token,
+            "extra": {"target": "local", "home": str(folder.parent)},
+        }
+        monkeypatch.setenv("AIRFLOW_CONN_AIRLOOP_SERVING_DEFAULT", json.dumps(serving))
+        yield gateway
+    finally:
+        if gateway.poll() is None:
+            os.killpg(gateway.pid, signal.SIGTERM)
+            gateway.wait(timeout=30)
+        predictor.shutdown()
+
+
+def test_serving_now_and_a_banner_on_every_page_when_the_gateway_stops(
+    client: TestClient, artefacts: Path, deployment: subprocess.Popen
+) -> None:
+    _write(artefacts / "rollouts/churn/a.json", {"model_name": "churn", "decision": "promoted", "steps": []})
+    page = client.get("/airloop/rollouts").text
+    assert "<h3>Serving now (local target)</h3>" in page
+    healthy = '<span class="good">yes</span>'
+    row = f"<td>v2</td><td>2</td><td>100</td><td>live</td><td>{healthy}</td><td>0</td><td>0</td>"
+    assert row in page and 'class="banner"' not in page
+    [live] = client.get("/airloop/api/serving").json()
+    assert live["deployment"] == "churn" and live["model_name"] == "churn" and live["problem"] is None
+    assert live["predictors"]["v2"]["weight"] == 100 and live["predictors"]["v2"]["requests"] == 0
+
+    os.killpg(deployment.pid, signal.SIGTERM)
+    deployment.wait(timeout=30)
+    for path in ("/airloop/rollouts", "/airloop/models", "/airloop/drift"):
+        response = client.get(path)
+        assert response.status_code == 200, path
+        assert '<div class="banner" role="alert"><strong>serving target</strong>: ' in response.text, path
+        assert "the gateway of deployment &#x27;churn&#x27; does not answer" in response.text, path
+    assert "promoted" in client.get("/airloop/rollouts").text  # the reports still show
+    [down] = client.get("/airloop/api/serving").json()
+    assert down["problem"]["service"] == "serving target" and down["deployed"] is True
+
+
+def test_the_data_api_answers_json_for_every_page(client: TestClient, artefacts: Path) -> None:
+    _write(artefacts / "rollouts/churn/a.json", {"model_name": "churn", "decision": "promoted"})
+    _write(artefacts / "drift/churn/20260101T000000Z/report.json", {"verdict": "no_drift"})
+    rollouts = client.get("/airloop/api/rollouts")
+    assert rollouts.headers["content-type"] == "application/json"
+    assert rollouts.json() == {"churn": [{"model_name": "churn", "decision": "promoted", "file": "a.json"}]}
+    assert client.get("/airloop/api/drift").json()["churn"][0]["verdict"] == "no_drift"
+    [serving] = client.get("/airloop/api/serving").json()
+    assert serving["deployed"] is False and "not deployed" in serving["note"]  # nothing serves it here
+    assert "Not served now" in client.get("/airloop/rollouts").text
+    version = client.get("/airloop/api/models/churn/versions/2").json()
+    assert version["version"]["aliases"] == ["champion"]
+    assert version["audit"]["stages"][0]["record"] == {"accuracy": 0.93, "note": SCRIPT}
+    assert client.get("/airloop/api/models/churn/versions/99").status_code == 404
 
 
 # Runs the `airflow plugins` command, then reports whether loading the plugins imported MLflow.

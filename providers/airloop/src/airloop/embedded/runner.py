@@ -17,12 +17,13 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from airloop import runtimes, settings
-from airloop.embedded.standalone import Standalone, airflow_env
+from airloop.embedded.standalone import USERNAME, Standalone, airflow_env
 from airloop.embedded.traffic import read_stats
 from airloop.ports import free_port
 
@@ -107,7 +108,14 @@ def _wait_traffic(stats_path: Path, shift: str, requests: int, timeout: float = 
     raise TimeoutError(f"clients did not get {requests} answers in {timeout:.0f}s; see {stats_path}")
 
 
-def run_loop(dags: str, rows: int, report: str | None, keep_running: bool = False) -> int:
+def run_loop(
+    dags: str,
+    rows: int,
+    report: str | None,
+    keep_running: bool = False,
+    topology: Callable[[Path, Path], Standalone] | None = None,
+) -> int:
+    """The loop on the embedded default, or on ``topology(home, dags)`` (``production.Production``)."""
     started = time.monotonic()
     home = settings.home()
     os.environ["AIRLOOP_HOME"] = str(home)  # absolute, for every process Airflow starts
@@ -115,18 +123,24 @@ def run_loop(dags: str, rows: int, report: str | None, keep_running: bool = Fals
     os.environ.setdefault("AIRLOOP_ANALYSIS_SECONDS", "4")
     dags_dir = Path(dags).resolve()
     stages: dict[str, float] = {}
-    summary: dict[str, Any] = {"home": str(home), "runs": {}}
+    topology_name = getattr(topology, "NAME", "embedded default")
+    summary: dict[str, Any] = {"home": str(home), "topology": topology_name, "runs": {}}
     runtimes.python("serving")  # fail now, with how to build it, rather than mid-loop
     _fresh_home(home)
     _write_world(home, rows, shift=0.0, seed=1)
-    port = free_port()
-    airflow = Standalone(airflow_env(home / "airflow", dags_dir, port), home / "airflow.log")
+    if topology is None:
+        airflow = Standalone(airflow_env(home / "airflow", dags_dir, free_port()), home / "airflow.log")
+    else:
+        airflow = topology(home, dags_dir)
     traffic = None
     stats_path = home / "traffic.json"
     try:
         mark = time.monotonic()
         _say(f"starting Airflow at {airflow.url} (log: {home / 'airflow.log'})")
         airflow.start()
+        _say(
+            f"Airflow is up: log in as {USERNAME} with password {airflow.password} ({airflow.passwords_file})"
+        )
         airflow.wait_for_dags([LOOP, MONITOR])
         for dag_id in (LOOP, MONITOR):
             airflow.unpause(dag_id)
@@ -206,13 +220,20 @@ def run_loop(dags: str, rows: int, report: str | None, keep_running: bool = Fals
     path = Path(report) if report else home / "report.json"
     path.write_text(json.dumps(summary, indent=2, default=str))
     _print_summary(summary, path)
+    if keep_running and airflow.process:
+        print(
+            f"Airflow keeps running at {airflow.url} (log in as {USERNAME} with password {airflow.password});"
+            f" stop it with: kill -INT -- -{airflow.process.pid}"
+        )
     return 0 if ok else 1
 
 
 def _champion() -> str | None:
+    from airloop.hooks.mlflow import MlflowHook
     from airloop.tracking.registry import aliases
 
-    return aliases(settings.mlflow_tracking_uri(), MODEL_NAME).get("champion")
+    # The tasks' MLflow: the mlflow_default connection, else the embedded one.
+    return aliases(MlflowHook().tracking_uri, MODEL_NAME).get("champion")
 
 
 def _verdicts(first: dict, control: dict, drift: dict, second: dict) -> dict[str, Any]:
@@ -241,7 +262,7 @@ def _verdicts(first: dict, control: dict, drift: dict, second: dict) -> dict[str
 
 
 def _print_summary(summary: dict[str, Any], path: Path) -> None:
-    print("\n=== Airloop: reference loop on the embedded default ===")
+    print(f"\n=== Airloop: reference loop on the {summary['topology']} ===")
     for name, run in summary["runs"].items():
         tasks = ", ".join(f"{t} {v['seconds']}s" for t, v in run["tasks"].items())
         print(f"{name:16} {run['dag_id']:22} {run['state']:8} {run['wall_seconds']:6.1f}s  ({tasks})")

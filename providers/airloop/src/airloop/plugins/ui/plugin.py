@@ -6,18 +6,10 @@ provider.yaml (``plugins:``) and the ``airflow.plugins`` entry point both name t
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
-from airflow.configuration import conf
 from airflow.plugins_manager import AirflowPlugin
 
-from airloop.plugins.ui import URL_PREFIX
+from airloop.plugins.ui import URL_PREFIX, base_path
 from airloop.plugins.ui.app import create_app
-
-
-def base_path() -> str:
-    """Path part of ``[api] base_url``, without a trailing slash ("" when Airflow is served at the root)."""
-    return urlsplit(conf.get("api", "base_url", fallback="")).path.rstrip("/")
 
 
 class AirloopPlugin(AirflowPlugin):

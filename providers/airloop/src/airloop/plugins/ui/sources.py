@@ -1,20 +1,56 @@
-"""What the Airloop pages show: the MLflow registry, loop audit records and report files on disk."""
+"""What the Airloop pages and the data API show: the MLflow registry, loop audit records, the serving
+target's live state and report files on disk.
+
+Every function returns JSON-able records: the data API sends them as they are and the pages render
+them. A backing service that does not answer (MLflow, the object store behind MLflow's artefacts, the
+serving target) raises ``ServiceError`` naming it, or is reported as a ``Problem`` next to what could
+be read; the app shows either as a banner or a JSON error, never a stack trace.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from airloop import artefacts, settings
 
+if TYPE_CHECKING:
+    from airloop.serving.base import ServingTarget
+    from airloop.tracking.registry import AuditEntry
+
 # How many past reports each deployment or model shows; older ones stay on disk.
 HISTORY = 10
+# The UI's own MLflow settings, whatever the connection gives the steps: a page must answer while MLflow
+# is down, and MLflow's defaults (7 retries with backoff, 120 s timeouts) held one for 272 s.
+UI_HTTP = {"max_retries": 1, "backoff_factor": 0, "backoff_jitter": 0, "timeout": 5}
+MLFLOW, OBJECT_STORE, SERVING = "MLflow", "object store", "serving target"
 
 
 class NotFound(LookupError):
     """The requested model version or file does not exist (the app answers 404)."""
+
+
+class Problem(TypedDict):
+    """A backing service that did not answer, or answered with an error."""
+
+    service: str
+    detail: str
+
+
+class ServiceError(RuntimeError):
+    """``problem`` kept a page or an API answer from being built (the app answers 503)."""
+
+    def __init__(self, service: str, detail: str) -> None:
+        super().__init__(f"{service}: {detail}")
+        self.problem = Problem(service=service, detail=detail)
+
+
+class DagRun(TypedDict):
+    dag_id: str
+    run_id: str
 
 
 class VersionRecord(TypedDict):
@@ -27,6 +63,10 @@ class VersionRecord(TypedDict):
     metrics: dict[str, float]
     tags: dict[str, str]
     rejected: bool
+    # Where people open it: MLflow's UI (absolute URLs) and the Airflow DAG run that registered it.
+    mlflow_run_url: str | None
+    mlflow_version_url: str
+    dag_run: DagRun | None
 
 
 class ModelRecord(TypedDict):
@@ -37,12 +77,57 @@ class ModelRecord(TypedDict):
     versions: list[VersionRecord]
 
 
+class AuditView(TypedDict):
+    """A version's loop audit record as the UI shows it."""
+
+    stages: list[AuditEntry]
+    # A string in the record that names a file the app serves -> that file, relative to the artefact root.
+    files: dict[str, str]
+    # Why there is no record (e.g. the version has no source run), or None.
+    note: str | None
+    # The object store (or MLflow) did not answer: the record could not be read.
+    problem: Problem | None
+
+
+class VersionView(TypedDict):
+    """``GET /api/models/<name>/versions/<version>``."""
+
+    model_name: str
+    version: VersionRecord
+    audit: AuditView
+
+
+class PredictorStatus(TypedDict):
+    model_version: str
+    weight: int
+    shadow: bool
+    healthy: bool
+    # Cumulative counts since the target started serving the deployment (None: not reported).
+    requests: int | None
+    errors: int | None
+    # Live accuracy from client feedback (None without feedback).
+    accuracy: float | None
+
+
+class ServingStatus(TypedDict):
+    """A deployment Airloop rolled out, as its serving target sees it now."""
+
+    deployment: str
+    model_name: str | None
+    target: str
+    deployed: bool
+    note: str | None
+    predictors: dict[str, PredictorStatus]
+    problem: Problem | None
+
+
 def mlflow_config() -> dict[str, Any]:
-    """How to reach the ``mlflow_default`` connection's server (credentials included), or the embedded
-    MLflow when it is not defined."""
+    """How the UI reaches the ``mlflow_default`` connection's server (the embedded MLflow without
+    one): the connection's credentials with the UI's HTTP settings, and ``ui_url`` for links."""
     from airloop.hooks.mlflow import MlflowHook
 
-    return MlflowHook().step_config()
+    hook = MlflowHook()
+    return {**hook.step_config(), "http": UI_HTTP, "ui_url": hook.ui_url}
 
 
 def artefact_dir() -> Path:
@@ -53,6 +138,36 @@ def artefact_dir() -> Path:
             "the Airloop UI reads reports from file:// roots only"
         )
     return artefacts.local_path("")
+
+
+def _object_store_errors() -> tuple[type[Exception], ...]:
+    """What boto3 raises when S3 does not answer or refuses (botocore comes with the s3 extra)."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return ()
+    return BotoCoreError, ClientError
+
+
+@contextlib.contextmanager
+def _mlflow(config: Mapping[str, Any]) -> Iterator[Any]:
+    """A registry client whose calls use the UI's settings; MLflow's and the object store's failures
+    become ``ServiceError`` (a missing model or version stays ``NotFound``)."""
+    from mlflow.exceptions import MlflowException
+
+    from airloop.tracking.registry import registry_client
+    from airloop.tracking.session import MlflowUnavailableError, mlflow_calls
+
+    uri = config["tracking_uri"]
+    try:
+        with mlflow_calls(config):
+            yield registry_client(uri)
+    except MlflowUnavailableError as err:
+        raise ServiceError(MLFLOW, str(err)) from err
+    except MlflowException as err:
+        raise ServiceError(MLFLOW, f"MLflow at {uri} answered with an error: {err.message}") from err
+    except _object_store_errors() as err:
+        raise ServiceError(OBJECT_STORE, f"MLflow's artefact store did not answer: {err}") from err
 
 
 def _pages(search: Callable[..., Any], **kwargs: Any) -> Iterator[Any]:
@@ -66,25 +181,32 @@ def _pages(search: Callable[..., Any], **kwargs: Any) -> Iterator[Any]:
             return
 
 
-def _name_filter(name: str) -> str:
-    quote_char = '"' if "'" in name else "'"
-    return f"name = {quote_char}{name}{quote_char}"
-
-
-def _version_record(client: Any, version: Any, aliases: Mapping[str, Any]) -> VersionRecord:
+def _version_record(client: Any, version: Any, aliases: Mapping[str, Any], ui_url: str) -> VersionRecord:
     from mlflow.exceptions import MlflowException
 
+    from airloop.links.mlflow import model_version_url, run_url
     from airloop.tracking.registry import REJECTED_TAG
 
     metrics: dict[str, float] = {}
+    run_link, tags = None, dict(version.tags)
     if version.run_id:
         try:
-            metrics = dict(sorted(client.get_run(version.run_id).data.metrics.items()))
-        except MlflowException:
-            pass  # the run was deleted; the version still deserves a row
+            run = client.get_run(version.run_id)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+        else:  # a deleted run leaves the version without metrics; it still deserves a row
+            metrics = dict(sorted(run.data.metrics.items()))
+            run_link = run_url(ui_url, run.info.experiment_id, version.run_id)
+            tags = {**run.data.tags, **tags}
+    # The Airflow tags of the task that registered the version (or trained its run).
+    dag_run: DagRun | None = None
+    if tags.get("airflow.dag_id") and tags.get("airflow.run_id"):
+        dag_run = {"dag_id": tags["airflow.dag_id"], "run_id": tags["airflow.run_id"]}
+    number = str(version.version)
     return {
-        "version": str(version.version),
-        "aliases": sorted(alias for alias, number in aliases.items() if str(number) == str(version.version)),
+        "version": number,
+        "aliases": sorted(alias for alias, value in aliases.items() if str(value) == number),
         "status": version.status,
         "run_id": version.run_id,
         "source": version.source,
@@ -92,59 +214,97 @@ def _version_record(client: Any, version: Any, aliases: Mapping[str, Any]) -> Ve
         "metrics": metrics,
         "tags": dict(sorted(version.tags.items())),
         "rejected": version.tags.get(REJECTED_TAG, "").lower() == "true",
+        "mlflow_run_url": run_link,
+        "mlflow_version_url": model_version_url(ui_url, version.name, number),
+        "dag_run": dag_run,
     }
 
 
-def registry(config: dict[str, Any]) -> list[ModelRecord]:
+def registry(config: Mapping[str, Any]) -> list[ModelRecord]:
     """Every registered model with its versions, newest first, each with aliases, run metrics and tags."""
-    from airloop.tracking.session import SessionClient
-
-    client = SessionClient(config)
-    models: list[ModelRecord] = []
-    for model in _pages(client.search_registered_models, order_by=["name ASC"]):
-        versions = _pages(
-            client.search_model_versions,
-            filter_string=_name_filter(model.name),
-            order_by=["version_number DESC"],
-        )
-        models.append(
+    with _mlflow(config) as client:
+        models = list(_pages(client.search_registered_models, order_by=["name ASC"]))
+        # One search for every version, without a filter: MLflow's filter grammar has no escapes, so a
+        # name holding both quote characters cannot be searched for by name.
+        versions: dict[str, list[Any]] = {model.name: [] for model in models}
+        for version in _pages(client.search_model_versions):
+            # Others are prompts (MLflow keeps them as registered models, which its search leaves out)
+            # or were registered after the model search: the next page load shows them.
+            if version.name in versions:
+                versions[version.name].append(version)
+        return [
             {
                 "name": model.name,
                 "description": model.description or "",
                 "aliases": {alias: str(number) for alias, number in sorted(model.aliases.items())},
                 "tags": dict(sorted(model.tags.items())),
-                "versions": [_version_record(client, version, model.aliases) for version in versions],
+                "versions": [
+                    _version_record(client, version, model.aliases, config["ui_url"])
+                    for version in sorted(versions[model.name], key=lambda v: int(v.version), reverse=True)
+                ],
             }
-        )
-    return models
+            for model in models
+        ]
 
 
-def model_version(config: dict[str, Any], name: str, version: str) -> VersionRecord:
+def model_version(config: Mapping[str, Any], name: str, version: str) -> VersionRecord:
     from mlflow.exceptions import MlflowException
 
-    from airloop.tracking.session import SessionClient
-
-    client = SessionClient(config)
-    try:
-        model = client.get_registered_model(name)
-        found = client.get_model_version(name, version)
-    except MlflowException as err:
-        if err.error_code not in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
-            raise
-        raise NotFound(f"No version {version!r} of model {name!r}: {err.message}") from err
-    return _version_record(client, found, model.aliases)
+    with _mlflow(config) as client:
+        try:
+            model = client.get_registered_model(name)
+            found = client.get_model_version(name, version)
+        except MlflowException as err:
+            if err.error_code not in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
+                raise
+            raise NotFound(f"No version {version!r} of model {name!r}: {err.message}") from err
+        return _version_record(client, found, model.aliases, config["ui_url"])
 
 
-def audit(config: dict[str, Any], name: str, version: str) -> tuple[Sequence[Mapping[str, Any]], str]:
-    """The stages of a version's loop audit record, or none and the reason."""
+def audit(config: Mapping[str, Any], name: str, version: str, root: Path | None) -> AuditView:
+    """A version's loop audit record (``airloop.tracking.registry.read_audit``), with the files under
+    the artefact ``root`` that its values name; a store that does not answer is the view's problem."""
     from airloop.tracking.registry import read_audit
-    from airloop.tracking.session import mlflow_calls
 
+    view: AuditView = {"stages": [], "files": {}, "note": None, "problem": None}
     try:
-        with mlflow_calls(config):
-            return read_audit(config["tracking_uri"], name, version)["stages"], ""
-    except Exception as err:  # an unreadable optional record is shown on the page, not raised
-        return [], f"{type(err).__name__}: {err}"
+        with _mlflow(config):
+            view["stages"] = read_audit(config["tracking_uri"], name, version)["stages"]
+    except ServiceError as err:
+        view["problem"] = err.problem
+    except ValueError as err:  # no source run to hold a record
+        view["note"] = str(err)
+    if root is not None:
+        view["files"] = {value: path for value in _strings(view["stages"]) if (path := served(root, value))}
+    return view
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def served(root: Path, value: str) -> str | None:
+    """The path under the artefact ``root`` that ``/files`` serves for ``value`` (relative to the root,
+    absolute, or a ``file://`` URI; a folder with an ``index.html`` stands for that page), or None."""
+    if not value or len(value) > 1024 or "\0" in value or "://" in value.removeprefix("file://"):
+        return None
+    base = root.resolve()
+    try:
+        path = (base / value.removeprefix("file://")).resolve()
+        if path.is_dir():
+            path = path / "index.html"
+        if not path.is_relative_to(base) or not path.is_file():
+            return None
+    except OSError:  # e.g. a reason string longer than a file name may be
+        return None
+    return path.relative_to(base).as_posix()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -163,6 +323,68 @@ def rollouts(root: Path) -> dict[str, list[dict[str, Any]]]:
         reports.sort(key=lambda report: str(report.get("started", "")), reverse=True)
         result[folder.name] = reports[:HISTORY]
     return result
+
+
+def serving(reports: Mapping[str, list[dict[str, Any]]]) -> list[ServingStatus]:
+    """What the serving target (the ``airloop_serving_default`` connection's, the local one without
+    it) serves now for each deployment of ``rollouts()``: traffic split, health, counts."""
+    from airloop.hooks.serving import ServingHook
+
+    hook = ServingHook()
+    target, problem = None, None
+    try:
+        target = hook.target
+    except Exception as err:  # a connection naming an unknown target, a missing extra: on the page
+        problem = Problem(service=SERVING, detail=f"{type(err).__name__}: {err}")
+    statuses = []
+    for deployment, items in reports.items():
+        status: ServingStatus = {
+            "deployment": deployment,
+            "model_name": next((r["model_name"] for r in items if r.get("model_name")), None),
+            "target": str(hook.target_config["target"]),
+            "deployed": False,
+            "note": None,
+            "predictors": {},
+            "problem": problem,
+        }
+        if target is not None:
+            try:
+                _live(target, status)
+            except ValueError as err:  # the target answered: it serves no such deployment
+                status["note"] = str(err)
+            except Exception as err:  # any target, any client library: shown on the page, not raised
+                status["problem"] = Problem(service=SERVING, detail=f"{type(err).__name__}: {err}")
+        statuses.append(status)
+    return statuses
+
+
+def _live(target: ServingTarget, status: ServingStatus) -> None:
+    """Fill ``status`` from the target: state first (which predictors, with a health check), then
+    metrics (the gateway's or Prometheus' counts); when the second fails, the first is kept."""
+    deployment = status["deployment"]
+    state = target.state(deployment)
+    status["deployed"] = True
+    for name, predictor in state["predictors"].items():
+        status["predictors"][name] = {
+            "model_version": str(predictor.get("model_version", "")),
+            "weight": int(predictor.get("weight", 0)),
+            "shadow": bool(predictor.get("shadow")),
+            "healthy": bool(predictor.get("healthy")),
+            "requests": None,
+            "errors": None,
+            "accuracy": None,
+        }
+    sick = sorted(name for name, p in status["predictors"].items() if not p["healthy"])
+    if sick:
+        status["problem"] = Problem(
+            service=SERVING,
+            detail=f"predictors {sick} of deployment {deployment!r} do not answer their health check",
+        )
+    for name, counts in target.metrics(deployment).items():
+        if name in status["predictors"]:
+            predictor, feedback = status["predictors"][name], counts.get("feedback") or 0
+            predictor["requests"], predictor["errors"] = counts.get("requests"), counts.get("errors")
+            predictor["accuracy"] = counts.get("feedback_correct", 0) / feedback if feedback else None
 
 
 def drift(root: Path) -> dict[str, list[dict[str, Any]]]:
