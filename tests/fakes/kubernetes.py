@@ -1,8 +1,8 @@
 """One Kubernetes API for the tests, on 127.0.0.1: core/v1 pods (what KubernetesPodOperator calls) and
-SeldonDeployment custom objects (what the Seldon serving target calls).
+the custom objects of the serving targets: SeldonDeployments (Seldon) and InferenceServices (KServe).
 
 An API server with no nodes and no controllers: a created pod stays Pending and never runs, and a
-SeldonDeployment has no status until a test sets one (``set_status``, what Seldon's operator does).
+custom object has no status until a test sets one (``set_status``, what the operator would do).
 Writes follow the rules the clients depend on: a resourceVersion that changes on every write, 409 for
 a name that exists or a patch computed from a stale resourceVersion, JSON merge patch, 404 for what is
 not there, and validation against the CRD's schema when ``../shared/schemas`` has it (CI has
@@ -25,21 +25,29 @@ from urllib.parse import parse_qs, urlparse
 
 SHARED_SCHEMAS = Path(__file__).resolve().parents[3] / "shared" / "schemas"
 PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/(pods|events)(?:/([^/]+))?$")
-SELDON = re.compile(
-    r"^/apis/machinelearning\.seldon\.io/v1/namespaces/([^/]+)/seldondeployments(?:/([^/]+))?$"
+# The custom objects served: plural -> (API group/version, the CRD schema's file in ../shared/schemas).
+KINDS = {
+    "seldondeployments": ("machinelearning.seldon.io/v1", "seldondeployment-v1.json"),
+    "inferenceservices": ("serving.kserve.io/v1beta1", "inferenceservice-v1beta1.json"),
+}
+CUSTOM = re.compile(
+    r"^/apis/("
+    + "|".join(re.escape(v) for v, _ in KINDS.values())
+    + r")/namespaces/([^/]+)/([a-z]+)(?:/([^/]+))?$"
 )
 
 
 @functools.cache
-def crd_validator() -> Any:
-    """A validator of the SeldonDeployment CRD's schema, or None without ../shared (building it takes
+def crd_validator(plural: str = "seldondeployments") -> Any:
+    """A validator of a served kind's CRD schema, or None without ../shared (building it takes
     seconds, so once per session)."""
-    path = SHARED_SCHEMAS / "seldondeployment-v1.json"
+    path = SHARED_SCHEMAS / KINDS[plural][1]
     if not path.exists():
         return None
     import jsonschema
 
-    schema = json.loads(path.read_text())["openAPIV3Schema"]
+    schema = json.loads(path.read_text())
+    schema = schema.get("openAPIV3Schema", schema)  # the Seldon file wraps it, KServe's is bare
     return jsonschema.validators.validator_for(schema)(schema)
 
 
@@ -59,21 +67,23 @@ def merge_patch(target: Any, patch: Any) -> Any:
 class FakeKubernetes(ThreadingHTTPServer):
     """What the API holds and what it was asked.
 
-    ``pods`` and ``objects`` (SeldonDeployments) by ``(namespace, name)``; ``created``: each pod as it
-    was posted; ``served``: ``(method, path, status)`` of every request, in order; ``authorizations``:
-    the Authorization headers seen; ``conflicts_to_inject``: how many of the next SeldonDeployment
-    patches meet a write by someone else first.
+    ``pods``, ``objects`` (SeldonDeployments) and ``inference_services`` by ``(namespace, name)``;
+    ``created``: each pod as it was posted; ``served``: ``(method, path, status)`` of every request, in
+    order; ``authorizations``: the Authorization headers seen; ``conflicts_to_inject``: how many of the
+    next custom object patches meet a write by someone else first.
     """
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.pods: dict[tuple[str, str], dict[str, Any]] = {}
         self.created: list[dict[str, Any]] = []
-        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.custom: dict[str, dict[tuple[str, str], dict[str, Any]]] = {plural: {} for plural in KINDS}
+        self.objects = self.custom["seldondeployments"]
+        self.inference_services = self.custom["inferenceservices"]
         self.served: list[tuple[str, str, int]] = []
         self.authorizations: set[str] = set()
         self.conflicts_to_inject = 0
-        self.validator = crd_validator()
+        self.validators = {plural: crd_validator(plural) for plural in KINDS}
         self.version = 0
         self.lock = threading.Lock()
 
@@ -99,10 +109,12 @@ class FakeKubernetes(ThreadingHTTPServer):
         obj["metadata"]["resourceVersion"] = str(self.version)
         obj["metadata"]["generation"] = obj["metadata"].get("generation", 0) + 1
 
-    def set_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        """What Seldon's operator does once it has reconciled a SeldonDeployment."""
+    def set_status(
+        self, namespace: str, name: str, status: dict[str, Any], plural: str = "seldondeployments"
+    ) -> None:
+        """What the operator (Seldon's, KServe's) does once it has reconciled a custom object."""
         with self.lock:
-            obj = self.objects[(namespace, name)]
+            obj = self.custom[plural][(namespace, name)]
             obj["status"] = status
             self.bump(obj)
 
@@ -158,10 +170,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, verb: str) -> None:
         url = urlparse(self.path)
         self.server.authorizations.add(self.headers.get("Authorization", ""))
-        for pattern, kind in ((PODS, "pod"), (SELDON, "seldon")):
-            match = pattern.match(url.path)
-            if match:
-                return getattr(self, f"_{kind}_{verb}")(*match.groups(), parse_qs(url.query))
+        match = PODS.match(url.path)
+        if match:
+            return getattr(self, f"_pod_{verb}")(*match.groups(), parse_qs(url.query))
+        match = CUSTOM.match(url.path)
+        if match and match.group(3) in KINDS and KINDS[match.group(3)][0] == match.group(1):
+            _, namespace, plural, name = match.groups()
+            return getattr(self, f"_custom_{verb}")(plural, namespace, name)
         self._status(404, "NotFound", f"no route {url.path}")
 
     def _answer(self, code: int, body: dict[str, Any]) -> None:
@@ -229,42 +244,43 @@ class _Handler(BaseHTTPRequestHandler):
             return self._status(404, "NotFound", f'pods "{name}" not found')
         self._answer(200, pod)
 
-    # -- SeldonDeployments ---------------------------------------------------------------------------
-    def _invalid(self, obj: dict[str, Any]) -> str | None:
-        if self.server.validator is None:
+    # -- custom objects (SeldonDeployments, InferenceServices) ----------------------------------------
+    def _invalid(self, plural: str, obj: dict[str, Any]) -> str | None:
+        validator = self.server.validators[plural]
+        if validator is None:
             return None
-        error = next(iter(self.server.validator.iter_errors(obj)), None)
-        return error and error.message
+        error = next(iter(validator.iter_errors(obj)), None)
+        return error and f"{error.message} (at {'.'.join(map(str, error.absolute_path))})"
 
-    def _seldon_post(self, namespace: str, _name: None, _query: dict) -> None:
+    def _custom_post(self, plural: str, namespace: str, _name: None) -> None:
         obj = self._body()
         name = obj["metadata"]["name"]
         with self.server.lock:
-            if (namespace, name) in self.server.objects:
-                return self._status(409, "AlreadyExists", f'seldondeployments "{name}" already exists')
-            problem = self._invalid(obj)
+            if (namespace, name) in self.server.custom[plural]:
+                return self._status(409, "AlreadyExists", f'{plural} "{name}" already exists')
+            problem = self._invalid(plural, obj)
             if problem:
                 return self._status(422, "Invalid", problem)
             obj["metadata"].update(namespace=namespace, uid=f"uid-{name}")
             self.server.bump(obj)
-            self.server.objects[(namespace, name)] = obj
+            self.server.custom[plural][(namespace, name)] = obj
             self._answer(201, obj)
 
-    def _seldon_get(self, namespace: str, name: str | None, _query: dict) -> None:
+    def _custom_get(self, plural: str, namespace: str, name: str | None) -> None:
         with self.server.lock:
-            obj = self.server.objects.get((namespace, name or ""))
+            obj = self.server.custom[plural].get((namespace, name or ""))
             if obj is None:
-                return self._status(404, "NotFound", f'seldondeployments "{name}" not found')
+                return self._status(404, "NotFound", f'{plural} "{name}" not found')
             self._answer(200, obj)
 
-    def _seldon_patch(self, namespace: str, name: str, _query: dict) -> None:
+    def _custom_patch(self, plural: str, namespace: str, name: str) -> None:
         if self.headers.get("Content-Type") != "application/merge-patch+json":
             return self._status(415, "UnsupportedMediaType", self.headers.get("Content-Type", ""))
         patch = self._body()
         with self.server.lock:
-            obj = self.server.objects.get((namespace, name))
+            obj = self.server.custom[plural].get((namespace, name))
             if obj is None:
-                return self._status(404, "NotFound", f'seldondeployments "{name}" not found')
+                return self._status(404, "NotFound", f'{plural} "{name}" not found')
             if self.server.conflicts_to_inject:
                 self.server.conflicts_to_inject -= 1
                 self.server.bump(obj)  # another writer got there first
@@ -277,15 +293,15 @@ class _Handler(BaseHTTPRequestHandler):
                     "to the latest version and try again",
                 )
             updated = merge_patch(obj, patch)
-            problem = self._invalid(updated)
+            problem = self._invalid(plural, updated)
             if problem:
                 return self._status(422, "Invalid", problem)
             self.server.bump(updated)
-            self.server.objects[(namespace, name)] = updated
+            self.server.custom[plural][(namespace, name)] = updated
             self._answer(200, updated)
 
-    def _seldon_delete(self, namespace: str, name: str, _query: dict) -> None:
+    def _custom_delete(self, plural: str, namespace: str, name: str) -> None:
         with self.server.lock:
-            if self.server.objects.pop((namespace, name), None) is None:
-                return self._status(404, "NotFound", f'seldondeployments "{name}" not found')
+            if self.server.custom[plural].pop((namespace, name), None) is None:
+                return self._status(404, "NotFound", f'{plural} "{name}" not found')
             self._answer(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})

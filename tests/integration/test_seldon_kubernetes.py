@@ -244,7 +244,7 @@ def test_an_api_that_is_down_gives_a_clear_error(kube, target):
 
 
 def test_a_refused_manifest_names_the_api_servers_reason(kube, target):
-    if kube.validator is None:
+    if kube.validators["seldondeployments"] is None:
         pytest.skip(f"the fake API validates only with the CRD schema from {SHARED_SCHEMAS}")
     target.deploy(DEPLOYMENT, [predictor(3, 100)])
     # A shape the CRD rejects: traffic as a string, in a hand-made patch.

@@ -180,6 +180,9 @@ class SeldonKubernetesTarget(ServingTarget):
         another namespace is another deployment.
     """
 
+    # The custom object a deployment is (subclasses for other operators change them).
+    group, version, plural, kind = GROUP, VERSION, PLURAL, "SeldonDeployment"
+
     def __init__(
         self,
         namespace: str = "default",
@@ -231,18 +234,11 @@ class SeldonKubernetesTarget(ServingTarget):
                 deployment, predictors, namespace=self.namespace, image=self.image, replicas=self.replicas
             )
             try:
-                created = self._call(
-                    "create",
-                    deployment,
-                    lambda api: api.create_namespaced_custom_object(
-                        GROUP, VERSION, self.namespace, PLURAL, manifest, _request_timeout=self.timeout_s
-                    ),
-                )
-                return describe(created)
+                return self._create(deployment, manifest)
             except KubernetesApiError as exc:
                 if exc.status != 409:  # 409: created meanwhile by another writer, patch it instead
                     raise
-        return self._update(deployment, change)
+        return self._update(deployment, _predictors_patch(change))
 
     def set_traffic(
         self, deployment: str, weights: dict[str, int], *, shadow: dict[str, int] | None = None
@@ -251,7 +247,7 @@ class SeldonKubernetesTarget(ServingTarget):
             traffic = merge_traffic(_traffic(current), weights, shadow)
             return [_with_traffic(p, traffic[p["name"]]) for p in current]
 
-        return self._update(deployment, change)
+        return self._update(deployment, _predictors_patch(change))
 
     def remove(self, deployment: str, predictor: str) -> dict[str, Any]:
         def change(current: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -267,13 +263,13 @@ class SeldonKubernetesTarget(ServingTarget):
                 )
             return [p for p in current if p["name"] != predictor]
 
-        return self._update(deployment, change)
+        return self._update(deployment, _predictors_patch(change))
 
     def state(self, deployment: str) -> dict[str, Any]:
-        return describe(self._required(deployment))
+        return self._describe(self._required(deployment))
 
     def metrics(self, deployment: str) -> dict[str, dict[str, Any]]:
-        names = [p["name"] for p in self._required(deployment)["spec"]["predictors"]]
+        names = self._predictor_names(self._required(deployment))
         with httpx.Client(trust_env=False, timeout=self.timeout_s) as client:
             results = {
                 key: self._query(client.get, query) for key, query in self._queries(deployment).items()
@@ -281,8 +277,7 @@ class SeldonKubernetesTarget(ServingTarget):
         return stats_from_prometheus(names, results)
 
     async def ametrics(self, deployment: str) -> dict[str, dict[str, Any]]:
-        custom_object = await asyncio.to_thread(self._required, deployment)
-        names = [p["name"] for p in custom_object["spec"]["predictors"]]
+        names = self._predictor_names(await asyncio.to_thread(self._required, deployment))
         async with httpx.AsyncClient(trust_env=False, timeout=self.timeout_s) as client:
             results = {
                 key: self._checked_query(await self._get(client, query), query)
@@ -297,12 +292,19 @@ class SeldonKubernetesTarget(ServingTarget):
                 "delete",
                 deployment,
                 lambda api: api.delete_namespaced_custom_object(
-                    GROUP, VERSION, self.namespace, PLURAL, deployment
+                    self.group, self.version, self.namespace, self.plural, deployment
                 ),
             )
         except KubernetesApiError as exc:
             if exc.status != 404:
                 raise
+
+    # -- the custom object -------------------------------------------------------------------------
+    def _describe(self, custom_object: dict[str, Any]) -> dict[str, Any]:
+        return describe(custom_object)
+
+    def _predictor_names(self, custom_object: dict[str, Any]) -> list[str]:
+        return [p["name"] for p in custom_object["spec"]["predictors"]]
 
     # -- Kubernetes --------------------------------------------------------------------------------
     @cached_property
@@ -316,7 +318,7 @@ class SeldonKubernetesTarget(ServingTarget):
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
-        where = f"SeldonDeployment {self.namespace}/{deployment}"
+        where = f"{self.kind} {self.namespace}/{deployment}"
         try:
             return request(self._api)
         except ApiException as exc:
@@ -336,7 +338,12 @@ class SeldonKubernetesTarget(ServingTarget):
                 "get",
                 deployment,
                 lambda api: api.get_namespaced_custom_object(
-                    GROUP, VERSION, self.namespace, PLURAL, deployment, _request_timeout=self.timeout_s
+                    self.group,
+                    self.version,
+                    self.namespace,
+                    self.plural,
+                    deployment,
+                    _request_timeout=self.timeout_s,
                 ),
             )
         except KubernetesApiError as exc:
@@ -348,41 +355,45 @@ class SeldonKubernetesTarget(ServingTarget):
         found = self._read(deployment)
         if found is None:
             raise ValueError(
-                f"deployment {deployment!r} is not deployed: no SeldonDeployment "
+                f"deployment {deployment!r} is not deployed: no {self.kind} "
                 f"{deployment!r} in namespace {self.namespace!r}"
             )
         return found
 
-    def _update(
-        self, deployment: str, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
-    ) -> dict[str, Any]:
-        """Merge-patch ``spec.predictors`` to ``change(current)``; recompute on a 409 conflict."""
+    def _create(self, deployment: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        created = self._call(
+            "create",
+            deployment,
+            lambda api: api.create_namespaced_custom_object(
+                self.group,
+                self.version,
+                self.namespace,
+                self.plural,
+                manifest,
+                _request_timeout=self.timeout_s,
+            ),
+        )
+        return self._describe(created)
+
+    def _update(self, deployment: str, change: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        """Merge-patch the object with ``change(current object)``; recompute on a 409 conflict."""
         for _ in range(CONFLICT_RETRIES):
             current = self._required(deployment)
-            predictors = change(copy.deepcopy(current["spec"]["predictors"]))
-            patch = {
-                "metadata": {"resourceVersion": current["metadata"].get("resourceVersion")},
-                "spec": {"predictors": predictors},
-            }  # a merge patch replaces a list whole
+            patch = change(copy.deepcopy(current))
+            patch.setdefault("metadata", {})["resourceVersion"] = current["metadata"].get("resourceVersion")
             try:
                 updated = self._call(
                     "patch",
                     deployment,
-                    functools.partial(
-                        _patch,
-                        namespace=self.namespace,
-                        name=deployment,
-                        body=patch,
-                        timeout_s=self.timeout_s,
-                    ),
+                    functools.partial(_patch, self, name=deployment, body=patch),
                 )
             except KubernetesApiError as exc:
                 if exc.status == 409:
                     continue  # another writer changed it since our read
                 raise
-            return describe(updated)
+            return self._describe(updated)
         raise KubernetesApiError(
-            f"patch SeldonDeployment {self.namespace}/{deployment}: still conflicting "
+            f"patch {self.kind} {self.namespace}/{deployment}: still conflicting "
             f"after {CONFLICT_RETRIES} attempts (other writers keep changing it)"
         )
 
@@ -433,13 +444,25 @@ class SeldonKubernetesTarget(ServingTarget):
         return body["data"]["result"]
 
 
-def _patch(
-    api: CustomObjectsApi, *, namespace: str, name: str, body: dict[str, Any], timeout_s: float
-) -> Any:
-    """A merge patch of one SeldonDeployment (a function, so a retry loop binds its own body)."""
+def _patch(target: SeldonKubernetesTarget, api: CustomObjectsApi, *, name: str, body: dict[str, Any]) -> Any:
+    """A merge patch of one custom object (a function, so a retry loop binds its own body)."""
     return api.patch_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, name, body, _request_timeout=timeout_s
+        target.group,
+        target.version,
+        target.namespace,
+        target.plural,
+        name,
+        body,
+        _request_timeout=target.timeout_s,
     )
+
+
+def _predictors_patch(
+    change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A SeldonDeployment's patch: ``spec.predictors`` as ``change`` makes them (a merge patch replaces
+    a list whole)."""
+    return lambda current: {"spec": {"predictors": change(current["spec"]["predictors"])}}
 
 
 def describe(custom_object: dict[str, Any]) -> dict[str, Any]:
