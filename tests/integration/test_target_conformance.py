@@ -1,6 +1,6 @@
 """The serving-target conformance suite (``airloop.serving.checks.check_target``) over every target
-the package registers: the local one with real processes, Seldon against the Kubernetes API and the
-Prometheus of ``tests.fakes``."""
+the package registers: the local one with real processes, Seldon and KServe against the Kubernetes
+API and the Prometheus of ``tests.fakes`` (manifests validated against their CRDs' schemas)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from tests.fakes.prometheus import FakePrometheus, sample
 def test_every_target_the_package_registers_is_checked_here():
     # Tests register targets of their own (test_rollout_trigger): only the package's are checked here.
     own = {name for name in TARGETS.available() if TARGETS.get(name).__module__.startswith("airloop.")}
-    assert own == {"local", "seldon"}
+    assert own == {"local", "seldon", "kserve"}
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +86,25 @@ def test_the_seldon_target_conforms(seldon):
     check_target(make, ["/models/v1", "/models/v2", "/models/v3"], send=send)
     assert kube.authorizations == {"Bearer conformance-token"}
     assert prometheus.queries and all('namespace="models"' in query for query in prometheus.queries)
+
+
+def test_the_kserve_target_conforms(seldon):
+    kube, prometheus = seldon
+
+    def send(state: dict[str, Any], n: int) -> None:
+        """What Prometheus would hold for ``n`` requests split by the annotated weights."""
+        live = {name: p["weight"] for name, p in state["predictors"].items() if p["weight"] > 0}
+        counts = {name: n * weight // 100 for name, weight in live.items()}
+        counts[max(live, key=live.__getitem__)] += n - sum(counts.values())
+        for name, count in counts.items():
+            series = prometheus.series.setdefault(f"{REQUESTS_METRIC}_count", [])
+            series.append(sample({"predictor_name": name, "code": "200"}, count))
+
+    def make() -> Any:
+        return get_target("kserve", namespace="models", prometheus_url=prometheus.url)
+
+    check_target(make, ["s3://models/v1", "s3://models/v2", "s3://models/v3"], send=send)
+    assert kube.authorizations == {"Bearer conformance-token"}
+    assert not kube.objects  # no SeldonDeployment: InferenceServices only
+    # Every write was checked against KServe's CRD schema (where ../shared has it): none refused.
+    assert not [entry for entry in kube.served if entry[2] == 422]

@@ -39,6 +39,10 @@ class ServingTarget(ABC):
     shadow's entry.
     """
 
+    # Whether the target can mirror requests to a shadow predictor; one that cannot refuses shadows
+    # with a ValueError (check_target checks either).
+    supports_shadow: bool = True
+
     @abstractmethod
     def deploy(self, deployment: str, predictors: list[dict[str, Any]]) -> dict[str, Any]:
         """Start the predictors that are not running, keep those that are (same name), apply weights.
@@ -158,6 +162,7 @@ TARGETS: Registry[ServingTarget] = Registry(
     {
         "local": "airloop.serving.local:LocalServingTarget",
         "seldon": "airloop.serving.seldon:SeldonKubernetesTarget",
+        "kserve": "airloop.serving.kserve:KServeTarget",
     },
 )
 

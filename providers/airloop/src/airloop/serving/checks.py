@@ -3,7 +3,8 @@
 
 ``check_target(make_target, model_dirs)`` takes one deployment through its whole life on a target:
 refused names and predictors, deploy, add and keep predictors, traffic weights, a shadow that is
-mirrored, promoted to live and removed, metrics (and, given ``send``, that they count requests),
+mirrored, promoted to live and removed (or refused, by a target whose ``supports_shadow`` is False),
+metrics (and, given ``send``, that they count requests),
 remove, delete, deploy again. Every call goes through a new ``make_target()``, as each Airflow task
 builds its own target: a target keeps nothing about a deployment in memory. After each change, the
 state the call returned must be what a new instance reads; after each refused call (``ValueError``
@@ -235,6 +236,8 @@ def _check_traffic(run: _Run) -> None:
 
 def _check_shadow(run: _Run) -> None:
     d, p = run.deployment, run.predictor
+    if not run.target().supports_shadow:
+        return _check_without_shadow(run)
     state = run.target().deploy(d, [p(3, 50, shadow=True)])
     run.changed(
         "deploy(v3 as a shadow mirroring 50 %)",
@@ -260,6 +263,33 @@ def _check_shadow(run: _Run) -> None:
     state = run.target().set_traffic(d, {"v1": 80, "v3": 20})
     run.changed(
         "set_traffic(v1 80, v3 20) of a shadow",
+        state,
+        {"v1": ("1", 80, False), "v2": ("2", 0, False), "v3": ("3", 20, False)},
+    )
+
+
+def _check_without_shadow(run: _Run) -> None:
+    """A target that mirrors nothing refuses a shadow, and gets to _check_shadow's end with live
+    predictors."""
+    d, p = run.deployment, run.predictor
+    run.refused("of a shadow on a target without shadows", "shadow", "deploy", d, [p(3, 50, shadow=True)])
+    run.refused(
+        "making a shadow on a target without shadows",
+        "shadow",
+        "set_traffic",
+        d,
+        {"v1": 100},
+        shadow={"v2": 10},
+    )
+    state = run.target().set_traffic(d, {"v1": 100, "v2": 0})
+    run.changed("set_traffic(v1 100, v2 0)", state, {"v1": ("1", 100, False), "v2": ("2", 0, False)})
+    state = run.target().deploy(d, [p(3, 0)])
+    run.changed(
+        "deploy(v3 at 0)", state, {"v1": ("1", 100, False), "v2": ("2", 0, False), "v3": ("3", 0, False)}
+    )
+    state = run.target().set_traffic(d, {"v1": 80, "v3": 20})
+    run.changed(
+        "set_traffic(v1 80, v3 20)",
         state,
         {"v1": ("1", 80, False), "v2": ("2", 0, False), "v3": ("3", 20, False)},
     )
@@ -348,7 +378,10 @@ def _check_remove(run: _Run) -> None:
     run.refused("of an unknown predictor", "has no predictor", "remove", d, "v9")
     state = run.target().remove(d, "v2")
     run.changed("remove(v2 at weight 0)", state, {"v1": ("1", 80, False), "v3": ("3", 20, False)})
-    run.target().set_traffic(d, {"v1": 100}, shadow={"v3": 10})
+    if run.target().supports_shadow:
+        run.target().set_traffic(d, {"v1": 100}, shadow={"v3": 10})
+    else:
+        run.target().set_traffic(d, {"v1": 100, "v3": 0})
     state = run.target().remove(d, "v3")  # a shadow answers no client: it may go at once
     run.changed("remove(the shadow v3)", state, {"v1": ("1", 100, False)})
 
