@@ -20,7 +20,14 @@ from airloop import artefacts, settings
 from airloop.operators.drift import RETRAIN_REQUESTED_TAG
 from airloop.tracking.registry import read_audit
 
-MODELS = ("policy-storm", "policy-approval", "policy-dedupe", "policy-quiet", "policy-audit")
+MODELS = (
+    "policy-storm",
+    "policy-approval",
+    "policy-dedupe",
+    "policy-quiet",
+    "policy-audit",
+    "policy-escalate",
+)
 WINDOW_MODEL = "window-data"
 # One monitor DAG per model, each with its own drift Asset; a run's conf sets the operator's arguments.
 DAG_FILE = f"""
@@ -263,6 +270,26 @@ def test_drift_on_every_window_requests_one_retrain(dagbag):
 
     tags = MlflowClient(settings.mlflow_tracking_uri()).get_registered_model(model).tags
     assert float(tags[RETRAIN_REQUESTED_TAG]) > 0
+
+
+def test_a_more_severe_drift_escalates_past_the_cooldown(dagbag):
+    model = "policy-escalate"
+    found = [detection(model, severity=severity) for severity in ("medium", "high", "high")]
+    assert [decide(dagbag, model, one) for one in found] == ["success", "success", "skipped"]
+    assert [extra["severity"] for extra in events(model)] == ["medium", "high"]
+    audit = decisions(model)
+    assert [(d["code"], d["escalated_from"]) for d in audit] == [
+        ("retrain_requested", None),
+        ("escalated", "medium"),
+        ("cooldown", None),
+    ]
+    assert all(d["n_effective"] == 400 for d in audit)  # a detection without n_effective: its n_current
+    from mlflow import MlflowClient
+
+    from airloop.operators.drift import RETRAIN_SEVERITY_TAG
+
+    tags = MlflowClient(settings.mlflow_tracking_uri()).get_registered_model(model).tags
+    assert tags[RETRAIN_SEVERITY_TAG] == "high"
 
 
 def test_retrain_with_approval_marks_the_event(dagbag):

@@ -8,6 +8,7 @@ cannot run the step.
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import json
 import re
@@ -24,6 +25,7 @@ import pytest
 
 from airloop import runtimes
 from airloop.steps.drift import detect as drift
+from airloop.steps.drift.window import collect
 
 BACKENDS = ["scipy", "alibi"]
 NULL_WINDOWS = 60  # per backend, through the whole step (files, and the runtime hop for alibi)
@@ -122,6 +124,24 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]
     }.items():
         written[name] = build()
     written["mild_fdr"] = {**written["mild_bonferroni"], "correction": "fdr"}
+    # Every shape a window can take, each with its report (an empty one once broke the report).
+    shapes = np.random.default_rng(7)
+    no_logs = folder / "no_requests.parquet"
+    collect({"log_dir": str(folder / "no-logs"), "start": 0, "end": 3600, "out_path": str(no_logs)})
+    nothing = _frame(shapes, 300).astype(object)
+    nothing.loc[:, :] = None
+    fresh = _frame(shapes, 300)
+    written["no_requests"] = {"reference_uri": reference, "current_uri": str(no_logs), "report_dir": True}
+    for name, window, options in [
+        ("no_rows", _frame(shapes, 0), {}),
+        ("all_missing", nothing, {}),
+        ("one_row", _frame(shapes, 1), {}),
+        ("one_row_min_1", _frame(shapes, 1), {"min_rows": 1}),
+        ("one_column", _frame(shapes, 300)[["x0"]], {}),
+        # 300 requests, then 2 of them sent 100 times more each.
+        ("repeats", pd.concat([fresh, fresh.iloc[[0] * 100 + [1] * 100]]), {}),
+    ]:
+        written[name] = case(window, report_dir=True, **options)
     for i in range(NULL_WINDOWS):  # each its own reference, so the windows are independent trials
         written[f"null{i}"] = case(_frame(rng, 500), _write(folder, f"reference_null{i}", _frame(rng, 2000)))
     return written
@@ -367,6 +387,41 @@ def test_nans_are_dropped_per_feature_and_reported(outcome: dict[str, Any]) -> N
     assert not sparse["drift"]
     assert (empty["tested"], empty["p_value"], empty["nan_fraction_cur"]) == (False, None, 1.0)
     assert "x2" in result["message"]
+
+
+@pytest.mark.parametrize(
+    ("case", "verdict", "reason"),
+    [
+        ("no_requests", "insufficient_data", "the window is empty"),
+        ("no_rows", "insufficient_data", "the window is empty"),
+        ("all_missing", "insufficient_data", "0 effective: 300 without any value"),
+        ("one_row", "insufficient_data", "current 1, at least 200 needed"),
+        ("one_column", "invalid_window", "lacks the columns ['x1', 'x2', 'x3', 'colour', 'flag']"),
+    ],
+)
+def test_every_window_shape_gets_a_verdict_with_a_reason(
+    outcome: dict[str, Any], case: str, verdict: str, reason: str
+) -> None:
+    result = outcome[case]
+    assert (result["verdict"], result["severity"], result["drifted_features"]) == (verdict, "none", [])
+    assert reason in result["message"], result["message"]
+    saved = json.loads(Path(result["report_json"]).read_text())
+    assert saved["verdict"] == verdict and saved["message"] == result["message"]
+    assert html.escape(result["message"]) in Path(result["report_html"]).read_text()
+
+
+def test_one_row_is_tested_when_the_minimum_allows_it(outcome: dict[str, Any]) -> None:
+    result = outcome["one_row_min_1"]
+    assert result["verdict"] in ("drift", "no_drift") and result["message"]
+    assert all(score["tested"] and score["n_cur"] == 1 for score in result["features"].values())
+
+
+def test_repeated_requests_count_once(outcome: dict[str, Any]) -> None:
+    result = outcome["repeats"]
+    # 200 repeats of two requests would read as drift in every feature; tested once, they are 2 of 300 rows.
+    assert (result["n_current"], result["n_effective"], result["verdict"]) == (500, 300, "no_drift")
+    assert "200 repeated rows tested once" in result["message"]
+    assert all(score["n_cur"] == 300 for score in result["features"].values())
 
 
 @pytest.mark.parametrize(("case", "named"), [("missing_column", "x3"), ("wrong_type", "x1")])

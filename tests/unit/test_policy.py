@@ -10,11 +10,12 @@ from airloop.steps.drift.requests import DecideRequest
 NOW = 1_700_000_000.0
 
 
-def drift(severity: str = "high", rows: int = 1000) -> dict:
+def drift(severity: str = "high", rows: int = 1000, **more: object) -> dict:
     return {
         "verdict": "drift",
         "severity": severity,
         "n_current": rows,
+        **more,
         "model_name": "m",
         "champion": "1",
         "drifted_features": ["f1"],
@@ -45,6 +46,7 @@ def test_drift_with_nothing_in_the_way_requests_a_retrain():
         "wanted": "retrain",
         "decided_at": "2023-11-14T22:13:20+00:00",
         "cooldown_until": None,
+        "escalated_from": None,
     }
 
 
@@ -92,6 +94,38 @@ def test_minimum_window_size():
     assert decide(request(detection=drift(rows=200)))["action"] == "retrain"
     unknown = decide(request(detection={k: v for k, v in drift().items() if k != "n_current"}))
     assert unknown["code"] == "window_too_small"
+
+
+def test_the_minimum_window_counts_effective_rows():
+    # The issue's false alarm: 248 rows, 93 of them repeats, so 155 that count.
+    small = decide(request(detection=drift("medium", rows=248, n_effective=155)))
+    assert (small["action"], small["code"], small["wanted"]) == ("log", "window_too_small", "retrain")
+    assert "248 rows (155 effective)" in small["reason"] and "at least 200 effective rows" in small["reason"]
+    assert decide(request(detection=drift(rows=248, n_effective=200)))["action"] == "retrain"
+
+
+def test_a_more_severe_drift_within_the_cooldown_escalates():
+    # A medium drift requested a retrain 582 s ago; a high one now is not held back by its cooldown.
+    last = {"last_requested_at": NOW - 582, "last_requested_severity": "medium"}
+    escalated = decide(request(**last))
+    assert (escalated["action"], escalated["code"], escalated["wanted"]) == (
+        "retrain",
+        "escalated",
+        "retrain",
+    )
+    assert escalated["escalated_from"] == "medium" and escalated["cooldown_until"] is None
+    assert "more severe than the 'medium' drift" in escalated["reason"] and "582 s ago" in escalated["reason"]
+    approval = decide(request(actions={"high": "retrain_with_approval"}, **last))
+    assert (approval["action"], approval["code"]) == ("retrain_with_approval", "escalated")
+    # As severe or less, or a request of unknown severity: the cooldown holds.
+    for severity, before in [("medium", "medium"), ("medium", "high"), ("high", None)]:
+        held = decide(
+            request(detection=drift(severity), last_requested_at=NOW - 582, last_requested_severity=before)
+        )
+        assert (held["code"], held["escalated_from"]) == ("cooldown", None)
+    # Escalation never skips the earlier checks.
+    assert decide(request(retrain_running=True, **last))["code"] == "retrain_running"
+    assert decide(request(detection=drift(rows=248, n_effective=155), **last))["code"] == "window_too_small"
 
 
 def test_dedupe_while_a_retrain_is_running():
@@ -149,6 +183,7 @@ def test_the_same_inputs_give_the_same_decision():
         ({"cooldown_minutes": "soon"}, "'cooldown_minutes' must be a number"),
         ({"min_window_rows": float("nan")}, "'min_window_rows' must be a finite number"),
         ({"last_requested_at": "yesterday"}, "'last_requested_at' must be a number"),
+        ({"last_requested_severity": "extreme"}, "'last_requested_severity' must be one of"),
         ({"window": 5}, "DecideRequest: unknown field\\(s\\) \\['window'\\]"),
     ],
 )
@@ -174,3 +209,54 @@ def test_the_typed_request_and_its_dict_decide_alike():
     # The defaults are the operator's: a 200-row minimum window, a 60-minute cooldown.
     assert decide(typed)["code"] == "window_too_small"
     assert decide(typed.replace(detection=drift(), last_requested_at=NOW - 59 * 60))["code"] == "cooldown"
+
+
+def test_a_false_alarm_on_repeated_rows_no_longer_hides_the_real_shift(tmp_path):
+    """The issue's trial on breast_cancer: a 248-row window, 93 of them repeats of 3 requests, read as
+    medium drift (8 of 30 features) and started the cooldown that then held back the real shift."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.datasets import load_breast_cancer
+
+    from airloop.steps.drift.detect import detect
+
+    table = load_breast_cancer(as_frame=True).frame.drop(columns="target")
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(table))
+    reference, rest = table.iloc[order[:314]], table.iloc[order[314:]]
+    fresh = rest.iloc[:155]
+    resent = fresh.iloc[rng.choice(155, 3, replace=False)]
+    windows = {
+        "repeats": pd.concat([fresh, resent.loc[resent.index.repeat(31)]]),
+        # The real shift, as in the trial: the served rows above the reference's median of one feature.
+        "shift": rest[rest["mean radius"] > reference["mean radius"].median()],
+    }
+    reference.to_parquet(tmp_path / "reference.parquet")
+    found = {}
+    for name, window in windows.items():
+        window.to_parquet(tmp_path / name)
+        base = {"reference_uri": str(tmp_path / "reference.parquet"), "current_uri": str(tmp_path / name)}
+        found[name] = {rows: detect({**base, "min_rows": rows}) for rows in (200, 100)}
+
+    repeats = found["repeats"]
+    assert (repeats[200]["n_current"], repeats[200]["n_effective"]) == (248, 155)
+    assert repeats[200]["verdict"] == "insufficient_data" and "93 repeats" in repeats[200]["message"]
+    # With a minimum the 155 distinct rows meet, the repeats are tested once: no false alarm.
+    assert repeats[100]["verdict"] == "no_drift" and "93 repeated rows tested once" in repeats[100]["message"]
+    shift = found["shift"][100]
+    assert (shift["verdict"], shift["severity"]) == ("drift", "high")
+
+    def decided(result, **state):
+        keys = ("verdict", "severity", "n_current", "n_effective", "message")
+        detection = {**drift(), **{key: result[key] for key in keys}}
+        return decide(request(detection=detection, min_window_rows=100, **state))
+
+    assert decided(repeats[200])["action"] == decided(repeats[100])["action"] == "none"  # no cooldown starts
+    assert decided(shift)["code"] == "retrain_requested"
+    # And had a medium drift requested a retrain 582 s before, the real shift escalates past its cooldown.
+    escalated = decided(shift, last_requested_at=NOW - 582, last_requested_severity="medium")
+    assert (escalated["action"], escalated["code"], escalated["escalated_from"]) == (
+        "retrain",
+        "escalated",
+        "medium",
+    )

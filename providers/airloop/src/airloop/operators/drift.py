@@ -26,6 +26,8 @@ from airloop.steps.drift.requests import (
 )
 
 RETRAIN_REQUESTED_TAG = "airloop.retrain_requested_at"
+# The severity of the drift that last requested a retrain: a more severe one within the cooldown escalates.
+RETRAIN_SEVERITY_TAG = "airloop.retrain_requested_severity"
 # Drift decisions kept in the champion's audit record (hourly monitoring: about a day's worth).
 AUDIT_DECISIONS = 24
 
@@ -124,6 +126,7 @@ class _DriftDetectOperator(StepOperator):
             "drifted_features": result["drifted_features"],
             "share_drifted": result.get("share_drifted"),
             "n_current": result["n_current"],
+            "n_effective": result["n_effective"],
             "n_reference": result["n_reference"],
             "message": result.get("message"),
             "report": f"{prefix}/report.json",
@@ -219,9 +222,10 @@ class DriftDecideRetrainOperator(BaseOperator):
     """
     Turn a drift verdict into an action with the retraining policy (``airloop.steps.drift.policy.decide``), so
     one shift does not start ten retrains: severities map to ``log``, ``retrain`` or
-    ``retrain_with_approval``; nothing is requested on a window smaller than ``min_window_rows``, while a
-    run of ``retrain_dag_id`` is queued or running, or within ``cooldown_minutes`` of the last request
-    (the registered model's ``airloop.retrain_requested_at`` tag).
+    ``retrain_with_approval``; nothing is requested on a window of fewer than ``min_window_rows`` effective
+    rows, while a run of ``retrain_dag_id`` is queued or running, or within ``cooldown_minutes`` of the
+    last request (the registered model's ``airloop.retrain_requested_at`` tag) unless the drift is more
+    severe than the one that request was for (``airloop.retrain_requested_severity``): then it escalates.
 
     Every decision other than "no drift" / "too little data" is appended, with its reason, to the
     ``drift`` stage of the champion's audit record; every decision goes to the task log. On a retrain the
@@ -232,8 +236,10 @@ class DriftDecideRetrainOperator(BaseOperator):
     :param detection: the result of ``DriftDetectRequestsOperator`` or ``DriftDetectDataOperator``
         (usually its XCom).
     :param actions: ``{severity: action}`` over ``airloop.steps.drift.policy.DEFAULT_ACTIONS``.
-    :param cooldown_minutes: no retrain is requested within this long after the last request.
-    :param min_window_rows: fewest requests in the window to act on a drift verdict.
+    :param cooldown_minutes: no retrain is requested within this long after the last request, unless
+        the drift is more severe than the last request's.
+    :param min_window_rows: fewest effective rows in the window (repeated requests counted once) to act
+        on a drift verdict.
     :param retrain_dag_id: the DAG that retrains (scheduled on the outlets); while a run of it is queued
         or running no other retrain is requested. ``None`` leaves deduplication to the cooldown.
     """
@@ -273,7 +279,8 @@ class DriftDecideRetrainOperator(BaseOperator):
         if not model_name:
             raise ValueError("'detection' has no 'model_name': pass a DriftDetect*Operator's result")
         hook = MlflowHook(mlflow_conn_id=self.mlflow_conn_id)
-        last = hook.client.get_registered_model(model_name).tags.get(RETRAIN_REQUESTED_TAG)
+        tags = hook.client.get_registered_model(model_name).tags
+        last = tags.get(RETRAIN_REQUESTED_TAG)
         now = time.time()
         decision = decide(
             DecideRequest(
@@ -282,6 +289,7 @@ class DriftDecideRetrainOperator(BaseOperator):
                 cooldown_minutes=self.cooldown_minutes,
                 min_window_rows=self.min_window_rows,
                 last_requested_at=None if last is None else float(last),
+                last_requested_severity=tags.get(RETRAIN_SEVERITY_TAG) if last is not None else None,
                 retrain_running=self._retrain_running(context),
                 now=now,
             )
@@ -298,6 +306,7 @@ class DriftDecideRetrainOperator(BaseOperator):
         if decision["action"] not in ("retrain", "retrain_with_approval"):
             raise AirflowSkipException(decision["reason"])
         # Last, so a task that failed before this point and is retried is not held back by its own cooldown.
+        hook.client.set_registered_model_tag(model_name, RETRAIN_SEVERITY_TAG, decision["severity"])
         hook.client.set_registered_model_tag(model_name, RETRAIN_REQUESTED_TAG, str(now))
         extra: dict[str, Any] = {
             "model_name": detection["model_name"],
@@ -330,6 +339,8 @@ class DriftDecideRetrainOperator(BaseOperator):
             "code": decision["code"],
             "severity": decision["severity"],
             "wanted": decision["wanted"],
+            "escalated_from": decision["escalated_from"],
+            "n_effective": detection.get("n_effective", detection.get("n_current")),
             "reason": decision["reason"][:1000],
             "report": detection.get("report"),
             "dag_run_id": context["run_id"],

@@ -1,7 +1,8 @@
 """Detect drift between a reference data set and a current window of serving data.
 
 ``detect(request) -> result`` is a step: plain Python, JSON-able request in, JSON-able result out,
-no Airflow import. The window is checked before any test: a window with too few rows is
+no Airflow import. The window is checked before any test, and every shape gets a verdict with a
+reason: an empty window, or one with too few effective rows (repeats counted once), is
 ``insufficient_data`` (never ``no_drift``), one with missing or mistyped columns is
 ``invalid_window``. Backends: ``scipy`` (default, runs anywhere) and ``alibi`` (alibi-detect, in
 the ``serving`` runtime, or the ``torch`` runtime for its ``mmd`` method), registered in
@@ -52,6 +53,7 @@ def detect(request: DetectRequest | Mapping[str, Any]) -> DriftResult:
     detector.check_params()  # a bad request fails whatever the window holds
     current = _read(options.current_uri, features)
 
+    tested, valued, effective = _effective(reference, current, features)
     result: DriftResult = {
         "verdict": "no_drift",
         "severity": "none",
@@ -59,6 +61,7 @@ def detect(request: DetectRequest | Mapping[str, Any]) -> DriftResult:
         "method": options.method,
         "n_reference": len(reference),
         "n_current": len(current),
+        "n_effective": effective,
         "drifted_features": [],
         "share_drifted": 0.0,
         "features": {},
@@ -66,23 +69,40 @@ def detect(request: DetectRequest | Mapping[str, Any]) -> DriftResult:
         "report_html": None,
         "message": "",
     }
-    # An empty window has no schema to check: it is too small, not malformed.
-    problem = _window_problem(reference, current, features) if len(current) else None
+    # Every window shape gets a verdict and a reason: an empty one has no schema to check (a window
+    # of no requests has no columns at all), so it is too small, not malformed.
+    problem = _window_problem(reference, current, features) if len(current) else ""
     if problem:
         result["verdict"], result["message"] = "invalid_window", problem
-    elif min(len(reference), len(current)) < options.min_rows:
+    elif not len(current):
+        result["verdict"] = "insufficient_data"
+        result["message"] = f"the window is empty: no rows to test, at least {options.min_rows} needed"
+    elif min(len(reference), effective) < options.min_rows:
+        discounted = [
+            text
+            for text, applies in (
+                (f"{len(current) - valued} without any value", valued < len(current)),
+                (f"{valued - effective} repeats beyond the reference's own rate", effective < valued),
+            )
+            if applies
+        ]
+        counted = f" ({effective} effective: {', '.join(discounted)})" if discounted else ""
         result["verdict"] = "insufficient_data"
         result["message"] = (
-            f"too few rows to judge drift: reference {len(reference)}, "
-            f"current {len(current)}, at least {options.min_rows} needed on each side"
+            f"too few rows to judge drift: reference {len(reference)}, current {len(current)}"
+            f"{counted}, at least {options.min_rows} needed on each side"
         )
     else:
-        _judge(result, detector.fit(reference).score(current), thresholds, options)
+        factor = effective / len(tested)
+        _judge(result, detector.fit(reference).score(tested), thresholds, options, factor)
+        if len(tested) < len(current):
+            result["message"] += f"; {len(current) - len(tested)} repeated rows tested once"
 
     if options.report_dir:
         from airloop.steps.drift import report
 
-        plots = {} if problem else report.distributions(reference, current, features, categorical)
+        shown = [] if problem else [f for f in features if f in current.columns]
+        plots = report.distributions(reference, current, shown, categorical)
         result = report.write(result, plots, options.report_dir)
     return result
 
@@ -151,27 +171,62 @@ def _window_problem(reference: pd.DataFrame, current: pd.DataFrame, features: li
     return f"current window has columns of the wrong type: {', '.join(mistyped)}" if mistyped else ""
 
 
+def _effective(
+    reference: pd.DataFrame, current: pd.DataFrame, features: list[str]
+) -> tuple[pd.DataFrame, int, int]:
+    """The window to test, its rows with any value, and how many of those count: its effective size.
+
+    The tests assume independent rows, so repeats count once beyond the rate at which the reference
+    repeats its own rows in a seeded sample of the window's size: natural repeats (features with few
+    values) are not held against a window. Where the reference repeats no row at all, every repeat is
+    a request sent or logged again, and the window is tested without them.
+    """
+    present = [f for f in features if f in current.columns]
+    rows = current[present].dropna(how="all") if present else current.iloc[:0]
+    if rows.empty:
+        return current, 0, 0
+    sample = reference[present].dropna(how="all")
+    sample = sample.sample(n=min(len(rows), len(sample)), random_state=0)
+    natural = float((~sample.duplicated()).mean()) if len(sample) else 1.0
+    repeated = rows.duplicated()
+    effective = round(len(rows) * min(1.0, float((~repeated).mean()) / natural))
+    if natural == 1.0 and repeated.any():
+        current = current.loc[~current[present].duplicated()]
+    return current, len(rows), effective
+
+
 def _judge(
     result: DriftResult,
     scores: dict[str, FeatureScore],
     thresholds: dict[Severity, float],
     options: DetectRequest,
+    factor: float,
 ) -> None:
-    """Fill in ``result``'s verdict on the tested features."""
+    """Fill in ``result``'s verdict on the tested features.
+
+    A tested feature counts for the verdict and its severity only with ``min_rows`` effective values
+    (its non-missing values, scaled by the share of the window's rows that count).
+    """
     result["features"] = scores
     tested = [f for f, s in scores.items() if s["tested"]]
+    counted = [f for f in tested if scores[f]["n_cur"] * factor >= options.min_rows]
     untested = [f for f, s in scores.items() if not s["tested"]]
     note = (
         f"; untested (fewer than {options.min_rows} non-missing values on a side): {untested}"
         if untested
         else ""
     )
-    if not tested:
+    thin = [f for f in tested if f not in counted]
+    if thin:
+        note += (
+            f"; not counted (fewer than {options.min_rows} effective values, repeats counted once): {thin}"
+        )
+    if not counted:
         result["verdict"] = "insufficient_data"
         result["message"] = f"no feature has {options.min_rows} non-missing values on both sides{note}"
         return
-    drifted = [f for f in tested if scores[f]["drift"]]
-    share = len(drifted) / len(tested)
+    drifted = [f for f in counted if scores[f]["drift"]]
+    share = len(drifted) / len(counted)
     severity: Severity = max(
         (level for level, t in thresholds.items() if drifted and share >= t),
         key=list(SEVERITY).index,
@@ -182,16 +237,19 @@ def _judge(
     else:  # one test of all the features: they drift together or not at all
         test = f"tested together with {options.method}, p = {scores[tested[0]]['p_value']:.3g}"
     message = (
-        f"{len(drifted)} of {len(tested)} features drifted ({test}): {drifted}"
+        f"{len(drifted)} of {len(counted)} features drifted ({test}): {drifted}"
         if drifted
-        else f"no drift in {len(tested)} features ({test})"
+        else f"no drift in {len(counted)} features ({test})"
     )
+    # The evidence is no larger than the effective values of the sparsest feature it rests on.
+    evidence = min(round(scores[f]["n_cur"] * factor) for f in drifted or counted)
     result.update(
         {
             "verdict": "drift" if drifted else "no_drift",
             "severity": severity,
             "drifted_features": drifted,
             "share_drifted": share,
+            "n_effective": min(result["n_effective"], evidence),
             "message": message + note,
         }
     )

@@ -23,24 +23,33 @@ _VERDICTS: tuple[Verdict, ...] = get_args(Verdict)
 def decide(request: DecideRequest | Mapping[str, Any]) -> Decision:
     """Decide what a drift detection leads to.
 
-    ``detection`` is a drift detect operator's result (``verdict``, ``severity``, ``n_current`` and
-    ``message`` are read); ``cooldown_minutes``: no retrain within this long after the last request;
-    ``min_window_rows``: fewest rows in the window to act on a drift verdict; ``last_requested_at``:
-    epoch seconds of the last retrain request, or None; ``retrain_running``: a retrain of the same
+    ``detection`` is a drift detect operator's result (``verdict``, ``severity``, ``n_current``,
+    ``n_effective`` and ``message`` are read); ``cooldown_minutes``: no retrain within this long after
+    the last request, unless the drift is more severe than the one that request was for;
+    ``min_window_rows``: fewest effective rows (``n_effective``: repeats counted once, no more than the
+    sparsest drifted feature's values; ``n_current`` for a detection without it) to act on a drift
+    verdict; ``last_requested_at``: epoch seconds of the last retrain request, or None, and
+    ``last_requested_severity`` the severity it was for; ``retrain_running``: a retrain of the same
     model is queued or running; ``now``: epoch seconds (required, so the decision is reproducible).
 
     ``action`` is ``"none"`` (no drift, or too little data to tell), ``"log"`` (drift recorded, no
     retrain) or the retrain action; ``wanted`` is what the severity maps to, so a suppressed retrain
-    reads ``action="log"``, ``wanted="retrain"`` with the reason in ``code`` / ``reason``.
-    Checks run in this order, the first that applies decides: verdict, severity map, window size,
-    retrain running, cooldown.
+    reads ``action="log"``, ``wanted="retrain"`` with the reason in ``code`` / ``reason``. A retrain
+    within the cooldown for a more severe drift reads ``code="escalated"`` and names the severity it
+    escalates from in ``escalated_from``. Checks run in this order, the first that applies decides:
+    verdict, severity map, window size, retrain running, cooldown (or escalation).
     """
     options = _checked(DecideRequest.parse(request))
     detection, now = options.detection, options.now
     verdict, severity = detection["verdict"], detection.get("severity") or "none"
 
     def result(
-        action: str, code: str, reason: str, wanted: str | None = None, cooldown_until: float | None = None
+        action: str,
+        code: str,
+        reason: str,
+        wanted: str | None = None,
+        cooldown_until: float | None = None,
+        escalated_from: Severity | None = None,
     ) -> Decision:
         return {
             "action": action,
@@ -51,6 +60,7 @@ def decide(request: DecideRequest | Mapping[str, Any]) -> Decision:
             "wanted": wanted,
             "decided_at": _iso(now),
             "cooldown_until": None if cooldown_until is None else _iso(cooldown_until),
+            "escalated_from": escalated_from,
         }
 
     if verdict == "no_drift":
@@ -71,11 +81,14 @@ def decide(request: DecideRequest | Mapping[str, Any]) -> Decision:
     if wanted == "log":
         return result("log", "severity_maps_to_log", f"drift of severity {severity!r} maps to 'log'", wanted)
     rows, min_rows = detection.get("n_current"), options.min_window_rows
-    if min_rows and (rows is None or int(rows) < min_rows):
+    effective = detection.get("n_effective", rows)
+    if min_rows and (effective is None or int(effective) < min_rows):
+        counted = f" ({effective} effective)" if rows is not None and effective != rows else ""
         return result(
             "log",
             "window_too_small",
-            f"drift of severity {severity!r} seen on {rows} rows; acting needs at least {min_rows}",
+            f"drift of severity {severity!r} seen on {rows} rows{counted}; acting needs at least"
+            f" {min_rows} effective rows",
             wanted,
         )
     if options.retrain_running:
@@ -84,14 +97,22 @@ def decide(request: DecideRequest | Mapping[str, Any]) -> Decision:
         )
     last, cooldown = options.last_requested_at, options.cooldown_minutes * 60
     if last is not None and now - last < cooldown:
-        return result(
-            "log",
-            "cooldown",
+        since = (
             f"last retrain requested {now - last:.0f} s ago, within the "
-            f"{options.cooldown_minutes:g} min cooldown",
-            wanted,
-            cooldown_until=last + cooldown,
+            f"{options.cooldown_minutes:g} min cooldown"
         )
+        before = options.last_requested_severity
+        # A false alarm must not hide the real shift: a more severe drift overrides the cooldown.
+        if before is not None and SEVERITIES.index(severity) > SEVERITIES.index(before):
+            return result(
+                wanted,
+                "escalated",
+                f"drift of severity {severity!r} maps to {wanted!r} and is more severe than the"
+                f" {before!r} drift the {since} was for: escalated",
+                wanted,
+                escalated_from=before,
+            )
+        return result("log", "cooldown", since, wanted, cooldown_until=last + cooldown)
     return result(wanted, "retrain_requested", f"drift of severity {severity!r} maps to {wanted!r}", wanted)
 
 
@@ -113,7 +134,9 @@ def _checked(request: DecideRequest) -> DecideRequest:
     bad = {severity: action for severity, action in actions.items() if action not in ACTIONS}
     if bad:
         raise ValueError(f"'actions' values must be one of {list(ACTIONS)}, got {bad}")
-    last = request.last_requested_at
+    last, before = request.last_requested_at, request.last_requested_severity
+    if before is not None and before not in SEVERITIES:
+        raise ValueError(f"'last_requested_severity' must be one of {list(SEVERITIES)}, got {before!r}")
     return request.replace(
         actions=actions,
         cooldown_minutes=_number(request.cooldown_minutes, "cooldown_minutes"),

@@ -62,6 +62,9 @@ class DriftResult(TypedDict):
     method: str
     n_reference: int
     n_current: int
+    # The rows behind the verdict: rows with a value, repeats beyond the reference's own rate counted
+    # once, and no more than the effective values of the sparsest feature the verdict rests on.
+    n_effective: int
     drifted_features: list[str]
     share_drifted: float
     features: dict[str, FeatureScore]
@@ -80,6 +83,7 @@ class Detection(TypedDict):
     drifted_features: list[str]
     share_drifted: float | None
     n_current: int
+    n_effective: int
     n_reference: int
     message: str | None
     # The report's path in the artefact store, and where the window came from.
@@ -121,11 +125,14 @@ class DecideRequest(StepRequest):
     cooldown_minutes: float = 60
     min_window_rows: int = 200
     last_requested_at: float | None = None
+    # The severity the last retrain request was for: a more severe drift within the cooldown escalates.
+    last_requested_severity: Severity | None = None
     retrain_running: bool = False
 
 
 class Decision(TypedDict):
-    """``decide``'s answer: the action, why (``code``, ``reason``) and what the severity asked for."""
+    """``decide``'s answer: the action, why (``code``, ``reason``) and what the severity asked for;
+    ``escalated_from``: the severity of the last request when a more severe drift overrode its cooldown."""
 
     action: str  # "none", "log", or a retrain action: "retrain", "retrain_with_approval"
     code: str
@@ -135,3 +142,4 @@ class Decision(TypedDict):
     wanted: str | None
     decided_at: str
     cooldown_until: str | None
+    escalated_from: Severity | None
