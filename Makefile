@@ -9,8 +9,20 @@ export CI ?= true
 
 .PHONY: setup system loop lint test airflow clean
 
+UI_APP := providers/airloop/src/airloop/plugins/ui/app
+UI_BUNDLE := providers/airloop/src/airloop/plugins/ui/static/airloop.js
+
 setup: .venv/.synced .airloop/runtimes/serving/.built .airloop/runtimes/torch/.built \
-	.airloop/runtimes/validation/.built
+	.airloop/runtimes/validation/.built $(UI_BUNDLE)
+
+# The UI plugin's React app (Node.js 20.19+ and npm): packages as package-lock.json pins them, then one
+# bundle that the plugin serves and the wheel ships.
+$(UI_APP)/node_modules/.package-lock.json: $(UI_APP)/package-lock.json
+	cd $(UI_APP) && npm ci --no-audit --no-fund
+
+$(UI_BUNDLE): $(UI_APP)/node_modules/.package-lock.json $(UI_APP)/vite.config.ts $(UI_APP)/tsconfig.json \
+	$(wildcard $(UI_APP)/src/*)
+	cd $(UI_APP) && npm run build
 
 .tools/bin/uv:
 	python3 -m venv .tools && .tools/bin/pip install --quiet uv
@@ -45,7 +57,7 @@ lint: .venv/.synced
 
 # Debian packages some tests start for real (Redis: Feast's online store). Needs root; tests that
 # need one skip with its name when it is missing.
-SYSTEM_PACKAGES := redis-server
+SYSTEM_PACKAGES := redis-server chromium
 system:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
@@ -62,4 +74,4 @@ airflow: setup
 	AIRFLOW__API__HOST=127.0.0.1 .venv/bin/airflow standalone
 
 clean:
-	rm -rf .venv .tools .airloop
+	rm -rf .venv .tools .airloop $(UI_APP)/node_modules $(dir $(UI_BUNDLE))

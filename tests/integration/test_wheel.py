@@ -3,7 +3,7 @@
 Builds the wheel with uv, installs it (base dependencies, pinned to the development environment's
 versions, so uv's cache serves them) into a new virtualenv, and asks that environment's Airflow, with
 no plugins folder, which plugins it loads and whether the plugin's app answers every extra link that
-points into the Airflow UI.
+points into the Airflow UI, and whether the wheel ships the React app's bundle (built, not its source).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,12 @@ with TestClient(server, cookies={"_token": token}) as client:
             served[link.name] = [answer.status_code, answer.text]
         else:
             elsewhere[link.name] = url
+    # The React app's bundle, where Airflow's UI imports it from.
+    [react_app] = plugins["airloop"]["react_apps"]
+    answer = client.get(react_app["bundle_url"])
+    bundle = [answer.status_code, answer.headers.get("content-type"), "AirflowPlugin=" in answer.text]
 print(json.dumps({
+    "bundle": bundle,
     "airloop": airloop.__file__,
     "prefix": sys.prefix,
     "plugin": plugins.get("airloop"),
@@ -115,9 +121,11 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "AIRLOOP_ARTEFACTS": artefacts.as_uri(),
     }
     artefacts.mkdir()
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
     # From a folder outside the repository, so nothing but the new environment can supply airloop.
     probe = _run(python, "-c", PROBE, str(artefacts), env=env, cwd=tmp)
-    return json.loads(probe.stdout.strip().splitlines()[-1])
+    return {**json.loads(probe.stdout.strip().splitlines()[-1]), "files": names}
 
 
 def test_airloop_comes_from_the_wheel(installed: dict[str, Any]) -> None:
@@ -141,3 +149,10 @@ def test_every_extra_link_into_the_ui_is_served_by_the_plugin(installed: dict[st
     # The MLflow links open MLflow's own UI.
     assert all(url.startswith("http://mlflow.example:5000/") for url in installed["elsewhere"].values())
     assert set(installed["elsewhere"]) == {"MLflow run", "MLflow model version"}
+
+
+def test_the_wheel_ships_the_app_bundle_and_not_its_source(installed: dict[str, Any]) -> None:
+    assert "airloop/plugins/ui/static/airloop.js" in installed["files"]
+    assert not [name for name in installed["files"] if name.startswith("airloop/plugins/ui/app/")]
+    status, content_type, defines_plugin = installed["bundle"]
+    assert status == 200 and content_type.startswith("text/javascript") and defines_plugin

@@ -22,10 +22,10 @@ from airflow.plugins_manager import AirflowPlugin
 from fastapi import FastAPI
 from starlette.testclient import TestClient
 
-from airloop.plugins.ui import URL_PREFIX
+from airloop.plugins.ui import BUNDLE, URL_PREFIX
 from airloop.plugins.ui.app import FILE_CSP, PAGE_CSP, create_app
 from airloop.plugins.ui.plugin import AirloopPlugin, base_path
-from airloop.plugins.ui.sources import UI_HTTP
+from airloop.plugins.ui.sources import HEADLINE_TAG, UI_HTTP
 from airloop.ports import free_port
 from airloop.serving.local import TOKEN_ENV
 
@@ -148,12 +148,30 @@ def test_plugin_declares_app_and_nav_entry() -> None:
     [mounted] = plugin.fastapi_apps
     assert isinstance(mounted["app"], FastAPI)
     assert mounted["url_prefix"] == "/airloop" and mounted["name"] == "Airloop"
+    [app] = plugin.react_apps
+    assert app["name"] == "Airloop" and app["url_route"] == "airloop" and app["destination"] == "nav"
+    assert app["bundle_url"] == "/airloop/static/airloop.js"
     [view] = plugin.external_views
     assert view["href"] == "/airloop/models"
     assert view["destination"] == "nav"
-    assert view["name"] == "Airloop"
+    assert view["name"] == "Airloop reports" and view["url_route"] != app["url_route"]
     # Its lists are its own: the base class's, shared by every plugin, are left empty.
     assert AirflowPlugin.fastapi_apps == [] and AirflowPlugin.external_views == []
+    assert AirflowPlugin.react_apps == []
+
+
+def test_the_app_bundle_is_served_as_a_script_that_defines_the_plugin(client: TestClient) -> None:
+    """The bundle `make setup` builds from ui/app: a UMD script on the host's React and Chakra UI."""
+    if not BUNDLE.is_file():
+        pytest.skip(f"the app is not built ({BUNDLE}): make setup")
+    response = client.get("/airloop/static/airloop.js")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/javascript")
+    script = response.text
+    assert "AirflowPlugin=" in script and "e.ChakraUI" in script and "e.React," in script
+    assert "Rollout in progress" in script  # the Models page
+    with TestClient(_server(), follow_redirects=False) as anonymous:
+        assert anonymous.get("/airloop/static/airloop.js").status_code == 303  # a login first
 
 
 def test_hrefs_follow_api_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -589,6 +607,82 @@ def test_the_data_api_answers_json_for_every_page(client: TestClient, artefacts:
     assert version["version"]["aliases"] == ["champion"]
     assert version["audit"]["stages"][0]["record"] == {"accuracy": 0.93, "note": SCRIPT}
     assert client.get("/airloop/api/models/churn/versions/99").status_code == 404
+
+
+def test_api_loops_has_one_card_per_model_with_its_rollout_and_drift(
+    client: TestClient, artefacts: Path
+) -> None:
+    steps = [
+        {"kind": "shadow", "weight": 0, "mirror": 20, "verdict": "pass", "started": "2026-02-01T00:00:00"},
+        {"kind": "canary", "weight": 25, "started": "2026-02-01T00:10:00"},  # its window still open
+    ]
+    under_way = {"model_name": "churn", "champion": "2", "challenger": "3", "phase": "analysing"}
+    _write(
+        artefacts / "rollouts/churn/b.json",
+        {**under_way, "decision": None, "steps": steps, "started": "2026-02-01"},
+    )
+    _write(
+        artefacts / "rollouts/churn/a.json",
+        {"model_name": "churn", "decision": "promoted", "started": "2026-01-01"},
+    )
+    _write(
+        artefacts / "drift/churn/20260101T000000Z/report.json", {"verdict": "no_drift", "severity": "none"}
+    )
+    _write(artefacts / "drift/churn/20260201T000000Z/report.json", {"verdict": "drift", "severity": "high"})
+    view = client.get("/airloop/api/loops").json()
+    assert view["problems"] == []
+    cards = {card["model_name"]: card for card in view["loops"]}
+    assert set(cards) == {"churn", "fraud"}
+    churn = cards["churn"]
+    assert churn["champion"]["version"] == "2" and churn["challenger"]["version"] == "3"
+    # The offline gate's metric, for the versions the aliases name.
+    assert churn["headline"] == {"metric": "accuracy", "champion": 0.93, "challenger": 0.95, "previous": 0.91}
+    rollout = churn["rollout"]
+    assert rollout["file"] == "b.json" and rollout["in_progress"] is True and rollout["phase"] == "analysing"
+    assert rollout["steps"] == [
+        {"kind": "shadow", "weight": 0, "verdict": "pass"},
+        {"kind": "canary", "weight": 25, "verdict": None},
+    ]
+    assert churn["serving"]["deployment"] == "churn" and "not deployed" in churn["serving"]["note"]
+    assert churn["drift"] == {
+        "at": "20260201T000000Z",
+        "verdict": "drift",
+        "severity": "high",
+        "has_html": False,
+    }
+    fraud = cards["fraud"]
+    assert fraud["champion"] is None and fraud["headline"] is None
+    assert fraud["rollout"] is None and fraud["serving"] is None and fraud["drift"] is None
+
+
+def test_api_loops_names_the_services_that_do_not_answer(
+    client: TestClient, refused: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIRLOOP_ARTEFACTS", "s3://bucket/artefacts")
+    view = client.get("/airloop/api/loops").json()
+    [problem] = view["problems"]
+    assert problem["service"] == "artefact store" and "not a local folder" in problem["detail"]
+    assert {card["model_name"] for card in view["loops"]} == {"churn", "fraud"}  # MLflow still answers
+    _mlflow_connection(monkeypatch, refused)
+    down = client.get("/airloop/api/loops")
+    assert down.status_code == 503 and down.json()["service"] == "MLflow"
+
+
+def test_the_headline_metric_follows_the_model_tag(client: TestClient, tracking_uri: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=tracking_uri).set_registered_model_tag("churn", HEADLINE_TAG, "log_loss")
+    try:
+        cards = {card["model_name"]: card for card in client.get("/airloop/api/loops").json()["loops"]}
+        # Only version 3 (the challenger) logged log_loss: the others show none, not another metric.
+        assert cards["churn"]["headline"] == {
+            "metric": "log_loss",
+            "champion": None,
+            "challenger": LONG_FLOAT,
+            "previous": None,
+        }
+    finally:
+        MlflowClient(tracking_uri=tracking_uri).delete_registered_model_tag("churn", HEADLINE_TAG)
 
 
 # Runs the `airflow plugins` command, then reports whether loading the plugins imported MLflow.

@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
-from airloop.plugins.ui import FILES_ROUTE, base_path, pages, sources
+from airloop.plugins.ui import BUNDLE, BUNDLE_ROUTE, FILES_ROUTE, base_path, pages, sources
 
 # Our pages load one stylesheet from this app and nothing else; the Airflow UI may frame them.
 PAGE_CSP = (
@@ -131,6 +131,11 @@ def _add_handlers(app: FastAPI) -> None:
 def _add_api(app: FastAPI) -> None:
     """The data API: what the pages show, as JSON (raw values, times as sent by their source)."""
 
+    @app.get(API + "/loops")
+    def api_loops() -> JSONResponse:
+        """The Models app's data: one card per loop."""
+        return JSONResponse(sources.loops(sources.mlflow_config()))
+
     @app.get(API + "/models")
     def api_models() -> JSONResponse:
         return JSONResponse(sources.registry(sources.mlflow_config()))
@@ -162,6 +167,13 @@ def _add_pages(app: FastAPI) -> None:
     @app.get(pages.STYLESHEET_PATH)
     def stylesheet() -> Response:
         return Response(pages.STYLESHEET, media_type="text/css")
+
+    @app.get(BUNDLE_ROUTE)
+    def bundle() -> FileResponse:
+        """The React app (``react_apps``), built from ``ui/app`` by the setup and shipped in the wheel."""
+        if not BUNDLE.is_file():
+            raise sources.NotFound(f"The Airloop app is not built: {BUNDLE} is missing (run `make setup`)")
+        return FileResponse(BUNDLE, media_type="text/javascript", headers={"Cache-Control": "no-cache"})
 
     @app.get("/models")
     def models_page(request: Request) -> HTMLResponse:

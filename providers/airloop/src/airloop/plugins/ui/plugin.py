@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
 
-from airloop.plugins.ui import URL_PREFIX, base_path
+from airloop.plugins.ui import BUNDLE_ROUTE, URL_PREFIX, base_path
 from airloop.plugins.ui.app import create_app
 
 
@@ -17,12 +17,23 @@ class AirloopPlugin(AirflowPlugin):
 
     name = "airloop"
     fastapi_apps = [{"app": create_app(), "url_prefix": URL_PREFIX, "name": "Airloop"}]
-    external_views = [
+    # The app, rendered by Airflow's UI in its own look at /plugin/airloop (it imports the bundle).
+    react_apps = [
         {
             "name": "Airloop",
-            "href": f"{base_path()}{URL_PREFIX}/models",
+            "bundle_url": f"{base_path()}{URL_PREFIX}{BUNDLE_ROUTE}",
             "destination": "nav",
             "category": "browse",
             "url_route": "airloop",
+        }
+    ]
+    # The server-rendered pages (a version's audit record, rollouts, drift) until the app has them.
+    external_views = [
+        {
+            "name": "Airloop reports",
+            "href": f"{base_path()}{URL_PREFIX}/models",
+            "destination": "nav",
+            "category": "browse",
+            "url_route": "airloop-reports",
         }
     ]

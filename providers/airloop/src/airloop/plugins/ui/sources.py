@@ -27,6 +27,13 @@ HISTORY = 10
 # is down, and MLflow's defaults (7 retries with backoff, 120 s timeouts) held one for 272 s.
 UI_HTTP = {"max_retries": 1, "backoff_factor": 0, "backoff_jitter": 0, "timeout": 5}
 MLFLOW, OBJECT_STORE, SERVING = "MLflow", "object store", "serving target"
+ARTEFACT_STORE = "artefact store"
+# A model tag naming the metric its card leads with; without it "accuracy" (the offline gate's) or, when
+# the champion did not log that, the champion's first metric.
+HEADLINE_TAG = "airloop.headline_metric"
+HEADLINE_DEFAULT = "accuracy"
+# Rollout phases after which nothing moves any more.
+FINISHED_PHASE = "done"
 
 
 class NotFound(LookupError):
@@ -119,6 +126,65 @@ class ServingStatus(TypedDict):
     note: str | None
     predictors: dict[str, PredictorStatus]
     problem: Problem | None
+
+
+class Headline(TypedDict):
+    """The metric a loop's card leads with, for the versions the aliases name (None: not logged)."""
+
+    metric: str
+    champion: float | None
+    challenger: float | None
+    previous: float | None
+
+
+class RolloutStepSummary(TypedDict):
+    kind: str
+    weight: int | None
+    verdict: str | None  # None: the window is still open
+
+
+class RolloutSummary(TypedDict):
+    """The latest rollout report of a model: under way (``in_progress``) or how it ended."""
+
+    deployment: str
+    file: str
+    champion: str | None
+    challenger: str | None
+    phase: str | None
+    decision: str | None
+    in_progress: bool
+    started: str | None
+    ended: str | None
+    steps: list[RolloutStepSummary]
+
+
+class DriftSummary(TypedDict):
+    """The latest drift report of a model: ``at`` is its folder (a UTC timestamp)."""
+
+    at: str
+    verdict: str | None
+    severity: str | None
+    has_html: bool
+
+
+class LoopCard(TypedDict):
+    """One loop (a registered model) as the Models app shows it."""
+
+    model_name: str
+    description: str
+    champion: VersionRecord | None
+    challenger: VersionRecord | None
+    headline: Headline | None
+    serving: ServingStatus | None
+    rollout: RolloutSummary | None
+    drift: DriftSummary | None
+
+
+class LoopsView(TypedDict):
+    """``GET /api/loops``: the cards, and the backing services that did not answer (banners)."""
+
+    loops: list[LoopCard]
+    problems: list[Problem]
 
 
 def mlflow_config() -> dict[str, Any]:
@@ -406,3 +472,111 @@ def artefact_file(root: Path, relative: str) -> Path:
     if path is None or not path.is_relative_to(base) or not path.is_file():
         raise NotFound("Not found")
     return path
+
+
+def _by_alias(model: ModelRecord, alias: str) -> VersionRecord | None:
+    number = model["aliases"].get(alias)
+    return next((v for v in model["versions"] if v["version"] == number), None)
+
+
+def headline(model: ModelRecord) -> Headline | None:
+    """The card's metric for the champion, challenger and previous champion; None without a champion."""
+    from airloop.tracking.registry import CHALLENGER, CHAMPION, PREVIOUS
+
+    versions = {alias: _by_alias(model, alias) for alias in (CHAMPION, CHALLENGER, PREVIOUS)}
+    champion = versions[CHAMPION]
+    if champion is None:
+        return None
+    name = model["tags"].get(HEADLINE_TAG)
+    if not name:
+        name = HEADLINE_DEFAULT
+        if name not in champion["metrics"] and champion["metrics"]:
+            name = next(iter(champion["metrics"]))  # sorted: the same one on every load
+
+    def value(alias: str) -> float | None:
+        found = versions[alias]
+        return found["metrics"].get(name) if found else None
+
+    return {
+        "metric": name,
+        "champion": value(CHAMPION),
+        "challenger": value(CHALLENGER),
+        "previous": value(PREVIOUS),
+    }
+
+
+def _rollout_summary(deployment: str, report: Mapping[str, Any]) -> RolloutSummary:
+    phase, decision = report.get("phase"), report.get("decision")
+    return {
+        "deployment": deployment,
+        "file": str(report["file"]),
+        "champion": report.get("champion"),
+        "challenger": report.get("challenger"),
+        "phase": phase,
+        "decision": decision,
+        # Reports written before phases existed carry only the decision.
+        "in_progress": decision is None and phase not in (None, FINISHED_PHASE),
+        "started": report.get("started"),
+        "ended": report.get("ended"),
+        "steps": [
+            {"kind": str(step.get("kind", "")), "weight": step.get("weight"), "verdict": step.get("verdict")}
+            for step in report.get("steps", [])
+            if isinstance(step, Mapping)
+        ],
+    }
+
+
+def loops(config: Mapping[str, Any]) -> LoopsView:
+    """One card per registered model: its champion and challenger, the headline metric, the live traffic
+    split and the latest rollout of its deployment, its latest drift verdict. MLflow not answering raises
+    ``ServiceError``; the serving target or a remote artefact root are the view's problems."""
+    from airloop.tracking.registry import CHALLENGER, CHAMPION
+
+    models = registry(config)
+    problems: list[Problem] = []
+    reports: dict[str, list[dict[str, Any]]] = {}
+    drifts: dict[str, list[dict[str, Any]]] = {}
+    try:
+        root = artefact_dir()
+    except ValueError as err:
+        problems.append(Problem(service=ARTEFACT_STORE, detail=str(err)))
+    else:
+        reports, drifts = rollouts(root), drift(root)
+    live = {status["deployment"]: status for status in serving(reports)}
+    for status in live.values():
+        if status["problem"] and status["problem"] not in problems:
+            problems.append(status["problem"])
+    # The newest readable report naming each model, across its deployments.
+    latest: dict[str, tuple[str, dict[str, Any]]] = {}
+    for deployment, items in reports.items():
+        for report in items:
+            name = report.get("model_name")
+            if isinstance(name, str) and "error" not in report:
+                if name not in latest or str(report.get("started", "")) > str(
+                    latest[name][1].get("started", "")
+                ):
+                    latest[name] = (deployment, report)
+    cards: list[LoopCard] = []
+    for model in models:
+        found = latest.get(model["name"])
+        recent = next((r for r in drifts.get(model["name"], []) if "error" not in r), None)
+        cards.append(
+            {
+                "model_name": model["name"],
+                "description": model["description"],
+                "champion": _by_alias(model, CHAMPION),
+                "challenger": _by_alias(model, CHALLENGER),
+                "headline": headline(model),
+                "serving": live.get(found[0]) if found else None,
+                "rollout": _rollout_summary(*found) if found else None,
+                "drift": None
+                if recent is None
+                else {
+                    "at": recent["at"],
+                    "verdict": recent.get("verdict"),
+                    "severity": recent.get("severity"),
+                    "has_html": recent["has_html"],
+                },
+            }
+        )
+    return {"loops": cards, "problems": problems}
