@@ -300,11 +300,9 @@ def test_a_faulty_challenger_is_rolled_back_within_one_window(versions, seen, mo
     assert step["tests"][check]["status"] == "fail"
     assert time.monotonic() - started < 60
     _rolled_back(good, champion)
-    # The clients saw failures only in the challenger's answers (crash, 5xx); the champion's were all fine.
-    clients_saw = seen()
-    _only_failures_of(clients_saw, faulty=f"v{good}")
-    if fault["kind"] != "latency":
-        assert clients_saw[f"v{good}"]["errors"] > 0
+    # A failed answer of the challenger (crash, 5xx) is retried on the champion: the clients saw no
+    # failure at all, while the analysis counted it against the challenger (its test failed above).
+    _only_failures_of(seen())
 
 
 def test_a_rejected_approval_rolls_back(versions, seen):
