@@ -10,13 +10,10 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote
 
-import httpx
 import pytest
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import FastAPI
@@ -27,7 +24,7 @@ from airloop.plugins.ui.app import FILE_CSP, PAGE_CSP, create_app
 from airloop.plugins.ui.plugin import AirloopPlugin, base_path
 from airloop.plugins.ui.sources import HEADLINE_TAG, UI_HTTP
 from airloop.ports import free_port
-from airloop.serving.local import TOKEN_ENV
+from tests.fakes.gateway import local_deployment
 
 SCRIPT = "<script>alert(1)</script>"
 # The DAG run that registered version 2 (Airflow's tags on the version).
@@ -497,75 +494,13 @@ def test_an_object_store_that_does_not_answer_is_a_banner_next_to_the_version(
         assert audit["problem"]["service"] == "object store" and audit["stages"] == []
 
 
-class _Predictor(BaseHTTPRequestHandler):
-    """A model server that answers its health check."""
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        self.send_response(200 if self.path == "/health/ping" else 404)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def deployment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[subprocess.Popen]:
     """Deployment ``churn`` on the local serving target: a real gateway in front of one predictor
-    (a server in this process); yields the gateway's process."""
-    predictor = ThreadingHTTPServer(("127.0.0.1", 0), _Predictor)
-    threading.Thread(target=predictor.serve_forever, daemon=True).start()
-    folder = tmp_path / "serving" / "churn"
-    folder.mkdir(parents=True)
-    state = {
-        "deployment": "churn",
-        "features": None,
-        "predictors": {
-            "v2": {
-                "model_version": "2",
-                "model_dir": str(tmp_path),
-                "pid": os.getpid(),
-                "port": predictor.server_port,
-                "weight": 100,
-                "shadow": False,
-            }
-        },
-    }
-    (folder / "state.json").write_text(json.dumps(state))
-    port = free_port()
-    token = "gateway-admin-token"  # the admin API's, given as the serving connection's password
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "airloop.serving.gateway", "--state-dir", str(folder), "--port", str(port)],
-        env={**os.environ, TOKEN_ENV: token},
-        stdout=(tmp_path / "gateway.log").open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health/ping", timeout=2).is_success:
-                    break
-            except httpx.TransportError:
-                assert gateway.poll() is None and time.monotonic() < deadline, (
-                    tmp_path / "gateway.log"
-                ).read_text()
-            time.sleep(0.2)
-        (folder / "state.json").write_text(
-            json.dumps({**state, "gateway": {"pid": gateway.pid, "port": port}})
-        )
-        serving = {
-            "conn_type": "airloop_serving",
-            "password": token,
-            "extra": {"target": "local", "home": str(folder.parent)},
-        }
-        monkeypatch.setenv("AIRFLOW_CONN_AIRLOOP_SERVING_DEFAULT", json.dumps(serving))
+    serving version 2; yields the gateway's process."""
+    with local_deployment(tmp_path / "serving", "churn", {"2": 100}) as (gateway, connection):
+        monkeypatch.setenv("AIRFLOW_CONN_AIRLOOP_SERVING_DEFAULT", json.dumps(connection))
         yield gateway
-    finally:
-        if gateway.poll() is None:
-            os.killpg(gateway.pid, signal.SIGTERM)
-            gateway.wait(timeout=30)
-        predictor.shutdown()
 
 
 def test_serving_now_and_a_banner_on_every_page_when_the_gateway_stops(

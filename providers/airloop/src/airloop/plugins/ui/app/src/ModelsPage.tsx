@@ -83,7 +83,7 @@ const VersionLine = ({
   return (
     <HStack data-testid={`airloop-${role}`} gap={3} wrap="wrap">
       <Badge colorPalette={role === "champion" ? "blue" : "purple"}>{role}</Badge>
-      <Link fontWeight="bold" href={versionPage(model, version.version)}>
+      <Link color="fg.info" fontWeight="bold" href={versionPage(model, version.version)}>
         version {version.version}
       </Link>
       {version.rejected ? <Badge colorPalette="red">rejected</Badge> : undefined}
@@ -98,7 +98,7 @@ const VersionLine = ({
           )}
         </Text>
       )}
-      <Link color="fg.muted" fontSize="sm" href={version.mlflow_version_url} rel="noreferrer" target="_blank">
+      <Link color="fg.info" fontSize="sm" href={version.mlflow_version_url} rel="noreferrer" target="_blank">
         MLflow
       </Link>
     </HStack>
@@ -174,7 +174,7 @@ const Rollout = ({ rollout }: { readonly rollout: RolloutSummary | null }) => {
       <HStack gap={2} wrap="wrap">
         <Text fontWeight="semibold">{rollout.in_progress ? "Rollout in progress" : "Last rollout"}</Text>
         <Text>
-          version {rollout.challenger ?? "?"} against {rollout.champion ?? "none"}:
+          version {rollout.challenger ?? "?"} against {rollout.champion === null ? "no champion" : `version ${rollout.champion}`}:
         </Text>
         {rollout.in_progress ? (
           <Badge colorPalette="orange">
@@ -187,7 +187,7 @@ const Rollout = ({ rollout }: { readonly rollout: RolloutSummary | null }) => {
         <Text color="fg.muted" fontSize="sm">
           {when(rollout.started)}
         </Text>
-        <Link fontSize="sm" href={airloopUrl("rollouts")}>
+        <Link color="fg.info" fontSize="sm" href={airloopUrl("rollouts")}>
           report
         </Link>
       </HStack>
@@ -221,6 +221,7 @@ const Drift = ({ drift, model }: { readonly drift: DriftSummary | null; readonly
           {when(drift.at)}
         </Text>
         <Link
+          color="fg.info"
           fontSize="sm"
           href={
             drift.has_html
@@ -283,7 +284,7 @@ export const ModelsPage = () => {
     <Box p={2}>
       <HStack justify="space-between" mb={4}>
         <Heading size="lg">Models</Heading>
-        <Link fontSize="sm" href={airloopUrl("models")}>
+        <Link color="fg.info" fontSize="sm" href={airloopUrl("models")}>
           All versions
         </Link>
       </HStack>

@@ -78,10 +78,14 @@ export const when = (value: number | string | null | undefined): string => {
   if (Number.isNaN(date.getTime())) {
     return String(value);
   }
+  // Field by field: dateStyle cannot be combined with timeZoneName.
   return new Intl.DateTimeFormat("en-GB", {
-    dateStyle: "medium",
-    timeStyle: "short",
+    day: "numeric",
+    hour: "2-digit",
+    minute: "2-digit",
+    month: "short",
     timeZone: userTimezone(),
     timeZoneName: "short",
+    year: "numeric",
   }).format(date);
 };
