@@ -32,20 +32,22 @@ def irs(tmp_path_factory) -> list[str]:
     return [str(build_ir(root / f"v{seed}", seed=seed)) for seed in (1, 2, 3)]
 
 
-def test_the_local_target_conforms(irs, tmp_path):
+def send_rows(state: dict[str, Any], n: int) -> None:
+    """``n`` one-row predictions through the local gateway, as a Seldon-protocol client sends them."""
+    rows = np.random.default_rng(0).normal(size=(n, len(FEATURES)))
+    with httpx.Client(base_url=state["endpoint"], trust_env=False, timeout=10) as client:
+        for row in rows:
+            body = {"data": {"names": FEATURES, "ndarray": [row.tolist()]}}
+            client.post("/api/v1.0/predictions", json=body).raise_for_status()
+
+
+@pytest.mark.parametrize(("server", "runtime"), [("seldon", "serving"), ("mlserver", "mlserver")])
+def test_the_local_target_conforms(irs, tmp_path, server, runtime):
     try:
-        runtimes.python("serving")
+        runtimes.python(runtime)
     except runtimes.RuntimeMissingError as exc:
-        pytest.skip(f"needs the serving runtime: {exc}")
-
-    def send(state: dict[str, Any], n: int) -> None:
-        rows = np.random.default_rng(0).normal(size=(n, len(FEATURES)))
-        with httpx.Client(base_url=state["endpoint"], trust_env=False, timeout=10) as client:
-            for row in rows:
-                body = {"data": {"names": FEATURES, "ndarray": [row.tolist()]}}
-                client.post("/api/v1.0/predictions", json=body).raise_for_status()
-
-    check_target(lambda: get_target("local", home=str(tmp_path)), irs, send=send)
+        pytest.skip(f"needs the {runtime} runtime: {exc}")
+    check_target(lambda: get_target("local", home=str(tmp_path), server=server), irs, send=send_rows)
 
 
 @pytest.fixture

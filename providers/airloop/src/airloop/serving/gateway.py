@@ -11,7 +11,12 @@ drift monitor reads.
 Endpoints: ``POST /api/v1.0/predictions`` and ``/api/v1.0/feedback`` (Seldon's protocol, as
 seldon-core's ``SeldonClient`` speaks it), ``GET /metrics`` (Prometheus), ``GET /health/ping``,
 ``GET /admin/state``, ``GET /admin/stats`` and ``PUT /admin/predictors`` (``{name: {"url",
-"model_version", "weight", "shadow"}}``, the whole routing table). The admin endpoints need
+"model_version", "weight", "shadow", "protocol"}}``, the whole routing table).
+
+Clients speak Seldon's protocol whatever the predictors speak: a predictor's ``protocol`` is
+``"seldon"`` (Seldon's wrapper) or ``"v2"`` (MLServer), whose requests and answers the gateway
+translates (``v2_request``, ``seldon_answer``). Feedback is counted here for both; only Seldon's
+predictors are passed it (V2 has no feedback endpoint). The admin endpoints need
 ``Authorization: Bearer <token>``, the token in ``$AIRLOOP_GATEWAY_TOKEN`` when the gateway started.
 
 A client's mistake (a body that is not JSON, too deep or too large, ragged rows, a feature value that
@@ -35,7 +40,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,11 +59,20 @@ from starlette.types import Receive, Scope, Send
 from airloop import settings
 from airloop.serving.base import check_mirror, check_traffic, check_weight
 from airloop.serving.features import FeatureLookup, FeatureLookupError
-from airloop.serving.local import MAX_BODY_BYTES, SERVER_KEEPALIVE_S, STATE_FILE, TOKEN_ENV, routes_from_state
+from airloop.serving.local import (
+    MAX_BODY_BYTES,
+    SERVER_KEEPALIVE_S,
+    STATE_FILE,
+    TOKEN_ENV,
+    V2_MODEL,
+    routes_from_state,
+)
 from airloop.serving.model import label_value, predicted_class
 
 PREDICT_PATH = "/api/v1.0/predictions"
 FEEDBACK_PATH = "/api/v1.0/feedback"
+V2_PATH = f"/v2/models/{V2_MODEL}/infer"
+PROTOCOLS = ("seldon", "v2")
 # Predictors are processes of this machine: a routing table pointing elsewhere is refused.
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 # The largest float32: feature values beyond it are infinite for the model.
@@ -90,6 +104,9 @@ class Route:
     model_version: str
     weight: int  # a shadow's weight is the percentage of requests mirrored to it
     shadow: bool = False
+    protocol: str = "seldon"  # one of PROTOCOLS
+    # A V2 predictor's columns, named after these when the client names none.
+    feature_names: tuple[str, ...] | None = None
 
 
 class RoutingTable:
@@ -120,7 +137,14 @@ class RoutingTable:
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         return {
-            r.name: {"url": r.url, "model_version": r.model_version, "weight": r.weight, "shadow": r.shadow}
+            r.name: {
+                "url": r.url,
+                "model_version": r.model_version,
+                "weight": r.weight,
+                "shadow": r.shadow,
+                "protocol": r.protocol,
+                "feature_names": None if r.feature_names is None else list(r.feature_names),
+            }
             for r in self.routes.values()
         }
 
@@ -140,8 +164,25 @@ def parse_routes(table: dict[str, Any], hosts: frozenset[str] = LOOPBACK) -> Rou
         if not isinstance(shadow, bool):
             raise ValueError(f"'shadow' of predictor {name!r} must be true or false, got {shadow!r}")
         (check_mirror if shadow else check_weight)(name, spec["weight"])
+        protocol = spec.get("protocol", "seldon")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"'protocol' of predictor {name!r} must be one of {PROTOCOLS}, got {protocol!r}")
+        features = spec.get("feature_names")
+        if features is not None and (
+            not isinstance(features, list) or not features or not all(isinstance(f, str) for f in features)
+        ):
+            raise ValueError(
+                f"'feature_names' of predictor {name!r} must be a list of strings, got {features!r}"
+            )
+        url = _predictor_url(name, spec["url"], hosts)
         routes[name] = Route(
-            name, _predictor_url(name, spec["url"], hosts), str(spec["model_version"]), spec["weight"], shadow
+            name,
+            url,
+            str(spec["model_version"]),
+            spec["weight"],
+            shadow,
+            protocol,
+            None if features is None else tuple(features),
         )
     if routes:
         check_traffic({name: {"weight": r.weight, "shadow": r.shadow} for name, r in routes.items()})
@@ -310,6 +351,39 @@ def check_features(names: list[str] | None, rows: list[list[Any]]) -> None:
                 )
 
 
+def v2_request(names: list[str] | None, rows: list[list[Any]]) -> bytes:
+    """Checked rows as a V2 inference request: one ``[rows]`` tensor per named column (V2's named
+    columns, which MLServer's adaptive batching merges by name), else one ``[rows, columns]`` tensor."""
+    if names and len(names) == len(rows[0]):
+        inputs = [
+            {"name": name, "shape": [len(rows)], "datatype": "FP64", "data": [row[j] for row in rows]}
+            for j, name in enumerate(names)
+        ]
+    else:
+        width = len(rows[0])
+        flat = [value for row in rows for value in row]
+        inputs = [{"name": "features", "shape": [len(rows), width], "datatype": "FP64", "data": flat}]
+    return _encode({"inputs": inputs})
+
+
+def seldon_answer(code: int, answer: Any) -> dict[str, Any]:
+    """A V2 answer (``probabilities`` ``[rows, classes]``, the classes in ``parameters.classes``) as
+    Seldon's; a V2 error (``{"error": ...}``) as Seldon's failure. ValueError: not a V2 answer."""
+    try:
+        if code != 200:
+            return _status(code, str(answer["error"]))
+        output = answer["outputs"][0]
+        rows, width = output["shape"]
+        data = output["data"]
+        if len(data) != rows * width:
+            raise ValueError(f"{len(data)} values for shape {output['shape']}")
+        classes = (answer.get("parameters") or {}).get("classes") or []
+        ndarray = [data[i : i + width] for i in range(0, len(data), width)]
+    except (KeyError, TypeError, IndexError, ValueError) as exc:
+        raise ValueError(f"not a V2 inference answer: {exc!r}") from None
+    return {"data": {"names": classes, "ndarray": ndarray}, "meta": {}}
+
+
 def _label(value: Any, allowed: dict[Any, str]) -> Any:
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
@@ -346,6 +420,24 @@ def _failure(code: int, info: str, headers: dict[str, str] | None = None) -> JSO
 
 def _encode(result: dict[str, Any]) -> bytes:
     return _COMPACT.encode(result).encode()
+
+
+@dataclass
+class _Outgoing:
+    """A checked prediction request, encoded for each protocol once, when a predictor needs it."""
+
+    names: list[str] | None
+    rows: list[list[Any]]
+    seldon: bytes
+    _v2: dict[tuple[str, ...] | None, bytes] = field(default_factory=dict)
+
+    def v2(self, route: Route) -> bytes:
+        """For a V2 predictor: columns named as the client named them, else as the route's model does."""
+        names = tuple(self.names) if self.names else route.feature_names
+        body = self._v2.get(names)
+        if body is None:
+            body = self._v2[names] = v2_request(list(names) if names else None, self.rows)
+        return body
 
 
 @dataclass
@@ -554,7 +646,8 @@ class Gateway:
             info = f"deployment {self.deployment!r} has no predictor with traffic"
             return 503, _encode(_status(503, info)), {}
         request_id = os.urandom(16).hex()  # what uuid4().hex holds, without building a UUID
-        code, result, latency = await self._forward(route, body)
+        outgoing = _Outgoing(names, rows, body)
+        code, result, latency = await self._forward(route, outgoing)
         labels = (self.deployment, route.name, route.model_version, "predictions", str(code))
         self._child(self.client_seconds, *labels).observe(latency)
         failed = None
@@ -562,7 +655,7 @@ class Gateway:
             # Counted against the predictor that failed, answered by the champion: no client sees a
             # canary crash.
             failed, route = route, fallback
-            code, result, latency = await self._forward(route, body)
+            code, result, latency = await self._forward(route, outgoing)
             labels = (self.deployment, route.name, route.model_version, "predictions", str(code))
             self._child(self.client_seconds, *labels).observe(latency)
         probabilities = classes = None
@@ -588,7 +681,8 @@ class Gateway:
         if shadow is not None:
             if len(self._mirrors) < MAX_MIRRORS:
                 self._spawn(
-                    self._mirror(shadow, body, request_id, route, code, probabilities, classes), self._mirrors
+                    self._mirror(shadow, outgoing, request_id, route, code, probabilities, classes),
+                    self._mirrors,
                 )
             else:
                 self._child(self.shadow_dropped, self.deployment, shadow.name, shadow.model_version).inc()
@@ -611,12 +705,21 @@ class Gateway:
         self._child(self.server_seconds, *labels).observe(time.perf_counter() - start)
         return code, _encode(result), {PREDICTOR_HEADER: route.name, REQUEST_ID_HEADER: request_id}
 
-    async def _forward(self, route: Route, body: bytes) -> tuple[int, dict[str, Any], float]:
-        """POST a prediction request to a predictor: (status, answer, seconds); failures become 502/504."""
+    async def _forward(self, route: Route, request: _Outgoing) -> tuple[int, dict[str, Any], float]:
+        """POST a prediction request to a predictor: (status, Seldon's answer, seconds); failures become
+        502/504."""
         sent = time.perf_counter()
+        v2 = route.protocol == "v2"
+        url, body = (
+            (f"{route.url}{V2_PATH}", request.v2(route))
+            if v2
+            else (f"{route.url}{PREDICT_PATH}", request.seldon)
+        )
         try:
-            async with self.session.post(f"{route.url}{PREDICT_PATH}", data=body, headers=_JSON) as answer:
+            async with self.session.post(url, data=body, headers=_JSON) as answer:
                 code, result = answer.status, json.loads((await answer.read()).decode())
+            if v2:
+                result = seldon_answer(code, result)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             code = 504 if isinstance(exc, TimeoutError) else 502
             result = _status(code, f"predictor {route.name}: {exc!r}")
@@ -635,7 +738,7 @@ class Gateway:
     async def _mirror(
         self,
         shadow: Route,
-        body: bytes,
+        request: _Outgoing,
         request_id: str,
         live: Route,
         live_code: int,
@@ -643,7 +746,7 @@ class Gateway:
         live_classes: list[str] | None,
     ) -> None:
         """Send a copy of a request to the shadow after the client has its answer; compare the answers."""
-        code, result, latency = await self._forward(shadow, body)
+        code, result, latency = await self._forward(shadow, request)
         self._child(
             self.client_seconds, self.deployment, shadow.name, shadow.model_version, "predictions", str(code)
         ).observe(latency)
@@ -743,13 +846,9 @@ class Gateway:
             self._child(self.rewards, *labels).observe(reward)
             forward["reward"] = reward
         answer_headers = {PREDICTOR_HEADER: route.name, REQUEST_ID_HEADER: request_id}
-        # Seldon's model servers take feedback too (e.g. for online learning): pass it on.
-        try:
-            async with self.session.post(f"{route.url}{FEEDBACK_PATH}", json=forward) as answer:
-                accepted = answer.ok
-        except (aiohttp.ClientError, TimeoutError):
-            accepted = False
-        if not accepted:
+        # Seldon's model servers take feedback too (e.g. for online learning): pass it on. V2 has no
+        # feedback endpoint: the gateway's counts are all there is.
+        if route.protocol == "seldon" and not await self._pass_feedback(route, forward):
             info = f"feedback counted, but predictor {route.name} did not take it"
             return 502, _encode(_status(502, info)), answer_headers
         done = {
@@ -757,6 +856,13 @@ class Gateway:
             "jsonData": {"feedback": len(truth or ()), "correct": correct, "reward": reward},
         }
         return 200, _encode(done), answer_headers
+
+    async def _pass_feedback(self, route: Route, forward: dict[str, Any]) -> bool:
+        try:
+            async with self.session.post(f"{route.url}{FEEDBACK_PATH}", json=forward) as answer:
+                return answer.ok
+        except (aiohttp.ClientError, TimeoutError):
+            return False
 
     # -- admin -------------------------------------------------------------------------------------
     async def get_state(self, request: Request) -> JSONResponse:

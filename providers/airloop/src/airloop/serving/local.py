@@ -1,4 +1,9 @@
-"""The local serving target: Seldon's Python wrapper and the gateway as processes on this machine.
+"""The local serving target: model servers and the gateway as processes on this machine.
+
+The model servers are Seldon's Python wrapper (``server="seldon"``, in the serving runtime) or
+MLServer (``server="mlserver"``, Apache 2.0, in the mlserver runtime, over the V2 inference protocol
+with adaptive batching available); the gateway speaks Seldon's protocol to clients either way and V2
+to MLServer predictors.
 
 Each call may come from a different short-lived process (an Airflow task), so nothing lives in
 memory: a deployment is a folder ``<home>/<deployment>/`` holding ``state.json`` (ports, pids,
@@ -37,6 +42,15 @@ from airloop.serving.base import (
 from airloop.serving.features import FeatureLookup
 
 MODEL_CLASS = "airloop.serving.model.OpenVinoModel"
+MLSERVER_MODEL_CLASS = "airloop.serving.mlserver.OpenVinoRuntime"
+# Each model server: its runtime, its health check (the gateway answers Seldon's) and its second port.
+SERVERS = {
+    "seldon": {"runtime": "serving", "health": "/health/ping", "second_port": "metrics_port"},
+    # MLServer always starts a gRPC server too (the gateway speaks REST).
+    "mlserver": {"runtime": "mlserver", "health": "/v2/health/ready", "second_port": "grpc_port"},
+}
+# The model's name on an MLServer predictor: the gateway posts to /v2/models/<V2_MODEL>/infer.
+V2_MODEL = "airloop-ir"
 STATE_FILE = "state.json"
 # The gateway's admin token, readable by this user only: the target's calls from any process (an
 # Airflow task, the triggerer) read it here when the serving connection holds none.
@@ -58,8 +72,14 @@ class LocalServingTarget(ServingTarget):
     :param home: folder of the deployments' state (default: ``<AIRLOOP_HOME>/serving``).
     :param threads: request threads per model server (one OpenVINO infer request each).
     :param startup_timeout_s: how long a model server or the gateway may take to answer.
-    :param model_class: the Seldon model class the model servers run (``module.Class``, importable in
-        the serving runtime, taking the ``model_dir`` parameter).
+    :param server: the model server, ``"seldon"`` (Seldon's wrapper) or ``"mlserver"`` (MLServer,
+        V2 protocol); predictors already running keep theirs.
+    :param model_class: the model class the model servers run (``module.Class``, importable in the
+        server's runtime: a Seldon class taking the ``model_dir`` parameter, or an MLServer ``MLModel``
+        reading ``parameters.uri``); default: the server's OpenVINO class.
+    :param max_batch_size: MLServer's adaptive batching: requests arriving within ``max_batch_time``
+        seconds are scored together, up to this many rows (0 or 1: off, one-row latency pays the wait).
+    :param max_batch_time: see ``max_batch_size``.
     :param features: where the gateway looks up features for requests that carry only entity keys
         (``{"url", "entities", "features"}``, see ``airloop.serving.features``).
     :param admin_token: the token of the gateway's admin API (the serving connection's password);
@@ -73,7 +93,10 @@ class LocalServingTarget(ServingTarget):
         *,
         threads: int = 2,
         startup_timeout_s: float = 60.0,
-        model_class: str = MODEL_CLASS,
+        server: str = "seldon",
+        model_class: str | None = None,
+        max_batch_size: int = 0,
+        max_batch_time: float = 0.0,
         features: dict[str, Any] | None = None,
         admin_token: str | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
@@ -84,12 +107,18 @@ class LocalServingTarget(ServingTarget):
         self.max_body_bytes = max_body_bytes
         self.threads = threads
         self.startup_timeout_s = startup_timeout_s
+        self.server = server
         self.model_class = model_class
+        self.max_batch_size = max_batch_size
+        self.max_batch_time = max_batch_time
 
     # -- the interface -----------------------------------------------------------------------------
     def deploy(self, deployment: str, predictors: list[dict[str, Any]]) -> dict[str, Any]:
         check_deployment_name(deployment)
-        FeatureLookup.from_config(self.features)  # a bad configuration fails before anything starts
+        # A bad configuration fails before anything starts.
+        if self.server not in SERVERS:
+            raise ValueError(f"server must be one of {sorted(SERVERS)}, got {self.server!r}")
+        FeatureLookup.from_config(self.features)
         wanted = {}
         for predictor in predictors:
             check_predictor(predictor)
@@ -128,6 +157,7 @@ class LocalServingTarget(ServingTarget):
                 running[name] = {
                     "model_version": str(spec["model_version"]),
                     "model_dir": str(spec["model_dir"]),
+                    "feature_names": _feature_names(spec["model_dir"]),
                     **process,
                 }
             for name, role in traffic.items():
@@ -247,38 +277,16 @@ class LocalServingTarget(ServingTarget):
     # -- processes ---------------------------------------------------------------------------------
     def _start_predictors(self, deployment: str, predictors: dict[str, dict[str, Any]]) -> dict[str, dict]:
         """Start model servers side by side, then wait for all; on any failure stop them all and raise."""
-        if not predictors:
-            return {}
-        python = runtimes.python("serving")  # raises RuntimeMissingError with how to build it
         started = {}
         for name, spec in predictors.items():
-            port, metrics_port = free_port(), free_port()
-            parameters = [{"name": "model_dir", "value": str(spec["model_dir"]), "type": "STRING"}]
-            command = [
-                python,
-                "-m",
-                "airloop.serving.model",
-                self.model_class,
-                "--service-type",
-                "MODEL",
-                "--http-port",
-                str(port),
-                "--metrics-port",
-                str(metrics_port),
-                # the gateway speaks REST only: no gRPC server (one process and one model less)
-                "--grpc-workers",
-                "0",
-                "--workers",
-                "1",
-                "--threads",
-                str(self.threads),
-                "--keepalive",
-                str(SERVER_KEEPALIVE_S),
-                "--parameters",
-                json.dumps(parameters),
-            ]
-            pid = self._spawn(deployment, f"predictor-{name}", command)
-            started[name] = {"pid": pid, "port": port, "metrics_port": metrics_port}
+            server = spec.get("server", self.server)  # a restarted predictor keeps its server
+            # raises RuntimeMissingError with how to build it
+            python = runtimes.python(SERVERS[server]["runtime"])
+            process = {"server": server, "port": free_port(), SERVERS[server]["second_port"]: free_port()}
+            command = (self._seldon if server == "seldon" else self._mlserver)(
+                deployment, name, str(spec["model_dir"]), python, process
+            )
+            started[name] = {"pid": self._spawn(deployment, f"predictor-{name}", command), **process}
         try:
             for name, process in started.items():
                 self._wait_ready(deployment, f"predictor-{name}", process)
@@ -287,6 +295,58 @@ class LocalServingTarget(ServingTarget):
                 _stop_group(process["pid"])
             raise
         return started
+
+    def _seldon(self, deployment: str, name: str, model_dir: str, python: str, process: dict) -> list[str]:
+        parameters = [{"name": "model_dir", "value": model_dir, "type": "STRING"}]
+        return [
+            python,
+            "-m",
+            "airloop.serving.model",
+            self.model_class or MODEL_CLASS,
+            "--service-type",
+            "MODEL",
+            "--http-port",
+            str(process["port"]),
+            "--metrics-port",
+            str(process["metrics_port"]),
+            # the gateway speaks REST only: no gRPC server (one process and one model less)
+            "--grpc-workers",
+            "0",
+            "--workers",
+            "1",
+            "--threads",
+            str(self.threads),
+            "--keepalive",
+            str(SERVER_KEEPALIVE_S),
+            "--parameters",
+            json.dumps(parameters),
+        ]
+
+    def _mlserver(self, deployment: str, name: str, model_dir: str, python: str, process: dict) -> list[str]:
+        """MLServer's settings in ``mlserver-<name>/`` (the model's in its ``airloop-ir/``): loopback
+        only, inference in the server's own process (no worker pool to hand each request to), metrics
+        from the gateway (MLServer's off)."""
+        folder = self._dir(deployment) / f"mlserver-{name}"
+        (folder / V2_MODEL).mkdir(parents=True, exist_ok=True)  # MLServer wants the model's own folder
+        settings_json = {
+            "host": "127.0.0.1",
+            "http_port": process["port"],
+            "grpc_port": process["grpc_port"],
+            "metrics_endpoint": None,
+            "parallel_workers": 0,
+            "gzip_enabled": False,
+            "debug": False,
+        }
+        model_settings = {
+            "name": V2_MODEL,
+            "implementation": self.model_class or MLSERVER_MODEL_CLASS,
+            "parameters": {"uri": model_dir},
+            "max_batch_size": self.max_batch_size,
+            "max_batch_time": self.max_batch_time,
+        }
+        (folder / "settings.json").write_text(json.dumps(settings_json, indent=2))
+        (folder / V2_MODEL / "model-settings.json").write_text(json.dumps(model_settings, indent=2))
+        return [python, "-m", "airloop.serving.mlserver", str(folder), "--keepalive", str(SERVER_KEEPALIVE_S)]
 
     def _ensure_gateway(self, deployment: str, state: dict[str, Any]) -> None:
         """Tell the running gateway the routing table, or (re)start it, which reads ``state.json``."""
@@ -319,7 +379,9 @@ class LocalServingTarget(ServingTarget):
         # Resolved here: the process runs in the state folder, where a relative AIRLOOP_HOME means
         # another place.
         env = {
-            **os.environ,
+            # Not the parent's Prometheus multiprocess folder (importing feast makes one, removed when that
+            # process exits, as a Celery task's does): the servers keep their own metrics.
+            **{k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_MULTIPROC")},
             "CI": "true",
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "PYTHONUNBUFFERED": "1",
@@ -402,9 +464,21 @@ def routes_from_state(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "model_version": p["model_version"],
             "weight": p["weight"],
             "shadow": bool(p.get("shadow")),
+            "protocol": "v2" if p.get("server") == "mlserver" else "seldon",
+            "feature_names": p.get("feature_names"),
         }
         for name, p in state.get("predictors", {}).items()
     }
+
+
+def _feature_names(model_dir: str) -> list[str] | None:
+    """The manifest's feature names, unverified (the model server verifies it as it loads): what the
+    gateway names a V2 predictor's columns after when a client names none."""
+    try:
+        names = json.loads((Path(model_dir) / "manifest.json").read_text()).get("feature_names")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [str(n) for n in names] if isinstance(names, list) else None
 
 
 def _endpoint(state: dict[str, Any]) -> str:
@@ -429,8 +503,9 @@ def _pings(spec: dict[str, Any] | None) -> bool:
     """Whether the process is alive and answers its health check (model servers and gateway alike)."""
     if not spec or not _alive(spec["pid"]):
         return False
+    health = SERVERS[spec.get("server", "seldon")]["health"]
     try:
-        answer = httpx.get(f"http://127.0.0.1:{spec['port']}/health/ping", trust_env=False, timeout=2)
+        answer = httpx.get(f"http://127.0.0.1:{spec['port']}{health}", trust_env=False, timeout=2)
         return answer.is_success
     except httpx.TransportError:
         return False
