@@ -1,5 +1,5 @@
 # Everything a fresh machine needs, from Python 3.11+ alone: uv, the main environment (.venv, from
-# uv.lock) and the isolated runtimes (.airloop/runtimes/: serving, torch, validation). Bytecode is compiled at
+# uv.lock) and the isolated runtimes (.airloop/runtimes/: serving, torch, validation, mlserver). Bytecode is compiled at
 # install: every Airflow task is a fresh process, and PYTHONDONTWRITEBYTECODE would make each recompile.
 SHELL := /bin/bash
 UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
@@ -13,7 +13,7 @@ UI_APP := providers/airloop/src/airloop/plugins/ui/app
 UI_BUNDLE := providers/airloop/src/airloop/plugins/ui/static/airloop.js
 
 setup: .venv/.synced .airloop/runtimes/serving/.built .airloop/runtimes/torch/.built \
-	.airloop/runtimes/validation/.built $(UI_BUNDLE)
+	.airloop/runtimes/validation/.built .airloop/runtimes/mlserver/.built $(UI_BUNDLE)
 
 # The UI plugin's React app (Node.js 20.19+ and npm): packages as package-lock.json pins them, then one
 # bundle that the plugin serves and the wheel ships.
@@ -44,6 +44,12 @@ $(UI_BUNDLE): $(UI_APP)/node_modules/.package-lock.json $(UI_APP)/vite.config.ts
 # Great Expectations with pandas and pyarrow only (~40 s): the data gate in an isolated runtime.
 .airloop/runtimes/validation/.built: .venv/.synced providers/airloop/src/airloop/runtimes/validation.txt
 	.venv/bin/airloop runtimes build validation
+	touch $@
+
+# MLServer 1.7 and OpenVINO on numpy 2 (~30 s), the Apache-licensed model server: its own runtime,
+# since the serving runtime's seldon-core needs numpy<2.
+.airloop/runtimes/mlserver/.built: .venv/.synced providers/airloop/src/airloop/runtimes/mlserver.txt
+	.venv/bin/airloop runtimes build mlserver
 	touch $@
 
 # The reference loop, end to end, on the embedded default (a JSON report lands in .airloop/).
