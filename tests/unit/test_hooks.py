@@ -183,7 +183,15 @@ def test_serving_connection_form_fields_left_empty_keep_the_targets_defaults(mon
         for key in ProvidersManager().connection_form_widgets
         if key.startswith(prefix)
     }
-    assert fields == {"target", "namespace", "kubernetes_conn_id", "prometheus_url"}
+    assert fields == {
+        "target",
+        "server",
+        "max_batch_size",
+        "max_batch_time",
+        "namespace",
+        "kubernetes_conn_id",
+        "prometheus_url",
+    }
     # What the form saves for a Seldon target whose optional fields were left empty.
     monkeypatch.setenv(
         "AIRFLOW_CONN_SERVING_FORM",
@@ -192,6 +200,9 @@ def test_serving_connection_form_fields_left_empty_keep_the_targets_defaults(mon
                 "conn_type": "airloop_serving",
                 "extra": {
                     "target": "seldon",
+                    "server": None,
+                    "max_batch_size": None,
+                    "max_batch_time": None,
                     "namespace": "models",
                     "kubernetes_conn_id": None,
                     "prometheus_url": None,
@@ -205,3 +216,23 @@ def test_serving_connection_form_fields_left_empty_keep_the_targets_defaults(mon
         "kubernetes_default",
         None,
     )
+
+
+def test_the_serving_connection_picks_the_local_targets_model_server_and_its_batching(monkeypatch):
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_SERVING_MLSERVER",
+        json.dumps(
+            {
+                "conn_type": "airloop_serving",
+                "extra": {
+                    "target": "local",
+                    "server": "mlserver",
+                    "max_batch_size": 32,
+                    "max_batch_time": 0.002,
+                },
+            }
+        ),
+    )
+    target = ServingHook(serving_conn_id="serving_mlserver").target
+    assert (target.server, target.max_batch_size, target.max_batch_time) == ("mlserver", 32, 0.002)
+    assert ServingHook().target.server == "seldon"  # the default: Seldon's wrapper

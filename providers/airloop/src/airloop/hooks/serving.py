@@ -1,4 +1,4 @@
-"""Where models are served: the local serving target or Seldon Core on Kubernetes."""
+"""Where models are served: the local serving target, Seldon Core or KServe on Kubernetes."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ class ServingHook(EmbeddedDefaultHook):
     """
     Gives operators and triggers a serving target (``airloop.serving.base.ServingTarget``).
 
-    ``extra`` holds ``{"target": "local" | "seldon", ...target options}``; the password is the
-    local gateway's admin token. Without an ``airloop_serving_default`` connection the hook uses the
-    local target under ``AIRLOOP_HOME``.
+    ``extra`` holds ``{"target": "local" | "seldon" | "kserve", ...target options}``; the password is
+    the local gateway's admin token. The local target's ``server`` picks its model server:
+    ``"seldon"`` (Seldon's wrapper, the default) or ``"mlserver"`` (MLServer over the V2 protocol, with
+    adaptive batching through ``max_batch_size`` and ``max_batch_time``). Without an
+    ``airloop_serving_default`` connection the hook uses the local target under ``AIRLOOP_HOME``.
 
     :param serving_conn_id: Airflow connection of type ``airloop_serving``.
     """
