@@ -7,7 +7,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 # OpenVINO's telemetry forks from a background thread at import and has hung numpy: keep it off.
 export CI ?= true
 
-.PHONY: setup system loop lint test airflow clean
+.PHONY: setup system loop loop-production lint test airflow clean
 
 UI_APP := providers/airloop/src/airloop/plugins/ui/app
 UI_BUNDLE := providers/airloop/src/airloop/plugins/ui/static/airloop.js
@@ -56,14 +56,20 @@ $(UI_BUNDLE): $(UI_APP)/node_modules/.package-lock.json $(UI_APP)/vite.config.ts
 loop: setup
 	.venv/bin/airloop loop --dags dags
 
+# The same loop on the production topology, started for real on this machine (docs/deploy.md): PostgreSQL,
+# Redis, moto's S3 server, an MLflow server, Airflow with the CeleryExecutor and two workers (~1.5 min more).
+loop-production: setup system
+	.venv/bin/airloop loop --production --dags dags
+
 lint: .venv/.synced
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 
-# Debian packages some tests start for real (Redis: Feast's online store). Needs root; tests that
+# Debian packages some tests start for real (Redis: Feast's online store and Celery's broker; PostgreSQL:
+# the production topology's databases; Chromium: the browser tests). Needs root to install; tests that
 # need one skip with its name when it is missing.
-SYSTEM_PACKAGES := redis-server chromium
+SYSTEM_PACKAGES := redis-server postgresql chromium
 system:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi

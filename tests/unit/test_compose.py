@@ -74,6 +74,7 @@ def test_matches_the_compose_specification() -> None:
 def test_the_stack_has_its_components() -> None:
     expected = {
         "postgres",
+        "redis",
         "minio",
         "minio-init",
         "mlflow",
@@ -82,12 +83,55 @@ def test_the_stack_has_its_components() -> None:
         "airflow-scheduler",
         "airflow-dag-processor",
         "airflow-triggerer",
+        "airflow-worker",
         "serving",
     }
     assert expected <= set(SERVICES)
     assert SERVICES["serving"]["build"]["dockerfile"] == "docker/Dockerfile.serving"
     mlflow = " ".join(SERVICES["mlflow"]["entrypoint"])
     assert "--serve-artifacts" in mlflow and "postgresql" in mlflow and "s3://" in mlflow
+    assert SERVICES["airflow-worker"]["command"] == ["celery", "worker"]
+    assert "redis" in _dependencies(SERVICES["airflow-worker"])
+
+
+def _airflow_keys(env: dict[str, str]) -> set[str]:
+    return {key for key in env if key.startswith(("AIRFLOW", "AIRLOOP_", "MLFLOW_"))}
+
+
+def test_airflow_settings_are_the_production_harness_ones(tmp_path: Path) -> None:
+    """Every Airflow service of the stack runs with the settings `make loop-production` runs with."""
+    from airloop.embedded import production
+
+    harness = production.Production(tmp_path, REPO / "dags")
+    harness.endpoints = {
+        "airflow_db": "postgresql+psycopg2://airflow:secret@127.0.0.1:5432/airflow",
+        "redis": "redis://127.0.0.1:6379/0",
+        "s3": "http://127.0.0.1:9000",
+        "mlflow": "http://127.0.0.1:5000",
+    }
+    ran_with = harness.airflow_settings()
+    # Only one host makes the harness set the folders and ports (a container has its own).
+    one_host = set(production.HOST_SETTINGS) | {"AIRFLOW_HOME", "AIRLOOP_HOME", "AIRLOOP_RUNTIMES"}
+    shared = set(production.AIRFLOW_SETTINGS) | set(production.ENDPOINT_SETTINGS)
+    assert _airflow_keys(ran_with) - one_host == shared
+    assert ran_with["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    for name, service in SERVICES.items():
+        if service.get("image") != SERVICES["airflow-scheduler"]["image"] or name == "mlflow":
+            continue
+        env = service["environment"]
+        assert _airflow_keys(env) == shared, name
+        for key, value in production.AIRFLOW_SETTINGS.items():
+            assert env[key] == value == ran_with[key], (name, key)
+        for key in (
+            "AIRFLOW_CONN_MLFLOW_DEFAULT",
+            "AIRFLOW_CONN_AWS_DEFAULT",
+            "AIRFLOW_CONN_AIRLOOP_SERVING_DEFAULT",
+        ):
+            assert json.loads(env[key])["conn_type"] == json.loads(ran_with[key])["conn_type"], (name, key)
+        scheme = env["AIRFLOW__CELERY__RESULT_BACKEND"].split("://")[0]
+        assert (
+            scheme == ran_with["AIRFLOW__CELERY__RESULT_BACKEND"].split("://")[0] == "db+postgresql+psycopg2"
+        )
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
@@ -133,6 +177,7 @@ def test_airflow_connections_point_at_the_stack(monkeypatch: pytest.MonkeyPatch)
     env = SERVICES["airflow-scheduler"]["environment"]
     monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_DEFAULT", env["AIRFLOW_CONN_MLFLOW_DEFAULT"])
     assert MlflowHook().tracking_uri == "http://mlflow:5000"
+    assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://redis:")
     aws = json.loads(env["AIRFLOW_CONN_AWS_DEFAULT"])
     assert aws["conn_type"] == "aws" and aws["extra"]["endpoint_url"] == "http://minio:9000"
 
@@ -167,3 +212,21 @@ def test_required_variables_are_documented() -> None:
     docs = (REPO / "docs" / "deploy.md").read_text()
     missing = sorted(name for name in required if name not in docs)
     assert not missing, f"variables not documented in docs/deploy.md: {missing}"
+
+
+def test_helm_values_run_the_kubernetes_executor_with_the_shared_settings() -> None:
+    """deploy/helm/values.yaml, for the official chart: unchecked against its schema (not on PyPI, npm or
+    Debian), so only what needs none."""
+    from airloop.embedded import production
+
+    values = yaml.safe_load((REPO / "deploy" / "helm" / "values.yaml").read_text())
+    assert values["executor"] == "KubernetesExecutor"
+    assert values["postgresql"]["enabled"] is False and values["redis"]["enabled"] is False
+    image = SERVICES["airflow-scheduler"]["image"]
+    assert f"{values['images']['airflow']['repository']}:{values['images']['airflow']['tag']}" == image
+    env = {item["name"]: item["value"] for item in values["env"]}
+    # The shared settings, less the Celery ones (each task is a pod).
+    shared = {k: v for k, v in production.AIRFLOW_SETTINGS.items() if k != "AIRFLOW__CORE__EXECUTOR"}
+    shared = {k: v for k, v in shared.items() if "__CELERY__" not in k}
+    assert {k: env.get(k) for k in shared} == shared
+    assert not any("__CELERY__" in k for k in env)

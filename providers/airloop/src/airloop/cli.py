@@ -43,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="leave Airflow and the model servers running to browse the UI afterwards",
     )
+    loop.add_argument(
+        "--production",
+        action="store_true",
+        help="on the production topology, started on this machine: PostgreSQL, Redis, S3, an MLflow"
+        " server, Airflow with the CeleryExecutor and two workers (see docs/deploy.md)",
+    )
 
     args = parser.parse_args(argv)
     if args.command == "runtimes":
@@ -73,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
             f" {made['rows']} rows) to {made['suite_path']}: review it before it gates anything"
         )
         return 0
+    if args.production:
+        if args.keep_running:
+            parser.error("--keep-running is for the embedded default; --production stops its services")
+        from airloop.embedded import production
+
+        return production.run(dags=args.dags, rows=args.rows, report=args.report)
     from airloop.embedded.runner import run_loop
 
     return run_loop(dags=args.dags, rows=args.rows, report=args.report, keep_running=args.keep_running)
