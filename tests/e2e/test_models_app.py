@@ -9,6 +9,8 @@ import contextlib
 import json
 import os
 import shutil
+import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -73,7 +75,8 @@ def _reports(artefacts: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def airflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Standalone]:
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Standalone, subprocess.Popen]]:
+    """The embedded Airflow over the registry, the reports and deployment ``churn``; and its gateway."""
     if shutil.which(CHROMIUM) is None:
         pytest.skip(f"{CHROMIUM} is not installed (make system installs Debian's)")
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
@@ -84,7 +87,9 @@ def airflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Standalone]:
     (home / "artefacts").mkdir()
     _reports(home / "artefacts")
     with contextlib.ExitStack() as stack:
-        _, serving = stack.enter_context(local_deployment(home / "serving", "churn", {"2": 90, "3": 10}))
+        gateway, serving = stack.enter_context(
+            local_deployment(home / "serving", "churn", {"2": 90, "3": 10})
+        )
         with pytest.MonkeyPatch.context() as patch:
             for key in [k for k in os.environ if k.startswith("AIRFLOW")]:
                 patch.delenv(key)  # the test session's Airflow settings are not this Airflow's
@@ -97,33 +102,44 @@ def airflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Standalone]:
         standalone = Standalone(env, home / "airflow.log")
         stack.callback(standalone.stop)
         standalone.start()
-        yield standalone
+        yield standalone, gateway
 
 
 @pytest.fixture(scope="module")
-def browser(airflow: Standalone) -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
+def airflow(world: tuple[Standalone, subprocess.Popen]) -> Standalone:
+    return world[0]
+
+
+@pytest.fixture(scope="module")
+def session(airflow: Standalone) -> Iterator[Any]:
+    """A browser that logged in through Airflow's login page, as a user does."""
+    from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as playwright:
         # --no-sandbox: Chromium's sandbox needs user namespaces, which containers running as root lack.
-        launched = playwright.chromium.launch(executable_path=shutil.which(CHROMIUM), args=["--no-sandbox"])
-        yield launched
-        launched.close()
+        browser = playwright.chromium.launch(executable_path=shutil.which(CHROMIUM), args=["--no-sandbox"])
+        context = browser.new_context(viewport={"width": 1400, "height": 900})
+        page = context.new_page()
+        page.goto(f"{airflow.url}/plugin/airloop")
+        # Not logged in: Airflow's login page, which comes back to the app.
+        page.get_by_label("Username").fill(USERNAME)
+        page.get_by_label("Password").fill(airflow.password)
+        page.get_by_role("button", name="Sign in").click()
+        expect(page).to_have_url(f"{airflow.url}/plugin/airloop", timeout=60_000)
+        page.close()
+        yield context
+        browser.close()
 
 
-def test_a_user_logs_in_and_sees_the_models_app(airflow: Standalone, browser: Any, tmp_path: Path) -> None:
+def test_a_user_sees_each_loop_in_the_models_app(airflow: Standalone, session: Any, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
-    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page = session.new_page()
     page.goto(f"{airflow.url}/plugin/airloop")
-    # Not logged in: Airflow's login page, which comes back to the app.
-    page.get_by_label("Username").fill(USERNAME)
-    page.get_by_label("Password").fill(airflow.password)
-    page.get_by_role("button", name="Sign in").click()
     card = page.get_by_test_id("airloop-card").filter(has_text="churn")
     try:
-        expect(card.get_by_test_id("airloop-champion")).to_contain_text("version 2", timeout=60_000)
         champion = card.get_by_test_id("airloop-champion")
+        expect(champion).to_contain_text("version 2", timeout=60_000)
         expect(champion).to_contain_text("accuracy 93.0 %")
         expect(champion).to_contain_text("+2.00 pp vs the previous champion")
         expect(card.get_by_test_id("airloop-challenger")).to_contain_text("version 3")
@@ -141,6 +157,31 @@ def test_a_user_logs_in_and_sees_the_models_app(airflow: Standalone, browser: An
         expect(rollout).to_contain_text("analysing, canary 10 %")
         expect(card.get_by_test_id("airloop-drift")).to_contain_text("no_drift")
         expect(page.get_by_test_id("airloop-banner")).to_have_count(0)
+        expect(card).not_to_contain_text("does not answer now")
     finally:
         page.screenshot(path=str(tmp_path / "models.png"), full_page=True)
+        page.close()
     assert (tmp_path / "models.png").stat().st_size > 0
+
+
+def test_a_serving_target_that_stops_is_a_banner_above_the_cards(
+    world: tuple[Standalone, subprocess.Popen], session: Any, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    airflow, gateway = world
+    os.killpg(gateway.pid, signal.SIGTERM)
+    gateway.wait(timeout=30)
+    page = session.new_page()
+    page.goto(f"{airflow.url}/plugin/airloop")
+    try:
+        banner = page.get_by_test_id("airloop-banner")
+        expect(banner).to_contain_text("serving target does not answer", timeout=60_000)
+        expect(banner).to_contain_text("churn")
+        # The registry still answers: the card stays; the split is the target's last word, and says so.
+        card = page.get_by_test_id("airloop-card").filter(has_text="churn")
+        expect(card.get_by_test_id("airloop-champion")).to_contain_text("version 2")
+        expect(card).to_contain_text("as it last reported: it does not answer now")
+    finally:
+        page.screenshot(path=str(tmp_path / "serving-down.png"), full_page=True)
+        page.close()

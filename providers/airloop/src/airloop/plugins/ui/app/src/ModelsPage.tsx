@@ -43,11 +43,11 @@ const Verdict = ({ value }: { readonly value: string | null }) => (
   </Badge>
 );
 
-export const Banner = ({ problem }: { readonly problem: Problem }) => (
+export const Banner = ({ problem, title }: { readonly problem: Problem; readonly title?: string }) => (
   <Alert.Root data-testid="airloop-banner" status="error">
     <Alert.Indicator />
     <Alert.Content>
-      <Alert.Title>{problem.service} does not answer</Alert.Title>
+      <Alert.Title>{title ?? `${problem.service} does not answer`}</Alert.Title>
       <Alert.Description>{problem.detail}</Alert.Description>
     </Alert.Content>
   </Alert.Root>
@@ -159,6 +159,7 @@ const TrafficSplit = ({ card, serving }: { readonly card: LoopCard; readonly ser
           })
           .join("; ")}{" "}
         · {serving.target} target
+        {serving.problem === null ? "" : " · as it last reported: it does not answer now"}
       </Text>
     </Stack>
   );
@@ -289,7 +290,16 @@ export const ModelsPage = () => {
         </Link>
       </HStack>
       <Stack gap={2} mb={4}>
-        {failure === undefined ? undefined : <Banner problem={failure} />}
+        {failure === undefined ? undefined : (
+          <Banner
+            problem={failure}
+            title={
+              error instanceof ApiError && (error.status === 401 || error.status === 403)
+                ? "Your Airflow session has ended: reload the page to log in again"
+                : undefined
+            }
+          />
+        )}
         {data?.problems.map((problem) => <Banner key={`${problem.service}:${problem.detail}`} problem={problem} />)}
       </Stack>
       {isPending ? <Spinner /> : undefined}
