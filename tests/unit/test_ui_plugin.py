@@ -570,6 +570,7 @@ def test_api_loops_has_one_card_per_model_with_its_rollout_and_drift(
     assert set(cards) == {"churn", "fraud"}
     churn = cards["churn"]
     assert churn["champion"]["version"] == "2" and churn["challenger"]["version"] == "3"
+    assert churn["champion"]["mlflow_version_url"].endswith("/models/churn/versions/2")
     # The offline gate's metric, for the versions the aliases name.
     assert churn["headline"] == {"metric": "accuracy", "champion": 0.93, "challenger": 0.95, "previous": 0.91}
     rollout = churn["rollout"]

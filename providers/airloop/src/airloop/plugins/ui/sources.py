@@ -286,8 +286,9 @@ def _version_record(client: Any, version: Any, aliases: Mapping[str, Any], ui_ur
     }
 
 
-def registry(config: Mapping[str, Any]) -> list[ModelRecord]:
-    """Every registered model with its versions, newest first, each with aliases, run metrics and tags."""
+def registry(config: Mapping[str, Any], *, aliased_only: bool = False) -> list[ModelRecord]:
+    """Every registered model with its versions, newest first, each with aliases, run metrics and tags;
+    with ``aliased_only`` only the versions an alias names (one run read per alias, not per version)."""
     with _mlflow(config) as client:
         models = list(_pages(client.search_registered_models, order_by=["name ASC"]))
         # One search for every version, without a filter: MLflow's filter grammar has no escapes, so a
@@ -307,6 +308,7 @@ def registry(config: Mapping[str, Any]) -> list[ModelRecord]:
                 "versions": [
                     _version_record(client, version, model.aliases, config["ui_url"])
                     for version in sorted(versions[model.name], key=lambda v: int(v.version), reverse=True)
+                    if not aliased_only or str(version.version) in {str(n) for n in model.aliases.values()}
                 ],
             }
             for model in models
@@ -532,7 +534,7 @@ def loops(config: Mapping[str, Any]) -> LoopsView:
     ``ServiceError``; the serving target or a remote artefact root are the view's problems."""
     from airloop.tracking.registry import CHALLENGER, CHAMPION
 
-    models = registry(config)
+    models = registry(config, aliased_only=True)
     problems: list[Problem] = []
     reports: dict[str, list[dict[str, Any]]] = {}
     drifts: dict[str, list[dict[str, Any]]] = {}
