@@ -41,6 +41,7 @@ from sklearn.neural_network import MLPClassifier  # noqa: E402
 
 from airloop.embedded.demo import FEATURES, generate  # noqa: E402
 from airloop.steps.conversion import optimise  # noqa: E402
+from airloop.steps.conversion.requests import ConvertRequest  # noqa: E402
 from airloop.steps.conversion.routes import Source, load_source, sklearn_source  # noqa: E402
 
 # A case: its conversion source (built in a work folder), training rows, holdout rows, class index.
@@ -175,6 +176,9 @@ def run(
             tmp,
             native_input=source.native_input,
             onnx_path=source.onnx_path,
+            # The conversion's own parity gates: a variant that fails its gate is not selected.
+            tolerance=optimise.tolerances(ConvertRequest.tolerance, ConvertRequest.variant_tolerance),
+            min_label_agreement=ConvertRequest.min_label_agreement,
             calibration=train.to_numpy(dtype="float32")[:300],
             objective=args.objective,
             calls=args.calls,

@@ -1,13 +1,18 @@
 """
-The closed loop, one turn: validate -> train -> evaluate vs champion -> convert -> register -> roll out.
+The closed loop, one turn: training data -> validate -> train -> convert -> evaluate vs champion ->
+register -> roll out.
 
 Runs when the drift monitor asks for a retrain (the drift Asset) or when triggered by hand. The first
-turn of a registered model makes the champion; later turns make a challenger that must win its
-offline evaluation, pass the OpenVINO parity gate and survive a canary rollout before it is promoted.
+turn of a registered model makes the champion; later turns make a challenger that must pass the
+OpenVINO parity gate, win its offline evaluation as the artefact that will serve, and survive a canary
+rollout before it is promoted.
 
-The training set is ``data_uri`` (``source=file``, the default) or, with ``source=feast``, built by
-Feast: the ``training`` feature service joined point-in-time onto ``entity_rows`` (see
-``airloop_features`` and docs/features.md).
+The training data is declared: ``data_uri`` (``source=file``, the default; a file or a folder of data
+drops) and the ``data_window`` of its drops, or, with ``source=feast``, the training set Feast builds
+from the ``training`` feature service joined point-in-time onto ``entity_rows`` (see
+``airloop_features`` and docs/features.md). A drift-triggered run uses the same declaration (the drift
+event says what drifted, not what to train on); ``training_data`` writes the rows once, and the gate,
+training and the audit record name that exact table.
 """
 
 from __future__ import annotations
@@ -30,13 +35,14 @@ from airloop.operators.mlflow import (
 )
 from airloop.operators.openvino import OpenvinoConvertModelOperator
 from airloop.operators.rollout import RolloutChallengerOperator, RolloutFinishOperator
+from airloop.operators.tables import TablesBuildTrainingSetOperator
 
 MODEL_NAME = os.environ.get("AIRLOOP_MODEL_NAME", "airloop-classifier")
 DEPLOYMENT = os.environ.get("AIRLOOP_DEPLOYMENT", "airloop")
-# Where new training data lands; the embedded default writes here (a local folder under AIRLOOP_HOME).
-TRAINING_DATA = os.environ.get(
-    "AIRLOOP_TRAINING_DATA", str(settings.home() / "incoming" / "training.parquet")
-)
+# Where new training data lands, one file per drop; the embedded default writes here (a local
+# folder under AIRLOOP_HOME). Which drops a turn trains on: "latest", "latest:<n>" or "all".
+TRAINING_DATA = os.environ.get("AIRLOOP_TRAINING_DATA", str(settings.home() / "incoming"))
+DATA_WINDOW = os.environ.get("AIRLOOP_DATA_WINDOW", "latest")
 # Minimum length of each canary analysis window; the embedded default's busy clients need only a few seconds.
 ANALYSIS_SECONDS = float(os.environ.get("AIRLOOP_ANALYSIS_SECONDS", 30))
 SUITE = str(Path(__file__).parent / "expectations" / "training_data.json")
@@ -47,10 +53,14 @@ SOURCE = os.environ.get("AIRLOOP_TRAINING_SOURCE", "file")
 # returns the same registered version.
 RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=30)}
 ENTITY_ROWS = os.environ.get("AIRLOOP_ENTITY_ROWS", str(settings.feast_dir() / "entity_rows.parquet"))
-# The training set of this run: Feast's when the training_set task ran, else data_uri.
-DATA_URI = "{{ ti.xcom_pull(task_ids='training_set', key='uri') or params.data_uri }}"
-# What Feast said it wrote, checked by the gate (empty when the training set is data_uri).
-FEAST_SHA256 = "{{ (ti.xcom_pull(task_ids='training_set', key='fingerprint') or {}).get('sha256', '') }}"
+# The declared source of this run: Feast's training set when the training_set task ran, else data_uri.
+SOURCE_URI = "{{ ti.xcom_pull(task_ids='training_set', key='uri') or params.data_uri }}"
+# What the gate expects of the table training_data wrote: what Feast said it wrote when Feast built the
+# source (the table is that file, unchanged), else the table's own SHA-256.
+EXPECTED_SHA256 = (
+    "{{ (ti.xcom_pull(task_ids='training_set', key='fingerprint') or {}).get('sha256')"
+    " or ti.xcom_pull(task_ids='training_data', key='sha256') }}"
+)
 
 
 @dag(
@@ -60,7 +70,15 @@ FEAST_SHA256 = "{{ (ti.xcom_pull(task_ids='training_set', key='fingerprint') or 
     max_active_runs=1,
     tags=["airloop"],
     params={
-        "data_uri": Param(TRAINING_DATA, type="string", description="training set: parquet or CSV"),
+        "data_uri": Param(
+            TRAINING_DATA, type="string", description="training data: a parquet/CSV file or a folder of drops"
+        ),
+        "data_window": Param(
+            DATA_WINDOW,
+            type="string",
+            pattern=r"^(all|latest(:[1-9][0-9]*)?)$",
+            description="which drops of a data_uri folder: all, latest, or the latest n (latest:3)",
+        ),
         "source": Param(SOURCE, enum=["file", "feast"], description="data_uri, or a training set from Feast"),
         "entity_rows": Param(
             ENTITY_ROWS, type="string", description="for source=feast: observation_id, event_timestamp, label"
@@ -86,33 +104,46 @@ FEAST_SHA256 = "{{ (ti.xcom_pull(task_ids='training_set', key='fingerprint') or 
 def airloop_loop():
     @task.branch(task_id="source")
     def choose_source(params=None) -> list[str]:
-        return ["training_set"] if params["source"] == "feast" else []
+        # training_data follows training_set when Feast builds the source.
+        return ["training_set", "training_data"] if params["source"] == "feast" else ["training_data"]
 
     training_set = FeastBuildTrainingSetOperator(
         task_id="training_set", entity_rows="{{ params.entity_rows }}", feature_service="training"
     )
+    # The rows this turn trains on, written once: what the gate checks is what training reads.
+    training_data = TablesBuildTrainingSetOperator(
+        task_id="training_data",
+        data_uri=SOURCE_URI,
+        window="{{ params.data_window }}",
+        trigger_rule="none_failed",
+    )
     validate = GreatExpectationsValidateDataOperator(
         task_id="validate",
-        data_uri=DATA_URI,
+        data_uri=training_data.output["uri"],
         suite_path=SUITE,
-        expected_fingerprint=FEAST_SHA256,
-        trigger_rule="none_failed",
+        expected_fingerprint=EXPECTED_SHA256,
     )
     train = MlflowTrainModelOperator(
         task_id="train",
-        data_uri=DATA_URI,
+        data_uri=training_data.output["uri"],
         estimator="sklearn.neural_network.MLPClassifier",
         estimator_params={"hidden_layer_sizes": [32, 16], "max_iter": 300, "random_state": 0},
         validation=validate.output,
+        training_set=training_data.output,
         **RETRIES,
-    )
-    evaluate = MlflowEvaluateChallengerOperator(
-        task_id="evaluate", model_name=MODEL_NAME, run_id=train.output["run_id"], **RETRIES
     )
     convert = OpenvinoConvertModelOperator(
         task_id="convert",
         run_id=train.output["run_id"],
         holdout_uri=train.output["holdout_uri"],
+        **RETRIES,
+    )
+    # Scores the challenger as it will serve (the IR the conversion selected) against the champion's IR.
+    evaluate = MlflowEvaluateChallengerOperator(
+        task_id="evaluate",
+        model_name=MODEL_NAME,
+        run_id=train.output["run_id"],
+        ir_uri=convert.output["ir_uri"],
         **RETRIES,
     )
     register = MlflowRegisterModelOperator(
@@ -157,7 +188,8 @@ def airloop_loop():
         retries=2,  # a retry completes an interrupted promotion or rollback
         retry_delay=timedelta(seconds=30),
     )
-    choose_source() >> training_set >> validate >> train >> evaluate >> convert >> register >> rollout
+    choose_source() >> [training_set, training_data]
+    training_set >> training_data >> validate >> train >> convert >> evaluate >> register >> rollout
     gate >> approve >> finish
     gate >> finish
 

@@ -80,13 +80,14 @@ def test_first_turn_makes_and_serves_the_champion(first_turn):
     audit = read_audit(settings.mlflow_tracking_uri(), MODEL, "1")
     assert [s["stage"] for s in audit["stages"]] == [
         "trigger",
+        "data",
         "validation",
         "training",
-        "evaluation",
         "conversion",
+        "evaluation",
         "rollout",
     ]
-    assert audit["stages"][1]["record"]["success"] is True
+    assert audit["stages"][2]["record"]["success"] is True
     state = get_target("local").state(DEPLOYMENT)
     assert {n: p["weight"] for n, p in state["predictors"].items()} == {"v1": 100}
 
@@ -104,7 +105,7 @@ def test_bad_data_stops_at_the_gate(first_turn, dagbag, capsys):
     assert str(run.state) == "failed"
     assert states["validate"] == "failed"
     assert all(
-        states[t] == "upstream_failed" for t in ("train", "evaluate", "convert", "register", "rollout")
+        states[t] == "upstream_failed" for t in ("train", "convert", "evaluate", "register", "rollout")
     )
     assert "f3" in capsys.readouterr().out  # the log names the failing expectation's column
     assert _versions() == ["1"]  # nothing registered

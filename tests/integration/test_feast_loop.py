@@ -90,7 +90,12 @@ def _loop_until_validate():
 
 def test_loop_trains_on_a_training_set_from_feast(features_run):
     run = _loop_until_validate().test(run_conf={"source": "feast"})
-    assert _states(run) == {"source": "success", "training_set": "success", "validate": "success"}
+    assert _states(run) == {
+        "source": "success",
+        "training_set": "success",
+        "training_data": "success",
+        "validate": "success",
+    }
     built = next(ti for ti in run.get_task_instances() if ti.task_id == "training_set").xcom_pull(
         task_ids="training_set"
     )
@@ -98,7 +103,12 @@ def test_loop_trains_on_a_training_set_from_feast(features_run):
     validated = next(ti for ti in run.get_task_instances() if ti.task_id == "validate").xcom_pull(
         task_ids="validate"
     )
-    assert validated["data_uri"] == built["uri"] and validated["fingerprint"] == built["fingerprint"]
+    # The gate validated the table training_data wrote from Feast's: the same content.
+    table = next(ti for ti in run.get_task_instances() if ti.task_id == "training_data").xcom_pull(
+        task_ids="training_data"
+    )
+    assert table["source"] == built["uri"] and validated["data_uri"] == table["uri"]
+    assert validated["fingerprint"] == built["fingerprint"]
     # the gate checked the content against what Feast said it wrote: one more evaluated check than the suite
     suite = json.loads((REPO / "dags" / "expectations" / "training_data.json").read_text())
     assert validated["evaluated"] == len(suite["expectations"]) + 1
@@ -109,9 +119,15 @@ def test_loop_trains_on_a_training_set_from_feast(features_run):
 def test_loop_with_the_default_file_source_skips_feast(dagbag, tmp_path):
     data = write_table(generate(200, seed=5), str(tmp_path / "train.parquet"))
     run = _loop_until_validate().test(run_conf={"data_uri": data})
-    assert _states(run) == {"source": "success", "training_set": "skipped", "validate": "success"}
+    assert _states(run) == {
+        "source": "success",
+        "training_set": "skipped",
+        "training_data": "success",
+        "validate": "success",
+    }
     validate = next(ti for ti in run.get_task_instances() if ti.task_id == "validate")
-    assert validate.xcom_pull(task_ids="validate")["data_uri"] == data
+    table = validate.xcom_pull(task_ids="training_data")
+    assert table["source"] == data and validate.xcom_pull(task_ids="validate")["data_uri"] == table["uri"]
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,11 @@ def _speed(**rows_per_s: float) -> dict[str, dict[str, float]]:
     }
 
 
-def _scores(**drops: float) -> dict[str, dict[str, float]]:
-    return {name: {"accuracy_drop": drop, "within_budget": drop <= 1.0} for name, drop in drops.items()}
+def _scores(**drops: float) -> dict[str, dict]:
+    return {
+        name: {"accuracy_drop": drop, "within_budget": drop <= 1.0, "parity_failures": []}
+        for name, drop in drops.items()
+    }
 
 
 def test_variants_shrink_the_weights_and_stay_close_to_the_native_model(onnx_model, tmp_path):
@@ -168,6 +171,30 @@ def test_select_falls_back_past_a_variant_that_could_not_be_built():
     assert (
         variant == "fp32" and "not candidates: int8 (not built: RuntimeError: no quantisable layer)" in reason
     )
+
+
+def test_a_variant_that_fails_its_own_parity_gate_is_not_selectable():
+    # Issue 13: int8 within the accuracy budget (0.2 points) but agreeing with the native model on
+    # only 99.8 % of the labels was selected and served; the gate had checked the fp32 IR.
+    int8 = {"accuracy": 0.928, "max_abs_diff": 0.923, "label_agreement": 0.998, "non_finite_rows": 0}
+    failures = optimise.parity(int8, tolerance=0.1, min_label_agreement=0.999)
+    assert failures == ["max abs diff 0.923 > 0.1", "label agreement 0.9980 < 0.999"]
+    scores = _scores(fp32=0.0, fp16=0.0, int8=0.2)
+    scores["int8"]["parity_failures"] = failures
+    speed = _speed(fp32=100.0, fp16=110.0, int8=400.0)
+    variant, reason = optimise.select(scores, speed, 1.0, "throughput")
+    assert variant == "fp16"
+    assert "not candidates: int8 (parity: max abs diff 0.923 > 0.1, label agreement 0.9980 < 0.999)" in reason
+    variant, reason = optimise.select({"int8": scores["int8"]}, speed, 1.0, "throughput")
+    assert variant is None
+    assert reason == (
+        "no OpenVINO variant passes its parity gate within the 1-point accuracy budget: "
+        "int8 (parity: max abs diff 0.923 > 0.1, label agreement 0.9980 < 0.999)"
+    )
+    # A NaN output fails the gate whatever the tolerance.
+    undefined = {**int8, "max_abs_diff": None, "label_agreement": 1.0, "non_finite_rows": 3}
+    assert optimise.parity(undefined, 1.0, 0.999) == ["max abs diff undefined (3 rows NaN or inf)"]
+    assert optimise.tolerances(1e-4, 0.1) == {"fp32": 1e-4, "fp16": 0.1, "int8": 0.1, "int8-weights": 0.1}
 
 
 def test_verdict_says_when_openvino_loses_with_the_numbers():

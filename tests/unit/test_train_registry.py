@@ -184,7 +184,12 @@ def test_better_challenger_passes_and_is_promoted(store):
     assert _register(store, better) == {"version": "3", "alias": "challenger", "reused": False}
     verdict = _evaluate(store, better["run_id"])
     assert verdict["verdict"] == "pass" and verdict["rule"] == "better", verdict
-    assert verdict["challenger"] == {"accuracy": verdict["challenger"]["accuracy"], "version": "3"}
+    assert verdict["challenger"] == {
+        "accuracy": verdict["challenger"]["accuracy"],
+        "version": "3",
+        "artefact": {"uri": f"runs:/{better['run_id']}/model", "kind": "model"},
+    }
+    assert verdict["reason"].startswith("accuracy difference +0.")
     assert verdict["difference"] > 0.1 and verdict["p_value"] < 0.001 and verdict["ci"][0] > 0
     assert verdict["n"] == 400
     champion_run = store["runs"]["first"]["run_id"]
@@ -195,6 +200,65 @@ def test_better_challenger_passes_and_is_promoted(store):
     assert registry.promote(request) == {"champion": "3", "previous": "1"}
     assert registry.promote(request) == {"champion": "3", "previous": "1"}
     assert registry.aliases(store["tracking_uri"], MODEL) == {"champion": "3", "previous": "1"}
+
+
+def _breast_cancer(leak: bool) -> object:
+    """scikit-learn's breast cancer table, standardised; ``leak``: its first feature overwritten with
+    the label (issue 13: a training file whose feature column held the label won every offline gate)."""
+    from sklearn.datasets import load_breast_cancer
+
+    features, label = load_breast_cancer(return_X_y=True, as_frame=True)
+    features = (features - features.mean()) / features.std()
+    if leak:
+        features["mean radius"] = label.astype(float)
+    return features.assign(label=label)
+
+
+def test_an_implausibly_perfect_challenger_fails_the_offline_gate(store, tmp_path):
+    base = {"tracking_uri": store["tracking_uri"], "model_name": "airloop-leak"}
+
+    def trained(leak: bool) -> dict:
+        data = write_table(_breast_cancer(leak), str(tmp_path / f"cancer-{leak}.parquet"))
+        request = {"tracking_uri": store["tracking_uri"], "experiment": "leak", "data_uri": data}
+        tree = {"estimator": "sklearn.tree.DecisionTreeClassifier", "estimator_params": {"max_depth": 4}}
+        return train({**request, **tree})
+
+    leaked = trained(leak=True)
+    assert leaked["metrics"]["accuracy"] == 1.0
+    # The first model has no champion to beat, but no error at all on 143 rows is no pass either.
+    first = evaluate({**base, "run_id": leaked["run_id"]})
+    assert first["verdict"] == "fail" and first["rule"] == "implausibly_perfect"
+    assert first["reason"].startswith("holdout error rate 0 (143 of 143 rows right) is implausibly perfect")
+    assert "perfect_scores_expected" in first["reason"]
+    honest = trained(leak=False)
+    assert evaluate({**base, "run_id": honest["run_id"]})["rule"] == "no_champion"
+    register({**base, "run_id": honest["run_id"]})
+
+    # Before, the leaked challenger won against the champion (p = 1.4e-14 on real data).
+    verdict = evaluate({**base, "run_id": leaked["run_id"]})
+    assert verdict["verdict"] == "fail" and verdict["rule"] == "implausibly_perfect", verdict
+    assert verdict["difference"] > 0 and verdict["champion"]["accuracy"] < 1.0
+    run = mlflow.MlflowClient(store["tracking_uri"]).get_run(leaked["run_id"])
+    assert (
+        run.data.tags["airloop.eval.rule"] == "implausibly_perfect" and run.data.metrics["eval.passed"] == 0
+    )
+    # A task where such scores are expected says so; the paired tests then decide.
+    expected = evaluate({**base, "run_id": leaked["run_id"], "perfect_scores_expected": True, "alpha": 1.0})
+    assert expected["rule"] == "better" and expected["verdict"] == "pass"
+
+
+def test_an_error_rate_under_a_small_share_of_the_champions_is_implausible():
+    import numpy as np
+
+    from airloop.steps.training.evaluate import _implausible
+
+    champion = np.arange(1000) >= 100  # 100 errors in 1000 rows
+    nearly = np.arange(1000) >= 4  # 4 errors: 0.004, under 0.05 of the champion's 0.1
+    reason = _implausible(nearly, champion, share=0.05)
+    assert reason is not None and "holdout error rate 0.0040 (4 of 1000 rows wrong) is under 0.05" in reason
+    better = np.arange(1000) >= 20  # 20 errors: a fifth of the champion's, a real improvement
+    assert _implausible(better, champion, share=0.05) is None
+    assert _implausible(nearly, None, share=0.05) is None  # without a champion only 0 errors is implausible
 
 
 def test_audit_record_round_trip_in_loop_order(store):
@@ -353,13 +417,149 @@ def test_the_train_operator_writes_its_stages_of_the_audit_record_at_once(store,
         estimator="sklearn.linear_model.LogisticRegression",
         validation={"success": True, "suite": "training_data"},
     ).execute(_context(try_number=1))
-    assert writes == [trained["run_id"]]  # one read-modify-write for trigger, validation and training
+    assert writes == [trained["run_id"]]  # one read-modify-write for trigger, data, validation and training
     client = mlflow.MlflowClient(store["tracking_uri"])
     stages = json.loads(
         Path(client.download_artifacts(trained["run_id"], AUDIT_PATH, str(tmp_path))).read_text()
     )
     stages = stages["stages"]
-    assert [s["stage"] for s in stages] == ["trigger", "validation", "training"]
+    assert [s["stage"] for s in stages] == ["trigger", "data", "validation", "training"]
     assert (
-        stages[1]["record"]["suite"] == "training_data" and stages[2]["record"]["run_id"] == trained["run_id"]
+        stages[2]["record"]["suite"] == "training_data" and stages[3]["record"]["run_id"] == trained["run_id"]
     )
+    assert stages[1]["record"]["sha256"] == trained["fingerprint"]["sha256"]
+
+
+def _drops(folder: Path) -> list:
+    """scikit-learn's breast cancer table delivered in three drops, oldest first, with the files a
+    writer leaves beside them."""
+    table = _breast_cancer(leak=False)
+    parts = [table.iloc[:200], table.iloc[200:400], table.iloc[400:]]
+    for day, part in enumerate(parts, 1):
+        write_table(part, str(folder / f"2026-05-0{day}.parquet"))
+    (folder / "_SUCCESS").write_text("")
+    (folder / ".2026-05-04.parquet.tmp").write_bytes(b"half a file")
+    return parts
+
+
+def test_a_training_set_takes_the_declared_window_of_the_source(tmp_path):
+    from airloop.steps.training.data import build_training_set
+    from airloop.tables import fingerprint, read_table
+
+    source = tmp_path / "incoming"
+    source.mkdir()
+    parts = _drops(source)
+
+    def built(window: str, data_uri: str = str(source)) -> dict:
+        out = str(tmp_path / f"{window.replace(':', '-')}.parquet")
+        return build_training_set({"data_uri": data_uri, "window": window, "out_path": out})
+
+    latest = built("latest")
+    assert latest["files"] == [{"name": "2026-05-03.parquet", "rows": len(parts[2])}]
+    table = read_table(latest["uri"])
+    assert latest["rows"] == len(table) == len(parts[2]) and latest["window"] == "latest"
+    assert latest["sha256"] == fingerprint(table)["sha256"] and latest["source"] == str(source)
+    assert [f["name"] for f in built("latest:2")["files"]] == ["2026-05-02.parquet", "2026-05-03.parquet"]
+    every = built("all")
+    assert every["rows"] == sum(map(len, parts)) == 569 and len(every["files"]) == 3
+    single = built("latest:5", str(source / "2026-05-01.parquet"))  # a file is itself
+    assert single["files"] == [{"name": "2026-05-01.parquet", "rows": 200}]
+
+    with pytest.raises(ValueError, match="window 'newest' is not 'all', 'latest' or 'latest:<n>'"):
+        built("newest")
+    write_table(parts[0].drop(columns=["mean area"]), str(source / "2026-05-04.parquet"))
+    with pytest.raises(ValueError, match="2026-05-04.parquet has columns .* the drops of one training set"):
+        built("latest:2")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no parquet or CSV file"):
+        built("all", str(tmp_path / "empty"))
+
+
+def test_a_drift_triggered_retrain_trains_on_the_declared_window_and_the_audit_names_it(
+    store, monkeypatch, tmp_path
+):
+    from datetime import UTC, datetime
+    from types import SimpleNamespace
+
+    from airloop.assets import drift_asset
+    from airloop.operators.mlflow import MlflowTrainModelOperator
+    from airloop.operators.tables import TablesBuildTrainingSetOperator
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLFLOW_DATA",
+        json.dumps(
+            {
+                "conn_type": "mlflow",
+                "host": store["tracking_uri"],
+                "extra": {"artifact_root": store["artifact_root"]},
+            }
+        ),
+    )
+    monkeypatch.setenv("AIRLOOP_ARTEFACTS", (tmp_path / "artefacts").as_uri())
+    source = tmp_path / "incoming"
+    source.mkdir()
+    parts = _drops(source)
+    # What a drift Asset event hands the retrain: what drifted, not what to train on.
+    event = SimpleNamespace(
+        extra={"model_name": "airloop-data", "severity": "high", "drifted_features": ["mean radius"]},
+        timestamp=datetime(2026, 5, 3, 12, tzinfo=UTC),
+    )
+
+    def context(task_id: str) -> dict:
+        ctx = task_context(task_id, dag_id="airloop_loop", run_id="asset_triggered__2026-05-03")
+        ctx["dag_run"].run_type = "asset_triggered"
+        ctx["triggering_asset_events"] = {drift_asset("airloop-data"): [event]}
+        return ctx
+
+    built = TablesBuildTrainingSetOperator(task_id="training_data", data_uri=str(source), window="latest")
+    training_set = built.execute(context("training_data"))
+    # A later drop landing in the source changes nothing for this turn: the table was written once.
+    write_table(parts[0], str(source / "2026-05-04.parquet"))
+    assert training_set["uri"].startswith(str(tmp_path / "artefacts" / "training-sets" / "airloop_loop"))
+    trained = MlflowTrainModelOperator(
+        task_id="train",
+        mlflow_conn_id="mlflow_data",
+        data_uri=training_set["uri"],
+        experiment="data",
+        estimator="sklearn.tree.DecisionTreeClassifier",
+        training_set=training_set,
+    ).execute(context("train"))
+    assert trained["fingerprint"]["sha256"] == training_set["sha256"]
+    assert trained["fingerprint"]["rows"] == len(parts[2])
+
+    client = mlflow.MlflowClient(store["tracking_uri"])
+    audit = client.download_artifacts(trained["run_id"], registry.AUDIT_PATH, str(tmp_path / "audit"))
+    stages = {entry["stage"]: entry["record"] for entry in json.loads(Path(audit).read_text())["stages"]}
+    assert list(stages) == ["trigger", "data", "validation", "training"]
+    assert stages["data"] == {
+        "uri": training_set["uri"],
+        "sha256": training_set["sha256"],
+        "rows": len(parts[2]),
+        "source": str(source),
+        "window": "latest",
+        "asset_events": [
+            {
+                "asset": "airloop://drift/airloop-data",
+                "extra": event.extra,
+                "timestamp": "2026-05-03T12:00:00+00:00",
+            }
+        ],
+        "file_count": 1,
+        "files": [{"name": "2026-05-03.parquet", "rows": len(parts[2])}],
+    }
+    run = mlflow.MlflowClient(store["tracking_uri"]).get_run(trained["run_id"])
+    assert (
+        run.data.tags["airloop.data.source"] == str(source)
+        and run.data.tags["airloop.data.window"] == "latest"
+    )
+
+    # Training refuses a table that is not the training set that was built.
+    with pytest.raises(ValueError, match="is not the training set that was built"):
+        train(
+            {
+                "tracking_uri": store["tracking_uri"],
+                "experiment": "data",
+                "data_uri": str(source / "2026-05-04.parquet"),
+                "training_set": training_set,
+            }
+        )

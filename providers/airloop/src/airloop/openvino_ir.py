@@ -27,6 +27,11 @@ MANIFEST_FORMAT = "openvino-ir"
 IR_FILES = ("model.xml", "model.bin")
 # Where a conversion stores the selected IR in its run: ``runs:/<run_id>/openvino``.
 IR_PATH = "openvino"
+# Run tags of a conversion that stored an IR: the served variant and its gate's figures
+# (``<prefix>variant``, ``accuracy``, ``max_abs_diff``, ``label_agreement``); registration copies them
+# to the model version.
+TAG_PREFIX = "airloop.openvino."
+VARIANT_TAG = f"{TAG_PREFIX}variant"
 
 
 class FetchedIR(TypedDict):

@@ -26,6 +26,9 @@ from airloop.steps.training.requests import (
 )
 from airloop.tracking.requests import TrainedRun
 
+# Data files of a training set named in the audit record (the newest).
+AUDIT_FILES = 20
+
 
 def code_version(context: Context) -> dict[str, str]:
     """Tags naming the DAG code that ran: its file's SHA-256 and, in a git work tree, the commit
@@ -94,6 +97,12 @@ class MlflowTrainModelOperator(_MlflowOperator):
     :param validation: the data gate's result (usually the validation task's XCom), kept in the audit record
         and on the run (tags ``airloop.validation.*``, artefact ``validation/summary.json``).
     :param parent_run_id: an MLflow run to nest this run under (tag ``mlflow.parentRunId``).
+    :param training_set: how ``data_uri`` was built (usually ``TablesBuildTrainingSetOperator``'s XCom):
+        its source and window go on the run; training refuses data that is not what was built.
+
+    The audit record's ``data`` stage names the exact data trained on: URI, SHA-256 and rows, the
+    source, window and files it was built from, and the Asset events that started the DAG run (a
+    drift-triggered retrain names the drift event).
 
     A hyperparameter search maps it over candidates, one task and one run each:
     ``MlflowTrainModelOperator.partial(task_id="train", data_uri=...).expand(estimator_params=[...])``,
@@ -108,6 +117,7 @@ class MlflowTrainModelOperator(_MlflowOperator):
         "experiment",
         "validation",
         "parent_run_id",
+        "training_set",
     )
     operator_extra_links = (MlflowRunLink(),)
 
@@ -123,6 +133,7 @@ class MlflowTrainModelOperator(_MlflowOperator):
         seed: int = TrainRequest.seed,
         validation: dict[str, Any] | None = None,
         parent_run_id: str | None = None,
+        training_set: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -135,6 +146,7 @@ class MlflowTrainModelOperator(_MlflowOperator):
         self.seed = seed
         self.validation = validation
         self.parent_run_id = parent_run_id
+        self.training_set = training_set
 
     def execute(self, context: Context) -> TrainedRun:
         request = TrainRequest(
@@ -148,14 +160,26 @@ class MlflowTrainModelOperator(_MlflowOperator):
             seed=self.seed,
             validation=self.validation,
             parent_run_id=self.parent_run_id,
+            training_set=self.training_set,
             tags={**airflow_tags(context), **code_version(context)},
         )
         result: TrainedRun = self.run_step("airloop.steps.training.train:train", request, context)
         self.persist_run_link(context, result["run_id"])
+        trigger = loop_trigger(context)
+        built = self.training_set or {}
+        data: dict[str, Any] = {
+            "uri": self.data_uri,
+            **{key: result["fingerprint"][key] for key in ("sha256", "rows")},
+            **{key: built[key] for key in ("source", "window") if key in built},
+            "asset_events": trigger["asset_events"],
+        }
+        if "files" in built:  # the newest drops only: an audit stage stays small (the table has them all)
+            data.update(file_count=len(built["files"]), files=built["files"][-AUDIT_FILES:])
         self.audit(
             result["run_id"],
             {
-                "trigger": loop_trigger(context),
+                "trigger": trigger,
+                "data": data,
                 "validation": self.validation or {},
                 "training": {key: result[key] for key in ("run_id", "model_uri", "metrics", "fingerprint")},
             },
@@ -217,7 +241,9 @@ class MlflowEvaluateChallengerOperator(_MlflowOperator):
     """
     The offline gate: compare the candidate with the registered model's ``champion`` on the same
     held-out data. Fails unless the candidate is better by ``margin`` and the difference is significant;
-    the first model (no champion yet) passes by that explicit rule.
+    the first model (no champion yet) passes by that explicit rule. A holdout score too good to be
+    true (error rate 0, or under ``min_error_share`` of the champion's) fails, unless
+    ``perfect_scores_expected``.
 
     :param model_name: the registered model whose champion the candidate must beat.
     :param run_id: the candidate's training run.
@@ -226,9 +252,23 @@ class MlflowEvaluateChallengerOperator(_MlflowOperator):
     :param metric: ``"accuracy"`` (the paired tests need it).
     :param margin: how much better (a share, 0.01 = one point) the candidate must be.
     :param alpha: the significance level of McNemar's test; 1 turns the test off.
+    :param ir_uri: the artefact that will serve the candidate (its conversion's ``ir_uri``): both models
+        are then scored as they serve, the champion by its own run's IR.
+    :param perfect_scores_expected: the task is one where a perfect holdout score is plausible.
+    :param min_error_share: an error rate under this share of the champion's is implausible.
     """
 
-    template_fields: Sequence[str] = ("model_name", "run_id", "data_uri", "metric", "margin", "alpha")
+    template_fields: Sequence[str] = (
+        "model_name",
+        "run_id",
+        "data_uri",
+        "metric",
+        "margin",
+        "alpha",
+        "ir_uri",
+        "perfect_scores_expected",
+        "min_error_share",
+    )
     operator_extra_links = (MlflowRunLink(),)
 
     def __init__(
@@ -241,6 +281,9 @@ class MlflowEvaluateChallengerOperator(_MlflowOperator):
         metric: str = EvaluateRequest.metric,
         margin: float = EvaluateRequest.margin,
         alpha: float = EvaluateRequest.alpha,
+        ir_uri: str | None = None,
+        perfect_scores_expected: bool = EvaluateRequest.perfect_scores_expected,
+        min_error_share: float = EvaluateRequest.min_error_share,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -251,6 +294,9 @@ class MlflowEvaluateChallengerOperator(_MlflowOperator):
         self.metric = metric
         self.margin = margin
         self.alpha = alpha
+        self.ir_uri = ir_uri
+        self.perfect_scores_expected = perfect_scores_expected
+        self.min_error_share = min_error_share
 
     def execute(self, context: Context) -> EvaluationResult:
         self.persist_run_link(context, self.run_id)
@@ -263,6 +309,9 @@ class MlflowEvaluateChallengerOperator(_MlflowOperator):
             metric=self.metric,
             margin=self.margin,
             alpha=self.alpha,
+            ir_uri=self.ir_uri,
+            perfect_scores_expected=self.perfect_scores_expected,
+            min_error_share=self.min_error_share,
         )
         verdict: EvaluationResult = self.run_step(
             "airloop.steps.training.evaluate:evaluate", request, context
@@ -270,11 +319,11 @@ class MlflowEvaluateChallengerOperator(_MlflowOperator):
         self.audit(self.run_id, {"evaluation": verdict})
         self.log.info("evaluation verdict %s (%s): %s", verdict["verdict"], verdict["rule"], verdict)
         if verdict["verdict"] != "pass":
+            champion = verdict["champion"]
+            against = f"champion v{champion['version']}" if champion else "no champion"
             raise AirflowFailException(
-                f"run {self.run_id} is not better than champion "
-                f"v{(verdict.get('champion') or {}).get('version')}"
-                f" on {self.metric} ({verdict['rule']}): difference {verdict.get('difference')},"
-                f" CI {verdict.get('ci')}, p={verdict.get('p_value')}"
+                f"run {self.run_id} fails the offline gate against {against} on {self.metric} "
+                f"({verdict['rule']}): {verdict['reason']}"
             )
         return verdict
 

@@ -23,16 +23,18 @@ from airloop.steps.conversion.requests import (
 
 class OpenvinoConvertModelOperator(_MlflowOperator):
     """
-    Convert the run's model to OpenVINO IR (fp32, fp16, int8, int8-weights variants), check fp32 parity on
-    held-out rows (max abs difference of probabilities, label agreement), keep the variants whose
-    accuracy is within the budget, benchmark them against the native model and ONNX Runtime, and
-    store the fastest as the run's ``openvino/`` artefacts with a SHA-256 manifest. The report goes
-    to the run as ``openvino_report.json`` and metrics; the result names the variant and why.
+    Convert the run's model to OpenVINO IR (fp32, fp16, int8, int8-weights variants), check parity on
+    held-out rows (max abs difference of probabilities, label agreement) of the fp32 IR and of each
+    variant, keep the variants that pass their own gate within the accuracy budget, benchmark them
+    against the native model and ONNX Runtime, and store the fastest as the run's ``openvino/``
+    artefacts with a SHA-256 manifest. The report goes to the run as ``openvino_report.json``, metrics
+    and tags (the served variant's parity and accuracy); the result names the variant and why.
 
     :param run_id: the MLflow run holding the model.
     :param holdout_uri: held-out rows (features and label) for the parity and accuracy checks.
-    :param tolerance: largest allowed absolute difference of fp32 probabilities.
-    :param min_label_agreement: smallest allowed share of identical predicted labels (fp32).
+    :param tolerance: largest allowed absolute difference of the fp32 IR's probabilities.
+    :param variant_tolerance: the same for a lossy variant (fp16, int8, int8-weights) to be selectable.
+    :param min_label_agreement: smallest allowed share of identical predicted labels (every variant).
     :param variants: candidate variants, a subset of ``["fp32", "fp16", "int8", "int8-weights"]``
         (default: all).
     :param accuracy_budget: largest allowed holdout accuracy drop vs the native model, in points.
@@ -50,6 +52,7 @@ class OpenvinoConvertModelOperator(_MlflowOperator):
         "model_uri",
         "holdout_uri",
         "tolerance",
+        "variant_tolerance",
         "min_label_agreement",
         "variants",
         "accuracy_budget",
@@ -66,6 +69,7 @@ class OpenvinoConvertModelOperator(_MlflowOperator):
         model_uri: str | None = None,
         label_column: str = ConvertRequest.label_column,
         tolerance: float = ConvertRequest.tolerance,
+        variant_tolerance: float = ConvertRequest.variant_tolerance,
         min_label_agreement: float = ConvertRequest.min_label_agreement,
         variants: Sequence[str] | None = None,
         accuracy_budget: float = ConvertRequest.accuracy_budget,
@@ -81,6 +85,7 @@ class OpenvinoConvertModelOperator(_MlflowOperator):
         self.holdout_uri = holdout_uri
         self.label_column = label_column
         self.tolerance = tolerance
+        self.variant_tolerance = variant_tolerance
         self.min_label_agreement = min_label_agreement
         self.variants = variants
         self.accuracy_budget = accuracy_budget
@@ -97,6 +102,7 @@ class OpenvinoConvertModelOperator(_MlflowOperator):
             holdout_uri=self.holdout_uri,
             label_column=self.label_column,
             tolerance=self.tolerance,
+            variant_tolerance=self.variant_tolerance,
             min_label_agreement=self.min_label_agreement,
             variants=list(self.variants) if self.variants else None,
             accuracy_budget=self.accuracy_budget,
@@ -121,12 +127,16 @@ class OpenvinoConvertModelOperator(_MlflowOperator):
             "airloop.steps.conversion.convert:convert", request, context, runtime=runtime
         )
         self.audit(self.run_id, {"conversion": result})
-        parity = result["parity"]
-        self.log.info(
-            "OpenVINO fp32 parity: max abs diff %.3g, label agreement %.4f",
-            parity["max_abs_diff"],
-            parity["label_agreement"],
-        )
+        for parity in (result["conversion_check"], result["parity"]):
+            if parity is not None:
+                self.log.info(
+                    "OpenVINO %s parity: max abs diff %s (tolerance %g), label agreement %.4f, accuracy %.4f",
+                    parity["variant"],
+                    parity["max_abs_diff"],
+                    parity["tolerance"],
+                    parity["label_agreement"],
+                    parity["accuracy"],
+                )
         if not result["passed"]:
             raise AirflowFailException(f"OpenVINO conversion of run {self.run_id} failed: {result['reason']}")
         self.log.info("OpenVINO IR %s, variant %s: %s", result["ir_uri"], result["variant"], result["reason"])

@@ -25,8 +25,12 @@ PREVIOUS = "previous"
 REJECTED_TAG = "airloop.rejected"
 # Ties a version to its source run; only versions carrying it are ever deleted (as duplicates).
 RUN_TAG = "airloop.run_id"
+# The offline verdict on a challenger run (``verdict``, ``rule``, ``accuracy``, ``artefact``: what was
+# scored); registration copies them to the model version.
+EVAL_TAG_PREFIX = "airloop.eval."
 AUDIT_PATH = "audit/loop.json"
-AUDIT_STAGES = ("trigger", "data", "validation", "training", "evaluation", "conversion", "rollout", "drift")
+# Loop order: the offline evaluation scores the artefact the conversion made.
+AUDIT_STAGES = ("trigger", "data", "validation", "training", "conversion", "evaluation", "rollout", "drift")
 # The audit record is read whole by the UI; a stage stores a summary, not a report.
 MAX_AUDIT_RECORD_BYTES = 16_384
 

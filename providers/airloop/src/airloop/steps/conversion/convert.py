@@ -18,11 +18,14 @@ The route depends on the model's MLflow flavour and, for scikit-learn, on its fa
 
 From that one fp32 graph come the fp32, fp16 and int8 variants (``airloop.steps.conversion.optimise``).
 The model is resolved and downloaded once (``routes.load_source``); ``plan`` reads its MLmodel file only.
-The fp32 IR is the parity gate: compiled with f32 inference precision (this CPU defaults to bf16), its outputs
-must match the native model's on the holdout split. The selected variant is logged as ``openvino/``
-with ``manifest.json`` (SHA-256 of each IR file, precision); the model server, batch scoring and
-``fetch_ir`` check it. Nothing is logged as ``openvino/`` when a gate fails, and the model registry is
-never touched here (registration comes after this step).
+Two parity gates, both on the holdout rows, with IRs compiled with f32 inference precision (this CPU
+defaults to bf16): the fp32 IR must match the native model within ``tolerance`` (the conversion itself
+is right), and the variant that serves must pass its own gate (``variant_tolerance`` for the lossy
+ones, ``min_label_agreement`` for all): a variant that fails it is not selectable. The result's
+``parity``, the run's ``openvino.*`` metrics and ``airloop.openvino.*`` tags are the served variant's.
+It is logged as ``openvino/`` with ``manifest.json`` (SHA-256 of each IR file, precision); the model
+server, batch scoring and ``fetch_ir`` check it. Nothing is logged as ``openvino/`` when a gate fails,
+and the model registry is never touched here (registration comes after this step).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
-from airloop.openvino_ir import IR_FILES, IR_PATH, write_manifest
+from airloop.openvino_ir import IR_FILES, IR_PATH, TAG_PREFIX, write_manifest
 from airloop.steps.conversion import optimise
 from airloop.steps.conversion.requests import (
     ConversionPlan,
@@ -70,12 +73,12 @@ def convert(request: ConvertRequest | Mapping[str, Any]) -> ConversionResult:
     """The run's model as OpenVINO IR -> ``{"ir_uri", "files", "parity", "passed", "variant", "reason",
     "route", ...}``; see docs/openvino.md."""
     import mlflow
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
     request = ConvertRequest.parse(request)
     tracking_uri, run_id, label = request.tracking_uri, request.run_id, request.label_column
     # Template fields: a rendered template is a string.
-    tolerance = float(request.tolerance)
+    tolerance, variant_tolerance = float(request.tolerance), float(request.variant_tolerance)
     min_agreement = float(request.min_label_agreement)
     budget = float(request.accuracy_budget)
     objective = request.objective
@@ -111,40 +114,31 @@ def convert(request: ConvertRequest | Mapping[str, Any]) -> ConversionResult:
             native_input=source.native_input,
             onnx_path=source.onnx_path,
             variants=variants,
+            tolerance=optimise.tolerances(tolerance, variant_tolerance),
+            min_label_agreement=min_agreement,
             calibration=calibration,
             budget=budget,
             objective=objective,
             calls=request.benchmark_calls,
             batch_rows=BATCH_ROWS,
         )
-        fp32 = report["variants"]["fp32"]
-        parity: Parity = {
-            "max_abs_diff": fp32["max_abs_diff"],
-            "label_agreement": fp32["label_agreement"],
-            "rows": int(len(holdout)),
-            "tolerance": tolerance,
-        }
-        diff = parity["max_abs_diff"]
-        parity_passed = diff is not None and diff <= tolerance and parity["label_agreement"] >= min_agreement
-        if not parity_passed:
-            shown = (
-                f"{diff:.3g}"
-                if diff is not None
-                else f"undefined ({fp32['non_finite_rows']} rows NaN or inf)"
-            )
+        check = _parity(report, "fp32", len(holdout), min_agreement)
+        if not check["passed"]:
+            failures = ", ".join(report["variants"]["fp32"]["parity_failures"])
             report.update(
                 variant=None,
                 ratios={},
                 reason=(
-                    f"fp32 IR failed the parity gate: max abs diff {shown} (tolerance {tolerance}), label "
-                    f"agreement {parity['label_agreement']:.4f} (minimum {min_agreement})"
+                    f"fp32 IR failed the parity gate: {failures}: the conversion itself does not match "
+                    "the model, so no variant is selectable"
                 ),
             )
         selected = report["variant"]
         passed = selected is not None
+        served = _parity(report, selected, len(holdout), min_agreement) if selected else None
 
         files: dict[str, str] = {}
-        if passed:
+        if selected is not None:
             ir_dir = os.path.join(tmp, IR_PATH)
             os.makedirs(ir_dir)
             for name in IR_FILES:
@@ -156,7 +150,8 @@ def convert(request: ConvertRequest | Mapping[str, Any]) -> ConversionResult:
         **report,
         "objective": objective,
         "accuracy_budget": budget,
-        "parity": parity,
+        "parity": served,
+        "conversion_check": check,
         "batch_rows": BATCH_ROWS,
         "flavour": source.flavour,
         "family": source.family,
@@ -165,26 +160,39 @@ def convert(request: ConvertRequest | Mapping[str, Any]) -> ConversionResult:
         "notes": source.notes,
     }
     client.log_dict(run_id, report, REPORT_PATH)
-    metrics = {
-        "openvino.max_abs_diff": parity["max_abs_diff"],
-        "openvino.label_agreement": parity["label_agreement"],
-        "openvino.parity_passed": float(parity_passed),
+    metrics: dict[str, float | None] = {
+        "openvino.parity_passed": float(passed),
         "openvino.passed": float(passed),
     }
+    if served is not None:
+        metrics.update(
+            {
+                "openvino.accuracy": served["accuracy"],
+                "openvino.max_abs_diff": served["max_abs_diff"],
+                "openvino.label_agreement": served["label_agreement"],
+            }
+        )
     for variant, score in report["variants"].items():
         if "accuracy" in score:
             metrics.update(
                 {
-                    f"openvino.{variant}.accuracy": score["accuracy"],
-                    f"openvino.{variant}.accuracy_drop": score["accuracy_drop"],
+                    f"openvino.{variant}.{key}": score[key]
+                    for key in ("accuracy", "accuracy_drop", "max_abs_diff", "label_agreement")
                 }
             )
     for name, numbers in report["benchmark"].items():
         metrics.update({f"benchmark.{name}.{key}": value for key, value in numbers.items()})
+    tags = []
+    if served is not None:
+        figures = {key: served[key] for key in ("variant", "accuracy", "max_abs_diff", "label_agreement")}
+        tags = [
+            RunTag(f"{TAG_PREFIX}{key}", f"{value:.6g}" if isinstance(value, float) else str(value))
+            for key, value in figures.items()
+        ]
     # A NaN output leaves max_abs_diff undefined (None): not logged.
-    client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items() if v is not None])
-    if passed:
-        client.set_tag(run_id, "airloop.openvino.variant", selected)
+    client.log_batch(
+        run_id, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items() if v is not None], tags=tags
+    )
     return {
         "ir_uri": f"runs:/{run_id}/{IR_PATH}" if passed else None,
         "files": files,
@@ -193,7 +201,8 @@ def convert(request: ConvertRequest | Mapping[str, Any]) -> ConversionResult:
         "family": source.family,
         "route": source.route,
         "notes": source.notes,
-        "parity": parity,
+        "parity": served,
+        "conversion_check": check,
         "variant": selected,
         "reason": report["reason"],
         "native_accuracy": report["native_accuracy"],
@@ -201,6 +210,21 @@ def convert(request: ConvertRequest | Mapping[str, Any]) -> ConversionResult:
         "benchmark": report["benchmark"],
         "ratios": report["ratios"],
         "cpu": report["cpu"],
+    }
+
+
+def _parity(report: dict[str, Any], variant: str, rows: int, min_agreement: float) -> Parity:
+    """The parity gate's figures for ``variant`` (built: the fp32 one always is, a selected one too)."""
+    scores = report["variants"][variant]
+    return {
+        "variant": variant,
+        "max_abs_diff": scores["max_abs_diff"],
+        "label_agreement": scores["label_agreement"],
+        "accuracy": scores["accuracy"],
+        "rows": rows,
+        "tolerance": scores["tolerance"],
+        "min_label_agreement": min_agreement,
+        "passed": not scores["parity_failures"],
     }
 
 

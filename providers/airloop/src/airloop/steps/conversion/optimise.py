@@ -13,11 +13,13 @@ Variants, all from the same fp32 graph (an ONNX file or an IR that a conversion 
   faster than f32 only on CPUs with VNNI or AMX).
 
 Every variant is compiled and called as the model server compiles and calls it
-(``airloop.openvino_ir.ir_predictor``), so the accuracy and the speed measured
-here are the ones served. A variant is a candidate only when its holdout accuracy is within
-``budget`` points of the native model's; the fastest candidate (by throughput at a large batch, or
-latency at batch 1) is selected, and among candidates within ``TIE`` of the fastest, the one that is
-fastest at the other batch size (a 5 % lead is noise on a shared machine; a 40 % one is not).
+(``airloop.openvino_ir.ir_predictor``), so the accuracy, the parity and the speed measured here are the
+ones served. A variant is a candidate only when it passes its own parity gate against the native model
+(max abs difference of probabilities within its tolerance, label agreement at least the minimum) and
+its holdout accuracy is within ``budget`` points of the native model's: the variant that serves is
+the one that was checked. The fastest candidate (by throughput at a large batch, or latency at batch 1)
+is selected, and among candidates within ``TIE`` of the fastest, the one that is fastest at the other
+batch size (a 5 % lead is noise on a shared machine; a 40 % one is not).
 The benchmark also runs the native model and ONNX Runtime (when there is an ONNX graph), and says
 plainly when OpenVINO loses.
 """
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -126,6 +128,25 @@ def _quantize(model: Any, rows: np.ndarray, labels: np.ndarray | None, max_drop:
     )
 
 
+def tolerances(fp32: float, lossy: float) -> dict[str, float]:
+    """Each variant's parity tolerance: ``fp32`` for the fp32 IR (the conversion itself must be exact),
+    ``lossy`` for the variants that store or compute with fewer bits."""
+    return {variant: fp32 if variant == "fp32" else lossy for variant in VARIANTS}
+
+
+def parity(scores: dict[str, Any], tolerance: float, min_label_agreement: float) -> list[str]:
+    """What fails the parity gate in a variant's ``agreement`` scores; empty when it passes."""
+    failures = []
+    diff = scores["max_abs_diff"]
+    if diff is None:
+        failures.append(f"max abs diff undefined ({scores['non_finite_rows']} rows NaN or inf)")
+    elif diff > tolerance:
+        failures.append(f"max abs diff {diff:.3g} > {tolerance:g}")
+    if scores["label_agreement"] < min_label_agreement:
+        failures.append(f"label agreement {scores['label_agreement']:.4f} < {min_label_agreement:g}")
+    return failures
+
+
 def agreement(proba: np.ndarray, reference: np.ndarray, target_index: np.ndarray) -> dict[str, Any]:
     """Accuracy of ``proba`` and how far it is from the native model's ``reference`` probabilities.
 
@@ -194,23 +215,33 @@ def benchmark(
 def select(
     variants: dict[str, dict[str, Any]], speed: dict[str, dict[str, float]], budget: float, objective: str
 ) -> tuple[str | None, str]:
-    """The fastest variant within the accuracy budget, and why; ``None`` when none is within it.
+    """The fastest variant that passes its parity gate within the accuracy budget, and why; ``None``
+    when there is none.
 
     Variants within ``TIE`` of the fastest on the ``objective`` are tied: of those, the one fastest
     on the other measure (latency at batch 1 for throughput, and the reverse) is selected.
     """
     key = OBJECTIVES[objective]
     other = next(value for value in OBJECTIVES.values() if value != key)
-    kept = [name for name, scores in variants.items() if scores["within_budget"]]
-    dropped = [
-        f"{name} (not built: {scores['error']})"
-        if "error" in scores
-        else f"{name} (accuracy drop {scores['accuracy_drop']:.2f} points)"
-        for name, scores in variants.items()
-        if not scores["within_budget"]
-    ]
+
+    def why_not(scores: dict[str, Any]) -> str | None:
+        if "error" in scores:
+            return f"not built: {scores['error']}"
+        failures = [] if scores["within_budget"] else [f"accuracy drop {scores['accuracy_drop']:.2f} points"]
+        if scores["parity_failures"]:
+            failures.append(f"parity: {', '.join(scores['parity_failures'])}")
+        return "; ".join(failures) or None
+
+    reasons = {name: why_not(scores) for name, scores in variants.items()}
+    kept = [name for name, reason in reasons.items() if reason is None]
+    dropped = [f"{name} ({reason})" for name, reason in reasons.items() if reason is not None]
     if not kept:
-        return None, f"no OpenVINO variant meets the {budget:g}-point accuracy budget: {', '.join(dropped)}"
+        gate = (
+            "passes its parity gate within"
+            if any(s.get("parity_failures") for s in variants.values())
+            else "meets"
+        )
+        return None, f"no OpenVINO variant {gate} the {budget:g}-point accuracy budget: {', '.join(dropped)}"
 
     def score(name: str, measure: str) -> float:  # higher is better: rows/s, or minus p50 ms
         return -speed[name][measure] if measure == "p50_ms" else speed[name][measure]
@@ -264,6 +295,8 @@ def optimise(
     native_input: str = "frame",
     onnx_path: str | None = None,
     variants: Sequence[str] = VARIANTS,
+    tolerance: Mapping[str, float],
+    min_label_agreement: float,
     calibration: np.ndarray | None = None,
     budget: float = 1.0,
     objective: str = "throughput",
@@ -275,12 +308,14 @@ def optimise(
 
     ``native`` returns the native model's class scores for a DataFrame of ``features``' columns
     (``native_input="frame"``) or a float32 array (``"array"``); ``onnx_path`` is the graph ONNX
-    Runtime runs next to it. The fp32 variant is always built (it is the parity reference); a variant
-    that cannot be built is reported with the error and never selected. Each variant's IR is written
-    to ``work_dir/<variant>/model.xml``. Returns ``{"native_accuracy", "variants": {name: {"accuracy",
-    "accuracy_drop", "max_abs_diff", "label_agreement", "within_budget", "size_bytes", "method"} or
-    {"error", "within_budget"}}, "benchmark": {name: {"p50_ms", "p99_ms", "rows_per_s"}}, "variant",
-    "reason", "ratios", "cpu"}``.
+    Runtime runs next to it. The fp32 variant is always built (the conversion's own parity check); a
+    variant that cannot be built is reported with the error and never selected. Each variant's parity
+    gate takes its ``tolerance`` (``{variant: max abs diff}``, see ``tolerances``) and
+    ``min_label_agreement``. Each variant's IR is written to ``work_dir/<variant>/model.xml``. Returns
+    ``{"native_accuracy", "variants": {name: {"accuracy", "accuracy_drop", "max_abs_diff",
+    "label_agreement", "non_finite_rows", "tolerance", "parity_failures", "within_budget", "size_bytes",
+    "method"} or {"error", "within_budget"}}, "benchmark": {name: {"p50_ms", "p99_ms", "rows_per_s"}},
+    "variant", "reason", "ratios", "cpu"}``.
     """
     import pandas as pd
 
@@ -311,6 +346,8 @@ def optimise(
         drop = (native_accuracy - scores[variant]["accuracy"]) * 100
         scores[variant].update(
             accuracy_drop=drop,
+            tolerance=tolerance[variant],
+            parity_failures=parity(scores[variant], tolerance[variant], min_label_agreement),
             within_budget=drop <= budget + 1e-9,
             size_bytes=os.path.getsize(path.removesuffix(".xml") + ".bin"),
             method=method,

@@ -28,8 +28,11 @@ class ConvertRequest(PlanRequest):
     # Rows with features and label for the parity and accuracy checks; default: the run's holdout split.
     holdout_uri: str | None = None
     label_column: str = "label"
-    # Largest allowed absolute difference of fp32 probabilities, and smallest share of equal labels.
+    # The parity gates against the native model on the holdout rows: largest allowed absolute
+    # difference of probabilities, of the fp32 IR (the conversion itself) and of a lossy variant (fp16,
+    # int8, int8-weights) that would serve; smallest share of equal labels, of every variant.
     tolerance: float = 1e-4
+    variant_tolerance: float = 0.1
     min_label_agreement: float = 0.999
     # A subset of ``airloop.steps.conversion.optimise.VARIANTS``; ``None``: all of them.
     variants: list[str] | None = None
@@ -69,16 +72,21 @@ class ConversionPlan(TypedDict):
 
 
 class Parity(TypedDict):
-    """The fp32 IR against the native model on the holdout rows: the parity gate's numbers."""
+    """A variant's parity gate against the native model on the holdout rows."""
 
+    variant: str
     max_abs_diff: float | None  # None when an output is NaN or infinite
     label_agreement: float
+    accuracy: float
     rows: int
     tolerance: float
+    min_label_agreement: float
+    passed: bool
 
 
 class ConversionResult(TypedDict):
-    """What ``convert`` returns (and the audit record keeps): the IR, the gate, the selected variant."""
+    """What ``convert`` returns (and the audit record keeps): the IR, the selected variant and its
+    parity gate (``parity``, ``None`` when no variant serves), the fp32 IR's (``conversion_check``)."""
 
     ir_uri: str | None
     files: dict[str, str]
@@ -87,7 +95,8 @@ class ConversionResult(TypedDict):
     family: str
     route: str
     notes: list[str]
-    parity: Parity
+    parity: Parity | None
+    conversion_check: Parity
     variant: str | None
     reason: str
     native_accuracy: float

@@ -1,17 +1,21 @@
 """Register a trained model as a new version of a registered model (``champion`` first, then
-``challenger``)."""
+``challenger``). The version carries the figures of what serves it: the run's conversion tags
+(``airloop.openvino.*``: the served variant, its accuracy and parity) and offline verdict
+(``airloop.eval.*``, scored on that artefact)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from airloop.openvino_ir import TAG_PREFIX as OPENVINO_TAG_PREFIX
 from airloop.steps.training.requests import RegisterRequest, RegisterResult
 from airloop.tracking.artifacts import MODEL_NAME
 from airloop.tracking.models import resolve_model
 from airloop.tracking.registry import (
     CHALLENGER,
     CHAMPION,
+    EVAL_TAG_PREFIX,
     REJECTED_TAG,
     RUN_TAG,
     current_aliases,
@@ -51,7 +55,12 @@ def register(request: RegisterRequest | Mapping[str, Any]) -> RegisterResult:
     reused = bool(versions)
     if not reused:
         location, model_id = resolve_model(client, request.model_uri or f"runs:/{run_id}/{MODEL_NAME}")
-        tags = {**{str(k): str(v) for k, v in request.tags.items()}, RUN_TAG: run_id}
+        served = {
+            key: value
+            for key, value in client.get_run(run_id).data.tags.items()
+            if key.startswith((OPENVINO_TAG_PREFIX, EVAL_TAG_PREFIX))
+        }
+        tags = {**served, **{str(k): str(v) for k, v in request.tags.items()}, RUN_TAG: run_id}
         client.create_model_version(name, location, run_id=run_id, tags=tags, model_id=model_id)
         versions = _run_versions(client, name, run_id)  # read back: the create may have committed twice
     version, *duplicates = versions

@@ -1,4 +1,4 @@
-"""The training steps' requests and results: train, select_best, evaluate, register.
+"""The training steps' requests and results: build_training_set, train, select_best, evaluate, register.
 
 Each field carries the name of the operator argument that sets it (``airloop.operators.mlflow``) and
 its one default. Standard library only: operator modules import this at the top.
@@ -7,11 +7,25 @@ its one default. Standard library only: operator modules import this at the top.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Any, Required, TypedDict
 
+from airloop.requests import StepRequest
 from airloop.tracking.requests import MlflowRequest, TrainedRun
 
 DEFAULT_ESTIMATOR = "sklearn.neural_network.MLPClassifier"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildTrainingSetRequest(StepRequest):
+    """``build_training_set``: the rows of ``data_uri`` that ``window`` selects, as one table at
+    ``out_path`` (``airloop.operators.tables``)."""
+
+    # A parquet or CSV file, or a folder of them (data drops, in name order).
+    data_uri: str
+    out_path: str
+    # Which drops of a folder: "all", the "latest" one, or the latest n ("latest:3"); a file is itself.
+    window: str = "all"
+    storage_options: dict[str, Any] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,6 +41,8 @@ class TrainRequest(MlflowRequest):
     seed: int = 0
     # The data gate's summary, kept on the run and in the audit record.
     validation: dict[str, Any] | None = None
+    # How ``data_uri`` was built (a ``TrainingSet``): its source and window go on the run.
+    training_set: dict[str, Any] | None = None
     parent_run_id: str | None = None
     # Tags of the run; the Airflow ones (``airflow.dag_id``, ...) find a task instance's run again.
     tags: dict[str, str] = field(default_factory=dict)
@@ -58,6 +74,14 @@ class EvaluateRequest(MlflowRequest):
     margin: float = 0.0
     alpha: float = 0.05
     seed: int = 0
+    # The artefact that serves the challenger: its conversion's IR (``runs:/<run_id>/openvino``). Both
+    # models are then scored as they serve (the champion by its own run's IR, when it has one);
+    # ``None``: both by their logged models.
+    ir_uri: str | None = None
+    # A holdout error rate of 0, or under ``min_error_share`` of the champion's, is refused as
+    # implausible (a leaked label does that) unless the task is one where such scores are expected.
+    perfect_scores_expected: bool = False
+    min_error_share: float = 0.05
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +93,26 @@ class RegisterRequest(MlflowRequest):
     # Default: the run's logged model, ``runs:/<run_id>/model``.
     model_uri: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+
+
+class DataFile(TypedDict):
+    """One file of a training set's source: its path under the source folder and its rows."""
+
+    name: str
+    rows: int
+
+
+class TrainingSet(TypedDict):
+    """What ``build_training_set`` wrote: the table (``uri``), where its rows came from (``source``,
+    ``window``, ``files``) and ``airloop.tables.fingerprint``'s figures of it."""
+
+    uri: str
+    source: str
+    window: str
+    files: list[DataFile]
+    rows: int
+    columns: dict[str, str]
+    sha256: str
 
 
 class Candidate(TypedDict):
@@ -85,8 +129,19 @@ class SelectResult(TrainedRun):
     candidates: list[Candidate]
 
 
+class Artefact(TypedDict, total=False):
+    """What a model was scored as: ``kind`` ``"openvino"`` (the IR that serves it: ``variant`` and the
+    SHA-256 of its ``files``) or ``"model"`` (the logged model)."""
+
+    uri: Required[str]
+    kind: Required[str]
+    variant: str
+    files: dict[str, str]
+
+
 class Scored(TypedDict, total=False):
-    accuracy: float
+    accuracy: Required[float]
+    artefact: Required[Artefact]
     version: str
 
 
@@ -95,6 +150,7 @@ class EvaluationResult(TypedDict):
 
     verdict: str
     rule: str
+    reason: str
     challenger: Scored
     champion: Scored | None
     difference: float | None

@@ -67,6 +67,12 @@ def train(request: TrainRequest | Mapping[str, Any]) -> TrainedRun:
     if label not in frame.columns:
         raise ValueError(f"label column {label!r} not in data columns {list(frame.columns)}")
     data_print = fingerprint(frame)
+    built = request.training_set or {}
+    if built.get("sha256") and built["sha256"] != data_print["sha256"]:
+        raise ValueError(
+            f"{request.data_uri} is not the training set that was built: sha256 {data_print['sha256']}, "
+            f"built {built['sha256']}"
+        )
     validation = request.validation or {}
     validation_tags = gated_run_tags(validation, request.data_uri, data_print)
     fit = trainer(request.estimator, request.estimator_params, request.seed)
@@ -76,6 +82,7 @@ def train(request: TrainRequest | Mapping[str, Any]) -> TrainedRun:
         "airloop.data_uri": request.data_uri,
         "airloop.data.sha256": data_print["sha256"],
         "airloop.data.rows": str(data_print["rows"]),
+        **{f"airloop.data.{key}": str(built[key])[:5000] for key in ("source", "window") if key in built},
         **validation_tags,
     }
     if request.parent_run_id:
