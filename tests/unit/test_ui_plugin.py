@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -542,6 +543,16 @@ def test_the_data_api_answers_json_for_every_page(client: TestClient, artefacts:
     assert version["version"]["aliases"] == ["champion"]
     assert version["audit"]["stages"][0]["record"] == {"accuracy": 0.93, "note": SCRIPT}
     assert client.get("/airloop/api/models/churn/versions/99").status_code == 404
+
+
+def test_the_apps_numbers_and_times() -> None:
+    """The app's own tests (``npm test``: node's test runner over ``src/*.test.ts``)."""
+    app, npm = BUNDLE.parent.parent / "app", shutil.which("npm")
+    if npm is None or not (app / "node_modules").is_dir():
+        pytest.skip("npm or the app's packages are missing: make setup")
+    done = subprocess.run([npm, "test"], cwd=app, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "# fail 0" in done.stdout and "# pass 0" not in done.stdout
 
 
 def test_api_loops_has_one_card_per_model_with_its_rollout_and_drift(
