@@ -128,6 +128,12 @@ def test_airflow_settings_are_the_production_harness_ones(tmp_path: Path) -> Non
             "AIRFLOW_CONN_AIRLOOP_SERVING_DEFAULT",
         ):
             assert json.loads(env[key])["conn_type"] == json.loads(ran_with[key])["conn_type"], (name, key)
+        # Models go through the MLflow server to object storage, never to a worker's own folder.
+        for mlflow in (env, ran_with):
+            assert (
+                json.loads(mlflow["AIRFLOW_CONN_MLFLOW_DEFAULT"])["extra"]["artifact_root"]
+                == "mlflow-artifacts:/"
+            )
         scheme = env["AIRFLOW__CELERY__RESULT_BACKEND"].split("://")[0]
         assert (
             scheme == ran_with["AIRFLOW__CELERY__RESULT_BACKEND"].split("://")[0] == "db+postgresql+psycopg2"

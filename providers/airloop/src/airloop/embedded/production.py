@@ -48,6 +48,8 @@ POSTGRES_VERSIONS = ("17", "16", "15")
 POSTGRES_USER = "postgres"  # Debian's package creates it; otherwise the harness makes a system user
 FALLBACK_POSTGRES_USER = "airloop-postgres"
 BUCKETS = ("mlflow", "airloop")
+# Artefacts the MLflow server stores (--artifacts-destination) and serves (--serve-artifacts).
+PROXIED = "mlflow-artifacts:/"
 # moto accepts any key; the values only have to agree between the server's clients.
 S3_KEY, S3_SECRET, S3_REGION = "airloop", "airloop-secret", "us-east-1"
 
@@ -329,6 +331,8 @@ class Production(Standalone):
             },
             self.services_dir / "airflow-api-server.log",
         )
+        # Two API workers share the machine with every other component: a busy one answers slowly.
+        self.http.timeout = httpx.Timeout(120.0)
 
     # -- services ---------------------------------------------------------------------------------
 
@@ -431,8 +435,9 @@ class Production(Standalone):
             "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
             "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
             "AIRFLOW__API__BASE_URL": self.url,
+            # New experiments' artefacts through the server to S3 (without it, a worker's local folder).
             "AIRFLOW_CONN_MLFLOW_DEFAULT": json.dumps(
-                {"conn_type": "mlflow", "host": self.endpoints["mlflow"]}
+                {"conn_type": "mlflow", "host": self.endpoints["mlflow"], "extra": {"artifact_root": PROXIED}}
             ),
             "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(
                 {
