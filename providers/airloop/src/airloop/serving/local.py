@@ -43,14 +43,16 @@ from airloop.serving.features import FeatureLookup
 
 MODEL_CLASS = "airloop.serving.model.OpenVinoModel"
 MLSERVER_MODEL_CLASS = "airloop.serving.mlserver.OpenVinoRuntime"
+# The model's name on an MLServer predictor: the gateway posts to /v2/models/<V2_MODEL>/infer.
+V2_MODEL = "airloop-ir"
 # Each model server: its runtime, its health check (the gateway answers Seldon's) and its second port.
 SERVERS = {
     "seldon": {"runtime": "serving", "health": "/health/ping", "second_port": "metrics_port"},
-    # MLServer always starts a gRPC server too (the gateway speaks REST).
-    "mlserver": {"runtime": "mlserver", "health": "/v2/health/ready", "second_port": "grpc_port"},
+    # The model's own readiness: MLServer answers /v2/health/ready for a server whose model failed to
+    # load (it drops the model and keeps running). It always starts a gRPC server too (the gateway
+    # speaks REST).
+    "mlserver": {"runtime": "mlserver", "health": f"/v2/models/{V2_MODEL}/ready", "second_port": "grpc_port"},
 }
-# The model's name on an MLServer predictor: the gateway posts to /v2/models/<V2_MODEL>/infer.
-V2_MODEL = "airloop-ir"
 STATE_FILE = "state.json"
 # The gateway's admin token, readable by this user only: the target's calls from any process (an
 # Airflow task, the triggerer) read it here when the serving connection holds none.
