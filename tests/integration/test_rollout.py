@@ -245,7 +245,9 @@ def test_a_challenger_with_wrong_predictions_is_rolled_back_within_one_window(ve
 def test_a_wrong_shadow_is_rolled_back_before_any_client_sees_its_answers(versions, seen):
     champion, wrong = versions["champion"], versions["wrong"]
     # Rejected by the last test: rolled out again only because a person says so.
-    operator = _operator(wrong, mode="shadow", shadow_percent=100, allow_rejected=True)
+    # What this test is about is agreement: a loaded machine's latency jitter must not decide it first.
+    lenient = {**CRITERIA, "min_p99_latency_increase_ms": 250.0}
+    operator = _operator(wrong, mode="shadow", shadow_percent=100, allow_rejected=True, criteria=lenient)
     with pytest.raises(
         AirflowFailException, match=f"v{wrong} rolled back at shadow 0% \\(fail\\).*agreement"
     ):
