@@ -80,7 +80,7 @@ def test_s3_data_through_an_aws_connection(s3, aws_connection, tmp_path):
     bad = _put(s3, "bad.parquet", generate(400, seed=1).drop(columns=["f3"]))
     with pytest.raises(
         AirflowFailException,
-        match=rf"{bad} failed 4 of 29 expectations: "
+        match=rf"{bad} failed 5 of 37 expectations: "
         r"expect_table_columns_to_match_set\(table\)",
     ):
         _execute(
@@ -186,7 +186,7 @@ def test_the_gated_mlflow_run_carries_the_validation(tmp_path):
     }
     run = mlflow.MlflowClient(tracking_uri).get_run(train(request)["run_id"])
     assert run.data.tags["airloop.validation.success"] == "true"
-    assert run.data.tags["airloop.validation.expectations"] == "29/29"
+    assert run.data.tags["airloop.validation.expectations"] == "37/37"
     assert run.data.tags["airloop.validation.docs"] == summary["docs_uri"]
     assert summary["docs_uri"] == f"{settings.artefact_root()}/{summary['docs']}"
     local = mlflow.MlflowClient(tracking_uri).download_artifacts(
@@ -212,6 +212,8 @@ def _corrupt(case: str, folder: Path) -> str:
         "out of range": lambda f: f.assign(f4=f["f4"] * 1e3),
         "unseen label class": lambda f: f.assign(label=f["label"] * 2),
         "label leaked as a feature": lambda f: f.assign(leak=f["label"]),
+        # The trial's leak: an existing feature overwritten with the label.
+        "label written over a feature": lambda f: f.assign(f3=f["label"].astype("float64")),
         "too few rows": lambda f: f.head(20),
     }
     if case == "empty file":
@@ -232,6 +234,7 @@ LOOP_CORPUS = {
     "out of range": "expect_column_values_to_be_between",
     "unseen label class": "expect_column_values_to_be_in_set",
     "label leaked as a feature": "expect_table_columns_to_match_set",
+    "label written over a feature": "expectations: expect_column_to_not_predict_label(f3)",
     "too few rows": "expect_table_row_count_to_be_between",
     "empty file": "is empty (0 bytes)",
     "truncated parquet": "is not a readable parquet file",
@@ -260,7 +263,9 @@ def test_bad_input_stops_the_loop_at_the_gate(loop, case, tmp_path, capsys):
     before = _model_state()
     run = loop.test(run_conf={"data_uri": _corrupt(case, tmp_path)})
     states = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
-    assert str(run.state) == "failed" and states["validate"] == "failed", states
+    # A file that cannot be read fails the first task that reads it: the one writing the training table.
+    failing = "training_data" if case in ("empty file", "truncated parquet") else "validate"
+    assert str(run.state) == "failed" and states[failing] == "failed", states
     assert all(
         states[task] == "upstream_failed" for task in ("train", "evaluate", "convert", "register", "rollout")
     ), states

@@ -33,6 +33,7 @@ BETWEEN = "expect_column_values_to_be_between"
 ROWS = "expect_table_row_count_to_be_between"
 UNIQUE = "expect_column_values_to_be_unique"
 DIFFER = "expect_column_pair_values_to_differ"
+PREDICTS = "expect_column_to_not_predict_label"
 SUITE = str(Path(__file__).resolve().parents[2] / "dags" / "expectations" / "training_data.json")
 
 
@@ -83,6 +84,7 @@ REFERENCE_CORPUS: dict[str, tuple[Callable[[pd.DataFrame], pd.DataFrame], tuple[
     "column missing": (lambda f: f.drop(columns=["f5"]), (COLUMNS, None)),
     "column renamed": (lambda f: f.rename(columns={"f1": "F1"}), (COLUMNS, None)),
     "label copied into a new column": (_leak, (COLUMNS, None)),
+    "label written over a feature": (lambda f: f.assign(f3=f["label"].astype("float64")), (PREDICTS, "f3")),
     "strings": (lambda f: f.assign(f3=f["f3"].astype(str)), (TYPES, "f3")),
     "nans": (_nans, (NOT_NULL, "f2")),
     "out of range": (_out_of_range, (BETWEEN, "f4")),
@@ -158,7 +160,7 @@ CORPUS: dict[str, tuple[Callable[[pd.DataFrame], pd.DataFrame], tuple[str, str |
     "duplicated keys": (_duplicate_keys, (UNIQUE, "id")),
     "label leakage: the target among the features": (
         lambda f: f.assign(f5=f["label"].astype("float64")),
-        (DIFFER, "f5"),
+        (PREDICTS, "f5"),
     ),
     "too few rows": (lambda f: f.head(50), (ROWS, None)),
     "no rows": (lambda f: f.head(0), (ROWS, None)),
@@ -178,7 +180,7 @@ def test_corpus_stops_at_the_gate_with_a_named_reason(tmp_path, profiled, case, 
 def test_profiled_suite_passes_its_reference_and_fresh_data_from_the_same_source(tmp_path, profiled):
     suite = load_suite(profiled)
     types = {item["type"] for item in suite["expectations"]}
-    assert {ORDERED, ROWS, NOT_NULL, TYPES, BETWEEN, VALUE_SET, UNIQUE, DIFFER} <= types
+    assert {ORDERED, ROWS, NOT_NULL, TYPES, BETWEEN, VALUE_SET, UNIQUE, PREDICTS} <= types
     f6 = next(e for e in suite["expectations"] if e["type"] == NOT_NULL and e["kwargs"]["column"] == "f6")
     assert f6["kwargs"]["mostly"] == pytest.approx(0.97)  # 2% nulls seen, 3% allowed
     sets = {
@@ -267,7 +269,7 @@ def test_suites_as_code_yaml_and_json_agree(tmp_path, suites_module):
         _run(tmp_path, frame, suite=source)
         for source in (SUITE, str(as_yaml), f"{suites_module}:as_dict", load_suite(SUITE))
     ]
-    assert all(r["failed"] == results[0]["failed"] and r["evaluated"] == 29 for r in results)
+    assert all(r["failed"] == results[0]["failed"] and r["evaluated"] == 37 for r in results)
     coded = _run(tmp_path, frame.assign(f1=frame["f1"] * 100), suite=f"{suites_module}:as_gx")
     assert (coded["suite"], coded["evaluated"]) == ("coded", 2)
     assert _failed(coded) == {(BETWEEN, "f1")}
@@ -294,7 +296,7 @@ def test_feast_training_set_is_checked_against_its_producers_fingerprint(tmp_pat
     uri = write_table(produced, str(tmp_path / "training_set.parquet"))
     said = fingerprint(produced)
     ok = validate({"data_uri": uri, "suite_path": SUITE, "expected_fingerprint": said})
-    assert ok["success"] is True and ok["evaluated"] == 30
+    assert ok["success"] is True and ok["evaluated"] == 38
     assert validate({"data_uri": uri, "suite_path": SUITE, "expected_fingerprint": said["sha256"]})["success"]
     write_table(produced.assign(f0=produced["f0"] + 1e-6), uri)  # rewritten after the producer finished
     changed = validate({"data_uri": uri, "suite_path": SUITE, "expected_fingerprint": said})
@@ -356,6 +358,9 @@ BATCH_SUITE = {
             "kwargs": {"column_list": ["id", "label"], "sum_total": 0},
         },
         {"type": DIFFER, "kwargs": {"column_A": "flag", "column_B": "label", "mostly": 0.6}},
+        # Needs a column and the label whole: batched validation reads the two alone.
+        {"type": PREDICTS, "kwargs": {"column": "segment", "label": "label"}},
+        {"type": PREDICTS, "kwargs": {"column": "f0", "label": "label", "max_skill": -1.0}},
     ],
 }
 
@@ -394,6 +399,7 @@ def test_batches_give_exactly_the_whole_table_result(tmp_path, monkeypatch):
     assert (whole["batches"], batched["batches"]) == (1, 11)
     failing = {item["expectation"] for item in whole["failed"]}
     assert len(whole["failed"]) >= 15 and {UNIQUE, "expect_column_values_to_be_increasing", TYPES} <= failing
+    assert [f["column"] for f in whole["failed"] if f["expectation"] == PREDICTS] == ["f0"]
     assert {k: v for k, v in batched.items() if k not in ("batches", "docs_index")} == {
         k: v for k, v in whole.items() if k not in ("batches", "docs_index")
     }
@@ -415,7 +421,7 @@ def test_the_gated_run_refuses_data_that_changed_after_validation(tmp_path):
     assert tags == {
         "airloop.validation.success": "true",
         "airloop.validation.suite": "training_data",
-        "airloop.validation.expectations": "29/29",
+        "airloop.validation.expectations": "37/37",
         "airloop.validation.docs": "s3://d",
     }
     with pytest.raises(ValueError, match="changed since it was validated"):

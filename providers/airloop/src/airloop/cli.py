@@ -25,14 +25,27 @@ def main(argv: list[str] | None = None) -> int:
     profile.add_argument("data", help="the reference data: parquet or CSV, a path or an fsspec URL")
     profile.add_argument("--out", required=True, help="the suite file to write: .yaml/.yml or .json")
     profile.add_argument("--key", help="a column whose values must be unique")
-    profile.add_argument("--label", help="the target column: no feature may be a copy of it")
+    profile.add_argument("--label", help="the target column: no feature may (almost) predict it alone")
     profile.add_argument("--name", help="the suite's name (default: the file's name)")
     profile.add_argument(
         "--margin",
         type=float,
         default=ProfileRequest.margin,
-        help="numeric ranges widened by this fraction of the observed span on each side",
+        help="numeric ranges widened by this many times the observed span on each side",
     )
+    profile.add_argument(
+        "--mostly",
+        type=float,
+        default=ProfileRequest.mostly,
+        help="the share of rows each range and value set must hold for",
+    )
+    for kind in ("categorical", "numeric"):
+        profile.add_argument(
+            f"--{kind}",
+            action="append",
+            metavar="COLUMN",
+            help=f"a column to profile as {kind}, whatever its values suggest (repeatable)",
+        )
 
     loop = commands.add_parser("loop", help="run the reference loop on the embedded default")
     loop.add_argument("--dags", default="dags", help="folder of the reference DAGs")
@@ -72,8 +85,17 @@ def main(argv: list[str] | None = None) -> int:
                 label=args.label,
                 name=args.name,
                 margin=args.margin,
+                mostly=args.mostly,
+                categorical=args.categorical,
+                numeric=args.numeric,
             )
         )
+        table = [("column", "kind", "rule")] + [
+            (c["column"], f"{c['kind']} ({c['why']})", c["rule"]) for c in made["columns"]
+        ]
+        widths = [max(len(row[i]) for row in table) for i in range(2)]
+        for column, kind, rule in table:
+            print(f"{column:<{widths[0]}}  {kind:<{widths[1]}}  {rule}")
         print(
             f"wrote suite {made['name']!r} ({made['expectations']} expectations, profiled from"
             f" {made['rows']} rows) to {made['suite_path']}: review it before it gates anything"

@@ -42,14 +42,23 @@ class ValidateRequest(StepRequest):
 
 @dataclass(frozen=True, kw_only=True)
 class ProfileRequest(StepRequest):
-    """``profile``: draft a suite from the trusted table at ``data_uri`` into ``out`` (YAML or JSON)."""
+    """``profile``: draft a suite from the trusted table at ``data_uri`` into ``out`` (YAML or JSON).
+
+    ``margin``: numeric ranges are widened on each side by this many times the observed span (a range
+    rejects garbage; the drift monitor watches the distribution); ``mostly``: the share of rows each
+    range and value set must hold for; ``categorical`` / ``numeric``: columns whose kind is given
+    rather than read from the data.
+    """
 
     data_uri: str
     out: str
     name: str | None = None
     key: str | None = None
     label: str | None = None
-    margin: float = 0.5
+    margin: float = 10.0
+    mostly: float = 1.0
+    categorical: list[str] | None = None
+    numeric: list[str] | None = None
     storage_options: dict[str, Any] | None = None
 
 

@@ -284,7 +284,7 @@ class _Gate:
         needed: set[str] = set()
         for index in indices:
             kwargs = self.configs[index].kwargs
-            given = [kwargs.get(key) for key in ("column", "column_A", "column_B")] + list(
+            given = [kwargs.get(key) for key in ("column", "column_A", "column_B", "label")] + list(
                 kwargs.get("column_list") or []
             )
             named = [name for name in given if isinstance(name, str)]
@@ -489,6 +489,3 @@ def _error(info: dict[str, Any]) -> str | None:
         return info["exception_message"]
     messages = [value.get("exception_message") for value in info.values() if isinstance(value, dict)]
     return next((message for message in messages if message), None)
-
-
-# Profiling: a starter suite from a trusted reference table.
