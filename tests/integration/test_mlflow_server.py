@@ -406,5 +406,6 @@ def test_operators_reach_a_basic_auth_server_with_the_connections_login(auth_ser
     with hook.session():
         audit = registry.read_audit(auth_server.uri, "auth-model", "1")
         model = load_model(auth_server.uri, trained["model_uri"])
-    assert [stage["stage"] for stage in audit["stages"]] == ["trigger", "validation", "training"]
+    assert [stage["stage"] for stage in audit["stages"]] == ["trigger", "data", "validation", "training"]
+    assert audit["stages"][1]["record"]["uri"] == data and audit["stages"][1]["record"]["rows"] == 800
     assert model.predict(generate(3, seed=1).drop(columns=["label"])).shape == (3,)
