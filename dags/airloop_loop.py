@@ -21,11 +21,11 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import Param, dag, task
 
 from airloop import settings
 from airloop.assets import drift_asset
+from airloop.loops.dags import approval_hold
 from airloop.operators.feast import FeastBuildTrainingSetOperator
 from airloop.operators.great_expectations import GreatExpectationsValidateDataOperator
 from airloop.operators.mlflow import (
@@ -34,8 +34,9 @@ from airloop.operators.mlflow import (
     MlflowTrainModelOperator,
 )
 from airloop.operators.openvino import OpenvinoConvertModelOperator
-from airloop.operators.rollout import RolloutChallengerOperator, RolloutFinishOperator
+from airloop.operators.rollout import RolloutChallengerOperator
 from airloop.operators.tables import TablesBuildTrainingSetOperator
+from airloop.steps.training.requests import WINDOW_PATTERN
 
 MODEL_NAME = os.environ.get("AIRLOOP_MODEL_NAME", "airloop-classifier")
 DEPLOYMENT = os.environ.get("AIRLOOP_DEPLOYMENT", "airloop")
@@ -76,8 +77,9 @@ EXPECTED_SHA256 = (
         "data_window": Param(
             DATA_WINDOW,
             type="string",
-            pattern=r"^(all|latest(:[1-9][0-9]*)?)$",
-            description="which drops of a data_uri folder: all, latest, or the latest n (latest:3)",
+            pattern=WINDOW_PATTERN,
+            description="which drops of a data_uri folder: all, latest, the latest n (latest:3), + a share of"
+            " the earlier ones (latest+history:0.2)",
         ),
         "source": Param(SOURCE, enum=["file", "feast"], description="data_uri, or a training set from Feast"),
         "entity_rows": Param(
@@ -163,35 +165,10 @@ def airloop_loop():
         retry_delay=timedelta(seconds=30),
     )
 
-    # Nothing to approve (approval off, or a first champion): skip the approval and the finish.
-    @task.short_circuit(task_id="needs_approval")
-    def needs_approval(result: dict) -> bool:
-        return result["decision"] == "awaiting_approval"
-
-    gate = needs_approval(rollout.output)
-    approve = ApprovalOperator(
-        task_id="approve",
-        subject="Promote version {{ ti.xcom_pull(task_ids='rollout')['challenger'] }} to champion?",
-        body="Every analysis window passed; the rollout report is linked from the rollout task.",
-        fail_on_reject=True,  # a rejection must not skip the finish task, which rolls back
-        defaults="Reject",
-        response_timeout=timedelta(days=1),
-    )
-    # Runs after the approval whatever its outcome: promotes on Approve, otherwise rolls back.
-    finish = RolloutFinishOperator(
-        task_id="finish",
-        model_name=MODEL_NAME,
-        version=register.output["version"],
-        deployment=DEPLOYMENT,
-        approval_task_id="approve",
-        trigger_rule="all_done_min_one_success",
-        retries=2,  # a retry completes an interrupted promotion or rollback
-        retry_delay=timedelta(seconds=30),
-    )
+    # Nothing to approve (approval off, or a first champion): no approval and no finish.
+    approval_hold(rollout, model_name=MODEL_NAME, version=register.output["version"], deployment=DEPLOYMENT)
     choose_source() >> [training_set, training_data]
     training_set >> training_data >> validate >> train >> convert >> evaluate >> register >> rollout
-    gate >> approve >> finish
-    gate >> finish
 
 
 airloop_loop()

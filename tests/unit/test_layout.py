@@ -13,7 +13,14 @@ import airloop
 
 PACKAGE = Path(airloop.__file__).parent
 # The Airflow layer and the applications on top may import steps; nothing below them may.
-ABOVE_STEPS = ("airloop.operators", "airloop.triggers", "airloop.embedded", "airloop.cli", "airloop.plugins")
+ABOVE_STEPS = (
+    "airloop.operators",
+    "airloop.triggers",
+    "airloop.loops",
+    "airloop.embedded",
+    "airloop.cli",
+    "airloop.plugins",
+)
 
 
 def _module_name(path: Path) -> str:

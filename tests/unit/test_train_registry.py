@@ -193,6 +193,13 @@ def test_better_challenger_passes_and_is_promoted(store):
     assert verdict["difference"] > 0.1 and verdict["p_value"] < 0.001 and verdict["ci"][0] > 0
     assert verdict["n"] == 400
     champion_run = store["runs"]["first"]["run_id"]
+    # Beside the verdict: both on the champion's own holdout (the regime before the shift), where the
+    # champion scores what its run logged for it.
+    earlier = verdict["earlier"]
+    assert earlier["data"] == f"runs:/{champion_run}/data/holdout.parquet" and earlier["n"] == 400
+    logged = mlflow.MlflowClient(store["tracking_uri"]).get_run(champion_run).data.metrics["accuracy"]
+    assert earlier["champion"] == pytest.approx(logged) and 0 < earlier["challenger"] < 1
+    assert earlier["skipped"] is None
     listed = mlflow.MlflowClient(store["tracking_uri"]).list_artifacts(champion_run, "evaluations")
     files = {f.path for f in listed}
     assert f"evaluations/{better['run_id']}.json" in files
@@ -465,14 +472,58 @@ def test_a_training_set_takes_the_declared_window_of_the_source(tmp_path):
     single = built("latest:5", str(source / "2026-05-01.parquet"))  # a file is itself
     assert single["files"] == [{"name": "2026-05-01.parquet", "rows": 200}]
 
+    # The latest drop whole, and a seeded share of each earlier one (the same rows on a retry).
+    mixed = built("latest+history:0.5")
+    assert mixed["files"] == [
+        {"name": "2026-05-01.parquet", "rows": 100, "sampled": 0.5},
+        {"name": "2026-05-02.parquet", "rows": 100, "sampled": 0.5},
+        {"name": "2026-05-03.parquet", "rows": len(parts[2])},
+    ]
+    assert mixed["sha256"] == built("latest+history:0.5")["sha256"] and mixed["rows"] == 200 + len(parts[2])
+    assert [f["name"] for f in built("latest:2+history:0.1")["files"]] == [
+        "2026-05-01.parquet",
+        "2026-05-02.parquet",
+        "2026-05-03.parquet",
+    ]
+
     with pytest.raises(ValueError, match="window 'newest' is not 'all', 'latest' or 'latest:<n>'"):
         built("newest")
+    with pytest.raises(ValueError, match="window 'latest\\+history:0' is not"):
+        built("latest+history:0")
     write_table(parts[0].drop(columns=["mean area"]), str(source / "2026-05-04.parquet"))
     with pytest.raises(ValueError, match="2026-05-04.parquet has columns .* the drops of one training set"):
         built("latest:2")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no parquet or CSV file"):
         built("all", str(tmp_path / "empty"))
+
+
+def test_a_training_set_keeps_the_declared_inputs_then_the_label(tmp_path):
+    from airloop.steps.training.data import build_training_set
+    from airloop.tables import read_table
+
+    table = _breast_cancer(leak=False).assign(customer_id=range(569))
+    source = write_table(table, str(tmp_path / "table.parquet"))
+
+    def built(**columns: object) -> list[str]:
+        out = str(tmp_path / "out.parquet")
+        build_training_set({"data_uri": source, "out_path": out, **columns})
+        return list(read_table(out).columns)
+
+    every = built(label_column="label", exclude=["customer_id"])
+    assert every[-1] == "label" and "customer_id" not in every and len(every) == 31
+    assert built(label_column="label", features=["mean area", "mean radius"]) == [
+        "mean area",
+        "mean radius",
+        "label",
+    ]
+    assert built() == list(table.columns)  # nothing declared: the table as it is
+    with pytest.raises(ValueError, match=r"label column \['churned'\] not in the training data"):
+        built(label_column="churned")
+    with pytest.raises(ValueError, match=r"feature columns \['mean colour'\] not in the training data"):
+        built(label_column="label", features=["mean area", "mean colour"])
+    with pytest.raises(ValueError, match=r"key/timestamp columns \['id'\] not in the training data"):
+        built(label_column="label", exclude=["id"])
 
 
 def test_a_drift_triggered_retrain_trains_on_the_declared_window_and_the_audit_names_it(

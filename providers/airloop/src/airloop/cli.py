@@ -47,8 +47,36 @@ def main(argv: list[str] | None = None) -> int:
             help=f"a column to profile as {kind}, whatever its values suggest (repeatable)",
         )
 
-    loop = commands.add_parser("loop", help="run the reference loop on the embedded default")
+    init = commands.add_parser(
+        "init", help="draft a loop spec and its data suite from a data file, to review"
+    )
+    init.add_argument(
+        "data", help="a table of the loop's training data: parquet or CSV, a path or an fsspec URL"
+    )
+    init.add_argument("--label", required=True, help="the column the model predicts")
+    init.add_argument("--name", help="the loop's name (default: from the file's name)")
+    init.add_argument(
+        "--out", default="loops", help="the loops folder to write NAME.yaml and NAME.suite.json to"
+    )
+    init.add_argument("--key", help="a column that identifies a row (not a feature; unique)")
+    init.add_argument("--timestamp", help="a column of event times (not a feature)")
+    init.add_argument("--force", action="store_true", help="replace the spec and suite if they exist")
+
+    loops = commands.add_parser("loops", help="loop specs")
+    loops_cmd = loops.add_subparsers(dest="action", required=True)
+    check = loops_cmd.add_parser("check", help="validate loop specs and build their DAGs, as Airflow will")
+    check.add_argument("paths", nargs="+", help="spec files or folders of them")
+
+    loop = commands.add_parser(
+        "loop", help="run a loop end to end on the embedded default (the reference one)"
+    )
     loop.add_argument("--dags", default="dags", help="folder of the reference DAGs")
+    loop.add_argument("--spec", help="a loop spec to run instead of the reference loop (with --data)")
+    loop.add_argument("--data", help="the spec's table, replayed: training drops and client traffic")
+    loop.add_argument(
+        "--shift-by", help="the rows of --data up to this column's median come before the shift"
+    )
+    loop.add_argument("--after", help="or: a second table, the rows after the shift")
     loop.add_argument("--rows", type=int, default=4000, help="rows per generated training set")
     loop.add_argument("--report", default=None, help="where to write the JSON report")
     loop.add_argument(
@@ -101,15 +129,63 @@ def main(argv: list[str] | None = None) -> int:
             f" {made['rows']} rows) to {made['suite_path']}: review it before it gates anything"
         )
         return 0
+    if args.command == "init":
+        from airloop.loops.init import draft
+
+        try:
+            drafted = draft(
+                args.data, args.label, args.out, args.name, args.key, args.timestamp, force=args.force
+            )
+        except (ValueError, FileExistsError) as exc:
+            print(f"airloop init: {exc}", file=sys.stderr)
+            return 2
+        print("\n".join(drafted.lines))
+        return 0
+    if args.command == "loops":
+        return _check_loops(args.paths)
+    world = None
+    if args.spec or args.data:
+        if not (args.spec and args.data):
+            parser.error("--spec and --data go together: the loop spec, and the table to replay")
+        from airloop.embedded.worlds import TableWorld
+        from airloop.loops.spec import SpecError, load
+
+        try:
+            world = TableWorld(load(args.spec), args.data, shift_by=args.shift_by, after=args.after)
+        except (SpecError, ValueError) as exc:
+            print(f"airloop loop: {exc}", file=sys.stderr)
+            return 2
     if args.production:
         if args.keep_running:
             parser.error("--keep-running is for the embedded default; --production stops its services")
         from airloop.embedded import production
 
-        return production.run(dags=args.dags, rows=args.rows, report=args.report)
+        return production.run(dags=args.dags, rows=args.rows, report=args.report, world=world)
     from airloop.embedded.runner import run_loop
 
-    return run_loop(dags=args.dags, rows=args.rows, report=args.report, keep_running=args.keep_running)
+    return run_loop(
+        dags=args.dags, rows=args.rows, report=args.report, keep_running=args.keep_running, world=world
+    )
+
+
+def _check_loops(paths: list[str]) -> int:
+    from pathlib import Path
+
+    from airloop.loops.dags import folder_dags, loop_dags
+    from airloop.loops.spec import SpecError
+
+    failed = False
+    for path in paths:
+        try:
+            built = (
+                folder_dags(path) if Path(path).is_dir() else dict.fromkeys(d.dag_id for d in loop_dags(path))
+            )
+        except (SpecError, OSError) as exc:
+            print(exc, file=sys.stderr)
+            failed = True
+            continue
+        print(f"{path}: ok, DAGs {', '.join(sorted(built)) or '(no spec)'}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

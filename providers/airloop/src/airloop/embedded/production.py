@@ -35,12 +35,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from airloop import settings
 from airloop.embedded.standalone import AUTH_MANAGER, PASSWORDS_FILE, USERNAME, Standalone
 from airloop.ports import free_port
+
+if TYPE_CHECKING:
+    from airloop.embedded.worlds import DemoWorld, TableWorld
 
 WORKERS = 2
 # The binaries the topology starts; ``missing_binaries()`` names those absent (`make system` installs them).
@@ -542,8 +546,8 @@ def _fernet_key() -> str:
     return Fernet.generate_key().decode()
 
 
-def run(dags: str, rows: int, report: str | None) -> int:
-    """The reference loop on this topology: ``airloop loop --production``."""
+def run(dags: str, rows: int, report: str | None, world: DemoWorld | TableWorld | None = None) -> int:
+    """The reference loop (or ``world``'s) on this topology: ``airloop loop --production``."""
     from airloop.embedded.runner import run_loop
 
     missing = missing_binaries()
@@ -553,4 +557,4 @@ def run(dags: str, rows: int, report: str | None) -> int:
     # The built runtimes stay where they are; everything else goes under <AIRLOOP_HOME>/production.
     os.environ["AIRLOOP_RUNTIMES"] = str(settings.runtimes_dir())
     os.environ["AIRLOOP_HOME"] = str(settings.home() / "production")
-    return run_loop(dags, rows, report, topology=Production)
+    return run_loop(dags, rows, report, topology=Production, world=world)

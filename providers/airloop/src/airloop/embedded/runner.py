@@ -1,11 +1,15 @@
-"""``airloop loop``: the reference loop, end to end, on the embedded default.
+"""``airloop loop``: a loop, end to end, on the embedded default.
+
+The reference loop on generated data, or with ``--spec SPEC --data DATA --shift-by COLUMN`` a loop
+spec's on the user's table (``airloop.embedded.worlds``):
 
 1. a fresh state under AIRLOOP_HOME (the runtimes are kept); training data from the world (no shift);
-2. Airflow (standalone: scheduler, triggerer, API server, SQLite) with the reference DAGs;
-3. ``airloop_loop`` makes the first champion and deploys it on the local serving target;
-4. clients send traffic; ``airloop_drift_monitor`` finds no drift (the control);
-5. the world shifts; the drift monitor finds drift and updates the drift Asset, which schedules a
-   retraining turn of ``airloop_loop`` that rolls the challenger out step by step and promotes it;
+2. Airflow (standalone: scheduler, triggerer, API server, SQLite) with the DAGs;
+3. the loop's first turn makes the first champion and deploys it on the local serving target;
+4. clients send traffic; the drift monitor finds no drift (the control);
+5. the world shifts; the drift monitor finds drift and updates the loop's drift Asset, which schedules
+   a retraining turn that rolls the challenger out step by step and promotes it (or stops it at a
+   gate, with the verdict in the report);
 6. a summary on the terminal and a JSON report.
 """
 
@@ -25,36 +29,29 @@ from typing import Any
 from airloop import runtimes, settings
 from airloop.embedded.standalone import USERNAME, Standalone, airflow_env
 from airloop.embedded.traffic import read_stats
+from airloop.embedded.worlds import DemoWorld, TableWorld
 from airloop.ports import free_port
-
-LOOP, MONITOR = "airloop_loop", "airloop_drift_monitor"
-MODEL_NAME, DEPLOYMENT = "airloop-classifier", "airloop"
 
 
 def _say(message: str) -> None:
     print(f"[airloop {datetime.now():%H:%M:%S}] {message}", flush=True)
 
 
-def _fresh_home(home: Path) -> None:
-    """Stop what a previous run left serving, then remove its state (keeping the built runtimes)."""
+def _stop_serving() -> None:
+    """Stop every deployment the local target runs from this home."""
     from airloop.serving.base import get_target
 
-    if (settings.serving_dir() / DEPLOYMENT).exists():
-        get_target("local").delete(DEPLOYMENT)
+    folder = settings.serving_dir()
+    for deployment in sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []:
+        get_target("local").delete(deployment)
+
+
+def _fresh_home(home: Path) -> None:
+    """Stop what a previous run left serving, then remove its state (keeping the built runtimes)."""
+    _stop_serving()
     for child in home.glob("*") if home.exists() else []:
         if child.resolve() != settings.runtimes_dir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
-
-
-def _write_world(home: Path, rows: int, shift: float, seed: int) -> Path:
-    from airloop.embedded.demo import generate
-    from airloop.tables import write_table
-
-    path = home / "incoming" / "training.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_table(generate(rows, shift=shift, seed=seed), str(path))
-    (home / "world.json").write_text(json.dumps({"shift": shift}))
-    return path
 
 
 def _durations(airflow: Standalone, dag_id: str, run_id: str) -> dict[str, Any]:
@@ -114,9 +111,14 @@ def run_loop(
     report: str | None,
     keep_running: bool = False,
     topology: Callable[[Path, Path], Standalone] | None = None,
+    world: DemoWorld | TableWorld | None = None,
 ) -> int:
-    """The loop on the embedded default, or on ``topology(home, dags)`` (``production.Production``)."""
+    """The loop of ``world`` (default: the reference loop's) on the embedded default, or on
+    ``topology(home, dags)`` (``production.Production``)."""
     started = time.monotonic()
+    world = world or DemoWorld(rows)
+    loop_id, monitor_id, deployment = world.loop_dag_id, world.monitor_dag_id, world.deployment
+    before, after = world.regimes
     home = settings.home()
     os.environ["AIRLOOP_HOME"] = str(home)  # absolute, for every process Airflow starts
     # Short canary windows: the simulated clients send enough requests in a few seconds.
@@ -124,10 +126,11 @@ def run_loop(
     dags_dir = Path(dags).resolve()
     stages: dict[str, float] = {}
     topology_name = getattr(topology, "NAME", "embedded default")
-    summary: dict[str, Any] = {"home": str(home), "topology": topology_name, "runs": {}}
+    summary: dict[str, Any] = {"home": str(home), "topology": topology_name, "loop": world.name, "runs": {}}
     runtimes.python("serving")  # fail now, with how to build it, rather than mid-loop
     _fresh_home(home)
-    _write_world(home, rows, shift=0.0, seed=1)
+    os.environ.update(world.prepare(home))
+    world.enter(home, before)
     if topology is None:
         airflow = Standalone(airflow_env(home / "airflow", dags_dir, free_port()), home / "airflow.log")
     else:
@@ -141,20 +144,20 @@ def run_loop(
         _say(
             f"Airflow is up: log in as {USERNAME} with password {airflow.password} ({airflow.passwords_file})"
         )
-        airflow.wait_for_dags([LOOP, MONITOR])
-        for dag_id in (LOOP, MONITOR):
+        airflow.wait_for_dags([loop_id, monitor_id])
+        for dag_id in (loop_id, monitor_id):
             airflow.unpause(dag_id)
         stages["airflow_start"] = time.monotonic() - mark
 
         mark = time.monotonic()
-        first = summary["runs"]["first_turn"] = _run(airflow, LOOP, {}, timeout=300)
+        first = summary["runs"]["first_turn"] = _run(airflow, loop_id, {}, timeout=300)
         stages["first_turn"] = time.monotonic() - mark
         if first["state"] != "success":
-            raise RuntimeError(f"the first turn of {LOOP} failed: {first['tasks']}")
+            raise RuntimeError(f"the first turn of {loop_id} failed: {first['tasks']}")
 
         from airloop.serving.base import get_target
 
-        endpoint = get_target("local").state(DEPLOYMENT)["endpoint"]
+        endpoint = get_target("local").state(deployment)["endpoint"]
         _say(f"clients start calling {endpoint}")
         traffic = subprocess.Popen(
             [
@@ -172,37 +175,41 @@ def run_loop(
             stderr=subprocess.STDOUT,
         )
         mark = time.monotonic()
-        _wait_traffic(stats_path, "0.0", 400)
+        _wait_traffic(stats_path, before, 400)
         window = (time.monotonic() - mark) / 60 + 0.05
-        control = summary["runs"]["drift_control"] = _run(airflow, MONITOR, {"window_minutes": window}, 180)
+        control = summary["runs"]["drift_control"] = _run(
+            airflow, monitor_id, {"window_minutes": window}, 180
+        )
         stages["drift_control"] = time.monotonic() - mark
 
         mark = time.monotonic()
         _say("the world shifts: new data arrives, clients send shifted rows")
-        _write_world(home, rows, shift=1.0, seed=2)
-        _wait_traffic(stats_path, "1.0", 400)
+        world.enter(home, after)
+        _wait_traffic(stats_path, after, 400)
         window = (time.monotonic() - mark) / 60
-        known = {r["dag_run_id"] for r in airflow.runs(LOOP)}
-        drift = summary["runs"]["drift_detected"] = _run(airflow, MONITOR, {"window_minutes": window}, 180)
+        known = {r["dag_run_id"] for r in airflow.runs(loop_id)}
+        drift = summary["runs"]["drift_detected"] = _run(airflow, monitor_id, {"window_minutes": window}, 180)
         stages["drift_detection"] = time.monotonic() - mark
 
         mark = time.monotonic()
-        retrain = airflow.wait_for_new_run(LOOP, "asset_triggered", known, timeout=60)
-        _say(f"{LOOP}: {retrain['dag_run_id']} scheduled by the drift Asset")
-        second = summary["runs"]["retrain_turn"] = _finished(airflow, LOOP, retrain["dag_run_id"], mark, 420)
+        retrain = airflow.wait_for_new_run(loop_id, "asset_triggered", known, timeout=60)
+        _say(f"{loop_id}: {retrain['dag_run_id']} scheduled by the drift Asset")
+        second = summary["runs"]["retrain_turn"] = _finished(
+            airflow, loop_id, retrain["dag_run_id"], mark, 420
+        )
         stages["retrain_turn"] = time.monotonic() - mark
 
         stats = read_stats(stats_path)
         summary["accuracy"] = {
-            "before_shift": _accuracy(stats, "0.0"),
-            "after_shift": _accuracy(stats, "1.0"),
+            "before_shift": _accuracy(stats, before),
+            "after_shift": _accuracy(stats, after),
         }
         summary["verdicts"] = _verdicts(first, control, drift, second)
         summary["champion"] = {
             "before": first["results"].get("register", {}).get("version"),
-            "after": _champion(),
+            "after": _champion(world.name),
         }
-        summary["serving"] = get_target("local").state(DEPLOYMENT)
+        summary["serving"] = get_target("local").state(deployment)
         ok = second["state"] == "success" and summary["champion"]["after"] != summary["champion"]["before"]
     finally:
         if traffic:
@@ -210,10 +217,7 @@ def run_loop(
             traffic.wait(timeout=30)
         if not keep_running:
             airflow.stop()
-            from airloop.serving.base import get_target
-
-            if (settings.serving_dir() / DEPLOYMENT).exists():
-                get_target("local").delete(DEPLOYMENT)
+            _stop_serving()
     summary["stages_seconds"] = {k: round(v, 1) for k, v in stages.items()}
     summary["wall_seconds"] = round(time.monotonic() - started, 1)
     summary["ok"] = ok
@@ -228,12 +232,12 @@ def run_loop(
     return 0 if ok else 1
 
 
-def _champion() -> str | None:
+def _champion(model_name: str) -> str | None:
     from airloop.hooks.mlflow import MlflowHook
     from airloop.tracking.registry import aliases
 
     # The tasks' MLflow: the mlflow_default connection, else the embedded one.
-    return aliases(MlflowHook().tracking_uri, MODEL_NAME).get("champion")
+    return aliases(MlflowHook().tracking_uri, model_name).get("champion")
 
 
 def _verdicts(first: dict, control: dict, drift: dict, second: dict) -> dict[str, Any]:
@@ -262,7 +266,7 @@ def _verdicts(first: dict, control: dict, drift: dict, second: dict) -> dict[str
 
 
 def _print_summary(summary: dict[str, Any], path: Path) -> None:
-    print(f"\n=== Airloop: reference loop on the {summary['topology']} ===")
+    print(f"\n=== Airloop: loop {summary['loop']} on the {summary['topology']} ===")
     for name, run in summary["runs"].items():
         tasks = ", ".join(f"{t} {v['seconds']}s" for t, v in run["tasks"].items())
         print(f"{name:16} {run['dag_id']:22} {run['state']:8} {run['wall_seconds']:6.1f}s  ({tasks})")

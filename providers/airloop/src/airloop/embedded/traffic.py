@@ -1,8 +1,10 @@
 """Simulated clients: call the gateway with rows from the current world, then send the true label.
 
-Run as its own process (``python -m airloop.embedded.traffic``), as real clients would be. The world's
-shift is read from a control file, so the runner injects a shift without restarting the clients.
-Counts per (shift, model version) are written to a JSON stats file every second.
+Run as its own process (``python -m airloop.embedded.traffic``), as real clients would be. The world
+is read from a control file, so the runner injects a shift without restarting the clients: the demo
+world's ``{"shift": 0.0}`` (rows from ``airloop.embedded.demo``), or a table of the user's rows,
+``{"shift": "after", "rows": PATH, "label": COLUMN}``, replayed in a random order (every column but the
+label is a feature). Counts per (shift, model version) are written to a JSON stats file every second.
 """
 
 from __future__ import annotations
@@ -18,11 +20,31 @@ from pathlib import Path
 from typing import Any
 
 
-def _read_shift(control: Path) -> float:
+def _read_world(control: Path) -> dict[str, Any]:
     try:
-        return float(json.loads(control.read_text())["shift"])
+        world = json.loads(control.read_text())
+        return {**world, "shift": str(world["shift"])}
     except (OSError, ValueError, KeyError):
-        return 0.0
+        return {"shift": "0.0"}
+
+
+Row = tuple[list[str], list[Any], Any]
+
+
+def _rows(world: dict[str, Any], seed: int) -> list[Row]:
+    """The world's rows as (feature names, features, label), in a random order."""
+    if "rows" in world:
+        import pandas as pd
+
+        frame = pd.read_parquet(world["rows"]).sample(frac=1.0, random_state=seed)
+        label = world["label"]
+    else:
+        from airloop.embedded.demo import LABEL, generate
+
+        frame, label = generate(2000, shift=float(world["shift"]), seed=seed), LABEL
+    names = [str(c) for c in frame.columns if c != label]
+    features = frame[names].astype(object).where(frame[names].notna(), None).values.tolist()
+    return [(names, row, value) for row, value in zip(features, frame[label].tolist(), strict=True)]
 
 
 async def run(
@@ -30,7 +52,7 @@ async def run(
 ) -> None:
     import httpx
 
-    from airloop.embedded.demo import generate
+    from airloop.serving.model import label_value, predicted_class
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -40,18 +62,16 @@ async def run(
         lambda: defaultdict(lambda: {"requests": 0, "errors": 0, "correct": 0})
     )
     rng = random.Random(seed)
-    pool: list[tuple[list[str], list[float], int]] = []
-    pool_shift: list[float | None] = [None]
+    pool: list[Row] = []
+    pool_shift: list[str | None] = [None]
 
-    def next_row() -> tuple[float, list[str], list[float], int]:
-        shift = _read_shift(control)
-        if shift != pool_shift[0] or not pool:
-            frame = generate(2000, shift=shift, seed=rng.randrange(1 << 30))
-            names = [c for c in frame.columns if c != "label"]
-            pool[:] = [(names, row[:-1], int(row[-1])) for row in frame[[*names, "label"]].values.tolist()]
-            pool_shift[0] = shift
+    def next_row() -> tuple[str, list[str], list[Any], Any]:
+        world = _read_world(control)
+        if world["shift"] != pool_shift[0] or not pool:
+            pool[:] = _rows(world, rng.randrange(1 << 30))
+            pool_shift[0] = world["shift"]
         names, features, label = pool.pop()
-        return shift, names, features, label
+        return world["shift"], names, features, label
 
     async def client(http: httpx.AsyncClient) -> None:
         pause = concurrency / rate  # each client's share of the request rate
@@ -68,13 +88,13 @@ async def run(
                     body.get("meta", {}).get("model_version")
                     or answer.headers.get("X-Airloop-Predictor", "?")
                 )
-                counts = stats[str(shift)][version]
+                counts = stats[shift][version]
                 counts["requests"] += 1
                 if answer.status_code != 200:
                     counts["errors"] += 1
                     continue
-                probabilities = body["data"]["ndarray"][0]
-                counts["correct"] += int(probabilities.index(max(probabilities)) == label)
+                predicted = predicted_class(body["data"]["ndarray"][0], body["data"].get("names") or [])
+                counts["correct"] += int(label_value(predicted) == label_value(label))
                 await http.post(
                     f"{endpoint}/api/v1.0/feedback",
                     json={
@@ -85,7 +105,7 @@ async def run(
                 )
             except (httpx.HTTPError, ValueError, KeyError, IndexError):
                 if counts is None:
-                    stats[str(shift)]["unreachable"]["errors"] += 1
+                    stats[shift]["unreachable"]["errors"] += 1
                 await asyncio.sleep(0.05)
 
     async def write_stats() -> None:

@@ -32,7 +32,12 @@ class TablesBuildTrainingSetOperator(StepOperator):
     :param sql: a query whose result is the training set (needs ``conn_id``).
     :param conn_id: the connection to read ``data_uri`` through, or to run ``sql`` on.
     :param window: which drops of a folder: ``"all"``, the ``"latest"`` (last in name order), or the
-        latest n (``"latest:3"``); a file, or a query's result, is itself.
+        latest n (``"latest:3"``), each optionally with a seeded share of every earlier drop's rows
+        (``"latest+history:0.2"``); a file, or a query's result, is itself.
+    :param label_column: the label: it must be in the data, and the table holds it last.
+    :param features: the model's inputs, in this order (default: every column but the label and
+        ``exclude``); each must be in the data.
+    :param exclude: columns that are not inputs (keys, timestamps), dropped; each must be in the data.
 
     Returns a ``TrainingSet``: ``{"uri", "source", "window", "files", "rows", "columns", "sha256"}``; pass
     ``uri`` to the gate and to training, ``sha256`` as the gate's ``expected_fingerprint``, and the whole
@@ -49,6 +54,9 @@ class TablesBuildTrainingSetOperator(StepOperator):
         sql: str | None = None,
         conn_id: str | None = None,
         window: str = BuildTrainingSetRequest.window,
+        label_column: str | None = BuildTrainingSetRequest.label_column,
+        features: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -56,6 +64,9 @@ class TablesBuildTrainingSetOperator(StepOperator):
         self.sql = sql
         self.conn_id = conn_id
         self.window = window
+        self.label_column = label_column
+        self.features = list(features) if features is not None else None
+        self.exclude = list(exclude)
 
     def execute(self, context: Context) -> TrainingSet:
         from airloop.staging import Arguments, stage
@@ -71,7 +82,12 @@ class TablesBuildTrainingSetOperator(StepOperator):
             )
             with artefacts.staging(prefix) as folder:
                 request = BuildTrainingSetRequest(
-                    data_uri=source.path, window=self.window, out_path=str(folder / TABLE)
+                    data_uri=source.path,
+                    window=self.window,
+                    out_path=str(folder / TABLE),
+                    label_column=self.label_column,
+                    features=self.features,
+                    exclude=self.exclude,
                 )
                 result: TrainingSet = self.run_step(
                     "airloop.steps.training.data:build_training_set", request, context

@@ -14,6 +14,10 @@ the first that applies:
 - ``not_better``: difference <= margin -> fail
 - ``not_significant``: difference > margin but p_value >= alpha -> fail (alpha=1 turns this off)
 - ``better``: difference > margin and p_value < alpha -> pass
+
+With a champion, both are also scored on the champion run's own holdout (``earlier``: rows of the
+data the champion was trained for, often the regime before a shift), reported beside the verdict and
+never deciding it: a person sees what a challenger trained on the new regime trades on the old one.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from airloop.openvino_ir import IR_PATH, VARIANT_TAG, fetch_ir, ir_predictor
-from airloop.steps.training.requests import Artefact, EvaluateRequest, EvaluationResult, Scored
+from airloop.steps.training.requests import Artefact, EarlierScores, EvaluateRequest, EvaluationResult, Scored
 from airloop.tracking.artifacts import HOLDOUT_PATH, MODEL_NAME, read_data
 from airloop.tracking.models import load_model
 from airloop.tracking.registry import CHAMPION, EVAL_TAG_PREFIX, aliases
@@ -82,6 +86,9 @@ def evaluate(request: EvaluateRequest | Mapping[str, Any]) -> EvaluationResult:
             )
             champion_uri = f"runs:/{champion_mv.run_id}/{IR_PATH}" if served else champion_mv.source
             champion_right, champion_artefact = _correct(tracking_uri, champion_uri, features, target, tmp)
+            earlier = _earlier(
+                tracking_uri, champion_mv.run_id, label, request.ir_uri or model_uri, champion_uri, tmp
+            )
 
     if champion_mv is None:
         implausible = None if perfect_expected else _implausible(challenger_right, None, share)
@@ -91,6 +98,7 @@ def evaluate(request: EvaluateRequest | Mapping[str, Any]) -> EvaluationResult:
             "reason": implausible or f"no champion of {name!r} yet: the first model passes by rule",
             "challenger": challenger,
             "champion": None,
+            "earlier": None,
             "difference": None,
             "ci": None,
             "p_value": None,
@@ -129,6 +137,7 @@ def evaluate(request: EvaluateRequest | Mapping[str, Any]) -> EvaluationResult:
             "accuracy": float(champion_right.mean()),
             "artefact": champion_artefact,
         },
+        "earlier": earlier,
         "difference": difference,
         "ci": ci,
         "p_value": p_value,
@@ -161,6 +170,36 @@ def _correct(
         }
         return predicted == target, artefact
     return load_model(tracking_uri, uri).predict(features) == target, {"uri": uri, "kind": "model"}
+
+
+def _earlier(
+    tracking_uri: str, champion_run: str | None, label: str, challenger_uri: str, champion_uri: str, tmp: str
+) -> EarlierScores | None:
+    """Both models' accuracy on the champion run's holdout; ``None`` when that run has none."""
+    from mlflow.exceptions import MlflowException
+
+    if not champion_run:
+        return None
+    uri = f"runs:/{champion_run}/{HOLDOUT_PATH}"
+    try:
+        data = read_data(tracking_uri, uri)
+    except (MlflowException, OSError):
+        return None
+    if label not in data.columns:
+        return None
+    features, target = data.drop(columns=[label]), data[label].to_numpy()
+    try:
+        challenger, _ = _correct(tracking_uri, challenger_uri, features, target, tmp)
+    except KeyError as exc:  # the models take other columns: nothing to compare on
+        return {"data": uri, "n": len(target), "challenger": None, "champion": None, "skipped": str(exc)}
+    champion, _ = _correct(tracking_uri, champion_uri, features, target, tmp)
+    return {
+        "data": uri,
+        "n": len(target),
+        "challenger": float(challenger.mean()),
+        "champion": float(champion.mean()),
+        "skipped": None,
+    }
 
 
 def _implausible(challenger: np.ndarray, champion: np.ndarray | None, share: float) -> str | None:
@@ -224,6 +263,11 @@ def _log(client: Any, result: EvaluationResult, challenger_run: str, champion_ru
             Metric("eval.difference", difference, now, 0),
             Metric("eval.p_value", p_value, now, 0),
         ]
+    earlier = result["earlier"]
+    for role in ("challenger", "champion"):
+        value = earlier[role] if earlier else None
+        if value is not None:
+            metrics.append(Metric(f"eval.earlier.{role}_accuracy", value, now, 0))
     artefact = result["challenger"]["artefact"]
     tags = {
         "verdict": result["verdict"],

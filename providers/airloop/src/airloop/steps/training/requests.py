@@ -13,6 +13,10 @@ from airloop.requests import StepRequest
 from airloop.tracking.requests import MlflowRequest, TrainedRun
 
 DEFAULT_ESTIMATOR = "sklearn.neural_network.MLPClassifier"
+# A training set's window of data drops: "all", the "latest" one or the latest n ("latest:3"), each of
+# those plus a share of every earlier drop's rows ("latest+history:0.2"). The DAGs' Params and the loop
+# spec's schema check the same pattern.
+WINDOW_PATTERN = r"^(all|latest(:[1-9][0-9]*)?(\+history:(0?\.[0-9]*[1-9][0-9]*|1(\.0*)?))?)$"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,8 +27,14 @@ class BuildTrainingSetRequest(StepRequest):
     # A parquet or CSV file, or a folder of them (data drops, in name order).
     data_uri: str
     out_path: str
-    # Which drops of a folder: "all", the "latest" one, or the latest n ("latest:3"); a file is itself.
+    # Which drops of a folder (``WINDOW_PATTERN``); a file is itself.
     window: str = "all"
+    # The columns the table keeps: the model's inputs (default: every column but ``exclude``), then
+    # ``label_column`` last; each one named must be in the data. ``None``: every column, unchecked.
+    label_column: str | None = None
+    features: list[str] | None = None
+    # Columns of the data that are not inputs (keys, timestamps): dropped.
+    exclude: list[str] = field(default_factory=list)
     storage_options: dict[str, Any] | None = field(default=None, repr=False)
 
 
@@ -95,11 +105,13 @@ class RegisterRequest(MlflowRequest):
     tags: dict[str, str] = field(default_factory=dict)
 
 
-class DataFile(TypedDict):
-    """One file of a training set's source: its path under the source folder and its rows."""
+class DataFile(TypedDict, total=False):
+    """One file of a training set's source: its path under the source folder, the rows taken from it
+    and, for a sampled earlier drop, the share of its rows (``sampled``)."""
 
-    name: str
-    rows: int
+    name: Required[str]
+    rows: Required[int]
+    sampled: float
 
 
 class TrainingSet(TypedDict):
@@ -145,6 +157,17 @@ class Scored(TypedDict, total=False):
     version: str
 
 
+class EarlierScores(TypedDict):
+    """Both models' accuracy on the champion run's holdout (``data``), beside the verdict; ``skipped``
+    says why they could not be compared there."""
+
+    data: str
+    n: int
+    challenger: float | None
+    champion: float | None
+    skipped: str | None
+
+
 class EvaluationResult(TypedDict):
     """The offline gate's verdict; ``rule`` names why (see ``airloop.steps.training.evaluate``)."""
 
@@ -153,6 +176,7 @@ class EvaluationResult(TypedDict):
     reason: str
     challenger: Scored
     champion: Scored | None
+    earlier: EarlierScores | None
     difference: float | None
     ci: list[float] | None
     p_value: float | None

@@ -1,0 +1,277 @@
+# DAG wiring passes XComArgs (indexed: ``.output["uri"]``) and templates where operators declare the
+# values they resolve to, as every DAG file does; the operators check what they receive.
+# mypy: disable-error-code="index, arg-type"
+"""A loop spec's two DAGs: ``<name>_loop`` (one retraining turn) and ``<name>_drift_monitor``.
+
+``loop_dags(spec)`` builds them from a ``LoopSpec`` (or a spec file, or a mapping); ``folder_dags``
+from every spec in a folder, for a DAG file (``dags/airloop_loops.py``). Each loop is isolated by its
+name: its registered model, MLflow experiment, serving deployment (and so its request log), drift
+Asset, cooldown, artefact prefixes and audit record carry it, so a drift in one loop schedules only
+that loop's retraining. The turn is the reference loop's (``dags/airloop_loop.py``): training data ->
+validate -> train (or one trial per candidate, then select) -> convert -> evaluate -> register ->
+roll out, with the approval hold when the plan asks for one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.standard.operators.hitl import ApprovalOperator
+from airflow.sdk import DAG, Param, task
+
+from airloop.assets import drift_asset
+from airloop.loops.spec import LoopSpec, load, load_folder, parse
+from airloop.operators.drift import (
+    DriftDecideRetrainOperator,
+    DriftDetectDataOperator,
+    DriftDetectRequestsOperator,
+)
+from airloop.operators.feast import FeastBuildTrainingSetOperator
+from airloop.operators.great_expectations import GreatExpectationsValidateDataOperator
+from airloop.operators.mlflow import (
+    MlflowEvaluateChallengerOperator,
+    MlflowRegisterModelOperator,
+    MlflowSelectBestRunOperator,
+    MlflowTrainModelOperator,
+)
+from airloop.operators.openvino import OpenvinoConvertModelOperator
+from airloop.operators.rollout import RolloutChallengerOperator, RolloutFinishOperator
+from airloop.operators.tables import TablesBuildTrainingSetOperator
+from airloop.steps.training.requests import WINDOW_PATTERN
+
+if TYPE_CHECKING:
+    from airflow.sdk.bases.operator import BaseOperator
+    from airflow.sdk.definitions.xcom_arg import XComArg
+
+# Training, evaluation, conversion and registration are safe to retry (see dags/airloop_loop.py).
+RETRIES: dict[str, Any] = {"retries": 2, "retry_delay": timedelta(seconds=30)}
+# What the gate expects of the table training_data wrote (see dags/airloop_loop.py).
+EXPECTED_SHA256 = "{{ ti.xcom_pull(task_ids='training_data', key='sha256') }}"
+
+
+def folder_dags(folder: str | Path) -> dict[str, DAG]:
+    """``{dag_id: DAG}`` for every spec in ``folder``; a missing folder has none."""
+    if not Path(folder).is_dir():
+        return {}
+    dags: dict[str, DAG] = {}
+    for spec in load_folder(folder):
+        loop, monitor = loop_dags(spec)
+        dags.update({loop.dag_id: loop, monitor.dag_id: monitor})
+    return dags
+
+
+def loop_dags(spec: LoopSpec | Mapping[str, Any] | str | Path) -> tuple[DAG, DAG]:
+    """The retraining DAG and the drift monitor of one loop."""
+    if isinstance(spec, (str, Path)):
+        spec = load(spec)
+    elif not isinstance(spec, LoopSpec):
+        spec = parse(spec)
+    return _loop(spec), _monitor(spec)
+
+
+def _loop(spec: LoopSpec) -> DAG:
+    plan, data = spec.rollout, spec.data
+    params: dict[str, Param] = {
+        "data_window": Param(
+            data["window"],
+            type="string",
+            pattern=WINDOW_PATTERN,
+            description="which drops of a data folder: all, latest, the latest n (latest:3), + a share of the"
+            " earlier ones (latest+history:0.2)",
+        ),
+        "analysis_seconds": Param(
+            plan["analysis_seconds"], type="number", description="canary window per step"
+        ),
+        "approval": Param(plan["approval"], type="boolean", description="hold for a person at the last step"),
+        "allow_rejected": Param(
+            False, type="boolean", description="roll out the version though an earlier rollout rejected it"
+        ),
+    }
+    if "uri" in data:
+        params["data_uri"] = Param(data["uri"], type="string", description="training data: a file or folder")
+    with DAG(
+        dag_id=spec.loop_dag_id,
+        schedule=drift_asset(spec.name),
+        catchup=False,
+        max_active_runs=1,
+        tags=["airloop", f"loop:{spec.name}"],
+        params=params,
+        description=spec.description or f"Loop {spec.name}: one retraining turn",
+        doc_md=f"Built from the loop spec `{spec.source}` by `airloop.loops.dags`.",
+    ) as dag:
+        source: dict[str, Any] = {"conn_id": data.get("conn_id")}
+        if "feast" in data:
+            training_set = FeastBuildTrainingSetOperator(task_id="training_set", **data["feast"])
+            source["data_uri"] = training_set.output["uri"]
+        elif "sql" in data:
+            source["sql"] = data["sql"]
+        else:
+            source["data_uri"] = "{{ params.data_uri }}"
+        training_data = TablesBuildTrainingSetOperator(
+            task_id="training_data",
+            window="{{ params.data_window }}",
+            label_column=spec.label,
+            features=spec.features,
+            exclude=spec.excluded,
+            **source,
+        )
+        if "feast" in data:
+            training_set >> training_data
+        validate = GreatExpectationsValidateDataOperator(
+            task_id="validate",
+            data_uri=training_data.output["uri"],
+            suite_path=spec.suite,
+            label_column=spec.label,
+            expected_fingerprint=EXPECTED_SHA256,
+        )
+        fit: dict[str, Any] = {
+            "data_uri": training_data.output["uri"],
+            "estimator": spec.estimator,
+            "label_column": spec.label,
+            "experiment": spec.name,
+            "validation": validate.output,
+            "training_set": training_data.output,
+            **RETRIES,
+        }
+        if spec.candidates:
+            trials = MlflowTrainModelOperator.partial(task_id="trial", **fit).expand(
+                estimator_params=[{**spec.params, **candidate} for candidate in spec.candidates]
+            )
+            train: BaseOperator = MlflowSelectBestRunOperator(
+                task_id="train",
+                run_ids=trials.output["run_id"],
+                metric=spec.evaluation["metric"],
+                mode="max",
+                **RETRIES,
+            )
+        else:
+            train = MlflowTrainModelOperator(task_id="train", estimator_params=spec.params, **fit)
+        convert = OpenvinoConvertModelOperator(
+            task_id="convert",
+            run_id=train.output["run_id"],
+            holdout_uri=train.output["holdout_uri"],
+            label_column=spec.label,
+            accuracy_budget=spec.conversion["accuracy_budget"],
+            objective=spec.conversion["objective"],
+            **RETRIES,
+        )
+        evaluate = MlflowEvaluateChallengerOperator(
+            task_id="evaluate",
+            model_name=spec.name,
+            run_id=train.output["run_id"],
+            ir_uri=convert.output["ir_uri"],
+            label_column=spec.label,
+            **{key: spec.evaluation[key] for key in ("metric", "margin", "alpha")},
+            **RETRIES,
+        )
+        register = MlflowRegisterModelOperator(
+            task_id="register", model_name=spec.name, run_id=train.output["run_id"], **RETRIES
+        )
+        serving = {"serving_conn_id": plan["serving_conn_id"]} if "serving_conn_id" in plan else {}
+        rollout = RolloutChallengerOperator(
+            task_id="rollout",
+            model_name=spec.name,
+            version=register.output["version"],
+            deployment=spec.name,
+            steps=plan["steps"],
+            mode=plan["mode"],
+            analysis_seconds="{{ params.analysis_seconds }}",
+            approval="{{ params.approval }}",
+            allow_rejected="{{ params.allow_rejected }}",
+            retries=2,
+            retry_delay=timedelta(seconds=30),
+            **serving,
+        )
+        validate >> train
+        training_data >> validate
+        train >> convert >> evaluate >> register >> rollout
+        approval_hold(
+            rollout, model_name=spec.name, version=register.output["version"], deployment=spec.name, **serving
+        )
+    return dag
+
+
+def approval_hold(rollout: BaseOperator, **finish: Any) -> None:
+    """After ``rollout``: when it awaits approval, a person's Approve or Reject, then the finish task
+    that promotes or rolls back; otherwise nothing (approval off, or a first champion)."""
+
+    @task.short_circuit(task_id="needs_approval")
+    def needs_approval(result: dict[str, Any]) -> bool:
+        return bool(result["decision"] == "awaiting_approval")
+
+    gate: XComArg = needs_approval(rollout.output)
+    approve = ApprovalOperator(
+        task_id="approve",
+        subject="Promote version {{ ti.xcom_pull(task_ids='rollout')['challenger'] }} to champion?",
+        body="Every analysis window passed; the rollout report is linked from the rollout task.",
+        fail_on_reject=True,  # a rejection must not skip the finish task, which rolls back
+        defaults="Reject",
+        response_timeout=timedelta(days=1),
+    )
+    # Runs after the approval whatever its outcome: promotes on Approve, otherwise rolls back.
+    done = RolloutFinishOperator(
+        task_id="finish",
+        approval_task_id="approve",
+        trigger_rule="all_done_min_one_success",
+        retries=2,  # a retry completes an interrupted promotion or rollback
+        retry_delay=timedelta(seconds=30),
+        **finish,
+    )
+    gate >> approve >> done
+    gate >> done
+
+
+def _monitor(spec: LoopSpec) -> DAG:
+    drift = spec.drift
+    with DAG(
+        dag_id=spec.monitor_dag_id,
+        schedule=drift["schedule"],
+        catchup=False,
+        max_active_runs=1,
+        tags=["airloop", f"loop:{spec.name}"],
+        params={
+            "window_minutes": Param(
+                drift["window_minutes"], type="number", description="logged requests to test"
+            ),
+            "cooldown_minutes": Param(
+                drift["cooldown_minutes"], type="number", description="minimum time between two retrains"
+            ),
+        },
+        description=f"Loop {spec.name}: drift monitor",
+        doc_md=f"Built from the loop spec `{spec.source}` by `airloop.loops.dags`.",
+    ) as dag:
+        # alibi-detect lives in the runtimes: the serving one, or torch for its MMD (on PyTorch).
+        runtime = (
+            ("torch" if drift["method"] == "mmd" else "serving") if drift["backend"] == "alibi" else "worker"
+        )
+        common: dict[str, Any] = {
+            "model_name": spec.name,
+            "backend": drift["backend"],
+            "method": drift["method"],
+            "runtime": runtime,
+        }
+        window = drift.get("window")
+        if window:
+            detect: BaseOperator = DriftDetectDataOperator(
+                task_id="detect",
+                window_uri=window.get("uri"),
+                window_sql=window.get("sql"),
+                window_conn_id=window.get("conn_id"),
+                **common,
+            )
+        else:
+            detect = DriftDetectRequestsOperator(
+                task_id="detect", deployment=spec.name, window_minutes="{{ params.window_minutes }}", **common
+            )
+        DriftDecideRetrainOperator(
+            task_id="decide",
+            detection=detect.output,
+            actions=drift.get("actions"),
+            cooldown_minutes="{{ params.cooldown_minutes }}",
+            retrain_dag_id=spec.loop_dag_id,
+            outlets=[drift_asset(spec.name)],
+        )
+    return dag

@@ -1,0 +1,168 @@
+"""Loops from specs (``dags/airloop_loops.py``): two real data sets that ship with scikit-learn, each a
+loop drafted by ``airloop init``, side by side in one Airflow; each turn runs with ``dag.test()``.
+
+wine (3 classes, 13 features) and breast_cancer (2 classes, 30 features): each first turn trains,
+passes the data gate and the OpenVINO parity gate, registers and serves its own champion; a drift in
+wine's window updates wine's drift Asset only; a spec naming a column the data lacks stops at the
+first task, before anything is trained or registered.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from airloop import runtimes, settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _table(name: str):
+    from sklearn import datasets
+
+    frame = getattr(datasets, f"load_{name}")(as_frame=True).frame
+    frame.columns = [str(c).replace(" ", "_").replace("/", "_") for c in frame.columns]
+    return frame
+
+
+@pytest.fixture(scope="module")
+def loops(tmp_path_factory):
+    try:
+        runtimes.python("torch")  # the drafted estimator, a random forest, converts through hummingbird-ml
+    except runtimes.RuntimeMissingError as e:
+        pytest.skip(str(e))
+    subprocess.run(
+        [str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True, capture_output=True
+    )
+    from airloop.loops.init import draft
+
+    root = tmp_path_factory.mktemp("loops")
+    folder = root / "loops"
+    halves = {}
+    for name in ("wine", "breast_cancer"):
+        frame = _table(name).sample(frac=1.0, random_state=0).reset_index(drop=True)
+        half = len(frame) // 2
+        halves[name] = (frame.iloc[:half], frame.iloc[half:])
+        data = root / f"{name}.csv"
+        halves[name][0].to_csv(data, index=False)
+        draft(str(data), "target", folder, name=name.replace("_", "-"))
+    for path in folder.glob("*.yaml"):  # short canary windows: dag.test runs no clients
+        spec = yaml.safe_load(path.read_text())
+        spec["rollout"]["analysis_seconds"] = 1
+        path.write_text(yaml.safe_dump(spec))
+    return root, folder, halves
+
+
+@pytest.fixture(scope="module")
+def dagbag(loops, monkeypatch_module):
+    _, folder, _ = loops
+    monkeypatch_module.setenv("AIRLOOP_LOOPS_DIR", str(folder))
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(REPO / "dags" / "airloop_loops.py"))
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def _states(run) -> dict[str, str]:
+    return {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
+
+
+@pytest.fixture(scope="module")
+def first_turns(dagbag):
+    runs = {name: dagbag.get_dag(f"{name}_loop").test() for name in ("wine", "breast-cancer")}
+    yield runs
+    from airloop.serving.base import get_target
+
+    for name in runs:
+        get_target("local").delete(name)
+
+
+def test_each_spec_is_a_loop_and_a_monitor_on_its_own_asset(dagbag):
+    assert dagbag.import_errors == {}
+    assert set(dagbag.dag_ids) == {
+        "wine_loop",
+        "wine_drift_monitor",
+        "breast-cancer_loop",
+        "breast-cancer_drift_monitor",
+    }
+    for name in ("wine", "breast-cancer"):
+        (outlet,) = dagbag.get_dag(f"{name}_drift_monitor").get_task("decide").outlets
+        assert outlet.uri == f"airloop://drift/{name}"
+        assert dagbag.get_dag(f"{name}_loop").timetable.asset_condition == outlet
+
+
+def test_both_first_turns_make_their_own_served_champion(first_turns):
+    from mlflow import MlflowClient
+
+    from airloop.serving.base import get_target
+    from airloop.tracking.registry import aliases
+
+    client = MlflowClient(settings.mlflow_tracking_uri())
+    for name, run in first_turns.items():
+        assert str(run.state) == "success", (name, _states(run))
+        assert aliases(settings.mlflow_tracking_uri(), name) == {"champion": "1"}
+        (version,) = client.search_model_versions(f"name='{name}'")
+        experiment = client.get_experiment(client.get_run(version.run_id).info.experiment_id)
+        assert experiment.name == name
+        served = get_target("local").state(name)
+        assert {n: p["weight"] for n, p in served["predictors"].items()} == {"v1": 100}
+    # Each model was trained on its own data's columns, the label left out.
+    wine_run = client.get_run(client.get_model_version("wine", "1").run_id)
+    assert wine_run.data.params["model_class"] == "sklearn.ensemble._forest.RandomForestClassifier"
+    assert float(wine_run.data.metrics["accuracy"]) > 0.85
+
+
+def test_a_drift_in_one_loop_updates_its_asset_only(first_turns, loops, tmp_path):
+    root, folder, halves = loops
+    shifted = halves["breast_cancer"][1].copy()
+    # A covariate shift on strong features (wine's 89 rows a half are under the monitor's 200).
+    shifted["mean_radius"] = shifted["mean_radius"] * 1.5
+    shifted["worst_texture"] = shifted["worst_texture"] + 8.0
+    window = tmp_path / "window.parquet"
+    shifted.drop(columns=["target"]).to_parquet(window)
+    path = folder / "breast-cancer.yaml"
+    spec = yaml.safe_load(path.read_text())
+    spec["drift"]["window"] = {"uri": str(window)}
+    spec["drift"]["actions"] = {"low": "retrain", "medium": "retrain", "high": "retrain"}
+    path.write_text(yaml.safe_dump(spec))
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags" / "airloop_loops.py"))
+    run = bag.get_dag("breast-cancer_drift_monitor").test(run_conf={"cooldown_minutes": 0})
+    assert str(run.state) == "success", _states(run)
+    detection = run.get_task_instance("detect").xcom_pull(task_ids="detect")
+    assert detection["verdict"] == "drift" and "mean_radius" in detection["drifted_features"]
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        events = [(e.asset.uri, e.extra["severity"]) for e in session.query(AssetEvent).all()]
+    assert [uri for uri, _ in events] == ["airloop://drift/breast-cancer"], events
+
+
+def test_a_spec_naming_a_column_the_data_lacks_stops_before_training(first_turns, loops, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from airloop.loops.dags import loop_dags
+
+    _, folder, _ = loops
+    spec = yaml.safe_load((folder / "wine.yaml").read_text())
+    spec["features"] = ["alcohol", "colour"]
+    bad = {**spec, "suite": str(folder / spec["suite"]), "data": {"uri": str(folder / spec["data"]["uri"])}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    loop, _ = loop_dags(tmp_path / "bad.yaml")
+    states = _states(loop.test())
+    assert states["training_data"] == "failed"
+    assert all(states[t] == "upstream_failed" for t in ("validate", "train", "register", "rollout"))
+    assert "feature columns ['colour'] not in the training data" in capsys.readouterr().out
+    client = MlflowClient(settings.mlflow_tracking_uri())
+    assert [str(v.version) for v in client.search_model_versions("name='wine'")] == ["1"]
