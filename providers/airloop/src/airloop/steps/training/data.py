@@ -73,7 +73,7 @@ def build_training_set(request: BuildTrainingSetRequest | Mapping[str, Any]) -> 
         file = DataFile(name=name, rows=len(frame))
         if share < 1.0:  # seeded by the file's name: a retry takes the same sample
             frame = frame.sample(frac=share, random_state=zlib.crc32(name.encode()))
-            file.update(rows=len(frame), sampled=share)
+            file["rows"], file["sampled"] = len(frame), share
         frames.append(frame)
         files.append(file)
     write_table(_columns(pd.concat(frames, ignore_index=True), request), request.out_path)
