@@ -53,6 +53,9 @@ def loops(tmp_path_factory):
     for path in folder.glob("*.yaml"):  # short canary windows: dag.test runs no clients
         spec = yaml.safe_load(path.read_text())
         spec["rollout"]["analysis_seconds"] = 1
+        if spec["name"] == "wine":  # wine's model comes from a search: 2 rounds of 2 Optuna trials
+            space = {"max_depth": {"int": [2, 10]}, "min_samples_leaf": {"int": [1, 8], "log": True}}
+            spec["model"]["search"] = {"space": space, "rounds": 2, "trials": 2}
         path.write_text(yaml.safe_dump(spec))
     return root, folder, halves
 
@@ -119,6 +122,15 @@ def test_both_first_turns_make_their_own_served_champion(first_turns):
     wine_run = client.get_run(client.get_model_version("wine", "1").run_id)
     assert wine_run.data.params["model_class"] == "sklearn.ensemble._forest.RandomForestClassifier"
     assert float(wine_run.data.metrics["accuracy"]) > 0.85
+    # wine's champion is the best of its search's four trials, two rounds of Optuna's suggestions.
+    selected = first_turns["wine"].get_task_instance("train").xcom_pull(task_ids="train")
+    assert len(selected["candidates"]) == 4 and selected["run_id"] == wine_run.info.run_id
+    assert selected["metrics"]["accuracy"] == max(c["value"] for c in selected["candidates"])
+    asked = [
+        first_turns["wine"].get_task_instance(f"suggest_{r}").xcom_pull(task_ids=f"suggest_{r}")
+        for r in (0, 1)
+    ]
+    assert all(len(round_) == 2 and 2 <= p["max_depth"] <= 10 for round_ in asked for p in round_)
 
 
 def test_a_drift_in_one_loop_updates_its_asset_only(first_turns, loops, tmp_path):

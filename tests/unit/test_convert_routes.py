@@ -266,3 +266,33 @@ def test_runtime_builds_take_pips_find_links(monkeypatch):
     ]
     monkeypatch.delenv("PIP_FIND_LINKS")
     assert runtimes._find_links() == []
+
+
+def test_a_tree_splits_float32_neighbours_as_scikit_learn_does(store):
+    """A threshold between two adjacent float32 values rounds, in a float32 graph, to the upper one:
+    without the conversion's float32 thresholds every row at that value would go the other way."""
+    import numpy as np
+    import pandas as pd
+
+    low = np.nextafter(np.float32(1000), np.float32(2000))  # an odd mantissa: the midpoint rounds up
+    high = np.nextafter(low, np.float32(2000))
+    assert np.float32((np.float64(low) + np.float64(high)) / 2) == high
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 800)
+    table = pd.DataFrame(
+        {"f0": np.where(labels == 1, high, low).astype(np.float64), "f1": rng.normal(size=800)}
+    )
+    data = write_table(table.assign(label=labels), str(store["root"] / "neighbours.parquet"))
+    trained = train(
+        {
+            "tracking_uri": store["tracking_uri"],
+            "artifact_root": store["artifact_root"],
+            "data_uri": data,
+            "estimator": "sklearn.tree.DecisionTreeClassifier",
+            "estimator_params": {"max_depth": 3},
+        }
+    )
+    result = _in_torch_runtime(store, {"run_id": trained["run_id"], "variants": ["fp32"]})
+    assert result["passed"] is True, result["reason"]
+    assert result["conversion_check"]["label_agreement"] == 1.0
+    assert result["conversion_check"]["max_abs_diff"] == 0.0

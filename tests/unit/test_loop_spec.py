@@ -189,3 +189,19 @@ def test_the_spec_in_the_docs_validates():
     block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
     spec = parse(yaml.safe_load(block), base="/specs")
     assert spec.name == "churn" and spec.candidates == [{"max_depth": 6}, {"max_depth": 16}]
+
+
+def test_init_takes_string_labels_and_refuses_text_features(tmp_path):
+    from sklearn.datasets import load_wine
+
+    from airloop.loops.init import draft
+
+    frame = load_wine(as_frame=True).frame
+    frame["target"] = frame["target"].map({0: "barolo", 1: "grignolino", 2: "barbera"})
+    frame.to_csv(tmp_path / "wine.csv", index=False)
+    drafted = draft(str(tmp_path / "wine.csv"), "target", tmp_path / "loops")
+    assert "3 classes: 'grignolino' 39.9%, 'barolo' 33.1%, 'barbera' 27.0%" in "\n".join(drafted.lines)
+    frame.assign(region="piedmont").to_csv(tmp_path / "regions.csv", index=False)
+    with pytest.raises(ValueError, match=r"columns \['region'\] are not numeric"):
+        draft(str(tmp_path / "regions.csv"), "target", tmp_path / "loops")
+    assert not (tmp_path / "loops" / "regions.yaml").exists()

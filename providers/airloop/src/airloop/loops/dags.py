@@ -38,6 +38,7 @@ from airloop.operators.mlflow import (
     MlflowTrainModelOperator,
 )
 from airloop.operators.openvino import OpenvinoConvertModelOperator
+from airloop.operators.optuna import OptunaSuggestTrialsOperator
 from airloop.operators.rollout import RolloutChallengerOperator, RolloutFinishOperator
 from airloop.operators.tables import TablesBuildTrainingSetOperator
 from airloop.steps.training.requests import WINDOW_PATTERN
@@ -136,11 +137,13 @@ def _loop(spec: LoopSpec) -> DAG:
             "training_set": training_data.output,
             **RETRIES,
         }
-        if spec.candidates:
+        if spec.search:
+            train: BaseOperator = _search(spec, fit)
+        elif spec.candidates:
             trials = MlflowTrainModelOperator.partial(task_id="trial", **fit).expand(
                 estimator_params=[{**spec.params, **candidate} for candidate in spec.candidates]
             )
-            train: BaseOperator = MlflowSelectBestRunOperator(
+            train = MlflowSelectBestRunOperator(
                 task_id="train",
                 run_ids=trials.output["run_id"],
                 metric=spec.evaluation["metric"],
@@ -192,6 +195,43 @@ def _loop(spec: LoopSpec) -> DAG:
             rollout, model_name=spec.name, version=register.output["version"], deployment=spec.name, **serving
         )
     return dag
+
+
+def _search(spec: LoopSpec, fit: dict[str, Any]) -> BaseOperator:
+    """Rounds of suggest -> mapped trials, then the best of every trial: the ``train`` task."""
+    search = spec.search or {}
+    history: list[Any] = []
+    for round_ in range(search["rounds"]):
+        # After a round that trained nothing (the search stopped), the next ones still run, and stop.
+        rule = "all_success" if round_ == 0 else "none_failed"
+        suggest = OptunaSuggestTrialsOperator(
+            task_id=f"suggest_{round_}",
+            estimator=spec.estimator,
+            space=search["space"],
+            estimator_params=spec.params,
+            trials=search["trials"],
+            patience=search["patience"],
+            metric=spec.evaluation["metric"],
+            seed=search["seed"],
+            history=list(history),
+            trigger_rule=rule,
+        )
+        trials = MlflowTrainModelOperator.partial(task_id=f"trial_{round_}", trigger_rule=rule, **fit).expand(
+            estimator_params=suggest.output
+        )
+        history += [suggest.output, trials.output]
+
+    @task(task_id="trials", trigger_rule="none_failed")
+    def run_ids(rounds: list[Any]) -> list[str]:
+        return [run["run_id"] for trained in rounds for run in trained or []]
+
+    return MlflowSelectBestRunOperator(
+        task_id="train",
+        run_ids=run_ids(history[1::2]),
+        metric=spec.evaluation["metric"],
+        mode="max",
+        **RETRIES,
+    )
 
 
 def approval_hold(rollout: BaseOperator, **finish: Any) -> None:
@@ -251,6 +291,7 @@ def _monitor(spec: LoopSpec) -> DAG:
             "model_name": spec.name,
             "backend": drift["backend"],
             "method": drift["method"],
+            "min_rows": drift["min_rows"],
             "runtime": runtime,
         }
         window = drift.get("window")
@@ -271,6 +312,7 @@ def _monitor(spec: LoopSpec) -> DAG:
             detection=detect.output,
             actions=drift.get("actions"),
             cooldown_minutes="{{ params.cooldown_minutes }}",
+            min_window_rows=drift["min_rows"],
             retrain_dag_id=spec.loop_dag_id,
             outlets=[drift_asset(spec.name)],
         )

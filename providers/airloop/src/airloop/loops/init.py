@@ -24,6 +24,10 @@ ESTIMATOR = "sklearn.ensemble.RandomForestClassifier"
 PARAMS = {"n_estimators": 100, "max_depth": 12, "min_samples_leaf": 2}
 # A class under this share of the rows: accuracy says little about it (the note printed says so).
 MINORITY_SHARE = 0.1
+# The drift monitor tests windows of at least this many distinct rows; a small table gets an eighth of
+# its rows instead, and a note: a window of a small world holds few distinct rows, and the reference
+# sample is three quarters of a training split.
+DRIFT_MIN_ROWS = 200
 
 
 @dataclass(frozen=True)
@@ -104,14 +108,21 @@ def draft(
         "evaluation": {"metric": "accuracy", "margin": 0.0, "alpha": 0.05},
         "suite": suite_path.name,
         "rollout": {"steps": [10, 25, 50, 100], "mode": "canary", "analysis_seconds": 30, "approval": False},
-        "drift": {"method": "ks", "backend": "scipy", "schedule": "@hourly", "cooldown_minutes": 60},
+        "drift": {
+            "method": "ks",
+            "backend": "scipy",
+            "schedule": "@hourly",
+            "cooldown_minutes": 60,
+            "min_rows": min(DRIFT_MIN_ROWS, max(30, len(frame) // 8)),
+        },
     }
     parse(spec, base=out, source=str(spec_path))  # what it writes, it validates
     _write_spec(spec_path, spec)
 
     shares = classes / len(target)
     lines = [f"{len(frame)} rows, {len(frame.columns)} columns in {data}"]
-    lines += [f"  {c['column']:<24} {c['kind']:<12} {c['why']}" for c in profiled["columns"]]
+    width = max(len(c["column"]) for c in profiled["columns"])
+    lines += [f"  {c['column']:<{width}}  {c['kind']:<11}  {c['why']}" for c in profiled["columns"]]
     listed = ", ".join(f"{value!r} {share:.1%}" for value, share in shares.items())
     lines.append(f"task: classification of {label!r}, {len(classes)} classes: {listed}")
     lines.append(
@@ -124,6 +135,11 @@ def draft(
             " about it; watch its recall in the MLflow run"
         )
     lines.append(f"estimator: {ESTIMATOR} {PARAMS} (converts to OpenVINO through hummingbird-ml)")
+    if spec["drift"]["min_rows"] < DRIFT_MIN_ROWS:
+        lines.append(
+            f"note: {len(frame)} rows: the drift monitor tests windows of {spec['drift']['min_rows']}+"
+            f" distinct rows (drift.min_rows; {DRIFT_MIN_ROWS} for larger data), so its tests have less power"
+        )
     lines.append(
         f"wrote {spec_path} and {suite_path} ({profiled['expectations']} expectations): review both,"
         " then commit them to the loops folder"

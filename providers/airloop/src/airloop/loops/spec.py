@@ -41,6 +41,8 @@ class LoopSpec:
     estimator: str
     params: dict[str, Any] = field(default_factory=dict)
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    # An Optuna search: ``space``, ``rounds``, ``trials`` a round, ``patience``, ``seed`` (defaults in).
+    search: dict[str, Any] | None = None
     features: list[str] | None = None
     keys: list[str] = field(default_factory=list)
     timestamp: str | None = None
@@ -138,6 +140,7 @@ def parse(raw: Any, base: str | Path | None = None, source: str = "<mapping>") -
         estimator=model["estimator"],
         params=dict(model.get("params", {})),
         candidates=[dict(c) for c in model.get("candidates", [])],
+        search=_search(model.get("search")),
         evaluation=_defaults("evaluation", spec),
         suite=_resolve(spec["suite"], root),
         conversion=_defaults("conversion", spec),
@@ -158,6 +161,15 @@ def _cross_checks(spec: dict[str, Any]) -> list[str]:
         problems.append(f"label: {label!r} is also a key or the timestamp")
     for column in sorted(set(features) & set(others)):
         problems.append(f"features: {column!r} is also a key or the timestamp")
+    model = spec["model"]
+    if "candidates" in model and "search" in model:
+        problems.append("model: give candidates (a list) or search (a space), not both")
+    for name, space in model.get("search", {}).get("space", {}).items():
+        bounds = space.get("int") or space.get("float")
+        if bounds and not bounds[0] < bounds[1]:
+            problems.append(f"model.search.space.{name}: low {bounds[0]} must be under high {bounds[1]}")
+        elif bounds and space.get("log") and bounds[0] <= 0:
+            problems.append(f"model.search.space.{name}: a log scale needs low > 0")
     steps = spec.get("rollout", {}).get("steps", [])
     if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
         problems.append(f"rollout.steps: {steps} must rise step by step (traffic percent to the challenger)")
@@ -165,6 +177,13 @@ def _cross_checks(spec: dict[str, Any]) -> list[str]:
     if drift.get("method") == "mmd" and drift.get("backend", "scipy") != "alibi":
         problems.append("drift.method: 'mmd' needs drift.backend 'alibi' (the scipy backend has ks and cvm)")
     return problems
+
+
+def _search(search: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if search is None:
+        return None
+    properties = schema()["properties"]["model"]["properties"]["search"]["properties"]
+    return {**{key: p["default"] for key, p in properties.items() if "default" in p}, **search}
 
 
 def _defaults(section: str, spec: Mapping[str, Any]) -> dict[str, Any]:

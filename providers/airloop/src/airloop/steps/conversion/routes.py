@@ -240,6 +240,42 @@ def _needs_torch_runtime(route: str, family: str, error: ImportError) -> Unsuppo
     )
 
 
+def float32_thresholds(estimator: Any) -> Any:
+    """A copy of a scikit-learn tree model whose split thresholds are the largest float32 at or under
+    each, so that a float32 graph splits every row as scikit-learn does.
+
+    scikit-learn's trees cast the features to float32 and compare them with float64 thresholds
+    (midpoints between two training values). A float32 graph rounds a threshold to the nearest float32,
+    which may be the training value just above it: that value then goes left in the graph and right in
+    scikit-learn, moving a forest's probability by one tree's vote (seen on real data: 0.01 with 100
+    trees). For float32 inputs, ``x <= t`` holds exactly when ``x <= the largest float32 <= t``.
+    Histogram gradient boosting compares in float64 and is returned as it is.
+    """
+    import copy
+
+    trees = _float32_trees(estimator)
+    if not trees:
+        return estimator
+    copied = copy.deepcopy(estimator)
+    for tree in _float32_trees(copied):
+        threshold = tree.tree_.threshold  # a view of the tree's nodes: writes go to the tree
+        down = threshold.astype(np.float32)
+        above = down.astype(np.float64) > threshold
+        down[above] = np.nextafter(down[above], np.float32(-np.inf))
+        threshold[:] = down
+    return copied
+
+
+def _float32_trees(estimator: Any) -> list[Any]:
+    """The fitted ``tree_``-holding trees of a model that predicts on float32 features."""
+    if hasattr(estimator, "tree_"):
+        return [estimator]
+    family = type(estimator).__name__
+    if family in ("RandomForestClassifier", "ExtraTreesClassifier", "GradientBoostingClassifier"):
+        return [tree for tree in np.ravel(estimator.estimators_) if hasattr(tree, "tree_")]
+    return []
+
+
 def _hummingbird_graph(estimator: Any, rows: np.ndarray, source: Source, work_dir: str) -> None:
     """hummingbird-ml's torch graph of a tree model, converted to an fp32 IR (``source.graph``)."""
     try:
@@ -249,7 +285,7 @@ def _hummingbird_graph(estimator: Any, rows: np.ndarray, source: Source, work_di
         raise _needs_torch_runtime(source.route, source.family, error) from None
     import openvino
 
-    executor = hummingbird.ml.convert(estimator, "torch", rows[:100]).model
+    executor = hummingbird.ml.convert(float32_thresholds(estimator), "torch", rows[:100]).model
 
     class Probabilities(torch.nn.Module):
         """hummingbird-ml's operators on one float32 tensor, returning the probabilities only: its own

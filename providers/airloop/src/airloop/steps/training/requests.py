@@ -62,6 +62,27 @@ class TrainRequest(MlflowRequest):
 
 
 @dataclass(frozen=True, kw_only=True)
+class SuggestRequest(StepRequest):
+    """``suggest``: the next round of a search's trials (``estimator_params`` under the suggested ones),
+    from the rounds so far (Optuna's ask/tell).
+
+    ``space``: ``{param: {"int": [low, high]} | {"float": [low, high]} (each with optional "log") |
+    {"choices": [...]}}``; ``history``: the earlier rounds as ``[params of round 0, trained runs of
+    round 0, params of round 1, ...]`` (what the suggest and trial tasks returned).
+    """
+
+    estimator: str
+    space: dict[str, dict[str, Any]]
+    estimator_params: dict[str, Any] = field(default_factory=dict)
+    trials: int = 4
+    # Rounds without a better best value before the search stops (pruning between rounds).
+    patience: int = 1
+    metric: str = "accuracy"
+    seed: int = 0
+    history: list[Any] = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
 class SelectBestRequest(MlflowRequest):
     """``select_best``: the best of ``run_ids`` by ``metric``; ties go to the earliest candidate."""
 
