@@ -153,6 +153,20 @@ async def test_too_little_data_times_out_instead_of_passing():
 
 
 @pytest.mark.asyncio
+async def test_busy_arms_whose_labels_have_not_come_time_out_instead_of_passing():
+    # Plenty of fast requests on both arms; the challenger's labels come later than the wait lasts.
+    unlabelled = {**snapshot(200, 0), "feedback": 0}
+    event = await first(trigger("late", [{"v1": snapshot(400, 360), "v2": unlabelled}]))
+    assert event["status"] == "timeout" and "fewer than 30 feedback labels" in event["message"]
+    tests = event["verdict"]["tests"]
+    assert (tests["errors"]["status"], tests["latency"]["status"], tests["accuracy"]["status"]) == (
+        "pass",
+        "pass",
+        "wait",
+    )
+
+
+@pytest.mark.asyncio
 async def test_an_unreachable_target_is_an_error_event():
     event = await first(trigger("down", [], target_config={"target": "scripted", "fail": True}))
     assert event["status"] == "error" and "gateway down" in event["message"]

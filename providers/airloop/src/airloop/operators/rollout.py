@@ -111,6 +111,11 @@ class RolloutChallengerOperator(_RolloutOperator):
     :param criteria: overrides of ``DEFAULT_CRITERIA`` (see ``airloop.steps.rollout.canary.analyse``).
     :param poll_interval: seconds between two reads of the metrics while a window waits for data.
     :param allow_rejected: roll out a version the registry marks rejected (a person's decision).
+    :param on_inconclusive: what a window still short of data after ``max_wait_seconds`` (too few
+        labelled requests on either predictor: labels that come late) leads to: ``rollback``,
+        ``extend`` (wait for the same window again, deferred like the first wait) or ``hold`` (for a
+        person's approval, as with ``approval``: ``RolloutFinishOperator`` promotes or rolls back).
+    :param max_extensions: how many times ``extend`` waits again before it rolls back.
     """
 
     template_fields: Sequence[str] = (
@@ -125,6 +130,8 @@ class RolloutChallengerOperator(_RolloutOperator):
         "max_wait_seconds",
         "criteria",
         "allow_rejected",
+        "on_inconclusive",
+        "max_extensions",
     )
 
     def __init__(
@@ -142,6 +149,8 @@ class RolloutChallengerOperator(_RolloutOperator):
         criteria: dict[str, Any] | None = None,
         poll_interval: float = RolloutRequest.poll_interval,
         allow_rejected: bool | str = RolloutRequest.allow_rejected,
+        on_inconclusive: str = RolloutRequest.on_inconclusive,
+        max_extensions: int | str = RolloutRequest.max_extensions,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         **kwargs: Any,
     ) -> None:
@@ -155,6 +164,8 @@ class RolloutChallengerOperator(_RolloutOperator):
         self.criteria = criteria
         self.poll_interval = poll_interval
         self.allow_rejected = allow_rejected
+        self.on_inconclusive = on_inconclusive
+        self.max_extensions = max_extensions
         self.deferrable = deferrable
 
     def request(self) -> RolloutRequest:
@@ -171,6 +182,8 @@ class RolloutChallengerOperator(_RolloutOperator):
                 criteria=self.criteria or {},
                 poll_interval=self.poll_interval,
                 allow_rejected=self.allow_rejected,
+                on_inconclusive=self.on_inconclusive,
+                max_extensions=self.max_extensions,
             )
         )
 

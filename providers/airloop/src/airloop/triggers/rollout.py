@@ -23,8 +23,8 @@ class RolloutTrigger(BaseTrigger):
 
     Yields one event (``WindowEvent``): ``{"status": "ready" | "timeout" | "error", "message",
     "after": metrics, "verdict": the analysis}``. It carries the whole verdict, so the window is
-    analysed once, here; "timeout" means the data stayed insufficient (the last "wait" verdict),
-    which the rollout treats as a failed step.
+    analysed once, here; "timeout" means the data stayed insufficient (the last "wait" verdict,
+    e.g. labels that have not come yet), which the rollout records as ``inconclusive``.
     """
 
     def __init__(

@@ -43,6 +43,10 @@ class RolloutRequest(MlflowRequest):
     poll_interval: float = 1.0
     # A rejected version is never rolled out again unless a person says so here.
     allow_rejected: bool = False
+    # What a window still short of data (labels, mostly) when its wait ends leads to: "rollback",
+    # "extend" (wait again, up to max_extensions times, then roll back) or "hold" (for approval).
+    on_inconclusive: str = "rollback"
+    max_extensions: int = 2
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,8 +54,9 @@ class RolloutRequest(MlflowRequest):
         set_ = object.__setattr__
         set_(self, "version", str(self.version))
         set_(self, "steps", tuple(self.steps))
-        if isinstance(self.shadow_percent, str):
-            set_(self, "shadow_percent", int(self.shadow_percent))
+        for name in ("shadow_percent", "max_extensions"):
+            if isinstance(getattr(self, name), str):
+                set_(self, name, int(getattr(self, name)))
         for name in ("approval", "allow_rejected"):
             set_(self, name, flag(name, getattr(self, name)))
         for name in ("analysis_seconds", "max_wait_seconds", "poll_interval"):
@@ -84,8 +89,11 @@ class PredictorStats(TypedDict):
     error_rate: float | None
     p99_ms: float | None
     latency_ms_buckets: dict[str, float]
-    feedback: int
+    feedback: int  # rows with a truth label
     accuracy: float | None
+    labelled: int  # requests whose label came, where the target times labels (else 0)
+    label_lag_p50_s: float | None  # seconds from prediction to label
+    label_lag_p90_s: float | None
     predicted: dict[str, int]
     pairs: int | None
     agreement: float | None
@@ -128,11 +136,12 @@ class RolloutStep(TypedDict):
     started: str
     mirror: NotRequired[int]
     stage: NotRequired[int]  # the window's index in the plan
+    extension: NotRequired[int]  # the n-th extension of the stage's window (on_inconclusive="extend")
     ended: NotRequired[str]
     before: NotRequired[Metrics]  # while the window is open
     verdict: NotRequired[
         str
-    ]  # pass fail inconclusive error interrupted | awaiting approved rejected | promoted
+    ]  # pass fail inconclusive extended error interrupted | awaiting approved rejected | promoted
     reasons: NotRequired[list[str]]
     champion_stats: NotRequired[PredictorStats]
     challenger_stats: NotRequired[PredictorStats]
