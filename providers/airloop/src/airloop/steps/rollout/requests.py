@@ -1,6 +1,6 @@
 """The rollout's types: its request, the analysis request and verdict, the trigger's event, the report,
-the task's result and the audit record. The standard library only, so operator and trigger modules
-import them at the top without slowing DAG parsing.
+the task's result and the audit record; the labels ingest's request and result. The standard library
+only, so operator and trigger modules import them at the top without slowing DAG parsing.
 """
 
 from __future__ import annotations
@@ -226,3 +226,53 @@ class RolloutAuditRecord(TypedDict):
     steps: list[AuditStep]
     report: str
     earlier: list[EarlierAttempt]
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngestLabelsRequest(StepRequest):
+    """``ingest``: the ground truth at ``labels_path`` (a parquet or CSV file, or a folder of them),
+    joined on the request id to the request log of ``deployment`` under ``artefact_root``."""
+
+    labels_path: str
+    deployment: str
+    artefact_root: str
+    source: str = ""  # what the ground truth is called in the result (the URI or the query)
+    id_column: str = "request_id"
+    label_column: str = "label"
+    # When each label became known (timestamps, or epoch seconds); the time of the ingest when None.
+    time_column: str | None = None
+    # A label that comes later than this after its prediction is too late: counted, not used.
+    max_label_delay_hours: float = 7 * 24
+    # How far back the request log is read: ids of older requests count as unknown.
+    lookback_hours: float = 14 * 24
+    now: float | None = None  # epoch seconds; the time of the ingest when None
+
+
+class Arm(TypedDict):
+    """One predictor's matured labels in the labels log (first label per request)."""
+
+    model_version: str
+    labelled: int  # requests
+    rows: int
+    correct: int
+    accuracy: float | None
+    label_lag_p50_s: float
+    label_lag_p90_s: float
+
+
+class IngestResult(TypedDict):
+    """What one ingest did: every ground-truth row is in exactly one of ``matched``, ``duplicates``,
+    ``unknown``, ``too_late`` and ``invalid``; ``quality``: per predictor, over the whole labels log."""
+
+    source: str
+    rows: int
+    matched: int
+    duplicates: int  # the request already had a label (earlier, or in this batch)
+    unknown: int  # no logged prediction with this id within lookback_hours
+    too_late: int  # came more than max_label_delay_hours after the prediction
+    invalid: int  # no id or no label, a label time before the prediction, a request of several rows
+    examples: dict[str, list[str]]  # up to 5 request ids (or row numbers) per count other than matched
+    written: str | None  # the labels log file holding the matched labels
+    unreadable_log_lines: int
+    unresolved: int  # labels in the labels log whose prediction is not in the request log read
+    quality: dict[str, Arm]

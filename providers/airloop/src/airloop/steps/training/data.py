@@ -15,16 +15,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from airloop.steps.training.requests import BuildTrainingSetRequest, DataFile, TrainingSet
-from airloop.tables import fingerprint, read_table, write_table
+from airloop.tables import fingerprint, read_table, table_files, write_table
 
-TABLE_SUFFIXES = (".parquet", ".csv", ".csv.gz")
 WINDOW = re.compile(r"all|latest(?::([1-9][0-9]*))?")
 
 
 def build_training_set(request: BuildTrainingSetRequest | Mapping[str, Any]) -> TrainingSet:
     """The window of ``data_uri`` as one parquet table at ``out_path`` -> ``{"uri", "source", "window",
     "files", "rows", "columns", "sha256"}``; see docs/steps.md."""
-    import fsspec
     import pandas as pd
 
     request = BuildTrainingSetRequest.parse(request)
@@ -32,22 +30,10 @@ def build_training_set(request: BuildTrainingSetRequest | Mapping[str, Any]) -> 
     if window is None:
         raise ValueError(f"window {request.window!r} is not 'all', 'latest' or 'latest:<n>' (n >= 1)")
     options = request.storage_options or {}
-    fs, root = fsspec.core.url_to_fs(request.data_uri, **options)
-    if not fs.exists(root):
-        raise ValueError(f"training data {request.data_uri} does not exist")
-    if fs.isdir(root):
-        names = sorted(
-            path[len(root.rstrip("/")) + 1 :]
-            for path in fs.find(root)
-            if path.lower().endswith(TABLE_SUFFIXES) and not _hidden(path[len(root.rstrip("/")) + 1 :])
-        )
-        if not names:
-            raise ValueError(f"training data folder {request.data_uri} holds no parquet or CSV file")
-        if request.window != "all":
-            names = names[-int(window.group(1) or 1) :]
-        uris = [f"{request.data_uri.rstrip('/')}/{name}" for name in names]
-    else:
-        names, uris = [root.rstrip("/").rsplit("/", 1)[-1]], [request.data_uri]
+    drops = table_files(request.data_uri, options, what="training data")
+    if request.window != "all":
+        drops = drops[-int(window.group(1) or 1) :]  # a file is its own window
+    names, uris = [name for name, _ in drops], [uri for _, uri in drops]
 
     frames: list[pd.DataFrame] = []
     files: list[DataFile] = []
@@ -72,8 +58,3 @@ def build_training_set(request: BuildTrainingSetRequest | Mapping[str, Any]) -> 
         "columns": written["columns"],
         "sha256": written["sha256"],
     }
-
-
-def _hidden(name: str) -> bool:
-    """Files that writers leave beside the data (``_SUCCESS``, ``.part`` files) are not drops."""
-    return any(part.startswith((".", "_")) for part in name.split("/"))
