@@ -333,3 +333,31 @@ def test_label_lag_is_reported_per_arm_over_the_window():
     # Interpolated within the buckets, as a Prometheus histogram_quantile: 2 s in (1, 5], 100 s in (60, 300].
     assert 1 < champion["label_lag_p50_s"] <= 5 and 60 < champion["label_lag_p90_s"] <= 300
     assert 15 < chal["label_lag_p50_s"] <= 30 and 15 < chal["label_lag_p90_s"] <= 30
+
+
+def _arm(labelled: int, correct: int) -> dict:
+    """One predictor's matured labels from the labels log (``airloop.labels.window_quality``)."""
+    return {
+        "model_version": "x",
+        "labelled": labelled,
+        "rows": labelled,
+        "correct": correct,
+        "accuracy": correct / labelled,
+        "label_lag_p50_s": 3600.0,
+        "label_lag_p90_s": 7200.0,
+    }
+
+
+def test_labels_from_the_labels_log_judge_quality_whatever_the_counters_saw():
+    # The counters saw no feedback in the window (it came after the gateway forgot the predictions).
+    request = _request(_stats(800), _stats(200))
+    request["labels"] = {"v3": _arm(100, 95), "v4": _arm(100, 60)}
+    result = analyse(request)
+    assert result["verdict"] == "fail" and result["tests"]["accuracy"]["status"] == "fail"
+    assert (result["challenger"]["labelled"], result["challenger"]["accuracy"]) == (100, 0.6)
+    assert result["challenger"]["label_lag_p90_s"] == 7200.0
+    # The labels log has labels for the champion only: wait, whatever the counters say.
+    request = _request(_stats(800, 0, 400, 360), _stats(200, 0, 100, 90))
+    request["labels"] = {"v3": _arm(100, 95)}
+    result = analyse(request)
+    assert result["verdict"] == "wait" and "challenger 0 of 200" in result["tests"]["accuracy"]["reason"]

@@ -132,6 +132,17 @@ def test_extend_waits_again_on_the_same_window_then_rolls_back_at_the_maximum(re
     assert target.weights(DEPLOYMENT) == {"v1": 100}
 
 
+def test_a_window_reads_the_labels_log_only_when_asked_and_an_extension_keeps_its_start(registry, tmp_path):
+    from airloop import settings
+
+    rollout, _, window = start(registry, tmp_path)
+    assert window.labels_root is None and window.labels_since is not None
+    rollout, _, window = start(registry, tmp_path / "log", labels_from="log", on_inconclusive="extend")
+    assert window.labels_root == settings.artefact_root()
+    again = rollout.record_window(window.step, event(window, NO_LABELS, "timeout"))
+    assert isinstance(again, Window) and again.labels_since == window.labels_since
+
+
 def test_extend_promotes_once_the_labels_have_come(registry, tmp_path):
     rollout, target, window = start(registry, tmp_path, on_inconclusive="extend")
     window = rollout.record_window(window.step, event(window, NO_LABELS, "timeout"))
@@ -164,6 +175,7 @@ def test_hold_waits_for_a_person_with_traffic_as_it_is(registry, tmp_path, appro
     [
         ({"on_inconclusive": "wait"}, r"on_inconclusive must be one of \['rollback', 'extend', 'hold'\]"),
         ({"max_extensions": -1}, "max_extensions must be 0 or more"),
+        ({"labels_from": "feedback"}, r"labels_from must be one of \['metrics', 'log'\]"),
     ],
 )
 def test_a_bad_inconclusive_plan_is_named_before_anything_is_deployed(registry, tmp_path, options, problem):

@@ -13,6 +13,8 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from airloop.serving.logs import LABELS_FOLDER, REQUESTS_FOLDER, read_log
+
 
 def served(requests: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Answered predictions by request id (a failed request has no prediction to label)."""
@@ -55,6 +57,33 @@ def quality(outcomes: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         arm["label_lag_p50_s"] = _rank(ordered, 0.5)
         arm["label_lag_p90_s"] = _rank(ordered, 0.9)
     return arms
+
+
+def matured(
+    records: Iterable[dict[str, Any]], predictions: dict[str, dict[str, Any]]
+) -> tuple[dict[str, dict[str, Any]], int]:
+    """``quality`` over the first label of each request in ``records`` (labels log records); and how
+    many labels found no prediction in ``predictions`` (or one of another number of rows)."""
+    first: dict[str, dict[str, Any]] = {}
+    for record in sorted(records, key=lambda r: r["ts"]):
+        if record.get("truth") is not None:
+            first.setdefault(record["request_id"], record)
+    outcomes, unresolved = [], 0
+    for request_id, record in first.items():
+        prediction = predictions.get(request_id)
+        if prediction is None or len(record["truth"]) != len(prediction["prediction"]):
+            unresolved += 1
+            continue
+        outcomes.append(outcome(prediction, record["truth"], record["ts"]))
+    return quality(outcomes), unresolved
+
+
+def window_quality(root_uri: str, deployment: str, since: float) -> dict[str, dict[str, Any]]:
+    """Per predictor, the labels that have come so far for the predictions it answered since ``since``
+    (epoch seconds): what the canary judges a window on when it reads the logs."""
+    predictions = served(read_log(root_uri, REQUESTS_FOLDER, deployment, since).records)
+    labels = read_log(root_uri, LABELS_FOLDER, deployment, since).records
+    return matured([r for r in labels if r["request_id"] in predictions], predictions)[0]
 
 
 def _rank(ordered: list[float], q: float) -> float:

@@ -116,6 +116,9 @@ class RolloutChallengerOperator(_RolloutOperator):
         ``extend`` (wait for the same window again, deferred like the first wait) or ``hold`` (for a
         person's approval, as with ``approval``: ``RolloutFinishOperator`` promotes or rolls back).
     :param max_extensions: how many times ``extend`` waits again before it rolls back.
+    :param labels_from: where the accuracy check's labels come from: ``metrics`` (the serving target's
+        feedback counters) or ``log`` (the labels log joined to the request log: also labels sent long
+        after the prediction, and ground truth from ``LabelsIngestOperator``; the local target).
     """
 
     template_fields: Sequence[str] = (
@@ -132,6 +135,7 @@ class RolloutChallengerOperator(_RolloutOperator):
         "allow_rejected",
         "on_inconclusive",
         "max_extensions",
+        "labels_from",
     )
 
     def __init__(
@@ -151,6 +155,7 @@ class RolloutChallengerOperator(_RolloutOperator):
         allow_rejected: bool | str = RolloutRequest.allow_rejected,
         on_inconclusive: str = RolloutRequest.on_inconclusive,
         max_extensions: int | str = RolloutRequest.max_extensions,
+        labels_from: str = RolloutRequest.labels_from,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         **kwargs: Any,
     ) -> None:
@@ -166,6 +171,7 @@ class RolloutChallengerOperator(_RolloutOperator):
         self.allow_rejected = allow_rejected
         self.on_inconclusive = on_inconclusive
         self.max_extensions = max_extensions
+        self.labels_from = labels_from
         self.deferrable = deferrable
 
     def request(self) -> RolloutRequest:
@@ -184,6 +190,7 @@ class RolloutChallengerOperator(_RolloutOperator):
                 allow_rejected=self.allow_rejected,
                 on_inconclusive=self.on_inconclusive,
                 max_extensions=self.max_extensions,
+                labels_from=self.labels_from,
             )
         )
 

@@ -17,7 +17,10 @@ Result (``Verdict``): ``{"verdict": "pass" | "fail" | "wait", "reasons": [...], 
 feedback labels. Quality is judged on matured labels only: the labels that came during the window,
 for requests of each predictor (a label may take hours: it counts when it comes). Per predictor the
 verdict reports ``requests``, ``labelled`` (requests whose label came, where the target times labels)
-and the label lag (``label_lag_p50_s``, ``label_lag_p90_s``). With fewer than ``min_feedback``
+and the label lag (``label_lag_p50_s``, ``label_lag_p90_s``). With ``labels`` (per predictor, from
+the labels log: ``airloop.labels.window_quality``) quality is judged on the labels come so far for
+the requests each predictor answered in the window, whenever they came (feedback long after the
+gateway forgot the prediction, ground truth ingested from files or tables). With fewer than ``min_feedback``
 labelled rows on either predictor the accuracy check waits: the window never passes, and a window
 still short of labels when its wait ends is ``inconclusive`` (``airloop.steps.rollout.rollout``:
 the plan's ``on_inconclusive`` says what follows).
@@ -80,6 +83,11 @@ def analyse(request: Mapping[str, Any] | AnalysisRequest) -> Verdict:
     names = {"champion": request.champion, "challenger": request.challenger}
     windows = {role: _window(request, name) for role, name in names.items()}
     champion, challenger = _summary(windows["champion"]), _summary(windows["challenger"])
+    if request.labels is not None:
+        if not isinstance(request.labels, dict):
+            raise ValueError(f"'labels' must be {{predictor: matured labels}}, got {request.labels!r:.100}")
+        for summary, name in ((champion, request.champion), (challenger, request.challenger)):
+            _from_labels_log(summary, request.labels.get(name))
 
     reset = [names[r] for r, w in windows.items() if _went_down(w)]
     if reset:
@@ -188,6 +196,20 @@ def _summary(window: dict[str, Any]) -> dict[str, Any]:
         "pairs": pairs,
         "agreement": window["agreements"] / pairs if pairs else None,
     }
+
+
+def _from_labels_log(summary: dict[str, Any], arm: Mapping[str, Any] | None) -> None:
+    """The summary's quality figures from the labels log instead of the feedback counters."""
+    arm = arm or {}
+    summary.update(
+        {
+            "feedback": arm.get("rows", 0),
+            "accuracy": arm.get("accuracy"),
+            "labelled": arm.get("labelled", 0),
+            "label_lag_p50_s": arm.get("label_lag_p50_s"),
+            "label_lag_p90_s": arm.get("label_lag_p90_s"),
+        }
+    )
 
 
 def histogram_quantile(q: float, buckets: dict[str, float]) -> float | None:

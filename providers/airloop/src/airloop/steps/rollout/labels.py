@@ -16,7 +16,7 @@ label became known) ends in exactly one count, decided in this order:
   label lag and whether the prediction was right.
 
 ``quality`` then summarises the whole labels log per predictor: the first label of each request,
-joined to the request log (``airloop.labels.quality``).
+joined to the request log (``airloop.labels.matured``).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from airloop.labels import outcome, quality, served
+from airloop.labels import matured, outcome, served
 from airloop.serving.logs import LABELS_FOLDER, REQUESTS_FOLDER, RequestLog, read_log
-from airloop.steps.rollout.requests import IngestLabelsRequest, IngestResult
+from airloop.steps.rollout.requests import Arm, IngestLabelsRequest, IngestResult
 from airloop.tables import read_table, table_files
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ def ingest(request: IngestLabelsRequest | Mapping[str, Any]) -> IngestResult:
         matched
     )
     # The labels log as it now stands, read back: the same figures whoever reads it next.
-    arms, unresolved = _quality(
+    arms, unresolved = matured(
         read_log(request.artefact_root, LABELS_FOLDER, request.deployment, since).records, predictions
     )
     return {
@@ -111,7 +111,7 @@ def ingest(request: IngestLabelsRequest | Mapping[str, Any]) -> IngestResult:
         "written": written,
         "unreadable_log_lines": requests.unreadable + labels_log.unreadable,
         "unresolved": unresolved,
-        "quality": arms,
+        "quality": cast(dict[str, Arm], arms),
     }
 
 
@@ -149,24 +149,6 @@ def _label_times(truth: pd.DataFrame, request: IngestLabelsRequest, now: float) 
         return [float(t) for t in column]
     parsed = pd.to_datetime(column, utc=True, errors="coerce")
     return [math.nan if pd.isna(t) else t.timestamp() for t in parsed]
-
-
-def _quality(
-    records: list[dict[str, Any]], predictions: dict[str, dict[str, Any]]
-) -> tuple[dict[str, Any], int]:
-    """Per predictor over the first label of each request in ``records``; how many found no prediction."""
-    first: dict[str, dict[str, Any]] = {}
-    for record in sorted(records, key=lambda r: r["ts"]):
-        if record.get("truth") is not None:
-            first.setdefault(record["request_id"], record)
-    outcomes, unresolved = [], 0
-    for request_id, record in first.items():
-        prediction = predictions.get(request_id)
-        if prediction is None or len(record["truth"]) != len(prediction["prediction"]):
-            unresolved += 1
-            continue
-        outcomes.append(outcome(prediction, record["truth"], record["ts"]))
-    return quality(outcomes), unresolved
 
 
 def _missing(value: Any) -> bool:

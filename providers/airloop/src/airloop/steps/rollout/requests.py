@@ -47,6 +47,10 @@ class RolloutRequest(MlflowRequest):
     # "extend" (wait again, up to max_extensions times, then roll back) or "hold" (for approval).
     on_inconclusive: str = "rollback"
     max_extensions: int = 2
+    # Where the canary's labels come from: "metrics" (the target's feedback counters, any target) or
+    # "log" (the labels log joined to the request log under the artefact root: labels of any age, from
+    # late feedback and LabelsIngestOperator; targets whose gateway writes the logs, e.g. local).
+    labels_from: str = "metrics"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -79,6 +83,9 @@ class AnalysisRequest(StepRequest):
     challenger: str
     mode: str = "canary"
     criteria: dict[str, Any] = field(default_factory=dict)
+    # Labels from the labels log (``airloop.labels.window_quality``: per predictor, the labels come so
+    # far for the requests it answered in the window); None: the feedback counters of the snapshots.
+    labels: dict[str, dict[str, Any]] | None = None
 
 
 class PredictorStats(TypedDict):
@@ -139,6 +146,7 @@ class RolloutStep(TypedDict):
     extension: NotRequired[int]  # the n-th extension of the stage's window (on_inconclusive="extend")
     ended: NotRequired[str]
     before: NotRequired[Metrics]  # while the window is open
+    since: NotRequired[float]  # epoch seconds of the window's first snapshot
     verdict: NotRequired[
         str
     ]  # pass fail inconclusive extended error interrupted | awaiting approved rejected | promoted

@@ -34,6 +34,7 @@ idempotent, and whoever comes next continues from it:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -70,6 +71,7 @@ PROMOTING, ROLLING_BACK, ABORTING, DONE = "promoting", "rolling_back", "aborting
 FINISHING = (PROMOTING, ROLLING_BACK, ABORTING)
 DECISIONS = {PROMOTING: "promoted", ROLLING_BACK: "rolled_back", ABORTING: "aborted"}
 INCONCLUSIVE_ACTIONS = ("rollback", "extend", "hold")
+LABEL_SOURCES = ("metrics", "log")
 _T = TypeVar("_T")
 
 
@@ -91,6 +93,8 @@ class Window:
     window_seconds: float
     max_wait_seconds: float
     poll_interval: float
+    labels_root: str | None = None
+    labels_since: float | None = None
 
     def trigger_kwargs(self) -> dict[str, Any]:
         return {key: value for key, value in asdict(self).items() if key != "step"}
@@ -316,12 +320,13 @@ class Rollout:
             self.deployment.route({champ: 100 - stage["weight"], chal: stage["weight"]})
             self.log.info("v%s at %d%% of traffic: analysing", self.request.version, stage["weight"])
         self.deployment.remove_others(keep={champ, chal})
+        step["since"] = time.time()
         step["before"] = self.deployment.metrics()
         self._save(report)
-        return self._window(report, stage["kind"], champ, chal, step["before"])
+        return self._window(report, stage["kind"], champ, chal, step["before"], step["since"])
 
     def _window(
-        self, report: RolloutReport, mode: str, champion: str, challenger: str, before: Metrics
+        self, report: RolloutReport, mode: str, champion: str, challenger: str, before: Metrics, since: float
     ) -> Window:
         """The window of the report's last step, to wait for."""
         return Window(
@@ -335,6 +340,8 @@ class Rollout:
             window_seconds=self.request.analysis_seconds,
             max_wait_seconds=self.request.max_wait_seconds,
             poll_interval=self.request.poll_interval,
+            labels_root=settings.artefact_root() if self.request.labels_from == "log" else None,
+            labels_since=since,
         )
 
     def _record_window(self, index: int, event: WindowEvent) -> Window | RolloutResult:
@@ -350,6 +357,7 @@ class Rollout:
             )
         step = steps[index]
         before = step.pop("before")  # on record since the window opened
+        since = step["since"]
         step["ended"] = now()
         verdict = event["verdict"]
         if event["status"] == "error" or verdict is None:
@@ -375,7 +383,7 @@ class Rollout:
             "; ".join(step["reasons"]),
         )
         if step["verdict"] == "inconclusive":
-            return self._inconclusive(report, step, before)
+            return self._inconclusive(report, step, before, since)
         if step["verdict"] != "pass":
             return self._finish(report, ROLLING_BACK)
         if step.get("stage", 0) + 1 < len(report["plan"]):
@@ -388,7 +396,7 @@ class Rollout:
         return self._finish(report, PROMOTING)
 
     def _inconclusive(
-        self, report: RolloutReport, step: RolloutStep, before: Metrics
+        self, report: RolloutReport, step: RolloutStep, before: Metrics, since: float
     ) -> Window | RolloutResult:
         """A window short of data when its wait ended: extend it, hold for approval or roll back."""
         action, limit = self.request.on_inconclusive, self.request.max_extensions
@@ -404,12 +412,14 @@ class Rollout:
         if action == "extend" and done < limit:
             step["verdict"] = "extended"
             step["reasons"] = [*step["reasons"], f"extension {done + 1} of {limit}: the window goes on"]
-            return self._extend_window(report, stage, before, done + 1)
+            return self._extend_window(report, stage, before, since, done + 1)
         if action == "extend":
             step["reasons"] = [*step["reasons"], f"still inconclusive after {limit} extensions"]
         return self._finish(report, ROLLING_BACK)
 
-    def _extend_window(self, report: RolloutReport, index: int, before: Metrics, extension: int) -> Window:
+    def _extend_window(
+        self, report: RolloutReport, index: int, before: Metrics, since: float, extension: int
+    ) -> Window:
         """The window of stage ``index`` again, counted from the same ``before``: traffic stays as it is."""
         stage = report["plan"][index]
         champ, chal = self._names(report)
@@ -420,13 +430,14 @@ class Rollout:
             "extension": extension,
             "started": now(),
             "before": before,
+            "since": since,
         }
         if "mirror" in stage:
             step["mirror"] = stage["mirror"]
         report["steps"].append(step)
         self._save(report)
         self.log.info("v%s: window of stage %d extended (%d)", self.request.version, index, extension)
-        return self._window(report, stage["kind"], champ, chal, before)
+        return self._window(report, stage["kind"], champ, chal, before, since)
 
     def _await_approval(self, report: RolloutReport, reason: str) -> RolloutResult:
         """Hold: traffic and aliases stay as they are until a person decides (``decide``)."""
@@ -525,6 +536,8 @@ class Rollout:
                 f"on_inconclusive must be one of {list(INCONCLUSIVE_ACTIONS)}, "
                 f"got {request.on_inconclusive!r}"
             )
+        if request.labels_from not in LABEL_SOURCES:
+            raise ValueError(f"labels_from must be one of {list(LABEL_SOURCES)}, got {request.labels_from!r}")
         if request.max_extensions < 0:
             raise ValueError(f"max_extensions must be 0 or more, got {request.max_extensions}")
         plan: list[Stage] = []
