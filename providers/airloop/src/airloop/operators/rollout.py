@@ -118,7 +118,8 @@ class RolloutChallengerOperator(_RolloutOperator):
     :param max_extensions: how many times ``extend`` waits again before it rolls back.
     :param labels_from: where the accuracy check's labels come from: ``metrics`` (the serving target's
         feedback counters) or ``log`` (the labels log joined to the request log: also labels sent long
-        after the prediction, and ground truth from ``LabelsIngestOperator``; the local target).
+        after the prediction, and ground truth from ``LabelsIngestOperator``; the local target). Each
+        poll then reads the window's logs: give long windows a ``poll_interval`` of a minute or more.
     """
 
     template_fields: Sequence[str] = (
