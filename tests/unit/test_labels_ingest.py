@@ -73,6 +73,7 @@ TRUTH = [
     (request_id(10), 1, NOW),  # its request failed: nothing was predicted
     (request_id(9), None, NOW),  # no label
     (request_id(2), 1, NOW - 3 * HOUR),  # labelled before it was predicted
+    (request_id(9), 1, NOW),  # v2, right: an invalid row of the same id does not make it a duplicate
 ]
 
 
@@ -102,23 +103,25 @@ def test_each_row_is_counted_once_and_matched_ones_join_their_arm(root, tmp_path
     path = tmp_path / "truth.parquet"
     truth_table().to_parquet(path)
     result = ingest(request(path, root))
-    assert counts(result) == (11, 4, 2, 2, 1, 2)
+    assert counts(result) == (12, 5, 2, 2, 1, 2)
     assert result["examples"]["duplicates"] == [request_id(1), request_id(3)]
     assert result["examples"]["unknown"] == [request_id(99), request_id(10)]
     assert result["examples"]["too_late"] == [request_id(8)]
     assert result["examples"]["invalid"] == [request_id(9), request_id(2)]
-    # Per arm, over the whole labels log: v1 has ids 0, 1 and the feedback for 3; v2 ids 6 and 7.
+    # Per arm, over the whole labels log: v1 has ids 0, 1 and the feedback for 3; v2 ids 6, 7 and 9.
     v1, v2 = result["quality"]["v1"], result["quality"]["v2"]
     assert (v1["labelled"], v1["correct"], v1["model_version"]) == (3, 2, "1")
-    assert (v2["labelled"], v2["correct"], v2["accuracy"]) == (2, 2, 1.0)
-    assert v2["label_lag_p50_s"] == pytest.approx(0.5 * HOUR - 6, abs=1)
-    assert v2["label_lag_p90_s"] == pytest.approx(HOUR - 7, abs=1)
+    assert (v2["labelled"], v2["correct"], v2["accuracy"]) == (3, 3, 1.0)
+    # Lags of 0.5 h - 6 s, 1 h - 9 s and 1 h - 7 s: the nearest-rank median and p90.
+    assert v2["label_lag_p50_s"] == pytest.approx(HOUR - 9, abs=0.01)
+    assert v2["label_lag_p90_s"] == pytest.approx(HOUR - 7, abs=0.01)
     written = [json.loads(line) for line in Path(result["written"]).read_text().splitlines()]
     assert [(r["request_id"], r["predictor"], r["correct"]) for r in written] == [
         (request_id(0), "v1", 1),
         (request_id(1), "v1", 0),
         (request_id(6), "v2", 1),
         (request_id(7), "v2", 1),
+        (request_id(9), "v2", 1),
     ]
 
 
@@ -129,7 +132,7 @@ def test_a_retried_ingest_counts_its_rows_as_duplicates_and_writes_nothing_twice
     again = ingest(request(path, root))
     assert again["matched"] == 0 and again["written"] is None
     # What was written is now a duplicate; what was not used is counted as before.
-    assert counts(again) == (11, 0, first["matched"] + first["duplicates"], 2, 1, 2)
+    assert counts(again) == (12, 0, first["matched"] + first["duplicates"], 2, 1, 2)
     assert again["quality"] == first["quality"]
 
 
@@ -180,7 +183,7 @@ def test_the_operator_reads_ground_truth_from_sql_through_a_connection(root, tmp
     result = operator.execute(task_context("labels"))
     assert result["source"] == "sql on warehouse: SELECT request_id, label, labelled_at FROM outcomes"
     # SQLite gives the labels back as floats (a NULL among them): the counts are those of the file.
-    assert counts(result) == (11, 4, 2, 2, 1, 2)
+    assert counts(result) == (12, 5, 2, 2, 1, 2)
 
 
 def test_the_operator_reads_a_folder_of_drops_from_s3(root, moto_s3, monkeypatch):
@@ -201,4 +204,4 @@ def test_the_operator_reads_a_folder_of_drops_from_s3(root, moto_s3, monkeypatch
         time_column="labelled_at",
         max_label_delay_hours=24,
     ).execute(task_context("labels"))
-    assert counts(result) == (11, 4, 2, 2, 1, 2)
+    assert counts(result) == (12, 5, 2, 2, 1, 2)

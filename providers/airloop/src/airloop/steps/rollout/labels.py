@@ -7,7 +7,7 @@ label became known) ends in exactly one count, decided in this order:
 - ``invalid``: no id or no label, an unreadable time, a label before its prediction, or a request
   of several rows (one row of ground truth labels one prediction);
 - ``duplicates``: the request already has a label (in the labels log: feedback, or an earlier
-  ingest; or an earlier row of this batch), so a retried ingest counts its rows again as duplicates
+  ingest; or an earlier row of this batch that was not invalid), so a retried ingest counts its rows again as duplicates
   and writes nothing twice;
 - ``unknown``: no answered prediction with this id in the request log of the last
   ``lookback_hours``;
@@ -73,8 +73,8 @@ def ingest(request: IngestLabelsRequest | Mapping[str, Any]) -> IngestResult:
             kind = "too_late"
         else:
             kind = None
-        if key is not None:
-            seen.add(key)  # the first row of an id decides; later rows of it are duplicates
+        if key is not None and kind != "invalid":
+            seen.add(key)  # the first usable row of an id decides; later rows of it are duplicates
         if kind is not None:
             counts[kind] += 1
             if len(examples[kind]) < _EXAMPLES:
