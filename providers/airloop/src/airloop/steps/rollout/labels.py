@@ -7,8 +7,8 @@ label became known) ends in exactly one count, decided in this order:
 - ``invalid``: no id or no label, an unreadable time, a label before its prediction, or a request
   of several rows (one row of ground truth labels one prediction);
 - ``duplicates``: the request already has a label (in the labels log: feedback, or an earlier
-  ingest; or an earlier row of this batch that was not invalid), so a retried ingest counts its rows again as duplicates
-  and writes nothing twice;
+  ingest; or an earlier row of this batch that was not invalid), so a retried ingest counts its
+  rows again as duplicates and writes nothing twice;
 - ``unknown``: no answered prediction with this id in the request log of the last
   ``lookback_hours``;
 - ``too_late``: the label came more than ``max_label_delay_hours`` after the prediction;
