@@ -93,9 +93,10 @@ class RolloutChallengerOperator(_RolloutOperator):
     Roll a registered model version out next to the champion and let the data decide.
 
     ``canary``: an analysis window after each of ``steps`` below 100 (errors, p99 latency, accuracy
-    from feedback); ``shadow``: a window of mirrored requests first. A window that does not pass rolls
-    back and rejects the version; the last step promotes it, or with ``approval`` holds it for
-    ``RolloutFinishOperator``. Windows wait in ``RolloutTrigger`` (``deferrable``) or in the worker.
+    from feedback labels); ``shadow``: a window of mirrored requests first. A window that fails rolls
+    back and rejects the version; one still short of data (labels that have not come) is
+    inconclusive and does what ``on_inconclusive`` says; the last step promotes it, or with
+    ``approval`` holds it for ``RolloutFinishOperator``. Windows wait in ``RolloutTrigger`` (``deferrable``) or in the worker.
     Killed at any point, a retry or a cleared task continues from the rollout report; ``on_kill``
     puts all traffic back on the champion. See ``airloop.steps.rollout.rollout``.
 
