@@ -96,9 +96,10 @@ class RolloutChallengerOperator(_RolloutOperator):
     from feedback labels); ``shadow``: a window of mirrored requests first. A window that fails rolls
     back and rejects the version; one still short of data (labels that have not come) is
     inconclusive and does what ``on_inconclusive`` says; the last step promotes it, or with
-    ``approval`` holds it for ``RolloutFinishOperator``. Windows wait in ``RolloutTrigger`` (``deferrable``) or in the worker.
-    Killed at any point, a retry or a cleared task continues from the rollout report; ``on_kill``
-    puts all traffic back on the champion. See ``airloop.steps.rollout.rollout``.
+    ``approval`` holds it for ``RolloutFinishOperator``. Windows wait in ``RolloutTrigger``
+    (``deferrable``) or in the worker. Killed at any point, a retry or a cleared task continues from
+    the rollout report; ``on_kill`` puts all traffic back on the champion. See
+    ``airloop.steps.rollout.rollout``.
 
     :param model_name: registered model name in MLflow.
     :param version: the model version to roll out (the ``challenger``).
