@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from airloop import artefacts, settings
-from airloop.operators.drift import RETRAIN_REQUESTED_TAG
+from airloop.operators.drift import RETRAIN_HISTORY_TAG, RETRAIN_REQUESTED_TAG
 from airloop.tracking.registry import read_audit
 
 MODELS = (
@@ -27,6 +27,8 @@ MODELS = (
     "policy-quiet",
     "policy-audit",
     "policy-escalate",
+    "policy-suggest",
+    "policy-breaker",
 )
 WINDOW_MODEL = "window-data"
 # One monitor DAG per model, each with its own drift Asset; a run's conf sets the operator's arguments.
@@ -56,6 +58,9 @@ for model in {MODELS!r}:
             cooldown_minutes="{{{{ dag_run.conf.get('cooldown_minutes', 60) }}}}",
             min_window_rows="{{{{ dag_run.conf.get('min_window_rows', 200) }}}}",
             retrain_dag_id="{{{{ dag_run.conf.get('retrain_dag_id') }}}}",
+            mode="{{{{ dag_run.conf.get('mode', 'act') }}}}",
+            max_retrains="{{{{ dag_run.conf.get('max_retrains') }}}}",
+            retrain_period_hours="{{{{ dag_run.conf.get('retrain_period_hours', 24) }}}}",
             outlets=[drift_asset(model)],
         )
     globals()[dag.dag_id] = dag
@@ -321,6 +326,36 @@ def test_suppressed_and_quiet_windows(dagbag):
     audit = decisions(model)
     assert [d["code"] for d in audit] == ["severity_maps_to_log", "window_too_small"]
     assert "50 rows" in audit[1]["reason"]
+
+
+def test_suggest_mode_records_and_never_retrains(dagbag):
+    model = "policy-suggest"
+    assert [decide(dagbag, model, detection(model), mode="suggest") for _ in range(2)] == ["skipped"] * 2
+    assert events(model) == []
+    audit = decisions(model)
+    assert [(d["code"], d["wanted"], d["mode"]) for d in audit] == [("suggested", "retrain", "suggest")] * 2
+    from mlflow import MlflowClient
+
+    tags = MlflowClient(settings.mlflow_tracking_uri()).get_registered_model(model).tags
+    assert RETRAIN_REQUESTED_TAG not in tags and RETRAIN_HISTORY_TAG not in tags
+
+
+def test_the_circuit_breaker_stops_the_third_retrain_of_the_period(dagbag):
+    model = "policy-breaker"
+    breaker = {"cooldown_minutes": 0, "max_retrains": 2, "retrain_period_hours": 24}
+    assert [decide(dagbag, model, detection(model), **breaker) for _ in range(3)] == [
+        "success",
+        "success",
+        "skipped",
+    ]
+    assert len(events(model)) == 2
+    audit = decisions(model)
+    assert [d["code"] for d in audit] == ["retrain_requested", "retrain_requested", "circuit_open"]
+    assert audit[2]["cooldown_until"] and "(at most 2)" in audit[2]["reason"]
+    from mlflow import MlflowClient
+
+    tags = MlflowClient(settings.mlflow_tracking_uri()).get_registered_model(model).tags
+    assert len(json.loads(tags[RETRAIN_HISTORY_TAG])) == 2
 
 
 def test_the_drift_stage_keeps_the_newest_decisions_within_its_size_limit():

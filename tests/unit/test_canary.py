@@ -278,3 +278,86 @@ def test_one_slow_request_of_a_small_window_does_not_decide_the_latency_check():
     ] == ("fail")
     # with enough requests the check is a p99 again
     assert analyse(_request(_stats(800), _stats(600)))["tests"]["latency"]["quantile"] == 0.99
+
+
+# -- labels that come late --------------------------------------------------------------------------------
+
+LAGS = ["1", "5", "15", "30", "60", "300", "+Inf"]
+
+
+def _labelled(stats: dict, lags_s: list[float]) -> dict:
+    """``stats`` with ``lags_s``: one labelled request per lag (seconds from prediction to label)."""
+    buckets = {le: sum(1 for lag in lags_s if le == "+Inf" or lag <= float(le)) for le in LAGS}
+    return {**stats, "labelled": len(lags_s), "label_lag_s_buckets": buckets}
+
+
+@pytest.mark.parametrize("min_feedback", [30, 0])
+def test_no_labels_yet_never_passes_whatever_the_minimum(min_feedback):
+    result = analyse(
+        _request(_stats(800), _stats(200), min_feedback=min_feedback),
+    )
+    assert result["verdict"] == "wait"
+    assert result["tests"]["accuracy"]["status"] == "wait"
+    assert {result["tests"][t]["status"] for t in ("errors", "latency")} == {"pass"}
+    assert (result["champion"]["labelled"], result["challenger"]["labelled"]) == (0, 0)
+
+
+def test_partial_labels_wait_and_say_how_many_came():
+    result = analyse(_request(_stats(800, 0, 40, 36), _stats(200, 0, 12, 11)))
+    assert result["verdict"] == "wait"
+    assert "challenger 12 of 200" in result["tests"]["accuracy"]["reason"]
+
+
+def test_labels_for_one_arm_only_wait():
+    result = analyse(_request(_stats(800, 0, 400, 360), _stats(200)))
+    assert result["verdict"] == "wait" and result["tests"]["accuracy"]["status"] == "wait"
+    assert "challenger 0 of 200" in result["tests"]["accuracy"]["reason"]
+
+
+def test_label_lag_is_reported_per_arm_over_the_window():
+    before = _labelled(_stats(1000, 10, 500, 450), [0.5] * 100)
+    champion_new = [2.0] * 50 + [100.0] * 50  # this window's labels of the champion
+    after = _labelled(_add(_stats(1000, 10, 500, 450), _stats(800, 0, 100, 90)), [0.5] * 100 + champion_new)
+    challenger = _labelled(_stats(200, 0, 40, 36), [20.0] * 36 + [200.0] * 4)
+    result = analyse(
+        {
+            "before": {"v3": before},
+            "after": {"v3": after, "v4": challenger},
+            "champion": "v3",
+            "challenger": "v4",
+        }
+    )
+    assert result["verdict"] == "pass"
+    champion, chal = result["champion"], result["challenger"]
+    assert champion["labelled"] == 100 and chal["labelled"] == 40
+    # Interpolated within the buckets, as a Prometheus histogram_quantile: 2 s in (1, 5], 100 s in (60, 300].
+    assert 1 < champion["label_lag_p50_s"] <= 5 and 60 < champion["label_lag_p90_s"] <= 300
+    assert 15 < chal["label_lag_p50_s"] <= 30 and 15 < chal["label_lag_p90_s"] <= 30
+
+
+def _arm(labelled: int, correct: int) -> dict:
+    """One predictor's matured labels from the labels log (``airloop.labels.window_quality``)."""
+    return {
+        "model_version": "x",
+        "labelled": labelled,
+        "rows": labelled,
+        "correct": correct,
+        "accuracy": correct / labelled,
+        "label_lag_p50_s": 3600.0,
+        "label_lag_p90_s": 7200.0,
+    }
+
+
+def test_labels_from_the_labels_log_judge_quality_whatever_the_counters_saw():
+    # The counters saw no feedback in the window (it came after the gateway forgot the predictions).
+    request = _request(_stats(800), _stats(200))
+    request["labels"] = {"v3": _arm(100, 95), "v4": _arm(100, 60)}
+    result = analyse(request)
+    assert result["verdict"] == "fail" and result["tests"]["accuracy"]["status"] == "fail"
+    assert (result["challenger"]["labelled"], result["challenger"]["accuracy"]) == (100, 0.6)
+    assert result["challenger"]["label_lag_p90_s"] == 7200.0
+    # The labels log has labels for the champion only: wait, whatever the counters say.
+    request = _request(_stats(800, 0, 400, 360), _stats(200, 0, 100, 90))
+    request["labels"] = {"v3": _arm(100, 95)}
+    result = analyse(request)
+    assert result["verdict"] == "wait" and "challenger 0 of 200" in result["tests"]["accuracy"]["reason"]

@@ -224,9 +224,9 @@ async def test_feedback_is_validated_against_the_models_classes(gateway, live):
         )
         assert fed.status_code == 200, fed.text
         assert fed.json()["jsonData"] == {"feedback": 1, "correct": 1, "reward": 1}
-        assert (
-            await client.post("/api/v1.0/feedback", json={"response": answer, "truth": 1})
-        ).status_code == 404
+        # One feedback per prediction: a second is refused as a duplicate, not counted again.
+        again = await client.post("/api/v1.0/feedback", json={"response": answer, "truth": 1})
+        assert again.status_code == 409 and "already has its feedback" in again.json()["status"]["info"]
         assert await answers_clients(client)
         stats = gateway.stats()
     assert (stats["v3"]["feedback"], stats["v3"]["feedback_correct"]) == (1, 1)
@@ -245,6 +245,62 @@ async def test_feedback_with_a_reward_only_is_passed_on_and_counts_no_accuracy(g
     labels = 'deployment_name="churn",predictor_name="v3",predictor_version="3"'
     assert f"airloop_gateway_feedback_reward_sum{{{labels}}} 0.25" in metrics
     assert live.feedback[0]["reward"] == 0.25 and "truth" not in live.feedback[0]
+
+
+def labels_logged(root: Path) -> list[dict[str, Any]]:
+    return [
+        json.loads(line)
+        for f in sorted((root / "labels" / "churn").glob("*/*.jsonl"))
+        for line in f.read_text().splitlines()
+    ]
+
+
+@pytest.mark.asyncio
+async def test_every_prediction_is_logged_with_its_id_arm_version_time_and_classes(gateway, tmp_path):
+    async with running(gateway) as client:
+        answer = await client.post("/api/v1.0/predictions", json=GOOD)
+    request_id = answer.headers["X-Airloop-Request-Id"]
+    assert answer.json()["meta"]["puid"] == request_id
+    (record,) = logged(tmp_path)
+    assert {k: record[k] for k in ("request_id", "predictor", "model_version", "classes", "prediction")} == {
+        "request_id": request_id,
+        "predictor": "v3",
+        "model_version": "3",
+        "classes": ["0", "1"],
+        "prediction": [[0.2, 0.8]],
+    }
+    assert record["ts"].endswith("+00:00")
+
+
+@pytest.mark.asyncio
+async def test_a_label_for_a_forgotten_prediction_is_kept_in_the_labels_log_not_counted_now(live, tmp_path):
+    gateway = Gateway(
+        "churn", parse_routes(table(live.url)), artefact_root=tmp_path.as_uri(), feedback_window=1
+    )
+    async with running(gateway) as client:
+        first = (await client.post("/api/v1.0/predictions", json=GOOD)).json()
+        second = (await client.post("/api/v1.0/predictions", json=GOOD)).json()  # the first is forgotten
+        late = await client.post("/api/v1.0/feedback", json={"response": first, "truth": 1})
+        assert late.status_code == 202, late.text
+        assert "kept in the labels log" in late.json()["status"]["info"]
+        fed = await client.post("/api/v1.0/feedback", json={"response": second, "truth": 0})
+        assert fed.status_code == 200 and fed.json()["jsonData"]["correct"] == 0
+        unknown = await client.post("/api/v1.0/feedback", json={"request_id": "nope", "truth": 1})
+        assert unknown.status_code == 404 and "32 hexadecimal" in unknown.json()["status"]["info"]
+        refused = await client.post("/api/v1.0/feedback", json={"request_id": "0" * 32, "truth": {"a": 1}})
+        assert refused.status_code == 400  # a late label is still checked as far as it can be
+        metrics = (await client.get("/metrics")).text
+        stats = gateway.stats()
+    # Only the remembered one is in the canary's counts, with its lag.
+    assert (stats["v3"]["feedback"], stats["v3"]["labelled"]) == (1, 1)
+    assert stats["v3"]["label_lag_s_buckets"]["+Inf"] == 1
+    assert 'airloop_gateway_labels_total{deployment_name="churn",outcome="late"} 1.0' in metrics
+    late_record, counted = labels_logged(tmp_path)
+    assert late_record["request_id"] == first["meta"]["puid"] and late_record["truth"] == [1.0]
+    assert "predictor" not in late_record  # the gateway no longer knew it: the join finds it
+    assert counted["request_id"] == second["meta"]["puid"]
+    assert (counted["predictor"], counted["model_version"], counted["correct"]) == ("v3", "3", 0)
+    assert counted["lag_s"] >= 0
 
 
 # -- a challenger that fails -------------------------------------------------------------------------------

@@ -260,3 +260,62 @@ def test_a_false_alarm_on_repeated_rows_no_longer_hides_the_real_shift(tmp_path)
         "escalated",
         "medium",
     )
+
+
+# -- suggest-only mode and the circuit breaker ---------------------------------------------------------
+
+
+def test_suggest_mode_records_the_retrain_it_would_request_and_requests_none():
+    decision = decide(request(mode="suggest"))
+    assert (decision["action"], decision["code"], decision["wanted"]) == ("log", "suggested", "retrain")
+    assert "suggested only (mode 'suggest'), not requested" in decision["reason"]
+    # What would not retrain in "act" mode reads the same in "suggest" mode.
+    for overrides in ({"retrain_running": True}, {"last_requested_at": NOW - 60}):
+        held = decide(request(**overrides))
+        assert decide(request(mode="suggest", **overrides)) == held
+
+
+def test_suggest_mode_suggests_an_escalation_too():
+    decision = decide(request(mode="suggest", last_requested_at=NOW - 60, last_requested_severity="medium"))
+    assert (decision["action"], decision["code"], decision["escalated_from"]) == (
+        "log",
+        "suggested",
+        "medium",
+    )
+
+
+def test_the_circuit_breaker_allows_at_most_n_retrains_per_period():
+    hour = 3600.0
+    breaker = {"max_retrains": 2, "retrain_period_hours": 24, "cooldown_minutes": 0}
+    assert decide(request(recent_retrains=[NOW - 5 * hour], **breaker))["action"] == "retrain"
+    opened = decide(request(recent_retrains=[NOW - 30 * hour, NOW - 5 * hour, NOW - hour], **breaker))
+    assert (opened["action"], opened["code"], opened["wanted"]) == ("log", "circuit_open", "retrain")
+    assert "2 retrains were requested in the last 24 h (at most 2)" in opened["reason"]
+    # It closes when the older of the two counted requests is a period old.
+    assert opened["cooldown_until"] == decide(request(now=NOW + 19 * hour))["decided_at"]
+    # Requests older than the period no longer count.
+    assert (
+        decide(request(recent_retrains=[NOW - 30 * hour, NOW - 25 * hour], **breaker))["action"] == "retrain"
+    )
+
+
+def test_an_escalation_passes_the_cooldown_but_not_the_circuit_breaker():
+    escalating = {"last_requested_at": NOW - 60, "last_requested_severity": "medium"}
+    decision = decide(request(max_retrains=1, recent_retrains=[NOW - 60], **escalating))
+    assert (decision["code"], decision["escalated_from"]) == ("circuit_open", "medium")
+    assert decide(request(**escalating))["code"] == "escalated"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"mode": "auto"}, r"'mode' must be one of \['act', 'suggest'\]"),
+        ({"max_retrains": 0}, "'max_retrains' must be 1 or more"),
+        ({"max_retrains": 2, "retrain_period_hours": 0}, "'retrain_period_hours' must be more than 0"),
+        ({"recent_retrains": "yesterday"}, "'recent_retrains' must be a list of epoch seconds"),
+        ({"recent_retrains": ["soon"]}, "'recent_retrains' must be a number"),
+    ],
+)
+def test_bad_breaker_and_mode_settings_name_the_problem(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        decide(request(**overrides))

@@ -106,6 +106,7 @@ def test_serialize_mirrors_init():
     assert rebuilt.serialize() == (path, kwargs)
     assert path == "airloop.triggers.rollout.RolloutTrigger"
     assert kwargs["mode"] == "shadow"
+    assert (kwargs["labels_root"], kwargs["labels_since"]) == (None, None)
 
 
 def test_a_trigger_built_by_its_deprecated_name_serializes_under_the_new_one():
@@ -150,6 +151,60 @@ async def test_too_little_data_times_out_instead_of_passing():
     assert event["status"] == "timeout"
     assert "not enough data" in event["message"]
     assert event["verdict"]["verdict"] == "wait" and event["verdict"]["challenger"]["requests"] == 2
+
+
+@pytest.mark.asyncio
+async def test_busy_arms_whose_labels_have_not_come_time_out_instead_of_passing():
+    # Plenty of fast requests on both arms; the challenger's labels come later than the wait lasts.
+    unlabelled = {**snapshot(200, 0), "feedback": 0}
+    event = await first(trigger("late", [{"v1": snapshot(400, 360), "v2": unlabelled}]))
+    assert event["status"] == "timeout" and "fewer than 30 feedback labels" in event["message"]
+    tests = event["verdict"]["tests"]
+    assert (tests["errors"]["status"], tests["latency"]["status"], tests["accuracy"]["status"]) == (
+        "pass",
+        "pass",
+        "wait",
+    )
+
+
+@pytest.mark.asyncio
+async def test_labels_from_the_labels_log_decide_the_window(tmp_path):
+    """Counters without feedback, a labels log (the gateway's writer) with every label of the window."""
+    import time
+
+    from airloop.serving.logs import LABELS_FOLDER, RequestLog
+
+    root, since = tmp_path.as_uri(), time.time() - 60
+    requests, labels = (
+        RequestLog(root, "logged", 1000),
+        RequestLog(root, "logged", 1000, folder=LABELS_FOLDER),
+    )
+    for n in range(100):
+        predictor = "v1" if n % 2 else "v2"
+        request_id = f"{n:032x}"
+        requests.add(
+            {
+                "request_id": request_id,
+                "ts": since + 1,
+                "predictor": predictor,
+                "model_version": predictor[1:],
+                "prediction": [[0.2, 0.8]],
+                "classes": ["0", "1"],
+                "status": 200,
+            }
+        )
+        wrong = predictor == "v2" and n % 4 == 0  # the challenger is wrong on half its requests
+        labels.add({"request_id": request_id, "ts": since + 30, "truth": [0.0 if wrong else 1.0]})
+    requests.write(requests.take())
+    labels.write(labels.take())
+    unlabelled = {"v1": {**snapshot(400, 0), "feedback": 0}, "v2": {**snapshot(200, 0), "feedback": 0}}
+    counted = await first(trigger("logged", [unlabelled], criteria={"min_requests": 50, "min_feedback": 30}))
+    assert counted["status"] == "timeout"  # the counters alone: no labels
+    logged = await first(trigger("logged", [unlabelled], labels_root=root, labels_since=since))
+    assert logged["status"] == "ready" and logged["message"] == "fail"
+    challenger = logged["verdict"]["challenger"]
+    assert (challenger["labelled"], challenger["accuracy"]) == (50, 0.5)
+    assert challenger["label_lag_p50_s"] == pytest.approx(29, abs=0.01)
 
 
 @pytest.mark.asyncio

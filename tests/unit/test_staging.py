@@ -19,6 +19,7 @@ import pytest
 from airloop.operators.drift import DriftDetectDataOperator
 from airloop.operators.feast import FeastBuildTrainingSetOperator
 from airloop.operators.great_expectations import GreatExpectationsValidateDataOperator
+from airloop.operators.labels import LabelsIngestOperator
 from airloop.staging import Arguments, stage
 from airloop.tables import read_table
 from tests.fakes.context import task_context
@@ -141,12 +142,17 @@ def _entity_rows(**data: str) -> None:
     )
 
 
+def _ground_truth(**data: str) -> None:
+    LabelsIngestOperator(task_id="labels", **data).execute(task_context("labels"))
+
+
 @pytest.mark.parametrize(
     ("run", "what", "uri", "sql", "conn_id"),
     [
         (_gate, "data", "data_uri", "sql", "conn_id"),
         (_window, "data window", "window_uri", "window_sql", "window_conn_id"),
         (_entity_rows, "entity rows", "entity_rows", "entity_sql", "sql_conn_id"),
+        (_ground_truth, "ground truth", "labels_uri", "labels_sql", "labels_conn_id"),
     ],
 )
 def test_every_operator_that_reads_data_says_the_same(

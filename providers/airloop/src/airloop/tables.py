@@ -59,6 +59,37 @@ class Fingerprint:
         return {"rows": self._rows, "columns": dict(self._columns), "sha256": self._digest.hexdigest()}
 
 
+TABLE_SUFFIXES = (".parquet", ".csv", ".csv.gz")
+
+
+def table_files(
+    uri: str, storage_options: dict[str, Any] | None = None, what: str = "data"
+) -> list[tuple[str, str]]:
+    """``(name, uri)`` of each table file of ``uri``: itself when a file, else the parquet and CSV files
+    under the folder in name order (what writers leave beside the data, ``_SUCCESS`` or ``.part``
+    files, skipped). ValueError, calling the data ``what``, when it is missing or the folder holds none.
+    """
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    if not fs.exists(root):
+        raise ValueError(f"{what} {uri} does not exist")
+    if not fs.isdir(root):
+        return [(root.rstrip("/").rsplit("/", 1)[-1], uri)]
+    names = sorted(
+        path[len(root.rstrip("/")) + 1 :]
+        for path in fs.find(root)
+        if path.lower().endswith(TABLE_SUFFIXES) and not _hidden(path[len(root.rstrip("/")) + 1 :])
+    )
+    if not names:
+        raise ValueError(f"{what} folder {uri} holds no parquet or CSV file")
+    return [(name, f"{uri.rstrip('/')}/{name}") for name in names]
+
+
+def _hidden(name: str) -> bool:
+    return any(part.startswith((".", "_")) for part in name.split("/"))
+
+
 def is_csv(uri: str) -> bool:
     return uri.lower().split("?")[0].endswith((".csv", ".csv.gz"))
 
@@ -77,9 +108,12 @@ def _checked(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, str
     return fs, path
 
 
-def read_table(uri: str, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
+def read_table(
+    uri: str, storage_options: dict[str, Any] | None = None, csv_dtype: dict[str, Any] | None = None
+) -> pd.DataFrame:
     """Read a parquet or CSV table from a local path, ``file://`` or any fsspec URL (``s3://...``).
 
+    ``csv_dtype``: column types for a CSV file (``{"id": str}`` keeps ids such as ``007`` as written).
     Raises ValueError naming the file for a missing, empty or unreadable (truncated) file.
     """
     import pandas as pd
@@ -89,7 +123,9 @@ def read_table(uri: str, storage_options: dict[str, Any] | None = None) -> pd.Da
     try:
         with fs.open(path, "rb") as handle:
             if kind == "CSV":
-                return pd.read_csv(handle, compression="infer" if uri.endswith(".gz") else None)
+                return pd.read_csv(
+                    handle, compression="infer" if uri.endswith(".gz") else None, dtype=csv_dtype
+                )
             return pd.read_parquet(handle)
     except Exception as exc:  # pyarrow and pandas raise many types for a damaged file
         raise ValueError(f"data file {uri} is not a readable {kind} file: {exc}") from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections.abc import Sequence
@@ -28,6 +29,9 @@ from airloop.steps.drift.requests import (
 RETRAIN_REQUESTED_TAG = "airloop.retrain_requested_at"
 # The severity of the drift that last requested a retrain: a more severe one within the cooldown escalates.
 RETRAIN_SEVERITY_TAG = "airloop.retrain_requested_severity"
+# The times of the latest retrain requests (a JSON list of epoch seconds), which the circuit breaker counts.
+RETRAIN_HISTORY_TAG = "airloop.retrain_requests"
+RETRAIN_HISTORY = 50
 # Drift decisions kept in the champion's audit record (hourly monitoring: about a day's worth).
 AUDIT_DECISIONS = 24
 
@@ -226,6 +230,11 @@ class DriftDecideRetrainOperator(BaseOperator):
     rows, while a run of ``retrain_dag_id`` is queued or running, or within ``cooldown_minutes`` of the
     last request (the registered model's ``airloop.retrain_requested_at`` tag) unless the drift is more
     severe than the one that request was for (``airloop.retrain_requested_severity``): then it escalates.
+    With ``max_retrains`` (the circuit breaker) no more than that many retrains are requested in any
+    ``retrain_period_hours`` (the model's ``airloop.retrain_requests`` tag keeps their times), escalations
+    included. With ``mode="suggest"`` no retrain is ever requested: the retrain the policy would request
+    is recorded (``code="suggested"``), logged as a warning and the task is skipped with it as the reason,
+    which a notifier on ``on_skipped_callback`` sends on.
 
     Every decision other than "no drift" / "too little data" is appended, with its reason, to the
     ``drift`` stage of the champion's audit record; every decision goes to the task log. On a retrain the
@@ -242,6 +251,10 @@ class DriftDecideRetrainOperator(BaseOperator):
         on a drift verdict.
     :param retrain_dag_id: the DAG that retrains (scheduled on the outlets); while a run of it is queued
         or running no other retrain is requested. ``None`` leaves deduplication to the cooldown.
+    :param mode: ``"act"`` (request retrains) or ``"suggest"`` (record and notify them, never request).
+    :param max_retrains: at most this many retrain requests per ``retrain_period_hours``; ``None``: no
+        limit.
+    :param retrain_period_hours: the circuit breaker's period.
     """
 
     template_fields: Sequence[str] = (
@@ -250,6 +263,9 @@ class DriftDecideRetrainOperator(BaseOperator):
         "cooldown_minutes",
         "min_window_rows",
         "retrain_dag_id",
+        "mode",
+        "max_retrains",
+        "retrain_period_hours",
     )
 
     def __init__(
@@ -260,6 +276,9 @@ class DriftDecideRetrainOperator(BaseOperator):
         cooldown_minutes: float = DecideRequest.cooldown_minutes,
         min_window_rows: int = DecideRequest.min_window_rows,
         retrain_dag_id: str | None = None,
+        mode: str = DecideRequest.mode,
+        max_retrains: int | str | None = DecideRequest.max_retrains,
+        retrain_period_hours: float | str = DecideRequest.retrain_period_hours,
         mlflow_conn_id: str = MlflowHook.default_conn_name,
         **kwargs: Any,
     ) -> None:
@@ -269,6 +288,9 @@ class DriftDecideRetrainOperator(BaseOperator):
         self.cooldown_minutes = cooldown_minutes
         self.min_window_rows = min_window_rows
         self.retrain_dag_id = retrain_dag_id
+        self.mode = mode
+        self.max_retrains = max_retrains
+        self.retrain_period_hours = retrain_period_hours
         self.mlflow_conn_id = mlflow_conn_id
 
     def execute(self, context: Context) -> dict[str, Any]:
@@ -281,6 +303,7 @@ class DriftDecideRetrainOperator(BaseOperator):
         hook = MlflowHook(mlflow_conn_id=self.mlflow_conn_id)
         tags = hook.client.get_registered_model(model_name).tags
         last = tags.get(RETRAIN_REQUESTED_TAG)
+        history = json.loads(tags.get(RETRAIN_HISTORY_TAG, "[]"))
         now = time.time()
         decision = decide(
             DecideRequest(
@@ -292,6 +315,10 @@ class DriftDecideRetrainOperator(BaseOperator):
                 last_requested_severity=tags.get(RETRAIN_SEVERITY_TAG) if last is not None else None,
                 retrain_running=self._retrain_running(context),
                 now=now,
+                mode=self.mode,
+                max_retrains=None if self.max_retrains is None else int(self.max_retrains),
+                retrain_period_hours=float(self.retrain_period_hours),
+                recent_retrains=history,
             )
         )
         self.log.info(
@@ -303,11 +330,16 @@ class DriftDecideRetrainOperator(BaseOperator):
         )
         if decision["action"] != "none":
             self._audit(hook, detection, decision, context)
+        if decision["code"] == "suggested":
+            self.log.warning("retrain suggested for %s: %s", model_name, decision["reason"])
         if decision["action"] not in ("retrain", "retrain_with_approval"):
             raise AirflowSkipException(decision["reason"])
         # Last, so a task that failed before this point and is retried is not held back by its own cooldown.
         hook.client.set_registered_model_tag(model_name, RETRAIN_SEVERITY_TAG, decision["severity"])
         hook.client.set_registered_model_tag(model_name, RETRAIN_REQUESTED_TAG, str(now))
+        hook.client.set_registered_model_tag(
+            model_name, RETRAIN_HISTORY_TAG, json.dumps([*history, now][-RETRAIN_HISTORY:])
+        )
         extra: dict[str, Any] = {
             "model_name": detection["model_name"],
             "champion": detection["champion"],
@@ -340,6 +372,8 @@ class DriftDecideRetrainOperator(BaseOperator):
             "severity": decision["severity"],
             "wanted": decision["wanted"],
             "escalated_from": decision["escalated_from"],
+            "cooldown_until": decision["cooldown_until"],
+            "mode": self.mode,
             "n_effective": detection.get("n_effective", detection.get("n_current")),
             "reason": decision["reason"][:1000],
             "report": detection.get("report"),

@@ -93,11 +93,13 @@ class RolloutChallengerOperator(_RolloutOperator):
     Roll a registered model version out next to the champion and let the data decide.
 
     ``canary``: an analysis window after each of ``steps`` below 100 (errors, p99 latency, accuracy
-    from feedback); ``shadow``: a window of mirrored requests first. A window that does not pass rolls
-    back and rejects the version; the last step promotes it, or with ``approval`` holds it for
-    ``RolloutFinishOperator``. Windows wait in ``RolloutTrigger`` (``deferrable``) or in the worker.
-    Killed at any point, a retry or a cleared task continues from the rollout report; ``on_kill``
-    puts all traffic back on the champion. See ``airloop.steps.rollout.rollout``.
+    from feedback labels); ``shadow``: a window of mirrored requests first. A window that fails rolls
+    back and rejects the version; one still short of data (labels that have not come) is
+    inconclusive and does what ``on_inconclusive`` says; the last step promotes it, or with
+    ``approval`` holds it for ``RolloutFinishOperator``. Windows wait in ``RolloutTrigger``
+    (``deferrable``) or in the worker. Killed at any point, a retry or a cleared task continues from
+    the rollout report; ``on_kill`` puts all traffic back on the champion. See
+    ``airloop.steps.rollout.rollout``.
 
     :param model_name: registered model name in MLflow.
     :param version: the model version to roll out (the ``challenger``).
@@ -111,6 +113,15 @@ class RolloutChallengerOperator(_RolloutOperator):
     :param criteria: overrides of ``DEFAULT_CRITERIA`` (see ``airloop.steps.rollout.canary.analyse``).
     :param poll_interval: seconds between two reads of the metrics while a window waits for data.
     :param allow_rejected: roll out a version the registry marks rejected (a person's decision).
+    :param on_inconclusive: what a window still short of data after ``max_wait_seconds`` (too few
+        labelled requests on either predictor: labels that come late) leads to: ``rollback``,
+        ``extend`` (wait for the same window again, deferred like the first wait) or ``hold`` (for a
+        person's approval, as with ``approval``: ``RolloutFinishOperator`` promotes or rolls back).
+    :param max_extensions: how many times ``extend`` waits again before it rolls back.
+    :param labels_from: where the accuracy check's labels come from: ``metrics`` (the serving target's
+        feedback counters) or ``log`` (the labels log joined to the request log: also labels sent long
+        after the prediction, and ground truth from ``LabelsIngestOperator``; the local target). Each
+        poll then reads the window's logs: give long windows a ``poll_interval`` of a minute or more.
     """
 
     template_fields: Sequence[str] = (
@@ -125,6 +136,9 @@ class RolloutChallengerOperator(_RolloutOperator):
         "max_wait_seconds",
         "criteria",
         "allow_rejected",
+        "on_inconclusive",
+        "max_extensions",
+        "labels_from",
     )
 
     def __init__(
@@ -142,6 +156,9 @@ class RolloutChallengerOperator(_RolloutOperator):
         criteria: dict[str, Any] | None = None,
         poll_interval: float = RolloutRequest.poll_interval,
         allow_rejected: bool | str = RolloutRequest.allow_rejected,
+        on_inconclusive: str = RolloutRequest.on_inconclusive,
+        max_extensions: int | str = RolloutRequest.max_extensions,
+        labels_from: str = RolloutRequest.labels_from,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         **kwargs: Any,
     ) -> None:
@@ -155,6 +172,9 @@ class RolloutChallengerOperator(_RolloutOperator):
         self.criteria = criteria
         self.poll_interval = poll_interval
         self.allow_rejected = allow_rejected
+        self.on_inconclusive = on_inconclusive
+        self.max_extensions = max_extensions
+        self.labels_from = labels_from
         self.deferrable = deferrable
 
     def request(self) -> RolloutRequest:
@@ -171,6 +191,9 @@ class RolloutChallengerOperator(_RolloutOperator):
                 criteria=self.criteria or {},
                 poll_interval=self.poll_interval,
                 allow_rejected=self.allow_rejected,
+                on_inconclusive=self.on_inconclusive,
+                max_extensions=self.max_extensions,
+                labels_from=self.labels_from,
             )
         )
 

@@ -36,7 +36,9 @@ class ServingTarget(ABC):
     "latency_ms_sum", "feedback", "feedback_correct", "predicted": {class: rows}}}``; a shadow's
     requests are the mirrored ones. Targets that see both answers to a mirrored request add
     ``"pairs"`` and ``"agreements"`` (rows both answered, rows with the same predicted class) to the
-    shadow's entry.
+    shadow's entry. Targets that time labels add ``"labelled"`` (requests whose truth label came)
+    and ``"label_lag_s_buckets"`` (``{upper_bound_s: cumulative_count, ..., "+Inf": n}``, seconds
+    from the prediction to its label).
     """
 
     # Whether the target can mirror requests to a shadow predictor; one that cannot refuses shadows

@@ -6,6 +6,14 @@ choice of predictor per request, a shadow predictor that gets a mirrored share o
 executor's, quality accounting from feedback, and request logs (JSON lines, in batches) that the
 drift monitor reads.
 
+Every answered prediction carries its request id (``meta.puid`` and the ``X-Airloop-Request-Id``
+header); the request log records it with the predictor (the arm), its model version and the time.
+Labels may come at any later time: feedback for a prediction the gateway still remembers (the last
+``feedback_window``) is counted at once, with its label lag, in the metrics the canary reads; feedback
+for one it has forgotten is answered 202 and kept in the labels log (``labels/<deployment>/``, JSON
+lines like the request log), which ``airloop.labels`` joins to the request log on the id. A second
+label for a remembered prediction is refused (409) and counted, never counted twice.
+
     python -m airloop.serving.gateway --state-dir DIR --port N
 
 Endpoints: ``POST /api/v1.0/predictions`` and ``/api/v1.0/feedback`` (Seldon's protocol, as
@@ -36,12 +44,11 @@ import json
 import math
 import os
 import random
+import re
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -49,7 +56,6 @@ from urllib.parse import urlsplit
 import aiohttp
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pyarrow import fs as pafs
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -67,6 +73,7 @@ from airloop.serving.local import (
     V2_MODEL,
     routes_from_state,
 )
+from airloop.serving.logs import LABELS_FOLDER, SHADOW_FOLDER, RequestLog
 from airloop.serving.model import label_value, predicted_class
 
 PREDICT_PATH = "/api/v1.0/predictions"
@@ -84,9 +91,15 @@ REQUEST_ID_HEADER = "X-Airloop-Request-Id"
 CLIENT_KEEPALIVE_S = SERVER_KEEPALIVE_S / 2
 # Seconds. Finer than Prometheus' defaults at the low end: a canary compares p99s of a few ms.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+# Seconds from a prediction to its label: a second to a week.
+LABEL_LAG_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 6 * 3600.0, 86400.0, 7 * 86400.0)
+# The ids the gateway gives its predictions (os.urandom(16).hex()): feedback naming another is refused.
+_REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 CLIENT_METRIC = "seldon_api_executor_client_requests_seconds"
 SERVER_METRIC = "seldon_api_executor_server_requests_seconds"
 FEEDBACK_METRIC = "airloop_gateway_feedback"
+LABEL_LAG_METRIC = "airloop_gateway_label_lag_seconds"
+LABELS_METRIC = "airloop_gateway_labels"
 PREDICTIONS_METRIC = "airloop_gateway_predictions"
 SHADOW_METRIC = "airloop_gateway_shadow_pairs"
 # Mirrored requests in flight at most: a slow or hung shadow must not pile up work in the gateway;
@@ -213,53 +226,6 @@ def _predictor_url(name: str, url: Any, hosts: frozenset[str]) -> str:
     return url.rstrip("/")
 
 
-class RequestLog:
-    """Buffers one record per request and writes complete files of JSON lines to the artefact store.
-
-    Files go to ``<root>/<folder>/<deployment>/<YYYYMMDD>/<HHMMSS>-<uuid>.jsonl``; on a local disk
-    they are written under a temporary name and renamed, so a reader never sees half a file. Records
-    carry ``ts`` as epoch seconds; encoding them (``ts`` as ISO 8601) happens in ``write``, in a
-    worker thread, not on the request's path.
-    """
-
-    def __init__(self, root_uri: str, deployment: str, batch_size: int, folder: str = "requests") -> None:
-        self._fs, base = pafs.FileSystem.from_uri(root_uri)
-        self._dir = f"{base.rstrip('/')}/{folder}/{deployment}"
-        self._batch_size = batch_size
-        self._records: list[dict[str, Any]] = []
-
-    def add(self, record: dict[str, Any]) -> bool:
-        """Buffer a record; True when the batch is full and should be flushed."""
-        self._records.append(record)
-        return len(self._records) >= self._batch_size
-
-    def take(self) -> list[dict[str, Any]]:
-        records, self._records = self._records, []
-        return records
-
-    def write(self, records: list[dict[str, Any]]) -> str | None:
-        if not records:
-            return None
-        lines = [
-            _COMPACT.encode(
-                {**r, "ts": datetime.fromtimestamp(r["ts"], UTC).isoformat(timespec="milliseconds")}
-            )
-            for r in records
-        ]
-        now = datetime.now(UTC)
-        folder = f"{self._dir}/{now:%Y%m%d}"
-        path = f"{folder}/{now:%H%M%S}-{uuid.uuid4().hex}.jsonl"
-        self._fs.create_dir(folder, recursive=True)
-        local = isinstance(self._fs, pafs.LocalFileSystem)
-        # Object stores publish whole objects anyway; a local file is renamed once complete.
-        staging = f"{folder}/.{uuid.uuid4().hex}.tmp" if local else path
-        with self._fs.open_output_stream(staging) as out:
-            out.write(("\n".join(lines) + "\n").encode())
-        if local:
-            self._fs.move(staging, path)
-        return path
-
-
 class BadRequest(ValueError):
     """A client's mistake: answered with ``code`` (a 4xx), never counted against a predictor."""
 
@@ -384,7 +350,8 @@ def seldon_answer(code: int, answer: Any) -> dict[str, Any]:
     return {"data": {"names": classes, "ndarray": ndarray}, "meta": {}}
 
 
-def _label(value: Any, allowed: dict[Any, str]) -> Any:
+def _label(value: Any, allowed: dict[Any, str] | None = None) -> Any:
+    """A truth label as ``label_value`` compares it; ``allowed``: the model's classes, when known."""
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
     if (
@@ -392,11 +359,14 @@ def _label(value: Any, allowed: dict[Any, str]) -> Any:
         or not isinstance(value, (str, int, float))
         or (isinstance(value, float) and not math.isfinite(value))
     ):
-        raise BadRequest(
-            f"a truth label must be one of the model's classes {sorted(allowed.values())}, got {value!r:.50}"
+        classes = (
+            "one of the model's classes"
+            if allowed is None
+            else f"one of the model's classes {sorted(allowed.values())}"
         )
+        raise BadRequest(f"a truth label must be {classes}, got {value!r:.50}")
     key = label_value(value)
-    if key not in allowed:
+    if allowed is not None and key not in allowed:
         raise BadRequest(f"truth {value!r:.50} is not one of the model's classes {sorted(allowed.values())}")
     return key
 
@@ -447,6 +417,8 @@ class _Recent:
     features: list[Any]
     classes: list[str]
     probabilities: list[list[float]]
+    at: float  # epoch seconds of the prediction
+    labelled: bool = False
 
 
 class Gateway:
@@ -475,7 +447,9 @@ class Gateway:
         self.table = table
         self.log = RequestLog(artefact_root, deployment, log_batch)
         # One line per mirrored request: both answers, the shadow's latency and whether they agree.
-        self.shadow_log = RequestLog(artefact_root, deployment, log_batch, folder="shadow")
+        self.shadow_log = RequestLog(artefact_root, deployment, log_batch, folder=SHADOW_FOLDER)
+        # One line per label received through the feedback endpoint (airloop.labels joins it on the id).
+        self.labels_log = RequestLog(artefact_root, deployment, log_batch, folder=LABELS_FOLDER)
         self.log_interval_s = log_interval_s
         self.timeout_s = timeout_s
         self.feedback_window = feedback_window
@@ -512,6 +486,19 @@ class Gateway:
             [*predictor, "outcome"],
             registry=self.registry,
         )
+        self.label_lag = Histogram(
+            LABEL_LAG_METRIC,
+            "Seconds from a prediction to its truth label, per predictor (labelled requests)",
+            predictor,
+            buckets=LABEL_LAG_BUCKETS,
+            registry=self.registry,
+        )
+        self.labels = Counter(
+            LABELS_METRIC,
+            "Labels received: counted (a remembered prediction), late (kept in the labels log) or duplicate",
+            ["deployment_name", "outcome"],
+            registry=self.registry,
+        )
         self.rewards = Histogram(
             "airloop_gateway_feedback_reward",
             "Rewards sent with feedback per predictor (Seldon's reward)",
@@ -546,7 +533,7 @@ class Gateway:
             for mirror in self._mirrors:
                 mirror.cancel()
             await asyncio.gather(*self._flushes, *self._mirrors, return_exceptions=True)
-            for log in (self.log, self.shadow_log):
+            for log in (self.log, self.shadow_log, self.labels_log):
                 log.write(log.take())
             await self.session.close()
 
@@ -555,6 +542,7 @@ class Gateway:
             await asyncio.sleep(self.log_interval_s)
             self._flush(self.log)
             self._flush(self.shadow_log)
+            self._flush(self.labels_log)
 
     def _flush(self, log: RequestLog) -> None:
         records = log.take()
@@ -669,7 +657,7 @@ class Gateway:
             )
             probabilities, classes = result["data"]["ndarray"], result["data"].get("names") or []
             self._count_predicted(route, probabilities, classes)
-            self._remember(request_id, _Recent(route, names, rows, classes, probabilities))
+            self._remember(request_id, _Recent(route, names, rows, classes, probabilities, time.time()))
             if kind == "tensor":  # answered as asked
                 width = len(probabilities[0]) if probabilities else 0
                 values = [p for row in probabilities for p in row]
@@ -696,6 +684,7 @@ class Gateway:
                 "names": names,
                 "features": rows,
                 "prediction": probabilities,
+                "classes": classes,
                 "latency_ms": round(latency * 1e3, 3),
                 "status": code,
                 "failed_on": failed.name if failed else None,
@@ -793,7 +782,10 @@ class Gateway:
         self, body: bytes, headers: dict[bytes, bytes]
     ) -> tuple[int, bytes, dict[str, str]]:
         """Seldon's feedback (``truth`` and/or ``reward``, the prediction named by the response's
-        ``meta.puid``, a ``request_id`` or the request id header) -> (status, body, headers)."""
+        ``meta.puid``, a ``request_id`` or the request id header) -> (status, body, headers).
+
+        200: counted now; 202: a prediction the gateway no longer remembers, kept in the labels log;
+        409: the prediction already had its feedback (one per prediction)."""
         try:
             payload = _json(body)
             if not isinstance(payload, dict):
@@ -806,10 +798,17 @@ class Gateway:
                 raise BadRequest("feedback needs a truth, a reward or both")
             recent = self.recent.get(request_id)
             if recent is None:
+                if not _REQUEST_ID.fullmatch(request_id):
+                    raise BadRequest(
+                        f"unknown request id {request_id!r}: the gateway's ids are 32 hexadecimal characters",
+                        404,
+                    )
+                late = None if payload.get("truth") is None else [_label(t) for t in _truth(payload["truth"])]
+                return self._late_label(request_id, late, reward)
+            if recent.labelled:
+                self._child(self.labels, self.deployment, "duplicate").inc()
                 raise BadRequest(
-                    f"unknown or expired request id {request_id!r} "
-                    f"(the gateway remembers the last {self.feedback_window} predictions)",
-                    404,
+                    f"request {request_id} already has its feedback: a second one is not counted", 409
                 )
             truth = None
             if payload.get("truth") is not None:
@@ -823,7 +822,7 @@ class Gateway:
                     )
         except BadRequest as exc:
             return exc.code, _encode(_status(exc.code, str(exc))), {}
-        del self.recent[request_id]  # one feedback per prediction
+        recent.labelled = True  # one feedback per prediction
         route = recent.route
         labels = (self.deployment, route.name, route.model_version)
         forward: dict[str, Any] = {
@@ -840,11 +839,22 @@ class Gateway:
             )
             self._child(self.feedback, *labels, "correct").inc(correct)
             self._child(self.feedback, *labels, "incorrect").inc(len(truth) - correct)
+            self._child(self.label_lag, *labels).observe(time.time() - recent.at)
             forward["truth"] = {"data": {"ndarray": [[_class_of(t, recent.classes)] for t in truth]}}
             forward["reward"] = correct / len(truth)
         if reward is not None:
             self._child(self.rewards, *labels).observe(reward)
             forward["reward"] = reward
+        self._child(self.labels, self.deployment, "counted").inc()
+        self._log_label(
+            request_id,
+            truth,
+            reward,
+            predictor=route.name,
+            model_version=route.model_version,
+            lag_s=round(time.time() - recent.at, 3),
+            correct=correct,
+        )
         answer_headers = {PREDICTOR_HEADER: route.name, REQUEST_ID_HEADER: request_id}
         # Seldon's model servers take feedback too (e.g. for online learning): pass it on. V2 has no
         # feedback endpoint: the gateway's counts are all there is.
@@ -856,6 +866,39 @@ class Gateway:
             "jsonData": {"feedback": len(truth or ()), "correct": correct, "reward": reward},
         }
         return 200, _encode(done), answer_headers
+
+    def _late_label(
+        self, request_id: str, truth: list[Any] | None, reward: float | None
+    ) -> tuple[int, bytes, dict[str, str]]:
+        """Feedback for a prediction no longer remembered: kept in the labels log for the join."""
+        self._child(self.labels, self.deployment, "late").inc()
+        self._log_label(request_id, truth, reward)
+        info = (
+            f"request {request_id} is not among the last {self.feedback_window} predictions: its label "
+            "is kept in the labels log and joined to the request log on the id"
+        )
+        done = {
+            "meta": {"puid": request_id},
+            "status": {"code": 202, "info": info, "status": "SUCCESS"},
+            "jsonData": {"feedback": len(truth or ()), "correct": None, "reward": reward},
+        }
+        return 202, _encode(done), {REQUEST_ID_HEADER: request_id}
+
+    def _log_label(
+        self, request_id: str, truth: list[Any] | None, reward: float | None, **known: Any
+    ) -> None:
+        """One line of the labels log; ``known``: what the gateway still remembered of the prediction."""
+        record = {
+            "request_id": request_id,
+            "ts": time.time(),
+            "deployment": self.deployment,
+            "truth": truth,
+            "reward": reward,
+            "source": "feedback",
+            **known,
+        }
+        if self.labels_log.add(record):
+            self._flush(self.labels_log)
 
     async def _pass_feedback(self, route: Route, forward: dict[str, Any]) -> bool:
         try:
@@ -895,7 +938,12 @@ class Gateway:
                     elif sample.name.endswith("_sum"):
                         entry["latency_ms_sum"] += sample.value * 1e3
                     elif sample.name.endswith("_bucket"):
-                        entry["latency_ms_buckets"][_bound_ms(sample.labels["le"])] += int(sample.value)
+                        entry["latency_ms_buckets"][_bound(sample.labels["le"], 1e3)] += int(sample.value)
+                elif family.name == LABEL_LAG_METRIC:
+                    if sample.name.endswith("_count"):
+                        entry["labelled"] += int(sample.value)
+                    elif sample.name.endswith("_bucket"):
+                        entry["label_lag_s_buckets"][_bound(sample.labels["le"])] += int(sample.value)
                 elif not sample.name.endswith("_total"):
                     continue  # a counter's "_created" sample
                 elif family.name == FEEDBACK_METRIC:
@@ -958,8 +1006,8 @@ async def _answer(send: Send, code: int, payload: bytes, headers: dict[str, str]
     await send({"type": "http.response.body", "body": payload})
 
 
-def _bound_ms(le: str) -> str:
-    return le if le == "+Inf" else format(float(le) * 1e3, "g")
+def _bound(le: str, scale: float = 1.0) -> str:
+    return le if le == "+Inf" else format(float(le) * scale, "g")
 
 
 def _empty_stats() -> dict[str, Any]:
@@ -970,7 +1018,10 @@ def _empty_stats() -> dict[str, Any]:
         "latency_ms_sum": 0.0,
         "feedback": 0,
         "feedback_correct": 0,
-        "latency_ms_buckets": {_bound_ms(str(b)): 0 for b in (*LATENCY_BUCKETS, "+Inf")},
+        "latency_ms_buckets": {_bound(str(b), 1e3): 0 for b in (*LATENCY_BUCKETS, "+Inf")},
+        # Requests whose truth label came while the gateway remembered them, by seconds it took.
+        "labelled": 0,
+        "label_lag_s_buckets": {_bound(str(b)): 0 for b in (*LABEL_LAG_BUCKETS, "+Inf")},
         "predicted": {},
         "pairs": 0,
         "agreements": 0,

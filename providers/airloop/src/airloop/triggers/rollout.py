@@ -21,10 +21,14 @@ class RolloutTrigger(BaseTrigger):
     ``mode`` is the analysis (``airloop.steps.rollout.canary.analyse``): ``canary`` for a challenger taking a
     share of the traffic, ``shadow`` for one receiving mirrored requests.
 
+    With ``labels_root`` (the artefact root the gateway writes its logs to) the accuracy check counts
+    the labels log's labels for the requests answered since ``labels_since`` (epoch seconds), read in a
+    thread: labels that came after the gateway forgot their predictions, or were ingested, count too.
+
     Yields one event (``WindowEvent``): ``{"status": "ready" | "timeout" | "error", "message",
     "after": metrics, "verdict": the analysis}``. It carries the whole verdict, so the window is
-    analysed once, here; "timeout" means the data stayed insufficient (the last "wait" verdict),
-    which the rollout treats as a failed step.
+    analysed once, here; "timeout" means the data stayed insufficient (the last "wait" verdict,
+    e.g. labels that have not come yet), which the rollout records as ``inconclusive``.
     """
 
     def __init__(
@@ -40,6 +44,8 @@ class RolloutTrigger(BaseTrigger):
         max_wait_seconds: float,
         poll_interval: float = 1.0,
         mode: str = "canary",
+        labels_root: str | None = None,
+        labels_since: float | None = None,
     ) -> None:
         super().__init__()
         self.target_config = target_config
@@ -52,6 +58,8 @@ class RolloutTrigger(BaseTrigger):
         self.max_wait_seconds = max_wait_seconds
         self.poll_interval = poll_interval
         self.mode = mode
+        self.labels_root = labels_root
+        self.labels_since = labels_since
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         # The class's own path, also when built through a deprecated alias.
@@ -68,6 +76,8 @@ class RolloutTrigger(BaseTrigger):
                 "max_wait_seconds": self.max_wait_seconds,
                 "poll_interval": self.poll_interval,
                 "mode": self.mode,
+                "labels_root": self.labels_root,
+                "labels_since": self.labels_since,
             },
         )
 
@@ -76,6 +86,7 @@ class RolloutTrigger(BaseTrigger):
 
     async def wait(self) -> WindowEvent:
         """The window's event: what ``run`` yields, and what the worker awaits when not deferring."""
+        from airloop.labels import window_quality
         from airloop.serving.base import get_target
         from airloop.steps.rollout.canary import analyse
 
@@ -93,6 +104,19 @@ class RolloutTrigger(BaseTrigger):
                     "after": None,
                     "verdict": None,
                 }
+            labels = None
+            if self.labels_root:
+                try:
+                    labels = await asyncio.to_thread(
+                        window_quality, self.labels_root, self.deployment, float(self.labels_since or 0)
+                    )
+                except Exception as e:
+                    return {
+                        "status": "error",
+                        "message": f"cannot read the labels log: {e}",
+                        "after": after,
+                        "verdict": None,
+                    }
             try:
                 verdict = analyse(
                     AnalysisRequest(
@@ -102,6 +126,7 @@ class RolloutTrigger(BaseTrigger):
                         champion=self.champion,
                         challenger=self.challenger,
                         criteria=self.criteria,
+                        labels=labels,
                     )
                 )
             except ValueError as e:  # e.g. a predictor no longer deployed

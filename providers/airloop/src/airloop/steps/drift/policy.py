@@ -15,6 +15,7 @@ from typing import Any, get_args
 from airloop.steps.drift.requests import DecideRequest, Decision, Severity, Verdict
 
 ACTIONS = ("log", "retrain", "retrain_with_approval")
+MODES = ("act", "suggest")
 SEVERITIES: tuple[Severity, ...] = get_args(Severity)
 DEFAULT_ACTIONS = {"none": "log", "low": "log", "medium": "retrain", "high": "retrain"}
 _VERDICTS: tuple[Verdict, ...] = get_args(Verdict)
@@ -32,12 +33,20 @@ def decide(request: DecideRequest | Mapping[str, Any]) -> Decision:
     ``last_requested_severity`` the severity it was for; ``retrain_running``: a retrain of the same
     model is queued or running; ``now``: epoch seconds (required, so the decision is reproducible).
 
+    ``mode``: ``"act"`` requests the retrain decided on; ``"suggest"`` never does: the retrain it
+    would request reads ``code="suggested"`` (recorded and notified, a person decides).
+    ``max_retrains``: the circuit breaker, at most this many retrain requests in any
+    ``retrain_period_hours``, counted over ``recent_retrains`` (epoch seconds of the earlier requests);
+    a retrain beyond it reads ``code="circuit_open"`` with ``cooldown_until`` when the breaker closes.
+    An escalation passes the cooldown, never the breaker.
+
     ``action`` is ``"none"`` (no drift, or too little data to tell), ``"log"`` (drift recorded, no
     retrain) or the retrain action; ``wanted`` is what the severity maps to, so a suppressed retrain
     reads ``action="log"``, ``wanted="retrain"`` with the reason in ``code`` / ``reason``. A retrain
     within the cooldown for a more severe drift reads ``code="escalated"`` and names the severity it
     escalates from in ``escalated_from``. Checks run in this order, the first that applies decides:
-    verdict, severity map, window size, retrain running, cooldown (or escalation).
+    verdict, severity map, window size, retrain running, cooldown (or escalation), suggest mode,
+    circuit breaker.
     """
     options = _checked(DecideRequest.parse(request))
     detection, now = options.detection, options.now
@@ -62,6 +71,30 @@ def decide(request: DecideRequest | Mapping[str, Any]) -> Decision:
             "cooldown_until": None if cooldown_until is None else _iso(cooldown_until),
             "escalated_from": escalated_from,
         }
+
+    def retrain(code: str, reason: str, escalated_from: Severity | None = None) -> Decision:
+        """The retrain the checks let through, unless the mode or the circuit breaker holds it back."""
+        if options.mode == "suggest":
+            return result(
+                "log",
+                "suggested",
+                f"{reason}: suggested only (mode 'suggest'), not requested",
+                wanted,
+                escalated_from=escalated_from,
+            )
+        limit, period = options.max_retrains, options.retrain_period_hours * 3600
+        recent = sorted(t for t in options.recent_retrains or () if now - period < t <= now)
+        if limit is not None and len(recent) >= limit:
+            return result(
+                "log",
+                "circuit_open",
+                f"{reason}, but {len(recent)} retrains were requested in the last "
+                f"{options.retrain_period_hours:g} h (at most {limit}): the circuit breaker holds it",
+                wanted,
+                cooldown_until=recent[len(recent) - limit] + period,
+                escalated_from=escalated_from,
+            )
+        return result(wanted, code, reason, wanted, escalated_from=escalated_from)
 
     if verdict == "no_drift":
         return result("none", "no_drift", "no feature drifted in the window")
@@ -104,16 +137,14 @@ def decide(request: DecideRequest | Mapping[str, Any]) -> Decision:
         before = options.last_requested_severity
         # A false alarm must not hide the real shift: a more severe drift overrides the cooldown.
         if before is not None and SEVERITIES.index(severity) > SEVERITIES.index(before):
-            return result(
-                wanted,
+            return retrain(
                 "escalated",
                 f"drift of severity {severity!r} maps to {wanted!r} and is more severe than the"
                 f" {before!r} drift the {since} was for: escalated",
-                wanted,
                 escalated_from=before,
             )
         return result("log", "cooldown", since, wanted, cooldown_until=last + cooldown)
-    return result(wanted, "retrain_requested", f"drift of severity {severity!r} maps to {wanted!r}", wanted)
+    return retrain("retrain_requested", f"drift of severity {severity!r} maps to {wanted!r}")
 
 
 def _checked(request: DecideRequest) -> DecideRequest:
@@ -137,7 +168,21 @@ def _checked(request: DecideRequest) -> DecideRequest:
     last, before = request.last_requested_at, request.last_requested_severity
     if before is not None and before not in SEVERITIES:
         raise ValueError(f"'last_requested_severity' must be one of {list(SEVERITIES)}, got {before!r}")
+    if request.mode not in MODES:
+        raise ValueError(f"'mode' must be one of {list(MODES)}, got {request.mode!r}")
+    recent = request.recent_retrains
+    if recent is not None and (not isinstance(recent, (list, tuple)) or isinstance(recent, str)):
+        raise ValueError(f"'recent_retrains' must be a list of epoch seconds, got {recent!r}")
+    limit = None if request.max_retrains is None else int(_number(request.max_retrains, "max_retrains"))
+    if limit is not None and limit < 1:
+        raise ValueError(f"'max_retrains' must be 1 or more (or None: no circuit breaker), got {limit}")
+    period = _number(request.retrain_period_hours, "retrain_period_hours")
+    if period <= 0:
+        raise ValueError(f"'retrain_period_hours' must be more than 0, got {request.retrain_period_hours!r}")
     return request.replace(
+        max_retrains=limit,
+        retrain_period_hours=period,
+        recent_retrains=[_number(t, "recent_retrains") for t in recent or ()],
         actions=actions,
         cooldown_minutes=_number(request.cooldown_minutes, "cooldown_minutes"),
         min_window_rows=int(_number(request.min_window_rows, "min_window_rows")),

@@ -128,6 +128,13 @@ class DecideRequest(StepRequest):
     # The severity the last retrain request was for: a more severe drift within the cooldown escalates.
     last_requested_severity: Severity | None = None
     retrain_running: bool = False
+    # "act": request the retrain the policy decides on; "suggest": record and notify it, never request.
+    mode: str = "act"
+    # The circuit breaker: at most max_retrains retrain requests per retrain_period_hours (None: no
+    # limit); recent_retrains: epoch seconds of the earlier requests (older ones are not counted).
+    max_retrains: int | None = None
+    retrain_period_hours: float = 24
+    recent_retrains: list[float] | None = None
 
 
 class Decision(TypedDict):
@@ -141,5 +148,5 @@ class Decision(TypedDict):
     severity: Severity
     wanted: str | None
     decided_at: str
-    cooldown_until: str | None
+    cooldown_until: str | None  # a retrain held back by the cooldown or the circuit breaker: until when
     escalated_from: Severity | None

@@ -14,10 +14,21 @@ Result (``Verdict``): ``{"verdict": "pass" | "fail" | "wait", "reasons": [...], 
 "challenger": {...}, "tests": {name: {"status", "reason", ...}}}``.
 
 ``canary`` (the challenger answers a share of the clients): errors, p99 latency and accuracy from
-feedback labels. ``shadow`` (the challenger gets mirrored requests, its answers go nowhere): the
-diff of the two predictors' answers to the same traffic: errors, p99 latency, the agreement rate
-over mirrored rows both answered (where the target records them: ``"pairs"`` in the snapshot) and
-the distance between the distributions of predicted classes.
+feedback labels. Quality is judged on matured labels only: the labels that came during the window,
+for requests of each predictor (a label may take hours: it counts when it comes). Per predictor the
+verdict reports ``requests``, ``labelled`` (requests whose label came, where the target times labels)
+and the label lag (``label_lag_p50_s``, ``label_lag_p90_s``). With ``labels`` (per predictor, from
+the labels log: ``airloop.labels.window_quality``) quality is judged on the labels come so far for
+the requests each predictor answered in the window, whenever they came (feedback long after the
+gateway forgot the prediction, ground truth ingested from files or tables). With fewer than ``min_feedback``
+labelled rows on either predictor the accuracy check waits: the window never passes, and a window
+still short of labels when its wait ends is ``inconclusive`` (``airloop.steps.rollout.rollout``:
+the plan's ``on_inconclusive`` says what follows).
+
+``shadow`` (the challenger gets mirrored requests, its answers go nowhere): the diff of the two
+predictors' answers to the same traffic: errors, p99 latency, the agreement rate over mirrored rows
+both answered (where the target records them: ``"pairs"`` in the snapshot) and the distance between
+the distributions of predicted classes.
 
 Each check needs its own minimum of data; with less it waits, and the verdict is never "pass" while
 a check waits. Checks fail only when the challenger is significantly worse (one-sided tests at
@@ -52,7 +63,7 @@ DEFAULT_CRITERIA: dict[str, float] = {
     "alpha": 0.05,
 }
 MODES = ("canary", "shadow")
-_COUNTS = ("requests", "errors", "latency_ms_sum", "feedback", "feedback_correct")
+_COUNTS = ("requests", "errors", "latency_ms_sum", "feedback", "feedback_correct", "labelled")
 # Requests a latency quantile must leave above it. The p99 of 55 requests is their slowest one, so a
 # single stall would decide a 10% canary step: with fewer than 100 x this many requests the check
 # compares the highest quantile the window supports (p91 for 55 requests) and says which.
@@ -72,6 +83,11 @@ def analyse(request: Mapping[str, Any] | AnalysisRequest) -> Verdict:
     names = {"champion": request.champion, "challenger": request.challenger}
     windows = {role: _window(request, name) for role, name in names.items()}
     champion, challenger = _summary(windows["champion"]), _summary(windows["challenger"])
+    if request.labels is not None:
+        if not isinstance(request.labels, dict):
+            raise ValueError(f"'labels' must be {{predictor: matured labels}}, got {request.labels!r:.100}")
+        for summary, name in ((champion, request.champion), (challenger, request.challenger)):
+            _from_labels_log(summary, request.labels.get(name))
 
     reset = [names[r] for r, w in windows.items() if _went_down(w)]
     if reset:
@@ -142,6 +158,10 @@ def _window(request: AnalysisRequest, name: str) -> dict[str, Any]:
     window["latency_ms_buckets"] = {
         le: n - old_buckets.get(le, 0) for le, n in (new.get("latency_ms_buckets") or {}).items()
     }
+    old_lags = old.get("label_lag_s_buckets") or {}
+    window["label_lag_s_buckets"] = {
+        le: n - old_lags.get(le, 0) for le, n in (new.get("label_lag_s_buckets") or {}).items()
+    }
     old_predicted = old.get("predicted") or {}
     window["predicted"] = {c: n - old_predicted.get(c, 0) for c, n in (new.get("predicted") or {}).items()}
     # None: the target records no mirrored pairs (not: none happened).
@@ -169,10 +189,27 @@ def _summary(window: dict[str, Any]) -> dict[str, Any]:
         "latency_ms_buckets": window["latency_ms_buckets"],
         "feedback": feedback,
         "accuracy": window["feedback_correct"] / feedback if feedback > 0 else None,
+        "labelled": window["labelled"],
+        "label_lag_p50_s": histogram_quantile(0.5, window["label_lag_s_buckets"]),
+        "label_lag_p90_s": histogram_quantile(0.9, window["label_lag_s_buckets"]),
         "predicted": window["predicted"],
         "pairs": pairs,
         "agreement": window["agreements"] / pairs if pairs else None,
     }
+
+
+def _from_labels_log(summary: dict[str, Any], arm: Mapping[str, Any] | None) -> None:
+    """The summary's quality figures from the labels log instead of the feedback counters."""
+    arm = arm or {}
+    summary.update(
+        {
+            "feedback": arm.get("rows", 0),
+            "accuracy": arm.get("accuracy"),
+            "labelled": arm.get("labelled", 0),
+            "label_lag_p50_s": arm.get("label_lag_p50_s"),
+            "label_lag_p90_s": arm.get("label_lag_p90_s"),
+        }
+    )
 
 
 def histogram_quantile(q: float, buckets: dict[str, float]) -> float | None:
@@ -265,12 +302,13 @@ def _latency_test(champion: dict, challenger: dict, criteria: dict) -> dict[str,
 
 
 def _accuracy_test(champion: dict, challenger: dict, criteria: dict) -> dict[str, Any]:
-    minimum = criteria["min_feedback"]
+    minimum = max(criteria["min_feedback"], 1)  # no labels is no evidence, whatever the criteria say
     if min(champion["feedback"], challenger["feedback"]) < minimum:
         return {
             "status": "wait",
             "reason": f"fewer than {minimum:g} feedback labels per predictor (champion "
-            f"{champion['feedback']}, challenger {challenger['feedback']})",
+            f"{champion['feedback']} labelled of {champion['requests']} requests, challenger "
+            f"{challenger['feedback']} of {challenger['requests']}): quality is judged on labels that came",
         }
     max_drop = criteria["max_accuracy_drop"]
     # A drop in accuracy is a rise in the error proportion 1 - accuracy.

@@ -1,6 +1,6 @@
 """The rollout's types: its request, the analysis request and verdict, the trigger's event, the report,
-the task's result and the audit record. The standard library only, so operator and trigger modules
-import them at the top without slowing DAG parsing.
+the task's result and the audit record; the labels ingest's request and result. The standard library
+only, so operator and trigger modules import them at the top without slowing DAG parsing.
 """
 
 from __future__ import annotations
@@ -43,6 +43,14 @@ class RolloutRequest(MlflowRequest):
     poll_interval: float = 1.0
     # A rejected version is never rolled out again unless a person says so here.
     allow_rejected: bool = False
+    # What a window still short of data (labels, mostly) when its wait ends leads to: "rollback",
+    # "extend" (wait again, up to max_extensions times, then roll back) or "hold" (for approval).
+    on_inconclusive: str = "rollback"
+    max_extensions: int = 2
+    # Where the canary's labels come from: "metrics" (the target's feedback counters, any target) or
+    # "log" (the labels log joined to the request log under the artefact root: labels of any age, from
+    # late feedback and LabelsIngestOperator; targets whose gateway writes the logs, e.g. local).
+    labels_from: str = "metrics"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,8 +58,9 @@ class RolloutRequest(MlflowRequest):
         set_ = object.__setattr__
         set_(self, "version", str(self.version))
         set_(self, "steps", tuple(self.steps))
-        if isinstance(self.shadow_percent, str):
-            set_(self, "shadow_percent", int(self.shadow_percent))
+        for name in ("shadow_percent", "max_extensions"):
+            if isinstance(getattr(self, name), str):
+                set_(self, name, int(getattr(self, name)))
         for name in ("approval", "allow_rejected"):
             set_(self, name, flag(name, getattr(self, name)))
         for name in ("analysis_seconds", "max_wait_seconds", "poll_interval"):
@@ -74,6 +83,9 @@ class AnalysisRequest(StepRequest):
     challenger: str
     mode: str = "canary"
     criteria: dict[str, Any] = field(default_factory=dict)
+    # Labels from the labels log (``airloop.labels.window_quality``: per predictor, the labels come so
+    # far for the requests it answered in the window); None: the feedback counters of the snapshots.
+    labels: dict[str, dict[str, Any]] | None = None
 
 
 class PredictorStats(TypedDict):
@@ -84,8 +96,11 @@ class PredictorStats(TypedDict):
     error_rate: float | None
     p99_ms: float | None
     latency_ms_buckets: dict[str, float]
-    feedback: int
+    feedback: int  # rows with a truth label
     accuracy: float | None
+    labelled: int  # requests whose label came, where the target times labels (else 0)
+    label_lag_p50_s: float | None  # seconds from prediction to label
+    label_lag_p90_s: float | None
     predicted: dict[str, int]
     pairs: int | None
     agreement: float | None
@@ -128,11 +143,13 @@ class RolloutStep(TypedDict):
     started: str
     mirror: NotRequired[int]
     stage: NotRequired[int]  # the window's index in the plan
+    extension: NotRequired[int]  # the n-th extension of the stage's window (on_inconclusive="extend")
     ended: NotRequired[str]
     before: NotRequired[Metrics]  # while the window is open
+    since: NotRequired[float]  # epoch seconds of the window's first snapshot
     verdict: NotRequired[
         str
-    ]  # pass fail inconclusive error interrupted | awaiting approved rejected | promoted
+    ]  # pass fail inconclusive extended error interrupted | awaiting approved rejected | promoted
     reasons: NotRequired[list[str]]
     champion_stats: NotRequired[PredictorStats]
     challenger_stats: NotRequired[PredictorStats]
@@ -217,3 +234,53 @@ class RolloutAuditRecord(TypedDict):
     steps: list[AuditStep]
     report: str
     earlier: list[EarlierAttempt]
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngestLabelsRequest(StepRequest):
+    """``ingest``: the ground truth at ``labels_path`` (a parquet or CSV file, or a folder of them),
+    joined on the request id to the request log of ``deployment`` under ``artefact_root``."""
+
+    labels_path: str
+    deployment: str
+    artefact_root: str
+    source: str = ""  # what the ground truth is called in the result (the URI or the query)
+    id_column: str = "request_id"
+    label_column: str = "label"
+    # When each label became known (timestamps, or epoch seconds); the time of the ingest when None.
+    time_column: str | None = None
+    # A label that comes later than this after its prediction is too late: counted, not used.
+    max_label_delay_hours: float = 7 * 24
+    # How far back the request log is read: ids of older requests count as unknown.
+    lookback_hours: float = 14 * 24
+    now: float | None = None  # epoch seconds; the time of the ingest when None
+
+
+class Arm(TypedDict):
+    """One predictor's matured labels in the labels log (first label per request)."""
+
+    model_version: str
+    labelled: int  # requests
+    rows: int
+    correct: int
+    accuracy: float | None
+    label_lag_p50_s: float
+    label_lag_p90_s: float
+
+
+class IngestResult(TypedDict):
+    """What one ingest did: every ground-truth row is in exactly one of ``matched``, ``duplicates``,
+    ``unknown``, ``too_late`` and ``invalid``; ``quality``: per predictor, over the whole labels log."""
+
+    source: str
+    rows: int
+    matched: int
+    duplicates: int  # the request already had a label (earlier, or in this batch)
+    unknown: int  # no logged prediction with this id within lookback_hours
+    too_late: int  # came more than max_label_delay_hours after the prediction
+    invalid: int  # no id or no label, a label time before the prediction, a request of several rows
+    examples: dict[str, list[str]]  # up to 5 request ids (or row numbers) per count other than matched
+    written: str | None  # the labels log file holding the matched labels
+    unreadable_log_lines: int
+    unresolved: int  # labels in the labels log whose prediction is not in the request log read
+    quality: dict[str, Arm]

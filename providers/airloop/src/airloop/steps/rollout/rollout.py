@@ -3,9 +3,13 @@
 
 The plan: in ``shadow`` mode first a shadow window (the challenger gets ``shadow_percent`` % of the
 requests mirrored, its answers reach no client), then one canary window per step below 100. A window
-that does not pass rolls back: the champion takes 100 %, the challenger is removed and its version is
-tagged rejected. When every window passed, the last step (100) promotes: the challenger takes 100 %,
-the alias ``champion`` moves to it and ``previous`` keeps the old one; with ``approval`` the rollout
+that fails rolls back: the champion takes 100 %, the challenger is removed and its version is
+tagged rejected. A window still short of data when its wait ends (too few labelled requests on
+either predictor, mostly: labels that come late) is ``inconclusive``, never a pass; ``on_inconclusive``
+says what follows: ``rollback``, ``extend`` (the same window waited for again, its data kept, up to
+``max_extensions`` times, then rolled back) or ``hold`` (the approval hold below, with the reason;
+approving promotes). When every window passed, the last step (100) promotes: the challenger takes
+100 %, the alias ``champion`` moves to it and ``previous`` keeps the old one; with ``approval`` the rollout
 holds instead (phase ``awaiting_approval``, traffic and aliases unchanged) until ``decide``. The first
 model of a registered model (it is already ``champion``) is simply deployed at 100 %.
 
@@ -30,6 +34,7 @@ idempotent, and whoever comes next continues from it:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -65,6 +70,8 @@ PROMOTING, ROLLING_BACK, ABORTING, DONE = "promoting", "rolling_back", "aborting
 # Phases in which a decision is being carried out: whoever comes next completes it.
 FINISHING = (PROMOTING, ROLLING_BACK, ABORTING)
 DECISIONS = {PROMOTING: "promoted", ROLLING_BACK: "rolled_back", ABORTING: "aborted"}
+INCONCLUSIVE_ACTIONS = ("rollback", "extend", "hold")
+LABEL_SOURCES = ("metrics", "log")
 _T = TypeVar("_T")
 
 
@@ -86,6 +93,8 @@ class Window:
     window_seconds: float
     max_wait_seconds: float
     poll_interval: float
+    labels_root: str | None = None
+    labels_since: float | None = None
 
     def trigger_kwargs(self) -> dict[str, Any]:
         return {key: value for key, value in asdict(self).items() if key != "step"}
@@ -311,19 +320,28 @@ class Rollout:
             self.deployment.route({champ: 100 - stage["weight"], chal: stage["weight"]})
             self.log.info("v%s at %d%% of traffic: analysing", self.request.version, stage["weight"])
         self.deployment.remove_others(keep={champ, chal})
+        step["since"] = time.time()
         step["before"] = self.deployment.metrics()
         self._save(report)
+        return self._window(report, stage["kind"], champ, chal, step["before"], step["since"])
+
+    def _window(
+        self, report: RolloutReport, mode: str, champion: str, challenger: str, before: Metrics, since: float
+    ) -> Window:
+        """The window of the report's last step, to wait for."""
         return Window(
             step=len(report["steps"]) - 1,
-            mode=stage["kind"],
+            mode=mode,
             deployment=self.request.deployment,
-            champion=champ,
-            challenger=chal,
-            before=step["before"],
+            champion=champion,
+            challenger=challenger,
+            before=before,
             criteria=report["criteria"],
             window_seconds=self.request.analysis_seconds,
             max_wait_seconds=self.request.max_wait_seconds,
             poll_interval=self.request.poll_interval,
+            labels_root=settings.artefact_root() if self.request.labels_from == "log" else None,
+            labels_since=since,
         )
 
     def _record_window(self, index: int, event: WindowEvent) -> Window | RolloutResult:
@@ -338,7 +356,8 @@ class Rollout:
                 f"the event of window {index} came after the rollout moved on (phase {report['phase']!r})"
             )
         step = steps[index]
-        step.pop("before", None)
+        before = step.pop("before")  # on record since the window opened
+        since = step["since"]
         step["ended"] = now()
         verdict = event["verdict"]
         if event["status"] == "error" or verdict is None:
@@ -363,17 +382,65 @@ class Rollout:
             step["verdict"],
             "; ".join(step["reasons"]),
         )
+        if step["verdict"] == "inconclusive":
+            return self._inconclusive(report, step, before, since)
         if step["verdict"] != "pass":
             return self._finish(report, ROLLING_BACK)
         if step.get("stage", 0) + 1 < len(report["plan"]):
             return self._open_window(report, step.get("stage", 0) + 1)
         if report["approval"]:
-            return self._await_approval(report)
+            return self._await_approval(
+                report, "every analysis window passed: waiting for a person to approve the promotion"
+            )
         report["steps"].append(self._promotion_step())  # the last step, 100 %, is the promotion itself
         return self._finish(report, PROMOTING)
 
-    def _await_approval(self, report: RolloutReport) -> RolloutResult:
-        """Hold with every window passed: traffic and aliases stay as they are until a person decides."""
+    def _inconclusive(
+        self, report: RolloutReport, step: RolloutStep, before: Metrics, since: float
+    ) -> Window | RolloutResult:
+        """A window short of data when its wait ended: extend it, hold for approval or roll back."""
+        action, limit = self.request.on_inconclusive, self.request.max_extensions
+        stage = step.get("stage", 0)
+        if action == "hold":
+            where = f"{step['kind']} {step.get('mirror', step['weight'])}%"
+            return self._await_approval(
+                report,
+                f"the window at {where} was inconclusive: waiting for a person to approve the promotion "
+                "or reject it (on_inconclusive='hold')",
+            )
+        done = sum(1 for s in report["steps"] if s.get("stage") == stage and s.get("verdict") == "extended")
+        if action == "extend" and done < limit:
+            step["verdict"] = "extended"
+            step["reasons"] = [*step["reasons"], f"extension {done + 1} of {limit}: the window goes on"]
+            return self._extend_window(report, stage, before, since, done + 1)
+        if action == "extend":
+            step["reasons"] = [*step["reasons"], f"still inconclusive after {limit} extensions"]
+        return self._finish(report, ROLLING_BACK)
+
+    def _extend_window(
+        self, report: RolloutReport, index: int, before: Metrics, since: float, extension: int
+    ) -> Window:
+        """The window of stage ``index`` again, counted from the same ``before``: traffic stays as it is."""
+        stage = report["plan"][index]
+        champ, chal = self._names(report)
+        step: RolloutStep = {
+            "kind": stage["kind"],
+            "weight": stage["weight"],
+            "stage": index,
+            "extension": extension,
+            "started": now(),
+            "before": before,
+            "since": since,
+        }
+        if "mirror" in stage:
+            step["mirror"] = stage["mirror"]
+        report["steps"].append(step)
+        self._save(report)
+        self.log.info("v%s: window of stage %d extended (%d)", self.request.version, index, extension)
+        return self._window(report, stage["kind"], champ, chal, before, since)
+
+    def _await_approval(self, report: RolloutReport, reason: str) -> RolloutResult:
+        """Hold: traffic and aliases stay as they are until a person decides (``decide``)."""
         last = report["steps"][-1]
         report["steps"].append(
             {
@@ -381,7 +448,7 @@ class Rollout:
                 "weight": last["weight"],
                 "started": now(),
                 "verdict": "awaiting",
-                "reasons": ["every analysis window passed: waiting for a person to approve the promotion"],
+                "reasons": [reason],
             }
         )
         report["phase"] = AWAITING
@@ -464,6 +531,15 @@ class Rollout:
                 f"steps must rise from above 0 to 100{needs} (the analysed canary steps), "
                 f"got {list(request.steps)}"
             )
+        if request.on_inconclusive not in INCONCLUSIVE_ACTIONS:
+            raise ValueError(
+                f"on_inconclusive must be one of {list(INCONCLUSIVE_ACTIONS)}, "
+                f"got {request.on_inconclusive!r}"
+            )
+        if request.labels_from not in LABEL_SOURCES:
+            raise ValueError(f"labels_from must be one of {list(LABEL_SOURCES)}, got {request.labels_from!r}")
+        if request.max_extensions < 0:
+            raise ValueError(f"max_extensions must be 0 or more, got {request.max_extensions}")
         plan: list[Stage] = []
         if request.mode == "shadow":
             check_mirror("shadow_percent", request.shadow_percent)

@@ -17,19 +17,17 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from airloop.steps.training.requests import WINDOW_PATTERN, BuildTrainingSetRequest, DataFile, TrainingSet
-from airloop.tables import fingerprint, read_table, write_table
+from airloop.tables import fingerprint, read_table, table_files, write_table
 
 if TYPE_CHECKING:
     import pandas as pd
 
-TABLE_SUFFIXES = (".parquet", ".csv", ".csv.gz")
 WINDOW = re.compile(WINDOW_PATTERN)
 
 
 def build_training_set(request: BuildTrainingSetRequest | Mapping[str, Any]) -> TrainingSet:
     """The window of ``data_uri`` as one parquet table at ``out_path`` -> ``{"uri", "source", "window",
     "files", "rows", "columns", "sha256"}``; see docs/steps.md."""
-    import fsspec
     import pandas as pd
 
     request = BuildTrainingSetRequest.parse(request)
@@ -41,25 +39,13 @@ def build_training_set(request: BuildTrainingSetRequest | Mapping[str, Any]) -> 
         )
     history = float(window.group(4)) if window.group(4) else 0.0
     options = request.storage_options or {}
-    fs, root = fsspec.core.url_to_fs(request.data_uri, **options)
-    if not fs.exists(root):
-        raise ValueError(f"training data {request.data_uri} does not exist")
-    if fs.isdir(root):
-        names = sorted(
-            path[len(root.rstrip("/")) + 1 :]
-            for path in fs.find(root)
-            if path.lower().endswith(TABLE_SUFFIXES) and not _hidden(path[len(root.rstrip("/")) + 1 :])
-        )
-        if not names:
-            raise ValueError(f"training data folder {request.data_uri} holds no parquet or CSV file")
-        latest = len(names) if request.window == "all" else int(window.group(2)[1:] if window.group(2) else 1)
-        # The earlier drops come first, sampled: a sample of history, then the latest window whole.
-        shares = [history] * max(len(names) - latest, 0) + [1.0] * min(latest, len(names))
-        names = [name for name, share in zip(names, shares, strict=True) if share > 0]
-        shares = [share for share in shares if share > 0]
-        uris = [f"{request.data_uri.rstrip('/')}/{name}" for name in names]
-    else:
-        names, uris, shares = [root.rstrip("/").rsplit("/", 1)[-1]], [request.data_uri], [1.0]
+    drops = table_files(request.data_uri, options, what="training data")
+    latest = len(drops) if request.window == "all" else int(window.group(2)[1:] if window.group(2) else 1)
+    # The earlier drops come first, sampled (a sample of history), then the latest window whole; a
+    # file is its own window.
+    shares = [history] * max(len(drops) - latest, 0) + [1.0] * min(latest, len(drops))
+    kept = [(drop, share) for drop, share in zip(drops, shares, strict=True) if share > 0]
+    names, uris, shares = [d[0] for d, _ in kept], [d[1] for d, _ in kept], [share for _, share in kept]
 
     frames: list[pd.DataFrame] = []
     files: list[DataFile] = []
@@ -113,8 +99,3 @@ def _columns(frame: pd.DataFrame, request: BuildTrainingSetRequest) -> pd.DataFr
             f"the training data {request.data_uri} has no feature column besides {label + request.exclude}"
         )
     return frame[[*features, *label]]
-
-
-def _hidden(name: str) -> bool:
-    """Files that writers leave beside the data (``_SUCCESS``, ``.part`` files) are not drops."""
-    return any(part.startswith((".", "_")) for part in name.split("/"))
