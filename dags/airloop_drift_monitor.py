@@ -24,6 +24,8 @@ METHOD = os.environ.get("AIRLOOP_DRIFT_METHOD", "ks")
 # A table to test instead of the logged requests: parquet/CSV path or URI, or a Feast training set.
 WINDOW_URI = os.environ.get("AIRLOOP_DRIFT_WINDOW_URI")
 WINDOW_CONN_ID = os.environ.get("AIRLOOP_DRIFT_WINDOW_CONN_ID")
+# The circuit breaker: at most this many retrain requests per retrain_period_hours (unset: no limit).
+MAX_RETRAINS = int(os.environ["AIRLOOP_MAX_RETRAINS"]) if os.environ.get("AIRLOOP_MAX_RETRAINS") else None
 
 
 @dag(
@@ -35,6 +37,10 @@ WINDOW_CONN_ID = os.environ.get("AIRLOOP_DRIFT_WINDOW_CONN_ID")
     params={
         "window_minutes": Param(60, type="number", description="how far back to read logged requests"),
         "cooldown_minutes": Param(60, type="number", description="minimum time between two retrains"),
+        "retrain_mode": Param(
+            "act", enum=["act", "suggest"], description="suggest: record and notify, never retrain"
+        ),
+        "retrain_period_hours": Param(24, type="number", description="the circuit breaker's period"),
     },
     doc_md=__doc__,
 )
@@ -58,6 +64,9 @@ def airloop_drift_monitor():
         task_id="decide",
         detection=detect.output,
         cooldown_minutes="{{ params.cooldown_minutes }}",
+        mode="{{ params.retrain_mode }}",
+        max_retrains=MAX_RETRAINS,
+        retrain_period_hours="{{ params.retrain_period_hours }}",
         retrain_dag_id="airloop_loop",  # no new request while a retrain is queued or running
         outlets=[drift_asset(MODEL_NAME)],
     )

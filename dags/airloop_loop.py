@@ -94,6 +94,18 @@ EXPECTED_SHA256 = (
             type="boolean",
             description="hold the challenger at its last canary step until a person approves",
         ),
+        # What a window short of labels leads to (labels arrive later than answers in production).
+        "on_inconclusive": Param(
+            "rollback",
+            enum=["rollback", "extend", "hold"],
+            description="a window without enough labels: roll back, extend it (max_extensions), or hold",
+        ),
+        "max_extensions": Param(2, type="integer", minimum=0, description="extensions of one window"),
+        "labels_from": Param(
+            "metrics",
+            enum=["metrics", "log"],
+            description="quality from the target's counters, or the labels log (late and ingested labels)",
+        ),
         # A rolled-back version stays rejected: only a person lifts that, for one run.
         "allow_rejected": Param(
             False,
@@ -161,6 +173,9 @@ def airloop_loop():
         analysis_seconds="{{ params.analysis_seconds }}",
         approval="{{ params.approval }}",
         allow_rejected="{{ params.allow_rejected }}",
+        on_inconclusive="{{ params.on_inconclusive }}",
+        max_extensions="{{ params.max_extensions }}",
+        labels_from="{{ params.labels_from }}",
         retries=2,
         retry_delay=timedelta(seconds=30),
     )

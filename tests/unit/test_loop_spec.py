@@ -40,7 +40,11 @@ def test_a_minimal_spec_gets_every_default_and_resolves_its_paths():
         "mode": "canary",
         "analysis_seconds": 30,
         "approval": False,
+        "on_inconclusive": "rollback",
+        "max_extensions": 2,
+        "labels_from": "metrics",
     }
+    assert spec.labels is None
     assert spec.evaluation == {"metric": "accuracy", "margin": 0.0, "alpha": 0.05}
     assert spec.drift["backend"] == "scipy" and spec.drift["schedule"] == "@hourly"
     assert (spec.loop_dag_id, spec.monitor_dag_id, spec.excluded) == (
@@ -205,3 +209,28 @@ def test_init_takes_string_labels_and_refuses_text_features(tmp_path):
     with pytest.raises(ValueError, match=r"columns \['region'\] are not numeric"):
         draft(str(tmp_path / "regions.csv"), "target", tmp_path / "loops")
     assert not (tmp_path / "loops" / "regions.yaml").exists()
+
+
+def test_late_labels_and_the_policy_are_the_specs_to_declare():
+    from airloop.loops.dags import loop_dags
+
+    raw = _spec(
+        rollout={"on_inconclusive": "extend", "max_extensions": 3, "labels_from": "log"},
+        drift={"mode": "suggest", "max_retrains": 2, "retrain_period_hours": 12},
+        labels={"uri": "outcomes/", "time_column": "known_at", "schedule": "@daily"},
+    )
+    loop, monitor, labels = loop_dags(parse(raw, base="/specs"))
+    rollout = loop.get_task("rollout")
+    assert (rollout.on_inconclusive, rollout.max_extensions, rollout.labels_from) == ("extend", 3, "log")
+    decide = monitor.get_task("decide")
+    assert (decide.mode, decide.max_retrains, decide.retrain_period_hours) == ("suggest", 2, 12)
+    ingest = labels.get_task("ingest")
+    assert labels.dag_id == "churn_labels" and ingest.deployment == "churn"
+    assert (ingest.labels_uri, ingest.label_column, ingest.time_column) == (
+        "/specs/outcomes",
+        "churned",
+        "known_at",
+    )
+    assert ingest.id_column == "request_id"
+    problems = _problems(_spec(labels={"time_column": "known_at"}))
+    assert problems == ["labels: give one source: uri (a file or folder), or sql with conn_id"]

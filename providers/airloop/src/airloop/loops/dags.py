@@ -31,6 +31,7 @@ from airloop.operators.drift import (
 )
 from airloop.operators.feast import FeastBuildTrainingSetOperator
 from airloop.operators.great_expectations import GreatExpectationsValidateDataOperator
+from airloop.operators.labels import LabelsIngestOperator
 from airloop.operators.mlflow import (
     MlflowEvaluateChallengerOperator,
     MlflowRegisterModelOperator,
@@ -59,18 +60,18 @@ def folder_dags(folder: str | Path) -> dict[str, DAG]:
         return {}
     dags: dict[str, DAG] = {}
     for spec in load_folder(folder):
-        loop, monitor = loop_dags(spec)
-        dags.update({loop.dag_id: loop, monitor.dag_id: monitor})
+        dags.update({dag.dag_id: dag for dag in loop_dags(spec)})
     return dags
 
 
-def loop_dags(spec: LoopSpec | Mapping[str, Any] | str | Path) -> tuple[DAG, DAG]:
-    """The retraining DAG and the drift monitor of one loop."""
+def loop_dags(spec: LoopSpec | Mapping[str, Any] | str | Path) -> tuple[DAG, ...]:
+    """The retraining DAG and the drift monitor of one loop, and its labels DAG when the spec
+    declares where ground truth lands."""
     if isinstance(spec, (str, Path)):
         spec = load(spec)
     elif not isinstance(spec, LoopSpec):
         spec = parse(spec)
-    return _loop(spec), _monitor(spec)
+    return (_loop(spec), _monitor(spec), *([_labels(spec)] if spec.labels else []))
 
 
 def _loop(spec: LoopSpec) -> DAG:
@@ -181,6 +182,9 @@ def _loop(spec: LoopSpec) -> DAG:
             deployment=spec.name,
             steps=plan["steps"],
             mode=plan["mode"],
+            on_inconclusive=plan["on_inconclusive"],
+            max_extensions=plan["max_extensions"],
+            labels_from=plan["labels_from"],
             analysis_seconds="{{ params.analysis_seconds }}",
             approval="{{ params.approval }}",
             allow_rejected="{{ params.allow_rejected }}",
@@ -246,7 +250,10 @@ def approval_hold(rollout: BaseOperator, **finish: Any) -> None:
     approve = ApprovalOperator(
         task_id="approve",
         subject="Promote version {{ ti.xcom_pull(task_ids='rollout')['challenger'] }} to champion?",
-        body="Every analysis window passed; the rollout report is linked from the rollout task.",
+        body=(
+            "The rollout is held: every window passed, or one was inconclusive (on_inconclusive='hold');"
+            " the rollout report linked from the rollout task says which."
+        ),
         fail_on_reject=True,  # a rejection must not skip the finish task, which rolls back
         defaults="Reject",
         response_timeout=timedelta(days=1),
@@ -262,6 +269,31 @@ def approval_hold(rollout: BaseOperator, **finish: Any) -> None:
     )
     gate >> approve >> done
     gate >> done
+
+
+def _labels(spec: LoopSpec) -> DAG:
+    labels = spec.labels or {}
+    with DAG(
+        dag_id=spec.labels_dag_id,
+        schedule=labels["schedule"],
+        catchup=False,
+        max_active_runs=1,
+        tags=["airloop", f"loop:{spec.name}"],
+        description=f"Loop {spec.name}: ground truth joined to the served requests",
+        doc_md=f"Built from the loop spec `{spec.source}` by `airloop.loops.dags`.",
+    ) as dag:
+        LabelsIngestOperator(
+            task_id="ingest",
+            deployment=spec.name,
+            labels_uri=labels.get("uri"),
+            labels_sql=labels.get("sql"),
+            labels_conn_id=labels.get("conn_id"),
+            id_column=labels["id_column"],
+            label_column=labels["label_column"],
+            time_column=labels.get("time_column"),
+            max_label_delay_hours=labels["max_label_delay_hours"],
+        )
+    return dag
 
 
 def _monitor(spec: LoopSpec) -> DAG:
@@ -313,6 +345,9 @@ def _monitor(spec: LoopSpec) -> DAG:
             actions=drift.get("actions"),
             cooldown_minutes="{{ params.cooldown_minutes }}",
             min_window_rows=drift["min_rows"],
+            mode=drift["mode"],
+            max_retrains=drift.get("max_retrains"),
+            retrain_period_hours=drift["retrain_period_hours"],
             retrain_dag_id=spec.loop_dag_id,
             outlets=[drift_asset(spec.name)],
         )

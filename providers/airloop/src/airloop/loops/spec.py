@@ -51,6 +51,8 @@ class LoopSpec:
     conversion: dict[str, Any] = field(default_factory=dict)
     rollout: dict[str, Any] = field(default_factory=dict)
     drift: dict[str, Any] = field(default_factory=dict)
+    # Ground truth that lands later, ingested by ``<name>_labels``; ``None``: labels come as feedback.
+    labels: dict[str, Any] | None = None
     description: str = ""
     source: str = "<mapping>"
 
@@ -61,6 +63,10 @@ class LoopSpec:
     @property
     def monitor_dag_id(self) -> str:
         return f"{self.name}_drift_monitor"
+
+    @property
+    def labels_dag_id(self) -> str:
+        return f"{self.name}_labels"
 
     @property
     def excluded(self) -> list[str]:
@@ -146,6 +152,7 @@ def parse(raw: Any, base: str | Path | None = None, source: str = "<mapping>") -
         conversion=_defaults("conversion", spec),
         rollout=_defaults("rollout", spec),
         drift=_defaults("drift", spec),
+        labels=_labels(spec, root),
         source=source,
     )
 
@@ -186,6 +193,15 @@ def _search(search: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return {**{key: p["default"] for key, p in properties.items() if "default" in p}, **search}
 
 
+def _labels(spec: Mapping[str, Any], root: Path) -> dict[str, Any] | None:
+    if "labels" not in spec:
+        return None
+    labels = {"label_column": spec["label"], **_defaults("labels", spec)}
+    if "uri" in labels:
+        labels["uri"] = _resolve(labels["uri"], root)
+    return labels
+
+
 def _defaults(section: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     """The section as given, over the schema's defaults for its properties."""
     properties = schema()["properties"][section]["properties"]
@@ -215,4 +231,6 @@ def _problem(error: Any) -> str:
         return f"{where + '.' if where else ''}{missing}: required, missing"
     elif error.validator == "oneOf" and where == "data":
         message = "give one source: uri (a file or folder), sql with conn_id, or feast"
+    elif error.validator == "oneOf" and where in ("labels", "drift.window"):
+        message = "give one source: uri (a file or folder), or sql with conn_id"
     return f"{where or 'spec'}: {message}"
