@@ -46,7 +46,8 @@ class OptunaSuggestTrialsOperator(StepOperator):
         history: Sequence[Any] = (),
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        # A list, not a dict of results: the trials are mapped over it as a whole.
+        super().__init__(multiple_outputs=False, **kwargs)
         self.estimator, self.space = estimator, space
         self.estimator_params = dict(estimator_params or {})
         self.trials, self.patience, self.metric, self.seed = trials, patience, metric, seed

@@ -10,13 +10,12 @@ rounds left are skipped. The space is checked against the estimator's parameters
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Mapping
 from typing import Any
 
 from airloop.steps.training.requests import SuggestRequest
-from airloop.steps.training.train import TORCH_PREFIX
+from airloop.steps.training.train import TORCH_PREFIX, import_estimator
 
 
 def suggest(request: SuggestRequest | Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -71,12 +70,7 @@ def _check_parameters(estimator: str, names: list[str]) -> None:
     """Every searched name is a parameter of the estimator class (or of the training function)."""
     if estimator.startswith(TORCH_PREFIX):
         return  # a torch module's parameters are its constructor's and the loop's: checked when it trains
-    is_function = ":" in estimator
-    module_name, _, attribute = estimator.rpartition(":" if is_function else ".")
-    try:
-        found = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ValueError(f"estimator {estimator!r} cannot be imported: {exc}") from exc
+    found, is_function = import_estimator(estimator)
     if is_function:
         signature = inspect.signature(found).parameters
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values()):

@@ -221,12 +221,7 @@ def trainer(path: str, params: dict[str, Any], seed: int) -> Callable[[pd.DataFr
         from airloop.steps.training.train_torch import torch_trainer
 
         return torch_trainer(path.removeprefix(TORCH_PREFIX), params, seed)
-    is_function = ":" in path
-    module_name, _, name = path.rpartition(":" if is_function else ".")
-    try:
-        found = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ValueError(f"estimator {path!r} cannot be imported: {exc}") from exc
+    found, is_function = import_estimator(path)
     if is_function:
         if not callable(found):
             raise ValueError(f"estimator {path!r} is not a function")
@@ -245,6 +240,17 @@ def trainer(path: str, params: dict[str, Any], seed: int) -> Callable[[pd.DataFr
     if "random_state" in estimator.get_params() and "random_state" not in params:
         estimator.set_params(random_state=seed)
     return estimator.fit
+
+
+def import_estimator(path: str) -> tuple[Any, bool]:
+    """What an ``estimator`` path names (``package.module.Class`` or ``package.module:function``), and
+    whether it is a function."""
+    is_function = ":" in path
+    module_name, _, name = path.rpartition(":" if is_function else ".")
+    try:
+        return getattr(importlib.import_module(module_name), name), is_function
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"estimator {path!r} cannot be imported: {exc}") from exc
 
 
 def _check_classifier(model: Any, what: str) -> None:
