@@ -234,3 +234,18 @@ def test_late_labels_and_the_policy_are_the_specs_to_declare():
     assert ingest.id_column == "request_id"
     problems = _problems(_spec(labels={"time_column": "known_at"}))
     assert problems == ["labels: give one source: uri (a file or folder), or sql with conn_id"]
+
+
+def test_init_notes_a_rare_class_and_not_an_even_split(tmp_path):
+    import pandas as pd
+    from sklearn.datasets import load_breast_cancer
+
+    from airloop.loops.init import draft
+
+    frame = load_breast_cancer(as_frame=True).frame
+    rare = pd.concat([frame[frame["target"] == 1].iloc[:300], frame[frame["target"] == 0].iloc[:40]])
+    rare.to_csv(tmp_path / "rare.csv", index=False)
+    lines = "\n".join(draft(str(tmp_path / "rare.csv"), "target", tmp_path / "loops").lines)
+    assert "note: class 0 is 11.8% of the rows: accuracy says little about it" in lines
+    digits = "\n".join(draft(str(_csv("digits", tmp_path)), "target", tmp_path / "loops").lines)
+    assert "accuracy says little" not in digits and "10 classes: 3 10.2%" in digits

@@ -22,8 +22,9 @@ from airloop.steps.data.requests import ProfileRequest
 # on any numeric table. The estimator and its params are the spec's to change.
 ESTIMATOR = "sklearn.ensemble.RandomForestClassifier"
 PARAMS = {"n_estimators": 100, "max_depth": 12, "min_samples_leaf": 2}
-# A class under this share of the rows: accuracy says little about it (the note printed says so).
-MINORITY_SHARE = 0.1
+# A class under this fraction of an even share of the rows (1 / classes): accuracy says little about
+# it (the note printed says so).
+MINORITY_SHARE = 0.5
 # The drift monitor tests windows of at least this many distinct rows; a small table gets an eighth of
 # its rows instead, and a note: a window of a small world holds few distinct rows, and the reference
 # sample is three quarters of a training split.
@@ -123,15 +124,15 @@ def draft(
     lines = [f"{len(frame)} rows, {len(frame.columns)} columns in {data}"]
     width = max(len(c["column"]) for c in profiled["columns"])
     lines += [f"  {c['column']:<{width}}  {c['kind']:<11}  {c['why']}" for c in profiled["columns"]]
-    listed = ", ".join(f"{value!r} {share:.1%}" for value, share in shares.items())
+    listed = ", ".join(f"{_plain(value)!r} {share:.1%}" for value, share in shares.items())
     lines.append(f"task: classification of {label!r}, {len(classes)} classes: {listed}")
     lines.append(
         f"features: {len(features)} ({', '.join(features[:8])}{', ...' if len(features) > 8 else ''})"
     )
     lines.append("metric: accuracy (the offline gate's paired tests; margin 0, alpha 0.05)")
-    if shares.min() < MINORITY_SHARE:
+    if shares.min() < MINORITY_SHARE / len(shares):
         lines.append(
-            f"note: class {shares.idxmin()!r} is {shares.min():.1%} of the rows: accuracy says little"
+            f"note: class {_plain(shares.idxmin())!r} is {shares.min():.1%} of the rows: accuracy says little"
             " about it; watch its recall in the MLflow run"
         )
     lines.append(f"estimator: {ESTIMATOR} {PARAMS} (converts to OpenVINO through hummingbird-ml)")
@@ -145,6 +146,11 @@ def draft(
         " then commit them to the loops folder"
     )
     return Drafted(spec_path, suite_path, spec, lines)
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value it holds (``1``, not ``np.int64(1)``)."""
+    return value.item() if hasattr(value, "item") else value
 
 
 def _write_spec(path: Path, spec: dict[str, Any]) -> None:
