@@ -41,7 +41,7 @@ def test_a_shift_by_a_column_splits_at_its_median_into_drops_and_traffic(spec, t
     env = world.prepare(home)
     ran = yaml.safe_load((home / "loops" / "wine.yaml").read_text())
     assert env == {"AIRLOOP_LOOPS_DIR": str(home / "loops")}
-    assert ran["data"] == {"uri": str(home / "incoming" / "wine"), "window": "latest"}
+    assert ran["data"] == {"uri": str(home / "incoming" / "wine"), "window": "latest"}  # as declared
     assert ran["rollout"] == {"analysis_seconds": 4, "steps": [50, 100]} and ran["suite"] == loop.suite
 
     median = frame["alcohol"].median()

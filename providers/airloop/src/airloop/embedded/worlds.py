@@ -109,13 +109,14 @@ class TableWorld:
 
     def prepare(self, home: Path) -> dict[str, str]:
         """The spec as the runner runs it, in a loops folder of its own: its data is the drops folder
-        the world writes, and the canary windows are short (the simulated clients are busy)."""
+        the world writes (its window as declared), and the canary windows are short (the simulated
+        clients are busy)."""
         import yaml
 
         folder = home / "loops"
         folder.mkdir(parents=True, exist_ok=True)
         raw: dict[str, Any] = yaml.safe_load(Path(self.spec.source).read_text())
-        raw["data"] = {"uri": str(home / "incoming" / self.name), "window": "latest"}
+        raw["data"] = {"uri": str(home / "incoming" / self.name), "window": self.spec.data["window"]}
         raw["suite"] = self.spec.suite
         raw["rollout"] = {**raw.get("rollout", {}), "analysis_seconds": 4}
         (folder / f"{self.name}.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))

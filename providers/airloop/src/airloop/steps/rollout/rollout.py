@@ -299,14 +299,7 @@ class Rollout:
     def _open_window(self, report: RolloutReport, index: int) -> Window:
         stage = report["plan"][index]
         champ, chal = self._names(report)
-        step: RolloutStep = {
-            "kind": stage["kind"],
-            "weight": stage["weight"],
-            "stage": index,
-            "started": now(),
-        }
-        if "mirror" in stage:
-            step["mirror"] = stage["mirror"]
+        step = _stage_step(stage, index)
         report["phase"] = ANALYSING
         report["steps"].append(step)
         self._save(report)  # the window is on record before its traffic moves
@@ -423,17 +416,8 @@ class Rollout:
         """The window of stage ``index`` again, counted from the same ``before``: traffic stays as it is."""
         stage = report["plan"][index]
         champ, chal = self._names(report)
-        step: RolloutStep = {
-            "kind": stage["kind"],
-            "weight": stage["weight"],
-            "stage": index,
-            "extension": extension,
-            "started": now(),
-            "before": before,
-            "since": since,
-        }
-        if "mirror" in stage:
-            step["mirror"] = stage["mirror"]
+        step = _stage_step(stage, index)
+        step["extension"], step["before"], step["since"] = extension, before, since
         report["steps"].append(step)
         self._save(report)
         self.log.info("v%s: window of stage %d extended (%d)", self.request.version, index, extension)
@@ -606,3 +590,11 @@ class Rollout:
                 except Exception:
                     self.log.exception("could not put all traffic back on the champion after the error")
             raise
+
+
+def _stage_step(stage: Stage, index: int) -> RolloutStep:
+    """The report's record of one window of the plan's stage ``index``, as it opens."""
+    step: RolloutStep = {"kind": stage["kind"], "weight": stage["weight"], "stage": index, "started": now()}
+    if "mirror" in stage:
+        step["mirror"] = stage["mirror"]
+    return step
