@@ -77,8 +77,11 @@ def test_the_shift_is_found_and_the_retrained_model_serves(loop):
     assert report["ok"] and report["loop"] == "tumours", report.get("outcome")
     assert report["champion"] == {"before": "1", "after": "2"} and report["outcome"] == "rollout promoted"
     verdicts = report["verdicts"]
-    assert verdicts["drift_control"]["verdict"] != "drift"
+    # Before the shift nothing asks for a retrain: at most a low drift, which the policy logs (on this
+    # split one of 30 features, radius_error, tests at p = 0.00045 against Bonferroni's 0.0017).
+    assert verdicts["drift_control"]["severity"] in ("none", "low")
     assert verdicts["drift_after_shift"]["verdict"] == "drift"
+    assert verdicts["drift_after_shift"]["severity"] in ("medium", "high")
     assert "mean_radius" in verdicts["drift_after_shift"]["drifted_features"]
     assert report["runs"]["retrain_turn"]["run_type"] == "asset_triggered"
     # The gate judged the challenger on the new regime and reported both on the old one.
