@@ -126,7 +126,14 @@ def run_loop(
     dags_dir = Path(dags).resolve()
     stages: dict[str, float] = {}
     topology_name = getattr(topology, "NAME", "embedded default")
-    summary: dict[str, Any] = {"home": str(home), "topology": topology_name, "loop": world.name, "runs": {}}
+    title = "reference loop" if isinstance(world, DemoWorld) else f"loop {world.name}"
+    summary: dict[str, Any] = {
+        "home": str(home),
+        "topology": topology_name,
+        "loop": world.name,
+        "title": title,
+        "runs": {},
+    }
     runtimes.python("serving")  # fail now, with how to build it, rather than mid-loop
     _fresh_home(home)
     os.environ.update(world.prepare(home))
@@ -310,7 +317,7 @@ def _verdicts(first: dict, control: dict, drift: dict, second: dict | None) -> d
 
 
 def _print_summary(summary: dict[str, Any], path: Path) -> None:
-    print(f"\n=== Airloop: loop {summary['loop']} on the {summary['topology']} ===")
+    print(f"\n=== Airloop: {summary['title']} on the {summary['topology']} ===")
     for name, run in summary["runs"].items():
         tasks = ", ".join(f"{t} {v['seconds']}s" for t, v in run["tasks"].items())
         print(f"{name:16} {run['dag_id']:22} {run['state']:8} {run['wall_seconds']:6.1f}s  ({tasks})")
