@@ -156,9 +156,10 @@ def test_a_drift_in_one_loop_updates_its_asset_only(first_turns, loops, tmp_path
     from airflow.models.asset import AssetEvent
     from airflow.utils.session import create_session
 
-    with create_session() as session:
-        events = [(e.asset.uri, e.extra["severity"]) for e in session.query(AssetEvent).all()]
-    assert [uri for uri, _ in events] == ["airloop://drift/breast-cancer"], events
+    mine = ("airloop://drift/wine", "airloop://drift/breast-cancer")
+    with create_session() as session:  # the test session's Airflow: other tests' events are there too
+        events = [e.asset.uri for e in session.query(AssetEvent).all() if e.asset.uri in mine]
+    assert events == ["airloop://drift/breast-cancer"]
 
 
 def test_a_spec_naming_a_column_the_data_lacks_stops_before_training(first_turns, loops, tmp_path, capsys):
