@@ -94,15 +94,8 @@ def _loop(spec: LoopSpec) -> DAG:
     }
     if "uri" in data:
         params["data_uri"] = Param(data["uri"], type="string", description="training data: a file or folder")
-    with DAG(
-        dag_id=spec.loop_dag_id,
-        schedule=drift_asset(spec.name),
-        catchup=False,
-        max_active_runs=1,
-        tags=["airloop", f"loop:{spec.name}"],
-        params=params,
-        description=spec.description or f"Loop {spec.name}: one retraining turn",
-        doc_md=f"Built from the loop spec `{spec.source}` by `airloop.loops.dags`.",
+    with _dag(
+        spec, spec.loop_dag_id, drift_asset(spec.name), spec.description or "one retraining turn", params
     ) as dag:
         source: dict[str, Any] = {"conn_id": data.get("conn_id")}
         if "feast" in data:
@@ -201,6 +194,22 @@ def _loop(spec: LoopSpec) -> DAG:
     return dag
 
 
+def _dag(
+    spec: LoopSpec, dag_id: str, schedule: Any, what: str, params: dict[str, Param] | None = None
+) -> DAG:
+    """One of a loop's DAGs: tagged with the loop, and naming the spec it came from."""
+    return DAG(
+        dag_id=dag_id,
+        schedule=schedule,
+        catchup=False,
+        max_active_runs=1,
+        tags=["airloop", f"loop:{spec.name}"],
+        params=params or {},
+        description=f"Loop {spec.name}: {what}",
+        doc_md=f"Built from the loop spec `{spec.source}` by `airloop.loops.dags`.",
+    )
+
+
 def _search(spec: LoopSpec, fit: dict[str, Any]) -> BaseOperator:
     """Rounds of suggest -> mapped trials, then the best of every trial: the ``train`` task."""
     search = spec.search or {}
@@ -273,14 +282,8 @@ def approval_hold(rollout: BaseOperator, **finish: Any) -> None:
 
 def _labels(spec: LoopSpec) -> DAG:
     labels = spec.labels or {}
-    with DAG(
-        dag_id=spec.labels_dag_id,
-        schedule=labels["schedule"],
-        catchup=False,
-        max_active_runs=1,
-        tags=["airloop", f"loop:{spec.name}"],
-        description=f"Loop {spec.name}: ground truth joined to the served requests",
-        doc_md=f"Built from the loop spec `{spec.source}` by `airloop.loops.dags`.",
+    with _dag(
+        spec, spec.labels_dag_id, labels["schedule"], "ground truth joined to the served requests"
     ) as dag:
         LabelsIngestOperator(
             task_id="ingest",
@@ -298,23 +301,15 @@ def _labels(spec: LoopSpec) -> DAG:
 
 def _monitor(spec: LoopSpec) -> DAG:
     drift = spec.drift
-    with DAG(
-        dag_id=spec.monitor_dag_id,
-        schedule=drift["schedule"],
-        catchup=False,
-        max_active_runs=1,
-        tags=["airloop", f"loop:{spec.name}"],
-        params={
-            "window_minutes": Param(
-                drift["window_minutes"], type="number", description="logged requests to test"
-            ),
-            "cooldown_minutes": Param(
-                drift["cooldown_minutes"], type="number", description="minimum time between two retrains"
-            ),
-        },
-        description=f"Loop {spec.name}: drift monitor",
-        doc_md=f"Built from the loop spec `{spec.source}` by `airloop.loops.dags`.",
-    ) as dag:
+    params = {
+        "window_minutes": Param(
+            drift["window_minutes"], type="number", description="logged requests to test"
+        ),
+        "cooldown_minutes": Param(
+            drift["cooldown_minutes"], type="number", description="minimum time between two retrains"
+        ),
+    }
+    with _dag(spec, spec.monitor_dag_id, drift["schedule"], "drift monitor", params) as dag:
         # alibi-detect lives in the runtimes: the serving one, or torch for its MMD (on PyTorch).
         runtime = (
             ("torch" if drift["method"] == "mmd" else "serving") if drift["backend"] == "alibi" else "worker"
