@@ -98,12 +98,7 @@ class RolloutTrigger(BaseTrigger):
             try:
                 after = await target.ametrics(self.deployment)
             except Exception as e:
-                return {
-                    "status": "error",
-                    "message": f"cannot read metrics: {e}",
-                    "after": None,
-                    "verdict": None,
-                }
+                return _error(f"cannot read metrics: {e}", None)
             labels = None
             if self.labels_root:
                 try:
@@ -111,12 +106,7 @@ class RolloutTrigger(BaseTrigger):
                         window_quality, self.labels_root, self.deployment, float(self.labels_since or 0)
                     )
                 except Exception as e:
-                    return {
-                        "status": "error",
-                        "message": f"cannot read the labels log: {e}",
-                        "after": after,
-                        "verdict": None,
-                    }
+                    return _error(f"cannot read the labels log: {e}", after)
             try:
                 verdict = analyse(
                     AnalysisRequest(
@@ -130,12 +120,7 @@ class RolloutTrigger(BaseTrigger):
                     )
                 )
             except ValueError as e:  # e.g. a predictor no longer deployed
-                return {
-                    "status": "error",
-                    "message": f"cannot analyse the window: {e}",
-                    "after": after,
-                    "verdict": None,
-                }
+                return _error(f"cannot analyse the window: {e}", after)
             if verdict["verdict"] != "wait":
                 return {"status": "ready", "message": verdict["verdict"], "after": after, "verdict": verdict}
             if time.monotonic() >= deadline:
@@ -155,3 +140,8 @@ def __getattr__(name: str) -> Any:
         )
         return RolloutTrigger
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _error(message: str, after: Any) -> WindowEvent:
+    """The event of a window that could not be judged: no verdict, the rollout decides what follows."""
+    return {"status": "error", "message": message, "after": after, "verdict": None}
