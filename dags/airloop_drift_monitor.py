@@ -1,8 +1,10 @@
 """
 Drift monitor: test the requests the champion served (or a data window, ``AIRLOOP_DRIFT_WINDOW_URI``)
-against what it learned from; when the drift is severe enough, update the drift Asset, which schedules a
-retraining turn of ``airloop_loop``. ``AIRLOOP_DRIFT_METHOD=mmd`` tests all features together with
-alibi-detect's MMD in the ``torch`` runtime instead of one test per feature.
+against what it learned from, and judge its accuracy on those requests from the labels come so far and
+an estimate for the rest (CBPE, in the ``monitoring`` runtime); when the drift or the drop is severe
+enough, update the drift Asset, which schedules a retraining turn of ``airloop_loop``.
+``AIRLOOP_DRIFT_METHOD=mmd`` tests all features together with alibi-detect's MMD in the ``torch`` runtime
+instead of one test per feature.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from airloop.operators.drift import (
     DriftDetectDataOperator,
     DriftDetectRequestsOperator,
 )
+from airloop.operators.performance import PerformanceMonitorOperator
 
 MODEL_NAME = os.environ.get("AIRLOOP_MODEL_NAME", "airloop-classifier")
 DEPLOYMENT = os.environ.get("AIRLOOP_DEPLOYMENT", "airloop")
@@ -60,9 +63,16 @@ def airloop_drift_monitor():
         detect = DriftDetectRequestsOperator(
             task_id="detect", deployment=DEPLOYMENT, window_minutes="{{ params.window_minutes }}", **common
         )
+    performance = PerformanceMonitorOperator(
+        task_id="performance",
+        model_name=MODEL_NAME,
+        deployment=DEPLOYMENT,
+        window_minutes="{{ params.window_minutes }}",
+    )
     DriftDecideRetrainOperator(
         task_id="decide",
         detection=detect.output,
+        performance=performance.output,
         cooldown_minutes="{{ params.cooldown_minutes }}",
         mode="{{ params.retrain_mode }}",
         max_retrains=MAX_RETRAINS,

@@ -11,9 +11,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from airloop.serving.logs import LABELS_FOLDER, REQUESTS_FOLDER, read_log
+
+# The columns of a window of served rows (``ServedRows.to_parquet``), as the performance monitor reads it.
+VERSION = "model_version"
+LABEL = "y_true"
+PROBABILITY = "p:"
+
+
+def probability_columns(classes: list[str]) -> list[str]:
+    return [f"{PROBABILITY}{c}" for c in classes]
 
 
 def served(requests: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -64,18 +74,68 @@ def matured(
 ) -> tuple[dict[str, dict[str, Any]], int]:
     """``quality`` over the first label of each request in ``records`` (labels log records); and how
     many labels found no prediction in ``predictions`` (or one of another number of rows)."""
-    first: dict[str, dict[str, Any]] = {}
-    for record in sorted(records, key=lambda r: r["ts"]):
-        if record.get("truth") is not None:
-            first.setdefault(record["request_id"], record)
     outcomes, unresolved = [], 0
-    for request_id, record in first.items():
+    for request_id, record in first_labels(records).items():
         prediction = predictions.get(request_id)
         if prediction is None or len(record["truth"]) != len(prediction["prediction"]):
             unresolved += 1
             continue
         outcomes.append(outcome(prediction, record["truth"], record["ts"]))
     return quality(outcomes), unresolved
+
+
+def first_labels(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The first label of each request id among labels log records: the one that counts."""
+    first: dict[str, dict[str, Any]] = {}
+    for record in sorted(records, key=lambda r: r["ts"]):
+        if record.get("truth") is not None:
+            first.setdefault(record["request_id"], record)
+    return first
+
+
+@dataclass(frozen=True)
+class ServedRows:
+    """The rows answered in a window, one per predicted row: its version, probabilities and the label
+    that matured for it (None while pending)."""
+
+    versions: set[str]
+    requests: int
+    classes: list[str] | None
+    rows: list[tuple[str, list[float], str | None]]
+
+    def to_parquet(self, path: str, classes: list[str]) -> None:
+        """As ``airloop.steps.drift.performance`` reads a window."""
+        import pandas as pd
+
+        table = pd.DataFrame([p for _, p, _ in self.rows], columns=probability_columns(classes))
+        table[VERSION] = [v for v, _, _ in self.rows]
+        table[LABEL] = pd.array([t for _, _, t in self.rows], dtype="string")
+        table.to_parquet(path, index=False)
+
+
+def served_rows(root_uri: str, deployment: str, since: float) -> ServedRows:
+    """The predictions ``deployment`` answered since ``since`` (epoch seconds), row by row, with the labels
+    come so far; a label naming no class of the model counts as pending."""
+    from airloop.serving.model import label_value
+
+    predictions = served(read_log(root_uri, REQUESTS_FOLDER, deployment, since).records)
+    labels = first_labels(read_log(root_uri, LABELS_FOLDER, deployment, since).records)
+    classes: list[str] | None = None
+    rows: list[tuple[str, list[float], str | None]] = []
+    for request_id, request in predictions.items():
+        names = [str(c) for c in request.get("classes") or []]
+        if classes is None:
+            classes = names
+        elif names != classes:
+            raise ValueError(f"{deployment}'s log holds answers over classes {classes} and {names}")
+        by_value = {label_value(c): c for c in names}
+        truth = labels.get(request_id, {}).get("truth")
+        if truth is not None and len(truth) != len(request["prediction"]):
+            truth = None
+        for i, probabilities in enumerate(request["prediction"]):
+            label = None if truth is None else by_value.get(label_value(truth[i]))
+            rows.append((str(request["model_version"]), probabilities, label))
+    return ServedRows({v for v, _, _ in rows}, len(predictions), classes, rows)
 
 
 def window_quality(root_uri: str, deployment: str, since: float) -> dict[str, dict[str, Any]]:

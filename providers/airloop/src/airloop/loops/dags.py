@@ -40,6 +40,7 @@ from airloop.operators.mlflow import (
 )
 from airloop.operators.openvino import OpenvinoConvertModelOperator
 from airloop.operators.optuna import OptunaSuggestTrialsOperator
+from airloop.operators.performance import PerformanceMonitorOperator
 from airloop.operators.rollout import RolloutChallengerOperator, RolloutFinishOperator
 from airloop.operators.tables import TablesBuildTrainingSetOperator
 from airloop.steps.training.requests import WINDOW_PATTERN
@@ -334,9 +335,21 @@ def _monitor(spec: LoopSpec) -> DAG:
             detect = DriftDetectRequestsOperator(
                 task_id="detect", deployment=spec.name, window_minutes="{{ params.window_minutes }}", **common
             )
+        performance = drift.get("performance") or {}
+        judged = None
+        if performance.get("enabled", True):
+            judged = PerformanceMonitorOperator(
+                task_id="performance",
+                model_name=spec.name,
+                deployment=spec.name,
+                window_minutes="{{ params.window_minutes }}",
+                min_rows=drift["min_rows"],
+                **{key: value for key, value in performance.items() if key != "enabled"},
+            ).output
         DriftDecideRetrainOperator(
             task_id="decide",
             detection=detect.output,
+            performance=judged,
             actions=drift.get("actions"),
             cooldown_minutes="{{ params.cooldown_minutes }}",
             min_window_rows=drift["min_rows"],

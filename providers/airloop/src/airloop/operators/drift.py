@@ -244,6 +244,9 @@ class DriftDecideRetrainOperator(BaseOperator):
 
     :param detection: the result of ``DriftDetectRequestsOperator`` or ``DriftDetectDataOperator``
         (usually its XCom).
+    :param performance: optionally, the result of ``PerformanceMonitorOperator``: the policy judges the
+        more severe of the two (data drift on a tie), and the event and the audit say which
+        (``trigger``: ``data_drift`` or ``performance``) and why (``reason``).
     :param actions: ``{severity: action}`` over ``airloop.steps.drift.policy.DEFAULT_ACTIONS``.
     :param cooldown_minutes: no retrain is requested within this long after the last request, unless
         the drift is more severe than the last request's.
@@ -259,6 +262,7 @@ class DriftDecideRetrainOperator(BaseOperator):
 
     template_fields: Sequence[str] = (
         "detection",
+        "performance",
         "actions",
         "cooldown_minutes",
         "min_window_rows",
@@ -272,6 +276,7 @@ class DriftDecideRetrainOperator(BaseOperator):
         self,
         *,
         detection: Detection,
+        performance: Detection | None = None,
         actions: dict[str, str] | None = DecideRequest.actions,
         cooldown_minutes: float = DecideRequest.cooldown_minutes,
         min_window_rows: int = DecideRequest.min_window_rows,
@@ -284,6 +289,7 @@ class DriftDecideRetrainOperator(BaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         self.detection = detection
+        self.performance = performance
         self.actions = actions
         self.cooldown_minutes = cooldown_minutes
         self.min_window_rows = min_window_rows
@@ -294,9 +300,14 @@ class DriftDecideRetrainOperator(BaseOperator):
         self.mlflow_conn_id = mlflow_conn_id
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from airloop.steps.drift.policy import decide
+        from airloop.steps.drift.policy import SEVERITIES, decide
 
-        detection = self.detection
+        detection, trigger = self.detection, "data_drift"
+        performance = self.performance
+        if performance and SEVERITIES.index(performance.get("severity") or "none") > SEVERITIES.index(
+            detection.get("severity") or "none"
+        ):
+            detection, trigger = performance, "performance"
         model_name = detection.get("model_name")
         if not model_name:
             raise ValueError("'detection' has no 'model_name': pass a DriftDetect*Operator's result")
@@ -329,7 +340,7 @@ class DriftDecideRetrainOperator(BaseOperator):
             decision["reason"],
         )
         if decision["action"] != "none":
-            self._audit(hook, detection, decision, context)
+            self._audit(hook, detection, decision, trigger, context)
         if decision["code"] == "suggested":
             self.log.warning("retrain suggested for %s: %s", model_name, decision["reason"])
         if decision["action"] not in ("retrain", "retrain_with_approval"):
@@ -346,6 +357,9 @@ class DriftDecideRetrainOperator(BaseOperator):
             "severity": detection["severity"],
             "drifted_features": detection["drifted_features"],
             "report": detection["report"],
+            "trigger": trigger,
+            "reason": decision["reason"],
+            "message": detection.get("message"),
         }
         if decision["action"] == "retrain_with_approval":
             extra["approval_required"] = True
@@ -359,7 +373,9 @@ class DriftDecideRetrainOperator(BaseOperator):
             return False
         return context["ti"].get_dr_count(dag_id=self.retrain_dag_id, states=["queued", "running"]) > 0
 
-    def _audit(self, hook: MlflowHook, detection: Detection, decision: Decision, context: Context) -> None:
+    def _audit(
+        self, hook: MlflowHook, detection: Detection, decision: Decision, trigger: str, context: Context
+    ) -> None:
         """Append the decision to the ``drift`` stage of the champion's audit record, in one call that
         keeps the newest ``AUDIT_DECISIONS`` (a stage's record has a size limit: long reasons, a window
         naming many columns, push out old ones)."""
@@ -374,6 +390,7 @@ class DriftDecideRetrainOperator(BaseOperator):
             "escalated_from": decision["escalated_from"],
             "cooldown_until": decision["cooldown_until"],
             "mode": self.mode,
+            "trigger": trigger,
             "n_effective": detection.get("n_effective", detection.get("n_current")),
             "reason": decision["reason"][:1000],
             "report": detection.get("report"),

@@ -150,3 +150,58 @@ class Decision(TypedDict):
     decided_at: str
     cooldown_until: str | None  # a retrain held back by the cooldown or the circuit breaker: until when
     escalated_from: Severity | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PerformanceRequest(StepRequest):
+    """``performance.monitor``: the served rows of a window against each model version's reference.
+
+    ``window_path``: a parquet file, one row per served row: ``model_version``, one ``p:<class>`` column
+    per class (the served probabilities) and ``y_true`` (the matured label, or null). ``references``:
+    ``{version: parquet path}`` of the same columns, the version's served model on its holdout, every
+    label known. ``monitored``: the version whose drop is judged (the champion); the others are
+    reported. The drop is judged against the monitored version's reference accuracy; see
+    docs/labels.md.
+    """
+
+    window_path: str
+    references: dict[str, str]
+    classes: list[str]
+    monitored: str
+    # The accuracy the monitored version may lose against its reference before it counts as a drop.
+    max_drop: float = 0.05
+    # Fewest served rows to judge, and fewest matured labels for the realized accuracy to count.
+    min_rows: int = 100
+    min_labels: int = 30
+    # Prediction drift: total variation distance between the predicted-class shares of the window and
+    # the reference beyond which (and significant at alpha) the output distribution counts as drifted.
+    max_distribution_distance: float = 0.1
+    alpha: float = 0.05
+
+
+class VersionPerformance(TypedDict):
+    """One model version over the window: realized accuracy on matured labels, NannyML's CBPE estimate
+    (with its sampling error and 3-sigma bounds) on every row, and the predicted-class shares."""
+
+    rows: int
+    labelled: int
+    reference_accuracy: float
+    realized_accuracy: float | None
+    estimated_accuracy: float | None
+    sampling_error: float | None
+    estimated_lower: float | None
+    estimated_upper: float | None
+    predicted: dict[str, float]
+    reference_predicted: dict[str, float]
+    prediction_distance: float
+    prediction_p_value: float
+
+
+class PerformanceResult(TypedDict):
+    """``monitor``'s verdict on the monitored version, why, and every version's figures."""
+
+    verdict: Verdict
+    severity: Severity
+    reason: str
+    monitored: str
+    versions: dict[str, VersionPerformance]
