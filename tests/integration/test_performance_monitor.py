@@ -57,7 +57,8 @@ def table(
 
 
 def split_model(loader, seed: int = 0):
-    """A scaled logistic regression (well calibrated: its log loss is what it minimises), its reference (first half of the test rows) and the rest."""
+    """A scaled logistic regression (well calibrated: it minimises log loss), its reference (half the
+    test rows) and the rest."""
     features, target = loader(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(
         features, target, test_size=0.6, random_state=seed, stratify=target

@@ -80,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     loop.add_argument("--rows", type=int, default=4000, help="rows per generated training set")
     loop.add_argument("--report", default=None, help="where to write the JSON report")
     loop.add_argument(
+        "--label-share", type=float, default=1.0, help="share of the clients' answers whose true label comes"
+    )
+    loop.add_argument(
+        "--label-delay", default="0", help="LOW-HIGH: seconds until a client's label comes (e.g. 2-30)"
+    )
+    loop.add_argument(
         "--keep-running",
         action="store_true",
         help="leave Airflow and the model servers running to browse the UI afterwards",
@@ -155,16 +161,30 @@ def main(argv: list[str] | None = None) -> int:
         except (SpecError, ValueError) as exc:
             print(f"airloop loop: {exc}", file=sys.stderr)
             return 2
+    from airloop.embedded.runner import LabelLag
+    from airloop.embedded.traffic import label_delay
+
+    if not 0 < args.label_share <= 1:
+        parser.error(f"--label-share must be more than 0 and at most 1, got {args.label_share}")
+    try:
+        labels = LabelLag(args.label_share, label_delay(args.label_delay))
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"--label-delay: {exc}")
     if args.production:
         if args.keep_running:
             parser.error("--keep-running is for the embedded default; --production stops its services")
         from airloop.embedded import production
 
-        return production.run(dags=args.dags, rows=args.rows, report=args.report, world=world)
+        return production.run(dags=args.dags, rows=args.rows, report=args.report, world=world, labels=labels)
     from airloop.embedded.runner import run_loop
 
     return run_loop(
-        dags=args.dags, rows=args.rows, report=args.report, keep_running=args.keep_running, world=world
+        dags=args.dags,
+        rows=args.rows,
+        report=args.report,
+        keep_running=args.keep_running,
+        world=world,
+        labels=labels,
     )
 
 

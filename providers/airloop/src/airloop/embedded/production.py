@@ -44,6 +44,7 @@ from airloop.embedded.standalone import AUTH_MANAGER, PASSWORDS_FILE, USERNAME, 
 from airloop.ports import free_port
 
 if TYPE_CHECKING:
+    from airloop.embedded.runner import LabelLag
     from airloop.embedded.worlds import DemoWorld, TableWorld
 
 WORKERS = 2
@@ -546,7 +547,13 @@ def _fernet_key() -> str:
     return Fernet.generate_key().decode()
 
 
-def run(dags: str, rows: int, report: str | None, world: DemoWorld | TableWorld | None = None) -> int:
+def run(
+    dags: str,
+    rows: int,
+    report: str | None,
+    world: DemoWorld | TableWorld | None = None,
+    labels: LabelLag | None = None,
+) -> int:
     """The reference loop (or ``world``'s) on this topology: ``airloop loop --production``."""
     from airloop.embedded.runner import run_loop
 
@@ -557,4 +564,4 @@ def run(dags: str, rows: int, report: str | None, world: DemoWorld | TableWorld 
     # The built runtimes stay where they are; everything else goes under <AIRLOOP_HOME>/production.
     os.environ["AIRLOOP_RUNTIMES"] = str(settings.runtimes_dir())
     os.environ["AIRLOOP_HOME"] = str(settings.home() / "production")
-    return run_loop(dags, rows, report, topology=Production, world=world)
+    return run_loop(dags, rows, report, topology=Production, world=world, labels=labels)

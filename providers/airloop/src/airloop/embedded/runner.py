@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,18 @@ def _wait_traffic(stats_path: Path, shift: str, requests: int, timeout: float = 
     raise TimeoutError(f"clients did not get {requests} answers in {timeout:.0f}s; see {stats_path}")
 
 
+@dataclass(frozen=True)
+class LabelLag:
+    """How the simulated clients' labels come: for ``share`` of the answers, ``delay`` (low, high)
+    seconds later; the rest never."""
+
+    share: float = 1.0
+    delay: tuple[float, float] = (0.0, 0.0)
+
+    def args(self) -> list[str]:
+        return ["--label-share", str(self.share), "--label-delay", f"{self.delay[0]}-{self.delay[1]}"]
+
+
 def run_loop(
     dags: str,
     rows: int,
@@ -112,11 +125,14 @@ def run_loop(
     keep_running: bool = False,
     topology: Callable[[Path, Path], Standalone] | None = None,
     world: DemoWorld | TableWorld | None = None,
+    labels: LabelLag | None = None,
 ) -> int:
     """The loop of ``world`` (default: the reference loop's) on the embedded default, or on
-    ``topology(home, dags)`` (``production.Production``)."""
+    ``topology(home, dags)`` (``production.Production``), its clients' labels coming as ``labels``
+    says (default: each with its answer)."""
     started = time.monotonic()
     world = world or DemoWorld(rows)
+    labels = labels or LabelLag()
     loop_id, monitor_id, deployment = world.loop_dag_id, world.monitor_dag_id, world.deployment
     before, after = world.regimes
     home = settings.home()
@@ -132,6 +148,7 @@ def run_loop(
         "topology": topology_name,
         "loop": world.name,
         "title": title,
+        "labels": {"share": labels.share, "delay_seconds": list(labels.delay)},
         "runs": {},
     }
     runtimes.python("serving")  # fail now, with how to build it, rather than mid-loop
@@ -177,6 +194,7 @@ def run_loop(
                 str(home / "world.json"),
                 "--stats",
                 str(stats_path),
+                *labels.args(),
             ],
             stdout=(home / "traffic.log").open("w"),
             stderr=subprocess.STDOUT,

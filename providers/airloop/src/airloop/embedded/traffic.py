@@ -5,6 +5,9 @@ is read from a control file, so the runner injects a shift without restarting th
 world's ``{"shift": 0.0}`` (rows from ``airloop.embedded.demo``), or a table of the user's rows,
 ``{"shift": "after", "rows": PATH, "label": COLUMN}``, replayed in a random order (every column but the
 label is a feature). Counts per (shift, model version) are written to a JSON stats file every second.
+
+Labels come late, as in production (``--label-share``, ``--label-delay``): the true label of a share of
+the answers is sent to the feedback endpoint after a random delay, the rest never comes.
 """
 
 from __future__ import annotations
@@ -48,7 +51,14 @@ def _rows(world: dict[str, Any], seed: int) -> list[Row]:
 
 
 async def run(
-    endpoint: str, control: Path, stats_path: Path, concurrency: int, rate: float, seed: int
+    endpoint: str,
+    control: Path,
+    stats_path: Path,
+    concurrency: int,
+    rate: float,
+    seed: int,
+    label_share: float = 1.0,
+    label_delay: tuple[float, float] = (0.0, 0.0),
 ) -> None:
     import httpx
 
@@ -73,6 +83,16 @@ async def run(
         names, features, label = pool.pop()
         return world["shift"], names, features, label
 
+    pending: set[asyncio.Task[None]] = set()  # labels on their way: kept, or the loop may drop them
+
+    async def send_label(http: httpx.AsyncClient, feedback: dict[str, Any], delay: float) -> None:
+        if delay > 0:
+            await asyncio.sleep(delay)
+        try:
+            await http.post(f"{endpoint}/api/v1.0/feedback", json=feedback)
+        except httpx.HTTPError:
+            pass  # a label lost on the way, as some are
+
     async def client(http: httpx.AsyncClient) -> None:
         pause = concurrency / rate  # each client's share of the request rate
         while not stop.is_set():
@@ -95,14 +115,15 @@ async def run(
                     continue
                 predicted = predicted_class(body["data"]["ndarray"][0], body["data"].get("names") or [])
                 counts["correct"] += int(label_value(predicted) == label_value(label))
-                await http.post(
-                    f"{endpoint}/api/v1.0/feedback",
-                    json={
+                if rng.random() < label_share:
+                    feedback = {
                         "request": {"data": {"names": names, "ndarray": [features]}},
                         "response": {"meta": body.get("meta", {})},
                         "truth": {"data": {"ndarray": [[label]]}},
-                    },
-                )
+                    }
+                    task = asyncio.create_task(send_label(http, feedback, rng.uniform(*label_delay)))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
             except (httpx.HTTPError, ValueError, KeyError, IndexError):
                 if counts is None:
                     stats[shift]["unreachable"]["errors"] += 1
@@ -131,8 +152,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--rate", type=float, default=60.0, help="requests per second, about")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--label-share", type=float, default=1.0, help="share of answers whose label comes")
+    parser.add_argument(
+        "--label-delay", type=label_delay, default=(0.0, 0.0), help="LOW-HIGH: seconds until a label comes"
+    )
     args = parser.parse_args(argv)
-    asyncio.run(run(args.endpoint, args.control, args.stats, args.concurrency, args.rate, args.seed))
+    asyncio.run(
+        run(
+            args.endpoint,
+            args.control,
+            args.stats,
+            args.concurrency,
+            args.rate,
+            args.seed,
+            args.label_share,
+            args.label_delay,
+        )
+    )
+
+
+def label_delay(text: str) -> tuple[float, float]:
+    """``LOW-HIGH`` (or one number) seconds, for argparse."""
+    low, _, high = text.partition("-")
+    try:
+        bounds = (float(low), float(high or low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW-HIGH seconds, e.g. 2-30, got {text!r}") from None
+    if not 0 <= bounds[0] <= bounds[1]:
+        raise argparse.ArgumentTypeError(f"expected 0 <= LOW <= HIGH seconds, got {text!r}")
+    return bounds
 
 
 def read_stats(path: Path) -> dict[str, Any]:
