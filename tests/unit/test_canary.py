@@ -361,3 +361,45 @@ def test_labels_from_the_labels_log_judge_quality_whatever_the_counters_saw():
     request["labels"] = {"v3": _arm(100, 95)}
     result = analyse(request)
     assert result["verdict"] == "wait" and "challenger 0 of 200" in result["tests"]["accuracy"]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("champion", "challenger", "status"),
+    [
+        (
+            {"estimated_accuracy": 0.92, "sampling_error": 0.01},
+            {"estimated_accuracy": 0.80, "sampling_error": 0.01},
+            "fail",
+        ),
+        (
+            {"estimated_accuracy": 0.92, "sampling_error": 0.01},
+            {"estimated_accuracy": 0.86, "sampling_error": 0.01},
+            "skipped",
+        ),
+        (
+            {"estimated_accuracy": 0.92, "sampling_error": 0.01},
+            {"estimated_accuracy": 0.99, "sampling_error": 0.01},
+            "skipped",
+        ),
+        (
+            {"estimated_accuracy": 0.92, "sampling_error": 0.0},
+            {"estimated_accuracy": 0.89, "sampling_error": 0.0},
+            "fail",
+        ),
+        ({"estimated_accuracy": 0.92, "sampling_error": 0.01}, None, "skipped"),
+        (
+            {"estimated_accuracy": None, "sampling_error": None},
+            {"estimated_accuracy": 0.5, "sampling_error": 0.01},
+            "skipped",
+        ),
+    ],
+    ids=["clearly_worse", "within_three_errors", "better", "exact_and_worse", "no_challenger", "no_estimate"],
+)
+def test_the_estimated_accuracy_warns_of_a_clearly_worse_challenger_and_never_passes(
+    champion, challenger, status
+):
+    from airloop.steps.rollout.canary import estimated_accuracy_test
+
+    test = estimated_accuracy_test(champion, challenger, {"max_accuracy_drop": 0.02})
+    assert test["status"] == status, test
+    assert test["status"] != "pass"

@@ -186,3 +186,55 @@ def test_a_bad_inconclusive_plan_is_named_before_anything_is_deployed(registry, 
     with pytest.raises(ValueError, match=problem):
         _Rollout(request, target, tmp_path / "artefacts").start()
     assert target.predictors == {}
+
+
+def estimates(champion: float, challenger: float, error: float = 0.01):
+    """The rollout's ``estimate``: each arm's CBPE figures, as the monitoring step gives them."""
+
+    def estimate(versions: list[str], since: float) -> dict[str, Any]:
+        assert versions == ["1", "2"] and since > 0
+        return {
+            "1": {"estimated_accuracy": champion, "sampling_error": error},
+            "2": {"estimated_accuracy": challenger, "sampling_error": error},
+        }
+
+    return estimate
+
+
+@pytest.mark.parametrize("action", ["extend", "hold"])
+def test_a_challenger_clearly_worse_by_its_estimate_is_rolled_back_before_its_labels_come(
+    registry, tmp_path, action
+):
+    rollout, target, window = start(registry, tmp_path, on_inconclusive=action)
+    rollout.estimate = estimates(0.92, 0.70)
+    done = rollout.record_window(window.step, event(window, NO_LABELS, "timeout"))
+    assert done["decision"] == "rolled_back", done
+    assert (
+        "estimated accuracy (CBPE) 0.7000 vs champion 0.9200: clearly more than 0.02 lower" in done["message"]
+    )
+    (step,) = rollout.reports.load()["steps"]
+    assert step["verdict"] == "fail" and step["tests"]["estimated_accuracy"]["status"] == "fail"
+    assert target.weights(DEPLOYMENT) == {"v1": 100}
+
+
+def test_an_estimate_never_promotes_and_one_that_cannot_be_made_leaves_the_window_inconclusive(
+    registry, tmp_path
+):
+    rollout, target, window = start(registry, tmp_path, on_inconclusive="extend")
+    rollout.estimate = estimates(0.90, 0.99)  # the challenger looks better: its labels still decide
+    again = rollout.record_window(window.step, event(window, NO_LABELS, "timeout"))
+    assert isinstance(again, Window)
+    first = rollout.reports.load()["steps"][0]
+    assert first["verdict"] == "extended" and first["tests"]["estimated_accuracy"]["status"] == "skipped"
+    # Within three sampling errors of the allowance: not clear enough to act on.
+    rollout.estimate = estimates(0.90, 0.85, error=0.02)
+    again = rollout.record_window(again.step, event(again, NO_LABELS, "timeout"))
+    assert isinstance(again, Window)
+
+    def missing(versions: list[str], since: float) -> dict[str, Any]:
+        raise RuntimeError("the 'monitoring' runtime is missing")
+
+    rollout.estimate = missing
+    done = rollout.record_window(again.step, event(again, NO_LABELS, "timeout"))
+    assert done["decision"] == "rolled_back" and "still inconclusive after 2 extensions" in done["message"]
+    assert target.weights(DEPLOYMENT) == {"v1": 100}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from airloop.labels import ServedRows
 
 RUNTIME = "monitoring"
+STEP = "airloop.steps.drift.performance:monitor"
 
 
 class PerformanceMonitorOperator(StepOperator):
@@ -79,7 +80,6 @@ class PerformanceMonitorOperator(StepOperator):
         self.mlflow_conn_id = mlflow_conn_id
 
     def execute(self, context: Context) -> Detection:
-        from airloop import labels
         from airloop.tracking.registry import aliases
 
         hook = MlflowHook(mlflow_conn_id=self.mlflow_conn_id)
@@ -87,31 +87,23 @@ class PerformanceMonitorOperator(StepOperator):
             champion = aliases(hook.tracking_uri, self.model_name).get("champion")
         if champion is None:
             raise AirflowSkipException(f"{self.model_name} has no champion yet: nothing to monitor")
-        since = time.time() - float(self.window_minutes) * 60
-        window = labels.served_rows(settings.artefact_root(), self.deployment, since)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         prefix = f"performance/{self.model_name}/{stamp}"
-        classes = window.classes
-        if classes is None:
-            return self._detection(
-                champion, window, prefix, "insufficient_data", "none", "no answered request"
-            )
-        with tempfile.TemporaryDirectory() as tmp, artefacts.staging(prefix) as folder:
-            references = {v: self._reference(hook, v, classes, Path(tmp)) for v in sorted(window.versions)}
-            window_path = f"{tmp}/window.parquet"
-            window.to_parquet(window_path, classes)
-            request = PerformanceRequest(
-                window_path=window_path,
-                references=references,
-                classes=classes,
-                monitored=str(champion),
-                max_drop=float(self.max_drop),
-                min_rows=int(self.min_rows),
-                min_labels=int(self.min_labels),
-            )
-            result: PerformanceResult = self.run_step(
-                "airloop.steps.drift.performance:monitor", request.to_dict(), context
-            )
+        window, result = measure(
+            hook,
+            self.model_name,
+            self.deployment,
+            time.time() - float(self.window_minutes) * 60,
+            lambda request: self.run_step(STEP, request, context),
+            monitored=str(champion),
+            max_drop=float(self.max_drop),
+            min_rows=int(self.min_rows),
+            min_labels=int(self.min_labels),
+        )
+        if result is None:
+            reason = "no answered request in the window"
+            return self._detection(champion, window, prefix, "insufficient_data", "none", reason)
+        with artefacts.staging(prefix) as folder:
             (Path(folder) / "report.json").write_text(json.dumps(result, indent=2, allow_nan=False))
         figures = result["versions"].get(str(champion))
         if figures:
@@ -172,36 +164,62 @@ class PerformanceMonitorOperator(StepOperator):
             "window": {"deployment": self.deployment, "requests": window.requests, "kind": "performance"},
         }
 
-    def _reference(self, hook: MlflowHook, version: str, classes: list[str], tmp: Path) -> str:
-        """The version's served IR on its holdout, as the step reads it."""
-        import pandas as pd
 
-        from airloop.labels import LABEL, probability_columns
-        from airloop.openvino_ir import IR_PATH, fetch_ir, ir_predictor
-        from airloop.tracking.artifacts import HOLDOUT_PATH, read_data
+def measure(
+    hook: MlflowHook,
+    model_name: str,
+    deployment: str,
+    since: float,
+    run: Callable[[dict[str, Any]], PerformanceResult],
+    **options: Any,
+) -> tuple[ServedRows, PerformanceResult | None]:
+    """The rows ``deployment`` answered since ``since`` (epoch seconds), with the labels come so far,
+    and ``run`` (the step, in its runtime) on them with ``options`` (``PerformanceRequest``'s fields);
+    None when nothing was answered. Each version in the window gets its reference: its IR on its holdout."""
+    from airloop import labels
 
-        run_id = hook.client.get_model_version(self.model_name, version).run_id
-        folder = tmp / f"v{version}"
-        with hook.session():
-            ir = fetch_ir(
-                {**hook.step_config(), "ir_uri": f"runs:/{run_id}/{IR_PATH}", "dst_dir": str(folder)}
-            )
-            holdout = read_data(hook.tracking_uri, f"runs:/{run_id}/{HOLDOUT_PATH}")
-        manifest = ir["manifest"]
-        names = manifest["feature_names"]
-        if [str(c) for c in manifest["classes"]] != classes:
-            raise ValueError(
-                f"version {version} predicts {manifest['classes']}; its answers were logged as {classes}"
-            )
-        (label,) = [c for c in holdout.columns if c not in names] or [None]
-        if label is None:
-            raise ValueError(f"version {version}'s holdout has no label column beside its features {names}")
-        probabilities = ir_predictor(f"{ir['model_dir']}/model.xml")(holdout[names].to_numpy("float32"))
-        reference = pd.DataFrame(probabilities, columns=probability_columns(classes))
-        reference[LABEL] = [classes[i] for i in _class_index(holdout[label], classes)]
-        path = str(folder / "reference.parquet")
-        reference.to_parquet(path, index=False)
-        return path
+    window = labels.served_rows(settings.artefact_root(), deployment, since)
+    classes = window.classes
+    if classes is None:
+        return window, None
+    with tempfile.TemporaryDirectory() as tmp:
+        references = {v: _reference(hook, model_name, v, classes, Path(tmp)) for v in sorted(window.versions)}
+        window_path = f"{tmp}/window.parquet"
+        window.to_parquet(window_path, classes)
+        request = PerformanceRequest(
+            window_path=window_path, references=references, classes=classes, **options
+        )
+        return window, run(request.to_dict())
+
+
+def _reference(hook: MlflowHook, model_name: str, version: str, classes: list[str], tmp: Path) -> str:
+    """The version's served IR on its holdout, as the step reads it."""
+    import pandas as pd
+
+    from airloop.labels import LABEL, probability_columns
+    from airloop.openvino_ir import IR_PATH, fetch_ir, ir_predictor
+    from airloop.tracking.artifacts import HOLDOUT_PATH, read_data
+
+    run_id = hook.client.get_model_version(model_name, version).run_id
+    folder = tmp / f"v{version}"
+    with hook.session():
+        ir = fetch_ir({**hook.step_config(), "ir_uri": f"runs:/{run_id}/{IR_PATH}", "dst_dir": str(folder)})
+        holdout = read_data(hook.tracking_uri, f"runs:/{run_id}/{HOLDOUT_PATH}")
+    manifest = ir["manifest"]
+    names = manifest["feature_names"]
+    if [str(c) for c in manifest["classes"]] != classes:
+        raise ValueError(
+            f"version {version} predicts {manifest['classes']}; its answers were logged as {classes}"
+        )
+    (label,) = [c for c in holdout.columns if c not in names] or [None]
+    if label is None:
+        raise ValueError(f"version {version}'s holdout has no label column beside its features {names}")
+    probabilities = ir_predictor(f"{ir['model_dir']}/model.xml")(holdout[names].to_numpy("float32"))
+    reference = pd.DataFrame(probabilities, columns=probability_columns(classes))
+    reference[LABEL] = [classes[i] for i in _class_index(holdout[label], classes)]
+    path = str(folder / "reference.parquet")
+    reference.to_parquet(path, index=False)
+    return path
 
 
 def _class_index(values: Any, classes: list[str]) -> list[int]:

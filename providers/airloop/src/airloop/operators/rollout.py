@@ -8,7 +8,7 @@ import asyncio
 import warnings
 from collections.abc import Sequence
 from datetime import timedelta
-from functools import cached_property
+from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, Context, conf
@@ -198,6 +198,7 @@ class RolloutChallengerOperator(_RolloutOperator):
         )
 
     def execute(self, context: Context) -> dict[str, Any]:
+        self.rollout.estimate = partial(self._estimate, context)
         try:
             step = self.rollout.start()
         finally:
@@ -205,7 +206,26 @@ class RolloutChallengerOperator(_RolloutOperator):
         return self._follow(step)
 
     def execute_complete(self, context: Context, event: WindowEvent, step: int) -> dict[str, Any]:
+        self.rollout.estimate = partial(self._estimate, context)
         return self._follow(self.rollout.record_window(step, event))
+
+    def _estimate(self, context: Context, versions: list[str], since: float) -> dict[str, Any]:
+        """Each version's CBPE estimate on the answers the gateway logged since ``since``, in the
+        ``monitoring`` runtime; empty where the target logs no answers (Seldon, KServe)."""
+        from airloop import runtimes
+        from airloop.operators.performance import RUNTIME, STEP, measure
+
+        _, result = measure(
+            self.mlflow,
+            self.model_name,
+            self.deployment,
+            since,
+            lambda request: runtimes.run_step(
+                STEP, request, runtime=RUNTIME, context=context, task_id=self.task_id
+            ),
+            monitored=versions[-1],
+        )
+        return dict(result["versions"]) if result else {}
 
     def _follow(self, step: Window | RolloutResult) -> dict[str, Any]:
         """Wait for each window the rollout asks for (deferred, or here), until it has a result."""

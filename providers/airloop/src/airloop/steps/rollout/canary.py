@@ -68,6 +68,9 @@ _COUNTS = ("requests", "errors", "latency_ms_sum", "feedback", "feedback_correct
 # single stall would decide a 10% canary step: with fewer than 100 x this many requests the check
 # compares the highest quantile the window supports (p91 for 55 requests) and says which.
 _LATENCY_TAIL = 5
+# How clear an estimate's gap must be to roll a challenger back before its labels come: NannyML's own
+# threshold, three sampling errors.
+ESTIMATE_SIGMAS = 3
 
 
 def analyse(request: Mapping[str, Any] | AnalysisRequest) -> Verdict:
@@ -330,6 +333,38 @@ def _accuracy_test(champion: dict, challenger: dict, criteria: dict) -> dict[str
             f"accuracy {challenger['accuracy']:.4f} vs champion {champion['accuracy']:.4f}: "
             f"{'significantly' if failed else 'not significantly'} more than {max_drop:g} lower "
             f"(p={p:.3g})"
+        ),
+    }
+
+
+def estimated_accuracy_test(
+    champion: Mapping[str, Any] | None, challenger: Mapping[str, Any] | None, criteria: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The early warning while labels are pending: each arm's accuracy estimated by CBPE
+    (``airloop.steps.drift.performance``: ``estimated_accuracy`` and its ``sampling_error``). It fails
+    when the challenger is clearly worse: more than ``max_accuracy_drop`` below the champion by three
+    combined sampling errors. It never passes a window: an estimate alone never promotes."""
+    figures = [arm or {} for arm in (champion, challenger)]
+    if any(arm.get("estimated_accuracy") is None or arm.get("sampling_error") is None for arm in figures):
+        return {"status": "skipped", "reason": "no estimate for both arms (no logged answers to estimate on)"}
+    (ours, our_error), (theirs, their_error) = (
+        (arm["estimated_accuracy"], arm["sampling_error"]) for arm in figures
+    )
+    max_drop = criteria.get("max_accuracy_drop", DEFAULT_CRITERIA["max_accuracy_drop"])
+    gap, spread = ours - theirs - max_drop, math.sqrt(our_error**2 + their_error**2)
+    sigmas = gap / spread if spread > 0 else (math.inf if gap > 0 else -math.inf)
+    worse = sigmas > ESTIMATE_SIGMAS
+    return {
+        "status": "fail" if worse else "skipped",
+        "champion": ours,
+        "challenger": theirs,
+        "sigmas": _finite(sigmas),
+        "max_drop": max_drop,
+        "reason": f"estimated accuracy (CBPE) {theirs:.4f} vs champion {ours:.4f}: "
+        + (
+            f"clearly more than {max_drop:g} lower ({sigmas:.1f} sampling errors)"
+            if worse
+            else "not clearly worse; an estimate alone never promotes"
         ),
     }
 

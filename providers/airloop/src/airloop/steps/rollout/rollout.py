@@ -8,7 +8,10 @@ tagged rejected. A window still short of data when its wait ends (too few labell
 either predictor, mostly: labels that come late) is ``inconclusive``, never a pass; ``on_inconclusive``
 says what follows: ``rollback``, ``extend`` (the same window waited for again, its data kept, up to
 ``max_extensions`` times, then rolled back) or ``hold`` (the approval hold below, with the reason;
-approving promotes). When every window passed, the last step (100) promotes: the challenger takes
+approving promotes). Before any of them, an inconclusive window gets the early warning when the rollout has
+an ``estimate`` (CBPE per arm on the logged answers): a challenger whose estimated accuracy is clearly
+worse than the champion's fails the window and is rolled back without waiting for its labels; an
+estimate never passes one. When every window passed, the last step (100) promotes: the challenger takes
 100 %, the alias ``champion`` moves to it and ``previous`` keeps the old one; with ``approval`` the rollout
 holds instead (phase ``awaiting_approval``, traffic and aliases unchanged) until ``decide``. The first
 model of a registered model (it is already ``champion``) is simply deployed at 100 %.
@@ -42,7 +45,7 @@ from typing import Any, TypeVar
 
 from airloop import settings
 from airloop.serving.base import ServingTarget, check_deployment_name, check_mirror
-from airloop.steps.rollout.canary import MODES, check_criteria
+from airloop.steps.rollout.canary import MODES, check_criteria, estimated_accuracy_test
 from airloop.steps.rollout.report import Folder, Reports, audit_record, audit_steps, now, result
 from airloop.steps.rollout.requests import (
     Metrics,
@@ -73,6 +76,8 @@ DECISIONS = {PROMOTING: "promoted", ROLLING_BACK: "rolled_back", ABORTING: "abor
 INCONCLUSIVE_ACTIONS = ("rollback", "extend", "hold")
 LABEL_SOURCES = ("metrics", "log")
 _T = TypeVar("_T")
+# (versions, since) -> {version: its figures, with estimated_accuracy and sampling_error}
+Estimate = Callable[[list[str], float], Mapping[str, Mapping[str, Any]]]
 
 
 class RolloutStopped(RuntimeError):
@@ -114,12 +119,16 @@ class Rollout:
         target: ServingTarget,
         root: Folder,
         log: Any = None,
+        estimate: Estimate | None = None,
     ) -> None:
         self.request = RolloutRequest.parse(request)
         check_deployment_name(self.request.deployment)
         self.deployment = Deployment(target, self.request.deployment, self.predictor, self._guard)
         self.reports = Reports(root, self.request.deployment, self.request.model_name, self.request.version)
         self.log = log or logging.getLogger(__name__)
+        # Per version, each arm's CBPE estimate over the answers since a time: the early warning of an
+        # inconclusive window (``_early_warning``); None: no estimate.
+        self.estimate = estimate
         self._stopped = False
 
     # -- entry points ----------------------------------------------------------------------------
@@ -392,6 +401,8 @@ class Rollout:
         self, report: RolloutReport, step: RolloutStep, before: Metrics, since: float
     ) -> Window | RolloutResult:
         """A window short of data when its wait ended: extend it, hold for approval or roll back."""
+        if self._early_warning(report, step, since):
+            return self._finish(report, ROLLING_BACK)
         action, limit = self.request.on_inconclusive, self.request.max_extensions
         stage = step.get("stage", 0)
         if action == "hold":
@@ -409,6 +420,26 @@ class Rollout:
         if action == "extend":
             step["reasons"] = [*step["reasons"], f"still inconclusive after {limit} extensions"]
         return self._finish(report, ROLLING_BACK)
+
+    def _early_warning(self, report: RolloutReport, step: RolloutStep, since: float) -> bool:
+        """While labels are pending, each arm's accuracy estimated (CBPE) on its answers since the window
+        opened: a challenger clearly worse is failed now (``canary.estimated_accuracy_test``)."""
+        if self.estimate is None:
+            return False
+        champion, challenger = str(report["champion"]), self.request.version
+        try:
+            figures = self.estimate([champion, challenger], since)
+        except Exception as exc:  # a missing runtime, an unreadable log: the window stays inconclusive
+            self.log.warning("no accuracy estimate for the inconclusive window: %s", exc)
+            return False
+        test = estimated_accuracy_test(figures.get(champion), figures.get(challenger), report["criteria"])
+        step.setdefault("tests", {})["estimated_accuracy"] = test
+        self.log.info("estimated accuracy: %s", test["reason"])
+        if test["status"] != "fail":
+            return False
+        step["verdict"] = "fail"
+        step["reasons"] = [*step["reasons"], f"estimated_accuracy: {test['reason']}"]
+        return True
 
     def _extend_window(
         self, report: RolloutReport, index: int, before: Metrics, since: float, extension: int
