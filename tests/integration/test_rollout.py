@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,8 @@ CRITERIA = {"min_requests": 30, "min_feedback": 30, "min_pairs": 100, "min_agree
 HERE = Path(__file__).resolve().parent
 
 
-def register_version(data_uri: str, seed: int) -> str:
-    """Train, convert and register a version of MODEL with the real steps; its version number."""
+def register_version(data_uri: str, seed: int, model: str = MODEL) -> str:
+    """Train, convert and register a version of ``model`` with the real steps; its version number."""
     from airloop.steps.conversion.convert import convert
     from airloop.steps.training.register import register
     from airloop.steps.training.train import train
@@ -54,7 +54,7 @@ def register_version(data_uri: str, seed: int) -> str:
         {
             "tracking_uri": tracking_uri,
             "data_uri": data_uri,
-            "experiment": MODEL,
+            "experiment": model,
             "seed": seed,
             "artifact_root": settings.mlflow_artifact_root(),
         }
@@ -67,7 +67,7 @@ def register_version(data_uri: str, seed: int) -> str:
             "benchmark_calls": 5,
         }
     )
-    registered = register({"tracking_uri": tracking_uri, "model_name": MODEL, "run_id": trained["run_id"]})
+    registered = register({"tracking_uri": tracking_uri, "model_name": model, "run_id": trained["run_id"]})
     return registered["version"]
 
 
@@ -97,7 +97,7 @@ def versions(tmp_path_factory) -> Iterator[dict[str, str]]:
 class Clients:
     """The embedded loop's simulated clients in their own process; what they saw, per predictor."""
 
-    def __init__(self, endpoint: str, folder: Path, rate: float = 150.0) -> None:
+    def __init__(self, endpoint: str, folder: Path, rate: float = 150.0, labels: Sequence[str] = ()) -> None:
         self.stats_path = folder / "clients.json"
         self.process = subprocess.Popen(
             [
@@ -114,6 +114,7 @@ class Clients:
                 "4",
                 "--rate",
                 str(rate),
+                *labels,
             ]
         )
 
