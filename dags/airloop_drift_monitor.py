@@ -13,6 +13,7 @@ import os
 
 from airflow.sdk import Param, dag
 
+from airloop import settings
 from airloop.assets import drift_asset
 from airloop.operators.drift import (
     DriftDecideRetrainOperator,
@@ -48,13 +49,17 @@ MAX_RETRAINS = int(os.environ["AIRLOOP_MAX_RETRAINS"]) if os.environ.get("AIRLOO
     doc_md=__doc__,
 )
 def airloop_drift_monitor():
-    # alibi-detect lives in the runtimes: the serving one, or torch for its MMD (on PyTorch).
-    common = {
-        "model_name": MODEL_NAME,
-        "backend": "alibi",
-        "method": METHOD,
-        "runtime": "torch" if METHOD == "mmd" else "serving",
-    }
+    # alibi-detect lives in the runtimes: the serving one, or torch for its MMD (on PyTorch). The
+    # licence-clean profile tests with SciPy in the worker (alibi-detect is Business-Source-licensed).
+    if settings.licence_clean():
+        common = {"model_name": MODEL_NAME, "backend": "scipy", "method": METHOD, "runtime": "worker"}
+    else:
+        common = {
+            "model_name": MODEL_NAME,
+            "backend": "alibi",
+            "method": METHOD,
+            "runtime": "torch" if METHOD == "mmd" else "serving",
+        }
     if WINDOW_URI:
         detect = DriftDetectDataOperator(
             task_id="detect", window_uri=WINDOW_URI, window_conn_id=WINDOW_CONN_ID, **common

@@ -29,6 +29,7 @@ MODELS = (
     "policy-escalate",
     "policy-suggest",
     "policy-breaker",
+    "policy-performance",
 )
 WINDOW_MODEL = "window-data"
 # One monitor DAG per model, each with its own drift Asset; a run's conf sets the operator's arguments.
@@ -54,6 +55,7 @@ for model in {MODELS!r}:
         DriftDecideRetrainOperator(
             task_id="decide",
             detection="{{{{ dag_run.conf['detection'] }}}}",
+            performance="{{{{ dag_run.conf.get('performance') }}}}",
             actions="{{{{ dag_run.conf.get('actions') }}}}",
             cooldown_minutes="{{{{ dag_run.conf.get('cooldown_minutes', 60) }}}}",
             min_window_rows="{{{{ dag_run.conf.get('min_window_rows', 200) }}}}",
@@ -378,3 +380,26 @@ def test_the_drift_stage_keeps_the_newest_decisions_within_its_size_limit():
     assert [d["n"] for d in decisions(model)] == [3, 4, 5]
     append_audit({**request, "record": {"decisions": [{"n": 6, "reason": long}]}})
     assert [d["n"] for d in decisions(model)] == [6]  # two long reasons pass the limit: the newest stays
+
+
+def test_a_drop_in_accuracy_requests_a_retrain_and_says_so_and_drift_wins_a_tie(dagbag):
+    model = "policy-performance"
+    quiet = detection(model, verdict="no_drift", severity="none")
+    dropped = {
+        **detection(model, severity="high"),
+        "drifted_features": ["accuracy"],
+        "message": "realized accuracy 0.610 on 300 matured labels is significantly more than 0.05 below the "
+        "reference 0.920 (p=1e-09)",
+        "report": f"performance/{model}/20250101T000000Z/report.json",
+    }
+    assert decide(dagbag, model, quiet, performance=dropped) == "success"
+    (extra,) = events(model)
+    assert (extra["trigger"], extra["drifted_features"]) == ("performance", ["accuracy"])
+    assert extra["message"].startswith("realized accuracy 0.610") and extra["report"].startswith(
+        "performance/"
+    )
+    (decision,) = decisions(model)
+    assert (decision["trigger"], decision["code"]) == ("performance", "retrain_requested")
+    # Past the cooldown's start: the same drop, and a data drift as severe, are logged as data drift.
+    assert decide(dagbag, model, detection(model, severity="high"), performance=dropped) == "skipped"
+    assert decisions(model)[-1]["trigger"] == "data_drift"

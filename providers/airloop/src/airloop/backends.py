@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import Generic, TypeVar
 
+from airloop import settings
+
 T = TypeVar("T")
 
 
@@ -20,10 +22,18 @@ class Registry(Generic[T]):
 
     # ``base`` is a plain ``type``: the bases are abstract, which ``type[T]`` would refuse (mypy's
     # type-abstract); declare the registry's type instead (``TARGETS: Registry[ServingTarget]``).
-    def __init__(self, base: type, kind: str, entries: dict[str, type[T] | str] | None = None) -> None:
+    def __init__(
+        self,
+        base: type,
+        kind: str,
+        entries: dict[str, type[T] | str] | None = None,
+        business_source: frozenset[str] = frozenset(),
+    ) -> None:
         self.base = base
         self.kind = kind
         self._entries: dict[str, type[T] | str] = dict(entries or {})
+        # Backends under the Business Source License: refused in the licence-clean profile.
+        self.business_source = business_source
 
     def register(self, name: str, cls: type[T] | str) -> None:
         """Add ``cls`` (a subclass of the base, or its ``"module:Class"`` path) under ``name``."""
@@ -41,6 +51,13 @@ class Registry(Generic[T]):
         """The class registered as ``name``, imported if it was registered by path."""
         if name not in self._entries:
             raise ValueError(f"unknown {self.kind} {name!r}: choose one of {self.available()}")
+        if name in self.business_source and settings.licence_clean():
+            allowed = [n for n in self.available() if n not in self.business_source]
+            raise ValueError(
+                f"{self.kind} {name!r} is published under the Business Source License, which the "
+                f"{settings.LICENCE_CLEAN} profile ({settings.PROFILE_ENV}) leaves out: choose one of "
+                f"{allowed}"
+            )
         entry = self._entries[name]
         if not isinstance(entry, str):
             return entry

@@ -9,6 +9,23 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+PROFILE_ENV = "AIRLOOP_PROFILE"
+LICENCE_CLEAN = "licence-clean"
+PROFILES = ("default", LICENCE_CLEAN)
+
+
+def profile() -> str:
+    """``AIRLOOP_PROFILE``: ``default``, or ``licence-clean`` (no Business-Source-licensed backend:
+    MLServer or KServe for serving, SciPy for drift; docs/licences.md)."""
+    name = os.environ.get(PROFILE_ENV) or "default"
+    if name not in PROFILES:
+        raise ValueError(f"{PROFILE_ENV}={name!r} is not a profile: choose one of {list(PROFILES)}")
+    return name
+
+
+def licence_clean() -> bool:
+    return profile() == LICENCE_CLEAN
+
 
 def home() -> Path:
     return Path(os.environ.get("AIRLOOP_HOME", ".airloop")).resolve()

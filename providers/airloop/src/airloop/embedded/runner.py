@@ -148,10 +148,14 @@ def run_loop(
         "topology": topology_name,
         "loop": world.name,
         "title": title,
+        "profile": settings.profile(),
         "labels": {"share": labels.share, "delay_seconds": list(labels.delay)},
         "runs": {},
     }
-    runtimes.python("serving")  # fail now, with how to build it, rather than mid-loop
+    from airloop.serving.local import SERVERS, LocalServingTarget
+
+    # Fail now, with how to build it, rather than mid-loop: the model servers' runtime.
+    runtimes.python(SERVERS[LocalServingTarget().server]["runtime"])
     _fresh_home(home)
     os.environ.update(world.prepare(home))
     world.enter(home, before)

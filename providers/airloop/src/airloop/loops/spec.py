@@ -16,6 +16,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from airloop import settings
+
 SCHEMA_PATH = Path(__file__).with_name("loop.schema.json")
 SPEC_SUFFIXES = (".yaml", ".yml")
 # A URI with a scheme (s3://, gs://, file://) is taken as it is; anything else is a path.
@@ -183,6 +185,11 @@ def _cross_checks(spec: dict[str, Any]) -> list[str]:
     drift = spec.get("drift", {})
     if drift.get("method") == "mmd" and drift.get("backend", "scipy") != "alibi":
         problems.append("drift.method: 'mmd' needs drift.backend 'alibi' (the scipy backend has ks and cvm)")
+    if drift.get("backend") == "alibi" and settings.licence_clean():
+        problems.append(
+            f"drift.backend: 'alibi' (alibi-detect) is published under the Business Source License, which "
+            f"the {settings.LICENCE_CLEAN} profile ({settings.PROFILE_ENV}) leaves out: use 'scipy'"
+        )
     return problems
 
 

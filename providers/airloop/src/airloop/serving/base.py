@@ -166,6 +166,7 @@ TARGETS: Registry[ServingTarget] = Registry(
         "seldon": "airloop.serving.seldon:SeldonKubernetesTarget",
         "kserve": "airloop.serving.kserve:KServeTarget",
     },
+    business_source=frozenset({"seldon"}),
 )
 
 

@@ -74,8 +74,9 @@ class LocalServingTarget(ServingTarget):
     :param home: folder of the deployments' state (default: ``<AIRLOOP_HOME>/serving``).
     :param threads: request threads per model server (one OpenVINO infer request each).
     :param startup_timeout_s: how long a model server or the gateway may take to answer.
-    :param server: the model server, ``"seldon"`` (Seldon's wrapper) or ``"mlserver"`` (MLServer,
-        V2 protocol); predictors already running keep theirs.
+    :param server: the model server, ``"seldon"`` (Seldon's wrapper, the default) or ``"mlserver"``
+        (MLServer, V2 protocol; the default in the licence-clean profile, which refuses ``"seldon"``);
+        predictors already running keep theirs.
     :param model_class: the model class the model servers run (``module.Class``, importable in the
         server's runtime: a Seldon class taking the ``model_dir`` parameter, or an MLServer ``MLModel``
         reading ``parameters.uri``); default: the server's OpenVINO class.
@@ -95,7 +96,7 @@ class LocalServingTarget(ServingTarget):
         *,
         threads: int = 2,
         startup_timeout_s: float = 60.0,
-        server: str = "seldon",
+        server: str | None = None,
         model_class: str | None = None,
         max_batch_size: int = 0,
         max_batch_time: float = 0.0,
@@ -109,7 +110,7 @@ class LocalServingTarget(ServingTarget):
         self.max_body_bytes = max_body_bytes
         self.threads = threads
         self.startup_timeout_s = startup_timeout_s
-        self.server = server
+        self.server = server or ("mlserver" if settings.licence_clean() else "seldon")
         self.model_class = model_class
         self.max_batch_size = max_batch_size
         self.max_batch_time = max_batch_time
@@ -120,6 +121,11 @@ class LocalServingTarget(ServingTarget):
         # A bad configuration fails before anything starts.
         if self.server not in SERVERS:
             raise ValueError(f"server must be one of {sorted(SERVERS)}, got {self.server!r}")
+        if self.server == "seldon" and settings.licence_clean():
+            raise ValueError(
+                "server 'seldon' (Seldon's wrapper) is published under the Business Source License, which "
+                f"the {settings.LICENCE_CLEAN} profile ({settings.PROFILE_ENV}) leaves out: use 'mlserver'"
+            )
         FeatureLookup.from_config(self.features)
         wanted = {}
         for predictor in predictors:

@@ -243,6 +243,7 @@ DETECTORS: Registry[Detector] = Registry(
     Detector,
     "drift backend",
     {"scipy": "airloop.steps.drift.scipy:ScipyDetector", "alibi": "airloop.steps.drift.alibi:AlibiDetector"},
+    business_source=frozenset({"alibi"}),
 )
 
 
