@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from airloop.loops.spec import SpecError, load_folder, parse
+from airloop.loops.spec import load as load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,7 +78,11 @@ def test_a_minimal_spec_gets_every_default_and_resolves_its_paths():
         ({"features": ["customer_id"]}, "features: 'customer_id' is also a key or the timestamp"),
         ({"drift": {"method": "mmd"}}, "drift.method: 'mmd' needs drift.backend 'alibi'"),
         ({"drift": {"actions": {"high": "page"}}}, "drift.actions.high: 'page' is not supported"),
-        ({"evaluation": {"metric": "f1"}}, "evaluation.metric: 'f1' is not supported; supported: 'accuracy'"),
+        (
+            {"evaluation": {"metric": "f1"}},
+            "evaluation.metric: 'f1' is not supported; supported: 'accuracy', 'balanced_accuracy', "
+            "'f1_macro'",
+        ),
     ],
 )
 def test_a_bad_spec_fails_naming_the_field(changes, problem):
@@ -247,5 +252,9 @@ def test_init_notes_a_rare_class_and_not_an_even_split(tmp_path):
     rare.to_csv(tmp_path / "rare.csv", index=False)
     lines = "\n".join(draft(str(tmp_path / "rare.csv"), "target", tmp_path / "loops").lines)
     assert "note: class 0 is 11.8% of the rows: accuracy says little about it" in lines
+    assert (
+        "metric: balanced_accuracy (the search chooses by it; the offline gate tests it by a paired" in lines
+    )
+    assert load_spec(tmp_path / "loops" / "rare.yaml").evaluation["metric"] == "balanced_accuracy"
     digits = "\n".join(draft(str(_csv("digits", tmp_path)), "target", tmp_path / "loops").lines)
     assert "accuracy says little" not in digits and "10 classes: 3 10.2%" in digits

@@ -23,7 +23,7 @@ from airloop.steps.data.requests import ProfileRequest
 ESTIMATOR = "sklearn.ensemble.RandomForestClassifier"
 PARAMS = {"n_estimators": 100, "max_depth": 12, "min_samples_leaf": 2}
 # A class under this fraction of an even share of the rows (1 / classes): accuracy says little about
-# it (the note printed says so).
+# it, so the draft's metric is balanced accuracy (the mean recall of the classes), which weighs it alike.
 MINORITY_SHARE = 0.5
 # The drift monitor tests windows of at least this many distinct rows; a small table gets an eighth of
 # its rows instead, and a note: a window of a small world holds few distinct rows, and the reference
@@ -84,6 +84,9 @@ def draft(
         )
     if len(classes) < 2:
         raise ValueError(f"label {label!r} has one value ({classes.index[0]!r}): nothing to classify")
+    shares = classes / len(target)
+    rare = shares.min() < MINORITY_SHARE / len(shares)
+    metric = "balanced_accuracy" if rare else "accuracy"
     excluded = {label, *(c for c in (key, timestamp) if c)}
     text = [str(c) for c in frame.columns if c not in excluded and not types.is_numeric_dtype(frame[c])]
     if text:
@@ -106,7 +109,7 @@ def draft(
         **({"timestamp": timestamp} if timestamp else {}),
         "task": "classification",
         "model": {"estimator": ESTIMATOR, "params": dict(PARAMS)},
-        "evaluation": {"metric": "accuracy", "margin": 0.0, "alpha": 0.05},
+        "evaluation": {"metric": metric, "margin": 0.0, "alpha": 0.05},
         "suite": suite_path.name,
         "rollout": {"steps": [10, 25, 50, 100], "mode": "canary", "analysis_seconds": 30, "approval": False},
         "drift": {
@@ -120,7 +123,6 @@ def draft(
     parse(spec, base=out, source=str(spec_path))  # what it writes, it validates
     _write_spec(spec_path, spec)
 
-    shares = classes / len(target)
     lines = [f"{len(frame)} rows, {len(frame.columns)} columns in {data}"]
     width = max(len(c["column"]) for c in profiled["columns"])
     lines += [f"  {c['column']:<{width}}  {c['kind']:<11}  {c['why']}" for c in profiled["columns"]]
@@ -129,11 +131,15 @@ def draft(
     lines.append(
         f"features: {len(features)} ({', '.join(features[:8])}{', ...' if len(features) > 8 else ''})"
     )
-    lines.append("metric: accuracy (the offline gate's paired tests; margin 0, alpha 0.05)")
-    if shares.min() < MINORITY_SHARE / len(shares):
+    test = "McNemar's test" if metric == "accuracy" else "a paired bootstrap"
+    lines.append(
+        f"metric: {metric} (the search chooses by it; the offline gate tests it by {test}, margin 0)"
+    )
+    if rare:
         lines.append(
             f"note: class {_plain(shares.idxmin())!r} is {shares.min():.1%} of the rows: accuracy says little"
-            " about it; watch its recall in the MLflow run"
+            " about it, so the metric is balanced_accuracy (the mean of the classes' recalls); f1_macro is"
+            " the other macro metric"
         )
     lines.append(f"estimator: {ESTIMATOR} {PARAMS} (converts to OpenVINO through hummingbird-ml)")
     if spec["drift"]["min_rows"] < DRIFT_MIN_ROWS:

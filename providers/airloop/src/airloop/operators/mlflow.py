@@ -249,9 +249,10 @@ class MlflowEvaluateChallengerOperator(_MlflowOperator):
     :param run_id: the candidate's training run.
     :param data_uri: the rows both models score (default: the candidate run's holdout split).
     :param label_column: the target column.
-    :param metric: ``"accuracy"`` (the paired tests need it).
+    :param metric: ``"accuracy"``, ``"balanced_accuracy"`` or ``"f1_macro"`` (``airloop.metrics``).
     :param margin: how much better (a share, 0.01 = one point) the candidate must be.
-    :param alpha: the significance level of McNemar's test; 1 turns the test off.
+    :param alpha: the significance level of the paired test (McNemar's for accuracy, the paired
+        bootstrap for a macro metric); 1 turns the test off.
     :param ir_uri: the artefact that will serve the candidate (its conversion's ``ir_uri``): both models
         are then scored as they serve, the champion by its own run's IR.
     :param perfect_scores_expected: the task is one where a perfect holdout score is plausible.

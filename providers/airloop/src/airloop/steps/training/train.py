@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import airloop
+from airloop.metrics import METRICS, score
 from airloop.steps.training.requests import TrainRequest
 from airloop.tables import fingerprint
 from airloop.tracking.artifacts import (
@@ -261,13 +262,13 @@ def _check_classifier(model: Any, what: str) -> None:
 
 
 def holdout_metrics(estimator: Any, features: pd.DataFrame, target: pd.Series) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
+    from sklearn.metrics import log_loss, roc_auc_score
 
     proba = estimator.predict_proba(features)
     predicted = estimator.classes_[proba.argmax(axis=1)]
     binary = proba.shape[1] == 2
     return {
-        "accuracy": float(accuracy_score(target, predicted)),
+        **{name: float(score(name, target, predicted, estimator.classes_)[0]) for name in METRICS},
         "log_loss": float(log_loss(target, proba, labels=estimator.classes_)),
         "roc_auc": float(
             roc_auc_score(target, proba[:, 1])
