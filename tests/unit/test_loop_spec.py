@@ -200,7 +200,7 @@ def test_the_spec_in_the_docs_validates():
     assert spec.name == "churn" and spec.candidates == [{"max_depth": 6}, {"max_depth": 16}]
 
 
-def test_init_takes_string_labels_and_refuses_text_features(tmp_path):
+def test_init_takes_string_labels_and_takes_text_features_as_categories(tmp_path):
     from sklearn.datasets import load_wine
 
     from airloop.loops.init import draft
@@ -211,9 +211,9 @@ def test_init_takes_string_labels_and_refuses_text_features(tmp_path):
     drafted = draft(str(tmp_path / "wine.csv"), "target", tmp_path / "loops")
     assert "3 classes: 'grignolino' 39.9%, 'barolo' 33.1%, 'barbera' 27.0%" in "\n".join(drafted.lines)
     frame.assign(region="piedmont").to_csv(tmp_path / "regions.csv", index=False)
-    with pytest.raises(ValueError, match=r"columns \['region'\] are not numeric"):
-        draft(str(tmp_path / "regions.csv"), "target", tmp_path / "loops")
-    assert not (tmp_path / "loops" / "regions.yaml").exists()
+    regions = draft(str(tmp_path / "regions.csv"), "target", tmp_path / "loops")
+    assert "categorical: region (not numeric" in "\n".join(regions.lines)
+    assert regions.spec["categorical"] == ["region"]
 
 
 def test_late_labels_and_the_policy_are_the_specs_to_declare():

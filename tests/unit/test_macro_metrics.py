@@ -7,11 +7,13 @@ import mlflow
 import numpy as np
 import pytest
 
+from airloop import runtimes
 from airloop.metrics import score
 from airloop.steps.training.evaluate import bootstrap_p_value, evaluate, paired_bootstrap
 from airloop.steps.training.register import register
 from airloop.steps.training.train import train
 from airloop.tables import write_table
+from tests.fakes.context import task_context
 
 
 def _imbalanced(rows: int = 1200, seed: int = 0):
@@ -93,7 +95,22 @@ def test_an_imbalanced_loop_turn_is_judged_by_balanced_accuracy(tmp_path):
     # Accuracy hardly tells the two apart: the majority class alone scores 0.84.
     by_accuracy = evaluate({**gate, "run_id": forest["run_id"], "metric": "accuracy"})
     assert by_accuracy["rule"] in ("not_better", "not_significant"), by_accuracy
-    verdict = evaluate({**gate, "run_id": forest["run_id"]})
+    # Converted (its parity gate passed), the forest is judged as its IR serves it.
+    converted = runtimes.run_step(
+        "airloop.steps.conversion.convert:convert",
+        {"tracking_uri": tracking, "run_id": forest["run_id"], "variants": ["fp32"], "benchmark_calls": 20},
+        runtime="torch",
+        context=task_context("convert", dag_id="imbalanced", run_id="manual__imbalanced", dag_file=__file__),
+        task_id="convert",
+    )
+    assert converted["passed"], converted["reason"]
+    verdict = evaluate({**gate, "run_id": forest["run_id"], "ir_uri": converted["ir_uri"]})
+    assert verdict["challenger"]["artefact"]["kind"] == "openvino"
+    print(
+        f"imbalanced: native accuracy {converted['native_accuracy']:.4f}, OpenVINO"
+        f" {converted['parity']['accuracy']:.4f}; native balanced accuracy"
+        f" {forest['metrics']['balanced_accuracy']:.4f}, OpenVINO {verdict['challenger']['value']:.4f}"
+    )
     assert verdict["metric"] == "balanced_accuracy" and verdict["rule"] == "better", verdict
     assert verdict["challenger"]["value"] == pytest.approx(forest["metrics"]["balanced_accuracy"])
     assert verdict["champion"]["value"] == pytest.approx(1 / 3)

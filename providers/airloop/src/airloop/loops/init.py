@@ -1,9 +1,10 @@
 """``airloop init DATA --label COLUMN``: draft a loop spec and its data suite from a data file.
 
-What it infers, it prints for review: each column's kind (the suite profiler's rule), the task from
-the label (classes, their shares), the metric and an estimator whose conversion to OpenVINO is
-supported. What the loop cannot do with this data yet (a continuous label, text features) fails here,
-naming the column, rather than at the first task.
+What it infers, it prints for review: each column's kind (the suite profiler's rule), the categorical
+features (the non-numeric ones, which the model encodes, ``airloop.encoding``) and the features with
+missing values, the task from the label (classes, their shares), the metric and an estimator whose
+conversion to OpenVINO is supported. What the loop cannot do with this data yet (a continuous label)
+fails here, naming the column, rather than at the first task.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from airloop.encoding import categorical_columns
 from airloop.loops.spec import URI, parse
 from airloop.steps.data.profile import MAX_CATEGORIES, profile
 from airloop.steps.data.requests import ProfileRequest
@@ -88,18 +90,13 @@ def draft(
     rare = shares.min() < MINORITY_SHARE / len(shares)
     metric = "balanced_accuracy" if rare else "accuracy"
     excluded = {label, *(c for c in (key, timestamp) if c)}
-    text = [str(c) for c in frame.columns if c not in excluded and not types.is_numeric_dtype(frame[c])]
-    if text:
-        raise ValueError(
-            f"columns {text} are not numeric: the conversion to OpenVINO takes numeric features; encode "
-            "them as numbers (the key and timestamp columns are left out with --key and --timestamp)"
-        )
+    features = [str(c) for c in frame.columns if c not in excluded]
+    categorical = categorical_columns(frame[features])
 
     out.mkdir(parents=True, exist_ok=True)
     profiled = profile(
         ProfileRequest(data_uri=data, out=str(suite_path), name=f"{name}_training_data", key=key, label=label)
     )
-    features = [str(c) for c in frame.columns if c not in excluded]
     uri = data if URI.match(data) else os.path.relpath(Path(data).resolve(), out.resolve())
     spec: dict[str, Any] = {
         "name": name,
@@ -107,6 +104,7 @@ def draft(
         "label": label,
         **({"keys": [key]} if key else {}),
         **({"timestamp": timestamp} if timestamp else {}),
+        **({"categorical": categorical} if categorical else {}),
         "task": "classification",
         "model": {"estimator": ESTIMATOR, "params": dict(PARAMS)},
         "evaluation": {"metric": metric, "margin": 0.0, "alpha": 0.05},
@@ -131,6 +129,19 @@ def draft(
     lines.append(
         f"features: {len(features)} ({', '.join(features[:8])}{', ...' if len(features) > 8 else ''})"
     )
+    if categorical:
+        lines.append(
+            f"categorical: {', '.join(categorical)} (not numeric: the model encodes each category as its"
+            " index in the training vocabulary, an unseen one as unknown; the key and timestamp columns are"
+            " left out with --key and --timestamp)"
+        )
+    missing = frame[features].isna().mean()
+    if missing.any():
+        listed = ", ".join(f"{column} {share:.1%}" for column, share in missing[missing > 0].items())
+        lines.append(
+            f"missing values: {listed} (the model fills a number with the training median and gives a"
+            " category its own code; a request may leave any feature null)"
+        )
     test = "McNemar's test" if metric == "accuracy" else "a paired bootstrap"
     lines.append(
         f"metric: {metric} (the search chooses by it; the offline gate tests it by {test}, margin 0)"

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from airloop.metrics import check_metric, score
-from airloop.openvino_ir import IR_PATH, VARIANT_TAG, fetch_ir, ir_predictor
+from airloop.openvino_ir import IR_PATH, VARIANT_TAG, fetch_ir, ir_predictor, table_rows
 from airloop.steps.training.requests import Artefact, EarlierScores, EvaluateRequest, EvaluationResult, Scored
 from airloop.tracking.artifacts import HOLDOUT_PATH, MODEL_NAME, read_data
 from airloop.tracking.models import load_model
@@ -179,8 +179,7 @@ def _predict(tracking_uri: str, uri: str, features: pd.DataFrame, tmp: str) -> t
             {"tracking_uri": tracking_uri, "ir_uri": uri, "dst_dir": tempfile.mkdtemp(dir=tmp)}
         )
         manifest = fetched["manifest"]
-        rows = features[manifest["feature_names"]].to_numpy(dtype=np.float32)
-        proba = ir_predictor(f"{fetched['model_dir']}/model.xml")(rows)
+        proba = ir_predictor(f"{fetched['model_dir']}/model.xml")(table_rows(manifest, features))
         predicted = np.asarray(manifest["classes"])[proba.argmax(axis=1)]
         artefact: Artefact = {
             "uri": uri,

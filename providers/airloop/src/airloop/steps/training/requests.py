@@ -46,6 +46,8 @@ class TrainRequest(MlflowRequest):
     estimator: str = DEFAULT_ESTIMATOR
     estimator_params: dict[str, Any] = field(default_factory=dict)
     label_column: str = "label"
+    # Features encoded as categories besides the non-numeric ones (``airloop.encoding``).
+    categorical_features: list[str] = field(default_factory=list)
     experiment: str = "airloop"
     test_size: float = 0.25
     seed: int = 0
