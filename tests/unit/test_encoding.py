@@ -142,6 +142,30 @@ def test_the_model_server_answers_raw_rows_with_nulls_and_unknown_categories(con
         server.predict([["north", "pro", 3, "long", 48.0]], manifest["feature_names"])
 
 
+def test_batch_scoring_encodes_the_raw_table_as_the_pipeline_does(converted):
+    from airloop.steps.conversion.score import score
+    from airloop.tracking.models import load_model
+
+    table = customers(300, seed=7)
+    data = write_table(table.drop(columns=[LABEL]), str(converted["root"] / "to-score.parquet"))
+    out = converted["root"] / "scored"
+    score(
+        {
+            "tracking_uri": converted["tracking_uri"],
+            "model_name": "customers",
+            "model_version": "1",
+            "ir_uri": converted["result"]["ir_uri"],
+            "data_uri": data,
+            "output_uri": str(out),
+            "chunk_rows": 128,
+        }
+    )
+    scored = pd.concat([pd.read_parquet(part) for part in sorted(out.glob("part-*.parquet"))])
+    model = load_model(converted["tracking_uri"], converted["trained"]["model_uri"])
+    native = model.predict_proba(pd.read_parquet(data))
+    np.testing.assert_allclose(scored[[f"probability_{c}" for c in (0, 1, 2)]], native, atol=1e-4)
+
+
 def test_the_gateway_passes_strings_and_nulls_to_models_that_encode_them():
     from airloop.serving.gateway import BadRequest, check_features, v2_request
 
