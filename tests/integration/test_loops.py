@@ -54,15 +54,14 @@ def loops(tmp_path_factory):
         halves[name][0].to_csv(data, index=False)
         draft(str(data), "target", folder, name=name.replace("_", "-"))
     customers().to_parquet(root / "customers.parquet")
-    draft(str(root / "customers.parquet"), LABEL, folder)
+    # Its integer-coded store is a category, which its type hides: declared, as --categorical does.
+    draft(str(root / "customers.parquet"), LABEL, folder, declared=[DECLARED])
     for path in folder.glob("*.yaml"):  # short canary windows: dag.test runs no clients
         spec = yaml.safe_load(path.read_text())
         spec["rollout"]["analysis_seconds"] = 1
         if spec["name"] == "wine":  # wine's model comes from a search: 2 rounds of 2 Optuna trials
             space = {"max_depth": {"int": [2, 10]}, "min_samples_leaf": {"int": [1, 8], "log": True}}
             spec["model"]["search"] = {"space": space, "rounds": 2, "trials": 2}
-        if spec["name"] == "customers":  # its integer-coded store is a category, which its type hides
-            spec["categorical"].append(DECLARED)
         path.write_text(yaml.safe_dump(spec))
     return root, folder, halves
 
@@ -228,8 +227,9 @@ def test_categories_and_missing_values_pass_the_parity_gate_and_are_served_raw(c
         timeout=30,
     )
     assert answer.status_code == 200, answer.text
+    # Class probabilities of the served variant (int8 when the benchmark picks it: near, not exactly, 1).
     probabilities = answer.json()["data"]["ndarray"]
-    assert len(probabilities) == 3 and all(abs(sum(p) - 1) < 1e-5 for p in probabilities)
+    assert len(probabilities) == 3 and all(abs(sum(p) - 1) < 0.02 for p in probabilities)
     refused = httpx.post(
         f"http://127.0.0.1:{state['gateway']['port']}/api/v1.0/predictions",
         json={"data": {"names": names, "ndarray": [["north", "pro", 3, "long", 48.0]]}},

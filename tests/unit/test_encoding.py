@@ -187,12 +187,19 @@ def test_init_infers_categorical_columns_and_reports_missing_values(tmp_path):
     customers().to_csv(tmp_path / "customers.csv", index=False)
     drafted = draft(str(tmp_path / "customers.csv"), LABEL, tmp_path / "loops")
     lines = "\n".join(drafted.lines)
-    assert "categorical: region, plan (not numeric: the model encodes each category" in lines
+    assert "categorical: region, plan (the non-numeric columns, and those --categorical names" in lines
     assert "missing values: region 8.3%, plan 5.8%, tenure 11.2%" in lines
     spec = load(drafted.spec_path)
     assert spec.categorical == ["region", "plan"] and spec.evaluation["metric"] == "accuracy"
     suite = json.loads(Path(drafted.suite_path).read_text())
     assert any(e["kwargs"].get("column") == "region" for e in suite["expectations"])
+    # What the column's type hides, the author declares: `airloop init ... --categorical store`.
+    declared = draft(
+        str(tmp_path / "customers.csv"), LABEL, tmp_path / "loops", declared=[DECLARED], force=True
+    )
+    assert load(declared.spec_path).categorical == ["region", "plan", DECLARED]
+    with pytest.raises(ValueError, match=r"--categorical: categorical \['shop'\] are not features"):
+        draft(str(tmp_path / "customers.csv"), LABEL, tmp_path / "loops", declared=["shop"], force=True)
 
 
 def test_a_spec_declares_categorical_features_and_names_a_wrong_one():

@@ -212,7 +212,7 @@ def test_init_takes_string_labels_and_takes_text_features_as_categories(tmp_path
     assert "3 classes: 'grignolino' 39.9%, 'barolo' 33.1%, 'barbera' 27.0%" in "\n".join(drafted.lines)
     frame.assign(region="piedmont").to_csv(tmp_path / "regions.csv", index=False)
     regions = draft(str(tmp_path / "regions.csv"), "target", tmp_path / "loops")
-    assert "categorical: region (not numeric" in "\n".join(regions.lines)
+    assert "categorical: region (the non-numeric columns" in "\n".join(regions.lines)
     assert regions.spec["categorical"] == ["region"]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,10 +49,12 @@ def draft(
     name: str | None = None,
     key: str | None = None,
     timestamp: str | None = None,
+    declared: Sequence[str] = (),
     force: bool = False,
 ) -> Drafted:
     """Write ``<out>/<name>.yaml`` and ``<out>/<name>.suite.json`` for ``data``; nothing is written when
-    the data cannot make a loop, or (without ``force``) over existing files."""
+    the data cannot make a loop, or (without ``force``) over existing files. ``declared``: features to
+    encode (and profile) as categories though they are numeric (the non-numeric ones always are)."""
     from pandas.api import types
 
     from airloop.tables import read_table
@@ -91,11 +94,21 @@ def draft(
     metric = "balanced_accuracy" if rare else "accuracy"
     excluded = {label, *(c for c in (key, timestamp) if c)}
     features = [str(c) for c in frame.columns if c not in excluded]
-    categorical = categorical_columns(frame[features])
+    try:
+        categorical = categorical_columns(frame[features], declared)
+    except ValueError as exc:
+        raise ValueError(f"--categorical: {exc}") from None
 
     out.mkdir(parents=True, exist_ok=True)
     profiled = profile(
-        ProfileRequest(data_uri=data, out=str(suite_path), name=f"{name}_training_data", key=key, label=label)
+        ProfileRequest(
+            data_uri=data,
+            out=str(suite_path),
+            name=f"{name}_training_data",
+            key=key,
+            label=label,
+            categorical=list(declared),
+        )
     )
     uri = data if URI.match(data) else os.path.relpath(Path(data).resolve(), out.resolve())
     spec: dict[str, Any] = {
@@ -131,9 +144,9 @@ def draft(
     )
     if categorical:
         lines.append(
-            f"categorical: {', '.join(categorical)} (not numeric: the model encodes each category as its"
-            " index in the training vocabulary, an unseen one as unknown; the key and timestamp columns are"
-            " left out with --key and --timestamp)"
+            f"categorical: {', '.join(categorical)} (the non-numeric columns, and those --categorical"
+            " names: the model encodes each category as its index in the training vocabulary, an unseen one"
+            " as unknown; key and timestamp columns are left out with --key and --timestamp)"
         )
     missing = frame[features].isna().mean()
     if missing.any():
