@@ -179,7 +179,7 @@ def run(
             # The conversion's own parity gates: a variant that fails its gate is not selected.
             tolerance=optimise.tolerances(ConvertRequest.tolerance, ConvertRequest.variant_tolerance),
             min_label_agreement=ConvertRequest.min_label_agreement,
-            calibration=train.to_numpy(dtype="float32")[:300],
+            calibration=train.iloc[:300],
             objective=args.objective,
             calls=args.calls,
             batch_seconds=args.batch_seconds,

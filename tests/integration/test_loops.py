@@ -4,7 +4,9 @@ loop drafted by ``airloop init``, side by side in one Airflow; each turn runs wi
 wine (3 classes, 13 features) and breast_cancer (2 classes, 30 features): each first turn trains,
 passes the data gate and the OpenVINO parity gate, registers and serves its own champion; a drift in
 wine's window updates wine's drift Asset only; a spec naming a column the data lacks stops at the
-first task, before anything is trained or registered.
+first task, before anything is trained or registered. A generated customer table (categorical string
+columns, an integer-coded category the spec declares, missing values, integer labels) runs its turn
+through the parity gate, and its deployment answers raw rows with nulls and unseen categories.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pytest
 import yaml
 
 from airloop import runtimes, settings
+from tests.fakes.tables import DECLARED, LABEL, customers
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,6 +53,9 @@ def loops(tmp_path_factory):
         data = root / f"{name}.csv"
         halves[name][0].to_csv(data, index=False)
         draft(str(data), "target", folder, name=name.replace("_", "-"))
+    customers().to_parquet(root / "customers.parquet")
+    # Its integer-coded store is a category, which its type hides: declared, as --categorical does.
+    draft(str(root / "customers.parquet"), LABEL, folder, declared=[DECLARED])
     for path in folder.glob("*.yaml"):  # short canary windows: dag.test runs no clients
         spec = yaml.safe_load(path.read_text())
         spec["rollout"]["analysis_seconds"] = 1
@@ -96,6 +102,8 @@ def test_each_spec_is_a_loop_and_a_monitor_on_its_own_asset(dagbag):
         "wine_drift_monitor",
         "breast-cancer_loop",
         "breast-cancer_drift_monitor",
+        "customers_loop",
+        "customers_drift_monitor",
     }
     for name in ("wine", "breast-cancer"):
         (outlet,) = dagbag.get_dag(f"{name}_drift_monitor").get_task("decide").outlets
@@ -179,3 +187,53 @@ def test_a_spec_naming_a_column_the_data_lacks_stops_before_training(first_turns
     assert "feature columns ['colour'] not in the training data" in capsys.readouterr().out
     client = MlflowClient(settings.mlflow_tracking_uri())
     assert [str(v.version) for v in client.search_model_versions("name='wine'")] == ["1"]
+
+
+@pytest.fixture(scope="module")
+def customers_turn(dagbag):
+    run = dagbag.get_dag("customers_loop").test()
+    yield run
+    from airloop.serving.base import get_target
+
+    get_target("local").delete("customers")
+
+
+def test_categories_and_missing_values_pass_the_parity_gate_and_are_served_raw(customers_turn):
+    import httpx
+
+    from airloop.serving.base import get_target
+
+    assert str(customers_turn.state) == "success", _states(customers_turn)
+    converted = customers_turn.get_task_instance("convert").xcom_pull(task_ids="convert")
+    trained = customers_turn.get_task_instance("train").xcom_pull(task_ids="train")
+    assert converted["passed"] and converted["family"] == "RandomForestClassifier", converted["reason"]
+    # The whole pipeline (scikit-learn's imputer and encoder, then the forest) against the IR on what
+    # serving makes of the raw holdout rows.
+    assert converted["conversion_check"]["label_agreement"] == 1.0
+    assert converted["conversion_check"]["max_abs_diff"] <= 1e-5
+    assert converted["native_accuracy"] == pytest.approx(trained["metrics"]["accuracy"])
+    assert trained["metrics"]["accuracy"] > 0.6  # the majority class: 0.40
+    print(
+        f"customers: native accuracy {converted['native_accuracy']:.4f}, OpenVINO"
+        f" {converted['parity']['variant']} {converted['parity']['accuracy']:.4f}"
+    )
+    state = get_target("local").state("customers")
+    names = ["region", "plan", DECLARED, "tenure", "spend"]
+    rows = [["north", None, 3, None, 48.0], ["atlantis", "pro", 9, 30.0, None], [None] * 5]
+    answer = httpx.post(
+        f"http://127.0.0.1:{state['gateway']['port']}/api/v1.0/predictions",
+        json={"data": {"names": names, "ndarray": rows}},
+        trust_env=False,
+        timeout=30,
+    )
+    assert answer.status_code == 200, answer.text
+    # Class probabilities of the served variant (int8 when the benchmark picks it: near, not exactly, 1).
+    probabilities = answer.json()["data"]["ndarray"]
+    assert len(probabilities) == 3 and all(abs(sum(p) - 1) < 0.02 for p in probabilities)
+    refused = httpx.post(
+        f"http://127.0.0.1:{state['gateway']['port']}/api/v1.0/predictions",
+        json={"data": {"names": names, "ndarray": [["north", "pro", 3, "long", 48.0]]}},
+        trust_env=False,
+        timeout=30,
+    )
+    assert refused.status_code == 400 and "feature 'tenure' must be a number or null" in refused.text

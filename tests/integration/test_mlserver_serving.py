@@ -295,3 +295,37 @@ def test_unknown_server_is_refused_before_anything_starts(home, models):
             "other", [{"name": "v1", "model_version": "1", "model_dir": str(models["v1"]), "weight": 100}]
         )
     assert not (Path(home) / "other" / "state.json").exists()
+
+
+def test_a_model_with_an_input_encoding_is_served_raw_rows_over_v2(target, models, tmp_path):
+    from airloop.encoding import encode
+
+    encoded = Path(shutil.copytree(models["v1"], tmp_path / "encoded"))
+    manifest = json.loads((encoded / "manifest.json").read_text())
+    # f0 a category (its vocabulary, a missing one's code, an unseen one's), the others numbers with
+    # their training fill: the pre-step a conversion writes for a model of such a table.
+    manifest["encoding"] = {
+        "inputs": [
+            {"column": "f0", "kind": "categorical", "categories": ["a", "b"], "missing": -2, "unknown": -1},
+            *({"column": f, "kind": "numeric", "fill": 0.5} for f in FEATURES[1:]),
+        ]
+    }
+    (encoded / "manifest.json").write_text(json.dumps(manifest))
+    state = target.deploy(
+        "encoded", [{"name": "v1", "model_version": "1", "model_dir": str(encoded), "weight": 100}]
+    )
+    try:
+        rows = [["b", None, 0.25, -1.0], ["z", 1.5, None, 2.0], [None, None, None, None]]
+        with httpx.Client(base_url=state["endpoint"], trust_env=False, timeout=10) as gateway:
+            answer = gateway.post(
+                "/api/v1.0/predictions", json={"data": {"names": FEATURES, "ndarray": rows}}
+            )
+            assert answer.status_code == 200, answer.text
+            expected = in_process(encoded, encode(manifest["encoding"], FEATURES, rows))
+            np.testing.assert_allclose(answer.json()["data"]["ndarray"], expected, atol=1e-6)
+            refused = gateway.post(
+                "/api/v1.0/predictions", json={"data": {"names": FEATURES, "ndarray": [["a", "x", 0, 0]]}}
+            )
+        assert refused.status_code == 400 and "feature 'f1' must be a number or null" in refused.text
+    finally:
+        target.delete("encoded")

@@ -80,7 +80,7 @@ def test_a_routing_table_with_a_bad_protocol_or_feature_names_is_refused(spec, p
 
 def test_the_routing_table_keeps_each_predictors_protocol():
     table = {"v4": v2_route("http://127.0.0.1:9", 100, feature_names=FEATURES)}
-    assert parse_routes(table).as_dict() == {"v4": {**table["v4"], "shadow": False}}
+    assert parse_routes(table).as_dict() == {"v4": {**table["v4"], "shadow": False, "encoded": False}}
     seldon = parse_routes({"v3": {"url": "http://127.0.0.1:9", "model_version": "3", "weight": 100}})
     assert seldon.as_dict()["v3"]["protocol"] == "seldon"
 

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from airloop.loops.spec import SpecError, load_folder, parse
+from airloop.loops.spec import load as load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,7 +78,11 @@ def test_a_minimal_spec_gets_every_default_and_resolves_its_paths():
         ({"features": ["customer_id"]}, "features: 'customer_id' is also a key or the timestamp"),
         ({"drift": {"method": "mmd"}}, "drift.method: 'mmd' needs drift.backend 'alibi'"),
         ({"drift": {"actions": {"high": "page"}}}, "drift.actions.high: 'page' is not supported"),
-        ({"evaluation": {"metric": "f1"}}, "evaluation.metric: 'f1' is not supported; supported: 'accuracy'"),
+        (
+            {"evaluation": {"metric": "f1"}},
+            "evaluation.metric: 'f1' is not supported; supported: 'accuracy', 'balanced_accuracy', "
+            "'f1_macro'",
+        ),
     ],
 )
 def test_a_bad_spec_fails_naming_the_field(changes, problem):
@@ -195,7 +200,7 @@ def test_the_spec_in_the_docs_validates():
     assert spec.name == "churn" and spec.candidates == [{"max_depth": 6}, {"max_depth": 16}]
 
 
-def test_init_takes_string_labels_and_refuses_text_features(tmp_path):
+def test_init_takes_string_labels_and_takes_text_features_as_categories(tmp_path):
     from sklearn.datasets import load_wine
 
     from airloop.loops.init import draft
@@ -206,9 +211,9 @@ def test_init_takes_string_labels_and_refuses_text_features(tmp_path):
     drafted = draft(str(tmp_path / "wine.csv"), "target", tmp_path / "loops")
     assert "3 classes: 'grignolino' 39.9%, 'barolo' 33.1%, 'barbera' 27.0%" in "\n".join(drafted.lines)
     frame.assign(region="piedmont").to_csv(tmp_path / "regions.csv", index=False)
-    with pytest.raises(ValueError, match=r"columns \['region'\] are not numeric"):
-        draft(str(tmp_path / "regions.csv"), "target", tmp_path / "loops")
-    assert not (tmp_path / "loops" / "regions.yaml").exists()
+    regions = draft(str(tmp_path / "regions.csv"), "target", tmp_path / "loops")
+    assert "categorical: region (the non-numeric columns" in "\n".join(regions.lines)
+    assert regions.spec["categorical"] == ["region"]
 
 
 def test_late_labels_and_the_policy_are_the_specs_to_declare():
@@ -247,5 +252,9 @@ def test_init_notes_a_rare_class_and_not_an_even_split(tmp_path):
     rare.to_csv(tmp_path / "rare.csv", index=False)
     lines = "\n".join(draft(str(tmp_path / "rare.csv"), "target", tmp_path / "loops").lines)
     assert "note: class 0 is 11.8% of the rows: accuracy says little about it" in lines
+    assert (
+        "metric: balanced_accuracy (the search chooses by it; the offline gate tests it by a paired" in lines
+    )
+    assert load_spec(tmp_path / "loops" / "rare.yaml").evaluation["metric"] == "balanced_accuracy"
     digits = "\n".join(draft(str(_csv("digits", tmp_path)), "target", tmp_path / "loops").lines)
     assert "accuracy says little" not in digits and "10 classes: 3 10.2%" in digits

@@ -186,6 +186,7 @@ def test_better_challenger_passes_and_is_promoted(store):
     assert verdict["verdict"] == "pass" and verdict["rule"] == "better", verdict
     assert verdict["challenger"] == {
         "accuracy": verdict["challenger"]["accuracy"],
+        "value": verdict["challenger"]["accuracy"],
         "version": "3",
         "artefact": {"uri": f"runs:/{better['run_id']}/model", "kind": "model"},
     }

@@ -60,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     init.add_argument("--key", help="a column that identifies a row (not a feature; unique)")
     init.add_argument("--timestamp", help="a column of event times (not a feature)")
+    init.add_argument(
+        "--categorical",
+        action="append",
+        default=[],
+        metavar="COLUMN",
+        help="a feature to encode as a category though it is numeric, e.g. integer codes (repeatable)",
+    )
     init.add_argument("--force", action="store_true", help="replace the spec and suite if they exist")
 
     loops = commands.add_parser("loops", help="loop specs")
@@ -140,7 +147,14 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             drafted = draft(
-                args.data, args.label, args.out, args.name, args.key, args.timestamp, force=args.force
+                args.data,
+                args.label,
+                args.out,
+                args.name,
+                args.key,
+                args.timestamp,
+                declared=args.categorical,
+                force=args.force,
             )
         except (ValueError, FileExistsError) as exc:
             print(f"airloop init: {exc}", file=sys.stderr)

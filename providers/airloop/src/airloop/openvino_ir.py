@@ -2,10 +2,12 @@
 classes, precision), fetching and verifying it, compiling it as served, and inferring rows.
 
 The model folder holds ``model.xml``, ``model.bin`` and ``manifest.json``: ``{"format": "openvino-ir",
-"files": {name: sha256}, "feature_names": [...], "classes": [...], "precision": "fp32"}``; a conversion
-stores it as the run's ``openvino/`` artefacts (``IR_PATH``). Nothing compiles an IR unless every listed
-file matches its checksum, checked once per load: by ``fetch_ir`` (which hands the verified manifest on)
-or by the model server's ``load()``."""
+"files": {name: sha256}, "feature_names": [...], "classes": [...], "precision": "fp32"}``, and the
+model's input encoding (``"encoding"``, ``airloop.encoding``) when its features are categorical or may
+be missing: the rows a client sends, in ``feature_names`` order, go through it before the IR
+(``ir_rows``). A conversion stores it as the run's ``openvino/`` artefacts (``IR_PATH``). Nothing
+compiles an IR unless every listed file matches its checksum, checked once per load: by ``fetch_ir``
+(which hands the verified manifest on) or by the model server's ``load()``."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 
+from airloop.encoding import encode
 from airloop.tracking.artifacts import download
 from airloop.tracking.session import mlflow_step
 
@@ -81,7 +84,39 @@ def read_verified_manifest(model_dir: Path) -> dict[str, Any]:
     for key in ("feature_names", "classes"):
         if not isinstance(manifest.get(key), list) or not manifest[key]:
             raise ModelIntegrityError(f"{manifest_path}: {key!r} must be a non-empty list")
+    encoding = manifest.get("encoding")
+    if encoding is not None and (
+        not isinstance(encoding, dict)
+        or not isinstance(encoding.get("inputs"), list)
+        or not {i.get("column") for i in encoding["inputs"]} <= set(manifest["feature_names"])
+    ):
+        raise ModelIntegrityError(f"{manifest_path}: 'encoding' must list inputs of the model's features")
     return manifest
+
+
+def input_names(manifest: dict[str, Any]) -> list[str]:
+    """The feature of each of the IR's input columns: one per encoded input, or the features."""
+    encoding = manifest.get("encoding")
+    return [str(i["column"]) for i in encoding["inputs"]] if encoding else list(manifest["feature_names"])
+
+
+def ir_rows(manifest: dict[str, Any], rows: Any) -> np.ndarray:
+    """Rows of the manifest's features, in its order, as the IR's float32 rows: through the model's
+    encoding when it has one (strings and missing values allowed), else as numbers. ValueError
+    (TypeError for rows that are no table) names what the model cannot take."""
+    encoding = manifest.get("encoding")
+    if encoding:
+        return encode(encoding, manifest["feature_names"], rows)
+    try:
+        return np.asarray(rows, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"features must be numbers: {exc}") from None
+
+
+def table_rows(manifest: dict[str, Any], frame: Any) -> np.ndarray:
+    """``ir_rows`` of a DataFrame's columns of the model's features."""
+    columns = frame[manifest["feature_names"]]
+    return ir_rows(manifest, columns.to_numpy(dtype=object if manifest.get("encoding") else np.float32))
 
 
 def compile_ir(core: Any, model: Any, precision_hint: str = "f32") -> tuple[Any, Any]:
@@ -159,7 +194,11 @@ def ir_predictor(xml_path: str, dtype: Any = np.float32) -> Callable[[np.ndarray
 
 
 def write_manifest(
-    ir_dir: str, precision: str, feature_names: list[str], classes: list[Any]
+    ir_dir: str,
+    precision: str,
+    feature_names: list[str],
+    classes: list[Any],
+    encoding: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``manifest.json`` for the IR files in ``ir_dir``; returns the manifest."""
     manifest = {
@@ -168,6 +207,7 @@ def write_manifest(
         "feature_names": feature_names,
         "classes": classes,
         "precision": precision,
+        **({"encoding": encoding} if encoding else {}),
     }
     with open(os.path.join(ir_dir, MANIFEST), "w") as handle:
         json.dump(manifest, handle, indent=2)

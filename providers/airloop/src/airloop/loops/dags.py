@@ -127,6 +127,7 @@ def _loop(spec: LoopSpec) -> DAG:
             "data_uri": training_data.output["uri"],
             "estimator": spec.estimator,
             "label_column": spec.label,
+            "categorical_features": spec.categorical,
             "experiment": spec.name,
             "validation": validate.output,
             "training_set": training_data.output,

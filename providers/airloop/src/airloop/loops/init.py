@@ -1,19 +1,22 @@
 """``airloop init DATA --label COLUMN``: draft a loop spec and its data suite from a data file.
 
-What it infers, it prints for review: each column's kind (the suite profiler's rule), the task from
-the label (classes, their shares), the metric and an estimator whose conversion to OpenVINO is
-supported. What the loop cannot do with this data yet (a continuous label, text features) fails here,
-naming the column, rather than at the first task.
+What it infers, it prints for review: each column's kind (the suite profiler's rule), the categorical
+features (the non-numeric ones, which the model encodes, ``airloop.encoding``) and the features with
+missing values, the task from the label (classes, their shares), the metric and an estimator whose
+conversion to OpenVINO is supported. What the loop cannot do with this data yet (a continuous label)
+fails here, naming the column, rather than at the first task.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from airloop.encoding import categorical_columns
 from airloop.loops.spec import URI, parse
 from airloop.steps.data.profile import MAX_CATEGORIES, profile
 from airloop.steps.data.requests import ProfileRequest
@@ -23,7 +26,7 @@ from airloop.steps.data.requests import ProfileRequest
 ESTIMATOR = "sklearn.ensemble.RandomForestClassifier"
 PARAMS = {"n_estimators": 100, "max_depth": 12, "min_samples_leaf": 2}
 # A class under this fraction of an even share of the rows (1 / classes): accuracy says little about
-# it (the note printed says so).
+# it, so the draft's metric is balanced accuracy (the mean recall of the classes), which weighs it alike.
 MINORITY_SHARE = 0.5
 # The drift monitor tests windows of at least this many distinct rows; a small table gets an eighth of
 # its rows instead, and a note: a window of a small world holds few distinct rows, and the reference
@@ -46,10 +49,12 @@ def draft(
     name: str | None = None,
     key: str | None = None,
     timestamp: str | None = None,
+    declared: Sequence[str] = (),
     force: bool = False,
 ) -> Drafted:
     """Write ``<out>/<name>.yaml`` and ``<out>/<name>.suite.json`` for ``data``; nothing is written when
-    the data cannot make a loop, or (without ``force``) over existing files."""
+    the data cannot make a loop, or (without ``force``) over existing files. ``declared``: features to
+    encode (and profile) as categories though they are numeric (the non-numeric ones always are)."""
     from pandas.api import types
 
     from airloop.tables import read_table
@@ -84,19 +89,27 @@ def draft(
         )
     if len(classes) < 2:
         raise ValueError(f"label {label!r} has one value ({classes.index[0]!r}): nothing to classify")
+    shares = classes / len(target)
+    rare = shares.min() < MINORITY_SHARE / len(shares)
+    metric = "balanced_accuracy" if rare else "accuracy"
     excluded = {label, *(c for c in (key, timestamp) if c)}
-    text = [str(c) for c in frame.columns if c not in excluded and not types.is_numeric_dtype(frame[c])]
-    if text:
-        raise ValueError(
-            f"columns {text} are not numeric: the conversion to OpenVINO takes numeric features; encode "
-            "them as numbers (the key and timestamp columns are left out with --key and --timestamp)"
-        )
+    features = [str(c) for c in frame.columns if c not in excluded]
+    try:
+        categorical = categorical_columns(frame[features], declared)
+    except ValueError as exc:
+        raise ValueError(f"--categorical: {exc}") from None
 
     out.mkdir(parents=True, exist_ok=True)
     profiled = profile(
-        ProfileRequest(data_uri=data, out=str(suite_path), name=f"{name}_training_data", key=key, label=label)
+        ProfileRequest(
+            data_uri=data,
+            out=str(suite_path),
+            name=f"{name}_training_data",
+            key=key,
+            label=label,
+            categorical=list(declared),
+        )
     )
-    features = [str(c) for c in frame.columns if c not in excluded]
     uri = data if URI.match(data) else os.path.relpath(Path(data).resolve(), out.resolve())
     spec: dict[str, Any] = {
         "name": name,
@@ -104,9 +117,10 @@ def draft(
         "label": label,
         **({"keys": [key]} if key else {}),
         **({"timestamp": timestamp} if timestamp else {}),
+        **({"categorical": categorical} if categorical else {}),
         "task": "classification",
         "model": {"estimator": ESTIMATOR, "params": dict(PARAMS)},
-        "evaluation": {"metric": "accuracy", "margin": 0.0, "alpha": 0.05},
+        "evaluation": {"metric": metric, "margin": 0.0, "alpha": 0.05},
         "suite": suite_path.name,
         "rollout": {"steps": [10, 25, 50, 100], "mode": "canary", "analysis_seconds": 30, "approval": False},
         "drift": {
@@ -120,7 +134,6 @@ def draft(
     parse(spec, base=out, source=str(spec_path))  # what it writes, it validates
     _write_spec(spec_path, spec)
 
-    shares = classes / len(target)
     lines = [f"{len(frame)} rows, {len(frame.columns)} columns in {data}"]
     width = max(len(c["column"]) for c in profiled["columns"])
     lines += [f"  {c['column']:<{width}}  {c['kind']:<11}  {c['why']}" for c in profiled["columns"]]
@@ -129,11 +142,28 @@ def draft(
     lines.append(
         f"features: {len(features)} ({', '.join(features[:8])}{', ...' if len(features) > 8 else ''})"
     )
-    lines.append("metric: accuracy (the offline gate's paired tests; margin 0, alpha 0.05)")
-    if shares.min() < MINORITY_SHARE / len(shares):
+    if categorical:
+        lines.append(
+            f"categorical: {', '.join(categorical)} (the non-numeric columns, and those --categorical"
+            " names: the model encodes each category as its index in the training vocabulary, an unseen one"
+            " as unknown; key and timestamp columns are left out with --key and --timestamp)"
+        )
+    missing = frame[features].isna().mean()
+    if missing.any():
+        listed = ", ".join(f"{column} {share:.1%}" for column, share in missing[missing > 0].items())
+        lines.append(
+            f"missing values: {listed} (the model fills a number with the training median and gives a"
+            " category its own code; a request may leave any feature null)"
+        )
+    test = "McNemar's test" if metric == "accuracy" else "a paired bootstrap"
+    lines.append(
+        f"metric: {metric} (the search chooses by it; the offline gate tests it by {test}, margin 0)"
+    )
+    if rare:
         lines.append(
             f"note: class {_plain(shares.idxmin())!r} is {shares.min():.1%} of the rows: accuracy says little"
-            " about it; watch its recall in the MLflow run"
+            " about it, so the metric is balanced_accuracy (the mean of the classes' recalls); f1_macro is"
+            " the other macro metric"
         )
     lines.append(f"estimator: {ESTIMATOR} {PARAMS} (converts to OpenVINO through hummingbird-ml)")
     if spec["drift"]["min_rows"] < DRIFT_MIN_ROWS:

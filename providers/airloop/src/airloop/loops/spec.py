@@ -46,6 +46,8 @@ class LoopSpec:
     # An Optuna search: ``space``, ``rounds``, ``trials`` a round, ``patience``, ``seed`` (defaults in).
     search: dict[str, Any] | None = None
     features: list[str] | None = None
+    # Features encoded as categories besides the non-numeric ones (``airloop.encoding``).
+    categorical: list[str] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
     timestamp: str | None = None
     task: str = "classification"
@@ -142,6 +144,7 @@ def parse(raw: Any, base: str | Path | None = None, source: str = "<mapping>") -
         data=data,
         label=spec["label"],
         features=spec.get("features"),
+        categorical=list(spec.get("categorical", [])),
         keys=list(spec.get("keys", [])),
         timestamp=spec.get("timestamp"),
         task=spec.get("task", "classification"),
@@ -170,6 +173,9 @@ def _cross_checks(spec: dict[str, Any]) -> list[str]:
         problems.append(f"label: {label!r} is also a key or the timestamp")
     for column in sorted(set(features) & set(others)):
         problems.append(f"features: {column!r} is also a key or the timestamp")
+    categorical = spec.get("categorical", [])
+    for column in [c for c in categorical if c == label or c in others or (features and c not in features)]:
+        problems.append(f"categorical: {column!r} is not a feature")
     model = spec["model"]
     if "candidates" in model and "search" in model:
         problems.append("model: give candidates (a list) or search (a space), not both")

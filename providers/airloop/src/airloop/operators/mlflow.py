@@ -91,6 +91,9 @@ class MlflowTrainModelOperator(_MlflowOperator):
         module, its constructor's and the training loop's (``epochs``, ``lr``, ``batch_size``,
         ``weight_decay``, ``standardize``; see ``airloop.steps.training.train_torch``).
     :param label_column: the target column.
+    :param categorical_features: features encoded as categories besides the non-numeric ones; a
+        scikit-learn classifier of categorical features or missing values trains behind their encoding
+        (``airloop.encoding``).
     :param experiment: MLflow experiment name.
     :param test_size: the share of rows held out for the metrics, the offline gate and the parity check.
     :param seed: seeds the split, the estimator's ``random_state`` and the drift reference sample.
@@ -128,6 +131,7 @@ class MlflowTrainModelOperator(_MlflowOperator):
         estimator: str = TrainRequest.estimator,
         estimator_params: dict[str, Any] | None = None,
         label_column: str = TrainRequest.label_column,
+        categorical_features: list[str] | None = None,
         experiment: str = TrainRequest.experiment,
         test_size: float = TrainRequest.test_size,
         seed: int = TrainRequest.seed,
@@ -141,6 +145,7 @@ class MlflowTrainModelOperator(_MlflowOperator):
         self.estimator = estimator
         self.estimator_params = estimator_params
         self.label_column = label_column
+        self.categorical_features = categorical_features
         self.experiment = experiment
         self.test_size = test_size
         self.seed = seed
@@ -155,6 +160,7 @@ class MlflowTrainModelOperator(_MlflowOperator):
             estimator=self.estimator,
             estimator_params=self.estimator_params or {},
             label_column=self.label_column,
+            categorical_features=list(self.categorical_features or []),
             experiment=self.experiment,
             test_size=self.test_size,
             seed=self.seed,
@@ -249,9 +255,10 @@ class MlflowEvaluateChallengerOperator(_MlflowOperator):
     :param run_id: the candidate's training run.
     :param data_uri: the rows both models score (default: the candidate run's holdout split).
     :param label_column: the target column.
-    :param metric: ``"accuracy"`` (the paired tests need it).
+    :param metric: ``"accuracy"``, ``"balanced_accuracy"`` or ``"f1_macro"`` (``airloop.metrics``).
     :param margin: how much better (a share, 0.01 = one point) the candidate must be.
-    :param alpha: the significance level of McNemar's test; 1 turns the test off.
+    :param alpha: the significance level of the paired test (McNemar's for accuracy, the paired
+        bootstrap for a macro metric); 1 turns the test off.
     :param ir_uri: the artefact that will serve the candidate (its conversion's ``ir_uri``): both models
         are then scored as they serve, the champion by its own run's IR.
     :param perfect_scores_expected: the task is one where a perfect holdout score is plausible.

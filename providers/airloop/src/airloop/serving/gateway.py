@@ -29,7 +29,9 @@ predictors are passed it (V2 has no feedback endpoint). The admin endpoints need
 
 A client's mistake (a body that is not JSON, too deep or too large, ragged rows, a feature value that
 is not a finite number, feedback that names no class of the model) is answered with a 4xx here,
-before any predictor sees it, so it never counts against one.
+before any predictor sees it, so it never counts against one. A predictor whose model has an input
+encoding (``encoded``: its manifest's ``encoding``, ``airloop.encoding``) takes strings and nulls too,
+which pass here when every live predictor's does; its model server decides what each column accepts.
 """
 
 from __future__ import annotations
@@ -120,6 +122,8 @@ class Route:
     protocol: str = "seldon"  # one of PROTOCOLS
     # A V2 predictor's columns, named after these when the client names none.
     feature_names: tuple[str, ...] | None = None
+    # Its model encodes its inputs: strings (categories) and nulls (missing values) are its to take.
+    encoded: bool = False
 
 
 class RoutingTable:
@@ -130,6 +134,8 @@ class RoutingTable:
         self._live = [r for r in routes.values() if r.weight > 0 and not r.shadow]
         self._cumulative = list(itertools.accumulate(r.weight for r in self._live))
         self.shadow = next((r for r in routes.values() if r.shadow), None)
+        # Strings and nulls pass the gateway only when every live predictor's model takes them.
+        self.encoded = bool(self._live) and all(r.encoded for r in self._live)
 
     def pick(self) -> Route | None:
         # bisect on one random number: random.choices costs several times more per request.
@@ -157,6 +163,7 @@ class RoutingTable:
                 "shadow": r.shadow,
                 "protocol": r.protocol,
                 "feature_names": None if r.feature_names is None else list(r.feature_names),
+                "encoded": r.encoded,
             }
             for r in self.routes.values()
         }
@@ -187,6 +194,9 @@ def parse_routes(table: dict[str, Any], hosts: frozenset[str] = LOOPBACK) -> Rou
             raise ValueError(
                 f"'feature_names' of predictor {name!r} must be a list of strings, got {features!r}"
             )
+        encoded = spec.get("encoded", False)
+        if not isinstance(encoded, bool):
+            raise ValueError(f"'encoded' of predictor {name!r} must be true or false, got {encoded!r}")
         url = _predictor_url(name, spec["url"], hosts)
         routes[name] = Route(
             name,
@@ -196,6 +206,7 @@ def parse_routes(table: dict[str, Any], hosts: frozenset[str] = LOOPBACK) -> Rou
             shadow,
             protocol,
             None if features is None else tuple(features),
+            encoded,
         )
     if routes:
         check_traffic({name: {"weight": r.weight, "shadow": r.shadow} for name, r in routes.items()})
@@ -303,32 +314,43 @@ def parse_prediction(payload: Any) -> tuple[list[str] | None, list[list[Any]], s
     return names, rows, kind
 
 
-def check_features(names: list[str] | None, rows: list[list[Any]]) -> None:
+def check_features(names: list[str] | None, rows: list[list[Any]], encoded: bool = False) -> None:
     """Every feature value a finite number (float32 range): null, NaN, Infinity and 1e400 are refused,
-    naming the column, rather than answered with made-up probabilities."""
+    naming the column, rather than answered with made-up probabilities. For a model that ``encoded``
+    its inputs, strings and nulls pass too (its server checks them against its encoding)."""
     for i, row in enumerate(rows):
         for j, value in enumerate(row):
+            if encoded and (value is None or type(value) is str):
+                continue
             # One comparison refuses NaN, infinities and values beyond float32 (ints of any size too).
             if type(value) not in (int, float) or not -_FLOAT32_MAX <= value <= _FLOAT32_MAX:
                 column = repr(names[j]) if names else str(j)
+                takes = "a finite number, a string or null" if encoded else "a finite number"
                 raise BadRequest(
-                    f"feature {column} of row {i} must be a finite number, got {json.dumps(value)[:50]}"
-                    " (the model declares no handling of missing values)"
+                    f"feature {column} of row {i} must be {takes}, got {json.dumps(value)[:50]}"
+                    + ("" if encoded else " (the model declares no handling of missing values)")
                 )
 
 
-def v2_request(names: list[str] | None, rows: list[list[Any]]) -> bytes:
+def v2_request(names: list[str] | None, rows: list[list[Any]], encoded: bool = False) -> bytes:
     """Checked rows as a V2 inference request: one ``[rows]`` tensor per named column (V2's named
-    columns, which MLServer's adaptive batching merges by name), else one ``[rows, columns]`` tensor."""
+    columns, which MLServer's adaptive batching merges by name), else one ``[rows, columns]`` tensor.
+    For a model that ``encoded`` its inputs every tensor is ``BYTES``, each element the value's JSON
+    text (``"x"``, ``1.5``, ``null``), which its server reads back (``airloop.serving.mlserver``)."""
+    datatype = "BYTES" if encoded else "FP64"
+
+    def data(values: list[Any]) -> list[Any]:
+        return [_COMPACT.encode(v) for v in values] if encoded else values
+
     if names and len(names) == len(rows[0]):
         inputs = [
-            {"name": name, "shape": [len(rows)], "datatype": "FP64", "data": [row[j] for row in rows]}
+            {"name": name, "shape": [len(rows)], "datatype": datatype, "data": data([row[j] for row in rows])}
             for j, name in enumerate(names)
         ]
     else:
         width = len(rows[0])
-        flat = [value for row in rows for value in row]
-        inputs = [{"name": "features", "shape": [len(rows), width], "datatype": "FP64", "data": flat}]
+        flat = data([value for row in rows for value in row])
+        inputs = [{"name": "features", "shape": [len(rows), width], "datatype": datatype, "data": flat}]
     return _encode({"inputs": inputs})
 
 
@@ -399,14 +421,15 @@ class _Outgoing:
     names: list[str] | None
     rows: list[list[Any]]
     seldon: bytes
-    _v2: dict[tuple[str, ...] | None, bytes] = field(default_factory=dict)
+    _v2: dict[tuple[tuple[str, ...] | None, bool], bytes] = field(default_factory=dict)
 
     def v2(self, route: Route) -> bytes:
         """For a V2 predictor: columns named as the client named them, else as the route's model does."""
         names = tuple(self.names) if self.names else route.feature_names
-        body = self._v2.get(names)
+        body = self._v2.get((names, route.encoded))
         if body is None:
-            body = self._v2[names] = v2_request(list(names) if names else None, self.rows)
+            body = v2_request(list(names) if names else None, self.rows, route.encoded)
+            self._v2[names, route.encoded] = body
         return body
 
 
@@ -624,7 +647,7 @@ class Gateway:
                     {"ndarray": rows} if names is None else {"names": names, "ndarray": rows}
                 )
                 body = _encode({"data": data})
-            check_features(names, rows)
+            check_features(names, rows, self.table.encoded)
         except BadRequest as exc:
             return exc.code, _encode(_status(exc.code, str(exc))), {}
         except FeatureLookupError as exc:

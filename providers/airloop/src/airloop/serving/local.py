@@ -165,7 +165,7 @@ class LocalServingTarget(ServingTarget):
                 running[name] = {
                     "model_version": str(spec["model_version"]),
                     "model_dir": str(spec["model_dir"]),
-                    "feature_names": _feature_names(spec["model_dir"]),
+                    **_manifest_fields(spec["model_dir"]),
                     **process,
                 }
             for name, role in traffic.items():
@@ -474,19 +474,22 @@ def routes_from_state(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "shadow": bool(p.get("shadow")),
             "protocol": "v2" if p.get("server") == "mlserver" else "seldon",
             "feature_names": p.get("feature_names"),
+            "encoded": bool(p.get("encoded")),
         }
         for name, p in state.get("predictors", {}).items()
     }
 
 
-def _feature_names(model_dir: str) -> list[str] | None:
-    """The manifest's feature names, unverified (the model server verifies it as it loads): what the
-    gateway names a V2 predictor's columns after when a client names none."""
+def _manifest_fields(model_dir: str) -> dict[str, Any]:
+    """What the gateway knows of a predictor's model, from its manifest, unverified (the model server
+    verifies it as it loads): the feature names it names a V2 predictor's columns after when a client
+    names none, and whether the model encodes its inputs (takes strings and nulls)."""
     try:
-        names = json.loads((Path(model_dir) / "manifest.json").read_text()).get("feature_names")
+        manifest = json.loads((Path(model_dir) / "manifest.json").read_text())
+        names, encoded = manifest.get("feature_names"), bool(manifest.get("encoding"))
     except (OSError, ValueError, AttributeError):
-        return None
-    return [str(n) for n in names] if isinstance(names, list) else None
+        return {"feature_names": None, "encoded": False}
+    return {"feature_names": [str(n) for n in names] if isinstance(names, list) else None, "encoded": encoded}
 
 
 def _endpoint(state: dict[str, Any]) -> str:

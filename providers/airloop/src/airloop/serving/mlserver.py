@@ -16,11 +16,18 @@ columns, as the model's metadata declares them), or as one ``[rows, columns]`` t
 clients of one model must all send the same form (the gateway sends named columns). The answer is the
 ``probabilities`` tensor ``[rows, classes]``, with the manifest's classes in the response's
 ``parameters.classes``.
+
+A model with an input encoding (``airloop.encoding``; its categorical features take strings, and any
+feature a missing value) takes ``BYTES`` tensors too: each element a JSON text (``"x"``, ``1.5``,
+``null``; what the gateway sends for such a model, every column so that batching merges alike) or a
+plain string (``x``, a category); a numeric tensor's NaN is a missing value there.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from mlserver import MLModel
@@ -28,7 +35,7 @@ from mlserver.codecs import NumpyCodec
 from mlserver.errors import InferenceError
 from mlserver.types import InferenceRequest, InferenceResponse, MetadataTensor, Parameters
 
-from airloop.openvino_ir import compile_ir, infer_rows, read_verified_manifest
+from airloop.openvino_ir import compile_ir, infer_rows, input_names, ir_rows, read_verified_manifest
 
 OUTPUT = "probabilities"
 
@@ -48,11 +55,21 @@ class OpenVinoRuntime(MLModel):
         core = ov.Core()
         hint = (parameters.extra or {}).get("precision_hint", "f32")
         one_row, batch = compile_ir(core, core.read_model(str(model_dir / "model.xml")), hint)
+        self._manifest = manifest
         self._features: list[str] = [str(f) for f in manifest["feature_names"]]
+        self._columns = input_names(manifest)
         classes = [str(c) for c in manifest["classes"]]
         self._classes = Parameters(classes=classes)
+        categorical = {
+            i["column"]
+            for i in (manifest.get("encoding") or {}).get("inputs", [])
+            if i["kind"] == "categorical"
+        }
         # The V2 metadata clients read (GET /v2/models/<name>): one column per feature, the output.
-        self.inputs = [MetadataTensor(name=f, datatype="FP32", shape=[-1]) for f in self._features]
+        self.inputs = [
+            MetadataTensor(name=f, datatype="BYTES" if f in categorical else "FP32", shape=[-1])
+            for f in self._features
+        ]
         self.outputs = [
             MetadataTensor(
                 name=OUTPUT, datatype="FP64", shape=[-1, len(classes)], parameters=Parameters(classes=classes)
@@ -60,7 +77,7 @@ class OpenVinoRuntime(MLModel):
         ]
         # predict() runs in the server's event loop, one call at a time: one infer request per copy.
         self._one_row, self._batch = one_row.create_infer_request(), batch.create_infer_request()
-        warm_up = np.zeros((1, len(self._features)), dtype=np.float32)
+        warm_up = np.zeros((1, len(self._columns)), dtype=np.float32)
         infer_rows(self._one_row, warm_up)
         infer_rows(self._batch, warm_up)
         return True
@@ -70,7 +87,7 @@ class OpenVinoRuntime(MLModel):
         finite = np.isfinite(rows)
         if not finite.all():  # NaN, infinities and values beyond float32: no made-up probabilities
             row, column = np.argwhere(~finite)[0]
-            raise InferenceError(f"feature {self._features[column]!r} of row {row} must be a finite number")
+            raise InferenceError(f"feature {self._columns[column]!r} of row {row} must be a finite number")
         probabilities = infer_rows(self._one_row if len(rows) == 1 else self._batch, rows, np.float64)
         return InferenceResponse(
             model_name=self.name,
@@ -83,25 +100,44 @@ class OpenVinoRuntime(MLModel):
     def _rows(self, payload: InferenceRequest) -> np.ndarray:
         """The request's rows as float32 ``[rows, features]``; InferenceError (400) names the mistake."""
         expected = self._features
+        kind = object if self._manifest.get("encoding") else np.float32
         try:
-            tensors = {i.name: NumpyCodec.decode_input(i) for i in payload.inputs}
+            tensors = {i.name: _values(i) for i in payload.inputs}
             if len(tensors) == 1 and next(iter(tensors)) not in expected:
-                rows = np.asarray(next(iter(tensors.values())), dtype=np.float32)
+                table = np.asarray(next(iter(tensors.values())), dtype=kind)
             elif set(tensors) == set(expected):
-                columns = [np.asarray(tensors[name], dtype=np.float32) for name in expected]
+                columns = [np.asarray(tensors[name], dtype=kind) for name in expected]
                 if any(c.ndim > 2 or c.size != len(columns[0]) for c in columns):
                     raise InferenceError(f"each feature's tensor needs shape [rows] or [rows, 1]: {expected}")
-                rows = np.stack([c.reshape(-1) for c in columns], axis=1)
+                table = np.stack([c.reshape(-1) for c in columns], axis=1)
             else:
                 raise InferenceError(
                     f"inputs {list(tensors)} do not match the model's features: send one "
                     f"[rows, {len(expected)}] tensor or one tensor per feature of {expected}"
                 )
+            if table.ndim != 2 or table.shape[1] != len(expected) or not len(table):
+                raise InferenceError(
+                    f"expected rows of {len(expected)} features, got shape {list(table.shape)}"
+                )
+            return ir_rows(self._manifest, table)
         except (TypeError, ValueError) as exc:
-            raise InferenceError(f"features must be numbers: {exc}") from None
-        if rows.ndim != 2 or rows.shape[1] != len(expected) or not len(rows):
-            raise InferenceError(f"expected rows of {len(expected)} features, got shape {list(rows.shape)}")
-        return rows
+            raise InferenceError(str(exc) if kind is object else f"features must be numbers: {exc}") from None
+
+
+def _values(tensor: Any) -> np.ndarray:
+    """A request tensor's values; a ``BYTES`` one's elements as the JSON values they hold (a plain
+    string, which is no JSON, as itself)."""
+    values = NumpyCodec.decode_input(tensor)
+    if tensor.datatype != "BYTES":
+        return values
+    decoded = np.empty(values.shape, dtype=object)
+    for index, element in np.ndenumerate(values):
+        text = element.decode() if isinstance(element, bytes) else str(element)
+        try:
+            decoded[index] = json.loads(text)
+        except ValueError:
+            decoded[index] = text
+    return decoded
 
 
 async def _serve(folder: str, keepalive_s: int) -> None:

@@ -10,7 +10,9 @@ HTTP and metrics servers to 127.0.0.1 instead of every interface.
 
 The model folder holds ``model.xml``, ``model.bin`` and ``manifest.json`` (written by the conversion
 step): ``{"format": "openvino-ir", "files": {name: sha256}, "feature_names": [...], "classes": [...],
-"precision": "fp32"}``. ``load()`` refuses to compile unless every listed file matches its checksum.
+"precision": "fp32"}``, and the model's input encoding when it has one (``airloop.encoding``): its
+categorical features then take strings, and a missing value (null) of any feature is served.
+``load()`` refuses to compile unless every listed file matches its checksum.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from airloop.openvino_ir import compile_ir, infer_rows, read_verified_manifest
+from airloop.openvino_ir import compile_ir, infer_rows, input_names, ir_rows, read_verified_manifest
 
 # Infer requests per compiled model (one-row, batch) shared by the server's threads (Seldon's --threads);
 # more threads wait for a free one.
@@ -94,7 +96,7 @@ class OpenVinoModel:
         self._manifest = manifest
         # Infer requests are made and run once here, one thread at a time: the first inferences of a
         # freshly compiled model racing in the server's threads have hung the server.
-        warm_up = np.zeros((1, len(manifest["feature_names"])), dtype=np.float32)
+        warm_up = np.zeros((1, len(input_names(manifest))), dtype=np.float32)
         for single, compiled in ((True, one_row), (False, self._compiled)):
             for _ in range(INFER_REQUESTS):
                 request = compiled.create_infer_request()
@@ -129,15 +131,16 @@ class OpenVinoModel:
         if features_names is not None and len(features_names) and list(features_names) != expected:
             raise _bad_input(f"feature names {list(features_names)} do not match the model's {expected}")
         try:
-            rows = np.asarray(X, dtype=np.float32)
+            rows = ir_rows(self._manifest, X)
         except (TypeError, ValueError) as exc:
-            raise _bad_input(f"features must be numbers: {exc}") from None
-        if rows.ndim != 2 or rows.shape[1] != len(expected):
+            raise _bad_input(str(exc)) from None
+        columns = input_names(self._manifest)
+        if rows.ndim != 2 or rows.shape[1] != len(columns):
             raise _bad_input(f"expected rows of {len(expected)} features, got shape {list(rows.shape)}")
         finite = np.isfinite(rows)
-        if not finite.all():  # null (NaN here), NaN, Infinity, 1e400: no made-up probabilities
+        if not finite.all():  # NaN (a null without an encoding), Infinity, 1e400: no made-up probabilities
             row, column = np.argwhere(~finite)[0]
-            raise _bad_input(f"feature {expected[column]!r} of row {row} must be a finite number")
+            raise _bad_input(f"feature {columns[column]!r} of row {row} must be a finite number")
         pool = self._requests[len(rows) == 1]
         request = pool.get()  # waits while every request is busy
         try:

@@ -44,6 +44,9 @@ SKOPS_TRUSTED_TYPES = frozenset(
         "sklearn._loss.link.MultinomialLogit",
         "sklearn._loss.loss.HalfBinomialLoss",
         "sklearn._loss.loss.HalfMultinomialLoss",
+        # A model's input encoding (airloop.encoding): its missing-value step and OrdinalEncoder's dtype.
+        "airloop.encoding.missing_as_nan",
+        "numpy.dtype",
     }
 )
 
@@ -88,7 +91,8 @@ def log_sklearn_model(
     if unknown:
         raise ValueError(f"estimator holds types outside Airloop's skops allow-list: {unknown}")
     signature = infer_signature(example, estimator.predict_proba(example.head(5)))
-    cls = type(estimator)
+    # A pipeline's classifier: its family decides the conversion route (the encoding goes beside the IR).
+    cls = type(estimator[-1] if hasattr(estimator, "steps") else estimator)
 
     def save(path: str, mlflow_model: mlflow.models.Model) -> None:
         mlflow.sklearn.save_model(

@@ -33,9 +33,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
+from airloop.encoding import encode
 from airloop.openvino_ir import IR_FILES, IR_PATH, TAG_PREFIX, write_manifest
 from airloop.steps.conversion import optimise
 from airloop.steps.conversion.requests import (
@@ -45,9 +46,19 @@ from airloop.steps.conversion.requests import (
     Parity,
     PlanRequest,
 )
-from airloop.steps.conversion.routes import ROUTE_RUNTIMES, class_index, identify, load_source, route_for
+from airloop.steps.conversion.routes import (
+    ROUTE_RUNTIMES,
+    Source,
+    class_index,
+    identify,
+    load_source,
+    route_for,
+)
 from airloop.tracking.artifacts import HOLDOUT_PATH, MODEL_NAME, REFERENCE_PATH, read_data
 from airloop.tracking.session import mlflow_step
+
+if TYPE_CHECKING:
+    import numpy as np
 
 REPORT_PATH = "openvino_report.json"
 BATCH_ROWS = 1024
@@ -104,7 +115,7 @@ def convert(request: ConvertRequest | Mapping[str, Any]) -> ConversionResult:
         if "int8" in variants:
             uri = request.calibration_uri or f"runs:/{run_id}/{REFERENCE_PATH}"
             rows = request.calibration_rows
-            calibration = read_data(tracking_uri, uri)[source.feature_names].to_numpy(dtype="float32")[:rows]
+            calibration = read_data(tracking_uri, uri)[source.feature_names].iloc[:rows]
         report = optimise.optimise(
             source.native,
             source.graph,
@@ -112,6 +123,7 @@ def convert(request: ConvertRequest | Mapping[str, Any]) -> ConversionResult:
             class_index(source.classes, holdout[label]),
             tmp,
             native_input=source.native_input,
+            encode=_encoder(source),
             onnx_path=source.onnx_path,
             variants=variants,
             tolerance=optimise.tolerances(tolerance, variant_tolerance),
@@ -143,7 +155,8 @@ def convert(request: ConvertRequest | Mapping[str, Any]) -> ConversionResult:
             os.makedirs(ir_dir)
             for name in IR_FILES:
                 shutil.copy(os.path.join(tmp, selected, name), ir_dir)
-            files = write_manifest(ir_dir, selected, source.feature_names, source.classes)["files"]
+            manifest = write_manifest(ir_dir, selected, source.feature_names, source.classes, source.encoding)
+            files = manifest["files"]
             client.log_artifacts(run_id, ir_dir, IR_PATH)
 
     report = {
@@ -226,6 +239,14 @@ def _parity(report: dict[str, Any], variant: str, rows: int, min_agreement: floa
         "min_label_agreement": min_agreement,
         "passed": not scores["parity_failures"],
     }
+
+
+def _encoder(source: Source) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The model's input encoding as serving applies it (``airloop.encoding.encode``), if it has one."""
+    encoding = source.encoding
+    if encoding is None:
+        return None
+    return lambda raw: encode(encoding, source.feature_names, raw)
 
 
 def _model_uri(request: PlanRequest) -> str:

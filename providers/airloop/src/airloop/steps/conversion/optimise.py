@@ -285,6 +285,12 @@ def verdict(selected: str, speed: dict[str, dict[str, float]]) -> tuple[dict[str
     )
 
 
+def _after(
+    encode: Callable[[np.ndarray], np.ndarray], run: Callable[[np.ndarray], np.ndarray]
+) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda batch: run(encode(batch))
+
+
 def optimise(
     native: Callable[[Any], np.ndarray],
     graph: str,
@@ -293,11 +299,12 @@ def optimise(
     work_dir: str,
     *,
     native_input: str = "frame",
+    encode: Callable[[np.ndarray], np.ndarray] | None = None,
     onnx_path: str | None = None,
     variants: Sequence[str] = VARIANTS,
     tolerance: Mapping[str, float],
     min_label_agreement: float,
-    calibration: np.ndarray | None = None,
+    calibration: pd.DataFrame | None = None,
     budget: float = 1.0,
     objective: str = "throughput",
     calls: int = 200,
@@ -308,34 +315,48 @@ def optimise(
 
     ``native`` returns the native model's class scores for a DataFrame of ``features``' columns
     (``native_input="frame"``) or a float32 array (``"array"``); ``onnx_path`` is the graph ONNX
-    Runtime runs next to it. The fp32 variant is always built (the conversion's own parity check); a
-    variant that cannot be built is reported with the error and never selected. Each variant's parity
-    gate takes its ``tolerance`` (``{variant: max abs diff}``, see ``tolerances``) and
-    ``min_label_agreement``. Each variant's IR is written to ``work_dir/<variant>/model.xml``. Returns
-    ``{"native_accuracy", "variants": {name: {"accuracy", "accuracy_drop", "max_abs_diff",
-    "label_agreement", "non_finite_rows", "tolerance", "parity_failures", "within_budget", "size_bytes",
-    "method"} or {"error", "within_budget"}}, "benchmark": {name: {"p50_ms", "p99_ms", "rows_per_s"}},
-    "variant", "reason", "ratios", "cpu"}``.
+    Runtime runs next to it. ``encode`` is the model's input encoding (``airloop.encoding``: raw rows,
+    an object array, -> the graph's float32 rows): the native model then takes the raw table as it is,
+    and the graphs take what ``encode`` makes of it, timed with it, as a server runs it. ``calibration``
+    holds rows of ``features``' columns (int8's). The fp32 variant is always built (the conversion's
+    own parity check); a variant that cannot be built is reported with the error and never selected.
+    Each variant's parity gate takes its ``tolerance`` (``{variant: max abs diff}``, see
+    ``tolerances``) and ``min_label_agreement``. Each variant's IR is written to
+    ``work_dir/<variant>/model.xml``. Returns ``{"native_accuracy", "variants": {name: {"accuracy",
+    "accuracy_drop", "max_abs_diff", "label_agreement", "non_finite_rows", "tolerance",
+    "parity_failures", "within_budget", "size_bytes", "method"} or {"error", "within_budget"}},
+    "benchmark": {name: {"p50_ms", "p99_ms", "rows_per_s"}}, "variant", "reason", "ratios", "cpu"}``.
     """
     import pandas as pd
 
-    rows = features.to_numpy(dtype=np.float32)
+    kind = object if encode else np.float32
 
-    def as_input(array: np.ndarray) -> Any:
-        return pd.DataFrame(array, columns=features.columns) if native_input == "frame" else array
+    def served(raw: np.ndarray) -> np.ndarray:
+        """The rows a graph takes: encoded, or as they come."""
+        return raw if encode is None else encode(raw)
 
-    reference = np.asarray(native(as_input(rows)), dtype=np.float32)
+    def as_input(frame: pd.DataFrame, index: Any = slice(None)) -> Any:
+        """The native model's input: the raw table when it encodes its own, else the graph's rows."""
+        if encode is not None:
+            return frame.iloc[index]
+        array = frame.to_numpy(dtype=np.float32)[index]
+        return pd.DataFrame(array, columns=frame.columns) if native_input == "frame" else array
+
+    raw = features.to_numpy(dtype=kind)
+    rows = served(raw)
+    reference = np.asarray(native(as_input(features)), dtype=np.float32)
     native_accuracy = float((reference.argmax(axis=1) == target_index).mean())
-    labels = None
+    labels = calibration_rows = None
     if calibration is not None and len(calibration):
-        labels = np.asarray(native(as_input(np.asarray(calibration, dtype=np.float32)))).argmax(axis=1)
+        calibration_rows = served(calibration.to_numpy(dtype=kind))
+        labels = np.asarray(native(as_input(calibration))).argmax(axis=1)
     scores: dict[str, dict[str, Any]] = {}
     paths: dict[str, str] = {}
     for variant in dict.fromkeys(["fp32", *variants]):
         path = os.path.join(work_dir, variant, "model.xml")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
-            method = write_variant(graph, variant, path, calibration, labels, max_drop=budget / 100)
+            method = write_variant(graph, variant, path, calibration_rows, labels, max_drop=budget / 100)
         except Exception as exc:  # NNCF or OpenVINO refusing this graph: one candidate fewer, said why
             if variant == "fp32":
                 raise
@@ -353,20 +374,21 @@ def optimise(
             method=method,
         )
 
-    predictors = {NATIVE: native}
-    if onnx_path is not None:
-        predictors[ONNX_RUNTIME] = onnx_runtime_predictor(onnx_path)
-    predictors.update({variant: ir_predictor(paths[variant]) for variant in variants if variant in paths})
-    large = np.resize(rows, (batch_rows, rows.shape[1]))
-    singles = range(min(len(rows), 50))
-    # The native model takes its own input kind, the others float32 arrays.
+    graphs = {ONNX_RUNTIME: onnx_runtime_predictor(onnx_path)} if onnx_path is not None else {}
+    graphs.update({variant: ir_predictor(paths[variant]) for variant in variants if variant in paths})
+    if encode is not None:  # timed with the encoding, as served
+        graphs = {name: _after(encode, run) for name, run in graphs.items()}
+    predictors = {NATIVE: native, **graphs}
+    large = np.resize(np.arange(len(raw)), batch_rows)
+    singles = range(min(len(raw), 50))
+    # The native model takes its own input kind, the others the rows a server gets.
     speed = benchmark(
         predictors,
         {
-            name: [as_input(rows[i : i + 1]) if name == NATIVE else rows[i : i + 1] for i in singles]
+            name: [as_input(features, [i]) if name == NATIVE else raw[i : i + 1] for i in singles]
             for name in predictors
         },
-        {name: as_input(large) if name == NATIVE else large for name in predictors},
+        {name: as_input(features, large) if name == NATIVE else raw[large] for name in predictors},
         batch_rows,
         calls=calls,
         batch_seconds=batch_seconds,

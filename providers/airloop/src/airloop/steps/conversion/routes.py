@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from airloop.encoding import encode, export
 from airloop.onnx_runtime import onnx_runtime_predictor
 from airloop.tracking.models import MODEL_CLASS, download_model, load_model, read_mlmodel
 
@@ -69,6 +70,9 @@ class Source:
     native_input: str  # "frame" (a DataFrame with the feature names) or "array" (float32)
     native_name: str  # the framework that ``native`` runs
     graph: str = ""  # ONNX file or IR that OpenVINO reads
+    # The input encoding the IR's rows go through first (``airloop.encoding``); the native model does it
+    # itself, on the raw rows.
+    encoding: dict[str, Any] | None = None
     onnx_path: str | None = None  # what ONNX Runtime runs in the benchmark, when there is one
     notes: list[str] = field(default_factory=list)
 
@@ -139,21 +143,35 @@ def load_source(
     return _onnx_source(local, work_dir, frame, classes)
 
 
-def sklearn_source(estimator: Any, work_dir: str, frame: pd.DataFrame) -> Source:
-    """A fitted scikit-learn classifier's route and fp32 graph (``frame``: rows with its features)."""
+def sklearn_source(model: Any, work_dir: str, frame: pd.DataFrame) -> Source:
+    """A fitted scikit-learn classifier's route and fp32 graph (``frame``: rows with its features). A
+    ``Pipeline`` of an input encoding and a classifier (``airloop.encoding``): the classifier's graph,
+    on the encoded rows, and the encoding beside it."""
+    pipeline = hasattr(model, "steps")
+    estimator = model[-1] if pipeline else model
     family = type(estimator).__name__
     route = route_for("sklearn", family)
     source = Source(
         "sklearn",
         family,
         route,
-        _feature_names(estimator),
-        [value.item() if hasattr(value, "item") else value for value in estimator.classes_],
-        estimator.predict_proba,
+        _feature_names(model),
+        [value.item() if hasattr(value, "item") else value for value in model.classes_],
+        model.predict_proba,
         "frame",
         "scikit-learn",
     )
-    rows = _rows(frame, source.feature_names)
+    if pipeline:
+        if len(model.steps) != 2:
+            raise UnsupportedModelError(
+                f"a Pipeline of {len(model.steps)} steps: supported is an input encoding then the classifier"
+                " (airloop.encoding)"
+            )
+        try:
+            source.encoding = export(model[0])
+        except ValueError as exc:
+            raise UnsupportedModelError(str(exc)) from None
+    rows = _rows(frame, source.feature_names, source.encoding)
     onnx_path = os.path.join(work_dir, "model.onnx")
     if route == "skl2onnx":
         export_onnx(estimator, onnx_path)
@@ -441,11 +459,15 @@ def _signature_columns(local: str) -> list[str]:
     return [str(name) for name in signature.inputs.input_names()]
 
 
-def _rows(frame: pd.DataFrame, feature_names: list[str]) -> np.ndarray:
-    """The model's features of the holdout rows, as float32."""
+def _rows(
+    frame: pd.DataFrame, feature_names: list[str], encoding: dict[str, Any] | None = None
+) -> np.ndarray:
+    """The model's features of the holdout rows, as the float32 rows its graph takes."""
     missing = sorted(set(feature_names) - set(frame.columns))
     if missing:
         raise ValueError(f"holdout lacks the model's features {missing}")
+    if encoding is not None:
+        return encode(encoding, feature_names, frame[feature_names].to_numpy(dtype=object))
     return frame[feature_names].to_numpy(np.float32)
 
 

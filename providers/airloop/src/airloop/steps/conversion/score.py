@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from airloop.openvino_ir import IR_PATH, fetch_ir, ir_predictor
+from airloop.openvino_ir import IR_PATH, fetch_ir, ir_predictor, table_rows
 from airloop.steps.conversion.requests import ScoreRequest, ScoreResult
 from airloop.tables import is_csv, parquet_table, write_table
 from airloop.tracking.session import mlflow_step
@@ -94,7 +94,7 @@ def score(request: ScoreRequest | Mapping[str, Any]) -> ScoreResult:
             missing = sorted(set(features + passthrough) - set(chunk.columns))
             if missing:
                 raise ValueError(f"data set {request.data_uri} lacks columns {missing}")
-            probabilities = predict(chunk[features].to_numpy(dtype="float32"))
+            probabilities = predict(table_rows(manifest_of_ir, chunk))
             write_table(
                 _predictions(chunk[passthrough], probabilities, classes, name, version),
                 f"{output_uri}/{part}",

@@ -46,6 +46,8 @@ class TrainRequest(MlflowRequest):
     estimator: str = DEFAULT_ESTIMATOR
     estimator_params: dict[str, Any] = field(default_factory=dict)
     label_column: str = "label"
+    # Features encoded as categories besides the non-numeric ones (``airloop.encoding``).
+    categorical_features: list[str] = field(default_factory=list)
     experiment: str = "airloop"
     test_size: float = 0.25
     seed: int = 0
@@ -101,6 +103,7 @@ class EvaluateRequest(MlflowRequest):
     # Rows both models score; default: the challenger run's holdout split.
     data_uri: str | None = None
     label_column: str = "label"
+    # One of ``airloop.metrics.METRICS``.
     metric: str = "accuracy"
     margin: float = 0.0
     alpha: float = 0.05
@@ -173,13 +176,16 @@ class Artefact(TypedDict, total=False):
 
 
 class Scored(TypedDict, total=False):
+    """A model's holdout accuracy and ``value`` of the evaluation's metric."""
+
     accuracy: Required[float]
+    value: Required[float]
     artefact: Required[Artefact]
     version: str
 
 
 class EarlierScores(TypedDict):
-    """Both models' accuracy on the champion run's holdout (``data``), beside the verdict; ``skipped``
+    """Both models' metric on the champion run's holdout (``data``), beside the verdict; ``skipped``
     says why they could not be compared there."""
 
     data: str
@@ -195,6 +201,8 @@ class EvaluationResult(TypedDict):
     verdict: str
     rule: str
     reason: str
+    # What ``difference``, ``ci``, ``p_value`` and ``earlier`` are of (``airloop.metrics.METRICS``).
+    metric: str
     challenger: Scored
     champion: Scored | None
     earlier: EarlierScores | None

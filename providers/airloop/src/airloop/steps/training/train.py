@@ -4,7 +4,10 @@ The request is a ``TrainRequest`` (``airloop.steps.training.requests``, every de
 comes from a scikit-learn classifier's import path (``package.module.Class``, built with
 ``estimator_params``), from a training function (``package.module:function``) that returns a
 fitted scikit-learn-compatible classifier, or from a PyTorch module's import path
-(``torch:package.module.Class``, ``airloop.steps.training.train_torch``); see ``trainer``.
+(``torch:package.module.Class``, ``airloop.steps.training.train_torch``); see ``trainer``. A
+scikit-learn classifier of a table with categorical features (``categorical_features``, and every
+non-numeric column) or missing values is trained behind their encoding, as one ``Pipeline``
+(``airloop.encoding``).
 
 The run holds everything later steps need: params, holdout metrics, the model (skops format, or a
 ``torch.export`` program), the holdout split (``data/holdout.parquet``, for the offline gate and the
@@ -23,6 +26,8 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import airloop
+from airloop.encoding import categorical_columns, needs_encoding, with_encoding
+from airloop.metrics import METRICS, score
 from airloop.steps.training.requests import TrainRequest
 from airloop.tables import fingerprint
 from airloop.tracking.artifacts import (
@@ -76,6 +81,16 @@ def train(request: TrainRequest | Mapping[str, Any]) -> TrainedRun:
     validation = request.validation or {}
     validation_tags = gated_run_tags(validation, request.data_uri, data_print)
     fit = trainer(request.estimator, request.estimator_params, request.seed)
+    features = frame.drop(columns=[label])
+    categorical = categorical_columns(features, request.categorical_features)
+    if needs_encoding(features, categorical):
+        if request.estimator.startswith(TORCH_PREFIX):
+            raise ValueError(
+                f"estimator {request.estimator!r}: categorical features {categorical} or missing values need"
+                " a scikit-learn estimator (whose pipeline encodes them) or a training function"
+            )
+        if ":" not in request.estimator:  # a training function's model brings its own preprocessing
+            fit = with_encoding(fit, categorical)
     run_tags = {
         **tags,
         "airloop.code_version": airloop.__version__,
@@ -261,13 +276,13 @@ def _check_classifier(model: Any, what: str) -> None:
 
 
 def holdout_metrics(estimator: Any, features: pd.DataFrame, target: pd.Series) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
+    from sklearn.metrics import log_loss, roc_auc_score
 
     proba = estimator.predict_proba(features)
     predicted = estimator.classes_[proba.argmax(axis=1)]
     binary = proba.shape[1] == 2
     return {
-        "accuracy": float(accuracy_score(target, predicted)),
+        **{name: float(score(name, target, predicted, estimator.classes_)[0]) for name in METRICS},
         "log_loss": float(log_loss(target, proba, labels=estimator.classes_)),
         "roc_auc": float(
             roc_auc_score(target, proba[:, 1])
