@@ -197,7 +197,7 @@ def _reference(hook: MlflowHook, model_name: str, version: str, classes: list[st
     import pandas as pd
 
     from airloop.labels import LABEL, probability_columns
-    from airloop.openvino_ir import IR_PATH, fetch_ir, ir_predictor
+    from airloop.openvino_ir import IR_PATH, fetch_ir, ir_predictor, table_rows
     from airloop.tracking.artifacts import HOLDOUT_PATH, read_data
 
     run_id = hook.client.get_model_version(model_name, version).run_id
@@ -214,7 +214,7 @@ def _reference(hook: MlflowHook, model_name: str, version: str, classes: list[st
     (label,) = [c for c in holdout.columns if c not in names] or [None]
     if label is None:
         raise ValueError(f"version {version}'s holdout has no label column beside its features {names}")
-    probabilities = ir_predictor(f"{ir['model_dir']}/model.xml")(holdout[names].to_numpy("float32"))
+    probabilities = ir_predictor(f"{ir['model_dir']}/model.xml")(table_rows(manifest, holdout))
     reference = pd.DataFrame(probabilities, columns=probability_columns(classes))
     reference[LABEL] = [classes[i] for i in _class_index(holdout[label], classes)]
     path = str(folder / "reference.parquet")
