@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -82,11 +85,10 @@ def log_sklearn_model(
     import mlflow
     import numpy
     import sklearn
-    import skops
-    import skops.io
     from mlflow.models import infer_signature
 
-    untrusted = skops.io.get_untrusted_types(data=skops.io.dumps(estimator))
+    with quiet_skops() as skops_io:
+        untrusted = skops_io.get_untrusted_types(data=skops_io.dumps(estimator))
     unknown = sorted(set(untrusted) - SKOPS_TRUSTED_TYPES)
     if unknown:
         raise ValueError(f"estimator holds types outside Airloop's skops allow-list: {unknown}")
@@ -107,12 +109,26 @@ def log_sklearn_model(
             # Explicit requirements: inferring them re-imports the model in a subprocess (seconds).
             pip_requirements=[
                 f"scikit-learn=={sklearn.__version__}",
-                f"skops=={skops.__version__}",
+                f"skops=={version('skops')}",
                 f"numpy=={numpy.__version__}",
             ],
         )
 
-    return log_logged_model(client, run, save)
+    with quiet_skops():
+        return log_logged_model(client, run, save)
+
+
+@contextmanager
+def quiet_skops() -> Iterator[Any]:
+    """``skops.io``, imported and used without its lookups' warnings. skops finds a function's module
+    the way pickle does, by asking every imported module for the name (at import too): Airflow's
+    deprecated modules answer each question with a warning, a thousand lines of task log per model
+    that say nothing about it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"skops\.io\._utils")
+        import skops.io
+
+        yield skops.io
 
 
 def resolve_model(client: mlflow.MlflowClient, model_uri: str) -> tuple[str, str | None]:
@@ -177,7 +193,6 @@ def load_model(tracking_uri: str, model_uri: str, *, local: str | None = None) -
 
 
 def _load_local(local: str, model_uri: str) -> Any:
-    import skops.io
     from mlflow.models import Model
 
     flavors = Model.load(os.path.join(local, "MLmodel")).flavors
@@ -187,10 +202,11 @@ def _load_local(local: str, model_uri: str) -> Any:
     if flavor is None or flavor.get("serialization_format") != "skops":
         raise ValueError(f"{model_uri} is not a scikit-learn model saved in the skops format")
     path = os.path.join(local, flavor["pickled_model"])
-    unknown = sorted(set(skops.io.get_untrusted_types(file=path)) - SKOPS_TRUSTED_TYPES)
-    if unknown:
-        raise ValueError(f"{model_uri} holds types outside Airloop's skops allow-list: {unknown}")
-    return skops.io.load(path, trusted=sorted(SKOPS_TRUSTED_TYPES))
+    with quiet_skops() as skops_io:
+        unknown = sorted(set(skops_io.get_untrusted_types(file=path)) - SKOPS_TRUSTED_TYPES)
+        if unknown:
+            raise ValueError(f"{model_uri} holds types outside Airloop's skops allow-list: {unknown}")
+        return skops_io.load(path, trusted=sorted(SKOPS_TRUSTED_TYPES))
 
 
 PROGRAM_FILE = "model.pt2"
