@@ -98,9 +98,13 @@ def _accuracy(stats: dict[str, Any], shift: str) -> dict[str, Any]:
 
 
 def _wait_traffic(stats_path: Path, shift: str, requests: int, timeout: float = 60.0) -> None:
+    from airloop.serving.logs import FLUSH_INTERVAL_S
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if sum(c["requests"] for c in read_stats(stats_path).get(shift, {}).values()) >= requests:
+            # The monitor reads the gateway's request log, written in batches: wait for the last one.
+            time.sleep(FLUSH_INTERVAL_S + 1)
             return
         time.sleep(0.5)
     raise TimeoutError(f"clients did not get {requests} answers in {timeout:.0f}s; see {stats_path}")

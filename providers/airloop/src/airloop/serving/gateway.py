@@ -75,7 +75,7 @@ from airloop.serving.local import (
     V2_MODEL,
     routes_from_state,
 )
-from airloop.serving.logs import LABELS_FOLDER, SHADOW_FOLDER, RequestLog
+from airloop.serving.logs import FLUSH_INTERVAL_S, LABELS_FOLDER, SHADOW_FOLDER, RequestLog
 from airloop.serving.model import label_value, predicted_class
 
 PREDICT_PATH = "/api/v1.0/predictions"
@@ -452,7 +452,7 @@ class Gateway:
         *,
         artefact_root: str,
         log_batch: int = 500,
-        log_interval_s: float = 5.0,
+        log_interval_s: float = FLUSH_INTERVAL_S,
         timeout_s: float = 10.0,
         feedback_window: int = 20_000,
         features: FeatureLookup | None = None,
@@ -1058,7 +1058,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--port", required=True, type=int)
     parser.add_argument("--log-batch", type=int, default=500, help="write the request log every N requests")
-    parser.add_argument("--log-interval", type=float, default=5.0, help="... or every T seconds")
+    parser.add_argument("--log-interval", type=float, default=FLUSH_INTERVAL_S, help="... or every T seconds")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a predictor")
     args = parser.parse_args(argv)
     token = os.environ.pop(TOKEN_ENV, None)  # not passed on to anything the gateway runs

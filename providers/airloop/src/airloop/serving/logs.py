@@ -21,6 +21,8 @@ from pyarrow import fs as pafs
 REQUESTS_FOLDER = "requests"
 SHADOW_FOLDER = "shadow"
 LABELS_FOLDER = "labels"
+# How often the gateway writes its buffered records at most: a reader sees a record this long after it.
+FLUSH_INTERVAL_S = 5.0
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 
