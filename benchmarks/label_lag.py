@@ -19,13 +19,11 @@ answered with every label in is set against its realized accuracy.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 os.environ.setdefault("CI", "true")  # OpenVINO telemetry off
@@ -37,6 +35,7 @@ os.environ["AIRLOOP_HOME"] = str(WORK / "home")
 sys.path.insert(0, str(REPO))  # the test helpers (tests.fakes), which test_rollout imports too
 
 from airflow.sdk.exceptions import AirflowFailException  # noqa: E402
+from rollout_helpers import rollout_tests, seconds  # noqa: E402
 
 from airloop import artefacts, runtimes  # noqa: E402
 from airloop.embedded.demo import generate  # noqa: E402
@@ -48,18 +47,6 @@ from airloop.tables import write_table  # noqa: E402
 from tests.fakes.context import task_context  # noqa: E402
 
 MODEL, DEPLOYMENT = "label-lag-bench", "label-lag-bench"
-
-
-def _tests() -> object:
-    path = REPO / "tests" / "integration" / "test_rollout.py"
-    spec = importlib.util.spec_from_file_location("test_rollout", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _seconds(start: str, end: str) -> float:
-    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
 def _decided_by(step: dict) -> str:
@@ -74,7 +61,7 @@ def main() -> None:
     parser.add_argument("--lag", default="2-30", help="LOW-HIGH seconds until a late label comes")
     parser.add_argument("--share", type=float, default=0.6, help="share of answers whose late label comes")
     args = parser.parse_args()
-    tests = _tests()
+    tests = rollout_tests()
     good = generate(1600, seed=3)
     shuffled = good.assign(label=good["label"].sample(frac=1.0, random_state=0).to_numpy())
     started = time.perf_counter()
@@ -141,7 +128,7 @@ def _roll_out(rollout: RolloutChallengerOperator, labels: str, kind: str) -> Non
         outcome = "rolled back"
     report = json.loads((artefacts.root() / rollout.report_path).read_text())
     steps = [s for s in report["steps"] if s["kind"] == "canary"]
-    took = _seconds(steps[0]["started"], report["ended"])
+    took = seconds(steps[0]["started"], report["ended"])
     print(f"{labels:22s} {kind:10s} {took:31.1f} {len(steps):8d}  {_decided_by(steps[-1])} ({outcome})")
 
 

@@ -13,13 +13,11 @@ changes, waiting for enough data, promotion) is what the ratio shows.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 os.environ.setdefault("CI", "true")  # OpenVINO telemetry off
@@ -30,6 +28,8 @@ os.environ.setdefault("AIRLOOP_RUNTIMES", str(REPO / ".airloop" / "runtimes"))
 os.environ["AIRLOOP_HOME"] = str(WORK / "home")
 sys.path.insert(0, str(REPO))  # the test helpers (tests.fakes), which test_rollout imports too
 
+from rollout_helpers import rollout_tests, seconds  # noqa: E402
+
 from airloop import artefacts  # noqa: E402
 from airloop.embedded.demo import generate  # noqa: E402
 from airloop.operators.rollout import RolloutChallengerOperator  # noqa: E402
@@ -38,24 +38,12 @@ from airloop.tables import write_table  # noqa: E402
 from tests.fakes.context import task_context  # noqa: E402
 
 
-def _tests() -> object:
-    path = REPO / "tests" / "integration" / "test_rollout.py"
-    spec = importlib.util.spec_from_file_location("test_rollout", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _seconds(start: str, end: str) -> float:
-    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--window", type=float, default=5.0, help="analysis_seconds of each step")
     parser.add_argument("--rate", type=float, default=150.0, help="client requests per second, about")
     args = parser.parse_args()
-    tests = _tests()
+    tests = rollout_tests()
     data = write_table(generate(800, seed=3), str(WORK / "train.parquet"))
     started = time.perf_counter()
     champion, canary, shadow = (tests.register_version(data, seed=seed) for seed in (1, 2, 3))
@@ -89,16 +77,16 @@ def main() -> None:
             result = rollout.execute(task_context("rollout"))
             report = json.loads((artefacts.root() / rollout.report_path).read_text())
             steps = report["steps"]
-            deploy = _seconds(report["started"], steps[0]["started"])
+            deploy = seconds(report["started"], steps[0]["started"])
             print(f"{name:8s} {'deploy challenger':18s} {deploy:7.2f}")
             for step in steps:
                 label = f"{step['kind']} {step.get('mirror', step['weight'])}%"
-                wall = _seconds(step["started"], step.get("ended") or report["ended"])
+                wall = seconds(step["started"], step.get("ended") or report["ended"])
                 window = args.window if step["kind"] in ("canary", "shadow") else 0.0
                 ratio = f"x{wall / window:.2f}" if window else ""
                 print(f"{name:8s} {label:18s} {wall:7.2f} {window:9.2f} {ratio:>12s}")
             print(
-                f"{name:8s} {'total':18s} {_seconds(report['started'], report['ended']):7.2f}   "
+                f"{name:8s} {'total':18s} {seconds(report['started'], report['ended']):7.2f}   "
                 f"-> {result['decision']}"
             )
     finally:

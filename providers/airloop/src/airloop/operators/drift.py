@@ -36,6 +36,18 @@ RETRAIN_HISTORY = 50
 AUDIT_DECISIONS = 24
 
 
+def monitored(hook: MlflowHook, model_name: str, kind: str) -> tuple[str, str]:
+    """The champion a monitor checks, and its report's prefix ``<kind>/<model>/<time>``; the task is
+    skipped while the model has no champion."""
+    from airloop.tracking.registry import aliases
+
+    with hook.session():
+        champion = aliases(hook.tracking_uri, model_name).get("champion")
+    if champion is None:
+        raise AirflowSkipException(f"{model_name} has no champion yet: nothing to monitor")
+    return str(champion), f"{kind}/{model_name}/{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
+
+
 class _DriftDetectOperator(StepOperator):
     """
     Test a window of data for drift against the reference sample stored with the champion (its
@@ -85,15 +97,9 @@ class _DriftDetectOperator(StepOperator):
 
     def execute(self, context: Context) -> Detection:
         from airloop.tracking.artifacts import download
-        from airloop.tracking.registry import aliases
 
         hook = MlflowHook(mlflow_conn_id=self.mlflow_conn_id)
-        with hook.session():
-            champion = aliases(hook.tracking_uri, self.model_name).get("champion")
-        if champion is None:
-            raise AirflowSkipException(f"{self.model_name} has no champion yet: nothing to monitor")
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        prefix = f"drift/{self.model_name}/{stamp}"
+        champion, prefix = monitored(hook, self.model_name, "drift")
         DriftReportLink.persist(context, path=f"{prefix}/report.html")
         run_id = hook.client.get_model_version(self.model_name, champion).run_id
         with tempfile.TemporaryDirectory() as tmp, artefacts.staging(prefix) as folder:

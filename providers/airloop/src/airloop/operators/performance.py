@@ -6,16 +6,15 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import Context
-from airflow.sdk.exceptions import AirflowSkipException
 
 from airloop import artefacts, settings
 from airloop.hooks.mlflow import MlflowHook
 from airloop.operators.base import StepOperator
+from airloop.operators.drift import monitored
 from airloop.steps.drift.requests import Detection, PerformanceRequest, PerformanceResult
 
 if TYPE_CHECKING:
@@ -80,15 +79,8 @@ class PerformanceMonitorOperator(StepOperator):
         self.mlflow_conn_id = mlflow_conn_id
 
     def execute(self, context: Context) -> Detection:
-        from airloop.tracking.registry import aliases
-
         hook = MlflowHook(mlflow_conn_id=self.mlflow_conn_id)
-        with hook.session():
-            champion = aliases(hook.tracking_uri, self.model_name).get("champion")
-        if champion is None:
-            raise AirflowSkipException(f"{self.model_name} has no champion yet: nothing to monitor")
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        prefix = f"performance/{self.model_name}/{stamp}"
+        champion, prefix = monitored(hook, self.model_name, "performance")
         window, result = measure(
             hook,
             self.model_name,
