@@ -403,3 +403,8 @@ def test_the_estimated_accuracy_warns_of_a_clearly_worse_challenger_and_never_pa
     test = estimated_accuracy_test(champion, challenger, {"max_accuracy_drop": 0.02})
     assert test["status"] == status, test
     assert test["status"] != "pass"
+    if "sigmas" in test:  # both arms estimated: each with its uncertainty
+        assert test["sampling_errors"] == {
+            "champion": champion["sampling_error"],
+            "challenger": challenger["sampling_error"],
+        }

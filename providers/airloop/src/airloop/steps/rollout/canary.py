@@ -358,6 +358,7 @@ def estimated_accuracy_test(
         "status": "fail" if worse else "skipped",
         "champion": ours,
         "challenger": theirs,
+        "sampling_errors": {"champion": our_error, "challenger": their_error},
         "sigmas": _finite(sigmas),
         "max_drop": max_drop,
         "reason": f"estimated accuracy (CBPE) {theirs:.4f} vs champion {ours:.4f}: "
